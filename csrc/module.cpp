@@ -1,0 +1,16 @@
+// The Python module minigpt._C. The only file that includes <torch/extension.h> (slow to
+// compile): kernels and their checks live in csrc/<op>.cpp and csrc/<op>.cu.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "MiniGPT C++ CPU and CUDA kernels; use them through minigpt.ops";
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("layer_norm_fwd", &minigpt::layer_norm_fwd, "LayerNorm (+residual) forward");
+  m.def("layer_norm_bwd", &minigpt::layer_norm_bwd, "LayerNorm (+residual) backward");
+}

@@ -1,0 +1,20 @@
+// Entry points of minigpt._C, one block per op file (csrc/<op>.cpp). Each takes CPU or CUDA
+// tensors and runs the C++ or CUDA kernel for the tensor's device.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace minigpt {
+
+// layer_norm.cpp -> {y, h, mean, rstd} / {dx, dweight, dbias}
+std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& w,
+                                       const std::optional<at::Tensor>& b,
+                                       const std::optional<at::Tensor>& r, double eps);
+std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
+                                       const at::Tensor& h, const at::Tensor& w,
+                                       const at::Tensor& mean, const at::Tensor& rstd,
+                                       bool has_bias);
+
+}  // namespace minigpt

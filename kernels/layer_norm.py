@@ -1,0 +1,203 @@
+"""LayerNorm (optionally fused with a residual add) in Triton: kernels, then launchers.
+
+Forward, one program per row. A row that fits one block (N <= MAX_FUSED) is loaded once and
+normalized from registers; a wider row is streamed in BLOCK-sized chunks over three passes
+(mean, variance, normalize) so any width up to memory works.
+
+Backward, a fixed number of programs each owning a contiguous slice of rows: dx per row, and
+each program's partial sums of dweight/dbias go to its own row of a (programs, N) fp32
+buffer (no atomics), which one torch .sum(0) reduces at the end.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from minigpt.kernels._util import num_programs
+
+MAX_FUSED = 8192  # widest row kept whole in registers
+BLOCK_WIDE = 4096  # chunk for wider rows
+
+
+@triton.jit
+def _ln_fwd_kernel(X, R, W, B, Y, H, Mean, Rstd, N, eps,
+                   HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * N
+    Y += row * N
+    if HAS_RES:
+        R += row * N
+        H += row * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            hq = (x + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + cols, hq, mask=mask)
+            x = hq.to(tl.float32)  # normalize h as stored, like the unfused model would
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=mask, other=0.0)
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        src = X
+        if HAS_RES:
+            src = H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, N, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                hq = (x + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+                tl.store(H + cols, hq, mask=mask)
+                x = hq.to(tl.float32)
+            acc += x
+        mean = tl.sum(acc, axis=0) / N
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, N, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < N
+            x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            xc = tl.where(mask, x - mean, 0.0)
+            acc += xc * xc
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for off in range(0, N, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < N
+            x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd * tl.load(W + cols, mask=mask, other=0.0)
+            if HAS_BIAS:
+                y += tl.load(B + cols, mask=mask, other=0.0)
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
+                   HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    # The last program's slice may run past M: those rows are masked off rather than given a
+    # data-dependent loop bound (which the interpreter cannot take).
+    DW += pid.to(tl.int64) * N
+    DB += pid.to(tl.int64) * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        w = tl.load(W + cols, mask=cols < N, other=0.0)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        db = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, rows_per_prog):
+            row = row_start + i
+            valid = row < M
+            mask = (cols < N) & valid
+            off = row.to(tl.int64) * N
+            x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + row, mask=valid, other=0.0)
+            rstd = tl.load(Rstd + row, mask=valid, other=0.0)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            c2 = tl.sum(wdy, axis=0) / N
+            dx = (wdy - (xhat * c1 + c2)) * rstd
+            if HAS_DH:
+                dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+            db += dy
+        tl.store(DW + cols, dw, mask=cols < N)
+        if HAS_BIAS:
+            tl.store(DB + cols, db, mask=cols < N)
+    else:
+        # Zero this program's partial rows, then accumulate into them chunk by chunk.
+        for c in range(0, N, BLOCK):
+            cols = c + tl.arange(0, BLOCK)
+            tl.store(DW + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < N)
+            if HAS_BIAS:
+                tl.store(DB + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < N)
+        for i in range(0, rows_per_prog):
+            row = row_start + i
+            valid = row < M
+            off = row.to(tl.int64) * N
+            mean = tl.load(Mean + row, mask=valid, other=0.0)
+            rstd = tl.load(Rstd + row, mask=valid, other=0.0)
+            a1 = tl.zeros([BLOCK], dtype=tl.float32)
+            a2 = tl.zeros([BLOCK], dtype=tl.float32)
+            for c in range(0, N, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                mask = (cols < N) & valid
+                x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                wdy = tl.load(W + cols, mask=mask, other=0.0) * dy
+                a1 += xhat * wdy
+                a2 += wdy
+            c1 = tl.sum(a1, axis=0) / N
+            c2 = tl.sum(a2, axis=0) / N
+            for c in range(0, N, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                mask = (cols < N) & valid
+                x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                wdy = tl.load(W + cols, mask=mask, other=0.0) * dy
+                dx = (wdy - (xhat * c1 + c2)) * rstd
+                if HAS_DH:
+                    dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                if HAS_BIAS:
+                    tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
+
+
+def _block(N):
+    if N <= MAX_FUSED:
+        return triton.next_power_of_2(N), True
+    return BLOCK_WIDE, False
+
+
+def _warps(block):
+    return min(max(block // 256, 1), 16)
+
+
+def layer_norm_fwd(x, weight, bias, residual, eps):
+    """x, residual: (M, N) contiguous; weight, bias: (N,) fp32. -> y, h, mean, rstd."""
+    M, N = x.shape
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    BLOCK, single = _block(N)
+    _ln_fwd_kernel[(M,)](
+        x, residual if residual is not None else x, weight, bias if bias is not None else weight,
+        y, h if residual is not None else y, mean, rstd, N, eps,
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None,
+        BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+    return y, h, mean, rstd
+
+
+def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
+    """dy, dh, h: (M, N). -> dx (h's dtype), dweight, dbias (fp32; dbias empty if no bias)."""
+    M, N = h.shape
+    dx = torch.empty_like(h)
+    P = num_programs(h.device, M)
+    rows_per_prog = triton.cdiv(M, P)
+    P = triton.cdiv(M, rows_per_prog)
+    dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
+    db_part = torch.empty((P, N), dtype=torch.float32, device=h.device) if has_bias else dw_part
+    BLOCK, single = _block(N)
+    _ln_bwd_kernel[(P,)](
+        dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
+        M, N, rows_per_prog, HAS_DH=dh is not None, HAS_BIAS=has_bias,
+        BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+    dw = dw_part.sum(0)
+    db = db_part.sum(0) if has_bias else weight.new_empty(0)
+    return dx, dw, db

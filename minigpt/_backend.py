@@ -1,0 +1,158 @@
+"""Backend discovery and the one dispatch rule every op follows.
+
+Backends:
+  ``triton`` - kernels/ (compiled on CUDA; the Triton interpreter on CPU tensors)
+  ``cuda``   - csrc/cuda/*.cu inside the compiled extension ``minigpt._C``
+  ``cpu``    - csrc/cpu/*.cpp inside ``minigpt._C``
+  ``torch``  - minigpt.reference, plain eager PyTorch (always there)
+
+``backend=None`` picks the best backend for the tensor's device, unless the environment
+variable ``MINIGPT_BACKEND`` names one. An explicit ``backend=`` argument wins over both.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+ENV_VAR = "MINIGPT_BACKEND"
+
+# Order of preference when nothing is asked for.
+_DEFAULT_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says how to get it."""
+
+
+_EXT = None
+
+
+def _ext():
+    """The compiled extension, or the ImportError that says why it is missing. (A plain
+    global, not lru_cache, so torch.compile traces through it without warnings.)"""
+    global _EXT
+    if _EXT is None:
+        try:
+            from minigpt import _C  # type: ignore[attr-defined]
+
+            _EXT = _C
+        except ImportError as e:  # depends on the install
+            _EXT = e
+    return _EXT
+
+
+def extension():
+    """Return ``minigpt._C`` or raise BackendUnavailableError explaining how to build it."""
+    ext = _ext()
+    if isinstance(ext, ImportError):
+        raise BackendUnavailableError(
+            f"the compiled extension minigpt._C is not available ({ext}); build it with "
+            "`pip install -e . --no-build-isolation` from the MiniGPT checkout"
+        )
+    return ext
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> str | None:
+    """None if Triton can be used, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); `pip install triton==3.6.0`"
+    return None
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        why = _triton_status()
+        if why:
+            return why
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return None
+            return ("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                    "before importing triton/minigpt")
+        return f"Triton has no kernels for device {device.type!r}"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend needs CPU tensors, got a tensor on {device}"
+        ext = _ext()
+        if isinstance(ext, ImportError):
+            return (f"minigpt._C is not built ({ext}); run `pip install -e . --no-build-isolation`")
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got a tensor on {device}"
+        ext = _ext()
+        if isinstance(ext, ImportError):
+            return (f"minigpt._C is not built ({ext}); run `pip install -e . --no-build-isolation` "
+                    "with a CUDA build of torch and nvcc on PATH")
+        if not getattr(ext, "WITH_CUDA", False):
+            return ("minigpt._C was built without CUDA kernels; rebuild with a CUDA build of torch "
+                    "and nvcc available: `pip install -e . --no-build-isolation`")
+        return None
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def is_available(backend: str, device: torch.device | str = "cpu") -> bool:
+    return _unavailable_reason(backend, torch.device(device)) is None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [b for b in BACKENDS if is_available(b, device)]
+
+
+# float64 is for gradcheck: the reference and the C++ CPU kernels take it, GPU kernels do not.
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = {
+    "torch": _GPU_DTYPES + (torch.float64,),
+    "cpu": _GPU_DTYPES + (torch.float64,),
+    "triton": _GPU_DTYPES,
+    "cuda": _GPU_DTYPES,
+}
+
+
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
+            supported=BACKENDS) -> str:
+    """The single dispatch rule: explicit argument > MINIGPT_BACKEND > best available.
+
+    An explicit choice that cannot run raises; the automatic choice skips backends that
+    cannot take ``dtype`` (float64 falls back to the reference on GPU).
+    """
+    source = "backend argument"
+    if backend is None:
+        env = os.environ.get(ENV_VAR)
+        if env:
+            backend, source = env.strip().lower(), f"{ENV_VAR} environment variable"
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {backend!r} (from the {source}); "
+                             f"choose one of {BACKENDS}")
+        if backend not in supported:
+            raise BackendUnavailableError(
+                f"{op}: backend {backend!r} does not implement this op; it has {tuple(supported)}")
+        why = _unavailable_reason(backend, device)
+        if why:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} is unavailable: {why}")
+        if dtype is not None and dtype not in DTYPES[backend]:
+            raise TypeError(f"{op}: backend {backend!r} does not take {dtype}; it takes "
+                            f"{[str(d) for d in DTYPES[backend]]}")
+        return backend
+    for cand in _DEFAULT_ORDER.get(device.type, ("torch",)):
+        if (cand in supported and _unavailable_reason(cand, device) is None
+                and (dtype is None or dtype in DTYPES[cand])):
+            return cand
+    return "torch"

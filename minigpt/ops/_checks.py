@@ -1,0 +1,45 @@
+"""Input checks shared by every public op: a bad input gets a message naming the problem,
+never a crash inside a kernel."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(op: str, name: str, t, *, float_=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if float_ and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating tensor (float32, float16, bfloat16 or "
+                        f"float64), got {t.dtype}")
+    return t
+
+
+def nonempty_last_dim(op: str, name: str, t: torch.Tensor):
+    if t.dim() == 0:
+        raise ValueError(f"{op}: {name} must have at least one dimension, got a scalar")
+    if t.shape[-1] == 0:
+        raise ValueError(f"{op}: {name} has an empty last dimension (shape {tuple(t.shape)})")
+
+
+def same_device(op: str, **tensors):
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(f"{op}: {k} is on {v.device} but {items[0][0]} is on {dev}; "
+                             "move them to the same device")
+
+
+def same_dtype(op: str, **tensors):
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dt = items[0][1].dtype
+    for k, v in items[1:]:
+        if v.dtype != dt:
+            raise TypeError(f"{op}: {k} has dtype {v.dtype} but {items[0][0]} has {dt}")
+
+
+def shape(op: str, name: str, t: torch.Tensor, expected: tuple):
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")

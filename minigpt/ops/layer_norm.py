@@ -1,0 +1,131 @@
+"""layer_norm: the one dispatch point for LayerNorm (optionally fused with a residual add).
+
+Backends: kernels/layer_norm.py (triton), csrc/layer_norm.cu (cuda), csrc/layer_norm.cpp
+(cpu), minigpt/reference/layer_norm.py (torch). The kernel backends go through the custom
+ops ``minigpt::layer_norm_fwd`` / ``minigpt::layer_norm_bwd`` so torch.compile sees one opaque
+node with a known output shape instead of tracing into Triton or C++.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from minigpt import _backend, reference
+from minigpt.ops import _checks
+
+OP = "layer_norm"
+
+
+def _kernel_fwd(backend, x, weight, bias, residual, eps):
+    if backend == "triton":
+        from minigpt.kernels import layer_norm as k
+
+        return k.layer_norm_fwd(x, weight, bias, residual, eps)
+    return _backend.extension().layer_norm_fwd(x, weight, bias, residual, eps)
+
+
+def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias):
+    if backend == "triton":
+        from minigpt.kernels import layer_norm as k
+
+        return k.layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias)
+    return _backend.extension().layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias)
+
+
+@torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())
+def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+         eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual (M, N) contiguous -> y, h (empty without residual), mean, rstd (M,) in the
+    accumulation dtype (fp32; fp64 for fp64 x)."""
+    return tuple(_kernel_fwd(backend, x, weight, bias, residual, eps))
+
+
+@_fwd.register_fake
+def _(x, weight, bias, residual, eps, backend):
+    M = x.shape[0]
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    stats = x.new_empty(M, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.empty_like(x), h, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("minigpt::layer_norm_bwd", mutates_args=())
+def _bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+         has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx (M, N) in h's dtype (it is also d residual), dweight, dbias (empty if no bias),
+    both in weight's (accumulation) dtype."""
+    return tuple(_kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias))
+
+
+@_bwd.register_fake
+def _(dy, dh, h, weight, mean, rstd, has_bias, backend):
+    db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
+    return torch.empty_like(h), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, backend = inputs
+    y, h, mean, rstd = output
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
+    dx, dw, db = _bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
+    return (dx, dw, db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
+               residual: Optional[Tensor] = None, backend: Optional[str] = None):
+    """LayerNorm over the last dimension of ``x``, computed in float32.
+
+    With ``residual`` it first forms ``h = x + residual`` and returns ``(layer_norm(h), h)``
+    from one pass over memory (the pre-norm transformer's "add & norm").
+    ``backend``: "triton", "cuda", "cpu", "torch" or None (best for the device, or
+    ``$MINIGPT_BACKEND``).
+    """
+    _checks.tensor(OP, "x", x)
+    _checks.tensor(OP, "weight", weight)
+    _checks.nonempty_last_dim(OP, "x", x)
+    N = x.shape[-1]
+    _checks.shape(OP, "weight", weight, (N,))
+    if bias is not None:
+        _checks.tensor(OP, "bias", bias)
+        _checks.shape(OP, "bias", bias, (N,))
+    if residual is not None:
+        _checks.tensor(OP, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, "
+                             f"got {tuple(residual.shape)}")
+    _checks.same_device(OP, x=x, weight=weight, bias=bias, residual=residual)
+    _checks.same_dtype(OP, x=x, residual=residual)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"{OP}: eps must be a non-negative number, got {eps!r}")
+
+    be = _backend.resolve(OP, backend, x.device, x.dtype)
+    if be == "torch":
+        return reference.layer_norm(x, weight, bias, eps, residual)
+    if x.numel() == 0:  # no rows: nothing to launch
+        y = reference.layer_norm(x, weight, bias, eps, residual)
+        return y
+
+    shape = x.shape
+    x2 = x.reshape(-1, N).contiguous()
+    r2 = residual.reshape(-1, N).contiguous() if residual is not None else None
+    # Kernels take parameters in the accumulation dtype (fp32; fp64 for fp64 x) so bf16
+    # activations with fp32 master weights lose nothing; autograd casts the grads back.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = weight.to(acc).contiguous()
+    b = bias.to(acc).contiguous() if bias is not None else None
+    y, h, _, _ = _fwd(x2, w, b, r2, float(eps), be)
+    if residual is None:
+        return y.reshape(shape)
+    return y.reshape(shape), h.reshape(shape)

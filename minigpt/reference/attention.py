@@ -1,0 +1,40 @@
+import math
+
+import torch
+
+from minigpt.reference._util import acc
+from minigpt.reference.softmax import causal_mask
+
+
+def attention(q, k, v, causal=True, scale=None):
+    """Explicit softmax(q k^T * scale) v in float32. q (B, Hq, T, D); k, v (B, Hkv, S, D) with
+    Hq a multiple of Hkv (grouped-query attention). Causal is aligned to the end: query i sees
+    keys j <= i + S - T. A query that sees no key (T > S) gets zeros."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    rep = Hq // Hkv
+    kf = acc(k).repeat_interleave(rep, dim=1)
+    vf = acc(v).repeat_interleave(rep, dim=1)
+    s = acc(q) @ kf.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return (p @ vf).to(q.dtype)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None):
+    """One new query per sequence against its cache. q (B, Hq, 1, D); caches (B, Hkv, S_max, D);
+    sequence b attends to its first ``cache_seqlens[b]`` keys (the new token's own key and value
+    are already written there)."""
+    B, Hq, _, D = q.shape
+    S_max = k_cache.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    rep = Hq // k_cache.shape[1]
+    kf = acc(k_cache).repeat_interleave(rep, dim=1)
+    vf = acc(v_cache).repeat_interleave(rep, dim=1)
+    s = acc(q) @ kf.transpose(-1, -2) * scale  # (B, Hq, 1, S_max)
+    valid = torch.arange(S_max, device=q.device)[None, :] < cache_seqlens.to(q.device)[:, None]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return (p @ vf).to(q.dtype)

@@ -1,0 +1,45 @@
+"""Shared test setup. TRITON_INTERPRET must be decided before anything imports triton:
+without a GPU the Triton backend runs in its interpreter on CPU tensors."""
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import minigpt  # noqa: E402,F401
+from minigpt import _backend  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device_pairs(supported=_backend.BACKENDS):
+    """Every (backend, device) this machine can run; the kernel backends only where they exist.
+    A backend that should exist but does not (e.g. _C failed to build) fails the test rather
+    than hiding: see test_backends_present."""
+    pairs = []
+    for dev in DEVICES:
+        for be in supported:
+            if be == "cuda" and dev != "cuda":
+                continue
+            if be == "cpu" and dev != "cpu":
+                continue
+            if be == "triton" and dev == "cpu" and torch.cuda.is_available():
+                continue  # a GPU machine runs Triton compiled, not the interpreter
+            pairs.append(pytest.param(be, dev, id=f"{be}-{dev}"))
+    return pairs
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _no_env_backend(monkeypatch):
+    # A MINIGPT_BACKEND in the developer's shell must not change what the tests exercise.
+    monkeypatch.delenv("MINIGPT_BACKEND", raising=False)
+    yield

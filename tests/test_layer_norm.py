@@ -1,0 +1,161 @@
+"""layer_norm: every backend x dtype x awkward shape against the reference, forward and
+backward; gradcheck in float64; torch.compile; bad input."""
+import pytest
+import torch
+
+from minigpt import ops, reference
+from minigpt._backend import BackendUnavailableError
+from tests._tol import assert_close, f64, make
+from tests.conftest import backend_device_pairs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (leading shape, N): last dims 1, 7, 1000, 1025, 4097 (Triton: several blocks in the fused
+# path), a batch of one row, and one row wider than the fused block (the streaming path).
+SHAPES = [((3, 5), 1), ((4,), 7), ((1,), 1000), ((2, 3), 1025), ((3,), 4097), ((1,), 9000)]
+WIDE = [((1,), 65536)]
+
+
+def _run(be, x, w, b, r):
+    out = ops.layer_norm(x, w, b, eps=1e-5, residual=r, backend=be)
+    return out if r is not None else (out, None)
+
+
+def _check(be, dev, dtype, lead, N, residual, bias, noncontig):
+    shape = (*lead, N)
+    x = make(shape, dtype, dev, noncontig=noncontig, requires_grad=True)
+    r = make(shape, dtype, dev, requires_grad=True) if residual else None
+    w = (1 + 0.5 * torch.randn(N, device=dev)).requires_grad_()
+    b = (0.1 * torch.randn(N, device=dev)).requires_grad_() if bias else None
+    leaves = [t for t in (x, w, b, r) if t is not None]
+
+    y, h = _run(be, x, w, b, r)
+    y_lp, h_lp = _run("torch", x, w, b, r)
+    x64, w64 = f64(x), f64(w)
+    b64 = f64(b) if b is not None else None
+    r64 = f64(r) if r is not None else None
+    y64, h64 = _run("torch", x64, w64, b64, r64)
+    assert_close(y, y64, y_lp, dtype, "y")
+    if residual:
+        # h is x + residual rounded to the input dtype; allow one ulp because the Triton
+        # interpreter's float32 -> bfloat16 cast truncates instead of rounding to nearest.
+        torch.testing.assert_close(h, h_lp, rtol=torch.finfo(dtype).eps, atol=0)
+
+    gy = torch.randn_like(y64)
+    gh = torch.randn_like(y64) if residual else None
+
+    def loss(y_, h_, cast):
+        s = (y_.to(cast) * gy.to(cast)).sum()
+        if residual:
+            s = s + (h_.to(cast) * gh.to(cast)).sum()
+        return s
+
+    grads = torch.autograd.grad(loss(y, h, torch.float32), leaves)
+    grads_lp = torch.autograd.grad(loss(y_lp, h_lp, torch.float32), leaves)
+    leaves64 = [t for t in (x64, w64, b64, r64) if t is not None]
+    grads64 = torch.autograd.grad(loss(y64, h64, torch.float64), leaves64)
+    names = [n for n, t in zip(("dx", "dw", "db", "dr"), (x, w, b, r)) if t is not None]
+    for n, g, g_lp, g64 in zip(names, grads, grads_lp, grads64):
+        # dweight/dbias sum over all rows: scale the floor by the row count.
+        rows = x.numel() // N if n in ("dw", "db") else 1
+        assert_close(g, g64, g_lp, dtype if n in ("dx", "dr") else torch.float32, n,
+                     floor=None if n in ("dx", "dr") else 1e-5 * rows ** 0.5 * (
+                         1 if dtype == torch.float32 else 100))
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,N", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_matches_reference(be, dev, dtype, lead, N, residual):
+    _check(be, dev, dtype, lead, N, residual, bias=True, noncontig=False)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("lead,N", WIDE, ids=lambda v: str(v))
+def test_layer_norm_wide_rows(be, dev, lead, N):
+    _check(be, dev, torch.float32, lead, N, residual=True, bias=True, noncontig=False)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_noncontiguous_no_bias(be, dev, dtype):
+    _check(be, dev, dtype, (2, 3), 130, residual=True, bias=False, noncontig=True)
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_gradcheck_float64(be, residual):
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 9, dtype=torch.float64, requires_grad=True) if residual else None
+
+    def f(*args):
+        return ops.layer_norm(*args[:3], residual=args[3] if residual else None, backend=be)
+
+    inputs = (x, w, b, r) if residual else (x, w, b)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_layer_norm_compiles_fullgraph():
+    def block(x, r, w, b):
+        y, h = ops.layer_norm(x, w, b, residual=r, backend="cpu")
+        return (y * 2 + h).sum()
+
+    x, r = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, r, w, b)
+    gx = torch.autograd.grad(out, [x, w])
+    ref_y, ref_h = reference.layer_norm(x, w, b, residual=r)
+    ref = (ref_y * 2 + ref_h).sum()
+    rgx = torch.autograd.grad(ref, [x, w])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for a, c in zip(gx, rgx):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-4)
+
+
+def test_layer_norm_compiles_inductor():
+    f = torch.compile(lambda x, w: ops.layer_norm(x, w, backend="cpu") * 2, fullgraph=True)
+    x, w = torch.randn(5, 33), torch.randn(33)
+    torch.testing.assert_close(f(x, w), 2 * reference.layer_norm(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_backends_present():
+    """The extension must have been built: a missing _C would silently drop the cpu tests."""
+    from minigpt import _backend
+
+    assert _backend.is_available("cpu", "cpu"), _backend._unavailable_reason("cpu", torch.device("cpu"))
+    assert _backend.is_available("triton", "cpu" if not torch.cuda.is_available() else "cuda")
+
+
+def test_env_var_picks_backend(monkeypatch):
+    x, w = torch.randn(2, 8), torch.randn(8)
+    monkeypatch.setenv("MINIGPT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MINIGPT_BACKEND"):
+        ops.layer_norm(x, w)
+    monkeypatch.setenv("MINIGPT_BACKEND", "torch")
+    torch.testing.assert_close(ops.layer_norm(x, w), reference.layer_norm(x, w))
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda: ops.layer_norm(torch.ones(2, 4, dtype=torch.int64), torch.ones(4)), TypeError, "floating"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(5)), ValueError, "weight"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), torch.randn(3)), ValueError, "bias"),
+    (lambda: ops.layer_norm(torch.randn(2, 0), torch.randn(0)), ValueError, "empty"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), residual=torch.randn(2, 5)),
+     ValueError, "residual"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend="fast"), ValueError, "unknown backend"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend="cuda"),
+     BackendUnavailableError, "cuda"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), "w"), TypeError, "weight"),
+])
+def test_layer_norm_bad_input(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        bad()
+
+
+def test_layer_norm_mixed_devices():
+    # The meta device stands in for a second device on a machine without a GPU.
+    with pytest.raises(ValueError, match="device"):
+        ops.layer_norm(torch.randn(2, 4), torch.randn(4, device="meta"))
