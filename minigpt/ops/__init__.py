@@ -10,6 +10,14 @@ registered as ``torch.library`` custom ops with fake (meta) implementations and 
 they work under ``torch.compile(fullgraph=True)``.
 """
 from minigpt._backend import BACKENDS, BackendUnavailableError, available_backends
+from minigpt.ops.attention import attention, decode_attention
+from minigpt.ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from minigpt.ops.layer_norm import layer_norm
+from minigpt.ops.rms_norm import rms_norm
+from minigpt.ops.rope import rope
+from minigpt.ops.softmax import softmax
+from minigpt.ops.swiglu import swiglu
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "layer_norm"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "attention",
+           "decode_attention", "cross_entropy", "fused_linear_cross_entropy", "layer_norm",
+           "rms_norm", "rope", "softmax", "swiglu"]
