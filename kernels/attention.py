@@ -1,0 +1,406 @@
+"""Flash attention (FlashAttention-2 style) in Triton: forward, backward and flash-decoding.
+
+Forward: one program per (block of BLOCK_M queries, batch x query head). It walks the key
+blocks the block can see with an online softmax (running max m, running sum l, unnormalized
+accumulator), so only BLOCK_M x BLOCK_N scores ever exist. Key blocks every row of the query
+block sees entirely are processed without a mask; only the blocks on the causal diagonal and
+the ragged last block pay for it. Scores are kept in base 2 (scale * log2(e) folded into one
+multiply) so the exponentials are exp2; the saved logsumexp is converted back to natural log.
+
+Backward (atomic-free, two kernels after a tiny preprocess delta = rowsum(dO * O)):
+  * dK/dV: one program per (key block, batch x kv head). It loops over the query heads of its
+    GQA group and their query blocks that can see the keys, recomputing P from the saved lse,
+    so the group sum of dK/dV happens in registers, with no per-query-head buffer.
+  * dQ: one program per (query block, batch x query head), looping over key blocks.
+
+Decode (flash-decoding): one program per (batch x kv head, split of the keys) holds all query
+heads of the GQA group (padded to 16 rows so tl.dot applies) and writes a partial result and
+its logsumexp; a combine kernel merges the splits.
+
+The Triton interpreter computes tl.dot on bf16/fp16 wrongly, so under TRITON_INTERPRET=1 the
+tiles are upcast to fp32 before every dot (DOT_F32); compiled on a GPU the dots run on
+bf16/fp16 tensor cores with fp32 accumulation. fp32 inputs use IEEE fp32 dots (not TF32) so
+float32 results agree with the reference to ~1e-6.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from minigpt.kernels._util import num_programs
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, D, S, T,
+               qk_scale, start, stop, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    dmask = offs_d < D
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[None, :] < S) & dmask[:, None]
+        else:
+            kv_mask = dmask[:, None]
+        kt = tl.load(K + cols[None, :] * stride_ks + offs_d[:, None], mask=kv_mask, other=0.0)
+        qk = _dot(q, kt, DOT_F32) * qk_scale
+        if MASKED:
+            keep = cols[None, :] < S
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no key yet keeps m = -inf; shift by 0 there so exp2 gives 0
+        # instead of exp2(-inf - -inf) = nan.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=tl.trans(kv_mask),
+                    other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                     H, T, S, D, REP, qk_scale,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // REP
+    Q += b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    K += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=qmask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m0 = pid_m * BLOCK_M
+    if CAUSAL:
+        # Keys < m0 + S - T + 1 are seen by every row of the block; keys up to the last row's
+        # limit need the mask.
+        full = tl.maximum(tl.minimum(m0 + S - T + 1, S), 0) // BLOCK_N * BLOCK_N
+        end = tl.minimum(m0 + BLOCK_M + S - T, S)
+    else:
+        full = S // BLOCK_N * BLOCK_N
+        end = S
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sks, svs, offs_m, offs_d, D, S, T,
+                               qk_scale, 0, full, False, CAUSAL, BLOCK_N, DOT_F32)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sks, svs, offs_m, offs_d, D, S, T,
+                               qk_scale, full, end, True, CAUSAL, BLOCK_N, DOT_F32)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("inf"))
+    O += pid_bh.to(tl.int64) * T * D
+    tl.store(O + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, H, T, D, sdb, sdh, sdt,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    o = tl.load(O + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt
+                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
+                     Hq, Hkv, T, S, D, REP, qk_scale, scale,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_mb = tl.arange(0, BLOCK_M)
+    dmask = offs_d < D
+    kvmask = (offs_n[:, None] < S) & dmask[None, :]
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks
+                + offs_d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs
+                + offs_d[None, :], mask=kvmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # The first query that sees key n0 is n0 - (S - T).
+        lo = tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
+    else:
+        lo = 0
+    for g in range(0, REP):
+        h = hk * REP + g
+        Qh = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        DOh = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        row = (b * Hq + h).to(tl.int64) * T
+        for start_m in range(lo, T, BLOCK_M):
+            offs_m = start_m + offs_mb
+            qmask = (offs_m[:, None] < T) & dmask[None, :]
+            q = tl.load(Qh + offs_m[:, None] * sqt + offs_d[None, :], mask=qmask, other=0.0)
+            do = tl.load(DOh + offs_m[:, None] * sdt + offs_d[None, :], mask=qmask, other=0.0)
+            # Padded query rows get lse = +inf, hence P = 0.
+            lse2 = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
+            qkT = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BLOCK_N, BLOCK_M)
+            keep = offs_n[:, None] < S
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + (S - T))
+            pT = tl.where(keep, tl.math.exp2(qkT - lse2[None, :]), 0.0)
+            dv += _dot(pT.to(do.dtype), do, DOT_F32)
+            dpT = _dot(v, tl.trans(do), DOT_F32)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(dsT.to(q.dtype), q, DOT_F32)
+    out = pid_bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
+                   H, T, S, D, REP, qk_scale, scale,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // REP
+    K += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = (offs_m[:, None] < T) & dmask[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt
+                + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt
+                 + offs_d[None, :], mask=qmask, other=0.0)
+    row = pid_bh.to(tl.int64) * T
+    lse2 = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        end = tl.minimum(pid_m * BLOCK_M + BLOCK_M + S - T, S)
+    else:
+        end = S
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + offs_n
+        kvmask = (cols[None, :] < S) & dmask[:, None]
+        kt = tl.load(K + cols[None, :] * sks + offs_d[:, None], mask=kvmask, other=0.0)
+        vt = tl.load(V + cols[None, :] * svs + offs_d[:, None], mask=kvmask, other=0.0)
+        qk = _dot(q, kt, DOT_F32) * qk_scale
+        keep = cols[None, :] < S
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
+        p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        dp = _dot(do, vt, DOT_F32)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_F32)
+    tl.store(DQ + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, SEQLENS, OP, LSEP,
+                         sqb, sqh, skb, skh, sks, svb, svh, svs,
+                         Hq, Hkv, D, REP, split_len, NSPLIT, qk_scale,
+                         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    L = tl.load(SEQLENS + b)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, L)
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    dmask = offs_d < D
+    gmask = offs_g < REP
+    heads = hk * REP + offs_g
+    q = tl.load(Q + b.to(tl.int64) * sqb + heads[:, None].to(tl.int64) * sqh + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    K += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    V += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kvmask = (cols[None, :] < hi) & dmask[:, None]
+        kt = tl.load(K + cols[None, :] * sks + offs_d[:, None], mask=kvmask, other=0.0)
+        qk = _dot(q, kt, DOT_F32) * qk_scale
+        qk = tl.where(cols[None, :] < hi, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * svs + offs_d[None, :], mask=tl.trans(kvmask), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        m_i = m_new
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    # Empty split (past this sequence's length): lse2 = -inf, weight 0 in the combine.
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    part = (b * Hq + heads).to(tl.int64) * NSPLIT + split
+    tl.store(OP + part[:, None] * D + offs_d[None, :], o, mask=gmask[:, None] & dmask[None, :])
+    tl.store(LSEP + part, lse2, mask=gmask)
+
+
+@triton.jit
+def _decode_combine_kernel(OP, LSEP, O, D, NSPLIT,
+                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < NSPLIT
+    lse2 = tl.load(LSEP + pid * NSPLIT + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse2, 0)  # finite: split 0 always holds key 0 (cache_seqlens >= 1)
+    w = tl.math.exp2(lse2 - m)
+    o = tl.load(OP + (pid * NSPLIT + offs_s[:, None]) * D + offs_d[None, :],
+                mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(O + pid * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
+
+
+def _blocks(D, dtype, device):
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if device.type != "cuda":
+        return 32, 32, BLOCK_D, 4, 1  # the interpreter: small tiles run fastest
+    big = BLOCK_D <= 64 or dtype != torch.float32
+    BM, BN = (128, 64) if big and BLOCK_D <= 128 else (64, 32)
+    if BLOCK_D > 128:
+        BM, BN = 64, 32
+    warps = 8 if BM * BLOCK_D >= 128 * 128 else 4
+    return BM, BN, BLOCK_D, warps, 3 if BLOCK_D <= 128 else 2
+
+
+def _dot_f32(dtype):
+    return _interpreting()
+
+
+def attention_fwd(q, k, v, causal, scale):
+    """q (B, Hq, T, D), k, v (B, Hkv, S, D), unit last stride -> out (contiguous), lse fp32."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    BM, BN, BD, warps, stages = _blocks(D, q.dtype, q.device)
+    grid = (triton.cdiv(T, BM), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, T, S, D, H // Hkv,
+        scale * LOG2E, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        DOT_F32=_dot_f32(q.dtype), num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, causal, scale):
+    """-> dq, dk, dv contiguous in q's dtype."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=q.device)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    out = out.contiguous()
+    BM, BN, BD, warps, stages = _blocks(D, q.dtype, q.device)
+    _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
+        out, do, delta, H, T, D, do.stride(0), do.stride(1), do.stride(2),
+        BLOCK_M=64, BLOCK_D=BD)
+    # The backward holds more tiles live than the forward: smaller blocks.
+    bm, bn = (min(BM, 64), min(BN, 64)) if q.device.type == "cuda" else (BM, BN)
+    if q.device.type == "cuda" and BD > 64:
+        bm, bn = 64, 64 if q.dtype != torch.float32 else 32
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    f32 = _dot_f32(q.dtype)
+    _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, T, S, D, rep, scale * LOG2E, scale,
+        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT_F32=f32, num_warps=warps,
+        num_stages=stages if q.device.type == "cuda" else 1)
+    _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
+        q, k, v, do, lse, delta, dq, *strides, H, T, S, D, rep, scale * LOG2E, scale,
+        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT_F32=f32, num_warps=warps,
+        num_stages=stages if q.device.type == "cuda" else 1)
+    return dq, dk, dv
+
+
+def decode_splits(B, Hkv, S_max, device):
+    """Keys per split and number of splits: enough programs to fill the GPU (flash-decoding);
+    in the interpreter a few splits of 32 keys so the combine is exercised."""
+    if device.type == "cuda":
+        target = num_programs(device, 1 << 30, per_sm=2)
+        nsplit = max(1, min(triton.cdiv(S_max, 256), triton.cdiv(target, B * Hkv)))
+        split_len = triton.cdiv(triton.cdiv(S_max, nsplit), 64) * 64
+    else:
+        split_len = 32
+    return split_len, triton.cdiv(S_max, split_len)
+
+
+def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
+    """q (B, Hq, 1, D), caches (B, Hkv, S_max, D), cache_seqlens (B,) int32 -> out."""
+    B, H, _, D = q.shape
+    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    rep = H // Hkv
+    split_len, nsplit = decode_splits(B, Hkv, S_max, q.device)
+    BD = max(16, triton.next_power_of_2(D))
+    BH = max(16, triton.next_power_of_2(rep))
+    BN = 64 if q.device.type == "cuda" else 32
+    BN = min(BN, split_len)
+    o_part = torch.empty((B, H, nsplit, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, H, nsplit), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
+    _decode_split_kernel[(B * Hkv, nsplit)](
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), H, Hkv, D, rep, split_len, nsplit, scale * LOG2E,
+        BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD, DOT_F32=_dot_f32(q.dtype), num_warps=4)
+    _decode_combine_kernel[(B * H,)](
+        o_part, lse_part, out, D, nsplit, BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
+        BLOCK_D=BD)
+    return out
