@@ -1,0 +1,87 @@
+"""Autoregressive generation with a KV cache: prefill the prompt once, then one token per step.
+
+Decoding choices: ``temperature`` (0 = greedy), ``top_k`` (keep the k most likely), ``top_p``
+(nucleus: keep the smallest set whose probability reaches p). Randomness comes from an explicit
+``torch.Generator`` (or one seeded by ``seed``), so a seed gives the same text every run.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the ones before it already reach top_p (the first always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+             eos_id: Optional[int] = None, stream: Optional[Callable] = None, use_cache=True):
+    """Continue the prompts ``idx`` (B, T) (all the same length) by up to ``max_new_tokens``.
+
+    Returns (B, T + n) token ids. ``eos_id``: a row that produced it keeps producing it, and
+    generation stops once every row has. ``stream(tokens)`` is called with each step's new
+    tokens (B,) as they are chosen. ``use_cache=False`` recomputes the whole window every step
+    (nanoGPT's loop; slower, for checking). When the context (block_size) is full, the window
+    slides: with the cache, the last half of the context is prefilled again and decoding
+    continues from there."""
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError("generate: idx must be a (batch, time) tensor with at least one token")
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(int(seed))
+    block = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(idx.shape[0]) if use_cache else None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        window = idx[:, -block:]   # the tokens to (re)feed next
+        for _ in range(max_new_tokens):
+            if cache is not None and int(cache.seqlens[0]) + window.shape[1] > cache.max_seqlen:
+                cache.reset()
+                window = idx[:, -(block // 2 or 1):]
+            if cache is None:
+                window = idx[:, -block:]
+            logits, _ = model(window, cache=cache, only_last=True)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            window = nxt[:, None]
+            if stream is not None:
+                stream(nxt)
+            if eos_id is not None and bool(done.all()):
+                break
+        return idx
+    finally:
+        model.train(was_training)

@@ -1,0 +1,325 @@
+"""The model: shapes, logits and loss against a plain eager re-implementation from the same
+weights (GPT and Llama variants), KV-cached decoding against full recomputation, sampling
+options, bad configs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.model import GPT, GPTConfig, KVCache, MiniGPT, llama_state_dict_to_minigpt
+from minigpt.sampling import generate, sample_next
+
+V = 37
+
+
+def gpt_config(**kw):
+    d = dict(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=V, dropout=0.0)
+    d.update(kw)
+    return GPTConfig(**d)
+
+
+def llama_config(**kw):
+    d = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=24, vocab_size=V,
+             intermediate_size=40, rope_base=500.0, tie_embeddings=False)
+    d.update(kw)
+    return GPTConfig.llama(**d)
+
+
+CONFIGS = [pytest.param(gpt_config, id="gpt"), pytest.param(llama_config, id="llama"),
+           pytest.param(lambda: llama_config(n_kv_head=4, tie_embeddings=True), id="llama-mha")]
+
+
+def make_model(cfg):
+    torch.manual_seed(1)
+    m = GPT(cfg)
+    # Larger random weights than the init, so logits differ clearly between tokens and a
+    # wrong position / cache entry changes the greedy choice.
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "ln" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else \
+                    p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    return m.eval()
+
+
+# ---- a straightforward eager re-implementation, straight from the state dict ----------------
+
+def eager_forward(m, idx, sd=None):
+    """Logits from plain torch functions; ``sd`` defaults to the model's (detached) weights."""
+    cfg = m.config
+    sd = m.state_dict() if sd is None else sd
+    B, T = idx.shape
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+
+    def norm(x, p):
+        if cfg.norm == "layernorm":
+            return F.layer_norm(x, (cfg.n_embd,), sd[p + ".weight"], sd.get(p + ".bias"),
+                                cfg.norm_eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[p + ".weight"]
+
+    def lin(x, p):
+        return F.linear(x, sd[p + ".weight"], sd.get(p + ".bias"))
+
+    x = sd["transformer.wte.weight"][idx]
+    if cfg.pos == "learned":
+        x = x + sd["transformer.wpe.weight"][:T]
+    else:
+        inv = 1.0 / cfg.rope_base ** (torch.arange(0, D, 2).double() / D)
+        ang = torch.arange(T).double()[:, None] * inv[None]
+        cos, sin = ang.cos().float(), ang.sin().float()
+
+        def rot(t):  # rotate pairs (i, i + D/2), as HF Llama
+            a, b = t[..., :D // 2], t[..., D // 2:]
+            return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        qkv = lin(norm(x, p + "ln_1"), p + "attn.c_attn")
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if cfg.pos == "rope":
+            q, k = rot(q), rot(k)
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+        att = q @ k.transpose(-1, -2) / math.sqrt(D)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D)
+        x = x + lin(y, p + "attn.c_proj")
+        h = norm(x, p + "ln_2")
+        if cfg.mlp == "gelu":
+            h = lin(F.gelu(lin(h, p + "mlp.c_fc")), p + "mlp.c_proj")
+        else:
+            h = lin(F.silu(lin(h, p + "mlp.gate_proj")) * lin(h, p + "mlp.up_proj"),
+                    p + "mlp.down_proj")
+        x = x + h
+    x = norm(x, "transformer.ln_f")
+    head = sd["transformer.wte.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
+    return x @ head.t()
+
+
+@pytest.mark.parametrize("mk", CONFIGS)
+def test_forward_matches_eager(mk):
+    m = make_model(mk())
+    idx = torch.randint(0, V, (3, 17))
+    logits, loss = m(idx)
+    assert loss is None and logits.shape == (3, 17, V)
+    ref = eager_forward(m, idx)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    # only_last and the loss (fused linear cross entropy) against the same eager logits
+    last, _ = m(idx, only_last=True)
+    torch.testing.assert_close(last, ref[:, -1:], rtol=1e-5, atol=1e-5)
+    targets = torch.randint(0, V, (3, 17))
+    none, loss = m(idx, targets=targets)
+    assert none is None
+    torch.testing.assert_close(loss, F.cross_entropy(ref.reshape(-1, V), targets.reshape(-1)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mk", CONFIGS)
+def test_backward_matches_eager(mk):
+    m = make_model(mk())
+    idx, targets = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9))
+    _, loss = m(idx, targets=targets)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    live = dict(m.named_parameters())   # not state_dict(): that one is detached
+    ref = F.cross_entropy(eager_forward(m, idx, live).reshape(-1, V), targets.reshape(-1))
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    for (name, _), g, r in zip(m.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+
+def test_default_config_is_the_seed_minigpt():
+    cfg = GPTConfig()
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (4, 4, 128, 256)
+    assert (cfg.norm, cfg.pos, cfg.mlp, cfg.tie_embeddings) == ("layernorm", "learned", "gelu", True)
+    m = GPT(cfg)
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert MiniGPT is GPT
+    # nanoGPT's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)
+    assert abs(m.transformer.wte.weight.std().item() - 0.02) < 2e-3
+    proj = m.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(proj - 0.02 / math.sqrt(8)) < 1e-3
+
+
+def test_config_roundtrip_and_derived():
+    cfg = llama_config(n_kv_head=None)
+    assert cfg.n_kv_head == cfg.n_head and cfg.head_dim == 8
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert GPTConfig(n_embd=48, n_head=4).intermediate_size == 192
+    with pytest.raises(ValueError, match="unknown fields"):
+        GPTConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_head=0), "n_head"),
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(block_size=-1), "block_size"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(n_kv_head=3), "multiple of n_kv_head"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(pos="alibi"), "pos"),
+    (dict(mlp="relu"), "mlp"),
+    (dict(pos="rope", n_embd=12, n_head=4), "even head_dim"),
+    (dict(n_layer=2.5), "n_layer"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**kw)
+
+
+def test_too_long_sequence_and_bad_idx():
+    m = make_model(gpt_config())
+    with pytest.raises(ValueError, match="block size"):
+        m(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch, time"):
+        m(torch.zeros(25, dtype=torch.long))
+    with pytest.raises(TypeError, match="GPTConfig"):
+        GPT({"n_layer": 2})
+
+
+# ---- KV cache -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mk", CONFIGS)
+def test_cache_logits_match_full_forward(mk):
+    m = make_model(mk())
+    idx = torch.randint(0, V, (2, 20))
+    full, _ = m(idx)
+    cache = m.new_cache(2)
+    out = [m(idx[:, :7], cache=cache)[0]]           # prefill
+    out.append(m(idx[:, 7:12], cache=cache)[0])     # a second block after the cache
+    for t in range(12, 20):                         # one-token decode steps
+        out.append(m(idx[:, t:t + 1], cache=cache)[0])
+    assert cache.seqlens.tolist() == [20, 20]
+    torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mk", CONFIGS)
+def test_greedy_with_cache_equals_recompute(mk):
+    m = make_model(mk())
+    prompt = torch.randint(0, V, (3, 5))
+    a = m.generate(prompt, 19, temperature=0)
+    # nanoGPT's loop: recompute the whole sequence for every new token
+    b = prompt
+    for _ in range(19):
+        logits, _ = m(b)
+        b = torch.cat([b, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert a.shape == (3, 24)
+    assert torch.equal(a, b)
+    assert torch.equal(m.generate(prompt, 19, temperature=0, use_cache=False), b)
+
+
+def test_cache_rows_at_different_lengths():
+    # Decode writes each row at its own length; rows must not see each other's positions.
+    m = make_model(llama_config())
+    a, b = torch.randint(0, V, (1, 9)), torch.randint(0, V, (1, 6))
+    ca, cb = m.new_cache(1), m.new_cache(1)
+    m(a[:, :-1], cache=ca), m(b[:, :-1], cache=cb)
+    both = m.new_cache(2)
+    for L in range(2):
+        both.k[L][0, :, :8], both.v[L][0, :, :8] = ca.k[L][0, :, :8], ca.v[L][0, :, :8]
+        both.k[L][1, :, :5], both.v[L][1, :, :5] = cb.k[L][0, :, :5], cb.v[L][0, :, :5]
+    both.seqlens[:] = torch.tensor([8, 5])
+    out, _ = m(torch.cat([a[:, -1:], b[:, -1:]]), cache=both)
+    torch.testing.assert_close(out[0, 0], m(a)[0][0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, 0], m(b)[0][0, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same length"):
+        m(torch.zeros(2, 3, dtype=torch.long), cache=both)
+
+
+def test_cache_capacity_errors():
+    m = make_model(gpt_config())
+    cache = m.new_cache(1, max_seqlen=8)
+    m(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="capacity"):
+        m(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        KVCache(m.config, 1, max_seqlen=25)
+
+
+def test_generate_past_context_slides_window():
+    m = make_model(gpt_config())
+    prompt = torch.randint(0, V, (1, 30))       # longer than block_size 24
+    out = m.generate(prompt, 40, temperature=0)
+    assert out.shape == (1, 70) and torch.equal(out[:, :30], prompt)
+    # the first new token only depends on the last block_size tokens
+    logits, _ = m(prompt[:, -24:])
+    assert out[0, 30] == logits[0, -1].argmax()
+
+
+# ---- sampling -----------------------------------------------------------------------------
+
+def test_sample_next_filters():
+    logits = torch.randn(4, 50)
+    top = logits.argmax(-1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=g), top)
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6, generator=g), top)
+    assert torch.equal(sample_next(logits, 0.0), top)
+    # top_k=3: every draw is among the 3 largest
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(20):
+        s = sample_next(logits, 2.0, top_k=3, generator=g)
+        assert (top3 == s[:, None]).any(-1).all()
+    # top_p: only the smallest prefix of sorted probs reaching p can be drawn
+    probs = logits.softmax(-1)
+    sp, order = probs.sort(-1, descending=True)
+    keep_n = ((sp.cumsum(-1) - sp) < 0.5).sum(-1)
+    for _ in range(20):
+        s = sample_next(logits, 1.0, top_p=0.5, generator=g)
+        rank = (order == s[:, None]).float().argmax(-1)
+        assert (rank < keep_n).all()
+
+
+def test_sampling_seeded_and_eos_and_stream():
+    m = make_model(gpt_config())
+    prompt = torch.randint(0, V, (2, 4))
+    a = m.generate(prompt, 15, temperature=1.0, top_k=10, seed=123)
+    b = m.generate(prompt, 15, temperature=1.0, top_k=10, seed=123)
+    c = m.generate(prompt, 15, temperature=1.0, top_k=10, seed=124)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = m.generate(prompt[:1], 10, temperature=0)
+    eos = int(greedy[0, 7])
+    seen = []
+    out = m.generate(prompt[:1], 10, temperature=0, eos_id=eos, stream=seen.append)
+    assert out.shape[1] <= 8 and out[0, -1] == eos
+    assert torch.equal(torch.cat(seen), out[0, 4:])
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0),
+                                dict(top_p=1.5), dict(max_new_tokens=-1)])
+def test_generate_bad_args(kw):
+    m = make_model(gpt_config())
+    args = dict(max_new_tokens=3)
+    args.update(kw)
+    with pytest.raises(ValueError):
+        generate(m, torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+def test_llama_state_dict_mapping():
+    # A state dict in Hugging Face LlamaForCausalLM names, mapped back, rebuilds our model.
+    m = make_model(llama_config())
+    cfg, sd = m.config, m.state_dict()
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    hf = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+          "model.norm.weight": sd["transformer.ln_f.weight"],
+          "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.n_layer):
+        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+        qw, kw, vw = sd[q + "attn.c_attn.weight"].split([H * D, Hkv * D, Hkv * D])
+        hf.update({p + "self_attn.q_proj.weight": qw, p + "self_attn.k_proj.weight": kw,
+                   p + "self_attn.v_proj.weight": vw,
+                   p + "self_attn.o_proj.weight": sd[q + "attn.c_proj.weight"],
+                   p + "input_layernorm.weight": sd[q + "ln_1.weight"],
+                   p + "post_attention_layernorm.weight": sd[q + "ln_2.weight"]})
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            hf[p + f"mlp.{n}.weight"] = sd[q + f"mlp.{n}.weight"]
+    m2 = GPT(cfg)
+    m2.load_state_dict(llama_state_dict_to_minigpt(hf, cfg))
+    idx = torch.randint(0, V, (1, 11))
+    torch.testing.assert_close(m2(idx)[0], m(idx)[0], rtol=0, atol=0)
