@@ -1,9 +1,122 @@
-"""rms_norm: placeholder dispatch (torch backend only) until the kernel backends land."""
+"""rms_norm: the one dispatch point for RMSNorm (optionally fused with a residual add).
+
+Backends: kernels/rms_norm.py (triton), csrc/rms_norm.cu (cuda), csrc/rms_norm.cpp (cpu),
+minigpt/reference/rms_norm.py (torch). The kernel backends go through the custom ops
+``minigpt::rms_norm_fwd`` / ``minigpt::rms_norm_bwd`` so torch.compile sees one opaque node
+with a known output shape instead of tracing into Triton or C++.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
 from minigpt import _backend, reference
+from minigpt.ops import _checks
 
 OP = "rms_norm"
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None, backend=None):
-    _backend.resolve(OP, backend, x.device, x.dtype, supported=("torch",))
-    return reference.rms_norm(x, weight, eps, residual)
+def _kernel_fwd(backend, x, weight, residual, eps):
+    if backend == "triton":
+        from minigpt.kernels import rms_norm as k
+
+        return k.rms_norm_fwd(x, weight, residual, eps)
+    return _backend.extension().rms_norm_fwd(x, weight, residual, eps)
+
+
+def _kernel_bwd(backend, dy, dh, h, weight, rstd):
+    if backend == "triton":
+        from minigpt.kernels import rms_norm as k
+
+        return k.rms_norm_bwd(dy, dh, h, weight, rstd)
+    return _backend.extension().rms_norm_bwd(dy, dh, h, weight, rstd)
+
+
+@torch.library.custom_op("minigpt::rms_norm_fwd", mutates_args=())
+def _fwd(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
+         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x, residual (M, N) contiguous -> y, h (empty without residual), rstd (M,) in the
+    accumulation dtype (fp32; fp64 for fp64 x)."""
+    return tuple(_kernel_fwd(backend, x, weight, residual, eps))
+
+
+@_fwd.register_fake
+def _(x, weight, residual, eps, backend):
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    rstd = x.new_empty(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.empty_like(x), h, rstd
+
+
+@torch.library.custom_op("minigpt::rms_norm_bwd", mutates_args=())
+def _bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, rstd: Tensor,
+         backend: str) -> tuple[Tensor, Tensor]:
+    """-> dx (M, N) in h's dtype (it is also d residual), dweight in weight's (accumulation)
+    dtype."""
+    return tuple(_kernel_bwd(backend, dy, dh, h, weight, rstd))
+
+
+@_bwd.register_fake
+def _(dy, dh, h, weight, rstd, backend):
+    return torch.empty_like(h), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, eps, backend = inputs
+    y, h, rstd = output
+    ctx.save_for_backward(h if residual is not None else x, weight, rstd)
+    ctx.has_residual = residual is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, dh, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
+    dx, dw = _bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
+    return dx, dw, (dx if ctx.has_residual else None), None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None,
+             backend: Optional[str] = None):
+    """RMSNorm over the last dimension of ``x``: ``x / sqrt(mean(x^2) + eps) * weight``,
+    computed in float32 and returned in x's dtype.
+
+    With ``residual`` it first forms ``h = x + residual`` (rounded to x's dtype, as the unfused
+    add would be) and returns ``(rms_norm(h), h)`` from one pass over memory (the pre-norm
+    transformer's "add & norm"). ``backend``: "triton", "cuda", "cpu", "torch" or None (best
+    for the device, or ``$MINIGPT_BACKEND``).
+    """
+    _checks.tensor(OP, "x", x)
+    _checks.tensor(OP, "weight", weight)
+    _checks.nonempty_last_dim(OP, "x", x)
+    N = x.shape[-1]
+    _checks.shape(OP, "weight", weight, (N,))
+    if residual is not None:
+        _checks.tensor(OP, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, "
+                             f"got {tuple(residual.shape)}")
+    _checks.same_device(OP, x=x, weight=weight, residual=residual)
+    _checks.same_dtype(OP, x=x, residual=residual)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"{OP}: eps must be a non-negative number, got {eps!r}")
+
+    be = _backend.resolve(OP, backend, x.device, x.dtype)
+    if be == "torch" or x.numel() == 0:  # no rows: nothing to launch
+        return reference.rms_norm(x, weight, eps, residual)
+
+    shape = x.shape
+    x2 = x.reshape(-1, N).contiguous()
+    r2 = residual.reshape(-1, N).contiguous() if residual is not None else None
+    # Kernels take the weight in the accumulation dtype (fp32; fp64 for fp64 x) so bf16
+    # activations with fp32 master weights lose nothing; autograd casts the grad back.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = weight.to(acc).contiguous()
+    y, h, _ = _fwd(x2, w, r2, float(eps), be)
+    if residual is None:
+        return y.reshape(shape)
+    return y.reshape(shape), h.reshape(shape)

@@ -1,0 +1,190 @@
+// RMSNorm (+ fused residual add): C++ CPU kernels, and the entry points that hand CUDA tensors
+// to csrc/rms_norm.cu. Called from minigpt/ops/rms_norm.py, which has already checked shapes
+// and dtypes; the TORCH_CHECKs here guard the raw-pointer code itself.
+#include "common.h"
+#ifdef WITH_CUDA
+#include "cuda_launchers.h"
+#endif
+
+#include <cmath>
+
+namespace minigpt {
+namespace {
+
+// One row: h = x (+ r), rstd in A, y = h * rstd * w. `buf` holds h in A.
+template <typename T, typename A>
+void rms_fwd_row(const T* x, const T* r, const A* w, T* y, T* h, A* buf, int64_t N, A eps,
+                 A* rstd_out) {
+  if (r) {
+    for (int64_t j = 0; j < N; ++j) {
+      T hq = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(r[j]));
+      h[j] = hq;
+      buf[j] = static_cast<A>(hq);  // normalize h as stored, like the unfused model
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<A>(x[j]);
+  }
+  A ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < N; ++j) ss += buf[j] * buf[j];
+  const A rstd = A(1) / std::sqrt(ss / N + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) y[j] = static_cast<T>(buf[j] * rstd * w[j]);
+  *rstd_out = rstd;
+}
+
+template <typename T>
+void rms_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& r, const at::Tensor& w,
+                 at::Tensor& y, at::Tensor& h, at::Tensor& rstd, double eps) {
+  using A = acc_t<T>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* rp = r ? r->data_ptr<T>() : nullptr;
+  T* hp = r ? h.data_ptr<T>() : nullptr;
+  const A* wp = w.data_ptr<A>();
+  T* yp = y.data_ptr<T>();
+  A* sp = rstd.data_ptr<A>();
+  // Grain: enough rows per task to amortize the scheduling, at least one.
+  const int64_t grain = std::max<int64_t>(1, 16384 / N);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(N);
+    for (int64_t i = begin; i < end; ++i) {
+      rms_fwd_row<T, A>(xp + i * N, rp ? rp + i * N : nullptr, wp, yp + i * N,
+                        hp ? hp + i * N : nullptr, buf.data(), N, static_cast<A>(eps), sp + i);
+    }
+  });
+}
+
+// dx = rstd * (w*dy - xhat * mean(xhat * w*dy)) (+ dh); dw partial sums of dy * xhat, one row
+// of dw_part per block of rows so no two threads write the same sums.
+template <typename T>
+void rms_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
+                 const at::Tensor& w, const at::Tensor& rstd, at::Tensor& dx,
+                 at::Tensor& dw_part) {
+  using A = acc_t<T>;
+  const int64_t M = h.size(0), N = h.size(1);
+  const int64_t P = dw_part.size(0);
+  const T* dyp = dy.data_ptr<T>();
+  const T* dhp = dh ? dh->data_ptr<T>() : nullptr;
+  const T* hp = h.data_ptr<T>();
+  const A* wp = w.data_ptr<A>();
+  const A* sp = rstd.data_ptr<A>();
+  T* dxp = dx.data_ptr<T>();
+  A* dwp = dw_part.data_ptr<A>();
+  const int64_t rows_per = (M + P - 1) / P;
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<A> xhat(N), wdy(N);
+    for (int64_t p = pb; p < pe; ++p) {
+      A* dw = dwp + p * N;
+      std::fill(dw, dw + N, A(0));
+      const int64_t r0 = p * rows_per, r1 = std::min(M, r0 + rows_per);
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* x = hp + i * N;
+        const T* g = dyp + i * N;
+        const A rs = sp[i];
+        A c1 = 0;
+#pragma omp simd reduction(+ : c1)
+        for (int64_t j = 0; j < N; ++j) {
+          const A gj = static_cast<A>(g[j]);
+          xhat[j] = static_cast<A>(x[j]) * rs;
+          wdy[j] = wp[j] * gj;
+          c1 += xhat[j] * wdy[j];
+          dw[j] += gj * xhat[j];
+        }
+        c1 /= N;
+        T* out = dxp + i * N;
+        if (dhp) {
+          const T* d2 = dhp + i * N;
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j)
+            out[j] = static_cast<T>((wdy[j] - xhat[j] * c1) * rs + static_cast<A>(d2[j]));
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) out[j] = static_cast<T>((wdy[j] - xhat[j] * c1) * rs);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w,
+                                     const std::optional<at::Tensor>& r, double eps) {
+  check_2d_contig(x, "x");
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(N > 0, "minigpt: rms_norm needs a non-empty last dimension");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == N && w.scalar_type() == acc && w.is_contiguous() &&
+                  w.device() == x.device(),
+              "minigpt: rms_norm weight must be a contiguous (N,) tensor in the accumulation dtype");
+  if (r) check_like(*r, x, "residual");
+  auto y = at::empty_like(x);
+  auto h = r ? at::empty_like(x) : x.new_empty({0});
+  auto rstd = at::empty({M}, x.options().dtype(acc));
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    MINIGPT_CUDA_CHECK(minigpt_rms_norm_fwd_cuda(x.data_ptr(), r ? r->data_ptr() : nullptr,
+                                                 w.data_ptr<float>(), y.data_ptr(),
+                                                 r ? h.data_ptr() : nullptr,
+                                                 rstd.data_ptr<float>(), M, N,
+                                                 static_cast<float>(eps), dtype_code(x),
+                                                 c10::cuda::getCurrentCUDAStream()),
+                       "rms_norm_fwd");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    TORCH_CHECK(x.device().is_cpu(), "minigpt: rms_norm got a tensor on ", x.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_fwd",
+                                    [&] { rms_fwd_cpu<scalar_t>(x, r, w, y, h, rstd, eps); });
+  }
+  return {y, h, rstd};
+}
+
+std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
+                                     const at::Tensor& h, const at::Tensor& w,
+                                     const at::Tensor& rstd) {
+  check_2d_contig(h, "h");
+  check_like(dy, h, "grad_output");
+  if (dh) check_like(*dh, h, "grad_h");
+  const int64_t M = h.size(0), N = h.size(1);
+  const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(rstd.numel() == M && rstd.scalar_type() == acc && rstd.is_contiguous(),
+              "minigpt: rms_norm_bwd got statistics that do not match the input");
+  TORCH_CHECK(w.numel() == N && w.scalar_type() == acc && w.is_contiguous(),
+              "minigpt: rms_norm_bwd weight must be (N,) in the accumulation dtype");
+  auto dx = at::empty_like(h);
+  int64_t P;
+  if (h.is_cuda()) {
+#ifdef WITH_CUDA
+    int dev = h.device().index(), sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    P = std::max<int64_t>(1, std::min<int64_t>(M, 4 * sms));
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    P = row_blocks(M);
+  }
+  auto dw_part = at::empty({P, N}, h.options().dtype(acc));
+  if (h.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(h.device());
+    MINIGPT_CUDA_CHECK(minigpt_rms_norm_bwd_cuda(dy.data_ptr(), dh ? dh->data_ptr() : nullptr,
+                                                 h.data_ptr(), w.data_ptr<float>(),
+                                                 rstd.data_ptr<float>(), dx.data_ptr(),
+                                                 dw_part.data_ptr<float>(), M, N, P,
+                                                 dtype_code(h), c10::cuda::getCurrentCUDAStream()),
+                       "rms_norm_bwd");
+#endif
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "rms_norm_bwd",
+                                    [&] { rms_bwd_cpu<scalar_t>(dy, dh, h, w, rstd, dx, dw_part); });
+  }
+  return {dx, dw_part.sum(0)};
+}
+
+}  // namespace minigpt

@@ -1,0 +1,103 @@
+// SwiGLU, silu(gate) * up: C++ CPU kernels, and the entry points that hand CUDA tensors to
+// csrc/swiglu.cu. Elementwise over flattened contiguous tensors, fp32 (fp64 for fp64) math.
+// Called from minigpt/ops/swiglu.py, which has already checked shapes and dtypes.
+#include "common.h"
+#ifdef WITH_CUDA
+#include "cuda_launchers.h"
+#endif
+
+#include <cmath>
+
+namespace minigpt {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per task: a task must outweigh its scheduling
+
+template <typename T>
+void swiglu_fwd_cpu(const T* g, const T* u, T* y, int64_t n) {
+  using A = acc_t<T>;
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) {
+      const A gv = static_cast<A>(g[i]);
+      const A sig = A(1) / (A(1) + std::exp(-gv));
+      y[i] = static_cast<T>(gv * sig * static_cast<A>(u[i]));
+    }
+  });
+}
+
+template <typename T>
+void swiglu_bwd_cpu(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n) {
+  using A = acc_t<T>;
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) {
+      const A d = static_cast<A>(dy[i]), gv = static_cast<A>(g[i]), uv = static_cast<A>(u[i]);
+      const A sig = A(1) / (A(1) + std::exp(-gv));
+      // d silu / d g = sig * (1 + g * (1 - sig))
+      dg[i] = static_cast<T>(d * uv * sig * (A(1) + gv * (A(1) - sig)));
+      du[i] = static_cast<T>(d * gv * sig);
+    }
+  });
+}
+
+void check_flat(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.dim() == 1, "minigpt: swiglu ", name, " must be flattened to 1-D");
+  check_like(t, ref, name);
+}
+
+}  // namespace
+
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
+  check_flat(gate, gate, "gate");
+  check_flat(up, gate, "up");
+  auto y = at::empty_like(gate);
+  const int64_t n = gate.numel();
+  if (gate.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(gate.device());
+    MINIGPT_CUDA_CHECK(minigpt_swiglu_fwd_cuda(gate.data_ptr(), up.data_ptr(), y.data_ptr(), n,
+                                               dtype_code(gate), c10::cuda::getCurrentCUDAStream()),
+                       "swiglu_fwd");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    TORCH_CHECK(gate.device().is_cpu(), "minigpt: swiglu got a tensor on ", gate.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "swiglu_fwd", [&] {
+      swiglu_fwd_cpu<scalar_t>(gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(),
+                               y.data_ptr<scalar_t>(), n);
+    });
+  }
+  return y;
+}
+
+std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
+                                   const at::Tensor& up) {
+  check_flat(gate, gate, "gate");
+  check_flat(up, gate, "up");
+  check_flat(dy, gate, "grad_output");
+  auto dg = at::empty_like(gate), du = at::empty_like(up);
+  const int64_t n = gate.numel();
+  if (gate.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(gate.device());
+    MINIGPT_CUDA_CHECK(minigpt_swiglu_bwd_cuda(dy.data_ptr(), gate.data_ptr(), up.data_ptr(),
+                                               dg.data_ptr(), du.data_ptr(), n, dtype_code(gate),
+                                               c10::cuda::getCurrentCUDAStream()),
+                       "swiglu_bwd");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    TORCH_CHECK(gate.device().is_cpu(), "minigpt: swiglu got a tensor on ", gate.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "swiglu_bwd", [&] {
+      swiglu_bwd_cpu<scalar_t>(dy.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
+                               up.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(),
+                               du.data_ptr<scalar_t>(), n);
+    });
+  }
+  return {dg, du};
+}
+
+}  // namespace minigpt

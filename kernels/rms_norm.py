@@ -1,0 +1,161 @@
+"""RMSNorm (optionally fused with a residual add) in Triton: kernels, then launchers.
+
+Same structure as kernels/layer_norm.py without the mean. Forward, one program per row: a row
+that fits one block (N <= MAX_FUSED) is loaded once and normalized from registers; a wider row
+is streamed in BLOCK-sized chunks over two passes (sum of squares, normalize).
+
+Backward, a fixed number of programs each owning a contiguous slice of rows: dx per row, and
+each program's partial sum of dweight goes to its own row of a (programs, N) fp32 buffer (no
+atomics), which one torch .sum(0) reduces at the end.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from minigpt.kernels._util import num_programs
+
+MAX_FUSED = 8192  # widest row kept whole in registers
+BLOCK_WIDE = 4096  # chunk for wider rows
+
+
+@triton.jit
+def _rms_fwd_kernel(X, R, W, Y, H, Rstd, N, eps,
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * N
+    Y += row * N
+    if HAS_RES:
+        R += row * N
+        H += row * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            hq = (x + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + cols, hq, mask=mask)
+            x = hq.to(tl.float32)  # normalize h as stored, like the unfused model would
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        y = x * rstd * tl.load(W + cols, mask=mask, other=0.0)
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        src = X
+        if HAS_RES:
+            src = H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, N, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                hq = (x + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+                tl.store(H + cols, hq, mask=mask)
+                x = hq.to(tl.float32)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for off in range(0, N, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < N
+            x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            y = x * rstd * tl.load(W + cols, mask=mask, other=0.0)
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
+                    HAS_DH: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    # y = xhat * w with xhat = x * rstd:  dx = rstd * (w*dy - xhat * mean(xhat * w*dy)).
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    # The last program's slice may run past M: those rows are masked off rather than given a
+    # data-dependent loop bound (which the interpreter cannot take).
+    DW += pid.to(tl.int64) * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        w = tl.load(W + cols, mask=cols < N, other=0.0)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, rows_per_prog):
+            row = row_start + i
+            valid = row < M
+            mask = (cols < N) & valid
+            off = row.to(tl.int64) * N
+            x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(Rstd + row, mask=valid, other=0.0)
+            xhat = x * rstd
+            wdy = w * dy
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            dx = (wdy - xhat * c1) * rstd
+            if HAS_DH:
+                dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+        tl.store(DW + cols, dw, mask=cols < N)
+    else:
+        for c in range(0, N, BLOCK):
+            cols = c + tl.arange(0, BLOCK)
+            tl.store(DW + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=cols < N)
+        for i in range(0, rows_per_prog):
+            row = row_start + i
+            valid = row < M
+            off = row.to(tl.int64) * N
+            rstd = tl.load(Rstd + row, mask=valid, other=0.0)
+            a1 = tl.zeros([BLOCK], dtype=tl.float32)
+            for c in range(0, N, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                mask = (cols < N) & valid
+                x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+                a1 += x * rstd * tl.load(W + cols, mask=mask, other=0.0) * dy
+            c1 = tl.sum(a1, axis=0) / N
+            for c in range(0, N, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                mask = (cols < N) & valid
+                x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                dx = (tl.load(W + cols, mask=mask, other=0.0) * dy - xhat * c1) * rstd
+                if HAS_DH:
+                    dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
+
+
+def _block(N):
+    if N <= MAX_FUSED:
+        return triton.next_power_of_2(N), True
+    return BLOCK_WIDE, False
+
+
+def _warps(block):
+    return min(max(block // 256, 1), 16)
+
+
+def rms_norm_fwd(x, weight, residual, eps):
+    """x, residual: (M, N) contiguous; weight: (N,) fp32. -> y, h (empty without residual), rstd."""
+    M, N = x.shape
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    BLOCK, single = _block(N)
+    _rms_fwd_kernel[(M,)](
+        x, residual if residual is not None else x, weight, y,
+        h if residual is not None else y, rstd, N, eps,
+        HAS_RES=residual is not None, BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+    return y, h, rstd
+
+
+def rms_norm_bwd(dy, dh, h, weight, rstd):
+    """dy, dh, h: (M, N). -> dx (h's dtype), dweight (fp32)."""
+    M, N = h.shape
+    dx = torch.empty_like(h)
+    P = num_programs(h.device, M)
+    rows_per_prog = triton.cdiv(M, P)
+    P = triton.cdiv(M, rows_per_prog)
+    dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
+    BLOCK, single = _block(N)
+    _rms_bwd_kernel[(P,)](
+        dy, dh if dh is not None else dy, h, weight, rstd, dx, dw_part, M, N, rows_per_prog,
+        HAS_DH=dh is not None, BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+    return dx, dw_part.sum(0)
