@@ -17,4 +17,28 @@ int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h, c
                                 float* db_part, int64_t M, int64_t N, int64_t P, int dtype,
                                 cudaStream_t stream);
 
+// rms_norm.cu: x, r, y, h (M, N) in `dtype`; w (N,) fp32; rstd (M,) fp32; dw_part (P, N) fp32
+// partial sums, one row per block of rows (reduced by the caller).
+int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const float* w, void* y, void* h,
+                              float* rstd, int64_t M, int64_t N, float eps, int dtype,
+                              cudaStream_t stream);
+int minigpt_rms_norm_bwd_cuda(const void* dy, const void* dh, const void* h, const float* w,
+                              const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N,
+                              int64_t P, int dtype, cudaStream_t stream);
+
+// rope.cu: q (B, Hq, T, D), k (B, Hk, T, D) in `dtype` read through strides (unit last
+// stride); qo, ko contiguous; cos/sin fp32 rows of D at b * cos_bstride + t * D, or, with pos
+// (int64, read at b * pos_bstride + t), at pos * D in an (L, D) table.
+int minigpt_rope_cuda(const void* q, const void* k, void* qo, void* ko, const float* cos,
+                      const float* sin, const int64_t* pos, int64_t B, int64_t Hq, int64_t Hk,
+                      int64_t T, int64_t D, int64_t qsb, int64_t qsh, int64_t qst, int64_t ksb,
+                      int64_t ksh, int64_t kst, int64_t cos_bstride, int64_t pos_bstride,
+                      int64_t L, int inverse, int dtype, cudaStream_t stream);
+
+// swiglu.cu: gate, up, y, dy, dgate, dup (n,) contiguous in `dtype`.
+int minigpt_swiglu_fwd_cuda(const void* gate, const void* up, void* y, int64_t n, int dtype,
+                            cudaStream_t stream);
+int minigpt_swiglu_bwd_cuda(const void* dy, const void* gate, const void* up, void* dgate,
+                            void* dup, int64_t n, int dtype, cudaStream_t stream);
+
 }  // extern "C"

@@ -13,4 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("layer_norm_fwd", &minigpt::layer_norm_fwd, "LayerNorm (+residual) forward");
   m.def("layer_norm_bwd", &minigpt::layer_norm_bwd, "LayerNorm (+residual) backward");
+  m.def("rms_norm_fwd", &minigpt::rms_norm_fwd, "RMSNorm (+residual) forward");
+  m.def("rms_norm_bwd", &minigpt::rms_norm_bwd, "RMSNorm (+residual) backward");
+  m.def("rope", &minigpt::rope, "rotary embedding of q and k (inverse: the backward)");
+  m.def("swiglu_fwd", &minigpt::swiglu_fwd, "silu(gate) * up forward");
+  m.def("swiglu_bwd", &minigpt::swiglu_bwd, "silu(gate) * up backward");
 }

@@ -17,4 +17,21 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional
                                        const at::Tensor& mean, const at::Tensor& rstd,
                                        bool has_bias);
 
+// rms_norm.cpp -> {y, h, rstd} / {dx, dweight}
+std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w,
+                                     const std::optional<at::Tensor>& r, double eps);
+std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
+                                     const at::Tensor& h, const at::Tensor& w,
+                                     const at::Tensor& rstd);
+
+// rope.cpp -> {q_rot, k_rot}; `inverse` rotates by -sin (the backward).
+std::vector<at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                             const at::Tensor& sin, const std::optional<at::Tensor>& pos,
+                             bool inverse);
+
+// swiglu.cpp -> y / {dgate, dup}, on flattened (n,) tensors.
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
+std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
+                                   const at::Tensor& up);
+
 }  // namespace minigpt
