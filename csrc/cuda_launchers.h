@@ -41,4 +41,11 @@ int minigpt_swiglu_fwd_cuda(const void* gate, const void* up, void* y, int64_t n
 int minigpt_swiglu_bwd_cuda(const void* dy, const void* gate, const void* up, void* dgate,
                             void* dup, int64_t n, int dtype, cudaStream_t stream);
 
+// cross_entropy.cu: logits, grad (M, V) in `dtype` (grad may alias logits, or be null for no
+// gradient); target (M,) int64; loss (M,) fp32 per row; grad = grad_scale * dloss_i/dlogits.
+int minigpt_cross_entropy_fwd_cuda(const void* logits, const int64_t* target, void* grad,
+                                   float* loss, int64_t M, int64_t V, int64_t ignore_index,
+                                   float label_smoothing, float grad_scale, int dtype,
+                                   cudaStream_t stream);
+
 }  // extern "C"

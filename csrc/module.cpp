@@ -18,4 +18,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &minigpt::rope, "rotary embedding of q and k (inverse: the backward)");
   m.def("swiglu_fwd", &minigpt::swiglu_fwd, "silu(gate) * up forward");
   m.def("swiglu_bwd", &minigpt::swiglu_bwd, "silu(gate) * up backward");
+  m.def("cross_entropy_fwd", &minigpt::cross_entropy_fwd,
+        "per-row cross-entropy loss (+ its gradient, optionally in place)");
 }

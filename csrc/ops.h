@@ -34,4 +34,10 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                    const at::Tensor& up);
 
+// cross_entropy.cpp -> per-row loss (rows,) in the accumulation dtype; with `grad` (may be
+// logits itself) also writes grad_scale * dloss_i/dlogits into it.
+at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& grad, int64_t ignore_index,
+                             double label_smoothing, double grad_scale);
+
 }  // namespace minigpt

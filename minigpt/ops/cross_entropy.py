@@ -1,19 +1,383 @@
-"""cross_entropy / fused_linear_cross_entropy: placeholder dispatch (torch backend only)
-until the kernel backends land."""
+"""cross_entropy / fused_linear_cross_entropy: the dispatch point for the loss.
+
+Backends: kernels/cross_entropy.py (triton), csrc/cross_entropy.cu (cuda), csrc/cross_entropy.cpp
+(cpu), and for ``cross_entropy`` minigpt/reference/cross_entropy.py (torch). Semantics are
+``F.cross_entropy`` on float32 logits: ``reduction`` "mean" (over targets that are not
+``ignore_index``; NaN when every target is ignored, like PyTorch), "sum" or "none", and
+``label_smoothing``. The loss comes back in float32 (float64 for float64 logits).
+
+Memory, the point of these ops (Liger-Kernel's approach):
+
+* ``cross_entropy`` never materializes the softmax. Each row's loss comes from an online
+  logsumexp over the vocabulary in blocks, and when a gradient will be needed the same kernel
+  writes ``dloss/dlogits`` (already scaled for the reduction) into a buffer of the logits' shape
+  during the forward. Nothing else is saved, so the logits can be freed after the forward and the
+  gradient takes their place; backward is a multiply by ``grad_output``.
+* ``fused_linear_cross_entropy`` never materializes the (tokens, vocab) logits. It walks the
+  tokens in chunks: ``logits = hidden_chunk @ weight.T (+ bias)`` (a torch matmul), the
+  cross-entropy kernel overwrites that chunk of logits with its gradient in place, and the chunk's
+  contribution to ``grad_hidden = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden``
+  (and ``grad_bias``) is added before the next chunk. With ``reduction`` "mean" or "sum" the
+  gradients are computed in the forward and saved (backward scales them by the scalar
+  ``grad_output``); with "none" the per-row ``grad_output`` is only known in backward, so backward
+  recomputes the chunks. The chunk loop is the same for every backend, including "torch" (plain
+  torch ops per chunk); only the per-chunk kernel differs.
+
+Targets that are neither ``ignore_index`` nor in ``[0, V)`` raise ValueError. Checking costs one
+host-device sync per call (which the mean's count of non-ignored targets needs anyway).
+The gradient is first order only (no double backward).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
 from minigpt import _backend, reference
+from minigpt.ops import _checks
 
 OP = "cross_entropy"
+FOP = "fused_linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+# Elements of one chunk of logits in fused_linear_cross_entropy: at most hidden's own size
+# (Liger's rule, so the chunk costs no more memory than the activations already held), but at
+# least this many, so each chunk's matmuls stay large enough to run efficiently.
+MIN_CHUNK_ELEMENTS = 1 << 22
 
 
-def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                  backend=None):
-    _backend.resolve(OP, backend, logits.device, logits.dtype, supported=("torch",))
-    return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def fused_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100,
-                               reduction="mean", backend=None):
-    _backend.resolve("fused_linear_cross_entropy", backend, hidden.device, hidden.dtype,
-                     supported=("torch",))
-    return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index,
-                                                reduction)
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_common(op, target, reduction, ignore_index):
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{op}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: target must hold class indices as int64 or int32, got "
+                        f"{target.dtype} (class probabilities are not supported)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+
+
+def _target_stats(op: str, target: Tensor, V: int, ignore_index: int) -> int:
+    """Raise on a target outside [0, V) that is not ignore_index; return the count of
+    non-ignored targets. One sync for both."""
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= V))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if n_bad:
+        first = target[bad][0].item()
+        raise ValueError(f"{op}: {n_bad} target(s) out of range, e.g. {first}: each target must be "
+                         f"in [0, {V}) (the number of classes) or equal ignore_index "
+                         f"({ignore_index})")
+    return int(n_valid)
+
+
+def _grad_scale(reduction: str, n_valid: int) -> float:
+    # With every target ignored the gradient is zero anyway (and the mean loss NaN, as in torch).
+    return 1.0 / n_valid if reduction == "mean" and n_valid > 0 else 1.0
+
+
+def _reduce(rows: Tensor, reduction: str, n_valid: int) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total / n_valid if reduction == "mean" else total
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-row kernel, one function over every backend
+
+
+def _torch_rows(logits, target, grad, ignore_index, label_smoothing, grad_scale):
+    """The per-row kernel in plain torch (the fused op's "torch" backend)."""
+    x = logits.to(_acc(logits.dtype))
+    V = x.shape[-1]
+    valid = target != ignore_index
+    t = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - (1.0 - label_smoothing) * x.gather(1, t).squeeze(1)
+    if label_smoothing:
+        loss = loss - label_smoothing / V * x.sum(-1)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if grad is not None:
+        g = torch.exp(x - lse.unsqueeze(1))
+        if label_smoothing:
+            g -= label_smoothing / V
+        g.scatter_add_(1, t, torch.full(t.shape, label_smoothing - 1.0, dtype=g.dtype,
+                                        device=g.device))
+        g *= (valid.to(g.dtype) * grad_scale).unsqueeze(1)
+        grad.copy_(g)
+    return loss
+
+
+def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_scale):
+    """Per-row loss of logits (M, V) contiguous against target (M,) int64; with ``grad`` (a
+    buffer like logits, or logits itself) also writes grad_scale * dloss_i/dlogits into it."""
+    if backend == "triton":
+        from minigpt.kernels import cross_entropy as k
+
+        return k.cross_entropy_fwd(logits, target, grad, ignore_index, label_smoothing, grad_scale)
+    if backend == "torch":
+        return _torch_rows(logits, target, grad, ignore_index, label_smoothing, grad_scale)
+    return _backend.extension().cross_entropy_fwd(logits, target, grad, ignore_index,
+                                                  label_smoothing, grad_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross_entropy
+
+
+@torch.library.custom_op("minigpt::cross_entropy_fwd", mutates_args=())
+def _ce_fwd(logits: Tensor, target: Tensor, ignore_index: int, reduction: str,
+            label_smoothing: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """logits (M, V) contiguous, target (M,) int64 -> reduced loss, and with compute_grad the
+    gradient of that loss w.r.t. logits (else an empty tensor)."""
+    n_valid = _target_stats(OP, target, logits.shape[1], ignore_index)
+    grad = torch.empty_like(logits) if compute_grad else None
+    rows = _rows(backend, logits, target, grad, ignore_index, label_smoothing,
+                 _grad_scale(reduction, n_valid))
+    loss = _reduce(rows.to(_acc(logits.dtype)), reduction, n_valid)
+    return loss, grad if grad is not None else logits.new_empty(0)
+
+
+@_ce_fwd.register_fake
+def _(logits, target, ignore_index, reduction, label_smoothing, compute_grad, backend):
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    loss = logits.new_empty(shape, dtype=_acc(logits.dtype))
+    return loss, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+
+
+def _ce_setup(ctx, inputs, output):
+    ctx.reduction = inputs[3]
+    ctx.compute_grad = inputs[5]
+    ctx.save_for_backward(output[1])
+
+
+def _ce_backward(ctx, dloss, _dgrad):
+    if not ctx.compute_grad:
+        raise RuntimeError("cross_entropy: the forward ran without a gradient buffer (grad mode "
+                           "was off or logits did not require grad)")
+    (grad,) = ctx.saved_tensors
+    if ctx.reduction == "none":
+        dlogits = (grad * dloss.unsqueeze(-1)).to(grad.dtype)
+    else:
+        dlogits = grad * dloss  # a 0-dim dloss keeps grad's dtype
+    return dlogits, None, None, None, None, None, None
+
+
+_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0,
+                  backend: Optional[str] = None) -> Tensor:
+    """Cross-entropy of ``logits`` (..., V) against class indices ``target`` (...) (int64 or
+    int32), computed in float32 without ever storing the softmax.
+
+    ``reduction``: "mean" (over non-ignored targets), "sum" or "none" (shape of ``target``).
+    ``backend``: "triton", "cuda", "cpu", "torch" or None (best for the device, or
+    ``$MINIGPT_BACKEND``).
+    """
+    _checks.tensor(OP, "logits", logits)
+    _checks.nonempty_last_dim(OP, "logits", logits)
+    _check_common(OP, target, reduction, ignore_index)
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{OP}: target must have logits' shape without the class dimension, "
+                         f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}")
+    _checks.same_device(OP, logits=logits, target=target)
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{OP}: label_smoothing must be a number in [0, 1], got "
+                         f"{label_smoothing!r}")
+
+    V = logits.shape[-1]
+    be = _backend.resolve(OP, backend, logits.device, logits.dtype)
+    if be == "torch" or target.numel() == 0:
+        if not _compiling():
+            _target_stats(OP, target, V, ignore_index)
+        return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
+
+    x2 = logits.reshape(-1, V).contiguous()
+    t2 = target.reshape(-1).to(torch.int64).contiguous()
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _ce_fwd(x2, t2, int(ignore_index), reduction, float(label_smoothing), compute_grad,
+                      be)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_linear_cross_entropy
+
+
+def default_chunk_size(N: int, H: int, V: int) -> int:
+    """Rows per chunk: the chunk's (rows, V) logits hold at most max(N * H, 4M) elements."""
+    return max(1, min(N, max(N * H, MIN_CHUNK_ELEMENTS) // V))
+
+
+def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, need_dh, need_dw,
+            need_db, chunk, backend):
+    """The chunk loop shared by forward and (for reduction="none") backward: per-row losses,
+    and grad_scale (or row_scale per row) times the gradients asked for (empty if not)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = _acc(hidden.dtype)
+    need_grad = need_dh or need_dw or need_db
+    loss = torch.empty(N, dtype=acc, device=hidden.device)
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
+    # Weight and bias gradients sum over every chunk: accumulate in fp32 (fp64 for fp64).
+    dw = torch.zeros((V, H), dtype=acc, device=hidden.device) if need_dw else None
+    db = torch.zeros(V, dtype=acc, device=hidden.device) if need_db else None
+    wt = weight.t()
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        h = hidden[s:e]
+        logits = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
+        # The gradient overwrites this chunk's logits: no second (rows, V) buffer.
+        loss[s:e] = _rows(backend, logits, target[s:e], logits if need_grad else None,
+                          ignore_index, 0.0, grad_scale)
+        if not need_grad:
+            continue
+        dl = logits
+        if row_scale is not None:
+            dl.mul_(row_scale[s:e].unsqueeze(1))
+        if need_dh:
+            torch.mm(dl, weight, out=dh[s:e])
+        if need_dw:
+            if dl.dtype == acc:
+                dw.addmm_(dl.t(), h)
+            else:
+                dw += torch.mm(dl.t(), h).to(acc)
+        if need_db:
+            db += dl.sum(0, dtype=acc)
+    dw = dw.to(weight.dtype) if need_dw else weight.new_empty(0)
+    db = db.to(bias.dtype) if need_db else weight.new_empty(0)
+    return loss, dh, dw, db
+
+
+@torch.library.custom_op("minigpt::fused_linear_cross_entropy_fwd", mutates_args=())
+def _flce_fwd(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+              ignore_index: int, reduction: str, chunk: int, need_dh: bool, need_dw: bool,
+              need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), target (N,) int64 -> reduced loss, and for mean/sum the
+    gradients asked for (empty tensors otherwise; "none" recomputes them in backward)."""
+    n_valid = _target_stats(FOP, target, weight.shape[0], ignore_index)
+    store = reduction != "none"
+    rows, dh, dw, db = _chunks(hidden, weight, bias, target, ignore_index,
+                               _grad_scale(reduction, n_valid), None, need_dh and store,
+                               need_dw and store, need_db and store, chunk, backend)
+    return _reduce(rows, reduction, n_valid), dh, dw, db
+
+
+@_flce_fwd.register_fake
+def _(hidden, weight, target, bias, ignore_index, reduction, chunk, need_dh, need_dw, need_db,
+      backend):
+    store = reduction != "none"
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    loss = hidden.new_empty(shape, dtype=_acc(hidden.dtype))
+    dh = torch.empty_like(hidden) if need_dh and store else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_dw and store else weight.new_empty(0)
+    db = torch.empty_like(bias) if need_db and store else weight.new_empty(0)
+    return loss, dh, dw, db
+
+
+@torch.library.custom_op("minigpt::fused_linear_cross_entropy_bwd", mutates_args=())
+def _flce_bwd(dloss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
+              bias: Optional[Tensor], ignore_index: int, chunk: int, need_dh: bool, need_dw: bool,
+              need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """reduction="none": recompute each chunk and weight row i's gradient by dloss[i]."""
+    _, dh, dw, db = _chunks(hidden, weight, bias, target, ignore_index, 1.0, dloss, need_dh,
+                            need_dw, need_db, chunk, backend)
+    return dh, dw, db
+
+
+@_flce_bwd.register_fake
+def _(dloss, hidden, weight, target, bias, ignore_index, chunk, need_dh, need_dw, need_db,
+      backend):
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_dw else weight.new_empty(0)
+    db = torch.empty_like(bias) if need_db else weight.new_empty(0)
+    return dh, dw, db
+
+
+def _flce_setup(ctx, inputs, output):
+    hidden, weight, target, bias, ignore_index, reduction, chunk, ndh, ndw, ndb, backend = inputs
+    ctx.reduction, ctx.need = reduction, (ndh, ndw, ndb)
+    ctx.args = (ignore_index, chunk, ndh, ndw, ndb, backend)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, target, bias)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb):
+    if ctx.reduction == "none":
+        hidden, weight, target, bias = ctx.saved_tensors
+        dh, dw, db = _flce_bwd(dloss.contiguous(), hidden, weight, target, bias, *ctx.args)
+    else:
+        dh, dw, db = (g * dloss for g in ctx.saved_tensors)  # 0-dim dloss keeps g's dtype
+    ndh, ndw, ndb = ctx.need
+    return (dh if ndh else None, dw if ndw else None, None, db if ndb else None,
+            None, None, None, None, None, None, None)
+
+
+_flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
+                               bias: Optional[Tensor] = None, ignore_index: int = -100,
+                               reduction: str = "mean", backend: Optional[str] = None,
+                               chunk_size: Optional[int] = None) -> Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, target)`` without ever holding the full
+    (tokens, V) logits: hidden (..., H), weight (V, H), bias (V,), target (...).
+
+    ``chunk_size``: tokens per chunk (default: chunk logits no larger than ``hidden``, at least
+    4M elements). ``backend`` picks the per-chunk cross-entropy kernel, as in ``cross_entropy``.
+    """
+    _checks.tensor(FOP, "hidden", hidden)
+    _checks.tensor(FOP, "weight", weight)
+    _checks.nonempty_last_dim(FOP, "hidden", hidden)
+    _check_common(FOP, target, reduction, ignore_index)
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"{FOP}: weight must have shape (V, H) = (V, {H}) with V >= 1 to match "
+                         f"hidden's last dimension, got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if bias is not None:
+        _checks.tensor(FOP, "bias", bias)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{FOP}: bias must have shape (V,) = ({V},) to match weight, got "
+                             f"{tuple(bias.shape)}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{FOP}: target must have hidden's shape without the last dimension, "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
+    _checks.same_device(FOP, hidden=hidden, weight=weight, bias=bias, target=target)
+    _checks.same_dtype(FOP, hidden=hidden, weight=weight, bias=bias)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"{FOP}: chunk_size must be a positive int, got {chunk_size!r}")
+
+    be = _backend.resolve(FOP, backend, hidden.device, hidden.dtype)
+    if target.numel() == 0:
+        return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index,
+                                                    reduction)
+    h2 = hidden.reshape(-1, H).contiguous()
+    t2 = target.reshape(-1).to(torch.int64).contiguous()
+    N = h2.shape[0]
+    chunk = min(N, chunk_size) if chunk_size is not None else default_chunk_size(N, H, V)
+    grad_on = torch.is_grad_enabled()
+    loss, _, _, _ = _flce_fwd(h2, weight.contiguous(), t2, bias, int(ignore_index), reduction,
+                              int(chunk), grad_on and hidden.requires_grad,
+                              grad_on and weight.requires_grad,
+                              grad_on and bias is not None and bias.requires_grad, be)
+    return loss.reshape(target.shape) if reduction == "none" else loss

@@ -1,0 +1,75 @@
+"""Cross-entropy over rows of logits in Triton (Liger-Kernel's scheme): one program per row.
+
+Pass 1 streams the row in BLOCK-sized chunks keeping a running max and running sum of exp
+(online logsumexp), so the softmax never exists in memory. Pass 2 (only when a gradient is
+wanted) writes ``grad_scale * (softmax - eps / V - (1 - eps) [j == t])`` into ``grad``, which
+may be the logits tensor itself: each element is loaded before it is overwritten, and x_t is
+read in pass 1. Ignored rows get loss 0 and a zero gradient.
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _ce_fwd_kernel(X, T, G, Loss, V, ignore_index, eps, grad_scale,
+                   HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * V
+    G += row * V
+    t = tl.load(T + row)
+    # Out-of-range targets are rejected in Python before launching; treat them like ignored
+    # rows here (loss NaN) rather than read outside the row.
+    skip = (t == ignore_index) | (t < 0) | (t >= V)
+    if skip:
+        if t == ignore_index:
+            tl.store(Loss + row, 0.0)
+        else:
+            tl.store(Loss + row, float("nan"))
+        if HAS_GRAD:
+            for off in range(0, V, BLOCK):
+                cols = off + tl.arange(0, BLOCK)
+                tl.store(G + cols, tl.zeros([BLOCK], dtype=tl.float32).to(G.dtype.element_ty),
+                         mask=cols < V)
+    else:
+        xt = tl.load(X + t).to(tl.float32)
+        m = float("-inf")
+        d = 0.0
+        sx = 0.0
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(X + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # exp(m - m_new) is exp(-inf) = 0 on the first block; masked columns add exp(-inf).
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        lse = m + tl.log(d)
+        tl.store(Loss + row, lse - (1.0 - eps) * xt - eps / V * sx)
+        if HAS_GRAD:
+            smooth = eps / V
+            for off in range(0, V, BLOCK):
+                cols = off + tl.arange(0, BLOCK)
+                mask = cols < V
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - smooth
+                g = tl.where(cols == t, g - (1.0 - eps), g)
+                tl.store(G + cols, (g * grad_scale).to(G.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_fwd(logits, target, grad, ignore_index, label_smoothing, grad_scale):
+    """logits (M, V) contiguous; target (M,) int64; grad None, a (M, V) buffer, or logits itself.
+    -> per-row loss (M,) fp32; fills grad with grad_scale * dloss_i/dlogits."""
+    M, V = logits.shape
+    loss = torch.empty(M, dtype=torch.float32, device=logits.device)
+    if M == 0:
+        return loss
+    BLOCK = min(triton.next_power_of_2(V), MAX_BLOCK)
+    _ce_fwd_kernel[(M,)](
+        logits, target, grad if grad is not None else logits, loss, V, int(ignore_index),
+        float(label_smoothing), float(grad_scale), HAS_GRAD=grad is not None, BLOCK=BLOCK,
+        num_warps=min(max(BLOCK // 256, 1), 16))
+    return loss
