@@ -48,4 +48,25 @@ int minigpt_cross_entropy_fwd_cuda(const void* logits, const int64_t* target, vo
                                    float label_smoothing, float grad_scale, int dtype,
                                    cudaStream_t stream);
 
+// attention.cu. Shapes and element strides of q (B, Hq, T, D) and k, v (B, Hkv, S, D); the head
+// dimension has unit stride. Outputs (out, dq, dk, dv) are contiguous; lse, delta (B, Hq, T) fp32.
+typedef struct MgAttnGeo {
+  int64_t B, Hq, Hkv, T, S, D;
+  int64_t qb, qh, qt, kb, kh, ks, vb, vh, vs;
+  int causal;
+} MgAttnGeo;
+int minigpt_attention_fwd_cuda(MgAttnGeo g, const void* q, const void* k, const void* v, void* out,
+                               float* lse, float scale, int dtype, cudaStream_t stream);
+// dout has strides (db, dh, dt); delta is scratch (B, Hq, T) fp32.
+int minigpt_attention_bwd_cuda(MgAttnGeo g, const void* dout, int64_t db, int64_t dh, int64_t dt,
+                               const void* q, const void* k, const void* v, const void* out,
+                               const float* lse, float* delta, void* dq, void* dk, void* dv,
+                               float scale, int dtype, cudaStream_t stream);
+// Flash-decoding: q (B, Hq, 1, D) (T = 1), caches as k, v with S = S_max; seqlens (B,) int32;
+// o_part (B, Hq, nsplit, D) and lse_part (B, Hq, nsplit) fp32 scratch; out (B, Hq, 1, D).
+int minigpt_decode_attention_cuda(MgAttnGeo g, const void* q, const void* k, const void* v,
+                                  const int32_t* seqlens, float* o_part, float* lse_part,
+                                  void* out, int64_t nsplit, int64_t split_len, float scale,
+                                  int dtype, cudaStream_t stream);
+
 }  // extern "C"

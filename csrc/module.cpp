@@ -13,6 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("layer_norm_fwd", &minigpt::layer_norm_fwd, "LayerNorm (+residual) forward");
   m.def("layer_norm_bwd", &minigpt::layer_norm_bwd, "LayerNorm (+residual) backward");
+  m.def("attention_fwd", &minigpt::attention_fwd, "flash attention forward -> (out, lse)");
+  m.def("attention_bwd", &minigpt::attention_bwd, "flash attention backward -> (dq, dk, dv)");
+  m.def("decode_attention_fwd", &minigpt::decode_attention_fwd,
+        "one query per sequence against its KV cache");
   m.def("rms_norm_fwd", &minigpt::rms_norm_fwd, "RMSNorm (+residual) forward");
   m.def("rms_norm_bwd", &minigpt::rms_norm_bwd, "RMSNorm (+residual) backward");
   m.def("rope", &minigpt::rope, "rotary embedding of q and k (inverse: the backward)");

@@ -40,4 +40,16 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& grad, int64_t ignore_index,
                              double label_smoothing, double grad_scale);
 
+// attention.cpp -> {out, lse} / {dq, dk, dv} / out. q (B, Hq, T, D), k, v (B, Hkv, S, D), any
+// batch/head/sequence strides with a unit last stride; lse (B, Hq, T) in the accumulation dtype.
+std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, bool causal, double scale);
+std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                      const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                      double scale);
+at::Tensor decode_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                double scale);
+
 }  // namespace minigpt

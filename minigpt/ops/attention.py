@@ -1,15 +1,233 @@
-"""attention / decode_attention: placeholder dispatch (torch backend only) until the kernel
-backends land."""
+"""attention / decode_attention: the one dispatch point for scaled dot-product attention.
+
+Backends: kernels/attention.py (triton), csrc/attention.cu (cuda), csrc/attention.cpp (cpu),
+minigpt/reference/attention.py (torch). The kernel backends go through the custom ops
+``minigpt::attention_fwd`` / ``minigpt::attention_bwd`` / ``minigpt::decode_attention_fwd`` so
+torch.compile sees one opaque node with known output shapes instead of tracing into a kernel.
+
+Every kernel is flash-style: tiles of queries against tiles of keys with an online softmax,
+never the T x S score matrix. The forward saves the per-row logsumexp (natural log, fp32; fp64
+for fp64 inputs) and the backward recomputes the probabilities from it. A query that sees no
+key (only when causal and T > S) gets a zero output and lse = +inf, so the backward's
+exp(s - lse) is exactly 0 on that row instead of exp(-inf + inf) = nan.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
 from minigpt import _backend, reference
+from minigpt.ops import _checks
 
 OP = "attention"
+DECODE_OP = "decode_attention"
+# Widest head the Triton and CUDA kernels take (their tiles keep a query row in registers or
+# shared memory); the C++ kernel takes any width.
+MAX_GPU_HEAD_DIM = 256
 
 
-def attention(q, k, v, causal=True, scale=None, backend=None):
-    _backend.resolve(OP, backend, q.device, q.dtype, supported=("torch",))
-    return reference.attention(q, k, v, causal, scale)
+def _ext():
+    return _backend.extension()
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None, backend=None):
-    _backend.resolve("decode_attention", backend, q.device, q.dtype, supported=("torch",))
-    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+def _kernel_fwd(backend, q, k, v, causal, scale):
+    if backend == "triton":
+        from minigpt.kernels import attention as kern
+
+        return kern.attention_fwd(q, k, v, causal, scale)
+    return _ext().attention_fwd(q, k, v, causal, scale)
+
+
+def _kernel_bwd(backend, do, q, k, v, out, lse, causal, scale):
+    if backend == "triton":
+        from minigpt.kernels import attention as kern
+
+        return kern.attention_bwd(do, q, k, v, out, lse, causal, scale)
+    return _ext().attention_bwd(do, q, k, v, out, lse, causal, scale)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("minigpt::attention_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+         backend: str) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, T, D), k, v (B, Hkv, S, D), any strides with a unit last stride ->
+    out (B, Hq, T, D) contiguous in q's dtype, lse (B, Hq, T) in the accumulation dtype."""
+    out, lse = _kernel_fwd(backend, q, k, v, causal, scale)
+    return out, lse
+
+
+@_fwd.register_fake
+def _(q, k, v, causal, scale, backend):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (B, H, T), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("minigpt::attention_bwd", mutates_args=())
+def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+         scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, contiguous, in the shapes and dtype of q, k, v."""
+    dq, dk, dv = _kernel_bwd(backend, do, q, k, v, out, lse, causal, scale)
+    return dq, dk, dv
+
+
+@_bwd.register_fake
+def _(do, q, k, v, out, lse, causal, scale, backend):
+    c = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
+            torch.empty_like(v, memory_format=c))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("minigpt::decode_attention_fwd", mutates_args=())
+def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
+            backend: str) -> Tensor:
+    """q (B, Hq, 1, D), caches (B, Hkv, S_max, D) with unit last strides, cache_seqlens (B,)
+    int32 -> out (B, Hq, 1, D) contiguous."""
+    if backend == "triton":
+        from minigpt.kernels import attention as kern
+
+        return kern.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale)
+    return _ext().decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+@_decode.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _check_qkv(op, q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(op, name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+    _checks.same_device(op, q=q, k=k, v=v)
+    _checks.same_dtype(op, q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"{op}: batch mismatch: q has {B} sequences, k and v have {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"{op}: head dim mismatch: q has head_dim {D}, k and v have "
+                         f"{k.shape[3]}")
+    if D == 0:
+        raise ValueError(f"{op}: head_dim must be positive, got shape {tuple(q.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{op}: the number of query heads ({Hq}) must be a multiple of the "
+                         f"number of key/value heads ({Hkv})")
+
+
+def _check_scale(op, scale, D):
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_head_dim(op, be, D):
+    if be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
+        raise ValueError(f"{op}: the {be} backend takes head_dim up to {MAX_GPU_HEAD_DIM}, got "
+                         f"{D}; use backend='torch'")
+
+
+def _unit_last(t):
+    # Kernels take any batch/head/sequence strides (a transpose of (B, T, H, D) is free) but
+    # need each head vector contiguous.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+              backend: Optional[str] = None) -> Tensor:
+    """softmax(q kᵀ · scale) v, fused (flash attention), forward and backward.
+
+    q ``(B, Hq, T, D)``; k, v ``(B, Hkv, S, D)`` with Hq a multiple of Hkv (MHA, GQA, MQA:
+    query head h reads key/value head ``h // (Hq // Hkv)``). ``causal`` is aligned to the end:
+    query i sees keys ``j <= i + S - T`` (prefill after a cache works); a query that sees no
+    key gets zeros. ``scale`` defaults to ``1/sqrt(D)``. ``backend``: "triton", "cuda", "cpu",
+    "torch" or None (best for the device, or ``$MINIGPT_BACKEND``).
+    """
+    _check_qkv(OP, q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{OP}: causal must be a bool, got {causal!r}")
+    D = q.shape[-1]
+    scale = _check_scale(OP, scale, D)
+    be = _backend.resolve(OP, backend, q.device, q.dtype)
+    if backend is None and be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
+        be = "torch"
+    _check_head_dim(OP, be, D)
+    if be == "torch" or q.numel() == 0 or k.numel() == 0:
+        # Nothing to launch for empty inputs; the reference gives the right (zero) answer.
+        return reference.attention(q, k, v, causal, scale)
+    out, _ = _fwd(_unit_last(q), _unit_last(k), _unit_last(v), causal, scale, be)
+    return out
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                     scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """One new query per sequence against its KV cache (flash-decoding on GPU: the keys are
+    split across programs and the partial softmaxes combined).
+
+    q ``(B, Hq, 1, D)``; caches ``(B, Hkv, S_max, D)``; ``cache_seqlens`` an integer tensor
+    ``(B,)``: sequence b attends to its first ``cache_seqlens[b]`` keys (1..S_max; the new
+    token's key and value already written). Forward only: with autograd recording it runs the
+    (differentiable) reference instead.
+    """
+    op = DECODE_OP
+    _check_qkv(op, q, k_cache, v_cache)
+    B, _, Tq, D = q.shape
+    if Tq != 1:
+        raise ValueError(f"{op}: q must hold one query per sequence, shape (B, Hq, 1, D), got "
+                         f"{tuple(q.shape)}")
+    S_max = k_cache.shape[2]
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: cache_seqlens must be a torch.Tensor, got "
+                        f"{type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    _checks.shape(op, "cache_seqlens", cache_seqlens, (B,))
+    _checks.same_device(op, q=q, cache_seqlens=cache_seqlens)
+    if B and not torch.compiler.is_compiling():
+        # One host sync; an out-of-range length would read past the cache or divide by zero.
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 1 or hi > S_max:
+            raise ValueError(f"{op}: cache_seqlens must lie in [1, {S_max}] (the cache length), "
+                             f"got values in [{lo}, {hi}]")
+    scale = _check_scale(op, scale, D)
+    be = _backend.resolve(op, backend, q.device, q.dtype)
+    if backend is None and be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
+        be = "torch"
+    _check_head_dim(op, be, D)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k_cache, v_cache))
+    if be == "torch" or needs_grad or q.numel() == 0:
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+    return _decode(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache),
+                   cache_seqlens.to(torch.int32).contiguous(), scale, be)

@@ -1,0 +1,587 @@
+// Flash attention on the CPU (forward, backward, decode), and the entry points that hand CUDA
+// tensors to csrc/attention.cu. Called from minigpt/ops/attention.py, which has already
+// checked shapes and dtypes; the TORCH_CHECKs here guard the raw-pointer code itself.
+//
+// Layout of the work: a task is (batch, query head, block of BQ queries). It converts its
+// queries to the accumulation type once (pre-multiplied by scale * log2(e), so scores are in
+// base 2 and the softmax needs only exp2), then walks blocks of BK keys with an online
+// softmax, exactly as the GPU kernels do: only a BQ x BK score tile ever exists. The two
+// products per tile (S = Q Kᵀ and O += P V) run through one register-blocked micro-kernel:
+// R rows x NC columns of C stay in vector registers while it streams the shared dimension, so
+// the inner loop is broadcast-A / load-B / FMA, which the compiler vectorizes (-march=native,
+// `#pragma omp simd`) without BLAS. Kᵀ and V tiles are copied to padded fp32 buffers first
+// (that also converts bf16/fp16 once per tile instead of once per use).
+//
+// Backward (recompute from the saved logsumexp, like FlashAttention-2, atomic-free):
+//   pass A, one task per (batch, kv head, key block): loops over the GQA group's query heads
+//   and the query blocks that see the keys, accumulating dK and dV in the task's buffers;
+//   pass B, one task per (batch, query head, query block): loops over key blocks for dQ.
+#include "common.h"
+#ifdef WITH_CUDA
+#include "cuda_launchers.h"
+#endif
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace minigpt {
+namespace {
+
+constexpr int64_t BQ = 64;   // queries per task
+constexpr int64_t BK = 64;   // keys per tile
+constexpr int64_t VW = 16;   // head dims are padded to a multiple of this (one AVX-512 register)
+constexpr double LOG2E = 1.4426950408889634;
+constexpr double LN2 = 0.6931471805599453;
+
+inline int64_t pad(int64_t d) { return (d + VW - 1) / VW * VW; }
+
+// 2^x for x <= 0 in plain arithmetic the compiler vectorizes (no libm call): round to nearest
+// with the 1.5 * 2^23 trick, a degree-7 Taylor polynomial of 2^f on [-0.5, 0.5] (relative error
+// ~1e-8, below float rounding), and the exponent put in the bits. Masked scores (-inf) and
+// anything below 2^-125 give exactly 0.
+inline float exp2_neg(float x) {
+  const float xc = x < -125.f ? -125.f : x;
+  const float shifter = 12582912.f;
+  const float n = (xc + shifter) - shifter;
+  const float f = (xc - n) * 0.6931471805599453f;
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -125.f ? 0.f : p * scale;
+}
+inline double exp2_neg(double x) { return std::exp2(x); }
+
+// C[r][c] (+)= sum_k A[r * ars + k * aks] * B[k * ldb + c] for r < R, c < NC. The R x NC block
+// of C lives in registers (R * NC / 16 vector registers) for the whole k loop.
+template <typename A, int R, int NC>
+inline void micro(const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb, A* c,
+                  int64_t ldc, int64_t K, bool accumulate) {
+  A t[R][NC];
+  if (accumulate) {
+    for (int r = 0; r < R; ++r)
+#pragma omp simd
+      for (int j = 0; j < NC; ++j) t[r][j] = c[r * ldc + j];
+  } else {
+    for (int r = 0; r < R; ++r)
+#pragma omp simd
+      for (int j = 0; j < NC; ++j) t[r][j] = A(0);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const A* bk = b + k * ldb;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const A av = a[r * ars + k * aks];
+#pragma omp simd
+      for (int j = 0; j < NC; ++j) t[r][j] += av * bk[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+#pragma omp simd
+    for (int j = 0; j < NC; ++j) c[r * ldc + j] = t[r][j];
+}
+
+// Rows in blocks of R, then one at a time, for a fixed column count NC.
+template <typename A, int R, int NC>
+inline void gemm_nc(const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb, A* c,
+                    int64_t ldc, int64_t M, int64_t K, bool acc) {
+  int64_t r = 0;
+  for (; r + R <= M; r += R)
+    micro<A, R, NC>(a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, K, acc);
+  for (; r < M; ++r) micro<A, 1, NC>(a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, K, acc);
+}
+
+// C (M x N) (+)= A (M x K, strides ars/aks) * B (K x N, row stride ldb). N is a multiple of VW:
+// columns go in chunks of 64 with a 16/32/48 tail.
+template <typename A>
+void gemm(const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb, A* c, int64_t ldc,
+          int64_t M, int64_t N, int64_t K, bool acc) {
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) gemm_nc<A, 4, 64>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, acc);
+  switch (N - j) {
+    case 48: gemm_nc<A, 4, 48>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, acc); break;
+    case 32: gemm_nc<A, 6, 32>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, acc); break;
+    case 16: gemm_nc<A, 8, 16>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, acc); break;
+    default: break;
+  }
+}
+
+// A tile of `n` rows of a (rows, D) matrix with row stride `rs`, as (n, Dp) in the accumulation
+// type, times `mul`; rows n..rows_pad and columns D..Dp are zero.
+template <typename T, typename A>
+void load_rows(const T* src, int64_t rs, int64_t n, int64_t rows_pad, int64_t D, int64_t Dp,
+               A mul, A* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* s = src + i * rs;
+    A* d = dst + i * Dp;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) d[j] = static_cast<A>(s[j]) * mul;
+    for (int64_t j = D; j < Dp; ++j) d[j] = A(0);
+  }
+  std::fill(dst + n * Dp, dst + rows_pad * Dp, A(0));
+}
+
+// The transpose of `n` rows (keys) as (Dp, BK): dst[d * BK + j] = src[j][d], zero-padded.
+template <typename T, typename A>
+void load_cols(const T* src, int64_t rs, int64_t n, int64_t D, int64_t Dp, A* dst) {
+  std::fill(dst, dst + Dp * BK, A(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T* s = src + j * rs;
+    for (int64_t d = 0; d < D; ++d) dst[d * BK + j] = static_cast<A>(s[d]);
+  }
+}
+
+struct Geo {
+  int64_t B, Hq, Hkv, T, S, D, Dp, rep;
+  int64_t qb, qh, qt, kb, kh, ks, vb, vh, vs;  // element strides of q, k, v
+  bool causal;
+};
+
+template <typename A>
+struct FwdBuf {
+  std::vector<A> q, kt, v, s, o, m, l;
+  explicit FwdBuf(int64_t Dp)
+      : q(BQ * Dp), kt(Dp * BK), v(BK * Dp), s(BQ * BK), o(BQ * Dp), m(BQ), l(BQ) {}
+};
+
+// Attention for `nq` query rows against keys [0, nkeys) of one kv head. Row i (0-based within
+// the tile) sees key j when j <= i + shift (causal; shift = i0 + S - T), else every key.
+// q rows have stride qrs; out rows ors; lse entries lse_s.
+template <typename T, typename A>
+void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int64_t krs,
+              const T* v, int64_t vrs, int64_t nkeys, bool causal, int64_t shift, int64_t D,
+              int64_t Dp, A qscale, T* out, int64_t ors, A* lse, int64_t lse_s) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  load_rows<T, A>(q, qrs, nq, nq, D, Dp, qscale, w.q.data());
+  std::fill(w.o.begin(), w.o.begin() + nq * Dp, A(0));
+  std::fill(w.m.begin(), w.m.end(), ninf);
+  std::fill(w.l.begin(), w.l.end(), A(0));
+  const int64_t end = causal ? std::min(nkeys, nq - 1 + shift + 1) : nkeys;
+  for (int64_t j0 = 0; j0 < end; j0 += BK) {
+    const int64_t nk = std::min(BK, end - j0);
+    load_cols<T, A>(k + j0 * krs, krs, nk, D, Dp, w.kt.data());
+    load_rows<T, A>(v + j0 * vrs, vrs, nk, BK, D, Dp, A(1), w.v.data());
+    gemm<A>(w.q.data(), Dp, 1, w.kt.data(), BK, w.s.data(), BK, nq, BK, D, false);
+    for (int64_t i = 0; i < nq; ++i) {
+      A* s = w.s.data() + i * BK;
+      // Keys this row sees in the tile: [0, lim).
+      const int64_t lim = causal ? std::max<int64_t>(0, std::min(nk, i + shift - j0 + 1)) : nk;
+      if (lim == 0) {  // no key here: P row is 0 and the row's state is unchanged
+        std::fill(s, s + BK, A(0));
+        continue;
+      }
+      for (int64_t j = lim; j < BK; ++j) s[j] = ninf;
+      A mx = ninf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < BK; ++j) mx = std::max(mx, s[j]);
+      const A m_new = std::max(w.m[i], mx);
+      const A alpha = exp2_neg(w.m[i] - m_new);  // exp2(-inf) = 0 for the first tile
+      A sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < BK; ++j) {
+        const A p = exp2_neg(s[j] - m_new);
+        s[j] = p;
+        sum += p;
+      }
+      w.l[i] = w.l[i] * alpha + sum;
+      w.m[i] = m_new;
+      if (alpha != A(1)) {
+        A* o = w.o.data() + i * Dp;
+#pragma omp simd
+        for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha;
+      }
+    }
+    gemm<A>(w.s.data(), BK, 1, w.v.data(), Dp, w.o.data(), Dp, nq, Dp, nk, true);
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const A l = w.l[i];
+    const A inv = l > 0 ? A(1) / l : A(0);
+    const A* o = w.o.data() + i * Dp;
+    T* dst = out + i * ors;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+    lse[i * lse_s] = l > 0 ? (w.m[i] + std::log2(l)) * A(LN2)
+                           : std::numeric_limits<A>::infinity();
+  }
+}
+
+template <typename T>
+void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+             at::Tensor& lse, const Geo& g, double scale) {
+  using A = acc_t<T>;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  A* lp = lse.data_ptr<A>();
+  const int64_t nqb = (g.T + BQ - 1) / BQ;
+  const A qscale = static_cast<A>(scale * LOG2E);
+  at::parallel_for(0, g.B * g.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    FwdBuf<A> w(g.Dp);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nqb, qb = t % nqb, b = bh / g.Hq, h = bh % g.Hq, hk = h / g.rep;
+      const int64_t i0 = qb * BQ, nq = std::min(BQ, g.T - i0);
+      fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq, kp + b * g.kb + hk * g.kh,
+                     g.ks, vp + b * g.vb + hk * g.vh, g.vs, g.S, g.causal, i0 + g.S - g.T, g.D,
+                     g.Dp, qscale, op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
+    }
+  });
+}
+
+// Per query block of the backward: Q (scaled like the forward), dO, the base-2 lse and delta.
+template <typename A>
+struct BwdBuf {
+  std::vector<A> q, dout, lse2, delta, kt, vt, s, dp, acc, acc2, krow;
+  explicit BwdBuf(int64_t Dp)
+      : q(BQ * Dp), dout(BQ * Dp), lse2(BQ), delta(BQ), kt(Dp * BK), vt(Dp * BK), s(BQ * BK),
+        dp(BQ * BK), acc(BQ * Dp), acc2(BQ * Dp), krow(BK * Dp) {}
+};
+
+// P and dS for the tile (nq queries from i0, nk keys from j0): P = exp2(S - lse2) with the
+// causal/ragged mask, dS = P * (dP - delta). w.s holds S on entry and P on exit; w.dp holds
+// dP on entry and dS on exit.
+template <typename A>
+void probs_and_ds(BwdBuf<A>& w, int64_t nq, int64_t nk, int64_t i0, int64_t j0, const Geo& g) {
+  const int64_t shift = i0 + g.S - g.T - j0;
+  for (int64_t i = 0; i < nq; ++i) {
+    A* s = w.s.data() + i * BK;
+    A* dp = w.dp.data() + i * BK;
+    const int64_t lim = g.causal ? std::max<int64_t>(0, std::min(nk, i + shift + 1)) : nk;
+    const A l2 = w.lse2[i], dl = w.delta[i];
+#pragma omp simd
+    for (int64_t j = 0; j < BK; ++j) {
+      // lse2 = +inf on rows that see no key, so exp2 gives 0 there too.
+      const A p = j < lim ? exp2_neg(s[j] - l2) : A(0);
+      s[j] = p;
+      dp[j] = p * (dp[j] - dl);
+    }
+  }
+}
+
+template <typename T, typename A>
+void load_q_block(BwdBuf<A>& w, const T* q, const T* dout, const A* lse, const A* delta,
+                  int64_t qrs, int64_t drs, int64_t nq, const Geo& g, A qscale) {
+  load_rows<T, A>(q, qrs, nq, BQ, g.D, g.Dp, qscale, w.q.data());
+  load_rows<T, A>(dout, drs, nq, BQ, g.D, g.Dp, A(1), w.dout.data());
+  for (int64_t i = 0; i < nq; ++i) {
+    w.lse2[i] = lse[i] * A(LOG2E);
+    w.delta[i] = delta[i];
+  }
+}
+
+template <typename T>
+void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+             at::Tensor& dk, at::Tensor& dv, const Geo& g, double scale) {
+  using A = acc_t<T>;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
+  const T* dop = dout.data_ptr<T>();
+  const A* lp = lse.data_ptr<A>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  const int64_t db = dout.stride(0), dh = dout.stride(1), dt = dout.stride(2);
+  const A qscale = static_cast<A>(scale * LOG2E);
+  const int64_t D = g.D, Dp = g.Dp;
+
+  // delta = rowsum(dO * O), the softmax backward's correction term.
+  std::vector<A> delta(g.B * g.Hq * g.T);
+  at::parallel_for(0, g.B * g.Hq * g.T, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r % g.T, bh = r / g.T, b = bh / g.Hq, h = bh % g.Hq;
+      const T* o = op + r * D;
+      const T* d = dop + b * db + h * dh + t * dt;
+      A s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < D; ++j) s += static_cast<A>(o[j]) * static_cast<A>(d[j]);
+      delta[r] = s;
+    }
+  });
+
+  // Pass A: dK, dV per (batch, kv head, key block), summed over the GQA group in registers.
+  const int64_t nkb = (g.S + BK - 1) / BK;
+  at::parallel_for(0, g.B * g.Hkv * nkb, 1, [&](int64_t t0, int64_t t1) {
+    BwdBuf<A> w(Dp);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nkb, kb = t % nkb, b = bh / g.Hkv, hk = bh % g.Hkv;
+      const int64_t j0 = kb * BK, nk = std::min(BK, g.S - j0);
+      const T* kbase = kp + b * g.kb + hk * g.kh + j0 * g.ks;
+      const T* vbase = vp + b * g.vb + hk * g.vh + j0 * g.vs;
+      load_cols<T, A>(kbase, g.ks, nk, D, Dp, w.kt.data());
+      load_cols<T, A>(vbase, g.vs, nk, D, Dp, w.vt.data());
+      A* dK = w.acc.data();  // (BK, Dp)
+      A* dV = w.acc2.data();
+      std::fill(dK, dK + BK * Dp, A(0));
+      std::fill(dV, dV + BK * Dp, A(0));
+      // The first query that sees key j0 is j0 - (S - T).
+      const int64_t lo = g.causal ? std::max<int64_t>(0, j0 - (g.S - g.T)) / BQ * BQ : 0;
+      for (int64_t r = 0; r < g.rep; ++r) {
+        const int64_t h = hk * g.rep + r, qh = b * g.Hq + h;
+        for (int64_t i0 = lo; i0 < g.T; i0 += BQ) {
+          const int64_t nq = std::min(BQ, g.T - i0);
+          load_q_block<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt,
+                             dop + b * db + h * dh + i0 * dt, lp + qh * g.T + i0,
+                             delta.data() + qh * g.T + i0, g.qt, dt, nq, g, qscale);
+          gemm<A>(w.q.data(), Dp, 1, w.kt.data(), BK, w.s.data(), BK, nq, BK, D, false);
+          gemm<A>(w.dout.data(), Dp, 1, w.vt.data(), BK, w.dp.data(), BK, nq, BK, D, false);
+          probs_and_ds<A>(w, nq, nk, i0, j0, g);
+          // dV += Pᵀ dO, dK += dSᵀ Q (A read transposed: row stride 1, k stride BK).
+          gemm<A>(w.s.data(), 1, BK, w.dout.data(), Dp, dV, Dp, nk, Dp, nq, true);
+          gemm<A>(w.dp.data(), 1, BK, w.q.data(), Dp, dK, Dp, nk, Dp, nq, true);
+        }
+      }
+      // Q was scaled by scale * log2(e): dK = scale * dSᵀ q = ln(2) * dSᵀ (scaled q).
+      for (int64_t j = 0; j < nk; ++j) {
+        T* dkr = dkp + (bh * g.S + j0 + j) * D;
+        T* dvr = dvp + (bh * g.S + j0 + j) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          dkr[d] = static_cast<T>(dK[j * Dp + d] * A(LN2));
+          dvr[d] = static_cast<T>(dV[j * Dp + d]);
+        }
+      }
+    }
+  });
+
+  // Pass B: dQ per (batch, query head, query block).
+  const int64_t nqb = (g.T + BQ - 1) / BQ;
+  at::parallel_for(0, g.B * g.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    BwdBuf<A> w(Dp);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nqb, qb = t % nqb, b = bh / g.Hq, h = bh % g.Hq, hk = h / g.rep;
+      const int64_t i0 = qb * BQ, nq = std::min(BQ, g.T - i0);
+      load_q_block<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, dop + b * db + h * dh + i0 * dt,
+                         lp + bh * g.T + i0, delta.data() + bh * g.T + i0, g.qt, dt, nq, g,
+                         qscale);
+      A* dQ = w.acc.data();
+      std::fill(dQ, dQ + BQ * Dp, A(0));
+      const int64_t end = g.causal ? std::min(g.S, i0 + nq + g.S - g.T) : g.S;
+      const T* kbase = kp + b * g.kb + hk * g.kh;
+      const T* vbase = vp + b * g.vb + hk * g.vh;
+      for (int64_t j0 = 0; j0 < end; j0 += BK) {
+        const int64_t nk = std::min(BK, g.S - j0);
+        load_cols<T, A>(kbase + j0 * g.ks, g.ks, nk, D, Dp, w.kt.data());
+        load_cols<T, A>(vbase + j0 * g.vs, g.vs, nk, D, Dp, w.vt.data());
+        load_rows<T, A>(kbase + j0 * g.ks, g.ks, nk, BK, D, Dp, A(1), w.krow.data());
+        gemm<A>(w.q.data(), Dp, 1, w.kt.data(), BK, w.s.data(), BK, nq, BK, D, false);
+        gemm<A>(w.dout.data(), Dp, 1, w.vt.data(), BK, w.dp.data(), BK, nq, BK, D, false);
+        probs_and_ds<A>(w, nq, nk, i0, j0, g);
+        gemm<A>(w.dp.data(), BK, 1, w.krow.data(), Dp, dQ, Dp, nq, Dp, nk, true);
+      }
+      const A sc = static_cast<A>(scale);
+      for (int64_t i = 0; i < nq; ++i) {
+        T* dst = dqp + (bh * g.T + i0 + i) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(dQ[i * Dp + d] * sc);
+      }
+    }
+  });
+}
+
+// Decode: one task per (batch, kv head) holds the GQA group's queries as the rows of one tile,
+// so each key and value is converted once for the whole group.
+template <typename T>
+void decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& seqlens, at::Tensor& out, const Geo& g, double scale) {
+  using A = acc_t<T>;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const int32_t* lens = seqlens.data_ptr<int32_t>();
+  T* op = out.data_ptr<T>();
+  const A qscale = static_cast<A>(scale * LOG2E);
+  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    FwdBuf<A> w(g.Dp);
+    std::vector<A> lse(BQ);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / g.Hkv, hk = t % g.Hkv;
+      const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[b], 0), g.S);
+      for (int64_t h0 = 0; h0 < g.rep; h0 += BQ) {
+        const int64_t nh = std::min(BQ, g.rep - h0), h = hk * g.rep + h0;
+        fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh, g.qh, nh, kp + b * g.kb + hk * g.kh, g.ks,
+                       vp + b * g.vb + hk * g.vh, g.vs, len, false, 0, g.D, g.Dp, qscale,
+                       op + (b * g.Hq + h) * g.D, g.D, lse.data(), 1);
+      }
+    }
+  });
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "minigpt: attention takes 4-D q, k, v (B, H, T, D)");
+  TORCH_CHECK(k.sizes() == v.sizes(), "minigpt: attention k and v must have the same shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3),
+              "minigpt: attention q and k disagree on batch or head_dim");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "minigpt: attention query heads must be a multiple of key/value heads");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "minigpt: attention q, k, v must share a dtype");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
+              "minigpt: attention q, k, v must be on one device");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "minigpt: attention needs a unit stride on the head dimension");
+}
+
+Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
+  Geo g;
+  g.B = q.size(0);
+  g.Hq = q.size(1);
+  g.T = q.size(2);
+  g.D = q.size(3);
+  g.Hkv = k.size(1);
+  g.S = k.size(2);
+  g.Dp = pad(g.D);
+  g.rep = g.Hq / g.Hkv;
+  g.qb = q.stride(0), g.qh = q.stride(1), g.qt = q.stride(2);
+  g.kb = k.stride(0), g.kh = k.stride(1), g.ks = k.stride(2);
+  g.vb = v.stride(0), g.vh = v.stride(1), g.vs = v.stride(2);
+  g.causal = causal;
+  return g;
+}
+
+#ifdef WITH_CUDA
+MgAttnGeo cuda_geo(const Geo& g) {
+  MgAttnGeo c;
+  c.B = g.B, c.Hq = g.Hq, c.Hkv = g.Hkv, c.T = g.T, c.S = g.S, c.D = g.D;
+  c.qb = g.qb, c.qh = g.qh, c.qt = g.qt;
+  c.kb = g.kb, c.kh = g.kh, c.ks = g.ks;
+  c.vb = g.vb, c.vh = g.vh, c.vs = g.vs;
+  c.causal = g.causal ? 1 : 0;
+  return c;
+}
+#endif
+
+}  // namespace
+
+std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, bool causal, double scale) {
+  check_qkv(q, k, v);
+  const Geo g = make_geo(q, k, v, causal);
+  auto out = at::empty({g.B, g.Hq, g.T, g.D}, q.options());
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto lse = at::empty({g.B, g.Hq, g.T}, q.options().dtype(acc));
+  if (out.numel() == 0) return {out, lse};
+  if (q.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    MINIGPT_CUDA_CHECK(minigpt_attention_fwd_cuda(cuda_geo(g), q.data_ptr(), k.data_ptr(),
+                                                  v.data_ptr(), out.data_ptr(),
+                                                  lse.data_ptr<float>(), static_cast<float>(scale),
+                                                  dtype_code(q),
+                                                  c10::cuda::getCurrentCUDAStream()),
+                       "attention_fwd");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    TORCH_CHECK(q.device().is_cpu(), "minigpt: attention got a tensor on ", q.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd",
+                                    [&] { fwd_cpu<scalar_t>(q, k, v, out, lse, g, scale); });
+  }
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                      const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                      double scale) {
+  check_qkv(q, k, v);
+  const Geo g = make_geo(q, k, v, causal);
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
+                  dout.stride(3) == 1,
+              "minigpt: attention_bwd grad_output must match q with a unit last stride");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() &&
+                  out.scalar_type() == q.scalar_type(),
+              "minigpt: attention_bwd out must be the contiguous forward output");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == g.B && lse.size(1) == g.Hq && lse.size(2) == g.T &&
+                  lse.scalar_type() == acc && lse.is_contiguous(),
+              "minigpt: attention_bwd got a logsumexp that does not match q");
+  auto dq = at::empty({g.B, g.Hq, g.T, g.D}, q.options());
+  auto dk = at::empty({g.B, g.Hkv, g.S, g.D}, k.options());
+  auto dv = at::empty({g.B, g.Hkv, g.S, g.D}, v.options());
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  if (q.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    auto delta = at::empty({g.B, g.Hq, g.T}, q.options().dtype(at::kFloat));
+    MINIGPT_CUDA_CHECK(
+        minigpt_attention_bwd_cuda(cuda_geo(g), dout.data_ptr(), dout.stride(0), dout.stride(1),
+                                   dout.stride(2), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                   out.data_ptr(), lse.data_ptr<float>(),
+                                   delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(),
+                                   dv.data_ptr(), static_cast<float>(scale), dtype_code(q),
+                                   c10::cuda::getCurrentCUDAStream()),
+        "attention_bwd");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
+      bwd_cpu<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale);
+    });
+  }
+  return {dq, dk, dv};
+}
+
+at::Tensor decode_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                double scale) {
+  check_qkv(q, k_cache, v_cache);
+  TORCH_CHECK(q.size(2) == 1, "minigpt: decode_attention takes one query per sequence");
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == q.size(0) &&
+                  cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous() &&
+                  cache_seqlens.device() == q.device(),
+              "minigpt: decode_attention cache_seqlens must be a contiguous int32 (B,) tensor "
+              "on q's device");
+  const Geo g = make_geo(q, k_cache, v_cache, false);
+  auto out = at::empty({g.B, g.Hq, 1, g.D}, q.options());
+  if (out.numel() == 0) return out;
+  if (q.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    int dev = q.device().index(), sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    // Flash-decoding: enough key splits that B * Hkv * splits fills the GPU twice over, each
+    // split at least 256 keys so the combine stays cheap.
+    const int64_t want = std::max<int64_t>(1, (2 * sms + g.B * g.Hkv - 1) / (g.B * g.Hkv));
+    const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(want, (g.S + 255) / 256));
+    const int64_t split_len = (g.S + nsplit - 1) / nsplit;
+    auto o_part = at::empty({g.B, g.Hq, nsplit, g.D}, q.options().dtype(at::kFloat));
+    auto lse_part = at::empty({g.B, g.Hq, nsplit}, q.options().dtype(at::kFloat));
+    MINIGPT_CUDA_CHECK(minigpt_decode_attention_cuda(
+                           cuda_geo(g), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                           cache_seqlens.data_ptr<int32_t>(), o_part.data_ptr<float>(),
+                           lse_part.data_ptr<float>(), out.data_ptr(), nsplit, split_len,
+                           static_cast<float>(scale), dtype_code(q),
+                           c10::cuda::getCurrentCUDAStream()),
+                       "decode_attention");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    TORCH_CHECK(q.device().is_cpu(), "minigpt: decode_attention got a tensor on ", q.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention", [&] {
+      decode_cpu<scalar_t>(q, k_cache, v_cache, cache_seqlens, out, g, scale);
+    });
+  }
+  return out;
+}
+
+}  // namespace minigpt
