@@ -24,12 +24,16 @@ def extensions():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cu = sorted(glob.glob("csrc/*.cu"))
     # -fopenmp-simd: `#pragma omp simd reduction` lets the row sums vectorize without
-    # -ffast-math and without linking a second OpenMP runtime beside torch's.
-    cxx = ["-O3", "-fopenmp-simd"]
+    # -ffast-math. -fopenmp (compile only): at::parallel_for is an inline `#pragma omp
+    # parallel` in ATen's headers, so without it every C++ kernel runs on one thread. Nothing
+    # extra is linked: the GOMP_* calls bind to the libgomp torch already loaded (one runtime).
+    cxx = ["-O3", "-fopenmp-simd", "-fopenmp"]
     if os.environ.get("MINIGPT_NATIVE", "1") == "1":
         # The extension is built on the machine that runs it; let the compiler use its vector
         # units for the row loops. MINIGPT_NATIVE=0 builds a portable binary.
-        cxx.append("-march=native")
+        # 512-bit vectors where the CPU has them: GCC defaults to 256 bits even on AVX-512
+        # CPUs, and the row loops here (softmax's exp above all) are compute-bound per row.
+        cxx += ["-march=native", "-mprefer-vector-width=512"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("MINIGPT_NO_CUDA") != "1")
     if with_cuda:

@@ -17,6 +17,12 @@ int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h, c
                                 float* db_part, int64_t M, int64_t N, int64_t P, int dtype,
                                 cudaStream_t stream);
 
+// softmax.cu: x, y, dy, dx (M, N) in `dtype`; causal rows are (M / T) blocks of (T, N).
+int minigpt_softmax_fwd_cuda(const void* x, void* y, int64_t M, int64_t N, float scale,
+                             int causal, int64_t T, int dtype, cudaStream_t stream);
+int minigpt_softmax_bwd_cuda(const void* dy, const void* y, void* dx, int64_t M, int64_t N,
+                             float scale, int dtype, cudaStream_t stream);
+
 // rms_norm.cu: x, r, y, h (M, N) in `dtype`; w (N,) fp32; rstd (M,) fp32; dw_part (P, N) fp32
 // partial sums, one row per block of rows (reduced by the caller).
 int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const float* w, void* y, void* h,

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("layer_norm_fwd", &minigpt::layer_norm_fwd, "LayerNorm (+residual) forward");
   m.def("layer_norm_bwd", &minigpt::layer_norm_bwd, "LayerNorm (+residual) backward");
+  m.def("softmax_fwd", &minigpt::softmax_fwd, "softmax(scale * x) (causal optional) forward");
+  m.def("softmax_bwd", &minigpt::softmax_bwd, "softmax backward from the saved output");
   m.def("attention_fwd", &minigpt::attention_fwd, "flash attention forward -> (out, lse)");
   m.def("attention_bwd", &minigpt::attention_bwd, "flash attention backward -> (dq, dk, dv)");
   m.def("decode_attention_fwd", &minigpt::decode_attention_fwd,

@@ -17,6 +17,10 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional
                                        const at::Tensor& mean, const at::Tensor& rstd,
                                        bool has_bias);
 
+// softmax.cpp -> y / dx. x is (M, N) rows; with `causal` they are (M / T) blocks of (T, N).
+at::Tensor softmax_fwd(const at::Tensor& x, double scale, bool causal, int64_t T);
+at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale);
+
 // rms_norm.cpp -> {y, h, rstd} / {dx, dweight}
 std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w,
                                      const std::optional<at::Tensor>& r, double eps);

@@ -1,0 +1,169 @@
+// softmax(scale * x) over the last dim (optionally causal): C++ CPU kernels, and the entry
+// points that hand CUDA tensors to csrc/softmax.cu. Called from minigpt/ops/softmax.py, which
+// has already checked dtypes and arguments; the TORCH_CHECKs here guard the raw-pointer code.
+#include "common.h"
+#ifdef WITH_CUDA
+#include "cuda_launchers.h"
+#endif
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace minigpt {
+namespace {
+
+// exp for float that GCC vectorizes inside `#pragma omp simd` (std::exp is a libm call that
+// only vectorizes under -ffast-math, and then the whole file loses IEEE semantics). Cephes'
+// expf: exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], exp(r) by a degree-6
+// polynomial; relative error about 1e-7. Softmax only takes x <= 0 (z - max(z)), so there is
+// no overflow clamp; below -87.3 the 2^n bits would underflow, and the true value is 0 in
+// float anyway (so exp(-inf) is exactly 0, as masked inputs need).
+static inline float exp_ps(float x) {
+  const float lo = -87.33654f;
+  const bool under = x < lo;
+  x = std::max(x, lo);
+  // Round to nearest by adding and removing 1.5 * 2^23 (plain adds vectorize everywhere;
+  // nearbyint needs SSE4.1 and a compiler willing to use it).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;  // ln2 split in two (Cody-Waite) so n*ln2 stays exact
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + (r + 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  return under ? 0.0f : p * pow2n;
+}
+
+template <typename A> inline A exp_acc(A v);
+template <> inline float exp_acc<float>(float v) { return exp_ps(v); }
+template <> inline double exp_acc<double>(double v) { return std::exp(v); }
+
+// Columns of row `row` that causal masking keeps: j < i + N - T + 1 with i = row % T.
+inline int64_t row_len(int64_t row, int64_t N, int64_t T, bool causal) {
+  if (!causal) return N;
+  const int64_t i = row % T;
+  return std::min<int64_t>(std::max<int64_t>(i + N - T + 1, 0), N);
+}
+
+template <typename T>
+void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool causal,
+                     int64_t Tq) {
+  using A = acc_t<T>;
+  const int64_t M = x.size(0), N = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const A scale = static_cast<A>(scale_d);
+  const int64_t grain = std::max<int64_t>(1, 16384 / N);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    // exp(z - max) is kept in the accumulation type for the normalizing pass: for float rows
+    // it stays in L1 (4 KB per 1024 columns), and low-precision rows are rounded only once.
+    std::vector<A> buf(N);
+    A* e = buf.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * N;
+      T* yr = yp + r * N;
+      const int64_t L = row_len(r, N, Tq, causal);
+      A m = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < L; ++j) m = std::max(m, static_cast<A>(xr[j]) * scale);
+      if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
+      A sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < L; ++j) {
+        e[j] = exp_acc<A>(static_cast<A>(xr[j]) * scale - m);
+        sum += e[j];
+      }
+      const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) yr[j] = static_cast<T>(e[j] * inv);
+      for (int64_t j = L; j < N; ++j) yr[j] = static_cast<T>(0);
+    }
+  });
+}
+
+template <typename T>
+void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, double scale_d) {
+  using A = acc_t<T>;
+  const int64_t M = y.size(0), N = y.size(1);
+  const T* dyp = dy.data_ptr<T>();
+  const T* yp = y.data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+  const A scale = static_cast<A>(scale_d);
+  const int64_t grain = std::max<int64_t>(1, 16384 / N);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = dyp + r * N;
+      const T* yr = yp + r * N;
+      T* out = dxp + r * N;
+      A s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < N; ++j) s += static_cast<A>(g[j]) * static_cast<A>(yr[j]);
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j)
+        out[j] = static_cast<T>(scale * static_cast<A>(yr[j]) * (static_cast<A>(g[j]) - s));
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor softmax_fwd(const at::Tensor& x, double scale, bool causal, int64_t T) {
+  check_2d_contig(x, "x");
+  const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(N > 0, "minigpt: softmax needs a non-empty last dimension");
+  TORCH_CHECK(std::isfinite(scale), "minigpt: softmax scale must be finite");
+  TORCH_CHECK(!causal || (T > 0 && M % T == 0),
+              "minigpt: causal softmax needs rows in whole (T, N) blocks, got ", M, " rows, T=", T);
+  auto y = at::empty_like(x);
+  if (M == 0) return y;
+  if (x.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    MINIGPT_CUDA_CHECK(minigpt_softmax_fwd_cuda(x.data_ptr(), y.data_ptr(), M, N,
+                                                static_cast<float>(scale), causal ? 1 : 0,
+                                                causal ? T : 1, dtype_code(x),
+                                                c10::cuda::getCurrentCUDAStream()),
+                       "softmax_fwd");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    TORCH_CHECK(x.device().is_cpu(), "minigpt: softmax got a tensor on ", x.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_fwd",
+                                    [&] { softmax_fwd_cpu<scalar_t>(x, y, scale, causal, T); });
+  }
+  return y;
+}
+
+at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale) {
+  check_2d_contig(y, "y");
+  check_like(dy, y, "grad_output");
+  const int64_t M = y.size(0), N = y.size(1);
+  auto dx = at::empty_like(y);
+  if (M == 0 || N == 0) return dx;
+  if (y.is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(y.device());
+    MINIGPT_CUDA_CHECK(minigpt_softmax_bwd_cuda(dy.data_ptr(), y.data_ptr(), dx.data_ptr(), M, N,
+                                                static_cast<float>(scale), dtype_code(y),
+                                                c10::cuda::getCurrentCUDAStream()),
+                       "softmax_bwd");
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  } else {
+    TORCH_CHECK(y.device().is_cpu(), "minigpt: softmax got a tensor on ", y.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_bwd",
+                                    [&] { softmax_bwd_cpu<scalar_t>(dy, y, dx, scale); });
+  }
+  return dx;
+}
+
+}  // namespace minigpt

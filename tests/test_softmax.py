@@ -1,0 +1,162 @@
+"""softmax: every backend x dtype x awkward shape (plain and causal) against the reference,
+forward and backward; gradcheck in float64; torch.compile; bad input."""
+import pytest
+import torch
+
+from minigpt import ops, reference
+from minigpt._backend import BackendUnavailableError
+from minigpt.reference.softmax import causal_mask
+from tests._tol import assert_close, f64, make
+from tests.conftest import backend_device_pairs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (shape, scale): last dims 1, 7, 1000, 1025, 4097 (Triton: several warps' worth in one
+# block), a batch of one row, and 9000 (wider than Triton's fused block: the online path).
+SHAPES = [((3, 5, 1), 1.0), ((4, 7), 0.7), ((1, 1000), 1.0), ((2, 3, 1025), 0.125),
+          ((3, 4097), 2.0), ((1, 9000), 1.0)]
+# Causal (..., T, S): T == S, T < S (a KV cache: every row sees the older keys), T > S (the
+# first T - S rows see nothing and must be zeros, not NaN). A negative scale checks the mask
+# is applied after scaling.
+CAUSAL = [((2, 6, 6), 1.0), ((3, 5, 11), 0.5), ((2, 9, 4), 1.0), ((1, 3, 9000), -1.5),
+          ((4, 17, 17), -0.3)]
+
+
+def _check(be, dev, dtype, shape, scale, causal, noncontig=False, x_scale=2.0):
+    x = make(shape, dtype, dev, noncontig=noncontig, requires_grad=True, scale=x_scale)
+    y = ops.softmax(x, scale=scale, causal=causal, backend=be)
+    y_lp = ops.softmax(x, scale=scale, causal=causal, backend="torch")
+    x64 = f64(x)
+    y64 = reference.softmax(x64, scale, causal)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert_close(y, y64, y_lp, dtype, "y")
+    if causal:
+        T, S = shape[-2], shape[-1]
+        masked = ~causal_mask(T, S, x.device)
+        assert (y[..., masked] == 0).all(), "masked entries must be exactly zero"
+
+    gy = torch.randn_like(y64)
+    (gx,) = torch.autograd.grad((y.double() * gy).sum(), [x])
+    (gx_lp,) = torch.autograd.grad((y_lp.double() * gy).sum(), [x])
+    (gx64,) = torch.autograd.grad((y64 * gy).sum(), [x64])
+    assert_close(gx, gx64, gx_lp, dtype, "dx")
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,scale", SHAPES, ids=lambda v: str(v))
+def test_softmax_matches_reference(be, dev, dtype, shape, scale):
+    _check(be, dev, dtype, shape, scale, causal=False)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,scale", CAUSAL, ids=lambda v: str(v))
+def test_softmax_causal_matches_reference(be, dev, dtype, shape, scale):
+    _check(be, dev, dtype, shape, scale, causal=True)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_softmax_wide_row(be, dev, causal):
+    # One 65536-wide row (fp32 only: the interpreter is slow); causal with T=2 masks the
+    # last column of the first row only.
+    shape = (2, 65536) if causal else (1, 65536)
+    _check(be, dev, torch.float32, shape, 1.0, causal=causal)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_softmax_noncontiguous(be, dev, dtype, causal):
+    _check(be, dev, dtype, (2, 5, 130), 0.9, causal=causal, noncontig=True)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_softmax_large_logits_and_inf(be, dev):
+    # Logits far beyond exp's range must not overflow (the max is subtracted first), and -inf
+    # inputs (an additive mask) give exact zeros.
+    x = torch.randn(4, 300, device=dev) * 1000
+    x[:, ::3] = float("-inf")
+    y = ops.softmax(x, backend=be)
+    ref = reference.softmax(x.double()).float()
+    assert torch.isfinite(y).all()
+    assert (y[:, ::3] == 0).all()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_softmax_gradcheck_float64(be, causal):
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: ops.softmax(t, scale=0.7, causal=causal, backend=be), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_softmax_double_backward_is_not_silently_wrong():
+    # The custom op's backward is itself a custom op without autograd: asking for a second
+    # derivative must raise, not return zeros.
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    y = ops.softmax(x, backend="cpu")
+    (g,) = torch.autograd.grad(y[:, 0].sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), [x])
+
+
+def test_softmax_compiles_fullgraph():
+    def block(x):
+        p = ops.softmax(x, scale=0.5, causal=True, backend="cpu")
+        return (p * p).sum()
+
+    x = torch.randn(2, 8, 8, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (gx,) = torch.autograd.grad(out, [x])
+    p = reference.softmax(x, 0.5, True)
+    ref = (p * p).sum()
+    (rgx,) = torch.autograd.grad(ref, [x])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_compiles_inductor():
+    f = torch.compile(lambda x: ops.softmax(x, scale=2.0, backend="cpu") + 1, fullgraph=True)
+    x = torch.randn(5, 33)
+    torch.testing.assert_close(f(x), reference.softmax(x, 2.0) + 1, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_default_backend_and_env(monkeypatch):
+    x = torch.randn(3, 10)
+    ref = reference.softmax(x)
+    torch.testing.assert_close(ops.softmax(x), ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("MINIGPT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MINIGPT_BACKEND"):
+        ops.softmax(x)
+    monkeypatch.setenv("MINIGPT_BACKEND", "torch")
+    torch.testing.assert_close(ops.softmax(x), ref)
+
+
+def test_softmax_empty_batch():
+    x = torch.randn(0, 3, 5)
+    for be in ("cpu", "torch"):
+        assert ops.softmax(x, causal=True, backend=be).shape == (0, 3, 5)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda: ops.softmax(torch.ones(2, 4, dtype=torch.int64)), TypeError, "floating"),
+    (lambda: ops.softmax([1.0, 2.0]), TypeError, "Tensor"),
+    (lambda: ops.softmax(torch.randn(2, 0)), ValueError, "empty"),
+    (lambda: ops.softmax(torch.tensor(1.0)), ValueError, "scalar"),
+    (lambda: ops.softmax(torch.randn(5), causal=True), ValueError, "causal"),
+    (lambda: ops.softmax(torch.randn(2, 4), scale=float("nan")), ValueError, "finite"),
+    (lambda: ops.softmax(torch.randn(2, 4), scale=float("inf")), ValueError, "finite"),
+    (lambda: ops.softmax(torch.randn(2, 4), scale="2"), TypeError, "scale"),
+    (lambda: ops.softmax(torch.randn(2, 4), scale=torch.tensor(2.0)), TypeError, "scale"),
+    (lambda: ops.softmax(torch.randn(2, 4), causal="yes"), TypeError, "causal"),
+    (lambda: ops.softmax(torch.randn(2, 4), backend="fast"), ValueError, "unknown backend"),
+    (lambda: ops.softmax(torch.randn(2, 4), backend="cuda"), BackendUnavailableError, "cuda"),
+    (lambda: ops.softmax(torch.randn(2, 4, device="meta"), backend="cpu"),
+     BackendUnavailableError, "cpu"),
+])
+def test_softmax_bad_input(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        bad()
