@@ -76,14 +76,18 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
         for (int64_t j = 0; j < n; ++j) bs += std::exp(buf[j] - m);
         s += bs;
       }
-      const A lse = m + std::log(s);
-      lp[i] = lse - (A(1) - eps) * xt - smooth * sx;
+      // Everything relative to the max m: x - m is exact, where x - lse would lose the low bits
+      // of large logits. Without smoothing sx is unused (and -inf logits, i.e. masked classes,
+      // would make 0 * sx NaN).
+      const A logd = std::log(s);
+      lp[i] = (A(1) - eps) * ((m - xt) + logd) +
+              (eps > 0 ? eps * ((m - sx / static_cast<A>(V)) + logd) : A(0));
       if (g) {
 #pragma omp simd
         for (int64_t j = 0; j < V; ++j)
-          g[j] = static_cast<T>(scale * (std::exp(static_cast<A>(x[j]) - lse) - smooth));
+          g[j] = static_cast<T>(scale * (std::exp((static_cast<A>(x[j]) - m) - logd) - smooth));
         // Recomputed from the saved x_t, not read back from g (g may be x, already overwritten).
-        g[t] = static_cast<T>(scale * (std::exp(xt - lse) - smooth - (A(1) - eps)));
+        g[t] = static_cast<T>(scale * (std::exp((xt - m) - logd) - smooth - (A(1) - eps)));
       }
     }
   });

@@ -42,13 +42,17 @@ __global__ void ce_fwd_kernel(const T* x, const int64_t* __restrict__ target, T*
   const float mine = (m == -INFINITY) ? 0.f : s * __expf(m - M);
   const float S = block_sum(mine, shm);
   const float SX = block_sum(sx, shm);
-  const float lse = M + logf(S);
-  if (threadIdx.x == 0) loss[row] = lse - (1.f - eps) * xt - eps / V * SX;
+  // Everything relative to the max M: x - M is exact, where x - lse would lose the low bits of
+  // large logits. Without smoothing SX is unused (and -inf logits, i.e. masked classes, would
+  // make 0 * SX NaN).
+  const float logd = logf(S);
+  if (threadIdx.x == 0)
+    loss[row] = (1.f - eps) * ((M - xt) + logd) + (eps > 0.f ? eps * ((M - SX / V) + logd) : 0.f);
   if (grad) {
     const float smooth = eps / V;
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      float g = __expf(to_f(x[j]) - lse) - smooth;
-      if (j == t) g = __expf(xt - lse) - smooth - (1.f - eps);
+      float g = __expf((to_f(x[j]) - M) - logd) - smooth;
+      if (j == t) g = __expf((xt - M) - logd) - smooth - (1.f - eps);
       grad[j] = from_f<T>(scale * g);
     }
   }

@@ -47,15 +47,19 @@ def _ce_fwd_kernel(X, T, G, Loss, V, ignore_index, eps, grad_scale,
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
             sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        lse = m + tl.log(d)
-        tl.store(Loss + row, lse - (1.0 - eps) * xt - eps / V * sx)
+        # Everything relative to the max m: x - m is exact, where x - lse would lose the low bits
+        # of large logits. Without smoothing the sum of logits is unused (and -inf logits,
+        # i.e. masked classes, would turn 0 * sx into NaN).
+        logd = tl.log(d)
+        smooth_term = tl.where(eps > 0, eps * ((m - sx / V) + logd), 0.0)
+        tl.store(Loss + row, (1.0 - eps) * ((m - xt) + logd) + smooth_term)
         if HAS_GRAD:
             smooth = eps / V
             for off in range(0, V, BLOCK):
                 cols = off + tl.arange(0, BLOCK)
                 mask = cols < V
                 x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) - smooth
+                g = tl.exp((x - m) - logd) - smooth
                 g = tl.where(cols == t, g - (1.0 - eps), g)
                 tl.store(G + cols, (g * grad_scale).to(G.dtype.element_ty), mask=mask)
 

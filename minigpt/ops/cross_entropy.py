@@ -106,13 +106,13 @@ def _torch_rows(logits, target, grad, ignore_index, label_smoothing, grad_scale)
     V = x.shape[-1]
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
-    lse = torch.logsumexp(x, dim=-1)
-    loss = lse - (1.0 - label_smoothing) * x.gather(1, t).squeeze(1)
+    lsm = torch.log_softmax(x, dim=-1)
+    loss = -(1.0 - label_smoothing) * lsm.gather(1, t).squeeze(1)
     if label_smoothing:
-        loss = loss - label_smoothing / V * x.sum(-1)
+        loss = loss - label_smoothing / V * lsm.sum(-1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if grad is not None:
-        g = torch.exp(x - lse.unsqueeze(1))
+        g = lsm.exp_()
         if label_smoothing:
             g -= label_smoothing / V
         g.scatter_add_(1, t, torch.full(t.shape, label_smoothing - 1.0, dtype=g.dtype,

@@ -1,0 +1,361 @@
+"""cross_entropy and fused_linear_cross_entropy: every backend x dtype x awkward vocabulary size
+x reduction x ignore_index x label smoothing against the reference, forward and backward;
+gradcheck in float64; what backward keeps in memory; torch.compile; bad input."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt import ops, reference
+from minigpt._backend import BackendUnavailableError
+from tests._tol import FLOOR, assert_close, f64, make
+from tests.conftest import backend_device_pairs
+
+# The module, not the function minigpt.ops re-exports under the same name.
+ce_mod = importlib.import_module("minigpt.ops.cross_entropy")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+VOCABS = [1, 7, 1000, 1025, 3001]
+REDUCTIONS = ["mean", "sum", "none"]
+LEAD = (2, 3)  # (B, T) in front of the vocabulary
+
+
+def _targets(lead, V, dev, ignore_index=-100, frac_ignored=0.34):
+    t = torch.randint(0, V, lead, device=dev)
+    drop = torch.rand(lead, device=dev) < frac_ignored
+    drop.view(-1)[0] = True  # at least one ignored row
+    drop.view(-1)[-1] = False  # and at least one counted
+    return torch.where(drop, torch.full_like(t, ignore_index), t)
+
+
+def _upstream(loss, reduction):
+    """A non-trivial grad_output: random per row for "none", a scalar != 1 otherwise."""
+    if reduction == "none":
+        return torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
+    return torch.tensor(0.7, dtype=torch.float64, device=loss.device)
+
+
+def _grad_close(g, g64, g_lp, dtype, name):
+    # Gradients of a softmax are small (about 1/V): compare relative to their own magnitude.
+    amax = g64.abs().max().item()
+    assert_close(g, g64, g_lp, dtype, name, floor=FLOOR[dtype] * amax)
+
+
+def _check_ce(be, dev, dtype, lead, V, reduction, label_smoothing, ignore_index=-100,
+              noncontig=False, scale=3.0):
+    x = make((*lead, V), dtype, dev, noncontig=noncontig, requires_grad=True, scale=scale)
+    t = _targets(lead, V, dev, ignore_index)
+    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    out = ops.cross_entropy(x, t, backend=be, **kw)
+    out_lp = reference.cross_entropy(x, t, **kw)
+    x64 = f64(x)
+    out64 = reference.cross_entropy(x64, t, **kw)
+    assert out.dtype == torch.float32
+    assert_close(out, out64, out_lp, torch.float32, "loss")
+
+    gy = _upstream(out64, reduction)
+    (g,) = torch.autograd.grad((out.double() * gy).sum(), [x])
+    (g_lp,) = torch.autograd.grad((out_lp.double() * gy).sum(), [x])
+    (g64,) = torch.autograd.grad((out64 * gy).sum(), [x64])
+    assert g.dtype == dtype
+    _grad_close(g, g64, g_lp, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_reference(be, dev, dtype, V, reduction, label_smoothing):
+    _check_ce(be, dev, dtype, LEAD, V, reduction, label_smoothing)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_noncontiguous_and_other_shapes(be, dev, dtype):
+    _check_ce(be, dev, dtype, (3, 2), 130, "mean", 0.0, noncontig=True)
+    _check_ce(be, dev, dtype, (5,), 33, "none", 0.2)  # (N, V)
+    _check_ce(be, dev, dtype, (), 40, "sum", 0.0)  # one unbatched row (V,) with a 0-dim target
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_cross_entropy_ignore_index_inside_the_vocabulary(be, dev):
+    # ignore_index may be a real class id (e.g. a pad token): those rows are skipped.
+    _check_ce(be, dev, torch.float32, LEAD, 7, "mean", 0.1, ignore_index=0)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_all_ignored(be, dev, reduction):
+    x = torch.randn(4, 9, device=dev, requires_grad=True)
+    t = torch.full((4,), -100, device=dev)
+    out = ops.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, backend=be)
+    ref = reference.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    if reduction == "mean":
+        assert torch.isnan(out) and torch.isnan(ref)  # 0 / 0, as in PyTorch
+    else:
+        torch.testing.assert_close(out, torch.zeros_like(ref), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(out.sum(), [x])
+    torch.testing.assert_close(g, torch.zeros_like(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_cross_entropy_large_logits_are_stable(be, dev):
+    # Logits around 1e4 overflow exp() without the running max; -inf logits (masked classes)
+    # must contribute nothing.
+    x = torch.randn(3, 2000, device=dev) * 50 + 1e4
+    x[:, 1500:] = float("-inf")
+    x.requires_grad_()
+    t = torch.tensor([3, 700, 1499], device=dev)
+    out = ops.cross_entropy(x, t, backend=be)
+    ref = reference.cross_entropy(x.double(), t)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    (g,) = torch.autograd.grad(out, [x])
+    (gr,) = torch.autograd.grad(reference.cross_entropy(x, t), [x])
+    torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+@pytest.mark.parametrize("reduction,label_smoothing", [("mean", 0.0), ("sum", 0.3),
+                                                       ("none", 0.1)])
+def test_cross_entropy_gradcheck_float64(be, reduction, label_smoothing):
+    x = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (2, 3))
+    t[0, 1] = -100
+
+    def f(x_):
+        return ops.cross_entropy(x_, t, reduction=reduction, label_smoothing=label_smoothing,
+                                 backend=be)
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_linear_cross_entropy
+
+FUSED_CASES = [  # (lead, H, V, chunk_size)
+    ((2, 5), 16, 7, None),
+    ((2, 5), 16, 1000, 3),  # a chunk size that does not divide the 10 tokens
+    ((11,), 24, 1025, 1),
+    ((3, 4), 8, 300, 12),  # one chunk holding every token
+]
+
+
+def _fused(be, h, w, t, b, reduction, chunk):
+    if be == "reference":
+        return reference.fused_linear_cross_entropy(h, w, t, b, reduction=reduction)
+    if be == "eager":  # what an eager model computes in the input dtype
+        return reference.cross_entropy(F.linear(h, w, b), t, reduction=reduction)
+    return ops.fused_linear_cross_entropy(h, w, t, b, reduction=reduction, backend=be,
+                                          chunk_size=chunk)
+
+
+def _check_fused(be, dev, dtype, lead, H, V, chunk, reduction, bias):
+    h = make((*lead, H), dtype, dev, requires_grad=True)
+    w = make((V, H), dtype, dev, requires_grad=True, scale=H ** -0.5 * 3)
+    b = make((V,), dtype, dev, requires_grad=True) if bias else None
+    t = _targets(lead, V, dev)
+    leaves = [x for x in (h, w, b) if x is not None]
+    leaves64 = [f64(x) for x in leaves]
+    h64, w64 = leaves64[:2]
+    b64 = leaves64[2] if bias else None
+
+    out = _fused(be, h, w, t, b, reduction, chunk)
+    out_lp = _fused("eager", h, w, t, b, reduction, chunk)
+    out64 = _fused("reference", h64, w64, t, b64, reduction, chunk)
+    assert out.dtype == torch.float32
+    assert_close(out, out64, out_lp, dtype, "loss")
+
+    gy = _upstream(out64, reduction)
+    grads = torch.autograd.grad((out.double() * gy).sum(), leaves)
+    grads_lp = torch.autograd.grad((out_lp.double() * gy).sum(), leaves)
+    grads64 = torch.autograd.grad((out64 * gy).sum(), leaves64)
+    for name, g, g_lp, g64 in zip(("dhidden", "dweight", "dbias"), grads, grads_lp, grads64):
+        assert g.dtype == dtype, name
+        _grad_close(g, g64, g_lp, dtype, name)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("lead,H,V,chunk", FUSED_CASES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_linear_cross_entropy_matches_reference(be, dev, lead, H, V, chunk, reduction, bias):
+    _check_fused(be, dev, torch.float32, lead, H, V, chunk, reduction, bias)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_linear_cross_entropy_low_precision(be, dev, dtype, reduction):
+    _check_fused(be, dev, dtype, (2, 5), 32, 1000, 3, reduction, bias=True)
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_linear_cross_entropy_gradcheck_float64(be, reduction):
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (7,))
+    t[2] = -100
+
+    def f(h_, w_, b_):
+        return ops.fused_linear_cross_entropy(h_, w_, t, b_, reduction=reduction, backend=be,
+                                              chunk_size=3)
+
+    assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-6)
+
+
+def test_fused_default_chunk_size_bounds_the_logits():
+    # 8192 tokens x 576 hidden x 49152 vocab (SmolLM2): chunks of 96 tokens, whose logits are
+    # no larger than hidden itself; tiny problems get one chunk.
+    assert ce_mod.default_chunk_size(8192, 576, 49152) == 96
+    assert ce_mod.default_chunk_size(10, 16, 1000) == 10
+    assert ce_mod.default_chunk_size(5, 4, 10 ** 8) == 1
+
+
+def test_fused_grads_only_where_asked():
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8)  # frozen head
+    t = torch.randint(0, 20, (6,))
+    out = ops.fused_linear_cross_entropy(h, w, t, backend="cpu")
+    (g,) = torch.autograd.grad(out, [h])
+    (gr,) = torch.autograd.grad(reference.fused_linear_cross_entropy(h, w, t), [h])
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.fused_linear_cross_entropy(h, w, t, backend="cpu"),
+                                   reference.fused_linear_cross_entropy(h, w, t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: what backward keeps
+
+
+def _saved_bytes(fn):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_keeps_only_the_gradient(dtype):
+    x = torch.randn(64, 1000).to(dtype).requires_grad_()
+    t = torch.randint(0, 1000, (64,))
+    _, ours = _saved_bytes(lambda: ops.cross_entropy(x, t, backend="cpu"))
+    _, eager = _saved_bytes(lambda: F.cross_entropy(x.float(), t))
+    logits_bytes = x.numel() * x.element_size()
+    assert ours <= logits_bytes + 64 * 8, (ours, logits_bytes)
+    assert eager >= 4 * x.numel()  # eager keeps an fp32 log-softmax
+
+
+def test_fused_linear_cross_entropy_never_keeps_logits():
+    N, H, V = 256, 32, 4096
+    h = torch.randn(N, H, requires_grad=True)
+    w = (torch.randn(V, H) * 0.1).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    _, ours = _saved_bytes(lambda: ops.fused_linear_cross_entropy(h, w, t, backend="cpu"))
+    # dhidden and dweight, nothing of size N x V (= 32x hidden here)
+    assert ours <= 4 * (N * H + V * H) + 1024, ours
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile, dispatch, bad input
+
+
+def test_cross_entropy_compiles_fullgraph():
+    def step(x, h, w, t):
+        return (ops.cross_entropy(x * 2, t, label_smoothing=0.1, backend="cpu")
+                + ops.fused_linear_cross_entropy(h, w, t, backend="cpu", chunk_size=3))
+
+    x = torch.randn(2, 4, 50, requires_grad=True)
+    h = torch.randn(2, 4, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (2, 4))
+    t[0, 0] = -100
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x, h, w, t)
+    grads = torch.autograd.grad(out, [x, h, w])
+    ref = (reference.cross_entropy(x * 2, t, label_smoothing=0.1)
+           + reference.fused_linear_cross_entropy(h, w, t))
+    rgrads = torch.autograd.grad(ref, [x, h, w])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, c in zip(grads, rgrads):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_compiles_inductor():
+    f = torch.compile(lambda x, t: ops.cross_entropy(x, t, reduction="none", backend="cpu") * 2,
+                      fullgraph=True)
+    x, t = torch.randn(5, 33), torch.randint(0, 33, (5,))
+    torch.testing.assert_close(f(x, t), 2 * reference.cross_entropy(x, t, reduction="none"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_env_var_picks_backend(monkeypatch):
+    x, t = torch.randn(3, 8), torch.randint(0, 8, (3,))
+    monkeypatch.setenv("MINIGPT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MINIGPT_BACKEND"):
+        ops.cross_entropy(x, t)
+    monkeypatch.setenv("MINIGPT_BACKEND", "torch")
+    torch.testing.assert_close(ops.cross_entropy(x, t), reference.cross_entropy(x, t))
+
+
+_x, _t = torch.randn(3, 5), torch.tensor([0, 4, -100])
+_h, _w = torch.randn(3, 4), torch.randn(5, 4)
+BAD = [
+    (lambda be: ops.cross_entropy(_x, _t.float(), backend=be), TypeError, "int64 or int32"),
+    (lambda be: ops.cross_entropy(_x.long(), _t, backend=be), TypeError, "floating"),
+    (lambda be: ops.cross_entropy([1.0], _t, backend=be), TypeError, "logits"),
+    (lambda be: ops.cross_entropy(_x, _t[:2], backend=be), ValueError, "target must have"),
+    (lambda be: ops.cross_entropy(_x, torch.tensor([0, 5, 1]), backend=be), ValueError,
+     r"out of range.*\[0, 5\)"),
+    (lambda be: ops.cross_entropy(_x, torch.tensor([0, -3, 1]), backend=be), ValueError,
+     "out of range"),
+    (lambda be: ops.cross_entropy(_x, _t, reduction="avg", backend=be), ValueError,
+     "unknown reduction"),
+    (lambda be: ops.cross_entropy(_x, _t, label_smoothing=1.5, backend=be), ValueError,
+     "label_smoothing"),
+    (lambda be: ops.cross_entropy(_x, _t, ignore_index=1.0, backend=be), TypeError,
+     "ignore_index"),
+    (lambda be: ops.cross_entropy(torch.randn(3, 0), _t, backend=be), ValueError, "empty"),
+    (lambda be: ops.cross_entropy(_x, _t.to("meta"), backend=be), ValueError, "device"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, torch.randn(5, 3), _t, backend=be), ValueError,
+     "weight must have shape"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w, _t, torch.randn(6), backend=be),
+     ValueError, "bias must have shape"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w, torch.tensor([0, 5, 1]), backend=be),
+     ValueError, "out of range"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w, _t[:2], backend=be), ValueError,
+     "target must have"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w.double(), _t, backend=be), TypeError,
+     "dtype"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w, _t.float(), backend=be), TypeError,
+     "int64 or int32"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w, _t, reduction="mean ", backend=be),
+     ValueError, "unknown reduction"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w.to("meta"), _t, backend=be), ValueError,
+     "device"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w, _t, chunk_size=0, backend=be), ValueError,
+     "chunk_size"),
+]
+
+
+@pytest.mark.parametrize("be", [p.values[0] for p in backend_device_pairs() if p.values[1] == "cpu"])
+@pytest.mark.parametrize("bad,exc,match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input(be, bad, exc, match):
+    with pytest.raises(exc, match=match):
+        bad(be)
+
+
+def test_unavailable_backend():
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        ops.cross_entropy(_x, _t, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.fused_linear_cross_entropy(_h, _w, _t, backend="fast")
