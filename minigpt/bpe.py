@@ -1,0 +1,246 @@
+"""Byte-level BPE tokenizer for Llama-family checkpoints (SmolLM2 and friends).
+
+The merging itself is the ``tokenizers`` library's job; this module only assembles a tokenizer
+from what a checkpoint ships - a GGUF's ``tokenizer.ggml.*`` metadata or a Hugging Face
+``tokenizer.json`` - and adds what generation needs on top: the special token ids, the chat
+template, and a decoder that streams text one token at a time without tearing multi-byte
+characters apart.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+# llama.cpp's token_type values (llama_token_type): 3 marks control tokens such as
+# <|im_start|>, which must be matched whole in the text, never cut into bytes.
+_CONTROL, _USER_DEFINED = 3, 4
+
+# How llama.cpp pre-splits text before BPE, per ``tokenizer.ggml.pre``. The merges were learned on
+# text split this way, so ids only come out right with the same split. Tokenizers that split
+# digits one by one (StarCoder's, which SmolLM uses) do it before the GPT-2 regex.
+_GPT2_PRE = ("gpt2", "default", "smollm", "starcoder", "refact", "codeshell", "command-r",
+             "exaone", "minerva-7b")
+_DIGITS_FIRST = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva-7b")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_REGEX_PRE = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+              "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT}
+
+
+def _pre_tokenizer(pre: str):
+    if pre in _REGEX_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_REGEX_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre not in _GPT2_PRE:
+        raise ValueError(
+            f"unsupported GGUF pre-tokenizer {pre!r}: supported are "
+            f"{sorted(set(_GPT2_PRE) | set(_REGEX_PRE))}")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_FIRST:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
+class BPETokenizer:
+    """A ``tokenizers.Tokenizer`` plus the special ids and chat template of one checkpoint.
+
+    ``encode`` never adds a BOS unless the checkpoint asks for one (``add_bos``), matching
+    transformers' tokenizer for the same checkpoint; special tokens written in the text
+    (``<|im_start|>``) are recognised whole, which is what chat templates rely on.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, bos_id=None, eos_id=None, pad_id=None,
+                 unk_id=None, add_bos=False, chat_template=None, stop_ids: Iterable[int] = ()):
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos = bool(add_bos)
+        self.chat_template = chat_template
+        stops = set(stop_ids)
+        if eos_id is not None:
+            stops.add(eos_id)
+        self.stop_ids = frozenset(stops)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "BPETokenizer":
+        """Build from a GGUF's ``tokenizer.ggml.*`` keys (a dict of already-decoded values)."""
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(
+                f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE ('gpt2') is "
+                "supported")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        merges = meta.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise ValueError("GGUF file has no tokenizer.ggml.tokens / tokenizer.ggml.merges")
+        token_type = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        pairs = []
+        for m in merges:
+            a, sep, b = m.partition(" ")
+            if not sep:
+                raise ValueError(f"malformed BPE merge {m!r} in GGUF file")
+            pairs.append((a, b))
+        tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+        tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
+        tok.decoder = decoders.ByteLevel()
+        special = [AddedToken(t, special=True, normalized=False)
+                   for t, ty in zip(tokens, token_type) if ty == _CONTROL]
+        user = [AddedToken(t, special=False, normalized=False)
+                for t, ty in zip(tokens, token_type) if ty == _USER_DEFINED]
+        if special:
+            tok.add_special_tokens(special)
+        if user:
+            tok.add_tokens(user)
+        if tok.get_vocab_size() != len(tokens):
+            raise ValueError("GGUF tokenizer vocabulary has duplicate tokens")
+        endoftext = vocab.get("<|endoftext|>")
+        return cls(tok,
+                   bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+                   eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+                   pad_id=meta.get("tokenizer.ggml.padding_token_id"),
+                   unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
+                   add_bos=meta.get("tokenizer.ggml.add_bos_token", False),
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   stop_ids=[endoftext] if endoftext is not None else ())
+
+    @classmethod
+    def from_dir(cls, path: str) -> "BPETokenizer":
+        """Build from a Hugging Face folder: tokenizer.json (+ tokenizer_config.json,
+        special_tokens_map.json, generation_config.json when present)."""
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tj):
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        tok = Tokenizer.from_file(tj)
+        cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        cfg.update({k: v for k, v in _read_json(os.path.join(path, "special_tokens_map.json")).items()
+                    if k not in cfg})
+        model_cfg = _read_json(os.path.join(path, "config.json"))
+
+        def tid(name):
+            t = cfg.get(name)
+            if isinstance(t, dict):
+                t = t.get("content")
+            return tok.token_to_id(t) if isinstance(t, str) else None
+
+        bos = tid("bos_token")
+        eos = tid("eos_token")
+        if eos is None and isinstance(model_cfg.get("eos_token_id"), int):
+            eos = model_cfg["eos_token_id"]
+        if bos is None and isinstance(model_cfg.get("bos_token_id"), int):
+            bos = model_cfg["bos_token_id"]
+        gen = _read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
+        stops = [gen] if isinstance(gen, int) else list(gen or [])
+        template = cfg.get("chat_template")
+        if template is None and os.path.isfile(os.path.join(path, "chat_template.jinja")):
+            with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
+                template = f.read()
+        return cls(tok, bos_id=bos, eos_id=eos, pad_id=tid("pad_token"), unk_id=tid("unk_token"),
+                   add_bos=cfg.get("add_bos_token", False), chat_template=template,
+                   stop_ids=stops)
+
+    def save(self, path: str) -> None:
+        """Write tokenizer.json + tokenizer_config.json so transformers' AutoTokenizer (and
+        ``from_dir``) read the same tokenizer back."""
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save(os.path.join(path, "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+               "clean_up_tokenization_spaces": False, "model_max_length": 10 ** 30}
+        for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                        ("pad_token", self.pad_id), ("unk_token", self.unk_id)):
+            if i is not None:
+                cfg[name] = self.tokenizer.id_to_token(i)
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
+
+    # -- use ----------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token(self, i: int) -> str | None:
+        return self.tokenizer.id_to_token(i)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render the checkpoint's Jinja chat template the way transformers does (sandboxed,
+        trim_blocks + lstrip_blocks)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template; use `generate` instead of chat")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"chat messages need 'role' and 'content', got {m!r}")
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.token(self.bos_id) if self.bos_id is not None else "",
+            eos_token=self.token(self.eos_id) if self.eos_id is not None else "")
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Turns tokens into text as they arrive. A byte-level token can end inside a multi-byte
+    UTF-8 character; such a tail decodes to U+FFFD, so it is held back until the next token
+    completes it."""
+
+    def __init__(self, tok: BPETokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):
+            return ""
+        out = text[self.emitted:]
+        self.emitted = len(text)
+        return out
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        out = text[self.emitted:]
+        self.emitted = len(text)
+        return out
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def _compile_template(source: str):
+    if source not in _TEMPLATES:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        _TEMPLATES[source] = env.from_string(source)
+    return _TEMPLATES[source]
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

