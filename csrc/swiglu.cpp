@@ -7,11 +7,45 @@
 #endif
 
 #include <cmath>
+#include <cstring>
 
 namespace minigpt {
 namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per task: a task must outweigh its scheduling
+
+// exp(x) in float from plain arithmetic (Cephes' expf: range reduction by ln 2, a degree-5
+// polynomial, then 2^n built in the exponent bits), about 1 ulp. std::exp is a library call
+// that stops `omp simd` from vectorizing the loop (libmvec needs -ffast-math); this does not.
+inline float exp_simd(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);  // keeps 2^n a normal float
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: std::floor would block vectorization too.
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const float z = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * z + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+#define MINIGPT_HAS_BIT_CAST 1
+#endif
+#endif
+#ifdef MINIGPT_HAS_BIT_CAST
+  return p * __builtin_bit_cast(float, bits);  // memcpy here would block vectorization
+#else
+  float scale;  // older compilers: correct, only not vectorized
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+inline double exp_simd(double x) { return std::exp(x); }  // float64 is for gradcheck only
 
 template <typename T>
 void swiglu_fwd_cpu(const T* g, const T* u, T* y, int64_t n) {
@@ -20,7 +54,7 @@ void swiglu_fwd_cpu(const T* g, const T* u, T* y, int64_t n) {
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
       const A gv = static_cast<A>(g[i]);
-      const A sig = A(1) / (A(1) + std::exp(-gv));
+      const A sig = A(1) / (A(1) + exp_simd(-gv));
       y[i] = static_cast<T>(gv * sig * static_cast<A>(u[i]));
     }
   });
@@ -33,7 +67,7 @@ void swiglu_bwd_cpu(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
       const A d = static_cast<A>(dy[i]), gv = static_cast<A>(g[i]), uv = static_cast<A>(u[i]);
-      const A sig = A(1) / (A(1) + std::exp(-gv));
+      const A sig = A(1) / (A(1) + exp_simd(-gv));
       // d silu / d g = sig * (1 + g * (1 - sig))
       dg[i] = static_cast<T>(d * uv * sig * (A(1) + gv * (A(1) - sig)));
       du[i] = static_cast<T>(d * gv * sig);
