@@ -85,3 +85,52 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         return idx
     finally:
         model.train(was_training)
+
+
+def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200,
+                      top_p=None, seed=1337, num_samples=1, device="auto", backend=None,
+                      stream=True, out=None) -> list[str]:
+    """Load a `minigpt train` checkpoint and continue ``prompt``; prints each sample to ``out``
+    (as it is generated when ``stream``) and returns them."""
+    import os
+    import sys
+
+    from minigpt.checkpoint import load_checkpoint
+
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one character (default: a newline)")
+    if backend is not None:
+        os.environ["MINIGPT_BACKEND"] = backend
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = sys.stdout if out is None else out
+    ck = load_checkpoint(checkpoint, device=device)
+    model, tok = ck["model"], ck["tokenizer"]
+    if tok.unknown(prompt):
+        bad = ", ".join(repr(c) for c in tok.unknown(prompt)[:20])
+        raise ValueError(f"the prompt has characters outside the checkpoint's vocabulary: {bad}")
+    idx = torch.tensor([tok.encode(prompt)], device=device)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    texts = []
+    for i in range(num_samples):
+        if i:
+            out.write("\n---------------\n")
+        on_token = None
+        if stream:
+            out.write(prompt)
+
+            def on_token(t):
+                out.write(tok.decode(t.tolist()))
+                out.flush()
+        ids = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, generator=generator, stream=on_token)
+        text = tok.decode(ids[0].tolist())
+        if not stream:
+            out.write(text)
+        out.write("\n")
+        out.flush()
+        texts.append(text)
+    return texts

@@ -1,0 +1,240 @@
+"""Checkpoints: safetensors + JSON only (never pickle), written atomically.
+
+A training run's directory (``--out``) holds logs and the latest complete checkpoint in
+``checkpoint/``:
+
+    checkpoint/model.safetensors      weights (a tied head is stored once, as the embedding)
+    checkpoint/optimizer.safetensors  AdamW moments (training checkpoints only)
+    checkpoint/config.json            model config, training state and hyperparameters,
+                                      optimizer param groups
+    checkpoint/tokenizer.json         the character vocabulary
+
+Saving writes a complete new directory next to it, then swaps it in with two renames
+(checkpoint -> checkpoint.old, new -> checkpoint) and only then deletes the old one, so a crash
+at any moment leaves a complete checkpoint behind: either ``checkpoint/`` or, in the instant
+between the renames, ``checkpoint.old/``, which loading falls back to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+
+FORMAT = "minigpt-checkpoint"
+CKPT = "checkpoint"
+MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.safetensors"
+CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt or does not match its config."""
+
+
+# ---- saving -------------------------------------------------------------------------------
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(tensors: dict, path, metadata: dict):
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata=metadata)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def model_state(model: GPT) -> dict:
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
+    return sd
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer):
+    """(tensors, json-able param groups) of an optimizer's state_dict."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"state.{pid}.{k}"] = t
+    return tensors, sd["param_groups"]
+
+
+def save_checkpoint(run_dir, model: GPT, tokenizer: CharTokenizer, train_state: Optional[dict] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, _fail_after=None) -> Path:
+    """Write ``run_dir/checkpoint`` atomically; returns its path. ``_fail_after`` (tests)
+    raises after the named stage to simulate a crash."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final, old = run_dir / CKPT, run_dir / f"{CKPT}.old"
+    tmp = run_dir / f".{CKPT}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    ckpt_id = uuid.uuid4().hex
+    meta = {"format": FORMAT, "checkpoint_id": ckpt_id}
+    try:
+        tmp.mkdir()
+        _save_tensors(model_state(model), tmp / MODEL_FILE, meta)
+        if _fail_after == "model":
+            raise RuntimeError("simulated crash while saving")
+        cfg = {"format": FORMAT, "version": 1, "checkpoint_id": ckpt_id,
+               "model": model.config.to_dict(), "train": train_state or {}}
+        if optimizer is not None:
+            tensors, groups = optimizer_state(optimizer)
+            _save_tensors(tensors, tmp / OPTIM_FILE, meta)
+            cfg["optimizer"] = {"type": type(optimizer).__name__, "param_groups": groups}
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        _write_json(tmp / CONFIG_FILE, cfg)
+        _fsync_dir(tmp)
+        # Swap: the previous checkpoint is kept until the new one is in place.
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        if _fail_after == "swap":
+            raise RuntimeError("simulated crash while swapping")
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def resolve(path) -> Path:
+    """The checkpoint directory for ``path``: a checkpoint directory itself, or a run directory
+    holding ``checkpoint/`` (or, after a crash mid-swap, ``checkpoint.old/``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"--checkpoint must be a directory (a training --out directory or "
+                              f"its checkpoint/), got the file {path}")
+    for cand in (path, path / CKPT, path / f"{CKPT}.old"):
+        if (cand / CONFIG_FILE).is_file():
+            return cand
+    raise FileNotFoundError(f"no checkpoint in {path}: expected {CONFIG_FILE} there or in "
+                            f"{path / CKPT} (has training written one yet?)")
+
+
+def _read_json(path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is incomplete: {path} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt (not valid JSON: {e})") from None
+
+
+def _load_tensors(path, ckpt_id) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is incomplete: {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
+    if ckpt_id is not None and meta.get("checkpoint_id") != ckpt_id:
+        raise CheckpointError(f"{path} does not belong to this checkpoint's config.json (ids "
+                              f"{meta.get('checkpoint_id')!r} != {ckpt_id!r}); files from "
+                              "different saves were mixed")
+    return tensors
+
+
+def read_config(path) -> dict:
+    """config.json of the checkpoint at ``path`` (run dir or checkpoint dir)."""
+    d = resolve(path)
+    cfg = _read_json(d / CONFIG_FILE)
+    if cfg.get("format") != FORMAT or "model" not in cfg:
+        raise CheckpointError(f"{d / CONFIG_FILE} is not a MiniGPT checkpoint config "
+                              f"(format {cfg.get('format')!r})")
+    return cfg
+
+
+def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None,
+                    with_optimizer=False):
+    """-> dict(model=GPT (eval mode), tokenizer, config (config.json), path, and with
+    ``with_optimizer`` the optimizer tensors under 'optimizer_tensors')."""
+    d = resolve(path)
+    cfg = read_config(d)
+    try:
+        mcfg = GPTConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / CONFIG_FILE}: bad model config: {e}") from None
+    tokenizer = CharTokenizer.load(d / TOKENIZER_FILE) if (d / TOKENIZER_FILE).is_file() else None
+    if tokenizer is None:
+        raise CheckpointError(f"checkpoint is incomplete: {d / TOKENIZER_FILE} is missing")
+    if tokenizer.vocab_size != mcfg.vocab_size:
+        raise CheckpointError(f"config mismatch in {d}: the tokenizer has {tokenizer.vocab_size} "
+                              f"characters but the model's vocab_size is {mcfg.vocab_size}")
+    state = _load_tensors(d / MODEL_FILE, cfg.get("checkpoint_id"))
+    model = GPT(mcfg)
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"config mismatch in {d}: the weights do not fit the config "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"config mismatch in {d}: {k} has shape "
+                                  f"{tuple(state[k].shape)}, the config implies {tuple(t.shape)}")
+    model.load_state_dict(state, strict=not mcfg.tie_embeddings)
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    out = dict(model=model, tokenizer=tokenizer, config=cfg, path=d)
+    if with_optimizer:
+        out["optimizer_tensors"] = (_load_tensors(d / OPTIM_FILE, cfg.get("checkpoint_id"))
+                                    if "optimizer" in cfg else None)
+    return out
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list):
+    """Load what optimizer_state saved back into ``optimizer``."""
+    state: dict = {}
+    for key, t in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = t
+    current = optimizer.state_dict()
+    if len(current["param_groups"]) != len(param_groups) or any(
+            len(a["params"]) != len(b["params"])
+            for a, b in zip(current["param_groups"], param_groups)):
+        raise CheckpointError("the optimizer state in the checkpoint does not match the model's "
+                              "parameters")
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

