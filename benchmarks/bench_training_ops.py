@@ -3,74 +3,47 @@ torch.compile of the reference, forward and forward+backward, time and peak memo
 
     python benchmarks/bench_training_ops.py                  # this machine's device, all ops
     python benchmarks/bench_training_ops.py --ops rms_norm --quick
-    python benchmarks/bench_training_ops.py --device cuda --out benchmarks/results/training_ops_h100
+    python benchmarks/bench_training_ops.py --device cuda
 
-Results go to ``<out>.csv`` and ``<out>.md`` (default benchmarks/results/training_ops_<device>).
-Peak memory is what a call adds on top of its inputs: on CUDA torch.cuda.max_memory_allocated,
-on CPU the rise of the process's peak resident set (VmHWM, reset per measurement; large
-allocations are forced onto mmap so freed memory leaves the process and a peak cannot hide in
-memory malloc kept from an earlier call).
+Writes ``<out>/training_ops_<device tag>.csv`` and ``.md`` (benchmarks/_harness.py: timing
+rules, machine header). Peak memory is what a call adds on top of its live inputs: on CUDA
+torch.cuda.max_memory_allocated, on CPU the rise of the process's peak resident set (VmHWM,
+reset per measurement; large allocations are forced onto mmap so freed memory leaves the
+process and a peak cannot hide in memory malloc kept from an earlier call).
 
-Each op is one ``bench_<op>(device, quick)`` function registered in OPS that returns Cases;
-add an op by writing one more such function (structure: see ``Case``).
+Each op is one ``bench_<op>(device, quick) -> [Case]`` function registered in OPS; add an op by
+writing one more (see ``Case``). Our backends are all that run on the device, except Triton on
+CPU: there it is the interpreter, a correctness tool, not a speed path.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import os
-import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 if __name__ == "__main__" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and (
         sys.platform.startswith("linux")):
     # A fixed mmap threshold (glibc reads it at start-up only, hence the re-exec) sends every
-    # tensor above 64 KiB straight to mmap/munmap, so the CPU peak-RSS measurement sees them.
+    # allocation above 64 KiB straight to mmap/munmap, so the CPU peak-RSS measurement sees it.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-import minigpt  # noqa: E402,F401  (sets TRITON_INTERPRET on machines without a GPU)
+import _harness as H  # noqa: E402  (timing rules, machine header, CSV/markdown writer)
+
+import minigpt  # noqa: E402,F401  (settles TRITON_INTERPRET before triton is imported)
 from minigpt import _backend, ops, reference  # noqa: E402
 
 
-# ----------------------------------------------------------------------------- measurement
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device, min_time=0.3, warmup=2, max_reps=200):
-    """Median wall time of fn() in ms over as many repeats as fit in ``min_time`` seconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
+# ----------------------------------------------------------------------------- peak memory
 
 def _rss(key):
     with open("/proc/self/status") as f:
@@ -91,13 +64,13 @@ _LIBC = _libc() if sys.platform.startswith("linux") else None
 
 
 def peak_mb(fn, device):
-    """Peak memory fn() adds above what is live before it, in MB (None if not measurable)."""
+    """Peak memory fn() adds above what is live before it, in MiB (None if not measurable)."""
     if device.type == "cuda":
-        _sync(device)
+        H.sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        H.sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     if _LIBC is None or _rss("VmHWM") is None:
         return None
@@ -213,89 +186,55 @@ def _outputs(out):
     return out if isinstance(out, (tuple, list)) else (out,)
 
 
-def run_case(case, device, min_time):
-    rows = []
+def run_case(case, device, budget_s):
+    """Rows for every implementation of ``case``, fwd and fwd+bwd: time (all implementations
+    timed round-robin by the harness) and peak memory."""
     inputs = case.make()
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     cot = [torch.randn_like(o) for o in _outputs(case.impls["eager"](*inputs))]
-    for name, f in case.impls.items():
-        def fwd():
+
+    def fwd(f):
+        def run():
             with torch.no_grad():
                 f(*inputs)
+        return run
 
-        def fwd_bwd():
-            outs = _outputs(f(*inputs))
-            torch.autograd.grad(outs, leaves, cot)
+    def fwd_bwd(f):
+        def run():
+            torch.autograd.grad(_outputs(f(*inputs)), leaves, cot)
+        return run
 
-        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+    rows = []
+    for mode, wrap in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        fns, notes = {}, {}
+        for name, f in case.impls.items():
+            fn = wrap(f)
             try:
-                t = time_ms(fn, device, min_time)
-                m = peak_mb(fn, device)
-            except Exception as e:  # a failing implementation is a row, not a crash
-                rows.append(dict(op=case.op, shape=case.shape, dtype=str(case.dtype)[6:],
-                                 impl=name, mode=mode, ms=float("nan"), mb=None,
-                                 note=f"{type(e).__name__}: {str(e)[:80]}"))
-                continue
-            rows.append(dict(op=case.op, shape=case.shape, dtype=str(case.dtype)[6:], impl=name,
-                             mode=mode, ms=t, mb=m, note=""))
-    for r in rows:
-        base = next(b for b in rows if b["impl"] == "eager" and b["mode"] == r["mode"])
-        r["speedup"] = base["ms"] / r["ms"] if r["ms"] == r["ms"] and r["ms"] > 0 else float("nan")
-        r["mem_vs_eager"] = (r["mb"] / base["mb"] if r["mb"] is not None and base["mb"]
-                             else float("nan"))
+                fn()  # compiles; a failing implementation becomes a note, not a crash
+                fns[name] = fn
+            except Exception as e:  # noqa: BLE001
+                notes[name] = f"{type(e).__name__}: {str(e)[:100]}"
+        ms = H.time_fns(fns, device, budget_s=budget_s)
+        mb = {name: peak_mb(fn, device) for name, fn in fns.items()}
+        for name in case.impls:
+            m, base = mb.get(name), mb.get("eager")
+            rows.append(H.row(case.op, case.shape, case.dtype, name, mode,
+                              ms.get(name, float("nan")), eager_ms=ms.get("eager"), MB=m,
+                              **{"mem x eager": (m / base) if (m is not None and base) else None,
+                                 "note": notes.get(name)}))
     return rows
 
 
-def device_tag(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+COLUMNS = ["op", "shape", "dtype", "backend", "pass", "ms", "x eager", "MB", "mem x eager", "note"]
 
-
-def header(device):
-    import triton
-
-    return {"device": device_tag(device),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version()}
-
-
-COLS = ["op", "shape", "dtype", "impl", "mode", "ms", "speedup", "mb", "mem_vs_eager", "note"]
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return "" if v != v else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    return "" if v is None else str(v)
-
-
-def write(rows, meta, out):
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".csv", "w") as f:
-        for k, v in meta.items():
-            f.write(f"# {k}: {v}\n")
-        f.write(",".join(COLS) + "\n")
-        for r in rows:
-            f.write(",".join(_fmt(r[c]).replace(",", ";") for c in COLS) + "\n")
-    with open(out + ".md", "w") as f:
-        f.write("# Training ops: kernels vs eager PyTorch and torch.compile\n\n")
-        for k, v in meta.items():
-            f.write(f"- {k}: {v}\n")
-        f.write("\nms: median wall time; speedup: eager ms / ms; MB: peak memory the call adds "
-                "above its inputs; mem_vs_eager: MB / eager MB. Generated by "
-                "`benchmarks/bench_training_ops.py`.\n\n")
-        names = ["op", "shape", "dtype", "impl", "mode", "ms", "speedup", "MB", "mem vs eager",
-                 "note"]
-        f.write("| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n")
-        for r in rows:
-            f.write("| " + " | ".join(_fmt(r[c]) for c in COLS) + " |\n")
+NOTES = """
+ms: median time (benchmarks/_harness.py rules: warm-up, then all implementations round-robin).
+x eager: eager ms / ms. MB: peak memory (MiB) the call adds above its live inputs (CUDA:
+max_memory_allocated; CPU: rise of the peak resident set, VmHWM). mem x eager: MB / eager's MB.
+eager = minigpt.reference (plain PyTorch); compile = torch.compile of that same function.
+fwd runs under no_grad; fwd+bwd is the forward then autograd.grad of every input.
+Generated by `python benchmarks/bench_training_ops.py`.
+"""
 
 
 def main(argv=None):
@@ -303,8 +242,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {list(OPS)}")
     p.add_argument("--quick", action="store_true", help="one small size per op")
-    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per row")
-    p.add_argument("--out", default=None)
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="seconds of round-robin timing per case and pass")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     names = [n.strip() for n in a.ops.split(",") if n.strip()]
@@ -314,14 +254,13 @@ def main(argv=None):
     rows = []
     for n in names:
         for case in OPS[n](device, a.quick):
-            got = run_case(case, device, a.min_time)
-            for r in got:
-                print(" ".join(f"{c}={_fmt(r[c])}" for c in COLS if r[c] not in ("", None)),
-                      flush=True)
+            got = run_case(case, device, a.budget)
+            H.print_table(got, COLUMNS)
             rows += got
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"training_ops_{device.type}")
-    write(rows, header(device), out)
-    print(f"wrote {out}.csv and {out}.md")
+    paths = H.write_results(rows, "training_ops", device, a.out,
+                            title="Training ops: kernels vs eager PyTorch and torch.compile",
+                            notes=NOTES)
+    print(f"wrote {paths['csv']} and {paths['md']}")
 
 
 if __name__ == "__main__":
