@@ -1,0 +1,185 @@
+"""minigpt.patch.apply_to_llama: a tiny random transformers Llama gives the same logits, loss and
+gradients patched and unpatched, really runs on minigpt.ops, generates the same tokens with a KV
+cache, falls back correctly with a padding mask, and reverts exactly."""
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import minigpt.ops  # noqa: E402
+from minigpt import _backend  # noqa: E402
+from minigpt.patch import apply_to_llama, is_patched, revert  # noqa: E402
+
+V = 128
+RTOL = 1e-5
+
+
+def _model(attn_implementation="sdpa", **kw):
+    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation=attn_implementation, **kw)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norm weights, so a skipped weight would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _batch():
+    ids = torch.randint(0, V, (2, 16))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 9] = -100
+    return ids, labels
+
+
+def _rel_close(a, b, name, rtol=RTOL):
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    assert err <= rtol * max(scale, 1e-6), f"{name}: max error {err:.3e} vs scale {scale:.3e}"
+
+
+class _Spy:
+    """Counts calls to each minigpt.ops function the patch should reach."""
+
+    NAMES = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy",
+             "fused_linear_cross_entropy")
+
+    def __init__(self, monkeypatch):
+        self.calls = {n: 0 for n in self.NAMES}
+        for n in self.NAMES:
+            fn = getattr(minigpt.ops, n)
+            monkeypatch.setattr(minigpt.ops, n, self._wrap(n, fn))
+
+    def _wrap(self, name, fn):
+        def spy(*a, **k):
+            self.calls[name] += 1
+            return fn(*a, **k)
+
+        return spy
+
+
+# The Triton interpreter is slow: one attention implementation is enough for it. (With a GPU
+# the interpreter is off, and the model here lives on the CPU.)
+CASES = [(be, impl) for be in (None, "cpu", "torch") for impl in ("sdpa", "eager")]
+if _backend.is_available("triton", "cpu"):
+    CASES.append(("triton", "sdpa"))
+
+
+@pytest.mark.parametrize("backend,attn_implementation", CASES)
+def test_patched_llama_matches_unpatched(backend, attn_implementation, monkeypatch):
+    ref = _model(attn_implementation)
+    patched = apply_to_llama(copy.deepcopy(ref), backend=backend)
+    assert is_patched(patched) and not is_patched(ref)
+    spy = _Spy(monkeypatch)
+    ids, labels = _batch()
+
+    # Training step: loss and every parameter's gradient. The patched model takes the fused
+    # linear cross-entropy path and never forms the logits.
+    ref.train()
+    patched.train()
+    out_ref = ref(ids, labels=labels)
+    out = patched(ids, labels=labels)
+    assert out.logits is None
+    _rel_close(out.loss, out_ref.loss, "loss")
+    names = [n for n, _ in ref.named_parameters()]
+    g_ref = torch.autograd.grad(out_ref.loss, list(ref.parameters()))
+    g = torch.autograd.grad(out.loss, list(patched.parameters()))
+    for n, a, b in zip(names, g, g_ref):
+        _rel_close(a, b, f"grad {n}")
+    # Every layer really ran on minigpt.ops: 2 norms per layer + the final one, one rope,
+    # attention and swiglu per layer, one fused loss.
+    assert spy.calls == {"rms_norm": 5, "rope": 2, "swiglu": 2, "attention": 2,
+                         "cross_entropy": 0, "fused_linear_cross_entropy": 1}
+
+    # Logits (no labels), and loss + logits together through ops.cross_entropy.
+    ref.eval()
+    patched.eval()
+    with torch.no_grad():
+        _rel_close(patched(ids).logits, ref(ids).logits, "logits")
+        both = patched(ids, labels=labels)
+        both_ref = ref(ids, labels=labels)
+    _rel_close(both.logits, both_ref.logits, "logits with labels")
+    _rel_close(both.loss, both_ref.loss, "eval loss")
+    assert spy.calls["cross_entropy"] == 1
+
+
+def test_logits_on_request_and_num_items_in_batch():
+    ref, ids, labels = _model(), *_batch()
+    patched = apply_to_llama(copy.deepcopy(ref))
+    n = torch.tensor(50)
+    out_ref = ref(ids, labels=labels, num_items_in_batch=n)
+    out = patched(ids, labels=labels, num_items_in_batch=n, skip_logits=False)
+    _rel_close(out.loss, out_ref.loss, "loss / num_items_in_batch")
+    _rel_close(out.logits, out_ref.logits, "logits")
+    fused = patched(ids, labels=labels, num_items_in_batch=n, skip_logits=True)
+    _rel_close(fused.loss, out_ref.loss, "fused loss / num_items_in_batch")
+    tup = patched(ids, labels=labels, return_dict=False)
+    _rel_close(tup[0], ref(ids, labels=labels).loss, "tuple output")
+
+
+def test_padding_mask_falls_back_and_matches(monkeypatch):
+    ref = _model()
+    patched = apply_to_llama(copy.deepcopy(ref))
+    spy = _Spy(monkeypatch)
+    ids, _ = _batch()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in the second sequence
+    with torch.no_grad():
+        a = ref(ids, attention_mask=mask).logits
+        b = patched(ids, attention_mask=mask).logits
+    # Padded query rows see nothing; compare the real tokens.
+    _rel_close(b[0], a[0], "logits row 0")
+    _rel_close(b[1, 5:], a[1, 5:], "logits row 1")
+    assert spy.calls["attention"] == 0 and spy.calls["rope"] == 2  # transformers' attention
+    with torch.no_grad():
+        patched(ids, attention_mask=torch.ones_like(ids))  # an all-ones mask is purely causal
+    assert spy.calls["attention"] == 2
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_generate_with_cache_matches(attn_implementation):
+    ref = _model(attn_implementation)
+    patched = apply_to_llama(copy.deepcopy(ref))
+    ids = torch.randint(0, V, (1, 6))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(patched.generate(ids, **kw), ref.generate(ids, **kw), rtol=0,
+                               atol=0)
+
+
+def test_partial_patch_and_revert(monkeypatch):
+    ref = _model()
+    model = copy.deepcopy(ref)
+    apply_to_llama(model, rms_norm=False, attention=False, cross_entropy=False)
+    spy = _Spy(monkeypatch)
+    ids, labels = _batch()
+    with torch.no_grad():
+        _rel_close(model(ids).logits, ref(ids).logits, "partial logits")
+    assert spy.calls["rms_norm"] == 0 and spy.calls["attention"] == 0
+    assert spy.calls["rope"] == 2 and spy.calls["swiglu"] == 2
+
+    apply_to_llama(model)  # re-patching starts from scratch
+    revert(model)
+    assert not is_patched(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    spy.calls = dict.fromkeys(spy.calls, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, labels=labels).loss, ref(ids, labels=labels).loss,
+                                   rtol=0, atol=0)
+    assert sum(spy.calls.values()) == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="Llama"):
+        apply_to_llama(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        apply_to_llama(_model(), backend="fast")
