@@ -204,19 +204,34 @@ def load_hf(path: str, dtype=torch.float32, device="cpu"):
     return model, load_tokenizer(path)
 
 
-def load_tokenizer(path: str):
-    from minigpt.bpe import BPETokenizer
+MINIGPT_TOKENIZER = "minigpt_tokenizer.json"
 
-    try:
-        from minigpt import checkpoint
-        own = checkpoint.read_tokenizer(path)
-        if own is not None:
-            return own
-    except (ImportError, AttributeError):
-        pass
+
+def load_tokenizer(path: str):
+    """Our character tokenizer when the folder came from ``export_hf`` of a MiniGPT
+    checkpoint; else a BPETokenizer from tokenizer.json; else None."""
+    own = os.path.join(path, MINIGPT_TOKENIZER)
+    if os.path.isfile(own):
+        from minigpt.tokenizer import CharTokenizer
+
+        return CharTokenizer.load(own)
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        from minigpt.bpe import BPETokenizer
+
         return BPETokenizer.from_dir(path)
     return None
+
+
+def char_tokenizer_json(chars) -> "Tokenizer":  # noqa: F821
+    """A ``tokenizers`` Tokenizer that does exactly what our CharTokenizer does (one id per
+    character, no unknown token: an unseen character is an error), so transformers'
+    AutoTokenizer reads an exported char-level model's tokenizer.json with the same ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -315,13 +330,11 @@ def llama_hf_config(config: GPTConfig, bos_id=None, eos_id=None, dtype="float32"
     }
 
 
-def export_hf(model: GPT, out_dir: str, tokenizer=None, tokenizer_files=()) -> str:
+def export_hf(model: GPT, out_dir: str, tokenizer=None) -> str:
     """Write ``model`` as a Hugging Face folder: GPT2LMHeadModel layout for the GPT family,
-    LlamaForCausalLM for the Llama family. ``tokenizer`` (a BPETokenizer) is saved as
-    tokenizer.json; ``tokenizer_files`` (paths) are copied as they are (our character
-    tokenizer). Returns ``out_dir``."""
-    import shutil
-
+    LlamaForCausalLM for the Llama family. A BPETokenizer is saved as tokenizer.json; our
+    CharTokenizer as both a transformers-readable tokenizer.json and, for the way back,
+    minigpt_tokenizer.json. Returns ``out_dir``."""
     if not isinstance(model, GPT):
         raise TypeError(f"export_hf: expected a minigpt GPT, got {type(model).__name__}")
     c = model.config
@@ -349,19 +362,27 @@ def export_hf(model: GPT, out_dir: str, tokenizer=None, tokenizer_files=()) -> s
     gen = {"bos_token_id": bos, "eos_token_id": eos}
     _write_json({k: v for k, v in gen.items() if v is not None},
                 os.path.join(out_dir, "generation_config.json"))
-    if tokenizer is not None and hasattr(tokenizer, "save"):
+    from minigpt.bpe import BPETokenizer
+    from minigpt.tokenizer import CharTokenizer
+
+    if isinstance(tokenizer, BPETokenizer):
         tokenizer.save(out_dir)
-    for f in tokenizer_files:
-        shutil.copy2(f, os.path.join(out_dir, os.path.basename(f)))
+    elif isinstance(tokenizer, CharTokenizer):
+        tokenizer.save(os.path.join(out_dir, MINIGPT_TOKENIZER))
+        char_tokenizer_json(tokenizer.chars).save(os.path.join(out_dir, "tokenizer.json"))
+        _write_json({"tokenizer_class": "PreTrainedTokenizerFast",
+                     "clean_up_tokenization_spaces": False,
+                     "model_max_length": model.config.block_size},
+                    os.path.join(out_dir, "tokenizer_config.json"))
+    elif tokenizer is not None:
+        raise TypeError(f"export_hf: cannot save a {type(tokenizer).__name__}")
     return out_dir
 
 
 # --- the Hub ------------------------------------------------------------------------------------
 
-def push_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Upload ``folder`` to the Hub repo ``repo_id`` (created if needed); returns its URL.
-    Every failure (no token, offline, no network, permissions) becomes one RuntimeError that
-    says what to do."""
+def check_hub_ready(repo_id: str, token: str | None = None) -> str:
+    """The token to push with, or a clear error: bad repo id, offline mode, no token."""
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"--push-to-hub needs a repo id like 'user/name', got {repo_id!r}")
     try:
@@ -369,21 +390,31 @@ def push_to_hub(folder: str, repo_id: str, token: str | None = None, private: bo
     except ImportError as e:
         raise RuntimeError(f"pushing to the Hub needs huggingface_hub: pip install "
                            f"huggingface_hub ({e})") from e
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise RuntimeError("cannot push to the Hugging Face Hub: offline mode is on "
                            "(HF_HUB_OFFLINE=1); unset it and try again")
     token = token or hub.get_token()
     if not token:
         raise RuntimeError("cannot push to the Hugging Face Hub: no token found; run "
                            "`huggingface-cli login` or set HF_TOKEN")
+    return token
+
+
+def push_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Upload ``folder`` to the Hub repo ``repo_id`` (created if needed); returns its URL.
+    Every failure (no token, offline, no network, permissions) becomes one RuntimeError that
+    says what to do."""
+    token = check_hub_ready(repo_id, token)
+    import huggingface_hub as hub
+
     try:
         api = hub.HfApi(token=token)
         api.create_repo(repo_id, exist_ok=True, private=private)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id,
                                  commit_message="Upload MiniGPT export")
     except Exception as e:  # network, auth, hub errors: all end the same way for the user
+        first = str(e).splitlines()[0] if str(e) else ""
         raise RuntimeError(f"pushing {folder} to the Hugging Face Hub repo {repo_id!r} failed "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                           "check your network connection and that your token may write "
-                           "there") from e
+                           f"({type(e).__name__}: {first}); check your network connection and "
+                           "that your token may write there") from e
     return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"

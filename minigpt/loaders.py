@@ -90,13 +90,10 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
 
 
 def _load_checkpoint(path, dtype, device):
-    try:
-        from minigpt import checkpoint
-    except ImportError as e:  # pragma: no cover - depends on the rest of the package
-        raise FileNotFoundError(f"{path} is not a Hugging Face folder (no config.json with a "
-                                f"model_type) and MiniGPT checkpoints cannot be read: {e}")
-    model, tokenizer = checkpoint.load_for_inference(path, device=device)
-    return model.to(dtype=dtype).eval(), tokenizer
+    from minigpt import checkpoint
+
+    ck = checkpoint.load_checkpoint(path, device=device, dtype=dtype)
+    return ck["model"], ck["tokenizer"]
 
 
 # --- GGUF ---------------------------------------------------------------------------------------
