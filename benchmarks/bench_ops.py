@@ -1,0 +1,246 @@
+"""Time MiniGPT's LayerNorm, fused add + LayerNorm and softmax against eager PyTorch and
+torch.compile, forward and forward+backward.
+
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
+
+Prints a markdown table (op, shape, dtype, backend, pass, ms, GB/s, x eager, % copy) and writes
+``<out>/ops_<device>.csv``, ``.md`` and ``.png`` (GB/s against size). Baselines:
+``eager`` is plain PyTorch (F.layer_norm; x + r then F.layer_norm; torch.softmax) and
+``compile`` is torch.compile of that same eager function. Our backends are every one available
+on the device, except Triton on CPU: there it runs in its interpreter, a correctness tool, not a
+speed path. ``% copy`` compares with the measured bandwidth of ``x.clone()`` of the same size.
+GB/s counts the minimum traffic: forward reads x (and r) and writes y (and h); backward reads
+dy (and dh) and the saved activation and writes dx. Timing rules: benchmarks/_harness.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import _harness as H  # noqa: E402
+
+import minigpt  # noqa: E402,F401  (settles TRITON_INTERPRET before triton is imported)
+from minigpt import _backend, ops  # noqa: E402
+
+OPS = ("layer_norm", "add_layer_norm", "softmax")
+
+# (rows, cols, dtype). CPU: the goal shape 4096x1024 fp32 plus a smaller and a larger one for
+# the bandwidth plot, and bf16 once. GPU: fp32 and bf16, up to sizes far beyond the L2 cache.
+SHAPES = {
+    ("cpu", False): [(1024, 1024, torch.float32), (4096, 1024, torch.float32),
+                     (4096, 4096, torch.float32), (4096, 1024, torch.bfloat16)],
+    ("cpu", True): [(4096, 1024, torch.float32)],
+    ("cuda", False): [(m, n, dt) for dt in (torch.bfloat16, torch.float32)
+                      for m, n in ((4096, 1024), (16384, 1024), (8192, 4096), (16384, 8192),
+                                   (4096, 65536))],
+    ("cuda", True): [(m, n, dt) for dt in (torch.bfloat16, torch.float32)
+                     for m, n in ((4096, 1024), (16384, 8192))],
+}
+
+
+def our_backends(device: torch.device) -> list[str]:
+    out = []
+    for be in ("triton", "cuda", "cpu"):
+        if be == "triton" and device.type == "cpu":
+            continue  # the interpreter: see the module docstring
+        if _backend.is_available(be, device):
+            out.append(be)
+    return out
+
+
+def make_case(op: str, M: int, N: int, dtype, device, grad: bool):
+    """-> (inputs, eager fn, {backend: fn}, bytes moved, grad targets, grad outputs)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    es = torch.empty((), dtype=dtype).element_size()
+    numel = M * N
+    x = rnd(M, N)
+    if op == "softmax":
+        inputs = [x]
+
+        def eager(x):
+            return (torch.softmax(x, -1),)
+
+        def ours(be):
+            return lambda x: (ops.softmax(x, backend=be),)
+
+        fwd_bytes, bwd_bytes = 2 * numel * es, 3 * numel * es
+    else:
+        w, b = rnd(N, scale=0.5), rnd(N, scale=0.1)
+        with torch.no_grad():
+            w += 1
+        if op == "layer_norm":
+            inputs = [x, w, b]
+
+            def eager(x, w, b):
+                return (F.layer_norm(x, (N,), w, b),)
+
+            def ours(be):
+                return lambda x, w, b: (ops.layer_norm(x, w, b, backend=be),)
+
+            fwd_bytes, bwd_bytes = 2 * numel * es, 3 * numel * es
+        else:
+            r = rnd(M, N)
+            inputs = [x, r, w, b]
+
+            def eager(x, r, w, b):
+                h = x + r
+                return F.layer_norm(h, (N,), w, b), h
+
+            def ours(be):
+                return lambda x, r, w, b: ops.layer_norm(x, w, b, residual=r, backend=be)
+
+            fwd_bytes, bwd_bytes = 4 * numel * es, 4 * numel * es
+    return inputs, eager, ours, fwd_bytes, bwd_bytes
+
+
+def bench_case(op, M, N, dtype, device, pass_, backends, use_compile):
+    grad = pass_ == "fwd+bwd"
+    inputs, eager, ours, fwd_bytes, bwd_bytes = make_case(op, M, N, dtype, device, grad)
+    fns = {"eager": eager}
+    if use_compile:
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limits, no stale guards
+        fns["compile"] = torch.compile(eager, dynamic=False)
+    for be in backends:
+        fns[be] = ours(be)
+    calls = {}
+    if grad:
+        outs_shape = [o.shape for o in eager(*inputs)]
+        gouts = [torch.randn(s, device=device, dtype=dtype) for s in outs_shape]
+        for name, fn in fns.items():
+            calls[name] = (lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, gouts))
+        nbytes = fwd_bytes + bwd_bytes
+    else:
+        for name, fn in fns.items():
+            calls[name] = (lambda fn=fn: fn(*inputs))
+        nbytes = fwd_bytes
+        x = inputs[0].detach()
+        calls["copy"] = lambda: x.clone()
+    with torch.no_grad() if not grad else torch.enable_grad():
+        ms = H.time_fns(calls, device, budget_s=1.5 if device.type == "cpu" else 1.0)
+    copy_gbps = None
+    if "copy" in ms:
+        copy_gbps = 2 * inputs[0].numel() * inputs[0].element_size() / (ms.pop("copy") * 1e-3) / 1e9
+    return ms, nbytes, copy_gbps
+
+
+def check_goals(rows, device) -> list[str]:
+    """The issue's goals, each as a line 'PASS/MISS: ...'."""
+    lines = []
+
+    def find(op, shape, dtype, be, ps):
+        for r in rows:
+            if (r["op"], r["shape"], r["dtype"], r["backend"], r["pass"]) == (op, shape, dtype,
+                                                                                  be, ps):
+                return r
+        return None
+
+    if device.type == "cpu":
+        for op in OPS:
+            for ps in ("fwd", "fwd+bwd"):
+                r = find(op, "4096x1024", "fp32", "cpu", ps)
+                if r is None:
+                    continue
+                ok = r["x eager"] >= 1.0
+                what = ("fused add+layer_norm beats eager add + F.layer_norm" if op ==
+                        "add_layer_norm" else f"C++ {op} not slower than eager")
+                lines.append(f"{'PASS' if ok else 'MISS'}: {what}, 4096x1024 fp32 {ps}: "
+                             f"{r['x eager']:.2f}x eager ({r['ms']:.3f} ms)")
+    else:
+        for r in rows:
+            if r["backend"] not in ("triton", "cuda"):
+                continue
+            if r["pass"] == "fwd" and r.get("% copy") is not None:
+                ok = r["% copy"] >= 85
+                lines.append(f"{'PASS' if ok else 'MISS'}: {r['backend']} {r['op']} fwd "
+                             f"{r['shape']} {r['dtype']}: {r['% copy']:.0f}% of copy bandwidth "
+                             "(goal >= 85%)")
+            if r["pass"] == "fwd+bwd":
+                ok = r["x eager"] >= 1.5
+                lines.append(f"{'PASS' if ok else 'MISS'}: {r['backend']} {r['op']} fwd+bwd "
+                             f"{r['shape']} {r['dtype']}: {r['x eager']:.2f}x eager (goal >= 1.5x)")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="one or two shapes, for a smoke run")
+    p.add_argument("--out", default=os.path.join(HERE, "results"),
+                   help="folder for ops_<device>.csv/.md/.png ('' to write nothing)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
+    device = torch.device(args.device)
+    backends = our_backends(device)
+    header = H.env_header(device)
+    notes = []
+    if device.type == "cpu":
+        notes.append("Triton is not timed on CPU: it runs there in its interpreter, which checks "
+                     "correctness and is not a speed path.")
+    missing = [b for b in ("cuda", "cpu") if (b == device.type and b not in backends)]
+    if missing:
+        notes.append(f"not available here: {missing} ({_backend._unavailable_reason(missing[0], device)})")
+    for k, v in header.items():
+        print(f"{k}: {v}")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"backends: eager, {'compile, ' if not args.no_compile else ''}{', '.join(backends)}\n",
+          flush=True)
+
+    rows = []
+    want = [o.strip() for o in args.ops.split(",") if o.strip()]
+    for op in want:
+        if op not in OPS:
+            p.error(f"unknown op {op!r}; choose from {OPS}")
+    cols = [c for c in H.COLUMNS if c != "% copy" or device.type == "cuda"]
+    copy_bw = {}  # (M, N, dtype) -> GB/s of x.clone(), measured alongside each forward
+    for M, N, dtype in SHAPES[(device.type, args.quick)]:
+        for op in want:
+            for ps in ("fwd", "fwd+bwd"):
+                ms, nbytes, copy_gbps = bench_case(op, M, N, dtype, device, ps, backends,
+                                                   not args.no_compile)
+                if copy_gbps:
+                    copy_bw[(M, N, dtype)] = copy_gbps
+                new = [H.row(op, (M, N), dtype, be, ps, t, nbytes=nbytes, eager_ms=ms["eager"],
+                             copy_gbps=copy_bw.get((M, N, dtype)))
+                       for be, t in ms.items()]
+                H.print_table(new, cols, header=not rows)
+                rows += new
+
+    goals = check_goals(rows, device)
+    print()
+    for line in goals:
+        print(line)
+    if args.out:
+        goal_md = "\n".join(f"- {g}" for g in goals)
+        text = "\n\n".join(notes + ([f"Goals:\n\n{goal_md}"] if goals else []))
+        if device.type == "cpu":  # "% copy" is a GPU goal; on CPU it only adds noise
+            for r in rows:
+                r.pop("% copy", None)
+        paths = H.write_results(rows, "ops", device, args.out,
+                                title="MiniGPT ops: LayerNorm, add + LayerNorm, softmax",
+                                notes=text, header=header)
+        png = H.plot_bandwidth(rows, os.path.join(args.out, f"ops_{H.device_tag(device)}.png"),
+                               title=f"{header['device']} - torch {header['torch']}")
+        print("\nwrote " + ", ".join(list(paths.values()) + ([png] if png else [])))
+
+
+if __name__ == "__main__":
+    main()
