@@ -251,6 +251,11 @@ def main(argv=None):
     unknown = [n for n in names if n not in OPS]
     if unknown:
         p.error(f"unknown ops {unknown}; choose from {list(OPS)}")
+    header = H.env_header(device)
+    if device.type == "cpu" and os.path.exists("/proc/loadavg"):
+        # CPU timings on a shared machine move with its load: record it beside them.
+        with open("/proc/loadavg") as f:
+            header["load average at start (1/5/15 min)"] = " ".join(f.read().split()[:3])
     rows = []
     for n in names:
         for case in OPS[n](device, a.quick):
@@ -259,7 +264,7 @@ def main(argv=None):
             rows += got
     paths = H.write_results(rows, "training_ops", device, a.out,
                             title="Training ops: kernels vs eager PyTorch and torch.compile",
-                            notes=NOTES)
+                            notes=NOTES, header=header)
     print(f"wrote {paths['csv']} and {paths['md']}")
 
 
