@@ -80,6 +80,22 @@ def _gguf_path(model) -> Optional[str]:
     return None
 
 
+_GGUF_CACHE: dict = {}
+
+
+def _gguf_file(path):
+    """GGUFFile, parsed once per process and file version: reading the metadata of SmolLM2
+    (49k tokens, 49k merges) takes seconds, and tokenize / inspect both need it."""
+    from minigpt.loaders import GGUFFile
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _GGUF_CACHE:
+        _GGUF_CACHE.clear()
+        _GGUF_CACHE[key] = GGUFFile(path)
+    return _GGUF_CACHE[key]
+
+
 def load_tokenizer(checkpoint=None, model=None):
     """The tokenizer alone; for a GGUF it is read from the metadata without touching the
     weights (seconds instead of dequantizing 135M parameters)."""
@@ -94,9 +110,8 @@ def load_tokenizer(checkpoint=None, model=None):
     gguf = _gguf_path(model)
     if gguf is not None:
         from minigpt.bpe import BPETokenizer
-        from minigpt.loaders import GGUFFile
 
-        return BPETokenizer.from_gguf_metadata(GGUFFile(gguf).meta)
+        return BPETokenizer.from_gguf_metadata(_gguf_file(gguf).meta)
     return load_model(model=model)[1]
 
 
@@ -129,9 +144,9 @@ def load_info(checkpoint=None, model=None, dtype=torch.float32) -> ModelInfo:
         gguf = _gguf_path(model)
         if gguf is not None:
             from minigpt.bpe import BPETokenizer
-            from minigpt.loaders import GGUFFile, gguf_config
+            from minigpt.loaders import gguf_config
 
-            g = GGUFFile(gguf)
+            g = _gguf_file(gguf)
             cfg = gguf_config(g)
             types: dict = {}
             for t in g.tensors.values():
@@ -262,12 +277,14 @@ def reference_sizes() -> list:
     return out
 
 
-def comparison_table(model: Optional[GPT] = None, name: str = "this model") -> str:
-    """MiniGPT vs GPT-2 / GPT-3 sizes as Markdown; ``model`` adds its row, in size order."""
+def comparison_table(model: Optional[GPT] = None, name: str = "this model", others=()) -> str:
+    """MiniGPT vs GPT-2 / GPT-3 sizes as Markdown; ``model`` adds its row in bold, ``others``
+    ([(name, model)]) plain rows, all in size order."""
     entries = [(n, cfg, p, False) for n, cfg, p in reference_sizes()]
-    if model is not None:
-        entries.append((name, model.config, sum(p.numel() for p in model.parameters()), True))
-        entries.sort(key=lambda e: e[2])
+    extra = ([(name, model, True)] if model is not None else []) + [(n, m, False) for n, m in others]
+    for n, m, mine in extra:
+        entries.append((n, m.config, sum(p.numel() for p in m.parameters()), mine))
+    entries.sort(key=lambda e: e[2])
     rows = []
     for n, cfg, p, mine in entries:
         heads = str(cfg.n_head) if cfg.n_kv_head == cfg.n_head else f"{cfg.n_head} ({cfg.n_kv_head} kv)"
@@ -508,10 +525,11 @@ def _grid(n_panels: int):
 
 def figure_size(n_tokens: int, n_panels: int = 1) -> tuple:
     """(width, height) in pixels of the PNG ``plot_attention`` writes: a grid of about square
-    panels, each 300 px + 18 px per token (at most 1000), plus 60 px for the title row."""
+    panels, each 300 px + 18 px per token (at most 1000), plus 120 px for the colour bar and
+    60 px for the title."""
     rows, cols = _grid(n_panels)
     panel = min(300 + 18 * n_tokens, 1000)
-    return cols * panel, rows * panel + 60
+    return cols * panel + 120, rows * panel + 60
 
 
 def plot_attention(maps: AttentionMaps, out, title: Optional[str] = None) -> str:
