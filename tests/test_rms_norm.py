@@ -155,3 +155,20 @@ def test_rms_norm_mixed_devices():
         ops.rms_norm(torch.randn(2, 4), torch.randn(4, device="meta"))
     with pytest.raises(ValueError, match="device"):
         ops.rms_norm(torch.randn(2, 4), torch.randn(4), residual=torch.randn(2, 4, device="meta"))
+
+
+def test_rms_norm_extension_guards():
+    """The raw entry points check what their pointer code assumes (no crash if misused)."""
+    from minigpt import _backend
+
+    C = _backend.extension()
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="weight"):
+        C.rms_norm_fwd(x, w.double(), None, 1e-6)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        C.rms_norm_fwd(x.t(), w, None, 1e-6)
+    with pytest.raises(RuntimeError, match="residual"):
+        C.rms_norm_fwd(x, w, torch.randn(4, 9), 1e-6)
+    y, h, rstd = C.rms_norm_fwd(x, w, None, 1e-6)
+    with pytest.raises(RuntimeError, match="statistics"):
+        C.rms_norm_bwd(torch.randn(4, 8), None, x, w, rstd[:3])

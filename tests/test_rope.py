@@ -215,3 +215,23 @@ _c, _s = tables(16, 8)
 def test_rope_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
+
+
+def test_rope_extension_guards():
+    """The raw entry point checks what its pointer code assumes (no crash if misused)."""
+    from minigpt import _backend
+
+    C = _backend.extension()
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
+    c, s = tables(16, 8)
+    with pytest.raises(RuntimeError, match="unit last stride"):
+        sq = torch.randn(1, 2, 8, 8).transpose(2, 3)
+        C.rope(sq, sq, c[:8], s[:8], None, False)
+    with pytest.raises(RuntimeError, match="accumulation dtype"):
+        C.rope(q, k, c[:5].double(), s[:5].double(), None, False)
+    with pytest.raises(RuntimeError, match=r"\(T, D\)"):
+        C.rope(q, k, c, s, None, False)
+    with pytest.raises(RuntimeError, match="outside the table"):
+        C.rope(q, k, c, s, torch.arange(5) + 20, False)
+    with pytest.raises(RuntimeError, match="int64"):
+        C.rope(q, k, c, s, torch.arange(5, dtype=torch.int32), False)

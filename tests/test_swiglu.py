@@ -109,3 +109,19 @@ def test_swiglu_default_backend_and_empty():
 def test_swiglu_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
+
+
+def test_swiglu_extension_guards():
+    """The raw entry points check what their pointer code assumes (no crash if misused)."""
+    from minigpt import _backend
+
+    C = _backend.extension()
+    g = torch.randn(8)
+    with pytest.raises(RuntimeError, match="shape"):
+        C.swiglu_fwd(g, torch.randn(9))
+    with pytest.raises(RuntimeError, match="dtype"):
+        C.swiglu_fwd(g, g.double())
+    with pytest.raises(RuntimeError, match="1-D"):
+        C.swiglu_fwd(g.view(2, 4), g.view(2, 4))
+    with pytest.raises(RuntimeError, match="grad_output"):
+        C.swiglu_bwd(torch.randn(7), g, g)
