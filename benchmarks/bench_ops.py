@@ -183,7 +183,11 @@ def main(argv=None):
                    help="folder for ops_<device>.csv/.md/.png ('' to write nothing)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every backend (torch.set_num_threads; default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here")

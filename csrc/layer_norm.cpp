@@ -2,6 +2,9 @@
 // tensors to csrc/layer_norm.cu. Called from minigpt/ops/layer_norm.py, which has already
 // checked shapes and dtypes; the TORCH_CHECKs here guard the raw-pointer code itself.
 #include "common.h"
+
+#include <cmath>
+#include <type_traits>
 #ifdef WITH_CUDA
 #include "cuda_launchers.h"
 #endif
@@ -9,34 +12,57 @@
 namespace minigpt {
 namespace {
 
-// One row: h = x (+ r), stats in A, y = (h - mean) * rstd * w + b. `buf` holds h in A.
+// One row: h = x (+ r), stats in A, y = (h - mean) * rstd * w + b. Two passes over a row
+// that sits in L1: the moments, then normalize. The moments are taken about the row's first
+// element K in one pass, var = E[(h-K)^2] - E[h-K]^2: shifting by a value of the row keeps
+// the cancellation that ruins the textbook one-pass formula small (|mean - K| is about one
+// standard deviation, not |mean|). `buf` holds h in A only when T is narrower than A.
 template <typename T, typename A>
 void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* buf, int64_t N,
                 A eps, A* mean_out, A* rstd_out) {
-  A sum = 0;
+  constexpr bool kWide = std::is_same_v<T, A>;
+  const A* src;
   if (r) {
-    for (int64_t j = 0; j < N; ++j) {
-      T hq = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(r[j]));
-      h[j] = hq;
-      buf[j] = static_cast<A>(hq);  // normalize h as stored, like the unfused model
+    if constexpr (kWide) {
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) h[j] = x[j] + r[j];
+      src = h;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) {
+        const T hq = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(r[j]));
+        h[j] = hq;
+        buf[j] = static_cast<A>(hq);  // normalize h as stored, like the unfused model
+      }
+      src = buf;
     }
   } else {
+    if constexpr (kWide) {
+      src = x;
+    } else {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<A>(x[j]);
+      for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<A>(x[j]);
+      src = buf;
+    }
   }
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < N; ++j) sum += buf[j];
-  const A mean = sum / N;
-  A var = 0;
-#pragma omp simd reduction(+ : var)
-  for (int64_t j = 0; j < N; ++j) var += (buf[j] - mean) * (buf[j] - mean);
-  const A rstd = A(1) / std::sqrt(var / N + eps);
+  const A K = src[0];
+  A s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t j = 0; j < N; ++j) {
+    const A d = src[j] - K;
+    s1 += d;
+    s2 += d * d;
+  }
+  const A m1 = s1 / N;
+  const A mean = K + m1;
+  const A var = std::max(s2 / N - m1 * m1, A(0));
+  const A rstd = A(1) / std::sqrt(var + eps);
   if (b) {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = static_cast<T>((buf[j] - mean) * rstd * w[j] + b[j]);
+    for (int64_t j = 0; j < N; ++j) y[j] = static_cast<T>((src[j] - mean) * rstd * w[j] + b[j]);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = static_cast<T>((buf[j] - mean) * rstd * w[j]);
+    for (int64_t j = 0; j < N; ++j) y[j] = static_cast<T>((src[j] - mean) * rstd * w[j]);
   }
   *mean_out = mean;
   *rstd_out = rstd;
@@ -86,7 +112,6 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
   A* dbp = has_bias ? db_part.data_ptr<A>() : nullptr;
   const int64_t rows_per = (M + P - 1) / P;
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-    std::vector<A> xhat(N), wdy(N);
     for (int64_t p = pb; p < pe; ++p) {
       A* dw = dwp + p * N;
       A* db = dbp ? dbp + p * N : nullptr;
@@ -98,18 +123,29 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
         const T* g = dyp + i * N;
         const A mu = mp[i], rs = sp[i];
         A c1 = 0, c2 = 0;
-#pragma omp simd reduction(+ : c1, c2)
-        for (int64_t j = 0; j < N; ++j) {
-          const A gj = static_cast<A>(g[j]);
-          xhat[j] = (static_cast<A>(x[j]) - mu) * rs;
-          wdy[j] = wp[j] * gj;
-          c1 += xhat[j] * wdy[j];
-          c2 += wdy[j];
-          dw[j] += gj * xhat[j];
-        }
+        // xhat and w * dy are recomputed in the second pass rather than stored: the row is
+        // in L1 either way, and this saves two stores per element.
         if (db) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) db[j] += static_cast<A>(g[j]);
+#pragma omp simd reduction(+ : c1, c2)
+          for (int64_t j = 0; j < N; ++j) {
+            const A gj = static_cast<A>(g[j]);
+            const A xh = (static_cast<A>(x[j]) - mu) * rs;
+            const A wg = wp[j] * gj;
+            c1 += xh * wg;
+            c2 += wg;
+            dw[j] += gj * xh;
+            db[j] += gj;
+          }
+        } else {
+#pragma omp simd reduction(+ : c1, c2)
+          for (int64_t j = 0; j < N; ++j) {
+            const A gj = static_cast<A>(g[j]);
+            const A xh = (static_cast<A>(x[j]) - mu) * rs;
+            const A wg = wp[j] * gj;
+            c1 += xh * wg;
+            c2 += wg;
+            dw[j] += gj * xh;
+          }
         }
         c1 /= N;
         c2 /= N;
@@ -117,12 +153,18 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
         if (dhp) {
           const T* d2 = dhp + i * N;
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j)
-            out[j] = static_cast<T>((wdy[j] - (xhat[j] * c1 + c2)) * rs + static_cast<A>(d2[j]));
+          for (int64_t j = 0; j < N; ++j) {
+            const A xh = (static_cast<A>(x[j]) - mu) * rs;
+            const A wg = wp[j] * static_cast<A>(g[j]);
+            out[j] = static_cast<T>((wg - (xh * c1 + c2)) * rs + static_cast<A>(d2[j]));
+          }
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j)
-            out[j] = static_cast<T>((wdy[j] - (xhat[j] * c1 + c2)) * rs);
+          for (int64_t j = 0; j < N; ++j) {
+            const A xh = (static_cast<A>(x[j]) - mu) * rs;
+            const A wg = wp[j] * static_cast<A>(g[j]);
+            out[j] = static_cast<T>((wg - (xh * c1 + c2)) * rs);
+          }
         }
       }
     }
