@@ -16,6 +16,11 @@
 //   pass A, one task per (batch, kv head, key block): loops over the GQA group's query heads
 //   and the query blocks that see the keys, accumulating dK and dV in the task's buffers;
 //   pass B, one task per (batch, query head, query block): loops over key blocks for dQ.
+// Prefer 512-bit vectors where the CPU has them (GCC otherwise caps auto-vectorization at 256
+// bits on many AVX-512 parts); this only steers the cost model, so it is harmless elsewhere.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #include "common.h"
 #ifdef WITH_CUDA
 #include "cuda_launchers.h"
@@ -145,6 +150,45 @@ struct Geo {
   bool causal;
 };
 
+// Tasks per thread chunk such that a chunk is worth ~2^22 multiply-adds: tiny problems (decode
+// of a small model, gradcheck) then run on the calling thread instead of paying for waking the
+// pool, which costs more than the work when the machine is busy.
+inline int64_t grain(int64_t work_per_task) {
+  return std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, work_per_task));
+}
+
+// K or V of every (batch, kv head) converted once to the accumulation type and padded, so the
+// tiles are not re-converted (and re-transposed) for every query block that reads them.
+// Transposed: per head, per key block, a (Dp, BK) tile. Rows: per head, (nkb * BK, Dp).
+// Both take nkb * BK * Dp elements per head and tile kb starts at kb * BK * Dp.
+template <typename A>
+struct Packed {
+  std::vector<A> data;
+  int64_t per_head = 0;
+  const A* head(int64_t bh) const { return data.data() + bh * per_head; }
+};
+
+template <typename T, typename A>
+Packed<A> pack(const T* src, int64_t sb, int64_t sh, int64_t ss, const Geo& g, bool transposed) {
+  Packed<A> p;
+  const int64_t nkb = (g.S + BK - 1) / BK;
+  p.per_head = nkb * BK * g.Dp;
+  p.data.resize(g.B * g.Hkv * p.per_head);
+  at::parallel_for(0, g.B * g.Hkv * nkb, grain(BK * g.Dp * 16), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nkb, kb = t % nkb, b = bh / g.Hkv, h = bh % g.Hkv;
+      const int64_t j0 = kb * BK, nk = std::min(BK, g.S - j0);
+      const T* s = src + b * sb + h * sh + j0 * ss;
+      A* d = p.data.data() + bh * p.per_head + j0 * g.Dp;
+      if (transposed)
+        load_cols<T, A>(s, ss, nk, g.D, g.Dp, d);
+      else
+        load_rows<T, A>(s, ss, nk, BK, g.D, g.Dp, A(1), d);
+    }
+  });
+  return p;
+}
+
 template <typename A>
 struct FwdBuf {
   std::vector<A> q, kt, v, s, o, m, l;
@@ -155,10 +199,13 @@ struct FwdBuf {
 // Attention for `nq` query rows against keys [0, nkeys) of one kv head. Row i (0-based within
 // the tile) sees key j when j <= i + shift (causal; shift = i0 + S - T), else every key.
 // q rows have stride qrs; out rows ors; lse entries lse_s.
+// With `pk` (packed Kᵀ tiles) and `pv` (packed V rows), see Packed, the tiles are read from
+// there; without, they are converted from k and v here.
 template <typename T, typename A>
 void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int64_t krs,
-              const T* v, int64_t vrs, int64_t nkeys, bool causal, int64_t shift, int64_t D,
-              int64_t Dp, A qscale, T* out, int64_t ors, A* lse, int64_t lse_s) {
+              const T* v, int64_t vrs, const A* pk, const A* pv, int64_t nkeys, bool causal,
+              int64_t shift, int64_t D, int64_t Dp, A qscale, T* out, int64_t ors, A* lse,
+              int64_t lse_s) {
   const A ninf = -std::numeric_limits<A>::infinity();
   load_rows<T, A>(q, qrs, nq, nq, D, Dp, qscale, w.q.data());
   std::fill(w.o.begin(), w.o.begin() + nq * Dp, A(0));
@@ -167,9 +214,11 @@ void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int
   const int64_t end = causal ? std::min(nkeys, nq - 1 + shift + 1) : nkeys;
   for (int64_t j0 = 0; j0 < end; j0 += BK) {
     const int64_t nk = std::min(BK, end - j0);
-    load_cols<T, A>(k + j0 * krs, krs, nk, D, Dp, w.kt.data());
-    load_rows<T, A>(v + j0 * vrs, vrs, nk, BK, D, Dp, A(1), w.v.data());
-    gemm<A>(w.q.data(), Dp, 1, w.kt.data(), BK, w.s.data(), BK, nq, BK, D, false);
+    const A* kt = pk ? pk + j0 * Dp : w.kt.data();
+    const A* vt = pv ? pv + j0 * Dp : w.v.data();
+    if (!pk) load_cols<T, A>(k + j0 * krs, krs, nk, D, Dp, w.kt.data());
+    if (!pv) load_rows<T, A>(v + j0 * vrs, vrs, nk, BK, D, Dp, A(1), w.v.data());
+    gemm<A>(w.q.data(), Dp, 1, kt, BK, w.s.data(), BK, nq, BK, D, false);
     for (int64_t i = 0; i < nq; ++i) {
       A* s = w.s.data() + i * BK;
       // Keys this row sees in the tile: [0, lim).
@@ -181,7 +230,7 @@ void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int
       for (int64_t j = lim; j < BK; ++j) s[j] = ninf;
       A mx = ninf;
 #pragma omp simd reduction(max : mx)
-      for (int64_t j = 0; j < BK; ++j) mx = std::max(mx, s[j]);
+      for (int64_t j = 0; j < BK; ++j) mx = s[j] > mx ? s[j] : mx;  // std::max does not vectorize
       const A m_new = std::max(w.m[i], mx);
       const A alpha = exp2_neg(w.m[i] - m_new);  // exp2(-inf) = 0 for the first tile
       A sum = 0;
@@ -199,7 +248,7 @@ void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int
         for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha;
       }
     }
-    gemm<A>(w.s.data(), BK, 1, w.v.data(), Dp, w.o.data(), Dp, nq, Dp, nk, true);
+    gemm<A>(w.s.data(), BK, 1, vt, Dp, w.o.data(), Dp, nq, Dp, nk, true);
   }
   for (int64_t i = 0; i < nq; ++i) {
     const A l = w.l[i];
@@ -224,14 +273,17 @@ void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   A* lp = lse.data_ptr<A>();
   const int64_t nqb = (g.T + BQ - 1) / BQ;
   const A qscale = static_cast<A>(scale * LOG2E);
-  at::parallel_for(0, g.B * g.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+  const auto pk = pack<T, A>(kp, g.kb, g.kh, g.ks, g, true);
+  const auto pv = pack<T, A>(vp, g.vb, g.vh, g.vs, g, false);
+  at::parallel_for(0, g.B * g.Hq * nqb, grain(BQ * g.S * g.Dp), [&](int64_t t0, int64_t t1) {
     FwdBuf<A> w(g.Dp);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, qb = t % nqb, b = bh / g.Hq, h = bh % g.Hq, hk = h / g.rep;
       const int64_t i0 = qb * BQ, nq = std::min(BQ, g.T - i0);
-      fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq, kp + b * g.kb + hk * g.kh,
-                     g.ks, vp + b * g.vb + hk * g.vh, g.vs, g.S, g.causal, i0 + g.S - g.T, g.D,
-                     g.Dp, qscale, op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
+      const int64_t kvh = b * g.Hkv + hk;
+      fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq, kp, g.ks, vp, g.vs,
+                     pk.head(kvh), pv.head(kvh), g.S, g.causal, i0 + g.S - g.T, g.D, g.Dp,
+                     qscale, op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
     }
   });
 }
@@ -239,10 +291,10 @@ void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 // Per query block of the backward: Q (scaled like the forward), dO, the base-2 lse and delta.
 template <typename A>
 struct BwdBuf {
-  std::vector<A> q, dout, lse2, delta, kt, vt, s, dp, acc, acc2, krow;
+  std::vector<A> q, dout, lse2, delta, kt, vt, s, dp, acc, acc2;
   explicit BwdBuf(int64_t Dp)
       : q(BQ * Dp), dout(BQ * Dp), lse2(BQ), delta(BQ), kt(Dp * BK), vt(Dp * BK), s(BQ * BK),
-        dp(BQ * BK), acc(BQ * Dp), acc2(BQ * Dp), krow(BK * Dp) {}
+        dp(BQ * BK), acc(BQ * Dp), acc2(BQ * Dp) {}
 };
 
 // P and dS for the tile (nq queries from i0, nk keys from j0): P = exp2(S - lse2) with the
@@ -297,7 +349,7 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 
   // delta = rowsum(dO * O), the softmax backward's correction term.
   std::vector<A> delta(g.B * g.Hq * g.T);
-  at::parallel_for(0, g.B * g.Hq * g.T, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, g.B * g.Hq * g.T, grain(g.D * 16), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r % g.T, bh = r / g.T, b = bh / g.Hq, h = bh % g.Hq;
       const T* o = op + r * D;
@@ -311,7 +363,7 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 
   // Pass A: dK, dV per (batch, kv head, key block), summed over the GQA group in registers.
   const int64_t nkb = (g.S + BK - 1) / BK;
-  at::parallel_for(0, g.B * g.Hkv * nkb, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, g.B * g.Hkv * nkb, grain(2 * BK * g.rep * g.T * g.Dp), [&](int64_t t0, int64_t t1) {
     BwdBuf<A> w(Dp);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nkb, kb = t % nkb, b = bh / g.Hkv, hk = bh % g.Hkv;
@@ -354,9 +406,12 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     }
   });
 
-  // Pass B: dQ per (batch, query head, query block).
+  // Pass B: dQ per (batch, query head, query block), reading packed Kᵀ, Vᵀ and K tiles.
+  const auto pkt = pack<T, A>(kp, g.kb, g.kh, g.ks, g, true);
+  const auto pvt = pack<T, A>(vp, g.vb, g.vh, g.vs, g, true);
+  const auto pkr = pack<T, A>(kp, g.kb, g.kh, g.ks, g, false);
   const int64_t nqb = (g.T + BQ - 1) / BQ;
-  at::parallel_for(0, g.B * g.Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, g.B * g.Hq * nqb, grain(2 * BQ * g.S * Dp), [&](int64_t t0, int64_t t1) {
     BwdBuf<A> w(Dp);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, qb = t % nqb, b = bh / g.Hq, h = bh % g.Hq, hk = h / g.rep;
@@ -367,17 +422,16 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       A* dQ = w.acc.data();
       std::fill(dQ, dQ + BQ * Dp, A(0));
       const int64_t end = g.causal ? std::min(g.S, i0 + nq + g.S - g.T) : g.S;
-      const T* kbase = kp + b * g.kb + hk * g.kh;
-      const T* vbase = vp + b * g.vb + hk * g.vh;
+      const int64_t kvh = b * g.Hkv + hk;
       for (int64_t j0 = 0; j0 < end; j0 += BK) {
         const int64_t nk = std::min(BK, g.S - j0);
-        load_cols<T, A>(kbase + j0 * g.ks, g.ks, nk, D, Dp, w.kt.data());
-        load_cols<T, A>(vbase + j0 * g.vs, g.vs, nk, D, Dp, w.vt.data());
-        load_rows<T, A>(kbase + j0 * g.ks, g.ks, nk, BK, D, Dp, A(1), w.krow.data());
-        gemm<A>(w.q.data(), Dp, 1, w.kt.data(), BK, w.s.data(), BK, nq, BK, D, false);
-        gemm<A>(w.dout.data(), Dp, 1, w.vt.data(), BK, w.dp.data(), BK, nq, BK, D, false);
+        const A* kt = pkt.head(kvh) + j0 * Dp;
+        const A* vt = pvt.head(kvh) + j0 * Dp;
+        const A* kr = pkr.head(kvh) + j0 * Dp;
+        gemm<A>(w.q.data(), Dp, 1, kt, BK, w.s.data(), BK, nq, BK, D, false);
+        gemm<A>(w.dout.data(), Dp, 1, vt, BK, w.dp.data(), BK, nq, BK, D, false);
         probs_and_ds<A>(w, nq, nk, i0, j0, g);
-        gemm<A>(w.dp.data(), BK, 1, w.krow.data(), Dp, dQ, Dp, nq, Dp, nk, true);
+        gemm<A>(w.dp.data(), BK, 1, kr, Dp, dQ, Dp, nq, Dp, nk, true);
       }
       const A sc = static_cast<A>(scale);
       for (int64_t i = 0; i < nq; ++i) {
@@ -401,7 +455,7 @@ void decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int32_t* lens = seqlens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
   const A qscale = static_cast<A>(scale * LOG2E);
-  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, g.B * g.Hkv, grain(g.rep * g.S * g.Dp), [&](int64_t t0, int64_t t1) {
     FwdBuf<A> w(g.Dp);
     std::vector<A> lse(BQ);
     for (int64_t t = t0; t < t1; ++t) {
@@ -410,7 +464,8 @@ void decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t h0 = 0; h0 < g.rep; h0 += BQ) {
         const int64_t nh = std::min(BQ, g.rep - h0), h = hk * g.rep + h0;
         fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh, g.qh, nh, kp + b * g.kb + hk * g.kh, g.ks,
-                       vp + b * g.vb + hk * g.vh, g.vs, len, false, 0, g.D, g.Dp, qscale,
+                       vp + b * g.vb + hk * g.vh, g.vs, nullptr, nullptr, len, false, 0, g.D,
+                       g.Dp, qscale,
                        op + (b * g.Hq + h) * g.D, g.D, lse.data(), 1);
       }
     }

@@ -1,0 +1,286 @@
+"""attention / decode_attention: every backend against the reference, forward and backward, in
+fp32/bf16/fp16, MHA and GQA (ratios 1, 3, 4), awkward head dims (48, 80, 96) and lengths (1, 7,
+33, 100, 130, 1025), T != S and T > S (queries that see no key), non-contiguous q/k/v; float64
+gradcheck; torch.compile; ragged KV-cache decode; bad input.
+
+Tolerance is FlashAttention's rule (tests/_tol.py): a kernel's error against the float64 truth may
+be at most twice the error of eager PyTorch attention computed in the same low-precision dtype,
+plus an absolute floor. In the Triton interpreter the bf16/fp16 kernels take their fp32-dot path
+(the interpreter's bf16 tl.dot is wrong), but P is still rounded to the input dtype before P V,
+as on the GPU.
+"""
+import math
+
+import pytest
+import torch
+
+from minigpt import ops, reference
+from minigpt._backend import BackendUnavailableError
+from tests._tol import assert_close, f64
+from tests.conftest import backend_device_pairs
+
+PAIRS = backend_device_pairs()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (B, Hq, Hkv, T, S, D, causal). Interpreter-friendly: B * Hq small, T, S <= 130.
+CASES = {
+    "mha-7-d16": (1, 2, 2, 7, 7, 16, True),
+    "gqa3-33x70-d48": (2, 3, 1, 33, 70, 48, True),
+    "mqa4-100-d80": (1, 4, 1, 100, 100, 80, True),
+    "gqa2-T>S-70x33-d64": (1, 4, 2, 70, 33, 64, True),
+    "T1-S130-d96": (1, 2, 1, 1, 130, 96, True),
+    "full-65-d128": (2, 2, 2, 65, 65, 128, False),
+    "full-gqa4-7x100-d32": (1, 4, 1, 7, 100, 32, False),
+}
+LOWP_CASES = ["gqa3-33x70-d48", "mqa4-100-d80", "gqa2-T>S-70x33-d64"]
+
+
+def _eager(q, k, v, causal, scale):
+    """Attention the way eager PyTorch does it in q's own dtype (matmuls and softmax in that
+    dtype): the yardstick of FlashAttention's tolerance rule."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, 1)
+    v = v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        T, S = q.shape[2], k.shape[2]
+        keep = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+        s = s.masked_fill(~keep.to(q.device), float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return p @ v
+
+
+def _inputs(shape_q, shape_kv, dtype, dev, transposed=False):
+    """q, k, v with gradients; ``transposed`` builds them as (B, T, H, D) tensors viewed as
+    (B, H, T, D), the layout a model gets from splitting a linear layer's output."""
+    def one(shape):
+        if transposed:
+            B, H, T, D = shape
+            base = torch.randn(B, T, H, D, device=dev).to(dtype).requires_grad_()
+            return base, base.transpose(1, 2)
+        t = torch.randn(*shape, device=dev).to(dtype).requires_grad_()
+        return t, t
+    return [one(shape_q), one(shape_kv), one(shape_kv)]
+
+
+def _check(be, dev, dtype, case, transposed=False, scale=None):
+    B, Hq, Hkv, T, S, D, causal = case
+    (ql, q), (kl, k), (vl, v) = _inputs((B, Hq, T, D), (B, Hkv, S, D), dtype, dev, transposed)
+    if transposed:
+        assert not q.is_contiguous()
+    sc = 1.0 / math.sqrt(D) if scale is None else scale
+    out = ops.attention(q, k, v, causal=causal, scale=scale, backend=be)
+    q64, k64, v64 = f64(q), f64(k), f64(v)
+    out64 = reference.attention(q64, k64, v64, causal, sc)
+    out_lp = _eager(q, k, v, causal, sc)
+    assert out.shape == (B, Hq, T, D) and out.dtype == dtype
+    assert_close(out, out64, out_lp, dtype, "out")
+
+    g = torch.randn(B, Hq, T, D, device=dev, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (ql, kl, vl), g.to(dtype))
+    grads_lp = torch.autograd.grad(out_lp, (ql, kl, vl), g.to(dtype))
+    grads64 = torch.autograd.grad(out64, (q64, k64, v64), g)
+    if transposed:
+        grads64 = [t.transpose(1, 2) for t in grads64]
+    for name, a, a_lp, a64 in zip(("dq", "dk", "dv"), grads, grads_lp, grads64):
+        assert_close(a, a64, a_lp, dtype, name)
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_attention_fp32(be, dev, case):
+    _check(be, dev, torch.float32, CASES[case])
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", LOWP_CASES, ids=str)
+def test_attention_low_precision(be, dev, dtype, case):
+    _check(be, dev, dtype, CASES[case])
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_noncontiguous(be, dev, dtype):
+    # q, k, v as transposes of (B, T, H, D): strided, no copy on the kernel paths.
+    _check(be, dev, dtype, (2, 4, 2, 37, 45, 48, True), transposed=True)
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_attention_explicit_scale(be, dev):
+    _check(be, dev, torch.float32, (1, 3, 3, 20, 20, 24, True), scale=0.37)
+
+
+@pytest.mark.parametrize("be,dev", [p for p in PAIRS if p.values[0] in ("cpu", "cuda")])
+@pytest.mark.parametrize("case", [(1, 2, 1, 1025, 1025, 64, True), (1, 3, 1, 200, 1025, 40, True),
+                                  (1, 1, 1, 300, 130, 64, False)], ids=str)
+def test_attention_long(be, dev, case):
+    # Many query and key tiles, ragged last tiles, T > S and T < S (C++/CUDA only: too slow for
+    # the interpreter).
+    _check(be, dev, torch.float32, case)
+
+
+def test_attention_rows_without_keys_are_zero():
+    # T > S, causal: the first T - S queries see nothing; their output and gradient are 0.
+    q = torch.randn(1, 2, 9, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
+    for be in ("cpu", "triton", "torch"):
+        out = ops.attention(q, k, v, backend=be)
+        assert torch.all(out[:, :, :5] == 0), be
+        assert out[:, :, 5:].abs().sum() > 0, be
+        (dq,) = torch.autograd.grad(out.sum(), q)
+        assert torch.all(dq[:, :, :5] == 0) and torch.isfinite(dq).all(), be
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_gradcheck_float64(be, causal):
+    # GQA (2 query heads per kv head), T != S, a head dim that is not a multiple of 16.
+    q = torch.randn(1, 2, 3, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 4, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ops.attention(a, b, c, causal=causal, backend=be), (q, k, v),
+        eps=1e-6, atol=1e-6)
+
+
+def test_attention_compiles_fullgraph():
+    def block(q, k, v):
+        return (ops.attention(q, k, v, backend="cpu") * 2).sum()
+
+    q = torch.randn(1, 4, 10, 16, requires_grad=True)
+    k = torch.randn(1, 2, 12, 16, requires_grad=True)
+    v = torch.randn(1, 2, 12, 16, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v))
+    ref = (reference.attention(q, k, v) * 2).sum()
+    rgrads = torch.autograd.grad(ref, (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_decode_compiles_fullgraph():
+    f = torch.compile(lambda q, kc, vc, L: ops.decode_attention(q, kc, vc, L, backend="cpu"),
+                      fullgraph=True, backend="aot_eager")
+    q, kc, vc = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    L = torch.tensor([3, 9], dtype=torch.int32)
+    torch.testing.assert_close(f(q, kc, vc, L), reference.decode_attention(q, kc, vc, L),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _eager_decode(q, kc, vc, L, scale):
+    rep = q.shape[1] // kc.shape[1]
+    k = kc.repeat_interleave(rep, 1)
+    v = vc.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    valid = torch.arange(kc.shape[2], device=q.device)[None, :] < L.to(q.device)[:, None]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,S_max,D,lens", [
+    (3, 4, 1, 100, 48, [1, 57, 100]),    # MQA-like ratio 4, ragged, one cache full
+    (2, 6, 2, 130, 80, [129, 33]),       # ratio 3, several splits on the Triton path
+    (1, 2, 2, 7, 64, [7]),               # MHA, tiny cache
+], ids=str)
+def test_decode_matches_reference(be, dev, dtype, B, Hq, Hkv, S_max, D, lens):
+    q = torch.randn(B, Hq, 1, D, device=dev).to(dtype)
+    kc = torch.randn(B, Hkv, S_max, D, device=dev).to(dtype)
+    vc = torch.randn(B, Hkv, S_max, D, device=dev).to(dtype)
+    # Huge garbage past each sequence's length: reading it would swamp the result.
+    for b, n in enumerate(lens):
+        kc[b, :, n:] = 1e3
+        vc[b, :, n:] = 1e3
+    L = torch.tensor(lens, device=dev)
+    out = ops.decode_attention(q, kc, vc, L, backend=be)
+    scale = 1.0 / math.sqrt(D)
+    ref64 = reference.decode_attention(q.double(), kc.double(), vc.double(), L, scale)
+    ref_lp = _eager_decode(q, kc, vc, L, scale)
+    assert out.shape == (B, Hq, 1, D) and out.dtype == dtype
+    assert_close(out, ref64, ref_lp, dtype, "decode")
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_decode_noncontiguous_cache_int32(be, dev):
+    # A cache allocated (B, S_max, H, D) and viewed as (B, H, S_max, D); int32 lengths.
+    B, Hq, Hkv, S, D = 2, 4, 2, 40, 32
+    kc = torch.randn(B, S, Hkv, D, device=dev).transpose(1, 2)
+    vc = torch.randn(B, S, Hkv, D, device=dev).transpose(1, 2)
+    q = torch.randn(B, 1, Hq, D, device=dev).transpose(1, 2)
+    L = torch.tensor([40, 17], dtype=torch.int32, device=dev)
+    out = ops.decode_attention(q, kc, vc, L, scale=0.2, backend=be)
+    ref = reference.decode_attention(q.double(), kc.double(), vc.double(), L, 0.2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_equals_attention_on_the_prefix():
+    # The last row of causal attention over a sequence = decode against its cache.
+    q = torch.randn(1, 4, 23, 32)
+    k, v = torch.randn(1, 2, 23, 32), torch.randn(1, 2, 23, 32)
+    full = ops.attention(q, k, v, backend="cpu")[:, :, -1:]
+    kc = torch.cat([k, torch.randn(1, 2, 9, 32)], 2)
+    vc = torch.cat([v, torch.randn(1, 2, 9, 32)], 2)
+    dec = ops.decode_attention(q[:, :, -1:], kc, vc, torch.tensor([23]), backend="cpu")
+    torch.testing.assert_close(dec, full, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_with_grad_uses_the_differentiable_reference():
+    q = torch.randn(1, 2, 1, 16, requires_grad=True)
+    kc, vc = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    out = ops.decode_attention(q, kc, vc, torch.tensor([4]), backend="cpu")
+    (g,) = torch.autograd.grad(out.sum(), q)
+    (rg,) = torch.autograd.grad(reference.decode_attention(q, kc, vc, torch.tensor([4])).sum(), q)
+    torch.testing.assert_close(g, rg)
+
+
+def test_backends_present():
+    from minigpt import _backend
+
+    assert _backend.is_available("cpu", "cpu")
+    assert hasattr(_backend.extension(), "attention_fwd")
+
+
+Q, K, V = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+QD = torch.randn(2, 4, 1, 16)
+KC, VC = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+LENS = torch.tensor([3, 8])
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda: ops.attention(Q, K[..., :8], V[..., :8]), ValueError, "head dim"),
+    (lambda: ops.attention(Q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)), ValueError,
+     "multiple"),
+    (lambda: ops.attention(Q, torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)), ValueError,
+     "batch"),
+    (lambda: ops.attention(Q, K, torch.randn(1, 2, 9, 16)), ValueError, "same shape"),
+    (lambda: ops.attention(Q[0], K[0], V[0]), ValueError, "4-D"),
+    (lambda: ops.attention(Q, K.double(), V.double()), TypeError, "dtype"),
+    (lambda: ops.attention(Q.long(), K.long(), V.long()), TypeError, "floating"),
+    (lambda: ops.attention(Q, K.to("meta"), V.to("meta")), ValueError, "device"),
+    (lambda: ops.attention(Q, K, V, scale="x"), TypeError, "scale"),
+    (lambda: ops.attention(Q, K, V, causal=1), TypeError, "causal"),
+    (lambda: ops.attention(Q, K, V, backend="cuda"), BackendUnavailableError, "cuda"),
+    (lambda: ops.attention(Q, K, V, backend="fast"), ValueError, "unknown backend"),
+    (lambda: ops.attention(Q.double(), K.double(), V.double(), backend="triton"), TypeError,
+     "float64"),
+    (lambda: ops.attention(torch.randn(1, 1, 2, 300), torch.randn(1, 1, 2, 300),
+                           torch.randn(1, 1, 2, 300), backend="triton"), ValueError, "head_dim"),
+    (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([0, 8])), ValueError, "cache_seqlens"),
+    (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([3, 9])), ValueError, "cache_seqlens"),
+    (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([3.0, 8.0])), TypeError, "int32"),
+    (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([3, 8, 8])), ValueError, "shape"),
+    (lambda: ops.decode_attention(QD, KC, VC, [3, 8]), TypeError, "Tensor"),
+    (lambda: ops.decode_attention(QD, KC, VC, LENS.to("meta")), ValueError, "device"),
+    (lambda: ops.decode_attention(torch.randn(2, 4, 2, 16), KC, VC, LENS), ValueError, "one query"),
+    (lambda: ops.decode_attention(QD, KC[..., :8], VC[..., :8], LENS), ValueError, "head dim"),
+    (lambda: ops.decode_attention(QD, torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16), LENS),
+     ValueError, "multiple"),
+    (lambda: ops.decode_attention(QD.half(), KC, VC, LENS), TypeError, "dtype"),
+])
+def test_attention_bad_input(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        bad()
