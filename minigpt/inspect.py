@@ -157,14 +157,19 @@ def load_info(checkpoint=None, model=None, dtype=torch.float32) -> ModelInfo:
                              os.path.basename(gguf),
                              os.path.getsize(gguf), types)
     m, tok, label = load_model(checkpoint, model, "cpu", dtype)
-    file = None
+    file, types = None, {}
     if checkpoint is not None:
+        from safetensors import safe_open
+
         from minigpt.checkpoint import MODEL_FILE, resolve
 
         file = str(resolve(checkpoint) / MODEL_FILE)
+        with safe_open(file, framework="pt") as f:   # the stored dtypes, from the header
+            for k in f.keys():
+                t = f.get_slice(k).get_dtype()
+                types[t] = types.get(t, 0) + 1
     return ModelInfo(m, tok, label, m.transformer.wte.weight.dtype, file,
-                     os.path.getsize(file) if file else None,
-                     {str(m.transformer.wte.weight.dtype).replace("torch.", ""): 1} if file else {})
+                     os.path.getsize(file) if file else None, types)
 
 
 # ---- parameter counts ---------------------------------------------------------------------
@@ -316,6 +321,9 @@ def inspect_report(info: ModelInfo) -> str:
              f"({tok_kind})",
              f"weights: {total:,} parameters in {str(info.dtype).replace('torch.', '')} = "
              f"{_bytes(total * elt)} in memory ({elt} bytes each)"]
+    if "wpe" in m.transformer:
+        lines.append(f"({m.num_params():,} without the position embedding, nanoGPT's count, as "
+                     "`minigpt train` prints it)")
     if info.file:
         types = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(info.file_types.items()))
         lines.append(f"file: {info.file} ({_bytes(info.file_bytes)}; stored as {types})")
@@ -646,7 +654,7 @@ def steps_report(steps: list, bar_width: int = 30) -> str:
         for rank, (i, text, p) in enumerate(st.candidates, 1):
             mark = "  <- chosen" if i == st.chosen else ""
             bar = "\u2588" * max(0, round(p * bar_width))
-            lines.append(f"  {rank:>2}. {text!r:<{width}} {p:7.2%} {bar}{mark}")
+            lines.append(f"  {rank:>2}. {text!r:<{width}} {p:7.2%} {bar}{mark}".rstrip())
         if all(c[0] != st.chosen for c in st.candidates):
             lines.append(f"      chosen: {st.chosen_text!r} {st.chosen_prob:.2%} "
                          f"(rank {st.chosen_rank})")
