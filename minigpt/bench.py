@@ -1,0 +1,895 @@
+"""End-to-end speed: ``minigpt bench train | decode | ops`` (the library behind the command).
+
+train   trains the same model (same initial weights, same batches, same optimizer) three ways
+        in one process: ``minigpt`` (our kernels, the device's default backend), ``eager``
+        (the reference ops in plain PyTorch, backend ``torch``) and ``compile`` (that same
+        reference under ``torch.compile``). Steps are timed round-robin, one step of each
+        variant per round, so load on a shared machine hits all of them alike; the median step
+        is reported with tokens/s, peak memory, model FLOP utilization (MFU) and ratios to eager.
+decode  greedy decoding with the KV cache: tokens/s and the achieved GB/s of what one decode
+        step must read (every weight once + the filled part of the KV cache). ``--model gpt``
+        compares our kernels with the eager reference on a randomly initialised MiniGPT;
+        ``--model smollm2`` compares MiniGPT with transformers' ``generate`` on SmolLM2-135M
+        (benchmarks/bench_generate.py's runner).
+ops     merges the latest per-op results (benchmarks/bench_ops.py, bench_attention.py,
+        bench_training_ops.py write ``<name>_<device>.csv`` into benchmarks/results/) into one
+        table; ``--run`` first reruns each of those scripts with ``--quick``.
+
+Every command writes ``bench_<cmd>_<device tag>.csv`` (``# key: value`` header lines: device,
+date, versions), ``.md`` and ``.png`` into ``--out`` (default benchmarks/results/ of the
+checkout). The timing rules and writers are the shared ones of benchmarks/_harness.py, so
+these numbers compare with the per-op benchmarks; that file is part of the source checkout, not
+of the installed package, and the command says so if it is missing.
+
+MFU follows nanoGPT (and the PaLM paper's appendix B): model FLOPs per token
+``6 * N + 12 * n_layer * n_head * head_dim * T`` (N = parameters without the position
+embedding; the attention term counts the full T x T score matrix, causal masking not
+subtracted) times tokens/s, over the device's peak (``PEAK_TFLOPS``; on CPU an estimate from
+the vector width, clock and threads, or ``--peak-tflops``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import ctypes
+import glob
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import minigpt  # noqa: F401  (settles TRITON_INTERPRET before triton is imported)
+from minigpt import _backend
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO_ROOT / "benchmarks"
+DEFAULT_OUT = BENCH_DIR / "results"
+
+_HARNESS = None
+
+
+def harness():
+    """benchmarks/_harness.py of the source checkout (shared timing and writers)."""
+    global _HARNESS
+    if _HARNESS is None:
+        _HARNESS = _load_script("_harness")
+    return _HARNESS
+
+
+def _load_script(name: str):
+    path = BENCH_DIR / f"{name}.py"
+    if not path.is_file():
+        raise RuntimeError(
+            f"minigpt bench needs the MiniGPT source checkout: {path} is missing (the "
+            "benchmarks/ folder is not part of the installed package). Clone the repository "
+            "and install it editable: `pip install -e . --no-build-isolation`")
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))  # the scripts import `_harness` as a sibling
+    if name == "_harness" and "_harness" in sys.modules:
+        return sys.modules["_harness"]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak FLOP/s
+
+# Dense peak TFLOP/s from the vendors' data sheets (SXM parts; no sparsity). "fp32" is the
+# plain FP32 pipe; with TF32 matmuls allowed, fp32 training is rated against "tf32".
+PEAK_TFLOPS = {
+    "h200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "h100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "h100 pcie": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "a100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+
+
+def cpu_peak_tflops(threads: Optional[int] = None) -> tuple[Optional[float], str]:
+    """Estimated fp32 FMA peak of the threads torch uses: lanes x 2 (FMA) x 2 FMA units x clock
+    x threads. Returns (TFLOP/s or None, how it was estimated)."""
+    threads = threads or torch.get_num_threads()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None, "unknown CPU (no /proc/cpuinfo): pass --peak-tflops"
+    flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split()) if "flags" in info else set()
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
+    if not mhz:
+        return None, "no clock in /proc/cpuinfo: pass --peak-tflops"
+    ghz = float(mhz.group(1)) / 1e3
+    lanes, isa = (16, "AVX-512") if "avx512f" in flags else (8, "AVX2") if "avx2" in flags else (4, "SSE")
+    fma = 2 if ("fma" in flags or "avx512f" in flags) else 1
+    per_cycle = lanes * fma * 2
+    tf = per_cycle * ghz * threads / 1e3
+    return tf, (f"CPU estimate: {isa} {per_cycle} fp32 FLOP/cycle/core (2 FMA units assumed) x "
+                f"{ghz:.2f} GHz x {threads} threads = {tf * 1e3:.0f} GFLOP/s")
+
+
+def device_peak_tflops(device: torch.device, dtype_name: str,
+                       override: Optional[float] = None) -> tuple[Optional[float], str]:
+    if override is not None:
+        return override, f"--peak-tflops {override}"
+    if device.type == "cpu":
+        return cpu_peak_tflops()
+    name = torch.cuda.get_device_name(device).lower()
+    key = None
+    for k in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if all(part in name for part in k.split()):
+            key = k
+            break
+    if key is None:
+        return None, f"no peak FLOP/s known for {name!r}: pass --peak-tflops"
+    kind = dtype_name
+    if kind == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        kind = "tf32"
+    return PEAK_TFLOPS[key][kind], f"{key.upper()} {kind} dense peak (data sheet)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+
+def _rss(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+def step_peak_bytes(fn, device: torch.device) -> Optional[int]:
+    """Bytes one call of ``fn`` adds at its peak above what is live before it. CUDA:
+    max_memory_allocated. CPU: rise of the process's peak resident set (VmHWM, reset through
+    /proc/self/clear_refs), with large allocations forced onto mmap so that memory freed
+    earlier does not hide the peak inside malloc's free lists."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    libc = _libc()
+    if libc is None or _rss("VmHWM") is None:
+        return None
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (fixed, no dynamic growth)
+    libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _rss("VmRSS")
+    fn()
+    return max(0, _rss("VmHWM") - base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Common helpers
+
+def parse_device(device: Optional[str]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _positive_int(name: str, v, allow_none=False):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+@contextlib.contextmanager
+def backend_env(backend: Optional[str]):
+    """MINIGPT_BACKEND=backend (None: unset, i.e. the device's default) for the block. The
+    model's ops read it on every call (and torch.compile at trace time), so a variant's calls
+    must all run inside its own setting."""
+    old = os.environ.get(_backend.ENV_VAR)
+    if backend is None:
+        os.environ.pop(_backend.ENV_VAR, None)
+    else:
+        os.environ[_backend.ENV_VAR] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_backend.ENV_VAR, None)
+        else:
+            os.environ[_backend.ENV_VAR] = old
+
+
+def default_backend(device: torch.device, dtype: torch.dtype) -> str:
+    with backend_env(None):
+        return _backend.resolve("attention", None, device, dtype)
+
+
+def _header(H, device, extra: Dict[str, str]) -> Dict[str, str]:
+    header = H.env_header(device)
+    if device.type == "cpu":
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        header["load"] = (f"1-min load average {load:.1f} on {os.cpu_count()} cores at the start "
+                          "(a shared machine: timings are noisy; variants are timed "
+                          "round-robin so load hits them alike)")
+    header.update(extra)
+    return header
+
+
+def _finite_pos(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# bench train
+
+# name -> (model shape, batch on GPU, batch on CPU). seed and shakespeare_char are the model
+# shapes of minigpt train's presets (minigpt/train.py PRESETS); gpt2 is GPT-2 small (124M) with
+# the vocabulary padded to 50304 as nanoGPT does. "tiny" is for smoke tests.
+TRAIN_CONFIGS = {
+    "seed": (dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=65, bias=True), 16, 16),
+    "shakespeare_char": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65,
+                              bias=False), 64, 4),
+    "gpt2": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
+                  bias=True), 16, 1),
+    "tiny": (dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, bias=True), 4, 2),
+}
+
+# variant -> (MINIGPT_BACKEND, torch.compile?); None = the device's default (our kernels).
+VARIANTS = {"minigpt": (None, False), "eager": ("torch", False), "compile": ("torch", True)}
+
+TRAIN_COLUMNS = ["config", "variant", "backend", "dtype", "batch", "seq", "params M", "loss@1",
+                 "first step s", "step ms", "tokens/s", "x eager", "peak MB", "mem x eager",
+                 "TFLOP/s", "MFU %"]
+
+
+def flops_per_token(model, T: int) -> float:
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+
+def _parse_list(name: str, value, choices) -> List[str]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = [s.strip() for s in items if s.strip()]
+    if not items:
+        raise ValueError(f"{name}: nothing given; choose from {sorted(choices)}")
+    bad = [s for s in items if s not in choices]
+    if bad:
+        raise ValueError(f"{name}: unknown {bad}; choose from {sorted(choices)}")
+    return items
+
+
+class _TrainVariant:
+    def __init__(self, name, model, device, amp_dtype, batches, grad_clip=1.0):
+        from minigpt.train import _autocast
+
+        self.name = name
+        self.backend, compiled = VARIANTS[name]
+        self.raw = model
+        self.model = torch.compile(model) if compiled else model
+        self.opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type)
+        self.autocast = lambda: _autocast(device, amp_dtype)
+        self.batches, self.i = batches, 0
+        self.grad_clip = grad_clip
+        self.losses: List[float] = []
+
+    def step(self):
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        with backend_env(self.backend):
+            with self.autocast():
+                _, loss = self.model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def state_bytes(self) -> int:
+        """Parameters + optimizer moments: what stays allocated between steps."""
+        seen, n = set(), 0
+        tensors = list(self.raw.parameters())
+        for st in self.opt.state.values():
+            tensors += [t for t in st.values() if torch.is_tensor(t)]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                n += t.numel() * t.element_size()
+        return n
+
+
+def estimate_train_seconds(config: str, batch: int, steps: int, n_variants: int,
+                           device: torch.device) -> Optional[float]:
+    """Rough wall time of a CPU run (model FLOPs at 15% of the estimated peak, + compile), to
+    skip shapes this machine cannot run in a couple of minutes. None on GPU."""
+    if device.type != "cpu":
+        return None
+    from minigpt.model import GPT, GPTConfig
+
+    shape = TRAIN_CONFIGS[config][0]
+    with torch.device("meta"):
+        m = GPT(GPTConfig(**shape))
+    flops = flops_per_token(m, shape["block_size"]) * batch * shape["block_size"]
+    peak, _ = cpu_peak_tflops()
+    peak = peak or 0.1
+    return (steps + 2) * n_variants * flops / (0.15 * peak * 1e12)
+
+
+def bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = None,
+                device: Optional[str] = None, dtype: Optional[str] = None,
+                variants="minigpt,eager,compile", out: Optional[str] = None,
+                peak_tflops: Optional[float] = None, profile: Optional[bool] = None,
+                max_cpu_seconds: float = 150.0, seed: int = 1337, plot: bool = True) -> dict:
+    """Run the training benchmark; returns {"rows", "paths", "skipped", "goals"}."""
+    configs = _parse_list("--config", configs, TRAIN_CONFIGS)
+    variants = _parse_list("--variants", variants, VARIANTS)
+    _positive_int("--steps", steps)
+    _positive_int("--batch-size", batch_size, allow_none=True)
+    if peak_tflops is not None and not (isinstance(peak_tflops, (int, float)) and peak_tflops > 0):
+        raise ValueError(f"--peak-tflops must be a positive number, got {peak_tflops!r}")
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise ValueError("--dtype float16 needs a GPU (CPU autocast trains in float32 or bfloat16)")
+    H = harness()
+    from minigpt.model import GPT, GPTConfig
+
+    amp_dtype = None if dt == torch.float32 else dt
+    dname = H.dtype_name(dt)
+    peak, peak_note = device_peak_tflops(dev, dname, peak_tflops)
+    ours = default_backend(dev, dt)
+    rows, skipped, profiles = [], [], []
+    for cfg_name in configs:
+        shape, gpu_b, cpu_b = TRAIN_CONFIGS[cfg_name]
+        B = batch_size or (gpu_b if dev.type == "cuda" else cpu_b)
+        T = shape["block_size"]
+        est = estimate_train_seconds(cfg_name, B, steps, len(variants), dev)
+        if est is not None and est > max_cpu_seconds:
+            msg = (f"{cfg_name}: skipped on this CPU: ~{est:.0f} s estimated for {steps} steps x "
+                   f"{len(variants)} variants at batch {B} x {T} tokens (limit "
+                   f"{max_cpu_seconds:.0f} s; raise --max-cpu-seconds to run it anyway)")
+            print(msg, flush=True)
+            skipped.append(msg)
+            continue
+        torch.manual_seed(seed)
+        base_model = GPT(GPTConfig(**shape, dropout=0.0))
+        g = torch.Generator().manual_seed(seed)
+        batches = []
+        for _ in range(min(steps + 2, 8)):
+            xy = torch.randint(0, shape["vocab_size"], (B, T + 1), generator=g)
+            batches.append((xy[:, :-1].to(dev), xy[:, 1:].contiguous().to(dev)))
+        runs = {}
+        for v in variants:
+            m = copy.deepcopy(base_model).to(dev).train()
+            runs[v] = _TrainVariant(v, m, dev, amp_dtype, batches)
+        n_params = base_model.num_params()
+        fpt = flops_per_token(base_model, T)
+        del base_model
+        print(f"[{cfg_name}] {n_params / 1e6:.2f}M params, batch {B} x {T}, {dname}, {dev}: "
+              f"first step of each variant (compiles)...", flush=True)
+        first_s, first_loss = {}, {}
+        for v, r in runs.items():
+            t0 = time.perf_counter()
+            loss = r.step()
+            first_loss[v] = float(loss.detach())
+            H.sync(dev)
+            first_s[v] = time.perf_counter() - t0
+        ms = H.time_fns({v: r.step for v, r in runs.items()}, dev, warmup=1, reps=steps)
+        peak_b = {}
+        for v, r in runs.items():
+            add = step_peak_bytes(r.step, dev)
+            peak_b[v] = None if add is None else r.state_bytes() + add
+        base = "eager" if "eager" in runs else variants[0]
+        for v in variants:
+            tps = B * T / (ms[v] / 1e3)
+            tflops = fpt * tps / 1e12
+            rows.append({
+                "config": cfg_name, "variant": v,
+                "backend": (ours if VARIANTS[v][0] is None else VARIANTS[v][0])
+                + (" +compile" if VARIANTS[v][1] else ""),
+                "dtype": dname, "batch": B, "seq": T, "params M": n_params / 1e6,
+                "loss@1": first_loss[v], "first step s": first_s[v], "step ms": ms[v],
+                "tokens/s": tps, "x eager": ms[base] / ms[v],
+                "peak MB": None if peak_b[v] is None else peak_b[v] / 2**20,
+                "mem x eager": (peak_b[v] / peak_b[base]) if (peak_b[v] and peak_b[base]) else None,
+                "TFLOP/s": tflops, "MFU %": (100 * tflops / peak) if peak else None,
+            })
+        H.print_table(rows[-len(variants):], TRAIN_COLUMNS)
+        mine = next((r for r in rows[-len(variants):] if r["variant"] == "minigpt"), None)
+        want_profile = profile if profile is not None else (
+            mine is not None and "eager" in runs and mine["x eager"] < _goal(dev, cfg_name)["eager"])
+        if want_profile:
+            profiles.append((cfg_name, {v: _profile_step(runs[v], dev)
+                                        for v in ("minigpt", "eager") if v in runs}))
+        del runs
+    goals = _train_goals(rows, dev)
+    out = Path(out) if out else DEFAULT_OUT
+    paths = {}
+    if rows:
+        paths = _write_train(H, rows, dev, out, dname, peak, peak_note, steps, goals, skipped,
+                             profiles, plot)
+    return {"rows": rows, "paths": paths, "skipped": skipped, "goals": goals}
+
+
+def _goal(device, config):
+    """The issue's goals: CPU >= 1.0x eager; GPU >= 1.3x eager and >= 1.0x compile on GPT-2."""
+    if device.type == "cpu":
+        return {"eager": 1.0}
+    if config == "gpt2":
+        return {"eager": 1.3, "compile": 1.0, "mfu": 40.0}
+    return {"eager": 1.3}
+
+
+def _train_goals(rows, device) -> List[str]:
+    lines = []
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        sub = {r["variant"]: r for r in rows if r["config"] == cfg}
+        mine = sub.get("minigpt")
+        if mine is None:
+            continue
+        goal = _goal(device, cfg)
+        if "eager" in sub:
+            x = mine["x eager"]
+            ok = x >= goal["eager"]
+            lines.append(f"{cfg}: minigpt {x:.2f}x eager tokens/s (goal >= {goal['eager']}x): "
+                         + ("met" if ok else f"MISSED by {100 * (1 - x / goal['eager']):.0f}%"))
+        if "compile" in goal and "compile" in sub:
+            x = sub["compile"]["step ms"] / mine["step ms"]
+            lines.append(f"{cfg}: minigpt {x:.2f}x torch.compile (goal >= 1.0x): "
+                         + ("met" if x >= 1.0 else f"MISSED by {100 * (1 - x):.0f}%"))
+        if "mfu" in goal and mine.get("MFU %") is not None and mine["dtype"] == "bf16":
+            m = mine["MFU %"]
+            lines.append(f"{cfg}: MFU {m:.1f}% (goal >= 40% in bf16): "
+                         + ("met" if m >= 40 else f"MISSED by {40 - m:.1f} points"))
+    return lines
+
+
+def _profile_step(run: _TrainVariant, device) -> str:
+    """torch.profiler's top ops of one training step, by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48)
+
+
+def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, skipped,
+                 profiles, plot) -> Dict[str, str]:
+    header = _header(H, dev, {"dtype": dname,
+                              "peak TFLOP/s": f"{peak:.3g} ({peak_note})" if peak else peak_note})
+    notes = (
+        "Same model, same initial weights, same batches, AdamW + grad clipping, dropout 0. "
+        "minigpt = our kernels (the device's default backend); eager = minigpt.reference ops in "
+        "plain PyTorch (MINIGPT_BACKEND=torch); compile = that reference under torch.compile. "
+        f"step ms: median of {steps} steps timed round-robin (one step of each variant per "
+        "round) after one warm-up step (`first step s`, which includes compilation). "
+        "x eager = eager step ms / step ms (> 1: faster). loss@1: the first step's loss (the "
+        "variants must agree). peak MB = parameters + AdamW moments + the most one step adds "
+        "on top (CUDA: max_memory_allocated; CPU: rise of the peak resident set). "
+        "TFLOP/s = model FLOPs per token (6N + 12*L*H*D*T, nanoGPT's estimate) x tokens/s; "
+        "MFU = that over the peak in the header.\n\n"
+        f"Rerun: `minigpt bench train --config {','.join(dict.fromkeys(r['config'] for r in rows))}"
+        f" --steps {steps}` (add `--device cuda` on a GPU).")
+    if goals:
+        notes += "\n\nGoals:\n" + "\n".join(f"- {g}" for g in goals)
+    if skipped:
+        notes += "\n\nSkipped:\n" + "\n".join(f"- {s}" for s in skipped)
+    paths = H.write_results(rows, "bench_train", dev, str(out),
+                            title="minigpt bench train: our kernels vs eager PyTorch vs "
+                                  "torch.compile", notes=notes, header=header,
+                            columns=TRAIN_COLUMNS)
+    tag = H.device_tag(dev)
+    if profiles:
+        p = out / f"bench_train_{tag}_profile.md"
+        with open(p, "w") as f:
+            f.write(H.header_markdown(header, "minigpt bench train: where a step's time goes "
+                                              "(torch.profiler, one step, top ops by self time)"))
+            for cfg, tables in profiles:
+                for v, table in tables.items():
+                    f.write(f"\n## {cfg}: {v}\n\n```\n{table}\n```\n")
+        paths["profile"] = str(p)
+    if plot:
+        png = _plot_train(rows, out / f"bench_train_{tag}.png",
+                          f"{header['device']}, {dname}, {header['date']}")
+        if png:
+            paths["png"] = str(png)
+    return paths
+
+
+def _plot_train(rows, path: Path, title: str):
+    plt = _plt()
+    if plt is None:
+        return None
+    cfgs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(2, len(cfgs), figsize=(max(6.0, 4.2 * len(cfgs)), 6.4), squeeze=False)
+    colors = {"minigpt": "tab:blue", "eager": "tab:gray", "compile": "tab:orange"}
+    for j, cfg in enumerate(cfgs):
+        sub = [r for r in rows if r["config"] == cfg]
+        names = [r["variant"] for r in sub]
+        for i, (key, label) in enumerate((("tokens/s", "tokens/s"), ("peak MB", "peak MB"))):
+            ax = axes[i][j]
+            vals = [r[key] or 0 for r in sub]
+            bars = ax.bar(names, vals, color=[colors.get(n, "tab:green") for n in names])
+            if key == "tokens/s":
+                for b, r in zip(bars, sub):
+                    ax.annotate(f"{r['x eager']:.2f}x", (b.get_x() + b.get_width() / 2,
+                                                        b.get_height()),
+                                ha="center", va="bottom", fontsize=8)
+                ax.set_title(f"{cfg} (B={sub[0]['batch']}, T={sub[0]['seq']})", fontsize=9)
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("minigpt bench train\n" + title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# bench decode
+
+DECODE_COLUMNS = ["model", "impl", "backend", "dtype", "batch", "prompt", "new", "prefill tok/s",
+                  "decode tok/s", "ms/step", "GB/s", "x base", "same tokens"]
+
+
+def _param_bytes(model) -> int:
+    seen, n = set(), 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel() * p.element_size()
+    return n
+
+
+def decode_bytes_per_step(model, batch: int, prompt: int, new: int, cache_dtype) -> float:
+    """Mean bytes one decode step must read: every weight once, plus the keys and values of
+    the positions filled so far (averaged over the decode steps), in the cache's dtype."""
+    c = model.config
+    es = torch.empty((), dtype=cache_dtype).element_size()
+    per_pos = 2 * c.n_layer * batch * c.n_kv_head * c.head_dim * es
+    # decode step j (1..new-1) attends over prompt + j positions
+    mean_pos = prompt + new / 2 if new > 1 else prompt
+    return _param_bytes(model) + per_pos * mean_pos
+
+
+class _GreedyRunner:
+    """Greedy decoding with our KV cache (eager; the SmolLM2 path uses bench_generate's
+    runner, which adds a CUDA graph on GPU)."""
+
+    def __init__(self, model, batch, max_len, backend):
+        self.model, self.backend = model, backend
+        self.cache = model.new_cache(batch, max_seqlen=max_len)
+
+    @torch.no_grad()
+    def generate(self, idx, n):
+        with backend_env(self.backend):
+            self.cache.reset()
+            logits, _ = self.model(idx, cache=self.cache, only_last=True)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            out = [tok]
+            for _ in range(n - 1):
+                logits, _ = self.model(tok, cache=self.cache, only_last=True)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(tok)
+        return torch.cat(out, dim=1)
+
+
+def bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=(1, 8),
+                 prompt_len: int = 32, new_tokens: int = 32, reps: int = 3,
+                 device: Optional[str] = None, dtype: Optional[str] = None,
+                 out: Optional[str] = None, plot: bool = True) -> dict:
+    if model not in ("gpt", "smollm2"):
+        raise ValueError(f"--model must be gpt or smollm2, got {model!r}")
+    if model == "gpt" and config not in TRAIN_CONFIGS:
+        raise ValueError(f"--config: unknown {config!r}; choose from {sorted(TRAIN_CONFIGS)}")
+    batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
+    if not batches:
+        raise ValueError("--batch: give at least one batch size")
+    for b in batches:
+        _positive_int("--batch", b)
+    _positive_int("--prompt-len", prompt_len)
+    _positive_int("--reps", reps)
+    _positive_int("--new-tokens", new_tokens)
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens must be >= 2 (decode = the tokens after the first), "
+                         f"got {new_tokens}")
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
+    H = harness()
+    P, N = prompt_len, new_tokens
+    ours_be = default_backend(dev, dt)
+    extra = {"dtype": H.dtype_name(dt)}
+    if model == "gpt":
+        from minigpt.model import GPT, GPTConfig
+
+        shape = dict(TRAIN_CONFIGS[config][0])
+        if P + N > shape["block_size"]:
+            raise ValueError(f"--prompt-len + --new-tokens = {P + N} exceed the {config} "
+                             f"context of {shape['block_size']}")
+        torch.manual_seed(0)
+        net = GPT(GPTConfig(**shape)).to(dev, dt).eval()
+        extra["model"] = f"MiniGPT {config} shape, random weights ({net.num_params() / 1e6:.2f}M)"
+        impls = {"minigpt": None, "eager": "torch"}
+        label = f"gpt-{config}"
+    else:
+        gen = _load_script("bench_generate")
+        import transformers
+
+        from minigpt.loaders import packaged_path
+
+        net, tok = minigpt.load("smollm2", dtype=dt, device=dev)
+        path = packaged_path("smollm2")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dt).to(dev).eval()
+        extra["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)"
+        extra["transformers"] = transformers.__version__
+        label = "smollm2"
+    rows = []
+    for B in batches:
+        g = torch.Generator().manual_seed(B)
+        if model == "gpt":
+            idx = torch.randint(0, net.config.vocab_size, (B, P), generator=g).to(dev)
+            runners = {name: _GreedyRunner(net, B, P + N, be) for name, be in impls.items()}
+            gens = {name: r.generate for name, r in runners.items()}
+            base = "eager"
+            backends = {"minigpt": ours_be, "eager": "torch"}
+        else:
+            idx = gen.prompts(tok, B, P).to(dev)
+            runner = gen.Ours(net, B, P + N, cuda_graph=dev.type == "cuda")
+            gens = {"minigpt": runner.generate,
+                    "transformers": lambda i, n: gen.hf_generate(theirs, i, n)}
+            base = "transformers"
+            backends = {"minigpt": ours_be + (" +cudagraph" if runner.graph is not None else ""),
+                        "transformers": "transformers"}
+        outs = {name: f(idx, N).cpu() for name, f in gens.items()}
+        ref = outs[base]
+        fns = {}
+        for name, f in gens.items():
+            fns[f"{name} first"] = (lambda f=f: f(idx, 1))
+            fns[f"{name} all"] = (lambda f=f: f(idx, N))
+        ms = H.time_fns(fns, dev, warmup=1, reps=reps)
+        nbytes = decode_bytes_per_step(net, B, P, N, dt)
+        for name in gens:
+            first, total = ms[f"{name} first"], ms[f"{name} all"]
+            step_ms = max(total - first, 1e-6) / (N - 1)
+            rows.append({"model": label, "impl": name, "backend": backends[name],
+                         "dtype": H.dtype_name(dt), "batch": B, "prompt": P, "new": N,
+                         "prefill tok/s": B * P / (first / 1e3),
+                         "decode tok/s": B / (step_ms / 1e3), "ms/step": step_ms,
+                         "GB/s": nbytes / (step_ms / 1e3) / 1e9,
+                         "same tokens": bool(torch.equal(outs[name], ref))})
+        bms = next(r for r in rows[-len(gens):] if r["impl"] == base)["ms/step"]
+        for r in rows[-len(gens):]:
+            r["x base"] = bms / r["ms/step"]
+        H.print_table(rows[-len(gens):], DECODE_COLUMNS)
+    out = Path(out) if out else DEFAULT_OUT
+    header = _header(H, dev, extra)
+    notes = (f"Greedy decoding, {N} new tokens after a {P}-token prompt. prefill tok/s = batch x "
+             "prompt / time to the first new token; decode = the other tokens: ms/step = (time "
+             f"for all {N} - time for the first) / {N - 1}. GB/s = bytes one decode step must "
+             "read (every weight once + the keys/values of the filled positions, mean over the "
+             "steps) / ms/step: compare with the device's memory bandwidth. x base = the "
+             f"baseline's ms/step / ms/step (baseline: {base}). same tokens: the greedy tokens "
+             f"equal the baseline's. Median of {reps} round-robin rounds.\n\nRerun: `minigpt bench "
+             f"decode --model {model}` (add `--device cuda` on a GPU).")
+    name = f"bench_decode_{label}"
+    paths = H.write_results(rows, name, dev, str(out), title=f"minigpt bench decode: {label}",
+                            notes=notes, header=header, columns=DECODE_COLUMNS)
+    if plot:
+        png = _plot_decode(rows, out / f"{name}_{H.device_tag(dev)}.png",
+                           f"{label}: {header['device']}, {header['dtype']}, {header['date']}")
+        if png:
+            paths["png"] = str(png)
+    return {"rows": rows, "paths": paths}
+
+
+def _plot_decode(rows, path: Path, title: str):
+    plt = _plt()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        sub = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["batch"])
+        bs = [r["batch"] for r in sub]
+        axes[0].plot(bs, [r["decode tok/s"] for r in sub], marker="o", label=impl)
+        axes[1].plot(bs, [r["GB/s"] for r in sub], marker="o", label=impl)
+    for ax, yl in zip(axes, ("decode tokens/s", "GB/s read per decode step")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel(yl)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("minigpt bench decode\n" + title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# bench ops
+
+# script -> the results name it writes (<name>_<device tag>.csv)
+OP_SOURCES = {"bench_ops": "ops", "bench_attention": "attention",
+              "bench_training_ops": "training_ops"}
+OPS_COLUMNS = ["source", "date", "op", "shape", "dtype", "backend", "pass", "ms", "x eager",
+               "GB/s", "TFLOP/s", "MB"]
+
+
+def read_results_csv(path: str) -> tuple[Dict[str, str], List[dict]]:
+    """A harness CSV: (``# key: value`` header, rows as dicts with numbers parsed)."""
+    header, lines = {}, []
+    with open(path, newline="") as f:
+        for line in f:
+            if line.startswith("#"):
+                k, _, v = line[1:].partition(":")
+                header[k.strip()] = v.strip()
+            elif line.strip():
+                lines.append(line)
+    rows = []
+    for r in csv.DictReader(lines):
+        d = {}
+        for k, v in r.items():
+            try:
+                d[k] = float(v) if v not in ("", None) and k not in ("shape",) else (v or None)
+            except ValueError:
+                d[k] = v
+        rows.append(d)
+    return header, rows
+
+
+def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional[str] = None,
+              out: Optional[str] = None, sources=None, plot: bool = True,
+              timeout_s: float = 900.0) -> dict:
+    """Merge the per-op results into one table (after rerunning the scripts with --quick when
+    ``run``)."""
+    dev = parse_device(device)
+    sources = _parse_list("--sources", sources or list(OP_SOURCES), OP_SOURCES)
+    H = harness()
+    tag = H.device_tag(dev)
+    results = Path(results) if results else DEFAULT_OUT
+    out = Path(out) if out else DEFAULT_OUT
+    ran = []
+    if run:
+        for s in sources:
+            script = BENCH_DIR / f"{s}.py"
+            if not script.is_file():
+                print(f"ops: {script} is missing, skipped", flush=True)
+                continue
+            cmd = [sys.executable, str(script), "--quick", "--device", dev.type, "--out",
+                   str(results)]
+            print("ops: running " + " ".join(cmd), flush=True)
+            p = subprocess.run(cmd, timeout=timeout_s)
+            ran.append(f"{s}: exit {p.returncode}")
+    rows, missing, dates = [], [], {}
+    for s in sources:
+        path = results / f"{OP_SOURCES[s]}_{tag}.csv"
+        if not path.is_file():
+            missing.append(f"{path} (run `python benchmarks/{s}.py --device {dev.type}` or "
+                           "`minigpt bench ops --run`)")
+            continue
+        hdr, rs = read_results_csv(str(path))
+        dates[s] = hdr.get("date", "")
+        for r in rs:
+            ms = r.get("ms")
+            rows.append({
+                "source": s, "date": hdr.get("date", ""), "op": r.get("op"),
+                "shape": r.get("shape"), "dtype": r.get("dtype"), "backend": r.get("backend"),
+                "pass": r.get("pass"), "ms": ms, "x eager": r.get("x eager"),
+                "GB/s": r.get("GB/s"), "TFLOP/s": r.get("TFLOP/s"),
+                "MB": r.get("MB") if r.get("MB") is not None else r.get("peak MB"),
+            })
+    if not rows:
+        raise FileNotFoundError("no per-op results found for device tag "
+                                f"{tag!r}: " + "; ".join(missing))
+    for m in missing:
+        print(f"ops: missing {m}", flush=True)
+    header = _header(H, dev, {})
+    header.pop("load", None)  # the merged numbers were measured at other times (see date)
+    notes = ("Merged from the per-op benchmarks' latest results (" + ", ".join(
+        f"benchmarks/{s}.py at {d}" for s, d in dates.items()) + "); each was timed by its own "
+        "script under the shared rules of benchmarks/_harness.py. x eager = eager ms / ms "
+        "(> 1: faster than plain PyTorch). Rerun: `minigpt bench ops --run` (each script with "
+        "--quick) or the scripts themselves for the full sweeps.")
+    if missing:
+        notes += "\n\nMissing:\n" + "\n".join(f"- {m}" for m in missing)
+    H.print_table(rows, OPS_COLUMNS)
+    paths = H.write_results(rows, "bench_ops", dev, str(out),
+                            title="minigpt bench ops: every kernel vs eager PyTorch",
+                            notes=notes, header=header, columns=OPS_COLUMNS)
+    if plot:
+        png = _plot_ops(rows, out / f"bench_ops_{tag}.png", header["device"])
+        if png:
+            paths["png"] = str(png)
+    return {"rows": rows, "paths": paths, "missing": missing, "ran": ran}
+
+
+def _plot_ops(rows, path: Path, title: str):
+    """Speed-up over eager per (op, shape, dtype, pass), one bar per backend."""
+    plt = _plt()
+    if plt is None:
+        return None
+    rows = [r for r in rows if r.get("x eager") and r["backend"] != "eager"]
+    if not rows:
+        return None
+    cases = list(dict.fromkeys((r["op"], r["shape"], r["dtype"], r["pass"]) for r in rows))
+    bes = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(cases) * max(1, len(bes)) ** 0.5 + 1)))
+    h = 0.8 / len(bes)
+    for k, be in enumerate(bes):
+        ys, xs = [], []
+        for i, c in enumerate(cases):
+            r = next((r for r in rows if (r["op"], r["shape"], r["dtype"], r["pass"]) == c
+                      and r["backend"] == be), None)
+            if r is not None:
+                ys.append(i + k * h)
+                xs.append(r["x eager"])
+        ax.barh(ys, xs, height=h, label=be)
+    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(cases))])
+    ax.set_yticklabels([f"{o} {s} {d} {p}" for o, s, d, p in cases], fontsize=6)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("x eager (> 1: faster than eager PyTorch)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("minigpt bench ops: " + title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

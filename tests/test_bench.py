@@ -1,0 +1,234 @@
+"""Smoke tests of `minigpt bench`: tiny shapes, two steps. They check that the CSV, markdown
+and PNG are written with the expected columns, that the numbers are positive and finite, that
+the variants train the same model (equal first-step losses), and that bad options fail with a
+clear message. (The torch.compile variant takes about a minute to compile on this CPU even
+for the tiny model, so it is exercised by the committed CPU results, not here.)"""
+import csv
+import math
+
+import pytest
+import torch
+
+from minigpt import bench
+from minigpt.cli import main
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        lines = [line for line in f if not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+def _header_lines(path):
+    with open(path) as f:
+        return [line for line in f if line.startswith("#")]
+
+
+def _png_ok(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_writes_results(tmp_path):
+    res = bench.bench_train("tiny", steps=2, device="cpu", variants="minigpt,eager",
+                            out=str(tmp_path), profile=True)
+    paths = res["paths"]
+    for key in ("csv", "md", "png", "profile"):
+        assert key in paths, key
+    rows = _read_csv(paths["csv"])
+    assert [r["variant"] for r in rows] == ["minigpt", "eager"]
+    assert list(rows[0]) == bench.TRAIN_COLUMNS
+    for r in rows:
+        for col in ("step ms", "tokens/s", "x eager", "peak MB", "mem x eager", "TFLOP/s",
+                    "MFU %", "first step s", "params M"):
+            v = float(r[col])
+            assert math.isfinite(v) and v > 0, (col, r[col])
+        assert r["config"] == "tiny" and r["batch"] == "2" and r["seq"] == "32"
+    assert float(rows[1]["x eager"]) == pytest.approx(1.0)
+    # same initial weights and batch: the first step's loss agrees across backends
+    l0, l1 = float(rows[0]["loss@1"]), float(rows[1]["loss@1"])
+    assert l0 == pytest.approx(l1, rel=1e-4)
+    assert abs(l0 - math.log(65)) < 0.5  # near-uniform prediction at init over 65 symbols
+    assert rows[0]["backend"] == "cpu" and rows[1]["backend"] == "torch"
+    hdr = "".join(_header_lines(paths["csv"]))
+    for key in ("# device:", "# date:", "# torch:", "# triton:", "# load:", "# peak TFLOP/s:"):
+        assert key in hdr
+    md = open(paths["md"]).read()
+    assert "| config | variant | backend |" in md and "Goals:" in md
+    assert "tiny: minigpt" in md
+    assert _png_ok(paths["png"])
+    prof = open(paths["profile"]).read()
+    assert "## tiny: minigpt" in prof and "## tiny: eager" in prof and "Self CPU" in prof
+    assert paths["csv"].endswith("bench_train_cpu.csv")
+
+
+def test_train_models_stay_identical_between_variants():
+    """After the same steps, eager and our kernels hold (nearly) the same weights: the
+    benchmark compares equal work."""
+    shape = bench.TRAIN_CONFIGS["tiny"][0]
+    from minigpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**shape))
+    xy = torch.randint(0, 65, (2, 33))
+    batches = [(xy[:, :-1], xy[:, 1:].contiguous())]
+    import copy
+
+    runs = [bench._TrainVariant(v, copy.deepcopy(base), torch.device("cpu"), None, batches)
+            for v in ("minigpt", "eager")]
+    for _ in range(2):
+        for r in runs:
+            r.step()
+    for (n, a), (_, b) in zip(runs[0].raw.named_parameters(), runs[1].raw.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    assert runs[0].state_bytes() == runs[1].state_bytes() > 3 * 4 * base.num_params(False) - 1
+
+
+def test_flops_per_token_matches_nanogpt_formula():
+    from minigpt.model import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    m = GPT(cfg)
+    n = sum(p.numel() for p in m.parameters()) - m.transformer.wpe.weight.numel()
+    assert bench.flops_per_token(m, 8) == 6 * n + 12 * 3 * 2 * 8 * 8
+
+
+def test_decode_gpt_writes_results(tmp_path):
+    res = bench.bench_decode("gpt", config="tiny", batches=[1, 2], prompt_len=4,
+                             new_tokens=4, reps=1, device="cpu", out=str(tmp_path))
+    rows = _read_csv(res["paths"]["csv"])
+    assert list(rows[0]) == bench.DECODE_COLUMNS
+    assert [(r["impl"], r["batch"]) for r in rows] == [("minigpt", "1"), ("eager", "1"),
+                                                        ("minigpt", "2"), ("eager", "2")]
+    for r in rows:
+        for col in ("prefill tok/s", "decode tok/s", "ms/step", "GB/s", "x base"):
+            v = float(r[col])
+            assert math.isfinite(v) and v > 0, (col, r[col])
+        assert r["same tokens"] == "True"  # fp32 greedy: our kernels pick the same tokens
+    assert _png_ok(res["paths"]["png"])
+    assert res["paths"]["csv"].endswith("bench_decode_gpt-tiny_cpu.csv")
+
+
+def test_decode_bytes_per_step():
+    from minigpt.model import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=5)
+    m = GPT(cfg)
+    weights = 4 * sum(p.numel() for p in m.parameters())  # tied head counted once
+    kv_per_pos = 2 * 2 * 3 * 2 * 4 * 4                       # k+v, layers, batch, heads, dim, fp32
+    got = bench.decode_bytes_per_step(m, batch=3, prompt=6, new=4, cache_dtype=torch.float32)
+    assert got == weights + kv_per_pos * (6 + 2)
+
+
+def test_ops_merges_results(tmp_path):
+    H = bench.harness()
+    dev = torch.device("cpu")
+    src = tmp_path / "in"
+    rows_a = [H.row(op="softmax", shape=(4, 8), dtype=torch.float32, backend=be, pass_="fwd",
+                    ms=ms, nbytes=256, eager_ms=2.0) for be, ms in (("eager", 2.0), ("cpu", 0.5))]
+    H.write_results(rows_a, "ops", dev, str(src))
+    rows_b = [dict(op="rms_norm", shape="8x8", dtype="fp32", backend=be, **{"pass": "fwd+bwd"},
+                   ms=ms, **{"x eager": 3.0 / ms, "MB": 1.5}) for be, ms in (("eager", 3.0),
+                                                                           ("cpu", 1.0))]
+    H.write_results(rows_b, "training_ops", dev, str(src))
+    res = bench.bench_ops(device="cpu", results=str(src), out=str(tmp_path / "out"))
+    rows = _read_csv(res["paths"]["csv"])
+    # columns no source filled in (TFLOP/s here) are left out
+    assert list(rows[0]) == [c for c in bench.OPS_COLUMNS if c != "TFLOP/s"]
+    assert [(r["source"], r["op"], r["backend"]) for r in rows] == [
+        ("bench_ops", "softmax", "eager"), ("bench_ops", "softmax", "cpu"),
+        ("bench_training_ops", "rms_norm", "eager"), ("bench_training_ops", "rms_norm", "cpu")]
+    assert float(rows[1]["x eager"]) == pytest.approx(4.0)
+    assert float(rows[3]["x eager"]) == pytest.approx(3.0)
+    assert float(rows[3]["MB"]) == pytest.approx(1.5)
+    assert float(rows[1]["GB/s"]) == pytest.approx(256 / 0.5e-3 / 1e9)
+    assert any("attention_cpu.csv" in m for m in res["missing"])
+    assert _png_ok(res["paths"]["png"])
+    md = open(res["paths"]["md"]).read()
+    assert "Missing:" in md and "| source | date | op |" in md
+
+
+def test_ops_without_results_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no per-op results"):
+        bench.bench_ops(device="cpu", results=str(tmp_path), out=str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(configs="nope"), "--config: unknown"),
+    (dict(configs=""), "--config: nothing given"),
+    (dict(variants="minigpt,fast"), "--variants: unknown"),
+    (dict(steps=0), "--steps must be a positive integer"),
+    (dict(batch_size=-1), "--batch-size must be a positive integer"),
+    (dict(device="tpu"), "--device must be"),
+    (dict(dtype="float8"), "--dtype must be"),
+    (dict(dtype="float16", device="cpu"), "float16 needs a GPU"),
+    (dict(peak_tflops=-1.0), "--peak-tflops must be a positive"),
+])
+def test_train_bad_options(kwargs, match, tmp_path):
+    kw = dict(configs="tiny", steps=1, out=str(tmp_path))
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        bench.bench_train(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        bench.bench_train("tiny", steps=1, device="cuda", out=str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="bert"), "--model must be gpt or smollm2"),
+    (dict(config="huge"), "--config: unknown"),
+    (dict(new_tokens=1), "--new-tokens must be >= 2"),
+    (dict(batches=[0]), "--batch must be a positive integer"),
+    (dict(prompt_len=250, new_tokens=10, config="seed"), "exceed the seed context"),
+])
+def test_decode_bad_options(kwargs, match, tmp_path):
+    kw = dict(model="gpt", config="tiny", device="cpu", out=str(tmp_path))
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        bench.bench_decode(**kw)
+
+
+def test_cpu_skips_shapes_too_big_for_the_budget(tmp_path, capsys):
+    res = bench.bench_train("gpt2", steps=5, device="cpu", out=str(tmp_path),
+                            max_cpu_seconds=1.0)
+    assert res["rows"] == [] and len(res["skipped"]) == 1
+    assert "gpt2: skipped on this CPU" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["bench", "train", "--config", "nope", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "minigpt bench: error: --config: unknown ['nope']" in err
+    assert main(["bench", "train", "--steps", "0", "--out", str(tmp_path)]) == 1
+    assert "--steps must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: unknown sub-choice
+        main(["bench", "fly"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_train_tiny(tmp_path, capsys):
+    rc = main(["bench", "train", "--config", "tiny", "--steps", "1", "--variants", "eager",
+               "--out", str(tmp_path), "--no-plot", "--no-profile"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "wrote csv:" in out and "wrote png" not in out
+    rows = _read_csv(tmp_path / "bench_train_cpu.csv")
+    assert [r["variant"] for r in rows] == ["eager"] and float(rows[0]["x eager"]) == 1.0
+
+
+def test_cpu_peak_estimate():
+    tf, how = bench.cpu_peak_tflops(threads=2)
+    if tf is None:
+        assert "--peak-tflops" in how
+    else:
+        assert 0.001 < tf < 100 and "GFLOP/s" in how
+    assert bench.device_peak_tflops(torch.device("cpu"), "fp32", 1.5) == (1.5, "--peak-tflops 1.5")
+
+
+def test_missing_checkout_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="needs the MiniGPT source checkout"):
+        bench._load_script("bench_generate")
