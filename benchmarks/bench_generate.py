@@ -1,0 +1,188 @@
+"""Generation speed: SmolLM2-135M-Instruct through MiniGPT against transformers' ``generate``
+on the same weights, same machine, greedy, batch 1 and 8.
+
+    python benchmarks/bench_generate.py                       # CPU, fp32
+    python benchmarks/bench_generate.py --device cuda         # GPU, bf16, decode in a CUDA graph
+    python benchmarks/bench_generate.py --prompt-len 32 --new-tokens 32 --batch 1 8
+
+Reported per (batch, implementation):
+  * prefill tok/s = batch * prompt_len / time to the first new token (prompt forward + pick);
+  * decode tok/s  = batch * (new_tokens - 1) / (time for all new tokens - time to the first).
+Both implementations are timed round-robin (benchmarks/_harness.py) so machine load hits them
+alike; every run's tokens are checked equal between the two (greedy, same weights), so the
+comparison is of the same work.
+
+On CUDA our decode step (one token through all 30 layers, attention against the KV cache) is
+captured once in a CUDA graph and replayed: a decode step is ~300 small kernels, and launching
+them one by one from Python costs more than running them. The capture needs a decode step that
+never syncs with the host; if capture fails the script says why and times eager decoding.
+Writes benchmarks/results/generate_<device>.{csv,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import _harness as H  # noqa: E402
+
+import minigpt  # noqa: E402
+from minigpt.loaders import packaged_path  # noqa: E402
+
+TEXT = ("The history of computing is a story of people building tools to think faster. From the "
+        "abacus to mechanical calculators, from vacuum tubes to transistors, every generation of "
+        "machines made the previous one look slow, and every generation of programmers found new "
+        "ways to use the extra speed. ")
+
+
+def prompts(tok, batch, length):
+    ids = tok.encode(TEXT * 4)
+    rows = [ids[i * 3:i * 3 + length] for i in range(batch)]  # different text per row
+    assert all(len(r) == length for r in rows)
+    return torch.tensor(rows)
+
+
+class Ours:
+    """Greedy decoding with our KV cache; optional CUDA graph for the decode step."""
+
+    def __init__(self, model, batch, max_len, cuda_graph):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.cache = model.new_cache(batch, max_seqlen=max_len)
+        self.graph = None
+        self.graph_error = None
+        if cuda_graph:
+            try:
+                self._capture()
+            except Exception as e:  # report, then time eager decoding instead
+                self.graph, self.graph_error = None, f"{type(e).__name__}: {e}"
+                torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def _step(self):
+        logits, _ = self.model(self.tok, cache=self.cache, only_last=True)
+        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+
+    @torch.no_grad()
+    def _capture(self):
+        dev = self.model.transformer.wte.weight.device
+        self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        # Warm up on a side stream (allocator, autotuning, lazy inits), as CUDA graphs need.
+        self.cache.reset()
+        self.model(torch.zeros(self.batch, 4, dtype=torch.long, device=dev), cache=self.cache,
+                   only_last=True)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def generate(self, idx, n):
+        self.cache.reset()
+        logits, _ = self.model(idx, cache=self.cache, only_last=True)
+        first = logits[:, -1].argmax(-1, keepdim=True)
+        out = [first]
+        if n > 1:
+            if self.graph is not None:
+                self.tok.copy_(first)
+                for _ in range(n - 1):
+                    self.graph.replay()
+                    out.append(self.tok.clone())
+            else:
+                self.tok = first.clone()  # _step writes into it in place
+                for _ in range(n - 1):
+                    self._step()
+                    out.append(self.tok.clone())
+        return torch.cat(out, dim=1)
+
+
+def hf_generate(model, idx, n):
+    with torch.no_grad():
+        out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[:, idx.shape[1]:]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds per measurement")
+    ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+
+    dev = torch.device(args.device)
+    dtype = minigpt.loaders.parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    import transformers
+
+    ours, tok = minigpt.load("smollm2", dtype=dtype, device=dev)
+    path = packaged_path("smollm2")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).to(dev).eval()
+    header = H.env_header(dev)
+    header["transformers"] = transformers.__version__
+    header["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)"
+    header["dtype"] = H.dtype_name(dtype)
+    header["backend"] = (os.environ.get("MINIGPT_BACKEND")
+                         or minigpt._backend.resolve("attention", None, dev, dtype))
+    P, N = args.prompt_len, args.new_tokens
+    rows = []
+    for B in args.batch:
+        idx = prompts(tok, B, P).to(dev)
+        runner = Ours(ours, B, P + N, cuda_graph=dev.type == "cuda" and not args.no_cuda_graph)
+        if runner.graph_error:
+            print(f"[batch {B}] CUDA graph capture failed, timing eager decode: "
+                  f"{runner.graph_error}", file=sys.stderr)
+        a, b = runner.generate(idx, N), hf_generate(theirs, idx, N)
+        same = bool(torch.equal(a.cpu(), b.cpu()))
+        if not same:
+            agree = (a.cpu() == b.cpu()).float().mean().item()
+            print(f"[batch {B}] note: greedy tokens differ ({agree:.0%} equal); "
+                  "low-precision ties can do that", file=sys.stderr)
+        fns = {"minigpt first": lambda: runner.generate(idx, 1),
+               "minigpt all": lambda: runner.generate(idx, N),
+               "transformers first": lambda: hf_generate(theirs, idx, 1),
+               "transformers all": lambda: hf_generate(theirs, idx, N)}
+        ms = H.time_fns(fns, dev, warmup=1, reps=args.reps)
+        for name in ("minigpt", "transformers"):
+            first, total = ms[f"{name} first"], ms[f"{name} all"]
+            decode_ms = max(total - first, 1e-9)
+            rows.append({"impl": name + (" +cudagraph" if name == "minigpt" and runner.graph
+                                         else ""),
+                         "batch": B, "prompt": P, "new": N,
+                         "prefill tok/s": B * P / (first / 1e3),
+                         "decode tok/s": B * (N - 1) / (decode_ms / 1e3),
+                         "ms/step": decode_ms / (N - 1), "same tokens": same})
+        o, t = rows[-2], rows[-1]
+        o["prefill x"] = o["prefill tok/s"] / t["prefill tok/s"]
+        o["decode x"] = o["decode tok/s"] / t["decode tok/s"]
+        H.print_table(rows[-2:], COLS)
+    notes = (f"Greedy decoding of {N} new tokens after a {P}-token prompt; prefill = time to the "
+             "first new token; decode = the remaining tokens. 'x' = MiniGPT / transformers "
+             "(> 1: MiniGPT faster). Median of round-robin rounds (benchmarks/_harness.py).")
+    paths = H.write_results(rows, "generate", dev, args.out, title="Generation: SmolLM2-135M",
+                            notes=notes, header=header, columns=COLS)
+    print(f"wrote {paths['csv']} and {paths['md']}")
+
+
+COLS = ["impl", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "ms/step",
+        "prefill x", "decode x", "same tokens"]
+
+if __name__ == "__main__":
+    main()
