@@ -6,11 +6,11 @@
 // queries to the accumulation type once (pre-multiplied by scale * log2(e), so scores are in
 // base 2 and the softmax needs only exp2), then walks blocks of BK keys with an online
 // softmax, exactly as the GPU kernels do: only a BQ x BK score tile ever exists. The two
-// products per tile (S = Q Kᵀ and O += P V) run through one register-blocked micro-kernel:
+// products per tile (Sᵀ = K Qᵀ and O += P V) run through one register-blocked micro-kernel:
 // R rows x NC columns of C stay in vector registers while it streams the shared dimension, so
 // the inner loop is broadcast-A / load-B / FMA, which the compiler vectorizes (-march=native,
-// `#pragma omp simd`) without BLAS. Kᵀ and V tiles are copied to padded fp32 buffers first
-// (that also converts bf16/fp16 once per tile instead of once per use).
+// `#pragma omp simd`) without BLAS. K and V are converted once per call to padded fp32 tiles
+// (Packed), not once per query block that reads them.
 //
 // Backward (recompute from the saved logsumexp, like FlashAttention-2, atomic-free):
 //   pass A, one task per (batch, kv head, key block): loops over the GQA group's query heads
@@ -191,74 +191,100 @@ Packed<A> pack(const T* src, int64_t sb, int64_t sh, int64_t ss, const Geo& g, b
 
 template <typename A>
 struct FwdBuf {
-  std::vector<A> q, kt, v, s, o, m, l;
+  // qt: the query block transposed (Dp, BQ); k, v: (BK, Dp) tiles when not packed; s: the
+  // transposed score tile (BK, BQ); o: (BQ, Dp); per-query softmax state and scratch.
+  std::vector<A> qt, k, v, s, o, m, l, mx, alpha, msafe, sum;
   explicit FwdBuf(int64_t Dp)
-      : q(BQ * Dp), kt(Dp * BK), v(BK * Dp), s(BQ * BK), o(BQ * Dp), m(BQ), l(BQ) {}
+      : qt(Dp * BQ), k(BK * Dp), v(BK * Dp), s(BK * BQ), o(BQ * Dp), m(BQ), l(BQ), mx(BQ),
+        alpha(BQ), msafe(BQ), sum(BQ) {}
 };
 
-// Attention for `nq` query rows against keys [0, nkeys) of one kv head. Row i (0-based within
-// the tile) sees key j when j <= i + shift (causal; shift = i0 + S - T), else every key.
-// q rows have stride qrs; out rows ors; lse entries lse_s.
-// With `pk` (packed Kᵀ tiles) and `pv` (packed V rows), see Packed, the tiles are read from
-// there; without, they are converted from k and v here.
+// Attention for `nq` (<= BQ) query rows against keys [0, nkeys) of one kv head. Row i (0-based
+// within the tile) sees key j when j <= i + shift (causal; shift = i0 + S - T), else every key.
+// q rows have stride qrs; out rows ors; lse entries lse_s. With `pk`/`pv` (packed K and V rows,
+// see Packed) the tiles are read from there; without, they are converted from k and v here.
+//
+// The score tile is computed transposed, Sᵀ = K Qᵀ (keys x queries), so the online softmax's
+// per-query max, rescale and sum run down the columns: plain vertical vector ops over BQ
+// queries, with no horizontal reduction per row and tile.
 template <typename T, typename A>
 void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int64_t krs,
               const T* v, int64_t vrs, const A* pk, const A* pv, int64_t nkeys, bool causal,
               int64_t shift, int64_t D, int64_t Dp, A qscale, T* out, int64_t ors, A* lse,
               int64_t lse_s) {
   const A ninf = -std::numeric_limits<A>::infinity();
-  load_rows<T, A>(q, qrs, nq, nq, D, Dp, qscale, w.q.data());
-  std::fill(w.o.begin(), w.o.begin() + nq * Dp, A(0));
+  std::fill(w.qt.begin(), w.qt.end(), A(0));
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t d = 0; d < D; ++d) w.qt[d * BQ + i] = static_cast<A>(q[i * qrs + d]) * qscale;
+  std::fill(w.o.begin(), w.o.end(), A(0));
   std::fill(w.m.begin(), w.m.end(), ninf);
   std::fill(w.l.begin(), w.l.end(), A(0));
-  const int64_t end = causal ? std::min(nkeys, nq - 1 + shift + 1) : nkeys;
+  A* m = w.m.data();
+  A* l = w.l.data();
+  A* mx = w.mx.data();
+  A* alpha = w.alpha.data();
+  A* ms = w.msafe.data();
+  A* sum = w.sum.data();
+  const int64_t end = causal ? std::min(nkeys, nq + shift) : nkeys;
   for (int64_t j0 = 0; j0 < end; j0 += BK) {
     const int64_t nk = std::min(BK, end - j0);
-    const A* kt = pk ? pk + j0 * Dp : w.kt.data();
-    const A* vt = pv ? pv + j0 * Dp : w.v.data();
-    if (!pk) load_cols<T, A>(k + j0 * krs, krs, nk, D, Dp, w.kt.data());
+    const A* kr = pk ? pk + j0 * Dp : w.k.data();
+    const A* vr = pv ? pv + j0 * Dp : w.v.data();
+    if (!pk) load_rows<T, A>(k + j0 * krs, krs, nk, BK, D, Dp, A(1), w.k.data());
     if (!pv) load_rows<T, A>(v + j0 * vrs, vrs, nk, BK, D, Dp, A(1), w.v.data());
-    gemm<A>(w.q.data(), Dp, 1, kt, BK, w.s.data(), BK, nq, BK, D, false);
-    for (int64_t i = 0; i < nq; ++i) {
-      A* s = w.s.data() + i * BK;
-      // Keys this row sees in the tile: [0, lim).
-      const int64_t lim = causal ? std::max<int64_t>(0, std::min(nk, i + shift - j0 + 1)) : nk;
-      if (lim == 0) {  // no key here: P row is 0 and the row's state is unchanged
-        std::fill(s, s + BK, A(0));
-        continue;
-      }
-      for (int64_t j = lim; j < BK; ++j) s[j] = ninf;
-      A mx = ninf;
-#pragma omp simd reduction(max : mx)
-      for (int64_t j = 0; j < BK; ++j) mx = s[j] > mx ? s[j] : mx;  // std::max does not vectorize
-      const A m_new = std::max(w.m[i], mx);
-      const A alpha = exp2_neg(w.m[i] - m_new);  // exp2(-inf) = 0 for the first tile
-      A sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < BK; ++j) {
-        const A p = exp2_neg(s[j] - m_new);
-        s[j] = p;
-        sum += p;
-      }
-      w.l[i] = w.l[i] * alpha + sum;
-      w.m[i] = m_new;
-      if (alpha != A(1)) {
-        A* o = w.o.data() + i * Dp;
-#pragma omp simd
-        for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha;
+    gemm<A>(kr, Dp, 1, w.qt.data(), BQ, w.s.data(), BQ, nk, BQ, D, false);
+    if (causal) {
+      // Key j0 + j is seen by queries i >= j0 + j - shift.
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t lo = std::min<int64_t>(BQ, j0 + j - shift);
+        A* st = w.s.data() + j * BQ;
+        for (int64_t i = 0; i < lo; ++i) st[i] = ninf;
       }
     }
-    gemm<A>(w.s.data(), BK, 1, vt, Dp, w.o.data(), Dp, nq, Dp, nk, true);
+    std::copy(m, m + BQ, mx);
+    for (int64_t j = 0; j < nk; ++j) {
+      const A* st = w.s.data() + j * BQ;
+#pragma omp simd
+      for (int64_t i = 0; i < BQ; ++i) mx[i] = st[i] > mx[i] ? st[i] : mx[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < BQ; ++i) {
+      // A query that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not nan.
+      ms[i] = mx[i] == ninf ? A(0) : mx[i];
+      alpha[i] = exp2_neg(m[i] - ms[i]);
+      m[i] = mx[i];
+      sum[i] = A(0);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      A* st = w.s.data() + j * BQ;
+#pragma omp simd
+      for (int64_t i = 0; i < BQ; ++i) {
+        const A p = exp2_neg(st[i] - ms[i]);
+        st[i] = p;
+        sum[i] += p;
+      }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < BQ; ++i) l[i] = l[i] * alpha[i] + sum[i];
+    for (int64_t i = 0; i < nq; ++i) {
+      if (alpha[i] == A(1)) continue;
+      A* o = w.o.data() + i * Dp;
+      const A a = alpha[i];
+#pragma omp simd
+      for (int64_t d = 0; d < Dp; ++d) o[d] *= a;
+    }
+    // O += P V, reading P from the transposed tile (row stride 1, k stride BQ).
+    gemm<A>(w.s.data(), 1, BQ, vr, Dp, w.o.data(), Dp, nq, Dp, nk, true);
   }
   for (int64_t i = 0; i < nq; ++i) {
-    const A l = w.l[i];
-    const A inv = l > 0 ? A(1) / l : A(0);
+    const A inv = l[i] > 0 ? A(1) / l[i] : A(0);
     const A* o = w.o.data() + i * Dp;
     T* dst = out + i * ors;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
-    lse[i * lse_s] = l > 0 ? (w.m[i] + std::log2(l)) * A(LN2)
-                           : std::numeric_limits<A>::infinity();
+    // A row that saw no key: lse = +inf, so the backward's exp2(s - lse) is 0 there.
+    lse[i * lse_s] = l[i] > 0 ? (m[i] + std::log2(l[i])) * A(LN2)
+                              : std::numeric_limits<A>::infinity();
   }
 }
 
@@ -273,7 +299,7 @@ void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   A* lp = lse.data_ptr<A>();
   const int64_t nqb = (g.T + BQ - 1) / BQ;
   const A qscale = static_cast<A>(scale * LOG2E);
-  const auto pk = pack<T, A>(kp, g.kb, g.kh, g.ks, g, true);
+  const auto pk = pack<T, A>(kp, g.kb, g.kh, g.ks, g, false);
   const auto pv = pack<T, A>(vp, g.vb, g.vh, g.vs, g, false);
   at::parallel_for(0, g.B * g.Hq * nqb, grain(BQ * g.S * g.Dp), [&](int64_t t0, int64_t t1) {
     FwdBuf<A> w(g.Dp);
