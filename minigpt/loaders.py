@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
 
 import numpy as np
 import torch
@@ -275,11 +274,3 @@ def load_gguf(path, dtype=torch.float32, device="cpu"):
 
     return model_from_state_dict(config, llama_state_dict_to_minigpt(sd, config), dtype,
                                  device), tokenizer
-
-
-def describe(model: GPT) -> dict[str, Any]:
-    """A few facts for log lines."""
-    c = model.config
-    return {"layers": c.n_layer, "heads": c.n_head, "kv_heads": c.n_kv_head, "width": c.n_embd,
-            "context": c.block_size, "vocab": c.vocab_size,
-            "params": sum(p.numel() for p in model.parameters())}

@@ -186,6 +186,10 @@ def run(args) -> int:
     stats = Stats() if args.stats else None
     stream_text(model, tokenizer, ids, args, stats=stats)
     sys.stdout.write("\n")
+    room = model.config.block_size - len(ids)
+    if room < args.max_new_tokens:
+        print(f"[stopped after at most {room} tokens: the model's context of "
+              f"{model.config.block_size} tokens is full]", file=sys.stderr)
     if stats is not None:
         print(stats.line(), file=sys.stderr)
     return 0
