@@ -124,10 +124,15 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="timed rounds per measurement")
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for both implementations (default: torch's choice; "
+                         "on a busy shared machine 1 thread is far less noisy)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
 
     dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = minigpt.loaders.parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     import transformers
 
@@ -139,6 +144,8 @@ def main():
     header["transformers"] = transformers.__version__
     header["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)"
     header["dtype"] = H.dtype_name(dtype)
+    if hasattr(os, "getloadavg"):
+        header["load average at start (1/5/15 min)"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     header["backend"] = (os.environ.get("MINIGPT_BACKEND")
                          or minigpt._backend.resolve("attention", None, dev, dtype))
     P, N = args.prompt_len, args.new_tokens
@@ -176,6 +183,8 @@ def main():
     notes = (f"Greedy decoding of {N} new tokens after a {P}-token prompt; prefill = time to the "
              "first new token; decode = the remaining tokens. 'x' = MiniGPT / transformers "
              "(> 1: MiniGPT faster). Median of round-robin rounds (benchmarks/_harness.py).")
+    if hasattr(os, "getloadavg"):
+        header["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     paths = H.write_results(rows, "generate", dev, args.out, title="Generation: SmolLM2-135M",
                             notes=notes, header=header, columns=COLS)
     print(f"wrote {paths['csv']} and {paths['md']}")

@@ -122,6 +122,25 @@ def test_export_smollm2_shaped_gguf_roundtrip(tmp_path):
     assert rtok(TEXT)["input_ids"] == tok.encode(TEXT)
 
 
+def test_import_folder_written_by_transformers(tmp_path):
+    """A GPT2LMHeadModel saved by transformers itself (not by our exporter) imports with
+    the same logits."""
+    cfg = transformers.GPT2Config(vocab_size=53, n_positions=32, n_embd=48, n_layer=2, n_head=3,
+                                  activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ref.save_pretrained(str(tmp_path))
+    model, tok = minigpt.load(str(tmp_path))
+    assert tok is None  # no tokenizer in that folder
+    ids = torch.randint(0, 53, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 # ---- push to hub -------------------------------------------------------------------------------
 
 def test_push_to_hub_offline_fails_clearly(gpt_ckpt, tmp_path, monkeypatch, capsys):
