@@ -173,10 +173,51 @@ def bench_swiglu(device, quick):
     return cases
 
 
+def bench_cross_entropy(device, quick):
+    # (tokens, vocab): GPT-2 / Llama-2 / Llama-3 vocabularies. The loss alone, from given logits.
+    sizes = ([(8192, 32000), (4096, 128256)] if device.type == "cuda"
+             else [(1024, 32000)] if quick else [(1024, 32000), (2048, 49152)])
+    dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+    cases = []
+    for (N, V) in sizes:
+        for dt in dtypes:
+            def make(N=N, V=V, dt=dt):
+                return (torch.randn(N, V, device=device, dtype=dt, requires_grad=True),
+                        torch.randint(0, V, (N,), device=device))
+            cases.append(Case("cross_entropy", f"{N}x{V}", dt, make, _impls(
+                "cross_entropy", reference.cross_entropy, ops.cross_entropy, device)))
+    return cases
+
+
+def bench_fused_linear_cross_entropy(device, quick):
+    # (tokens, hidden, vocab): SmolLM2-135M's head (576 -> 49152), and Llama-3-8B's on GPU.
+    # eager = hidden @ weight.T in the input dtype, then the fp32 loss (what a model does).
+    sizes = ([(8192, 576, 49152), (4096, 4096, 128256)] if device.type == "cuda"
+             else [(512, 576, 32000)] if quick else [(512, 576, 32000), (1024, 576, 49152)])
+    dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32]
+
+    def eager(h, w, t):
+        return reference.cross_entropy(h @ w.t(), t)
+
+    cases = []
+    for (N, Hd, V) in sizes:
+        for dt in dtypes:
+            def make(N=N, Hd=Hd, V=V, dt=dt):
+                return (torch.randn(N, Hd, device=device, dtype=dt, requires_grad=True),
+                        (torch.randn(V, Hd, device=device) * Hd ** -0.5).to(dt).requires_grad_(),
+                        torch.randint(0, V, (N,), device=device))
+            cases.append(Case("fused_linear_cross_entropy", f"{N}x{Hd} -> {V}", dt, make,
+                              _impls("fused_linear_cross_entropy", eager,
+                                     ops.fused_linear_cross_entropy, device)))
+    return cases
+
+
 OPS = {
     "rms_norm": bench_rms_norm,
     "rope": bench_rope,
     "swiglu": bench_swiglu,
+    "cross_entropy": bench_cross_entropy,
+    "fused_linear_cross_entropy": bench_fused_linear_cross_entropy,
 }
 
 

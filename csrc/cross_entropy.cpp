@@ -12,6 +12,7 @@
 // x_t is read in the first pass). Ignored rows get loss 0 and gradient 0.
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "common.h"
@@ -23,6 +24,33 @@ namespace minigpt {
 namespace {
 
 constexpr int64_t kCeBlock = 512;  // columns per online-logsumexp step: fits L1, vectorizes
+
+// exp(x) for x <= 0 (every exp here is of a logit minus the running max) in plain float
+// arithmetic, so GCC vectorizes it inside `#pragma omp simd`; std::exp is a libm call that only
+// vectorizes under -ffast-math. Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a
+// degree-6 polynomial (relative error ~1e-7), 2^n written into the exponent bits. Below
+// -87.3 the result underflows to 0 (so exp(-inf) = 0, as masked logits need).
+inline float exp_nonpos(float x) {
+  const float lo = -87.33654f;
+  const bool under = x < lo;
+  x = std::max(x, lo);
+  // Round to nearest by adding and removing 1.5 * 2^23 (vectorizes without SSE4.1's round).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite): n * ln2 stays exact
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + (r + 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  return under ? 0.0f : p * pow2n;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }  // float64 is for gradcheck
 
 template <typename T>
 void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at::Tensor& loss,
@@ -68,12 +96,12 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
         sx += bsx;
         if (bm == -std::numeric_limits<A>::infinity()) continue;  // adds exp(-inf) = 0
         if (bm > m) {
-          s *= std::exp(m - bm);  // exp(-inf) = 0 on the first block
+          s *= exp_nonpos(m - bm);  // exp(-inf) = 0 on the first block
           m = bm;
         }
         A bs = 0;
 #pragma omp simd reduction(+ : bs)
-        for (int64_t j = 0; j < n; ++j) bs += std::exp(buf[j] - m);
+        for (int64_t j = 0; j < n; ++j) bs += exp_nonpos(buf[j] - m);
         s += bs;
       }
       // Everything relative to the max m: x - m is exact, where x - lse would lose the low bits
@@ -85,9 +113,9 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
       if (g) {
 #pragma omp simd
         for (int64_t j = 0; j < V; ++j)
-          g[j] = static_cast<T>(scale * (std::exp((static_cast<A>(x[j]) - m) - logd) - smooth));
+          g[j] = static_cast<T>(scale * (exp_nonpos((static_cast<A>(x[j]) - m) - logd) - smooth));
         // Recomputed from the saved x_t, not read back from g (g may be x, already overwritten).
-        g[t] = static_cast<T>(scale * (std::exp((xt - m) - logd) - smooth - (A(1) - eps)));
+        g[t] = static_cast<T>(scale * (exp_nonpos((xt - m) - logd) - smooth - (A(1) - eps)));
       }
     }
   });

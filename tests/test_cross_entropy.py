@@ -208,9 +208,10 @@ def test_fused_linear_cross_entropy_gradcheck_float64(be, reduction):
 
 
 def test_fused_default_chunk_size_bounds_the_logits():
-    # 8192 tokens x 576 hidden x 49152 vocab (SmolLM2): chunks of 96 tokens, whose logits are
-    # no larger than hidden itself; tiny problems get one chunk.
-    assert ce_mod.default_chunk_size(8192, 576, 49152) == 96
+    # 8192 tokens x 576 hidden x 49152 vocab (SmolLM2): chunks of 341 tokens (16M logits);
+    # a wide hidden allows chunks as large as hidden; tiny problems get one chunk.
+    assert ce_mod.default_chunk_size(8192, 576, 49152) == 341
+    assert ce_mod.default_chunk_size(8192, 4096, 128256) == 8192 * 4096 // 128256
     assert ce_mod.default_chunk_size(10, 16, 1000) == 10
     assert ce_mod.default_chunk_size(5, 4, 10 ** 8) == 1
 
@@ -263,6 +264,27 @@ def test_fused_linear_cross_entropy_never_keeps_logits():
     _, ours = _saved_bytes(lambda: ops.fused_linear_cross_entropy(h, w, t, backend="cpu"))
     # dhidden and dweight, nothing of size N x V (= 32x hidden here)
     assert ours <= 4 * (N * H + V * H) + 1024, ours
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["ce", "fused"])
+def test_backward_twice_with_retained_graph(fused):
+    # backward hands out the stored gradient itself when grad_output is 1: it must stay intact
+    # for a second backward through the retained graph, with any grad_output.
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    t = torch.randint(0, 20, (6,))
+    loss = (ops.fused_linear_cross_entropy(h, w, t, backend="cpu") if fused
+            else ops.cross_entropy(h @ w.t(), t, backend="cpu"))
+    ref = reference.fused_linear_cross_entropy(h, w, t)
+    for scale in (1.0, 3.0, 1.0):
+        g = torch.autograd.grad(loss * scale, [h, w], retain_graph=True)
+        gr = torch.autograd.grad(ref * scale, [h, w], retain_graph=True)
+        for a, c in zip(g, gr):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    ref_grads = torch.autograd.grad(ref, [h, w])
+    torch.testing.assert_close(h.grad, ref_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_grads[1], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,10 +40,11 @@ from minigpt.ops import _checks
 OP = "cross_entropy"
 FOP = "fused_linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
-# Elements of one chunk of logits in fused_linear_cross_entropy: at most hidden's own size
-# (Liger's rule, so the chunk costs no more memory than the activations already held), but at
-# least this many, so each chunk's matmuls stay large enough to run efficiently.
-MIN_CHUNK_ELEMENTS = 1 << 22
+# Elements of one chunk of logits in fused_linear_cross_entropy: hidden's own size (Liger's rule:
+# the chunk costs no more memory than the activations already held), but at least this many
+# (64 MiB in fp32). Every chunk reads all of weight and updates all of grad_weight, so chunks of
+# a few dozen tokens make the loss memory-bound; a few hundred tokens amortize that.
+MIN_CHUNK_ELEMENTS = 1 << 24
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -87,6 +88,16 @@ def _target_stats(op: str, target: Tensor, V: int, ignore_index: int) -> int:
 def _grad_scale(reduction: str, n_valid: int) -> float:
     # With every target ignored the gradient is zero anyway (and the mean loss NaN, as in torch).
     return 1.0 / n_valid if reduction == "mean" and n_valid > 0 else 1.0
+
+
+def _scaled(g: Tensor, dloss: Tensor) -> Tensor:
+    """g * dloss for a 0-dim dloss. The usual ``loss.backward()`` has dloss == 1: then the stored
+    gradient itself is returned, so backward needs no second buffer of its size (autograd only
+    reads it, and copies it before accumulating if the graph is retained). Checking costs a
+    sync on GPU; under torch.compile it always multiplies."""
+    if not _compiling() and bool(dloss == 1):
+        return g
+    return g * dloss  # a 0-dim dloss keeps g's dtype
 
 
 def _reduce(rows: Tensor, reduction: str, n_valid: int) -> Tensor:
@@ -160,6 +171,9 @@ def _(logits, target, ignore_index, reduction, label_smoothing, compute_grad, ba
 
 
 def _ce_setup(ctx, inputs, output):
+    # The gradient buffer output gets no gradient: without this autograd would hand backward a
+    # zero tensor of the logits' size for it.
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[3]
     ctx.compute_grad = inputs[5]
     ctx.save_for_backward(output[1])
@@ -170,10 +184,12 @@ def _ce_backward(ctx, dloss, _dgrad):
         raise RuntimeError("cross_entropy: the forward ran without a gradient buffer (grad mode "
                            "was off or logits did not require grad)")
     (grad,) = ctx.saved_tensors
+    if dloss is None:
+        return (None,) * 7
     if ctx.reduction == "none":
         dlogits = (grad * dloss.unsqueeze(-1)).to(grad.dtype)
     else:
-        dlogits = grad * dloss  # a 0-dim dloss keeps grad's dtype
+        dlogits = _scaled(grad, dloss)
     return dlogits, None, None, None, None, None, None
 
 
@@ -221,7 +237,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
 
 
 def default_chunk_size(N: int, H: int, V: int) -> int:
-    """Rows per chunk: the chunk's (rows, V) logits hold at most max(N * H, 4M) elements."""
+    """Rows per chunk: the chunk's (rows, V) logits hold at most max(N * H, 16M) elements."""
     return max(1, min(N, max(N * H, MIN_CHUNK_ELEMENTS) // V))
 
 
@@ -312,6 +328,7 @@ def _(dloss, hidden, weight, target, bias, ignore_index, chunk, need_dh, need_dw
 
 def _flce_setup(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, reduction, chunk, ndh, ndw, ndb, backend = inputs
+    ctx.set_materialize_grads(False)  # no zero tensors of weight's size for the grad outputs
     ctx.reduction, ctx.need = reduction, (ndh, ndw, ndb)
     ctx.args = (ignore_index, chunk, ndh, ndw, ndb, backend)
     if reduction == "none":
@@ -321,11 +338,13 @@ def _flce_setup(ctx, inputs, output):
 
 
 def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb):
+    if dloss is None:
+        return (None,) * 11
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
         dh, dw, db = _flce_bwd(dloss.contiguous(), hidden, weight, target, bias, *ctx.args)
     else:
-        dh, dw, db = (g * dloss for g in ctx.saved_tensors)  # 0-dim dloss keeps g's dtype
+        dh, dw, db = (_scaled(g, dloss) for g in ctx.saved_tensors)
     ndh, ndw, ndb = ctx.need
     return (dh if ndh else None, dw if ndw else None, None, db if ndb else None,
             None, None, None, None, None, None, None)
@@ -341,8 +360,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     """``cross_entropy(hidden @ weight.T + bias, target)`` without ever holding the full
     (tokens, V) logits: hidden (..., H), weight (V, H), bias (V,), target (...).
 
-    ``chunk_size``: tokens per chunk (default: chunk logits no larger than ``hidden``, at least
-    4M elements). ``backend`` picks the per-chunk cross-entropy kernel, as in ``cross_entropy``.
+    ``chunk_size``: tokens per chunk (default: chunk logits as large as ``hidden`` or 16M
+    elements, whichever is more). ``backend`` picks the per-chunk cross-entropy kernel, as in ``cross_entropy``.
     """
     _checks.tensor(FOP, "hidden", hidden)
     _checks.tensor(FOP, "weight", weight)
