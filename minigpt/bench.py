@@ -217,6 +217,23 @@ def _positive_int(name: str, v, allow_none=False):
 
 
 @contextlib.contextmanager
+def cpu_threads(threads: Optional[int]):
+    """torch's intra-op CPU threads for the block (None: leave torch's choice). On a machine
+    shared with other jobs, fewer threads than cores can be faster: a parallel region waits for
+    its slowest thread."""
+    if threads is None:
+        yield
+        return
+    _positive_int("--threads", threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
 def backend_env(backend: Optional[str]):
     """MINIGPT_BACKEND=backend (None: unset, i.e. the device's default) for the block. The
     model's ops read it on every call (and torch.compile at trace time), so a variant's calls
@@ -243,10 +260,12 @@ def default_backend(device: torch.device, dtype: torch.dtype) -> str:
 def _header(H, device, extra: Dict[str, str]) -> Dict[str, str]:
     header = H.env_header(device)
     if device.type == "cpu":
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        header["load"] = (f"1-min load average {load:.1f} on {os.cpu_count()} cores at the start "
-                          "(a shared machine: timings are noisy; variants are timed "
-                          "round-robin so load hits them alike)")
+        note = ("other work on the machine inflates and scatters CPU timings; the variants are "
+                "timed round-robin in one run so load hits them alike")
+        if not any(k.startswith("load") for k in header) and hasattr(os, "getloadavg"):
+            note = (f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at "
+                    "the start; " + note)
+        header["load note"] = note
     header.update(extra)
     return header
 
@@ -362,7 +381,13 @@ def estimate_train_seconds(config: str, batch: int, steps: int, n_variants: int,
     return (steps + 2) * n_variants * flops / (0.15 * peak * 1e12)
 
 
-def bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = None,
+def bench_train(*args, threads: Optional[int] = None, **kwargs) -> dict:
+    """Run the training benchmark (see ``_bench_train``) with ``threads`` CPU threads."""
+    with cpu_threads(threads):
+        return _bench_train(*args, **kwargs)
+
+
+def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = None,
                 device: Optional[str] = None, dtype: Optional[str] = None,
                 variants="minigpt,eager,compile", out: Optional[str] = None,
                 peak_tflops: Optional[float] = None, profile: Optional[bool] = None,
@@ -626,7 +651,13 @@ class _GreedyRunner:
         return torch.cat(out, dim=1)
 
 
-def bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=(1, 8),
+def bench_decode(*args, threads: Optional[int] = None, **kwargs) -> dict:
+    """Run the decode benchmark (see ``_bench_decode``) with ``threads`` CPU threads."""
+    with cpu_threads(threads):
+        return _bench_decode(*args, **kwargs)
+
+
+def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=(1, 8),
                  prompt_len: int = 32, new_tokens: int = 32, reps: int = 3,
                  device: Optional[str] = None, dtype: Optional[str] = None,
                  out: Optional[str] = None, plot: bool = True) -> dict:
@@ -839,7 +870,8 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
     for m in missing:
         print(f"ops: missing {m}", flush=True)
     header = _header(H, dev, {})
-    header.pop("load", None)  # the merged numbers were measured at other times (see date)
+    for k in [k for k in header if k.startswith("load")]:
+        header.pop(k)  # the merged numbers were measured at other times (see date)
     notes = ("Merged from the per-op benchmarks' latest results (" + ", ".join(
         f"benchmarks/{s}.py at {d}" for s, d in dates.items()) + "); each was timed by its own "
         "script under the shared rules of benchmarks/_harness.py. x eager = eager ms / ms "

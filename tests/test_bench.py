@@ -51,7 +51,8 @@ def test_train_writes_results(tmp_path):
     assert abs(l0 - math.log(65)) < 0.5  # near-uniform prediction at init over 65 symbols
     assert rows[0]["backend"] == "cpu" and rows[1]["backend"] == "torch"
     hdr = "".join(_header_lines(paths["csv"]))
-    for key in ("# device:", "# date:", "# torch:", "# triton:", "# load:", "# peak TFLOP/s:"):
+    for key in ("# device:", "# date:", "# torch:", "# triton:", "# load note:",
+                "# peak TFLOP/s:"):
         assert key in hdr
     md = open(paths["md"]).read()
     assert "| config | variant | backend |" in md and "Goals:" in md
@@ -204,14 +205,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "minigpt bench: error: --config: unknown ['nope']" in err
     assert main(["bench", "train", "--steps", "0", "--out", str(tmp_path)]) == 1
     assert "--steps must be a positive integer" in capsys.readouterr().err
+    assert main(["bench", "decode", "--threads", "0", "--out", str(tmp_path)]) == 1
+    assert "--threads must be a positive integer" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: unknown sub-choice
         main(["bench", "fly"])
     assert "invalid choice" in capsys.readouterr().err
 
 
 def test_cli_train_tiny(tmp_path, capsys):
+    threads = torch.get_num_threads()
     rc = main(["bench", "train", "--config", "tiny", "--steps", "1", "--variants", "eager",
-               "--out", str(tmp_path), "--no-plot", "--no-profile"])
+               "--out", str(tmp_path), "--no-plot", "--no-profile", "--threads", "1"])
+    assert torch.get_num_threads() == threads  # restored
+    assert "# threads: 1" in "".join(_header_lines(tmp_path / "bench_train_cpu.csv"))
     assert rc == 0
     out = capsys.readouterr().out
     assert "wrote csv:" in out and "wrote png" not in out

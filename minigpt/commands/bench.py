@@ -15,6 +15,12 @@ def _common(p):
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
 
 
+def _threads(p):
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a busy shared machine "
+                        "1 can be faster)")
+
+
 def add_arguments(p):
     from minigpt.bench import OP_SOURCES, TRAIN_CONFIGS, VARIANTS
 
@@ -43,6 +49,7 @@ def add_arguments(p):
     t.add_argument("--max-cpu-seconds", type=float, default=150.0,
                    help="on CPU, skip a config whose run is estimated to take longer")
     _common(t)
+    _threads(t)
     d = sub.add_parser("decode", formatter_class=fmt,
                        help="greedy decoding with the KV cache: tokens/s and GB/s")
     d.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
@@ -57,6 +64,7 @@ def add_arguments(p):
     d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and cache dtype; auto = bfloat16 on CUDA, float32 on CPU")
     _common(d)
+    _threads(d)
     o = sub.add_parser("ops", formatter_class=fmt,
                        help="merge the per-op benchmark results into one table")
     o.add_argument("--run", action="store_true",
@@ -76,7 +84,8 @@ def run(args):
         res = bench.bench_train(args.config, steps=args.steps, batch_size=args.batch_size,
                                 device=args.device, dtype=args.dtype, variants=args.variants,
                                 out=args.out, peak_tflops=args.peak_tflops, profile=args.profile,
-                                max_cpu_seconds=args.max_cpu_seconds, plot=args.plot)
+                                max_cpu_seconds=args.max_cpu_seconds, plot=args.plot,
+                                threads=args.threads)
         for g in res["goals"]:
             print(g)
         if not res["rows"]:
@@ -86,7 +95,7 @@ def run(args):
         res = bench.bench_decode(args.model, config=args.config, batches=args.batch,
                                  prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                  reps=args.reps, device=args.device, dtype=args.dtype,
-                                 out=args.out, plot=args.plot)
+                                 out=args.out, plot=args.plot, threads=args.threads)
     else:
         res = bench.bench_ops(run=args.run, device=args.device, results=args.results,
                               out=args.out, sources=args.sources, plot=args.plot)
