@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from minigpt import ops, reference
+from minigpt import _backend, ops, reference
 from minigpt._backend import BackendUnavailableError
 from tests._tol import assert_close, f64
 from tests.conftest import backend_device_pairs
@@ -120,11 +120,23 @@ def test_attention_long(be, dev, case):
     _check(be, dev, torch.float32, case)
 
 
+@pytest.mark.parametrize("threads", [1, 64])
+def test_attention_cpu_backward_schedules(threads):
+    # The C++ backward runs one task per (batch, kv head) when there are at least as many pairs
+    # as threads, else two passes with finer tasks: cover both.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check("cpu", "cpu", torch.float32, (2, 6, 2, 90, 130, 40, True))
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_attention_rows_without_keys_are_zero():
     # T > S, causal: the first T - S queries see nothing; their output and gradient are 0.
     q = torch.randn(1, 2, 9, 16, requires_grad=True)
     k, v = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
-    for be in ("cpu", "triton", "torch"):
+    for be in [b for b in ("cpu", "triton", "torch") if _backend.is_available(b, "cpu")]:
         out = ops.attention(q, k, v, backend=be)
         assert torch.all(out[:, :, :5] == 0), be
         assert out[:, :, 5:].abs().sum() > 0, be
@@ -238,13 +250,13 @@ def test_decode_with_grad_uses_the_differentiable_reference():
 
 
 def test_backends_present():
-    from minigpt import _backend
-
     assert _backend.is_available("cpu", "cpu")
     assert hasattr(_backend.extension(), "attention_fwd")
 
 
 Q, K, V = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+# Where Triton runs: the GPU if there is one, else the interpreter on CPU tensors.
+TDEV = "cuda" if torch.cuda.is_available() else "cpu"
 QD = torch.randn(2, 4, 1, 16)
 KC, VC = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
 LENS = torch.tensor([3, 8])
@@ -265,10 +277,10 @@ LENS = torch.tensor([3, 8])
     (lambda: ops.attention(Q, K, V, causal=1), TypeError, "causal"),
     (lambda: ops.attention(Q, K, V, backend="cuda"), BackendUnavailableError, "cuda"),
     (lambda: ops.attention(Q, K, V, backend="fast"), ValueError, "unknown backend"),
-    (lambda: ops.attention(Q.double(), K.double(), V.double(), backend="triton"), TypeError,
-     "float64"),
-    (lambda: ops.attention(torch.randn(1, 1, 2, 300), torch.randn(1, 1, 2, 300),
-                           torch.randn(1, 1, 2, 300), backend="triton"), ValueError, "head_dim"),
+    (lambda: ops.attention(*(t.double().to(TDEV) for t in (Q, K, V)), backend="triton"),
+     TypeError, "float64"),
+    (lambda: ops.attention(*(torch.randn(1, 1, 2, 300, device=TDEV) for _ in range(3)),
+                           backend="triton"), ValueError, "head_dim"),
     (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([0, 8])), ValueError, "cache_seqlens"),
     (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([3, 9])), ValueError, "cache_seqlens"),
     (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([3.0, 8.0])), TypeError, "int32"),

@@ -1,0 +1,197 @@
+"""Attention benchmark: our flash-attention backends against F.scaled_dot_product_attention
+(every SDPA backend the device has) and the eager reference, forward and backward, in TFLOP/s;
+and KV-cache decode latency over cache lengths.
+
+    python benchmarks/bench_attention.py                 # this machine's device
+    python benchmarks/bench_attention.py --quick         # fewer sizes
+    python benchmarks/bench_attention.py --device cuda --dtype bf16
+
+FLOPs (FlashAttention's convention): forward 4 * B * H * T * S * D, halved when causal; backward
+2.5x the forward. The backward is timed alone: the forward graph is built once and its
+backward rerun (retain_graph). B * H = 32.
+GPU: D 64 and 128, T 512..8192, bf16. CPU: D 64 and 128, T 256..1024, fp32.
+Writes ``<out>/attention_<device tag>.csv`` and ``.md`` (benchmarks/_harness.py: timing
+rules, machine header).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _harness as H  # noqa: E402
+
+import minigpt  # noqa: E402,F401  (settles TRITON_INTERPRET before triton is imported)
+from minigpt import _backend, ops, reference  # noqa: E402
+
+COLUMNS = ["op", "shape", "dtype", "backend", "pass", "ms", "TFLOP/s", "x sdpa"]
+
+
+def sdpa_backends(device):
+    """{name: context manager factory} for each SDPA backend this torch/device has."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return {"sdpa": contextlib.nullcontext}
+    names = {"cuda": [("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
+                      ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH")],
+             "cpu": [("flash", "FLASH_ATTENTION"), ("math", "MATH")]}[device.type]
+    out = {}
+    for short, attr in names:
+        if hasattr(SDPBackend, attr):
+            be = getattr(SDPBackend, attr)
+            out[f"sdpa-{short}"] = (lambda b=be: sdpa_kernel(b))
+    return out
+
+
+def our_backends(device):
+    bes = [b for b in ("triton", "cuda", "cpu") if _backend.is_available(b, device)]
+    if device.type == "cpu":
+        bes = [b for b in bes if b != "triton"]  # the interpreter is a correctness tool
+    return bes
+
+
+def flops(B, H, T, S, D, causal):
+    f = 4.0 * B * H * T * S * D
+    return f / 2 if causal else f
+
+
+def _works(fn):
+    try:
+        fn()
+        return True
+    except (RuntimeError, NotImplementedError, torch.cuda.OutOfMemoryError) as e:
+        print(f"  (skipped: {str(e).splitlines()[0][:100]})", flush=True)
+        return False
+
+
+def bench_attention(device, dtype, Ds, Ts, causal=True, bh=32, passes=("fwd", "bwd"),
+                    eager_max_t=4096, math_max_t=4096):
+    rows = []
+    for D in Ds:
+        for T in Ts:
+            H_, B = 16, bh // 16
+            shape = (B, H_, T, D)
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            dout = torch.randn(shape, device=device, dtype=dtype)
+            fwd = {}
+            for be in our_backends(device):
+                fwd[be] = (lambda be=be: ops.attention(q, k, v, causal=causal, backend=be))
+            for name, ctx in sdpa_backends(device).items():
+                if name == "sdpa-math" and T > math_max_t:
+                    continue
+                def f(ctx=ctx):
+                    with ctx():
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                fwd[name] = f
+            if T <= eager_max_t:
+                fwd["eager"] = lambda: reference.attention(q, k, v, causal)
+            with torch.no_grad():
+                fwd = {n: f for n, f in fwd.items() if _works(f)}
+            fl = flops(B, H_, T, T, D, causal)
+            tag = f"{B}x{H_}x{T}x{D}" + ("" if causal else " full")
+            if "fwd" in passes:
+                with torch.no_grad():
+                    ms = H.time_fns(fwd, device, budget_s=1.0 if device.type == "cpu" else 0.5)
+                rows += _rows("attention", tag, dtype, "fwd", ms, fl)
+                H.print_table(rows[-len(ms):], COLUMNS, header=len(rows) == len(ms))
+            if "bwd" in passes:
+                bwd = {n: _bwd_fn(f, dout, (q, k, v)) for n, f in fwd.items()}
+                ms = H.time_fns(bwd, device, budget_s=1.0 if device.type == "cpu" else 0.5)
+                rows += _rows("attention", tag, dtype, "bwd", ms, 2.5 * fl)
+                H.print_table(rows[-len(ms):], COLUMNS, header=False)
+            del q, k, v, dout
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _bwd_fn(fwd, dout, inputs):
+    """The backward alone: the forward graph is built once and kept (retain_graph), so each
+    timed call runs only the backward kernels."""
+    out = fwd()
+
+    def run():
+        torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    return run
+
+
+def _rows(op, shape, dtype, pass_, ms, fl):
+    ref = ms.get("sdpa-flash") or ms.get("sdpa")
+    out = []
+    for name, t in ms.items():
+        out.append(H.row(op=op, shape=shape, dtype=dtype, backend=name, pass_=pass_, ms=t,
+                         **{"TFLOP/s": fl / (t * 1e-3) / 1e12,
+                            "x sdpa": (ref / t) if ref else None}))
+    return out
+
+
+def bench_decode(device, dtype, lens, B=4, Hq=32, Hkv=8, D=128):
+    """One new token per sequence against a full KV cache of each length (GQA 4:1)."""
+    rows = []
+    for S in lens:
+        q = torch.randn(B, Hq, 1, D, device=device, dtype=dtype)
+        kc = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
+        vc = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
+        L = torch.full((B,), S, dtype=torch.int32, device=device)
+        kx, vx = kc.repeat_interleave(Hq // Hkv, 1), vc.repeat_interleave(Hq // Hkv, 1)
+        fns = {be: (lambda be=be: ops.decode_attention(q, kc, vc, L, backend=be))
+               for be in our_backends(device)}
+        fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, kx, vx)
+        fns["eager"] = lambda: reference.decode_attention(q, kc, vc, L)
+        with torch.no_grad():
+            ms = H.time_fns(fns, device, budget_s=0.5)
+        ref = ms["sdpa"]
+        for name, t in ms.items():
+            rows.append(H.row(op="decode", shape=f"{B}x{Hq}/{Hkv}x{S}x{D}", dtype=dtype,
+                              backend=name, pass_="fwd", ms=t,
+                              **{"TFLOP/s": 4.0 * B * Hq * S * D / (t * 1e-3) / 1e12,
+                                 "x sdpa": ref / t}))
+        H.print_table(rows[-len(ms):], COLUMNS, header=False)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, "
+                    "fp32 on CPU)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dt_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt_name]
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        Ts = [512, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
+        lens = [512, 4096] if args.quick else [256, 1024, 4096, 16384, 65536]
+    else:
+        Ts = [256, 1024] if args.quick else [256, 512, 1024]
+        lens = [256, 4096] if args.quick else [256, 1024, 4096, 16384]
+    print(H.header_markdown(H.env_header(device), "attention benchmark"))
+    rows = bench_attention(device, dtype, [64, 128], Ts, causal=True)
+    rows += bench_attention(device, dtype, [128], [Ts[-1]], causal=False, passes=("fwd",))
+    rows += bench_decode(device, dtype, lens, D=128 if device.type == "cuda" else 64)
+    notes = ("FLOPs: forward 4·B·H·T·S·D (halved for causal), backward 2.5x forward; "
+             "decode 4·B·Hq·S·D. `x sdpa` is SDPA's time over ours against sdpa-flash (for "
+             "decode: SDPA on the GQA-expanded cache), > 1 means we are faster. "
+             "`cpu`/`cuda`/`triton` are minigpt.ops backends; `eager` is minigpt.reference "
+             "(explicit softmax(QKᵀ)V in fp32).")
+    paths = H.write_results(rows, "attention", device, args.out, title="attention benchmark",
+                            notes=notes, columns=COLUMNS)
+    print(f"wrote {paths['md']} and {paths['csv']}")
+
+
+if __name__ == "__main__":
+    main()
