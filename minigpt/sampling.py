@@ -95,8 +95,6 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
     import os
     import sys
 
-    from minigpt.checkpoint import load_checkpoint
-
     _check_args(max_new_tokens, temperature, top_k, top_p)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -107,6 +105,22 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = sys.stdout if out is None else out
+    threads = torch.get_num_threads()
+    if str(device).startswith("cpu"):
+        from minigpt.train import cpu_threads
+
+        cpu_threads()
+    try:
+        return _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                       num_samples, device, stream, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
+            device, stream, out):
+    from minigpt.checkpoint import load_checkpoint
+
     ck = load_checkpoint(checkpoint, device=device)
     model, tok = ck["model"], ck["tokenizer"]
     if tok.unknown(prompt):

@@ -47,11 +47,11 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     # optimization
-    batch_size: int = 16                # per rank and micro-step
+    batch_size: int = 8                 # per rank and micro-step
     grad_accum: int = 1
     max_iters: int = 600
-    lr: float = 2e-3
-    min_lr: float = 2e-4
+    lr: float = 3e-3
+    min_lr: float = 3e-4
     warmup_iters: int = 50
     lr_decay_iters: Optional[int] = None    # None: max_iters
     weight_decay: float = 0.1
@@ -59,10 +59,10 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0              # 0 disables
     # evaluation, logging, checkpoints
-    eval_interval: int = 200
-    eval_iters: int = 20
+    eval_interval: int = 100
+    eval_iters: int = 10
     log_interval: int = 10
-    ckpt_interval: int = 200
+    ckpt_interval: int = 100
     sample_tokens: int = 300            # printed at the end; 0 disables
     # runtime
     seed: int = 1337
@@ -70,6 +70,7 @@ class TrainConfig:
     dtype: str = "auto"                 # auto | float32 | bfloat16 | float16 (autocast)
     backend: Optional[str] = None       # MINIGPT_BACKEND for every op
     compile: bool = False
+    threads: Optional[int] = None       # CPU threads; None: see cpu_threads()
     progress: bool = True
 
     def check(self):
@@ -191,6 +192,23 @@ class _Dist:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def cpu_threads(requested: Optional[int] = None) -> int:
+    """Set and return torch's CPU thread count. ``requested`` wins; else $OMP_NUM_THREADS
+    (torchrun sets 1) is left alone; else, when the machine is already busy (1-minute load
+    average >= its cores), use one thread: a small model's many short parallel ops then wait
+    on descheduled worker threads, and we measured 20x slower steps with 2 threads than with
+    1 on a loaded 2-core machine. An idle machine keeps torch's default."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be a positive integer, got {requested}")
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ and hasattr(os, "getloadavg"):
+        ncpu = os.cpu_count() or 1
+        if ncpu > 1 and os.getloadavg()[0] >= ncpu:
+            torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -326,9 +344,13 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
         os.environ["MINIGPT_BACKEND"] = cfg.backend
 
     dist = _Dist(cfg.device)
+    threads = torch.get_num_threads()
+    if dist.device.type == "cpu":
+        cpu_threads(cfg.threads)
     try:
         return _train(cfg, dist, out_dir, resumed, _stop_after)
     finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
         dist.close()
 
 
@@ -370,8 +392,9 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, _stop_after):
                                        "(not a training checkpoint)")
         ckpt.restore_optimizer(optimizer, resumed["optimizer_tensors"], opt["param_groups"])
         state = resumed["config"]["train"]
-        start_step, best_val = int(state["step"]), float(state.get("best_val_loss", best_val))
-        # moments follow the parameters' device
+        start_step = int(state["step"])
+        if state.get("best_val_loss") is not None:
+            best_val = float(state["best_val_loss"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     raw_model = model
     if cfg.compile:
@@ -382,7 +405,8 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, _stop_after):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def train_state(step):
-        return {"step": step, "best_val_loss": best_val, "hparams": dataclasses.asdict(cfg),
+        return {"step": step, "best_val_loss": best_val if math.isfinite(best_val) else None,
+                "hparams": dataclasses.asdict(cfg),
                 "data": str(data_path), "data_sha256": digest, "world_size": dist.world,
                 "tokens_per_step": cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world}
 
@@ -394,6 +418,7 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, _stop_after):
                f"{len(splits.val):,} val), device {device}"
                f"{f' x{dist.world} ranks' if dist.ddp else ''}, "
                f"{'autocast ' + str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}"
+               + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else "")
                + (f", resuming at step {start_step}" if resumed else ""))
 
     t0 = time.time()

@@ -30,6 +30,7 @@ _OPTIONS = [
     ("--ckpt-interval", int, "write a checkpoint every N steps"),
     ("--sample-tokens", int, "characters to sample at the end (0: none)"),
     ("--seed", int, "random seed (weights, batches, dropout)"),
+    ("--threads", int, "CPU threads (default: torch's, or 1 when the machine is already busy)"),
 ]
 
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Quality check against nanoGPT's published character-level Shakespeare results.
+
+    python scripts/quality.py --setting baby               # CPU: nanoGPT's README "baby" run
+    python scripts/quality.py --setting shakespeare_char   # GPU: config/train_shakespeare_char.py
+
+Both train on tinyshakespeare (../shared/data/tinyshakespeare.txt, nanoGPT's corpus; 90/10
+split, 65 characters) with nanoGPT's hyperparameters (our presets of the same names), then
+report the validation loss and the wall time. nanoGPT's figures: baby 1.88 val loss (target
+here <= 1.90), shakespeare_char 1.4697 on an A100.
+
+The final validation loss is estimated on --final-eval-iters batches (default 200, more than
+the baby run's 20 during training, so the number is not a noisy 20-batch estimate).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NANOGPT = {"baby": 1.88, "shakespeare_char": 1.4697}
+TARGET = {"baby": 1.90, "shakespeare_char": 1.4697}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setting", choices=sorted(NANOGPT), default="baby")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--out", default=None, help="run directory (default out/quality-SETTING)")
+    p.add_argument("--device", default=None, help="default: cpu for baby, cuda otherwise")
+    p.add_argument("--max-iters", type=int, default=None, help="override (for a shorter check)")
+    p.add_argument("--final-eval-iters", type=int, default=200)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--backend", default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: see "
+                   "minigpt.train.cpu_threads)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from minigpt.train import estimate_loss, make_config, train, _autocast_dtype
+    from minigpt import data as data_mod
+
+    device = args.device or ("cpu" if args.setting == "baby" else "cuda")
+    over = dict(data=args.data, out_dir=args.out or str(ROOT / "out" / f"quality-{args.setting}"),
+                device=device, compile=args.compile, backend=args.backend, sample_tokens=200,
+                threads=args.threads, progress=False)
+    if args.max_iters:
+        over["max_iters"] = args.max_iters
+        over["lr_decay_iters"] = args.max_iters
+    cfg = make_config(args.setting, **over)
+    t0 = time.time()
+    res = train(cfg)
+    wall = time.time() - t0
+
+    model, tok = res["model"], res["tokenizer"]
+    text = data_mod.read_text(args.data)
+    splits = data_mod.split(tok.encode_array(text), cfg.block_size)
+    final = make_config(args.setting, **{**over, "eval_iters": args.final_eval_iters})
+    dev = next(model.parameters()).device
+    losses = estimate_loss(model, splits, final, dev, _autocast_dtype(final, dev))
+    result = {
+        "setting": args.setting, "device": str(dev),
+        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                        else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
+        "max_iters": cfg.max_iters, "wall_s": round(wall, 1),
+        "val_loss_during_training": res["val_loss"],
+        "train_loss": round(losses["train"], 4), "val_loss": round(losses["val"], 4),
+        "final_eval_iters": args.final_eval_iters,
+        "nanogpt_val_loss": NANOGPT[args.setting], "target": TARGET[args.setting],
+        "meets_target": losses["val"] <= TARGET[args.setting] + 1e-9,
+        "torch": torch.__version__,
+    }
+    out = Path(cfg.out_dir) / "quality.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"\n| {args.setting} | {result['device_name']} | {cfg.max_iters} | "
+          f"{result['val_loss']:.4f} | {NANOGPT[args.setting]} | {wall / 60:.1f} min |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
