@@ -272,8 +272,8 @@ def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, n
         if need_dw:
             if dl.dtype == acc:
                 dw.addmm_(dl.t(), h)
-            else:
-                dw += torch.mm(dl.t(), h).to(acc)
+            else:  # bf16/fp16: one (V, H) product in that dtype, added into the fp32 sum
+                dw.add_(torch.mm(dl.t(), h))
         if need_db:
             db += dl.sum(0, dtype=acc)
     dw = dw.to(weight.dtype) if need_dw else weight.new_empty(0)
