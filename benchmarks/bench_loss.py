@@ -173,10 +173,7 @@ def main(argv=None):
     dev = torch.device(a.device)
     kernels = [be for be in ("triton", "cuda", "cpu", "torch")
                if _backend.is_available(be, dev) and not (be == "triton" and dev.type == "cpu")]
-    header = H.env_header(dev)
-    if dev.type == "cpu" and os.path.exists("/proc/loadavg"):
-        with open("/proc/loadavg") as f:
-            header["load average at start (1/5/15 min)"] = " ".join(f.read().split()[:3])
+    header = H.env_header(dev)  # device, date, versions (and the load average on CPU)
     rows = []
     for op in [o.strip() for o in a.ops.split(",") if o.strip()]:
         name = {"fused": "fused_linear_cross_entropy", "ce": "cross_entropy"}[op]
