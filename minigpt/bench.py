@@ -12,8 +12,9 @@ decode  greedy decoding with the KV cache: tokens/s and the achieved GB/s of wha
         ``--model smollm2`` compares MiniGPT with transformers' ``generate`` on SmolLM2-135M
         (benchmarks/bench_generate.py's runner).
 ops     merges the latest per-op results (benchmarks/bench_ops.py, bench_attention.py,
-        bench_training_ops.py write ``<name>_<device>.csv`` into benchmarks/results/) into one
-        table; ``--run`` first reruns each of those scripts with ``--quick``.
+        bench_training_ops.py, bench_loss.py write ``<name>_<device>.csv`` into
+        benchmarks/results/) into one table; ``--run`` first reruns each of those scripts with
+        a short setting (``QUICK_ARGS``: ``--quick`` or a small size).
 
 Every command writes ``bench_<cmd>_<device tag>.csv`` (``# key: value`` header lines: device,
 date, versions), ``.md`` and ``.png`` into ``--out`` (default benchmarks/results/ of the
@@ -796,9 +797,20 @@ def _plot_decode(rows, path: Path, title: str):
 
 # script -> the results name it writes (<name>_<device tag>.csv)
 OP_SOURCES = {"bench_ops": "ops", "bench_attention": "attention",
-              "bench_training_ops": "training_ops"}
+              "bench_training_ops": "training_ops", "bench_loss": "loss"}
+# the arguments `--run` passes to each script for a short run
+QUICK_ARGS = {"bench_ops": ["--quick"], "bench_attention": ["--quick"],
+              "bench_training_ops": ["--quick"], "bench_loss": ["--tokens", "1024"]}
 OPS_COLUMNS = ["source", "date", "op", "shape", "dtype", "backend", "pass", "ms", "x eager",
-               "GB/s", "TFLOP/s", "MB"]
+               "x sdpa", "GB/s", "TFLOP/s", "MB"]
+
+
+def _rel(path) -> str:
+    """``path`` relative to the checkout when inside it (for results that get committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def read_results_csv(path: str) -> tuple[Dict[str, str], List[dict]]:
@@ -841,8 +853,8 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
             if not script.is_file():
                 print(f"ops: {script} is missing, skipped", flush=True)
                 continue
-            cmd = [sys.executable, str(script), "--quick", "--device", dev.type, "--out",
-                   str(results)]
+            cmd = [sys.executable, str(script), *QUICK_ARGS.get(s, []), "--device", dev.type,
+                   "--out", str(results)]
             print("ops: running " + " ".join(cmd), flush=True)
             p = subprocess.run(cmd, timeout=timeout_s)
             ran.append(f"{s}: exit {p.returncode}")
@@ -850,8 +862,8 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
     for s in sources:
         path = results / f"{OP_SOURCES[s]}_{tag}.csv"
         if not path.is_file():
-            missing.append(f"{path} (run `python benchmarks/{s}.py --device {dev.type}` or "
-                           "`minigpt bench ops --run`)")
+            missing.append(f"{_rel(path)} (run `python benchmarks/{s}.py --device {dev.type}`"
+                           " or `minigpt bench ops --run`)")
             continue
         hdr, rs = read_results_csv(str(path))
         dates[s] = hdr.get("date", "")
@@ -861,7 +873,7 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
                 "source": s, "date": hdr.get("date", ""), "op": r.get("op"),
                 "shape": r.get("shape"), "dtype": r.get("dtype"), "backend": r.get("backend"),
                 "pass": r.get("pass"), "ms": ms, "x eager": r.get("x eager"),
-                "GB/s": r.get("GB/s"), "TFLOP/s": r.get("TFLOP/s"),
+                "x sdpa": r.get("x sdpa"), "GB/s": r.get("GB/s"), "TFLOP/s": r.get("TFLOP/s"),
                 "MB": r.get("MB") if r.get("MB") is not None else r.get("peak MB"),
             })
     if not rows:
@@ -875,7 +887,7 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
     notes = ("Merged from the per-op benchmarks' latest results (" + ", ".join(
         f"benchmarks/{s}.py at {d}" for s, d in dates.items()) + "); each was timed by its own "
         "script under the shared rules of benchmarks/_harness.py. x eager = eager ms / ms "
-        "(> 1: faster than plain PyTorch). Rerun: `minigpt bench ops --run` (each script with "
+        "(> 1: faster than plain PyTorch); x sdpa (attention) = PyTorch SDPA's ms / ms. Rerun: `minigpt bench ops --run` (each script with "
         "--quick) or the scripts themselves for the full sweeps.")
     if missing:
         notes += "\n\nMissing:\n" + "\n".join(f"- {m}" for m in missing)
