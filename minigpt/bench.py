@@ -546,7 +546,8 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
         "TFLOP/s = model FLOPs per token (6N + 12*L*H*D*T, nanoGPT's estimate) x tokens/s; "
         "MFU = that over the peak in the header.\n\n"
         f"Rerun: `minigpt bench train --config {','.join(dict.fromkeys(r['config'] for r in rows))}"
-        f" --steps {steps}` (add `--device cuda` on a GPU).")
+        f" --steps {steps}` (add `--device cuda` on a GPU; the batch sizes above are the "
+        "defaults for this device, `--batch-size` overrides them).")
     if goals:
         notes += "\n\nGoals:\n" + "\n".join(f"- {g}" for g in goals)
     if skipped:
@@ -755,7 +756,9 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
              "steps) / ms/step: compare with the device's memory bandwidth. x base = the "
              f"baseline's ms/step / ms/step (baseline: {base}). same tokens: the greedy tokens "
              f"equal the baseline's. Median of {reps} round-robin rounds.\n\nRerun: `minigpt bench "
-             f"decode --model {model}` (add `--device cuda` on a GPU).")
+             f"decode --model {model}" + (f" --config {config}" if model == "gpt" else "")
+             + f" --batch {' '.join(map(str, batches))} --prompt-len {P} --new-tokens {N} "
+             f"--reps {reps}` (add `--device cuda` on a GPU).")
     name = f"bench_decode_{label}"
     paths = H.write_results(rows, name, dev, str(out), title=f"minigpt bench decode: {label}",
                             notes=notes, header=header, columns=DECODE_COLUMNS)
