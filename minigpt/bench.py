@@ -851,6 +851,7 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
     out = Path(out) if out else DEFAULT_OUT
     ran = []
     if run:
+        results.mkdir(parents=True, exist_ok=True)
         for s in sources:
             script = BENCH_DIR / f"{s}.py"
             if not script.is_file():

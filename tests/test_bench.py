@@ -238,3 +238,25 @@ def test_missing_checkout_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "BENCH_DIR", tmp_path / "nowhere")
     with pytest.raises(RuntimeError, match="needs the MiniGPT source checkout"):
         bench._load_script("bench_generate")
+
+
+def test_ops_run_invokes_each_script_quick(monkeypatch, tmp_path):
+    """--run starts each per-op script with its short setting, the device and the results
+    folder, then merges what they wrote."""
+    bench.harness()  # the real shared harness, loaded before BENCH_DIR moves
+    scripts = tmp_path / "benchmarks"
+    scripts.mkdir()
+    (scripts / "bench_ops.py").write_text(
+        "import sys, os\n"
+        "a = sys.argv[1:]\n"
+        "assert a[:3] == ['--quick', '--device', 'cpu'] and a[3] == '--out', a\n"
+        "with open(os.path.join(a[4], 'ops_cpu.csv'), 'w') as f:\n"
+        "    f.write('# date: now\\nop,shape,dtype,backend,pass,ms,x eager\\n'\n"
+        "            'softmax,7x1025,fp32,cpu,fwd,0.25,3.5\\n')\n")
+    monkeypatch.setattr(bench, "BENCH_DIR", scripts)
+    res = bench.bench_ops(run=True, device="cpu", results=str(tmp_path / "res"),
+                          out=str(tmp_path / "out"), sources="bench_ops", plot=False)
+    assert res["ran"] == ["bench_ops: exit 0"]
+    rows = _read_csv(res["paths"]["csv"])
+    assert [(r["op"], r["shape"], r["backend"], float(r["x eager"])) for r in rows] == [
+        ("softmax", "7x1025", "cpu", 3.5)]
