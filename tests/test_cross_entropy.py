@@ -65,8 +65,10 @@ def _check_ce(be, dev, dtype, lead, V, reduction, label_smoothing, ignore_index=
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V", VOCABS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+# Every reduction, and smoothing with two of them ("none" with smoothing: the shapes test below
+# and gradcheck).
+@pytest.mark.parametrize("reduction,label_smoothing", [("mean", 0.0), ("mean", 0.1),
+                                                       ("sum", 0.1), ("none", 0.0)])
 def test_cross_entropy_matches_reference(be, dev, dtype, V, reduction, label_smoothing):
     _check_ce(be, dev, dtype, LEAD, V, reduction, label_smoothing)
 
