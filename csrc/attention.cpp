@@ -198,6 +198,20 @@ struct Packed {
   const A* head(int64_t bh) const { return data.data() + bh * per_head; }
 };
 
+// One head's K or V (rows of stride ss) into dst: transposed (Dp, BK) tiles or (BK, Dp) row
+// tiles, nkb of them, zero-padded.
+template <typename T, typename A>
+void pack_head(const T* src, int64_t ss, const Geo& g, bool transposed, A* dst) {
+  const int64_t nkb = (g.S + BK - 1) / BK;
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t j0 = kb * BK, nk = std::min(BK, g.S - j0);
+    if (transposed)
+      load_cols<T, A>(src + j0 * ss, ss, nk, g.D, g.Dp, dst + j0 * g.Dp);
+    else
+      load_rows<T, A>(src + j0 * ss, ss, nk, BK, g.D, g.Dp, A(1), dst + j0 * g.Dp);
+  }
+}
+
 template <typename T, typename A>
 Packed<A> pack(const T* src, int64_t sb, int64_t sh, int64_t ss, const Geo& g, bool transposed) {
   Packed<A> p;
@@ -329,8 +343,32 @@ void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   A* lp = lse.data_ptr<A>();
   const int64_t nqb = (g.T + BQ - 1) / BQ;
   const A qscale = static_cast<A>(scale * LOG2E);
-  const auto pk = pack<T, A>(kp, g.kb, g.kh, g.ks, g, false);
-  const auto pv = pack<T, A>(vp, g.vb, g.vh, g.vs, g, false);
+  if (g.B * g.Hkv >= at::get_num_threads()) {
+    // Enough (batch, kv head) pairs for every thread: one task per pair converts its K and V
+    // once (packed tiles) and runs all its query heads and blocks against them. One parallel
+    // region per call: on a busy machine each region's barrier can cost a scheduler slice.
+    const int64_t per_head = (g.S + BK - 1) / BK * BK * g.Dp;
+    dynamic_for(g.B * g.Hkv, grain(g.rep * g.T * g.S * g.Dp), [&](int64_t t0, int64_t t1) {
+      FwdBuf<A> w(g.Dp);
+      std::vector<A> pk(per_head), pv(per_head);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / g.Hkv, hk = t % g.Hkv;
+        pack_head<T, A>(kp + b * g.kb + hk * g.kh, g.ks, g, false, pk.data());
+        pack_head<T, A>(vp + b * g.vb + hk * g.vh, g.vs, g, false, pv.data());
+        for (int64_t r = 0; r < g.rep; ++r) {
+          const int64_t h = hk * g.rep + r, bh = b * g.Hq + h;
+          for (int64_t i0 = 0; i0 < g.T; i0 += BQ) {
+            const int64_t nq = std::min(BQ, g.T - i0);
+            fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq, kp, g.ks, vp, g.vs,
+                           pk.data(), pv.data(), g.S, g.causal, i0 + g.S - g.T, g.D, g.Dp,
+                           qscale, op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
+          }
+        }
+      }
+    });
+    return;
+  }
+  // Few heads: finer tasks (batch, query head, query block), each converting its K/V tiles.
   dynamic_for(g.B * g.Hq * nqb, grain(BQ * g.S * g.Dp), [&](int64_t t0, int64_t t1) {
     FwdBuf<A> w(g.Dp);
     for (int64_t t = t0; t < t1; ++t) {
@@ -339,10 +377,10 @@ void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
       const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb, b = bh / g.Hq, h = bh % g.Hq;
       const int64_t hk = h / g.rep;
       const int64_t i0 = qb * BQ, nq = std::min(BQ, g.T - i0);
-      const int64_t kvh = b * g.Hkv + hk;
-      fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq, kp, g.ks, vp, g.vs,
-                     pk.head(kvh), pv.head(kvh), g.S, g.causal, i0 + g.S - g.T, g.D, g.Dp,
-                     qscale, op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
+      fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq,
+                     kp + b * g.kb + hk * g.kh, g.ks, vp + b * g.vb + hk * g.vh, g.vs, nullptr,
+                     nullptr, g.S, g.causal, i0 + g.S - g.T, g.D, g.Dp, qscale,
+                     op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
     }
   });
 }
@@ -409,7 +447,7 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 
   // delta = rowsum(dO * O), the softmax backward's correction term.
   std::vector<A> delta(g.B * g.Hq * g.T);
-  at::parallel_for(0, g.B * g.Hq * g.T, grain(g.D * 16), [&](int64_t r0, int64_t r1) {
+  auto fill_delta = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r % g.T, bh = r / g.T, b = bh / g.Hq, h = bh % g.Hq;
       const T* o = op + r * D;
@@ -419,7 +457,7 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       for (int64_t j = 0; j < D; ++j) s += static_cast<A>(o[j]) * static_cast<A>(d[j]);
       delta[r] = s;
     }
-  });
+  };
 
   // One key block of one (batch, kv head): dK and dV, summed over the GQA group in the task's
   // buffers. With `dq_acc` ((rep, T, Dp), the group's dQ in the accumulation type, owned by
@@ -478,6 +516,9 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       std::vector<A> dq_acc(g.rep * g.T * Dp);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / g.Hkv, hk = t % g.Hkv;
+        // The group's query heads are consecutive: its delta rows are one range.
+        const int64_t row0 = (b * g.Hq + hk * g.rep) * g.T;
+        fill_delta(row0, row0 + g.rep * g.T);
         std::fill(dq_acc.begin(), dq_acc.end(), A(0));
         for (int64_t kb = 0; kb < nkb; ++kb) key_block(w, b, hk, kb, dq_acc.data());
         const A sc = static_cast<A>(scale);
@@ -495,6 +536,7 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   }
 
   // Otherwise two passes with finer tasks. Pass A: dK, dV per (batch, kv head, key block).
+  at::parallel_for(0, g.B * g.Hq * g.T, grain(g.D * 16), fill_delta);
   dynamic_for(g.B * g.Hkv * nkb, grain(2 * BK * g.rep * g.T * g.Dp), [&](int64_t t0, int64_t t1) {
     BwdBuf<A> w(Dp);
     for (int64_t t = t0; t < t1; ++t) {

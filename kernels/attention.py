@@ -318,6 +318,20 @@ def _blocks(D, dtype, device):
     return BM, BN, BLOCK_D, warps, 3 if BLOCK_D <= 128 else 2
 
 
+def _bwd_blocks(BLOCK_D, dtype, device, BM, BN):
+    """(BLOCK_M, BLOCK_N, stages) for the backward, which keeps more tiles live than the
+    forward (q, dO, k, v and two accumulators): smaller tiles, and fewer pipeline stages where
+    the staged q/dO tiles would not fit the ~227 KiB of shared memory of an H100."""
+    if device.type != "cuda":
+        return BM, BN, 1
+    fp32 = dtype == torch.float32
+    if BLOCK_D <= 64:
+        return 64, 64, 3 if not fp32 else 2
+    if BLOCK_D <= 128:
+        return (64, 64, 3) if not fp32 else (64, 32, 1)
+    return (64, 64, 2) if not fp32 else (32, 32, 1)
+
+
 def _dot_f32(dtype):
     # fp32 inputs: IEEE fp32 dots (Triton's default for fp32 is TF32, ~1e-3 relative error).
     # The interpreter: fp32 for every dtype (its bf16/fp16 dot is wrong).
@@ -354,21 +368,18 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale):
     _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
         out, do, delta, H, T, D, do.stride(0), do.stride(1), do.stride(2),
         BLOCK_M=64, BLOCK_D=BD)
-    # The backward holds more tiles live than the forward: smaller blocks.
-    bm, bn = (min(BM, 64), min(BN, 64)) if q.device.type == "cuda" else (BM, BN)
-    if q.device.type == "cuda" and BD > 64:
-        bm, bn = 64, 64 if q.dtype != torch.float32 else 32
+    bm, bn, bstages = _bwd_blocks(BD, q.dtype, q.device, BM, BN)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     f32 = _dot_f32(q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT_F32=f32, num_warps=warps,
-        num_stages=stages if q.device.type == "cuda" else 1)
+        num_stages=bstages)
     _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, dq, *strides, H, T, S, D, rep, scale * LOG2E, scale,
         CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT_F32=f32, num_warps=warps,
-        num_stages=stages if q.device.type == "cuda" else 1)
+        num_stages=bstages)
     return dq, dk, dv
 
 
