@@ -43,8 +43,8 @@ attn_fwd_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
   float* ks = qs + BM * D;      // 32 x LD
   float* vs = ks + 32 * LD;     // 32 x D
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t bh = blockIdx.y, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
-  const int64_t i0 = (int64_t)blockIdx.x * BM;
+  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
+  const int64_t i0 = (int64_t)blockIdx.y * BM;
   const T* qb = q + b * g.qb + h * g.qh;
   const T* kb = k + b * g.kb + hk * g.kh;
   const T* vb = v + b * g.vb + hk * g.vh;
@@ -145,8 +145,8 @@ attn_dq_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh, 
   float* ks = dos + BM * D;    // 32 x LD
   float* vs = ks + 32 * LD;    // 32 x LD
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t bh = blockIdx.y, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
-  const int64_t i0 = (int64_t)blockIdx.x * BM;
+  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
+  const int64_t i0 = (int64_t)blockIdx.y * BM;
   const T* qb = q + b * g.qb + h * g.qh;
   const T* dob = dout + b * db + h * dh;
   const T* kb = k + b * g.kb + hk * g.kh;
@@ -232,8 +232,8 @@ attn_dkdv_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh
   float* lse2s = dos + 32 * LD;  // 32
   float* dls = lse2s + 32;       // 32
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t bh = blockIdx.y, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
-  const int64_t j0 = (int64_t)blockIdx.x * 32;
+  const int64_t bh = blockIdx.x, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
+  const int64_t j0 = (int64_t)blockIdx.y * 32;
   const T* kb = k + b * g.kb + hk * g.kh;
   const T* vb = v + b * g.vb + hk * g.vh;
   for (int idx = threadIdx.x; idx < 32 * D; idx += blockDim.x) {
@@ -330,7 +330,7 @@ __global__ void decode_split_kernel(MgAttnGeo g, const T* __restrict__ q,
   extern __shared__ float qs[];  // D
   const int lane = threadIdx.x;
   const int D = (int)g.D;
-  const int64_t split = blockIdx.x, bh = blockIdx.y, b = bh / g.Hq, h = bh % g.Hq;
+  const int64_t split = blockIdx.y, bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq;
   const int64_t hk = h / (g.Hq / g.Hkv);
   const T* qb = q + b * g.qb + h * g.qh;
   for (int d = lane; d < D; d += 32) qs[d] = to_f(qb[d]) * qk_scale;
@@ -410,7 +410,8 @@ void fwd_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v, voi
   const size_t smem = sizeof(float) * (BM * g.D + 32 * (g.D + 1) + 32 * g.D);
   auto kern = attn_fwd_kernel<T, NS>;
   if (allow_smem(kern, smem) != cudaSuccess) return;
-  dim3 grid((unsigned)((g.T + BM - 1) / BM), (unsigned)(g.B * g.Hq));
+  // (batch x head) on x, which allows 2^31 - 1 blocks; y (65535) only counts sequence blocks.
+  dim3 grid((unsigned)(g.B * g.Hq), (unsigned)((g.T + BM - 1) / BM));
   kern<<<grid, WARPS * 32, smem, s>>>(g, (const T*)q, (const T*)k, (const T*)v, (T*)out, lse,
                                       scale * LOG2EF);
 }
@@ -422,13 +423,13 @@ void bwd_ns(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, int64_
   const size_t smem_q = sizeof(float) * (2 * BM * g.D + 2 * 32 * (g.D + 1));
   auto kq = attn_dq_kernel<T, NS>;
   if (allow_smem(kq, smem_q) != cudaSuccess) return;
-  dim3 gq((unsigned)((g.T + BM - 1) / BM), (unsigned)(g.B * g.Hq));
+  dim3 gq((unsigned)(g.B * g.Hq), (unsigned)((g.T + BM - 1) / BM));
   kq<<<gq, WARPS * 32, smem_q, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q, (const T*)k,
                                     (const T*)v, lse, delta, (T*)dq, scale * LOG2EF, scale);
   const size_t smem_k = sizeof(float) * (2 * 32 * g.D + 2 * 32 * (g.D + 1) + 64);
   auto kk = attn_dkdv_kernel<T, NS>;
   if (allow_smem(kk, smem_k) != cudaSuccess) return;
-  dim3 gk((unsigned)((g.S + 31) / 32), (unsigned)(g.B * g.Hkv));
+  dim3 gk((unsigned)(g.B * g.Hkv), (unsigned)((g.S + 31) / 32));
   kk<<<gk, WARPS * 32, smem_k, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q, (const T*)k,
                                     (const T*)v, lse, delta, (T*)dk, (T*)dv, scale * LOG2EF);
 }
@@ -437,7 +438,7 @@ template <typename T, int NS>
 void decode_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v,
                const int32_t* seqlens, float* o_part, float* lse_part, void* out, int64_t nsplit,
                int64_t split_len, float scale, cudaStream_t s) {
-  dim3 grid((unsigned)nsplit, (unsigned)(g.B * g.Hq));
+  dim3 grid((unsigned)(g.B * g.Hq), (unsigned)nsplit);
   decode_split_kernel<T, NS><<<grid, 32, sizeof(float) * g.D, s>>>(
       g, (const T*)q, (const T*)k, (const T*)v, seqlens, o_part, lse_part, nsplit, split_len,
       scale * LOG2EF);
