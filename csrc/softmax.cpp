@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace minigpt {
 namespace {
@@ -62,13 +63,25 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
   const A scale = static_cast<A>(scale_d);
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    // exp(z - max) is kept in the accumulation type for the normalizing pass: for float rows
-    // it stays in L1 (4 KB per 1024 columns), and low-precision rows are rounded only once.
-    std::vector<A> buf(N);
-    A* e = buf.data();
+    // exp(z - max) waits in A for the normalizing pass: float/double rows keep it in y itself
+    // (rescaled in place, as ATen does); narrower rows in a per-thread buffer, so they are
+    // rounded only once. The buffer is placed 2 KB away from the row modulo 4 KB: rows of
+    // 1024 floats are 4 KB apart, and a buffer at the same 4 KB offset as x makes every load
+    // of x look like it depends on the previous stores to the buffer (4K aliasing), which cost
+    // 1.5x in a thread whose malloc happened to land there.
+    constexpr bool kWide = std::is_same_v<T, A>;
+    std::vector<A> buf(kWide ? 0 : N + 4096 / sizeof(A));
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * N;
       T* yr = yp + r * N;
+      A* e;
+      if constexpr (kWide) {
+        e = yr;
+      } else {
+        const auto xa = reinterpret_cast<uintptr_t>(xr), ba = reinterpret_cast<uintptr_t>(buf.data());
+        const uintptr_t shift = ((xa + 2048 - ba) & 4095) & ~uintptr_t(63);
+        e = buf.data() + shift / sizeof(A);
+      }
       const int64_t L = row_len(r, N, Tq, causal);
       A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
