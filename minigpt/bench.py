@@ -562,6 +562,8 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
         with open(p, "w") as f:
             f.write(H.header_markdown(header, "minigpt bench train: where a step's time goes "
                                               "(torch.profiler, one step, top ops by self time)"))
+            f.write("\nThe run these profiles come from (profiling ran after the timing):\n\n"
+                    + H.markdown_table(rows, TRAIN_COLUMNS) + "\n")
             for cfg, tables in profiles:
                 for v, table in tables.items():
                     f.write(f"\n## {cfg}: {v}\n\n```\n{table}\n```\n")
@@ -880,6 +882,14 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
                 "x sdpa": r.get("x sdpa"), "GB/s": r.get("GB/s"), "TFLOP/s": r.get("TFLOP/s"),
                 "MB": r.get("MB") if r.get("MB") is not None else r.get("peak MB"),
             })
+    # Scripts that compare against another baseline (attention: SDPA) still time eager
+    # PyTorch; derive "x eager" for their rows so every kernel has the same yardstick.
+    eager_ms = {(r["source"], r["op"], r["shape"], r["dtype"], r["pass"]): r["ms"]
+                for r in rows if r["backend"] == "eager" and _finite_pos(r["ms"])}
+    for r in rows:
+        e = eager_ms.get((r["source"], r["op"], r["shape"], r["dtype"], r["pass"]))
+        if r["x eager"] is None and e and _finite_pos(r["ms"]):
+            r["x eager"] = e / r["ms"]
     if not rows:
         raise FileNotFoundError("no per-op results found for device tag "
                                 f"{tag!r}: " + "; ".join(missing))
@@ -891,7 +901,8 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
     notes = ("Merged from the per-op benchmarks' latest results (" + ", ".join(
         f"benchmarks/{s}.py at {d}" for s, d in dates.items()) + "); each was timed by its own "
         "script under the shared rules of benchmarks/_harness.py. x eager = eager ms / ms "
-        "(> 1: faster than plain PyTorch); x sdpa (attention) = PyTorch SDPA's ms / ms. Rerun: `minigpt bench ops --run` (each script with "
+        "(> 1: faster than plain PyTorch; derived from the eager row where a script reports another "
+        "baseline); x sdpa (attention) = PyTorch SDPA's ms / ms. Rerun: `minigpt bench ops --run` (each script with "
         "--quick) or the scripts themselves for the full sweeps.")
     if missing:
         notes += "\n\nMissing:\n" + "\n".join(f"- {m}" for m in missing)
@@ -907,35 +918,42 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
 
 
 def _plot_ops(rows, path: Path, title: str):
-    """Speed-up over eager per (op, shape, dtype, pass), one bar per backend."""
+    """Speed-up over eager per op, one bar per backend, one panel per pass; each bar is the
+    geometric mean over the op's shapes and dtypes (the table has every one)."""
     plt = _plt()
     if plt is None:
         return None
-    rows = [r for r in rows if r.get("x eager") and r["backend"] != "eager"]
+    rows = [r for r in rows if _finite_pos(r.get("x eager")) and r["backend"] != "eager"]
     if not rows:
         return None
-    cases = list(dict.fromkeys((r["op"], r["shape"], r["dtype"], r["pass"]) for r in rows))
+    passes = list(dict.fromkeys(r["pass"] for r in rows))
     bes = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(cases) * max(1, len(bes)) ** 0.5 + 1)))
+    ops_all = list(dict.fromkeys(r["op"] for r in rows))
+    fig, axes = plt.subplots(1, len(passes), figsize=(4.5 * len(passes), 0.45 * len(ops_all) + 2),
+                             squeeze=False)
     h = 0.8 / len(bes)
-    for k, be in enumerate(bes):
-        ys, xs = [], []
-        for i, c in enumerate(cases):
-            r = next((r for r in rows if (r["op"], r["shape"], r["dtype"], r["pass"]) == c
-                      and r["backend"] == be), None)
-            if r is not None:
-                ys.append(i + k * h)
-                xs.append(r["x eager"])
-        ax.barh(ys, xs, height=h, label=be)
-    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(cases))])
-    ax.set_yticklabels([f"{o} {s} {d} {p}" for o, s, d, p in cases], fontsize=6)
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("x eager (> 1: faster than eager PyTorch)")
-    ax.invert_yaxis()
-    ax.legend(fontsize=7)
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_title("minigpt bench ops: " + title, fontsize=9)
+    for ax, ps in zip(axes[0], passes):
+        for k, be in enumerate(bes):
+            ys, xs = [], []
+            for i, op in enumerate(ops_all):
+                v = [r["x eager"] for r in rows if r["pass"] == ps and r["op"] == op
+                     and r["backend"] == be]
+                if v:
+                    ys.append(i - 0.4 + h * (k + 0.5))
+                    xs.append(math.exp(sum(math.log(x) for x in v) / len(v)))
+            if xs:
+                ax.barh(ys, xs, height=h, label=be, color=f"C{k % 10}")
+        ax.set_yticks(range(len(ops_all)))
+        ax.set_yticklabels(ops_all, fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("x eager (> 1: faster)")
+        ax.set_title(ps, fontsize=9)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("minigpt bench ops: speed-up over eager PyTorch (geometric mean over shapes)"
+                 "\n" + title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -132,18 +132,28 @@ def test_ops_merges_results(tmp_path):
                    ms=ms, **{"x eager": 3.0 / ms, "MB": 1.5}) for be, ms in (("eager", 3.0),
                                                                            ("cpu", 1.0))]
     H.write_results(rows_b, "training_ops", dev, str(src))
+    # attention reports "x sdpa"; "x eager" is derived from its eager row
+    rows_c = [dict(op="attention", shape="1x2x7x8", dtype="fp32", backend=be, **{"pass": "fwd"},
+                   ms=ms, **{"x sdpa": 1.0 / ms}) for be, ms in (("sdpa", 1.0), ("eager", 4.0),
+                                                                   ("cpu", 0.8))]
+    H.write_results(rows_c, "attention", dev, str(src))
     res = bench.bench_ops(device="cpu", results=str(src), out=str(tmp_path / "out"))
     rows = _read_csv(res["paths"]["csv"])
     # columns no source filled in (TFLOP/s here) are left out
-    assert list(rows[0]) == [c for c in bench.OPS_COLUMNS if c not in ("TFLOP/s", "x sdpa")]
+    assert list(rows[0]) == [c for c in bench.OPS_COLUMNS if c != "TFLOP/s"]
     assert [(r["source"], r["op"], r["backend"]) for r in rows] == [
         ("bench_ops", "softmax", "eager"), ("bench_ops", "softmax", "cpu"),
+        ("bench_attention", "attention", "sdpa"), ("bench_attention", "attention", "eager"),
+        ("bench_attention", "attention", "cpu"),
         ("bench_training_ops", "rms_norm", "eager"), ("bench_training_ops", "rms_norm", "cpu")]
+    assert float(rows[4]["x eager"]) == pytest.approx(5.0)
+    assert float(rows[4]["x sdpa"]) == pytest.approx(1.25)
+    rows = rows[:2] + rows[5:]
     assert float(rows[1]["x eager"]) == pytest.approx(4.0)
     assert float(rows[3]["x eager"]) == pytest.approx(3.0)
     assert float(rows[3]["MB"]) == pytest.approx(1.5)
     assert float(rows[1]["GB/s"]) == pytest.approx(256 / 0.5e-3 / 1e9)
-    assert any("attention_cpu.csv" in m for m in res["missing"])
+    assert any("loss_cpu.csv" in m for m in res["missing"])
     assert _png_ok(res["paths"]["png"])
     md = open(res["paths"]["md"]).read()
     assert "Missing:" in md and "| source | date | op |" in md
