@@ -700,7 +700,11 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
         label = f"gpt-{config}"
     else:
         gen = _load_script("bench_generate")
-        import transformers
+        try:
+            import transformers
+        except ImportError as e:
+            raise RuntimeError(f"--model smollm2 compares with transformers' generate, which is "
+                               f"not installed ({e}): pip install -r requirements-dev.txt") from e
 
         from minigpt.loaders import packaged_path
 
