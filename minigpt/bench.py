@@ -34,7 +34,6 @@ import contextlib
 import copy
 import csv
 import ctypes
-import glob
 import importlib.util
 import math
 import os
@@ -43,7 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
