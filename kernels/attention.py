@@ -244,14 +244,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 @triton.jit
 def _decode_split_kernel(Q, K, V, SEQLENS, OP, LSEP,
                          sqb, sqh, skb, skh, sks, svb, svh, svs,
-                         Hq, Hkv, D, REP, split_len, NSPLIT, qk_scale,
+                         Hq, Hkv, D, REP, S_max, split_len, NSPLIT, qk_scale,
                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          DOT_F32: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    L = tl.load(SEQLENS + b)
+    L = tl.minimum(tl.load(SEQLENS + b), S_max)  # never read past the cache
     lo = split * split_len
     hi = tl.minimum(lo + split_len, L)
     offs_g = tl.arange(0, BLOCK_H)
@@ -298,11 +298,12 @@ def _decode_combine_kernel(OP, LSEP, O, D, NSPLIT,
     offs_d = tl.arange(0, BLOCK_D)
     smask = offs_s < NSPLIT
     lse2 = tl.load(LSEP + pid * NSPLIT + offs_s, mask=smask, other=float("-inf"))
-    m = tl.max(lse2, 0)  # finite: split 0 always holds key 0 (cache_seqlens >= 1)
-    w = tl.math.exp2(lse2 - m)
+    m = tl.max(lse2, 0)  # finite when cache_seqlens >= 1 (split 0 holds key 0)
+    w = tl.math.exp2(lse2 - tl.where(m == float("-inf"), 0.0, m))  # all empty: 0, not nan
     o = tl.load(OP + (pid * NSPLIT + offs_s[:, None]) * D + offs_d[None, :],
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    den = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
     tl.store(O + pid * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
 
 
@@ -411,7 +412,8 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
     _decode_split_kernel[(B * Hkv, nsplit)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), v_cache.stride(2), H, Hkv, D, rep, split_len, nsplit, scale * LOG2E,
+        v_cache.stride(1), v_cache.stride(2), H, Hkv, D, rep, S_max, split_len, nsplit,
+        scale * LOG2E,
         BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD, DOT_F32=_dot_f32(q.dtype), num_warps=4)
     _decode_combine_kernel[(B * H,)](
         o_part, lse_part, out, D, nsplit, BLOCK_S=max(2, triton.next_power_of_2(nsplit)),

@@ -214,8 +214,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
         raise TypeError(f"{op}: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
     _checks.shape(op, "cache_seqlens", cache_seqlens, (B,))
     _checks.same_device(op, q=q, cache_seqlens=cache_seqlens)
-    if B and not torch.compiler.is_compiling():
-        # One host sync; an out-of-range length would read past the cache or divide by zero.
+    capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    if B and not torch.compiler.is_compiling() and not capturing:
+        # One host sync (skipped while a CUDA graph is being captured, where it is not allowed;
+        # the kernels clamp the lengths to the cache there, so nothing reads out of bounds).
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 1 or hi > S_max:
             raise ValueError(f"{op}: cache_seqlens must lie in [1, {S_max}] (the cache length), "
