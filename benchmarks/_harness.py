@@ -87,6 +87,9 @@ def env_header(device: torch.device) -> Dict[str, str]:
         info["cuda"] = str(torch.version.cuda)
     else:
         info["threads"] = str(torch.get_num_threads())
+        load = load_average()
+        if load:
+            info["load average at start"] = f"{load} (on {os.cpu_count()} CPUs)"
     return info
 
 
@@ -113,14 +116,12 @@ def _time_once(fn: Callable, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_fns(fns: Dict[str, Callable], device: torch.device, warmup: int = 3,
-             reps: Optional[int] = None, budget_s: float = 2.0,
-             max_reps: int = 200) -> Dict[str, float]:
-    """Median ms of each function, timed round-robin (see the module docstring).
-
-    ``reps``: rounds to run; None picks as many as fit ``budget_s`` (between 5 and
-    ``max_reps``) from the warm-up times.
-    """
+def time_fns_stats(fns: Dict[str, Callable], device: torch.device, warmup: int = 3,
+                   reps: Optional[int] = None, budget_s: float = 2.0,
+                   max_reps: int = 200) -> Dict[str, Dict[str, float]]:
+    """{name: {"median": ms, "min": ms, "reps": n}} of each function, timed round-robin (see
+    the module docstring). ``reps``: rounds to run; None picks as many as fit ``budget_s``
+    (between 5 and ``max_reps``) from the warm-up times."""
     warm = {}
     for name, fn in fns.items():
         for _ in range(max(warmup - 1, 0)):
@@ -134,7 +135,24 @@ def time_fns(fns: Dict[str, Callable], device: torch.device, warmup: int = 3,
     for _ in range(reps):
         for name, fn in fns.items():
             samples[name].append(_time_once(fn, device))
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: {"median": statistics.median(v), "min": min(v), "reps": len(v)}
+            for name, v in samples.items()}
+
+
+def time_fns(fns: Dict[str, Callable], device: torch.device, warmup: int = 3,
+             reps: Optional[int] = None, budget_s: float = 2.0,
+             max_reps: int = 200) -> Dict[str, float]:
+    """Median ms of each function, timed round-robin (see the module docstring)."""
+    stats = time_fns_stats(fns, device, warmup, reps, budget_s, max_reps)
+    return {name: s["median"] for name, s in stats.items()}
+
+
+def load_average() -> Optional[str]:
+    """1/5/15-minute load average (Unix): other work on the machine inflates CPU timings."""
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except (OSError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
