@@ -123,8 +123,8 @@ def split(ids: np.ndarray, block_size: int, val_fraction: float = VAL_FRACTION) 
     n = len(ids)
     if n == 0:
         raise ValueError("the corpus is empty")
-    n_val = int(n * val_fraction)
-    n_train = n - n_val
+    n_train = int(n * (1 - val_fraction))   # nanoGPT's prepare.py: data[:int(n * 0.9)]
+    n_val = n - n_train
     need = block_size + 1
     if n_train < need or n_val < need:
         raise ValueError(

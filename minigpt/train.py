@@ -49,7 +49,7 @@ class TrainConfig:
     # optimization
     batch_size: int = 8                 # per rank and micro-step
     grad_accum: int = 1
-    max_iters: int = 600
+    max_iters: int = 1000
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_iters: int = 50
@@ -59,10 +59,10 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0              # 0 disables
     # evaluation, logging, checkpoints
-    eval_interval: int = 100
+    eval_interval: int = 200
     eval_iters: int = 10
     log_interval: int = 10
-    ckpt_interval: int = 100
+    ckpt_interval: int = 200
     sample_tokens: int = 300            # printed at the end; 0 disables
     # runtime
     seed: int = 1337
@@ -500,7 +500,7 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, _stop_after):
     summary = {"step": step, "loss": loss_val, "train_loss": last["train"],
                "val_loss": last["val"], "best_val_loss": best_val, "out_dir": str(out_dir),
                "elapsed_s": time.time() - t0, "model": raw_model, "tokenizer": tokenizer,
-               "rank": dist.rank}
+               "rank": dist.rank, "threads": torch.get_num_threads() if device.type == "cpu" else None}
     if _stop_after is not None and step < cfg.max_iters:
         return summary
     if dist.master:

@@ -34,6 +34,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cpu for baby, cuda otherwise")
     p.add_argument("--max-iters", type=int, default=None, help="override (for a shorter check)")
     p.add_argument("--final-eval-iters", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337, help="nanoGPT's seed by default")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--backend", default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: see "
@@ -42,13 +43,13 @@ def main(argv=None):
 
     import torch
 
-    from minigpt.train import estimate_loss, make_config, train, _autocast_dtype
+    from minigpt.train import _autocast_dtype, cpu_threads, estimate_loss, make_config, train
     from minigpt import data as data_mod
 
     device = args.device or ("cpu" if args.setting == "baby" else "cuda")
     over = dict(data=args.data, out_dir=args.out or str(ROOT / "out" / f"quality-{args.setting}"),
                 device=device, compile=args.compile, backend=args.backend, sample_tokens=200,
-                threads=args.threads, progress=False)
+                threads=args.threads, progress=False, seed=args.seed)
     if args.max_iters:
         over["max_iters"] = args.max_iters
         over["lr_decay_iters"] = args.max_iters
@@ -58,15 +59,17 @@ def main(argv=None):
     wall = time.time() - t0
 
     model, tok = res["model"], res["tokenizer"]
+    if device == "cpu":
+        cpu_threads(res["threads"])  # the final estimate runs like the training did
     text = data_mod.read_text(args.data)
     splits = data_mod.split(tok.encode_array(text), cfg.block_size)
     final = make_config(args.setting, **{**over, "eval_iters": args.final_eval_iters})
     dev = next(model.parameters()).device
     losses = estimate_loss(model, splits, final, dev, _autocast_dtype(final, dev))
     result = {
-        "setting": args.setting, "device": str(dev),
+        "setting": args.setting, "seed": args.seed, "device": str(dev),
         "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                        else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"),
+                        else f"CPU, {os.cpu_count()} cores, {res['threads']} thread(s)"),
         "max_iters": cfg.max_iters, "wall_s": round(wall, 1),
         "val_loss_during_training": res["val_loss"],
         "train_loss": round(losses["train"], 4), "val_loss": round(losses["val"], 4),
