@@ -387,13 +387,14 @@ __global__ void decode_combine_kernel(const float* __restrict__ o_part,
   const int64_t bh = blockIdx.x;
   const float* lp = lse_part + bh * nsplit;
   float mx = -INFINITY;
-  for (int64_t s = 0; s < nsplit; ++s) mx = fmaxf(mx, lp[s]);  // finite: split 0 has key 0
+  for (int64_t s = 0; s < nsplit; ++s) mx = fmaxf(mx, lp[s]);  // finite if seqlen >= 1
+  if (mx == -INFINITY) mx = 0.f;  // no key at all (a length of 0 in a captured graph): zeros
   float den = 0.f;
   for (int64_t s = 0; s < nsplit; ++s) den += exp2f(lp[s] - mx);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
     for (int64_t s = 0; s < nsplit; ++s) acc += exp2f(lp[s] - mx) * o_part[(bh * nsplit + s) * D + d];
-    out[bh * D + d] = from_f<T>(acc / den);
+    out[bh * D + d] = from_f<T>(den > 0.f ? acc / den : 0.f);
   }
 }
 
@@ -446,11 +447,11 @@ void decode_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v,
                                                                 nsplit, g.D);
 }
 
-// Head-dim slices per lane: D <= 32, 64, 128, 256.
+// Head-dim slices per lane: D <= 64, 128, 256 (lanes past D are masked; three widths keep
+// the instantiations, and nvcc's time, down).
 #define ATTN_DISPATCH_NS(D, F, T, ...)                 \
   do {                                                 \
-    if ((D) <= 32) F<T, 1>(__VA_ARGS__);               \
-    else if ((D) <= 64) F<T, 2>(__VA_ARGS__);          \
+    if ((D) <= 64) F<T, 2>(__VA_ARGS__);               \
     else if ((D) <= 128) F<T, 4>(__VA_ARGS__);         \
     else F<T, 8>(__VA_ARGS__);                         \
   } while (0)
