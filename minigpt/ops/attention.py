@@ -218,7 +218,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     if B and not torch.compiler.is_compiling() and not capturing:
         # One host sync (skipped while a CUDA graph is being captured, where it is not allowed;
         # the kernels clamp the lengths to the cache there, so nothing reads out of bounds).
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()
         if lo < 1 or hi > S_max:
             raise ValueError(f"{op}: cache_seqlens must lie in [1, {S_max}] (the cache length), "
                              f"got values in [{lo}, {hi}]")
