@@ -385,7 +385,10 @@ class GPT(nn.Module):
             cache._end(T)
 
         if targets is not None:
-            loss = ops.fused_linear_cross_entropy(x, self.lm_head.weight, targets)
+            # The fused op picks its own precision (fp32 accumulation); autocast must not
+            # recast the matmuls inside it.
+            with torch.autocast(x.device.type, enabled=False):
+                loss = ops.fused_linear_cross_entropy(x, self.lm_head.weight, targets)
             return None, loss
         if only_last:
             x = x[:, -1:, :]
