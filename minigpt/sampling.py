@@ -62,7 +62,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(idx.shape[0]) if use_cache else None
+        # Room for the whole result (capped at the context) rather than always block_size:
+        # a Llama with an 8k context would otherwise allocate its full cache for a short reply.
+        cache = (model.new_cache(idx.shape[0], min(block, idx.shape[1] + max_new_tokens))
+                 if use_cache else None)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         window = idx[:, -block:]   # the tokens to (re)feed next
         for _ in range(max_new_tokens):
