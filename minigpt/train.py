@@ -314,11 +314,12 @@ def _print(*a, **k):
 
 
 def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None,
-          _stop_after: Optional[int] = None) -> dict:
+          overwrite: bool = False, _stop_after: Optional[int] = None) -> dict:
     """Run training; returns a summary dict (final losses, step, paths, and on rank 0 the
     sample). ``explicit``: names of the options the user set (on resume they override the
     checkpoint's hyperparameters; model options that differ from the checkpoint's are an
-    error). ``_stop_after`` (tests) ends the loop after that many steps, as an interruption
+    error). A fresh run refuses an ``out_dir`` that already holds a checkpoint unless
+    ``overwrite``. ``_stop_after`` (tests) ends the loop after that many steps, as an interruption
     would, without the end-of-run extras."""
     explicit = set(explicit or ())
     out_dir = Path(cfg.out_dir)
@@ -348,13 +349,13 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
     if dist.device.type == "cpu":
         cpu_threads(cfg.threads)
     try:
-        return _train(cfg, dist, out_dir, resumed, _stop_after)
+        return _train(cfg, dist, out_dir, resumed, overwrite, _stop_after)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, _stop_after):
+def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _stop_after):
     device = dist.device
     amp_dtype = _autocast_dtype(cfg, device)
     if dist.master:
@@ -410,6 +411,17 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, _stop_after):
                 "data": str(data_path), "data_sha256": digest, "world_size": dist.world,
                 "tokens_per_step": cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world}
 
+    if not resumed and not overwrite:
+        # Checked by every rank (no rank may go on to wait for one that stopped), after the
+        # data and model are known to be good and before anything is written.
+        try:
+            prev = ckpt.read_config(out_dir)
+        except (FileNotFoundError, ValueError):
+            prev = None
+        if prev is not None:
+            raise ValueError(f"{out_dir} already holds a checkpoint (step "
+                             f"{prev.get('train', {}).get('step', '?')}); continue it with "
+                             "--resume, start over with --overwrite, or choose another --out")
     log = MetricsLog(out_dir, start_step if resumed else None) if dist.master else None
     if dist.master:
         n_params = raw_model.num_params()

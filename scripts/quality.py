@@ -55,7 +55,7 @@ def main(argv=None):
         over["lr_decay_iters"] = args.max_iters
     cfg = make_config(args.setting, **over)
     t0 = time.time()
-    res = train(cfg)
+    res = train(cfg, overwrite=True)
     wall = time.time() - t0
 
     model, tok = res["model"], res["tokenizer"]

@@ -285,6 +285,11 @@ def test_bad_input_gets_clear_errors_and_keeps_the_checkpoint(corpus, tmp_path, 
     fails(corpus, "--dropout", "1.0", match="dropout must be in [0, 1)")
     fails(corpus, "--resume", "--n-embd", "16", match="model options cannot change on resume")
     fails(corpus, "--resume", "--out", str(tmp_path / "fresh"), match="--resume: no checkpoint")
+    # a fresh run into a directory with a checkpoint: refused unless --overwrite
+    fails(corpus, match="already holds a checkpoint (step 2); continue it with --resume")
+    fails(corpus, "--resume", "--overwrite", match="contradict")
+    assert _train_cli(corpus, out, "--overwrite", "--seed", "9") == 0
+    assert tree_digest(out / "checkpoint") != before
 
 
 def test_data_split_and_batches():

@@ -68,6 +68,9 @@ def add_arguments(p):
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no tqdm progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even though --out already holds a checkpoint "
+                        "(replaced at the first checkpoint of the new run)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (options given "
                         "override its saved hyperparameters, except the model's shape)")
@@ -91,5 +94,7 @@ def run(args):
         # a preset named on resume counts as explicitly chosen settings
         from minigpt.train import PRESETS
         explicit |= set(PRESETS[args.config])
-    train(cfg, resume=args.resume, explicit=explicit)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    train(cfg, resume=args.resume, explicit=explicit, overwrite=args.overwrite)
     return 0
