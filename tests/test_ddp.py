@@ -33,6 +33,7 @@ def _worker(rank, world, port, corpus, outs, result_dir):
                if k != "lm_head.weight"}, os.path.join(result_dir, f"rank{rank}.safetensors"))
 
 
+@pytest.mark.timeout(300)   # a rank stuck in a collective must fail the test, not hang CI
 def test_two_cpu_ranks(tmp_path):
     from safetensors.torch import load_file
 
