@@ -2,6 +2,7 @@
 // tensors to csrc/layer_norm.cu. Called from minigpt/ops/layer_norm.py, which has already
 // checked shapes and dtypes; the TORCH_CHECKs here guard the raw-pointer code itself.
 #include "common.h"
+#include "cpu_convert.h"
 
 #include <cmath>
 #include <type_traits>
@@ -30,9 +31,8 @@ void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* b
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) {
-        const T hq = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(r[j]));
-        h[j] = hq;
-        buf[j] = static_cast<A>(hq);  // normalize h as stored, like the unfused model
+        store(h, j, load(x, j) + load(r, j));
+        buf[j] = load(h, j);  // normalize h as stored, like the unfused model
       }
       src = buf;
     }
@@ -41,7 +41,7 @@ void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* b
       src = x;
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<A>(x[j]);
+      for (int64_t j = 0; j < N; ++j) buf[j] = load(x, j);
       src = buf;
     }
   }
@@ -59,10 +59,10 @@ void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* b
   const A rstd = A(1) / std::sqrt(var + eps);
   if (b) {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = static_cast<T>((src[j] - mean) * rstd * w[j] + b[j]);
+    for (int64_t j = 0; j < N; ++j) store(y, j, (src[j] - mean) * rstd * w[j] + b[j]);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) y[j] = static_cast<T>((src[j] - mean) * rstd * w[j]);
+    for (int64_t j = 0; j < N; ++j) store(y, j, (src[j] - mean) * rstd * w[j]);
   }
   *mean_out = mean;
   *rstd_out = rstd;
@@ -128,8 +128,8 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
         if (db) {
 #pragma omp simd reduction(+ : c1, c2)
           for (int64_t j = 0; j < N; ++j) {
-            const A gj = static_cast<A>(g[j]);
-            const A xh = (static_cast<A>(x[j]) - mu) * rs;
+            const A gj = load(g, j);
+            const A xh = (load(x, j) - mu) * rs;
             const A wg = wp[j] * gj;
             c1 += xh * wg;
             c2 += wg;
@@ -139,8 +139,8 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
         } else {
 #pragma omp simd reduction(+ : c1, c2)
           for (int64_t j = 0; j < N; ++j) {
-            const A gj = static_cast<A>(g[j]);
-            const A xh = (static_cast<A>(x[j]) - mu) * rs;
+            const A gj = load(g, j);
+            const A xh = (load(x, j) - mu) * rs;
             const A wg = wp[j] * gj;
             c1 += xh * wg;
             c2 += wg;
@@ -154,16 +154,16 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
           const T* d2 = dhp + i * N;
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
-            const A xh = (static_cast<A>(x[j]) - mu) * rs;
-            const A wg = wp[j] * static_cast<A>(g[j]);
-            out[j] = static_cast<T>((wg - (xh * c1 + c2)) * rs + static_cast<A>(d2[j]));
+            const A xh = (load(x, j) - mu) * rs;
+            const A wg = wp[j] * load(g, j);
+            store(out, j, (wg - (xh * c1 + c2)) * rs + load(d2, j));
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
-            const A xh = (static_cast<A>(x[j]) - mu) * rs;
-            const A wg = wp[j] * static_cast<A>(g[j]);
-            out[j] = static_cast<T>((wg - (xh * c1 + c2)) * rs);
+            const A xh = (load(x, j) - mu) * rs;
+            const A wg = wp[j] * load(g, j);
+            store(out, j, (wg - (xh * c1 + c2)) * rs);
           }
         }
       }

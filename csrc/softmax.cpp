@@ -2,6 +2,7 @@
 // points that hand CUDA tensors to csrc/softmax.cu. Called from minigpt/ops/softmax.py, which
 // has already checked dtypes and arguments; the TORCH_CHECKs here guard the raw-pointer code.
 #include "common.h"
+#include "cpu_convert.h"
 #ifdef WITH_CUDA
 #include "cuda_launchers.h"
 #endif
@@ -85,17 +86,17 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
       const int64_t L = row_len(r, N, Tq, causal);
       A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < L; ++j) m = std::max(m, static_cast<A>(xr[j]) * scale);
+      for (int64_t j = 0; j < L; ++j) m = std::max(m, load(xr, j) * scale);
       if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
       A sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < L; ++j) {
-        e[j] = exp_acc<A>(static_cast<A>(xr[j]) * scale - m);
+        e[j] = exp_acc<A>(load(xr, j) * scale - m);
         sum += e[j];
       }
       const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros
 #pragma omp simd
-      for (int64_t j = 0; j < L; ++j) yr[j] = static_cast<T>(e[j] * inv);
+      for (int64_t j = 0; j < L; ++j) store(yr, j, e[j] * inv);
       for (int64_t j = L; j < N; ++j) yr[j] = static_cast<T>(0);
     }
   });
@@ -117,10 +118,9 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
       T* out = dxp + r * N;
       A s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < N; ++j) s += static_cast<A>(g[j]) * static_cast<A>(yr[j]);
+      for (int64_t j = 0; j < N; ++j) s += load(g, j) * load(yr, j);
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j)
-        out[j] = static_cast<T>(scale * static_cast<A>(yr[j]) * (static_cast<A>(g[j]) - s));
+      for (int64_t j = 0; j < N; ++j) store(out, j, scale * load(yr, j) * (load(g, j) - s));
     }
   });
 }
