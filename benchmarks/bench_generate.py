@@ -144,8 +144,8 @@ def main():
     header["transformers"] = transformers.__version__
     header["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)"
     header["dtype"] = H.dtype_name(dtype)
-    if hasattr(os, "getloadavg"):
-        header["load average at start (1/5/15 min)"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    if hasattr(os, "getloadavg") and not any(k.startswith("load average") for k in header):
+        header["load average at start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     header["backend"] = (os.environ.get("MINIGPT_BACKEND")
                          or minigpt._backend.resolve("attention", None, dev, dtype))
     P, N = args.prompt_len, args.new_tokens

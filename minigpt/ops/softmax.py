@@ -14,6 +14,7 @@ y == 0, so they get no gradient without the kernel knowing about the mask.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -90,8 +91,9 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
     """
     _checks.tensor(OP, "x", x)
     _checks.nonempty_last_dim(OP, "x", x)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{OP}: scale must be a Python number, got {type(scale).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{OP}: scale must be a real number (not a tensor), got "
+                        f"{type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale!r}")
     if not isinstance(causal, bool):
