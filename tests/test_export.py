@@ -110,7 +110,8 @@ def test_export_smollm2_shaped_gguf_roundtrip(tmp_path):
     from tests.test_llama import _train_bpe, write_tiny_llama
 
     path, _, _ = write_tiny_llama(str(tmp_path), *_train_bpe())
-    model, tok = minigpt.load(path)
+    # float32 matmuls only (not the packed decode path): the comparison below is bit-exact
+    model, tok = minigpt.load(path, packed=False)
     out = tmp_path / "exported"
     assert main(["export", "--checkpoint", path, "--out", str(out)]) == 0
     back, tok2 = minigpt.load(str(out))
