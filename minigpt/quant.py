@@ -89,7 +89,10 @@ class PackedLinear(nn.Linear):
             if self.weight._version != self._weight_version:  # trained since: stale copy
                 del self.packed
                 return F.linear(x, self.weight)
-            y = quant_matmul(x.reshape(rows, x.shape[-1]), p, self.qtype, self.out_features)
+            # Straight to the kernel: shapes were checked when the bytes were attached, and a
+            # decode step makes ~150 of these calls, so per-call Python checks add up.
+            y = _backend._ext().quant_matmul(x.reshape(rows, x.shape[-1]).contiguous(), p,
+                                             self.qtype, self.out_features)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
