@@ -182,7 +182,10 @@ def main():
         H.print_table(rows[-2:], COLS)
     notes = (f"Greedy decoding of {N} new tokens after a {P}-token prompt; prefill = time to the "
              "first new token; decode = the remaining tokens. 'x' = MiniGPT / transformers "
-             "(> 1: MiniGPT faster). Median of round-robin rounds (benchmarks/_harness.py).")
+             "(> 1: MiniGPT faster). Median of round-robin rounds (benchmarks/_harness.py). "
+             "Both compute with the same float32 weights; on CPU MiniGPT's decode steps read them "
+             "from the GGUF's packed Q8_0/Q4_1 bytes (minigpt/quant.py), transformers from its "
+             "dequantized float32 copy.")
     if hasattr(os, "getloadavg"):
         header["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     paths = H.write_results(rows, "generate", dev, args.out, title="Generation: SmolLM2-135M",
