@@ -383,3 +383,21 @@ def test_unavailable_backend():
         ops.cross_entropy(_x, _t, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.fused_linear_cross_entropy(_h, _w, _t, backend="fast")
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+def test_fused_linear_ce_ignores_enclosing_autocast(be):
+    """Under bf16 autocast the op still computes in its inputs' dtype (fp32 here): same loss
+    and gradients as outside autocast, instead of failing inside its chunk matmuls."""
+    h = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (10,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_ac = ops.fused_linear_cross_entropy(h, w, t, backend=be)
+    g_ac = torch.autograd.grad(loss_ac, [h, w])
+    loss = ops.fused_linear_cross_entropy(h, w, t, backend=be)
+    g = torch.autograd.grad(loss, [h, w])
+    assert loss_ac.dtype == torch.float32
+    torch.testing.assert_close(loss_ac, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_ac, g):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -84,6 +84,20 @@ def test_softmax_large_logits_and_inf(be, dev):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_softmax_all_masked_row_is_zero_and_nan_propagates(be, dev):
+    # Every backend agrees on the edge cases: a row that is all -inf (an additive mask that
+    # hides everything) is zeros, not 0/0; a NaN input never comes out as a finite-looking row
+    # (the kernels keep the NaN at its position; the reference spreads it over the row).
+    x = torch.randn(3, 17, device=dev)
+    x[0] = float("-inf")
+    x[2, 5] = float("nan")
+    y = ops.softmax(x, backend=be)
+    assert (y[0] == 0).all()
+    torch.testing.assert_close(y[1], reference.softmax(x[1:2])[0], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(y[2]).any()
+
+
 @pytest.mark.parametrize("be", ["torch", "cpu"])
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
 def test_softmax_gradcheck_float64(be, causal):

@@ -255,27 +255,30 @@ def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, n
     dw = torch.zeros((V, H), dtype=acc, device=hidden.device) if need_dw else None
     db = torch.zeros(V, dtype=acc, device=hidden.device) if need_db else None
     wt = weight.t()
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        h = hidden[s:e]
-        logits = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
-        # The gradient overwrites this chunk's logits: no second (rows, V) buffer.
-        loss[s:e] = _rows(backend, logits, target[s:e], logits if need_grad else None,
-                          ignore_index, 0.0, grad_scale)
-        if not need_grad:
-            continue
-        dl = logits
-        if row_scale is not None:
-            dl.mul_(row_scale[s:e].unsqueeze(1))
-        if need_dh:
-            torch.mm(dl, weight, out=dh[s:e])
-        if need_dw:
-            if dl.dtype == acc:
-                dw.addmm_(dl.t(), h)
-            else:  # bf16/fp16: one (V, H) product in that dtype, added into the fp32 sum
-                dw.add_(torch.mm(dl.t(), h))
-        if need_db:
-            db += dl.sum(0, dtype=acc)
+    # The op promises fp32 accumulation on its inputs' own dtype: an enclosing autocast must
+    # not recast these matmuls (it would also break the out= product below).
+    with torch.autocast(hidden.device.type, enabled=False):
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            h = hidden[s:e]
+            logits = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
+            # The gradient overwrites this chunk's logits: no second (rows, V) buffer.
+            loss[s:e] = _rows(backend, logits, target[s:e], logits if need_grad else None,
+                              ignore_index, 0.0, grad_scale)
+            if not need_grad:
+                continue
+            dl = logits
+            if row_scale is not None:
+                dl.mul_(row_scale[s:e].unsqueeze(1))
+            if need_dh:
+                torch.mm(dl, weight, out=dh[s:e])
+            if need_dw:
+                if dl.dtype == acc:
+                    dw.addmm_(dl.t(), h)
+                else:  # bf16/fp16: one (V, H) product in that dtype, added into the fp32 sum
+                    dw.add_(torch.mm(dl.t(), h))
+            if need_db:
+                db += dl.sum(0, dtype=acc)
     dw = dw.to(weight.dtype) if need_dw else weight.new_empty(0)
     db = db.to(bias.dtype) if need_db else weight.new_empty(0)
     return loss, dh, dw, db

@@ -3,7 +3,7 @@ import math
 import torch
 
 from minigpt.reference._util import acc
-from minigpt.reference.softmax import causal_mask
+from minigpt.reference.softmax import causal_mask, masked_softmax_rows
 
 
 def attention(q, k, v, causal=True, scale=None):
@@ -19,7 +19,7 @@ def attention(q, k, v, causal=True, scale=None):
     s = acc(q) @ kf.transpose(-1, -2) * scale
     if causal:
         s = s.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    p = masked_softmax_rows(s)
     return (p @ vf).to(q.dtype)
 
 

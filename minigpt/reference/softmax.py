@@ -13,13 +13,16 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor:
 
 def softmax(x, scale=1.0, causal=False):
     """softmax(scale * x) over the last dim. ``causal`` treats the last two dims as (T, S) and
-    masks j > i + S - T. A row with every element masked (only when T > S) is all zeros."""
+    masks j > i + S - T. A row with nothing left (every element -inf or masked, e.g. query rows
+    with no key when T > S) is all zeros rather than 0/0; NaN inputs still give NaN."""
     z = acc(x) * scale
     if causal:
         keep = causal_mask(x.shape[-2], x.shape[-1], x.device)
         z = z.masked_fill(~keep, float("-inf"))
-        y = torch.softmax(z, dim=-1)
-        y = torch.nan_to_num(y, nan=0.0)  # fully masked rows: 0/0 -> 0
-    else:
-        y = torch.softmax(z, dim=-1)
-    return y.to(x.dtype)
+    return masked_softmax_rows(z).to(x.dtype)
+
+
+def masked_softmax_rows(z):
+    """torch.softmax over the last dim, with all -inf rows giving zeros (shared with attention)."""
+    y = torch.softmax(z, dim=-1)
+    return y.masked_fill(torch.isneginf(z).all(-1, keepdim=True), 0.0)
