@@ -18,7 +18,6 @@ CPU: there it is the interpreter, a correctness tool, not a speed path.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 from dataclasses import dataclass, field
@@ -45,44 +44,13 @@ from minigpt import _backend, ops, reference  # noqa: E402
 
 # ----------------------------------------------------------------------------- peak memory
 
-def _rss(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc() if sys.platform.startswith("linux") else None
-
-
 def peak_mb(fn, device):
-    """Peak memory fn() adds above what is live before it, in MiB (None if not measurable)."""
-    if device.type == "cuda":
-        H.sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        H.sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if _LIBC is None or _rss("VmHWM") is None:
-        return None
-    _LIBC.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return None
-    base = _rss("VmRSS")
-    fn()
-    return max(0, _rss("VmHWM") - base) / 2**20
+    """Peak memory fn() adds above what is live before it, in MiB (None if not measurable);
+    the measurement itself is minigpt.bench's, shared with `minigpt bench train`."""
+    from minigpt.bench import step_peak_bytes
+
+    b = step_peak_bytes(fn, device)
+    return None if b is None else b / 2**20
 
 
 # ----------------------------------------------------------------------------- cases
