@@ -1,5 +1,5 @@
-// Element <-> accumulation-type conversions for the C++ CPU row loops, written so that GCC
-// vectorizes them inside `#pragma omp simd`. bfloat16 is a float's top 16 bits, so plain bit
+// Element <-> accumulation-type conversions and exp for the C++ CPU row loops, written so that
+// GCC vectorizes them inside `#pragma omp simd`. bfloat16 is a float's top 16 bits, so plain bit
 // operations convert it; c10::BFloat16's own conversions keep the loops scalar (bf16 rows ran
 // 3x slower than fp32 ones). float16 still goes through c10::Half (correct, not vectorized).
 #pragma once
@@ -7,6 +7,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -32,5 +34,39 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t j, float 
   r = (v != v) ? 0x7FC0u : r;                             // and keep a NaN a (quiet) NaN
   p[j].x = static_cast<uint16_t>(r);
 }
+
+// exp(x) in plain float arithmetic, so GCC vectorizes it inside `#pragma omp simd` (std::exp
+// is a libm call that vectorizes only under -ffast-math, and then a whole file loses IEEE
+// semantics). Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, Cody-Waite, so
+// n ln2 stays exact), exp(r) by a degree-6 polynomial (relative error ~1e-7), 2^n written into
+// the exponent bits. Shared by softmax, cross-entropy and SwiGLU. exp_poly takes x in
+// [-87.34, 88.38]; the wrappers below clamp, and give exactly 0 below the range (so
+// exp(-inf) = 0, as masked logits need).
+inline float exp_poly(float x) {
+  // Round to nearest by adding and removing 1.5 * 2^23 (std::nearbyint would block it too).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + (r + 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(pow2n));
+  return p * pow2n;
+}
+constexpr float kExpLo = -87.33654f, kExpHi = 88.37626f;
+// Any x: below the range 0, above it saturated at exp(88.38) instead of inf.
+inline float exp_vec(float x) {
+  return x < kExpLo ? 0.0f : exp_poly(std::min(std::max(x, kExpLo), kExpHi));
+}
+inline double exp_vec(double x) { return std::exp(x); }  // float64 is for gradcheck
+// x <= 0 (a value minus its row's max, as in softmax and cross-entropy): no upper clamp.
+inline float exp_nonpos(float x) { return x < kExpLo ? 0.0f : exp_poly(std::max(x, kExpLo)); }
+inline double exp_nonpos(double x) { return std::exp(x); }
 
 }  // namespace minigpt

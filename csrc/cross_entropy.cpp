@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "common.h"
+#include "cpu_convert.h"
 #ifdef WITH_CUDA
 #include "cuda_launchers.h"
 #endif
@@ -25,32 +26,7 @@ namespace {
 
 constexpr int64_t kCeBlock = 512;  // columns per online-logsumexp step: fits L1, vectorizes
 
-// exp(x) for x <= 0 (every exp here is of a logit minus the running max) in plain float
-// arithmetic, so GCC vectorizes it inside `#pragma omp simd`; std::exp is a libm call that only
-// vectorizes under -ffast-math. Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a
-// degree-6 polynomial (relative error ~1e-7), 2^n written into the exponent bits. Below
-// -87.3 the result underflows to 0 (so exp(-inf) = 0, as masked logits need).
-inline float exp_nonpos(float x) {
-  const float lo = -87.33654f;
-  const bool under = x < lo;
-  x = std::max(x, lo);
-  // Round to nearest by adding and removing 1.5 * 2^23 (vectorizes without SSE4.1's round).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite): n * ln2 stays exact
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + (r + 1.0f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2n;
-  std::memcpy(&pow2n, &bits, sizeof(pow2n));
-  return under ? 0.0f : p * pow2n;
-}
-inline double exp_nonpos(double x) { return std::exp(x); }  // float64 is for gradcheck
+// Every exp here is of a logit minus the running max (<= 0): cpu_convert.h's exp_nonpos.
 
 template <typename T>
 void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at::Tensor& loss,

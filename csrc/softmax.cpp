@@ -15,37 +15,7 @@
 namespace minigpt {
 namespace {
 
-// exp for float that GCC vectorizes inside `#pragma omp simd` (std::exp is a libm call that
-// only vectorizes under -ffast-math, and then the whole file loses IEEE semantics). Cephes'
-// expf: exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], exp(r) by a degree-6
-// polynomial; relative error about 1e-7. Softmax only takes x <= 0 (z - max(z)), so there is
-// no overflow clamp; below -87.3 the 2^n bits would underflow, and the true value is 0 in
-// float anyway (so exp(-inf) is exactly 0, as masked inputs need).
-static inline float exp_ps(float x) {
-  const float lo = -87.33654f;
-  const bool under = x < lo;
-  x = std::max(x, lo);
-  // Round to nearest by adding and removing 1.5 * 2^23 (plain adds vectorize everywhere;
-  // nearbyint needs SSE4.1 and a compiler willing to use it).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;  // ln2 split in two (Cody-Waite) so n*ln2 stays exact
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + (r + 1.0f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2n;
-  std::memcpy(&pow2n, &bits, sizeof(pow2n));
-  return under ? 0.0f : p * pow2n;
-}
-
-template <typename A> inline A exp_acc(A v);
-template <> inline float exp_acc<float>(float v) { return exp_ps(v); }
-template <> inline double exp_acc<double>(double v) { return std::exp(v); }
+template <typename A> inline A exp_acc(A v) { return exp_nonpos(v); }  // cpu_convert.h
 
 // Columns of row `row` that causal masking keeps: j < i + N - T + 1 with i = row % T.
 inline int64_t row_len(int64_t row, int64_t N, int64_t T, bool causal) {

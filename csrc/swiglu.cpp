@@ -2,6 +2,7 @@
 // csrc/swiglu.cu. Elementwise over flattened contiguous tensors, fp32 (fp64 for fp64) math.
 // Called from minigpt/ops/swiglu.py, which has already checked shapes and dtypes.
 #include "common.h"
+#include "cpu_convert.h"
 #ifdef WITH_CUDA
 #include "cuda_launchers.h"
 #endif
@@ -14,38 +15,7 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per task: a task must outweigh its scheduling
 
-// exp(x) in float from plain arithmetic (Cephes' expf: range reduction by ln 2, a degree-5
-// polynomial, then 2^n built in the exponent bits), about 1 ulp. std::exp is a library call
-// that stops `omp simd` from vectorizing the loop (libmvec needs -ffast-math); this does not.
-inline float exp_simd(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);  // keeps 2^n a normal float
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick: std::floor would block vectorization too.
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  const float z = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * z + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_bit_cast)
-#define MINIGPT_HAS_BIT_CAST 1
-#endif
-#endif
-#ifdef MINIGPT_HAS_BIT_CAST
-  return p * __builtin_bit_cast(float, bits);  // memcpy here would block vectorization
-#else
-  float scale;  // older compilers: correct, only not vectorized
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-#endif
-}
-inline double exp_simd(double x) { return std::exp(x); }  // float64 is for gradcheck only
+template <typename A> inline A exp_simd(A x) { return exp_vec(x); }  // cpu_convert.h
 
 template <typename T>
 void swiglu_fwd_cpu(const T* g, const T* u, T* y, int64_t n) {
