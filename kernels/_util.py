@@ -17,3 +17,23 @@ def num_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
     else:
         cap = 4
     return max(1, min(cap, work_items))
+
+
+# Row kernels (layer_norm, rms_norm, softmax): a row up to MAX_FUSED wide is held whole in
+# registers; a wider one is streamed in BLOCK_WIDE chunks.
+MAX_FUSED = 8192
+BLOCK_WIDE = 4096
+
+
+def row_block(N: int):
+    """(BLOCK, SINGLE) for a row of N elements: the power of two covering it when it fits in
+    one block, else the streaming chunk."""
+    import triton
+
+    if N <= MAX_FUSED:
+        return triton.next_power_of_2(N), True
+    return BLOCK_WIDE, False
+
+
+def row_warps(block: int) -> int:
+    return min(max(block // 256, 1), 16)

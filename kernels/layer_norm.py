@@ -1,6 +1,6 @@
 """LayerNorm (optionally fused with a residual add) in Triton: kernels, then launchers.
 
-Forward, one program per row. A row that fits one block (N <= MAX_FUSED) is loaded once and
+Forward, one program per row. A row that fits one block (N <= _util.MAX_FUSED) is loaded once and
 normalized from registers; a wider row is streamed in BLOCK-sized chunks over three passes
 (mean, variance, normalize) so any width up to memory works.
 
@@ -12,10 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import num_programs
-
-MAX_FUSED = 8192  # widest row kept whole in registers
-BLOCK_WIDE = 4096  # chunk for wider rows
+from minigpt.kernels._util import num_programs, row_block, row_warps
 
 
 @triton.jit
@@ -158,16 +155,6 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
                     tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
 
 
-def _block(N):
-    if N <= MAX_FUSED:
-        return triton.next_power_of_2(N), True
-    return BLOCK_WIDE, False
-
-
-def _warps(block):
-    return min(max(block // 256, 1), 16)
-
-
 def layer_norm_fwd(x, weight, bias, residual, eps):
     """x, residual: (M, N) contiguous; weight, bias: (N,) fp32. -> y, h, mean, rstd."""
     M, N = x.shape
@@ -175,12 +162,12 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    BLOCK, single = _block(N)
+    BLOCK, single = row_block(N)
     _ln_fwd_kernel[(M,)](
         x, residual if residual is not None else x, weight, bias if bias is not None else weight,
         y, h if residual is not None else y, mean, rstd, N, eps,
         HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+        BLOCK=BLOCK, SINGLE=single, num_warps=row_warps(BLOCK))
     return y, h, mean, rstd
 
 
@@ -193,11 +180,11 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
     P = triton.cdiv(M, rows_per_prog)
     dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
     db_part = torch.empty((P, N), dtype=torch.float32, device=h.device) if has_bias else dw_part
-    BLOCK, single = _block(N)
+    BLOCK, single = row_block(N)
     _ln_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
         M, N, rows_per_prog, HAS_DH=dh is not None, HAS_BIAS=has_bias,
-        BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+        BLOCK=BLOCK, SINGLE=single, num_warps=row_warps(BLOCK))
     dw = dw_part.sum(0)
     db = db_part.sum(0) if has_bias else weight.new_empty(0)
     return dx, dw, db

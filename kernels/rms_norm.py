@@ -1,7 +1,7 @@
 """RMSNorm (optionally fused with a residual add) in Triton: kernels, then launchers.
 
 Same structure as kernels/layer_norm.py without the mean. Forward, one program per row: a row
-that fits one block (N <= MAX_FUSED) is loaded once and normalized from registers; a wider row
+that fits one block (N <= _util.MAX_FUSED) is loaded once and normalized from registers; a wider row
 is streamed in BLOCK-sized chunks over two passes (sum of squares, normalize).
 
 Backward, a fixed number of programs each owning a contiguous slice of rows: dx per row, and
@@ -12,10 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import num_programs
-
-MAX_FUSED = 8192  # widest row kept whole in registers
-BLOCK_WIDE = 4096  # chunk for wider rows
+from minigpt.kernels._util import num_programs, row_block, row_warps
 
 
 @triton.jit
@@ -122,27 +119,17 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
                 tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
 
 
-def _block(N):
-    if N <= MAX_FUSED:
-        return triton.next_power_of_2(N), True
-    return BLOCK_WIDE, False
-
-
-def _warps(block):
-    return min(max(block // 256, 1), 16)
-
-
 def rms_norm_fwd(x, weight, residual, eps):
     """x, residual: (M, N) contiguous; weight: (N,) fp32. -> y, h (empty without residual), rstd."""
     M, N = x.shape
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    BLOCK, single = _block(N)
+    BLOCK, single = row_block(N)
     _rms_fwd_kernel[(M,)](
         x, residual if residual is not None else x, weight, y,
         h if residual is not None else y, rstd, N, eps,
-        HAS_RES=residual is not None, BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+        HAS_RES=residual is not None, BLOCK=BLOCK, SINGLE=single, num_warps=row_warps(BLOCK))
     return y, h, rstd
 
 
@@ -154,8 +141,8 @@ def rms_norm_bwd(dy, dh, h, weight, rstd):
     rows_per_prog = triton.cdiv(M, P)
     P = triton.cdiv(M, rows_per_prog)
     dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
-    BLOCK, single = _block(N)
+    BLOCK, single = row_block(N)
     _rms_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, rstd, dx, dw_part, M, N, rows_per_prog,
-        HAS_DH=dh is not None, BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+        HAS_DH=dh is not None, BLOCK=BLOCK, SINGLE=single, num_warps=row_warps(BLOCK))
     return dx, dw_part.sum(0)

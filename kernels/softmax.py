@@ -1,6 +1,6 @@
 """softmax(scale * x) over the last dim, optionally causal, in Triton: kernels, then launchers.
 
-One program per row. A row that fits one block (N <= MAX_FUSED) is loaded once and finished
+One program per row. A row that fits one block (N <= _util.MAX_FUSED) is loaded once and finished
 from registers. A wider row is streamed in BLOCK-sized chunks: one pass keeps a running max and
 a running sum rescaled whenever the max grows ("online softmax"), a second pass writes
 exp(z - max) / sum, so any width works with two reads instead of three.
@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_FUSED = 8192  # widest row kept whole in registers
-BLOCK_WIDE = 4096  # chunk for wider rows
+from minigpt.kernels._util import row_block, row_warps
 
 
 @triton.jit
@@ -98,25 +97,15 @@ def _softmax_bwd_kernel(DY, Y, DX, N, scale, BLOCK: tl.constexpr, SINGLE: tl.con
             tl.store(DX + cols, (scale * y * (dy - s)).to(DX.dtype.element_ty), mask=mask)
 
 
-def _block(N):
-    if N <= MAX_FUSED:
-        return triton.next_power_of_2(N), True
-    return BLOCK_WIDE, False
-
-
-def _warps(block):
-    return min(max(block // 256, 1), 16)
-
-
 def softmax_fwd(x, scale, causal, T):
     """x: (M, N) contiguous. -> y like x. With ``causal`` the rows are (..., T, N) blocks."""
     M, N = x.shape
     y = torch.empty_like(x)
     if M == 0:
         return y
-    BLOCK, single = _block(N)
+    BLOCK, single = row_block(N)
     _softmax_fwd_kernel[(M,)](x, y, N, max(int(T), 1), float(scale), CAUSAL=bool(causal),
-                              BLOCK=BLOCK, SINGLE=single, num_warps=_warps(BLOCK))
+                              BLOCK=BLOCK, SINGLE=single, num_warps=row_warps(BLOCK))
     return y
 
 
@@ -126,7 +115,7 @@ def softmax_bwd(dy, y, scale):
     dx = torch.empty_like(y)
     if M == 0:
         return dx
-    BLOCK, single = _block(N)
+    BLOCK, single = row_block(N)
     _softmax_bwd_kernel[(M,)](dy, y, dx, N, float(scale), BLOCK=BLOCK, SINGLE=single,
-                              num_warps=_warps(BLOCK))
+                              num_warps=row_warps(BLOCK))
     return dx
