@@ -34,6 +34,12 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
   const A scale = static_cast<A>(scale_d);
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    // Private copies: the row loops store floats, so the compiler cannot keep a by-reference
+    // capture in a register, and re-reading it from the calling thread's stack frame (a cache
+    // line that thread keeps writing) made two threads slower than one.
+    const A scale_l = scale;
+    const int64_t N_l = N, Tq_l = Tq;
+    const bool causal_l = causal;
     // exp(z - max) waits in A for the normalizing pass: float/double rows keep it in y itself
     // (rescaled in place, as ATen does); narrower rows in a per-thread buffer, so they are
     // rounded only once. The buffer is placed 2 KB away from the row modulo 4 KB: rows of
@@ -41,10 +47,10 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
     // of x look like it depends on the previous stores to the buffer (4K aliasing), which cost
     // 1.5x in a thread whose malloc happened to land there.
     constexpr bool kWide = std::is_same_v<T, A>;
-    std::vector<A> buf(kWide ? 0 : N + 4096 / sizeof(A));
+    std::vector<A> buf(kWide ? 0 : N_l + 4096 / sizeof(A));
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + r * N;
-      T* yr = yp + r * N;
+      const T* xr = xp + r * N_l;
+      T* yr = yp + r * N_l;
       A* e;
       if constexpr (kWide) {
         e = yr;
@@ -53,21 +59,21 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         const uintptr_t shift = ((xa + 2048 - ba) & 4095) & ~uintptr_t(63);
         e = buf.data() + shift / sizeof(A);
       }
-      const int64_t L = row_len(r, N, Tq, causal);
+      const int64_t L = row_len(r, N_l, Tq_l, causal_l);
       A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < L; ++j) m = std::max(m, load(xr, j) * scale);
+      for (int64_t j = 0; j < L; ++j) m = std::max(m, load(xr, j) * scale_l);
       if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
       A sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < L; ++j) {
-        e[j] = exp_acc<A>(load(xr, j) * scale - m);
+        e[j] = exp_acc<A>(load(xr, j) * scale_l - m);
         sum += e[j];
       }
       const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros
 #pragma omp simd
       for (int64_t j = 0; j < L; ++j) store(yr, j, e[j] * inv);
-      for (int64_t j = L; j < N; ++j) yr[j] = static_cast<T>(0);
+      for (int64_t j = L; j < N_l; ++j) yr[j] = static_cast<T>(0);
     }
   });
 }
@@ -82,15 +88,17 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
   const A scale = static_cast<A>(scale_d);
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    const A scale_l = scale;  // a private copy, as in the forward
+    const int64_t N_l = N;
     for (int64_t r = begin; r < end; ++r) {
       const T* g = dyp + r * N;
       const T* yr = yp + r * N;
       T* out = dxp + r * N;
       A s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < N; ++j) s += load(g, j) * load(yr, j);
+      for (int64_t j = 0; j < N_l; ++j) s += load(g, j) * load(yr, j);
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) store(out, j, scale * load(yr, j) * (load(g, j) - s));
+      for (int64_t j = 0; j < N_l; ++j) store(out, j, scale_l * load(yr, j) * (load(g, j) - s));
     }
   });
 }
