@@ -14,6 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
+from minigpt.ops._eager import eager_function, is_compiling
 
 OP = "layer_norm"
 
@@ -34,12 +35,14 @@ def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias):
     return _backend.extension().layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias)
 
 
-@torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())
-def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
          eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y, h (empty without residual), mean, rstd (M,) in the
     accumulation dtype (fp32; fp64 for fp64 x)."""
     return tuple(_kernel_fwd(backend, x, weight, bias, residual, eps))
+
+
+_fwd = torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd.register_fake
@@ -75,12 +78,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only h was used downstream
+        dy = torch.zeros_like(h)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     dx, dw, db = _bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
     return (dx, dw, db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py); mean and rstd are
+# saved statistics, not differentiable outputs.
+_EagerLayerNorm = eager_function("_EagerLayerNorm", _fwd_impl, _setup_context, _backward,
+                                 nondiff_outputs=(2, 3))
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
@@ -125,7 +134,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(acc).contiguous()
     b = bias.to(acc).contiguous() if bias is not None else None
-    y, h, _, _ = _fwd(x2, w, b, r2, float(eps), be)
+    fwd = _fwd if is_compiling() else _EagerLayerNorm.apply
+    y, h, _, _ = fwd(x2, w, b, r2, float(eps), be)
     if residual is None:
         return y.reshape(shape)
     return y.reshape(shape), h.reshape(shape)

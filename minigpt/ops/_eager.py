@@ -1,0 +1,33 @@
+"""An eager-mode twin of a custom op's autograd.
+
+Every kernel op is a ``torch.library`` custom op with a registered autograd formula, which is
+what lets ``torch.compile`` treat it as one opaque node. In plain eager mode that wrapper is
+expensive: on a 4096 x 1024 LayerNorm its generated autograd function cost ~0.5 ms on top of
+a 0.6 ms kernel (measured on the 2-core CPU, torch 2.13). So outside compilation an op calls
+the same forward, ``setup_context`` and ``backward`` through a plain ``torch.autograd.Function``
+made here; under ``torch.compile`` (``torch.compiler.is_compiling()``) it calls the custom op.
+Both paths run the same code, so the tests of one are the tests of the other.
+"""
+import torch
+
+
+def eager_function(name, forward, setup_context, backward, nondiff_outputs=()):
+    """forward(*inputs) -> tuple of outputs; setup_context(ctx, inputs, output) and
+    backward(ctx, *grads) as given to ``register_autograd``. ``nondiff_outputs``: indices of
+    outputs that are not differentiable (saved statistics)."""
+
+    def fwd(ctx, *inputs):
+        # As with the custom op's autograd, gradients of unused outputs arrive as None rather
+        # than as materialized zeros (the backward formulas check for None).
+        ctx.set_materialize_grads(False)
+        out = forward(*inputs)
+        setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(*[out[i] for i in nondiff_outputs])
+        return out
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
