@@ -14,6 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
+from minigpt.ops._eager import eager_function, is_compiling
 
 OP = "rms_norm"
 
@@ -34,12 +35,14 @@ def _kernel_bwd(backend, dy, dh, h, weight, rstd):
     return _backend.extension().rms_norm_bwd(dy, dh, h, weight, rstd)
 
 
-@torch.library.custom_op("minigpt::rms_norm_fwd", mutates_args=())
-def _fwd(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
+def _fwd_impl(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y, h (empty without residual), rstd (M,) in the
     accumulation dtype (fp32; fp64 for fp64 x)."""
     return tuple(_kernel_fwd(backend, x, weight, residual, eps))
+
+
+_fwd = torch.library.custom_op("minigpt::rms_norm_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd.register_fake
@@ -72,12 +75,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
+    if dy is None:  # only h was used downstream
+        dy = torch.zeros_like(h)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     dx, dw = _bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
     return dx, dw, (dx if ctx.has_residual else None), None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
+_EagerRMSNorm = eager_function("_EagerRMSNorm", _fwd_impl, _setup_context, _backward,
+                               nondiff_outputs=(2,))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None,
@@ -116,7 +124,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     # activations with fp32 master weights lose nothing; autograd casts the grad back.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(acc).contiguous()
-    y, h, _ = _fwd(x2, w, r2, float(eps), be)
+    fwd = _fwd if is_compiling() else _EagerRMSNorm.apply
+    y, h, _ = fwd(x2, w, r2, float(eps), be)
     if residual is None:
         return y.reshape(shape)
     return y.reshape(shape), h.reshape(shape)
