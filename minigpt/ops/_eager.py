@@ -17,9 +17,6 @@ def eager_function(name, forward, setup_context, backward, nondiff_outputs=()):
     outputs that are not differentiable (saved statistics)."""
 
     def fwd(ctx, *inputs):
-        # As with the custom op's autograd, gradients of unused outputs arrive as None rather
-        # than as materialized zeros (the backward formulas check for None).
-        ctx.set_materialize_grads(False)
         out = forward(*inputs)
         setup_context(ctx, inputs, out)
         ctx.mark_non_differentiable(*[out[i] for i in nondiff_outputs])

@@ -78,8 +78,6 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
-    if dy is None:  # only h was used downstream
-        dy = torch.zeros_like(h)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     dx, dw, db = _bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
     return (dx, dw, db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None)

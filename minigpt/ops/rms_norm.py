@@ -75,8 +75,6 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
-    if dy is None:  # only h was used downstream
-        dy = torch.zeros_like(h)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     dx, dw = _bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
     return dx, dw, (dx if ctx.has_residual else None), None, None

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
+from minigpt.ops._eager import eager_function, is_compiling
 
 OP = "softmax"
 
@@ -42,10 +43,12 @@ def _kernel_bwd(backend, dy, y, scale):
     return _backend.extension().softmax_bwd(dy, y, scale)
 
 
-@torch.library.custom_op("minigpt::softmax_fwd", mutates_args=())
-def _fwd(x: Tensor, scale: float, causal: bool, T: int, backend: str) -> Tensor:
+def _fwd_impl(x: Tensor, scale: float, causal: bool, T: int, backend: str) -> Tensor:
     """x (M, N) contiguous -> y (M, N) in x's dtype. ``T`` is the query length for causal."""
     return _kernel_fwd(backend, x, scale, causal, T)
+
+
+_fwd = torch.library.custom_op("minigpt::softmax_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd.register_fake
@@ -78,6 +81,8 @@ def _backward(ctx, dy):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
+_EagerSoftmax = eager_function("_EagerSoftmax", _fwd_impl, _setup_context, _backward)
 
 
 def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
@@ -109,5 +114,6 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
     shape = x.shape
     N = shape[-1]
     T = shape[-2] if causal else 1
-    y = _fwd(x.reshape(-1, N).contiguous(), float(scale), causal, int(T), be)
+    fwd = _fwd if is_compiling() else _EagerSoftmax.apply
+    y = fwd(x.reshape(-1, N).contiguous(), float(scale), causal, int(T), be)
     return y.reshape(shape)
