@@ -54,11 +54,6 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
   TORCH_CHECK(t.is_contiguous(), "minigpt: ", name, " must be contiguous");
 }
 
-// Rows are split into at most `threads` contiguous blocks so per-thread partial sums (e.g.
-// dweight) have a fixed home; returns the number of blocks used.
-inline int64_t row_blocks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
-}
 
 }  // namespace minigpt
 
@@ -73,3 +68,21 @@ inline int64_t row_blocks(int64_t rows) {
                 cudaGetErrorString(static_cast<cudaError_t>(_err)));                     \
   } while (0)
 #endif
+
+namespace minigpt {
+// Rows are split into contiguous blocks so per-block partial sums (e.g. dweight) have a fixed
+// home: one block per CPU thread, or four per SM on a GPU (after the CUDA includes above).
+inline int64_t row_blocks(int64_t rows, const at::Device& device) {
+  int64_t cap = at::get_num_threads();
+  if (device.is_cuda()) {
+#ifdef WITH_CUDA
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index());
+    cap = 4 * static_cast<int64_t>(sms);
+#else
+    TORCH_CHECK(false, "minigpt._C was built without CUDA");
+#endif
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(rows, cap));
+}
+}  // namespace minigpt

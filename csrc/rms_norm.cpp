@@ -157,18 +157,7 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<a
   TORCH_CHECK(w.numel() == N && w.scalar_type() == acc && w.is_contiguous(),
               "minigpt: rms_norm_bwd weight must be (N,) in the accumulation dtype");
   auto dx = at::empty_like(h);
-  int64_t P;
-  if (h.is_cuda()) {
-#ifdef WITH_CUDA
-    int dev = h.device().index(), sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    P = std::max<int64_t>(1, std::min<int64_t>(M, 4 * sms));
-#else
-    TORCH_CHECK(false, "minigpt._C was built without CUDA");
-#endif
-  } else {
-    P = row_blocks(M);
-  }
+  const int64_t P = row_blocks(M, h.device());
   auto dw_part = at::empty({P, N}, h.options().dtype(acc));
   if (h.is_cuda()) {
 #ifdef WITH_CUDA
