@@ -125,6 +125,12 @@ DTYPES = {
 }
 
 
+# resolve's answers, by everything they depend on that can change while a process runs (the
+# environment variable; what is installed and built is fixed once imported). A decode step asks
+# ~150 times, always the same questions.
+_RESOLVED: dict = {}
+
+
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
             supported=BACKENDS) -> str:
     """The single dispatch rule: explicit argument > MINIGPT_BACKEND > best available.
@@ -132,9 +138,19 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     An explicit choice that cannot run raises; the automatic choice skips backends that
     cannot take ``dtype`` (float64 falls back to the reference on GPU).
     """
+    env = os.environ.get(ENV_VAR)
+    if not (backend is None or isinstance(backend, str)) or not isinstance(supported, tuple):
+        return _resolve(op, backend, env, device, dtype, supported)  # unhashable: no cache
+    key = (op, backend, env, device, dtype, supported)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve(op, backend, env, device, dtype, supported)
+    return hit
+
+
+def _resolve(op, backend, env, device, dtype, supported) -> str:
     source = "backend argument"
     if backend is None:
-        env = os.environ.get(ENV_VAR)
         if env:
             backend, source = env.strip().lower(), f"{ENV_VAR} environment variable"
     if backend is not None:

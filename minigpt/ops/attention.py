@@ -21,6 +21,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
+from minigpt.ops._eager import eager_function, pick
 
 OP = "attention"
 DECODE_OP = "decode_attention"
@@ -53,13 +54,15 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("minigpt::attention_fwd", mutates_args=())
-def _fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
          backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D), k, v (B, Hkv, S, D), any strides with a unit last stride ->
     out (B, Hq, T, D) contiguous in q's dtype, lse (B, Hq, T) in the accumulation dtype."""
     out, lse = _kernel_fwd(backend, q, k, v, causal, scale)
     return out, lse
+
+
+_fwd = torch.library.custom_op("minigpt::attention_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd.register_fake
@@ -100,10 +103,13 @@ def _backward(ctx, dout, _dlse):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py); lse is a saved
+# statistic, not a differentiable output.
+_EagerAttention = eager_function("_EagerAttention", _fwd_impl, _setup_context, _backward,
+                                 nondiff_outputs=(1,))
 
 
-@torch.library.custom_op("minigpt::decode_attention_fwd", mutates_args=())
-def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
+def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
             backend: str) -> Tensor:
     """q (B, Hq, 1, D), caches (B, Hkv, S_max, D) with unit last strides, cache_seqlens (B,)
     int32 -> out (B, Hq, 1, D) contiguous."""
@@ -112,6 +118,9 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, 
 
         return kern.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale)
     return _ext().decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+_decode = torch.library.custom_op("minigpt::decode_attention_fwd", mutates_args=())(_decode_impl)
 
 
 @_decode.register_fake
@@ -186,7 +195,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     if be == "torch" or q.numel() == 0 or k.numel() == 0:
         # Nothing to launch for empty inputs; the reference gives the right (zero) answer.
         return reference.attention(q, k, v, causal, scale)
-    out, _ = _fwd(_unit_last(q), _unit_last(k), _unit_last(v), causal, scale, be)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out, _ = pick(_fwd, _EagerAttention, _fwd_impl, q, k, v)(q, k, v, causal, scale, be)
     return out
 
 
@@ -218,7 +228,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     if B and not torch.compiler.is_compiling() and not capturing:
         # One host sync (skipped while a CUDA graph is being captured, where it is not allowed;
         # the kernels clamp the lengths to the cache there, so nothing reads out of bounds).
-        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()
+        if cache_seqlens.is_cpu:
+            lens = cache_seqlens.tolist()
+            lo, hi = min(lens), max(lens)
+        else:
+            lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()
         if lo < 1 or hi > S_max:
             raise ValueError(f"{op}: cache_seqlens must lie in [1, {S_max}] (the cache length), "
                              f"got values in [{lo}, {hi}]")
@@ -231,5 +245,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
         t.requires_grad for t in (q, k_cache, v_cache))
     if be == "torch" or needs_grad or q.numel() == 0:
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
-    return _decode(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache),
-                   cache_seqlens.to(torch.int32).contiguous(), scale, be)
+    # Forward only and no autograd recording here, so outside torch.compile the kernel is
+    # called directly.
+    decode = _decode if torch.compiler.is_compiling() else _decode_impl
+    return decode(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache),
+                  cache_seqlens.to(torch.int32).contiguous(), scale, be)

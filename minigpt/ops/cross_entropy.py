@@ -36,6 +36,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
+from minigpt.ops._eager import eager_function, pick
 
 OP = "cross_entropy"
 FOP = "fused_linear_cross_entropy"
@@ -150,8 +151,7 @@ def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_sca
 # cross_entropy
 
 
-@torch.library.custom_op("minigpt::cross_entropy_fwd", mutates_args=())
-def _ce_fwd(logits: Tensor, target: Tensor, ignore_index: int, reduction: str,
+def _ce_fwd_impl(logits: Tensor, target: Tensor, ignore_index: int, reduction: str,
             label_smoothing: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
     """logits (M, V) contiguous, target (M,) int64 -> reduced loss, and with compute_grad the
     gradient of that loss w.r.t. logits (else an empty tensor)."""
@@ -161,6 +161,9 @@ def _ce_fwd(logits: Tensor, target: Tensor, ignore_index: int, reduction: str,
                  _grad_scale(reduction, n_valid))
     loss = _reduce(rows.to(_acc(logits.dtype)), reduction, n_valid)
     return loss, grad if grad is not None else logits.new_empty(0)
+
+
+_ce_fwd = torch.library.custom_op("minigpt::cross_entropy_fwd", mutates_args=())(_ce_fwd_impl)
 
 
 @_ce_fwd.register_fake
@@ -194,6 +197,9 @@ def _ce_backward(ctx, dloss, _dgrad):
 
 
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
+_EagerCE = eager_function("_EagerCE", _ce_fwd_impl, _ce_setup, _ce_backward,
+                          nondiff_outputs=(1,))
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
@@ -227,8 +233,8 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     x2 = logits.reshape(-1, V).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _ce_fwd(x2, t2, int(ignore_index), reduction, float(label_smoothing), compute_grad,
-                      be)
+    fwd = pick(_ce_fwd, _EagerCE, _ce_fwd_impl, x2)
+    loss, _ = fwd(x2, t2, int(ignore_index), reduction, float(label_smoothing), compute_grad, be)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -284,8 +290,7 @@ def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, n
     return loss, dh, dw, db
 
 
-@torch.library.custom_op("minigpt::fused_linear_cross_entropy_fwd", mutates_args=())
-def _flce_fwd(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+def _flce_fwd_impl(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
               ignore_index: int, reduction: str, chunk: int, need_dh: bool, need_dw: bool,
               need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden (N, H), weight (V, H), target (N,) int64 -> reduced loss, and for mean/sum the
@@ -296,6 +301,10 @@ def _flce_fwd(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Ten
                                _grad_scale(reduction, n_valid), None, need_dh and store,
                                need_dw and store, need_db and store, chunk, backend)
     return _reduce(rows, reduction, n_valid), dh, dw, db
+
+
+_flce_fwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_fwd",
+                                    mutates_args=())(_flce_fwd_impl)
 
 
 @_flce_fwd.register_fake
@@ -354,6 +363,9 @@ def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb):
 
 
 _flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
+_EagerFLCE = eager_function("_EagerFLCE", _flce_fwd_impl, _flce_setup, _flce_backward,
+                            nondiff_outputs=(1, 2, 3))
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
@@ -398,8 +410,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     N = h2.shape[0]
     chunk = min(N, chunk_size) if chunk_size is not None else default_chunk_size(N, H, V)
     grad_on = torch.is_grad_enabled()
-    loss, _, _, _ = _flce_fwd(h2, weight.contiguous(), t2, bias, int(ignore_index), reduction,
-                              int(chunk), grad_on and hidden.requires_grad,
-                              grad_on and weight.requires_grad,
-                              grad_on and bias is not None and bias.requires_grad, be)
+    w = weight.contiguous()
+    fwd = pick(_flce_fwd, _EagerFLCE, _flce_fwd_impl, h2, w, bias)
+    loss, _, _, _ = fwd(h2, w, t2, bias, int(ignore_index), reduction, int(chunk),
+                        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                        grad_on and bias is not None and bias.requires_grad, be)
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, is_compiling
+from minigpt.ops._eager import eager_function, pick
 
 OP = "layer_norm"
 
@@ -132,7 +132,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(acc).contiguous()
     b = bias.to(acc).contiguous() if bias is not None else None
-    fwd = _fwd if is_compiling() else _EagerLayerNorm.apply
+    fwd = pick(_fwd, _EagerLayerNorm, _fwd_impl, x2, w, b, r2)
     y, h, _, _ = fwd(x2, w, b, r2, float(eps), be)
     if residual is None:
         return y.reshape(shape)

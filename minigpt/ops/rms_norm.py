@@ -14,7 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, is_compiling
+from minigpt.ops._eager import eager_function, pick
 
 OP = "rms_norm"
 
@@ -122,7 +122,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     # activations with fp32 master weights lose nothing; autograd casts the grad back.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = weight.to(acc).contiguous()
-    fwd = _fwd if is_compiling() else _EagerRMSNorm.apply
+    fwd = pick(_fwd, _EagerRMSNorm, _fwd_impl, x2, w, r2)
     y, h, _ = fwd(x2, w, r2, float(eps), be)
     if residual is None:
         return y.reshape(shape)

@@ -16,12 +16,12 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
+from minigpt.ops._eager import eager_function, is_compiling, pick
 
 OP = "rope"
 
 
-@torch.library.custom_op("minigpt::rope", mutates_args=())
-def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, pos: Optional[Tensor], inverse: bool,
+def _rope_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, pos: Optional[Tensor], inverse: bool,
           backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D), k (B, Hk, T, D) with unit last stride; cos/sin contiguous in the
     accumulation dtype, (T, D) or (B, T, D), or (L, D) tables indexed by pos ((T,) or (B, T)
@@ -31,6 +31,9 @@ def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, pos: Optional[Tensor],
 
         return kr.rope(q, k, cos, sin, pos, inverse)
     return tuple(_backend.extension().rope(q, k, cos, sin, pos, inverse))
+
+
+_rope = torch.library.custom_op("minigpt::rope", mutates_args=())(_rope_impl)
 
 
 @_rope.register_fake
@@ -54,11 +57,8 @@ def _backward(ctx, dq, dk):
 
 
 _rope.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _is_compiling() -> bool:
-    f = getattr(torch.compiler, "is_compiling", None)
-    return bool(f and f())
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
+_EagerRope = eager_function("_EagerRope", _rope_impl, _setup_context, _backward)
 
 
 def _check(q, k, cos, sin, position_ids):
@@ -101,8 +101,9 @@ def _check(q, k, cos, sin, position_ids):
                          f"with D = {D}, got {tuple(cos.shape)}")
     # Checking needs the values: free on CPU, a host sync on GPU (there the kernels mask an
     # out-of-range position instead of reading outside the table).
-    if position_ids.device.type == "cpu" and position_ids.numel() and not _is_compiling():
-        lo, hi = int(position_ids.min()), int(position_ids.max())
+    if position_ids.device.type == "cpu" and position_ids.numel() and not is_compiling():
+        lo, hi = torch.aminmax(position_ids)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= cos.shape[0]:
             raise ValueError(f"{OP}: position_ids must lie in [0, {cos.shape[0]}) (the table "
                              f"length), got values in [{lo}, {hi}]")
@@ -138,4 +139,4 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[
     c, s = c.contiguous(), s.contiguous()
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    return _rope(q, k, c, s, pos, False, be)
+    return pick(_rope, _EagerRope, _rope_impl, q, k)(q, k, c, s, pos, False, be)

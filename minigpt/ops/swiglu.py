@@ -14,18 +14,21 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
+from minigpt.ops._eager import eager_function, pick
 
 OP = "swiglu"
 
 
-@torch.library.custom_op("minigpt::swiglu_fwd", mutates_args=())
-def _fwd(gate: Tensor, up: Tensor, backend: str) -> Tensor:
+def _fwd_impl(gate: Tensor, up: Tensor, backend: str) -> Tensor:
     """gate, up: 1-D contiguous, same dtype -> silu(gate) * up in that dtype."""
     if backend == "triton":
         from minigpt.kernels import swiglu as k
 
         return k.swiglu_fwd(gate, up)
     return _backend.extension().swiglu_fwd(gate, up)
+
+
+_fwd = torch.library.custom_op("minigpt::swiglu_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd.register_fake
@@ -61,6 +64,8 @@ def _backward(ctx, dy):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+# Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
+_EagerSwiGLU = eager_function("_EagerSwiGLU", _fwd_impl, _setup_context, _backward)
 
 
 def swiglu(gate: Tensor, up: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -80,5 +85,6 @@ def swiglu(gate: Tensor, up: Tensor, backend: Optional[str] = None) -> Tensor:
     be = _backend.resolve(OP, backend, gate.device, gate.dtype)
     if be == "torch" or gate.numel() == 0:  # nothing to launch for an empty tensor
         return reference.swiglu(gate, up)
-    y = _fwd(gate.reshape(-1).contiguous(), up.reshape(-1).contiguous(), be)
+    g, u = gate.reshape(-1).contiguous(), up.reshape(-1).contiguous()
+    y = pick(_fwd, _EagerSwiGLU, _fwd_impl, g, u)(g, u, be)
     return y.reshape(gate.shape)
