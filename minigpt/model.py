@@ -131,6 +131,11 @@ class GPTConfig:
         return cls(**d)
 
 
+def dropout(p: float) -> nn.Module:
+    # Without dropout, no module that calls F.dropout ~120 times per decode step to do nothing.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm with the pre-norm residual add fused in:
     ``forward(x, residual)`` returns ``(norm(x + residual), x + residual)``."""
@@ -180,6 +185,7 @@ class KVCache:
         self._start = 0          # prefill: where this block starts
         self._decode = False
         self._decode_lens = None  # decode: seqlens including the token being written
+        self._slots = None        # decode: rows of the (B * Hkv * max_seqlen, D) view to write
 
     def reset(self):
         self.seqlens.zero_()
@@ -189,8 +195,13 @@ class KVCache:
         a python int (start of the block) for prefill, a (B, 1) tensor for decode."""
         self._decode = T == 1
         if self._decode:
+            # Computed once per step, not per layer: a decode step is latency-bound and every
+            # small op counts.
             self._decode_lens = self.seqlens + 1
-            return self.seqlens.long()[:, None]
+            pos = self.seqlens.long()
+            heads = torch.arange(self.batch_size * self.k[0].shape[1], device=pos.device)
+            self._slots = heads * self.max_seqlen + pos.repeat_interleave(self.k[0].shape[1])
+            return pos[:, None]
         lens = self.seqlens.tolist()
         if len(set(lens)) != 1:
             raise ValueError(f"KVCache: a block of {T} tokens needs every row at the same "
@@ -205,10 +216,9 @@ class KVCache:
         """Store this layer's new keys/values (B, Hkv, T, D); return what attention reads."""
         kc, vc = self.k[layer], self.v[layer]
         if self._decode:
-            rows = torch.arange(kc.shape[0], device=kc.device)
-            pos = self.seqlens.long()
-            kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)
-            vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
+            D = kc.shape[-1]
+            kc.view(-1, D).index_copy_(0, self._slots, k.reshape(-1, D).to(kc.dtype))
+            vc.view(-1, D).index_copy_(0, self._slots, v.reshape(-1, D).to(vc.dtype))
             return kc, vc
         end = self._start + k.shape[2]
         kc[:, :, self._start:end] = k
@@ -231,7 +241,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         # ops.attention has no dropout on the attention probabilities; dropout is applied to
         # the branch output (nanoGPT's resid_dropout) only.
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = dropout(config.dropout)
 
     def forward(self, x, rope=None, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
@@ -269,7 +279,7 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(C, I, bias=config.bias)
             self.up_proj = nn.Linear(C, I, bias=config.bias)
             self.down_proj = nn.Linear(I, C, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x):
         if self.kind == "gelu":
@@ -307,7 +317,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=Norm(config),
         ))
@@ -373,8 +383,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)
         elif isinstance(start, int):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T], None)
-        else:
-            rope = (self.rope_cos, self.rope_sin, positions)
+        else:  # each row's angles, gathered once here rather than in each layer: (B, 1, D)
+            rope = (self.rope_cos[positions], self.rope_sin[positions], None)
         x = self.transformer.drop(x)
 
         residual = None
