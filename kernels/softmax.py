@@ -18,10 +18,14 @@ from minigpt.kernels._util import row_block, row_warps
 
 @triton.jit
 def _row_len(row, N, T, CAUSAL: tl.constexpr):
+    # One return: the compiler types every return statement of a function, even one after a
+    # constexpr branch that returned, and the causal length is int64 (row is) while N is int32.
     if CAUSAL:
         i = row % T
-        return tl.minimum(tl.maximum(i + N - T + 1, 0), N)
-    return N
+        L = tl.minimum(tl.maximum(i + N - T + 1, 0), N)
+    else:
+        L = N
+    return L
 
 
 @triton.jit
