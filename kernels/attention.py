@@ -396,16 +396,31 @@ def decode_splits(B, Hkv, S_max, device):
     return split_len, triton.cdiv(S_max, split_len)
 
 
+def decode_blocks(D, rep, split_len, dtype, device):
+    """(BLOCK_H, BLOCK_N, BLOCK_D) for the decode split kernel. fp32 dots are IEEE, on CUDA
+    cores, with their operand tiles in registers: on sm_90 a 64-key tile spills at BLOCK_D =
+    128 and spills ~16 KB a thread at 256, where its three stages (276 KiB) also exceed the
+    227 KiB of shared memory an H100 block can have. So an fp32 key tile holds at most 64 x 64
+    elements (BLOCK_N 32 at 128, 16 at 256: no spills, 74 and 81 KiB; see
+    tests/test_triton_compile.py)."""
+    BD = max(16, triton.next_power_of_2(D))
+    BH = max(16, triton.next_power_of_2(rep))
+    if device.type != "cuda":
+        BN = 32
+    elif dtype == torch.float32:
+        BN = max(16, min(64, 4096 // BD))
+    else:
+        BN = 64
+    return BH, min(BN, split_len), BD
+
+
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
     """q (B, Hq, 1, D), caches (B, Hkv, S_max, D), cache_seqlens (B,) int32 -> out."""
     B, H, _, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     rep = H // Hkv
     split_len, nsplit = decode_splits(B, Hkv, S_max, q.device)
-    BD = max(16, triton.next_power_of_2(D))
-    BH = max(16, triton.next_power_of_2(rep))
-    BN = 64 if q.device.type == "cuda" else 32
-    BN = min(BN, split_len)
+    BH, BN, BD = decode_blocks(D, rep, split_len, q.dtype, q.device)
     o_part = torch.empty((B, H, nsplit, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, nsplit), dtype=torch.float32, device=q.device)
     out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
