@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite: every op x backend x dtype against the
 # reference (Triton through its interpreter when there is no GPU), the model, training, CLI,
-# and an nvcc compile of every CUDA file.
+# an sm_90 compile of every Triton kernel and an nvcc compile of every CUDA file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
