@@ -15,7 +15,8 @@ Timing rules (the same for every script, so numbers are comparable):
   * every function is warmed up first (compilation, autotuning, allocator caches);
   * the candidates are timed round-robin, one call each per round, and each one's median over
     the rounds is reported: on a shared or throttling machine, load changes then hit every
-    candidate alike instead of whichever happened to run during the noisy second;
+    candidate alike instead of whichever happened to run during the noisy second; each round
+    starts one candidate later, so none always runs right after the same neighbour;
   * on CUDA each call is bracketed by CUDA events after a synchronize, so the time is GPU time
     of that call including its launch overheads, not Python's;
   * GB/s is the minimum traffic the op needs (each input read once, each output written once)
@@ -132,9 +133,13 @@ def time_fns_stats(fns: Dict[str, Callable], device: torch.device, warmup: int =
         per_round = max(sum(warm.values()), 1e-3) / 1e3
         reps = int(min(max_reps, max(5, budget_s / per_round)))
     samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(_time_once(fn, device))
+    names = list(fns)
+    for r in range(reps):
+        # Each round starts with the next candidate: what a call leaves behind (its freed
+        # output, the caches it filled) changes the next call's time by up to ~10% on a CPU,
+        # and a fixed order would hand that to the same candidate every round.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(_time_once(fns[name], device))
     return {name: {"median": statistics.median(v), "min": min(v), "reps": len(v)}
             for name, v in samples.items()}
 

@@ -104,7 +104,6 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
   const T* dyp = dy.data_ptr<T>();
   const T* dhp = dh ? dh->data_ptr<T>() : nullptr;
   const T* hp = h.data_ptr<T>();
-  const A* wp = w.data_ptr<A>();
   const A* mp = mean.data_ptr<A>();
   const A* sp = rstd.data_ptr<A>();
   T* dxp = dx.data_ptr<T>();
@@ -112,9 +111,13 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
   A* dbp = has_bias ? db_part.data_ptr<A>() : nullptr;
   const int64_t rows_per = (M + P - 1) / P;
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    // The partial sums are written inside the row loops; __restrict tells GCC they do not
+    // alias w. Without it GCC read w[j] with gather instructions (it could not otherwise keep
+    // w's loads contiguous across the dw stores), and the backward ran ~35% behind ATen's.
+    const A* __restrict wp = w.data_ptr<A>();
     for (int64_t p = pb; p < pe; ++p) {
-      A* dw = dwp + p * N;
-      A* db = dbp ? dbp + p * N : nullptr;
+      A* __restrict dw = dwp + p * N;
+      A* __restrict db = dbp ? dbp + p * N : nullptr;
       std::fill(dw, dw + N, A(0));
       if (db) std::fill(db, db + N, A(0));
       const int64_t r0 = p * rows_per, r1 = std::min(M, r0 + rows_per);

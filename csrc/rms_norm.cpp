@@ -68,15 +68,16 @@ void rms_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, cons
   const T* dyp = dy.data_ptr<T>();
   const T* dhp = dh ? dh->data_ptr<T>() : nullptr;
   const T* hp = h.data_ptr<T>();
-  const A* wp = w.data_ptr<A>();
   const A* sp = rstd.data_ptr<A>();
   T* dxp = dx.data_ptr<T>();
   A* dwp = dw_part.data_ptr<A>();
   const int64_t rows_per = (M + P - 1) / P;
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    // __restrict: the dw stores do not alias w (see layer_norm.cpp: GCC gathered w otherwise).
+    const A* __restrict wp = w.data_ptr<A>();
     std::vector<A> xhat(N), wdy(N);
     for (int64_t p = pb; p < pe; ++p) {
-      A* dw = dwp + p * N;
+      A* __restrict dw = dwp + p * N;
       std::fill(dw, dw + N, A(0));
       const int64_t r0 = p * rows_per, r1 = std::min(M, r0 + rows_per);
       for (int64_t i = r0; i < r1; ++i) {
