@@ -45,3 +45,25 @@ def pick(custom_op, eager, forward, *inputs):
             if t is not None and t.requires_grad:
                 return eager.apply
     return forward
+
+
+# Argument preparation without the no-op calls: ``t.to(dtype)`` and ``t.contiguous()`` on a
+# tensor that already fits still cost ~1 us each through the binding, a few percent of a
+# 4096 x 1024 LayerNorm on the CPU and of every op in a decode step.
+
+def rows(t, n: int):
+    """``t`` as a contiguous (rows, n) matrix (a view when it already is one)."""
+    if t.dim() == 2 and t.is_contiguous():
+        return t
+    return t.reshape(-1, n).contiguous()
+
+
+def as_acc(t, dtype):
+    """``t`` contiguous in the accumulation ``dtype``."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return t.to(dtype).contiguous()
+
+
+def shaped(t, shape):
+    return t if t.shape == shape else t.reshape(shape)

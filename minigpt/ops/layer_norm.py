@@ -14,7 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, pick
+from minigpt.ops._eager import as_acc, eager_function, pick, rows, shaped
 
 OP = "layer_norm"
 
@@ -125,15 +125,15 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
         return y
 
     shape = x.shape
-    x2 = x.reshape(-1, N).contiguous()
-    r2 = residual.reshape(-1, N).contiguous() if residual is not None else None
+    x2 = rows(x, N)
+    r2 = rows(residual, N) if residual is not None else None
     # Kernels take parameters in the accumulation dtype (fp32; fp64 for fp64 x) so bf16
     # activations with fp32 master weights lose nothing; autograd casts the grads back.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = weight.to(acc).contiguous()
-    b = bias.to(acc).contiguous() if bias is not None else None
+    w = as_acc(weight, acc)
+    b = as_acc(bias, acc) if bias is not None else None
     fwd = pick(_fwd, _EagerLayerNorm, _fwd_impl, x2, w, b, r2)
     y, h, _, _ = fwd(x2, w, b, r2, float(eps), be)
     if residual is None:
-        return y.reshape(shape)
-    return y.reshape(shape), h.reshape(shape)
+        return shaped(y, shape)
+    return shaped(y, shape), shaped(h, shape)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, pick
+from minigpt.ops._eager import eager_function, pick, rows, shaped
 
 OP = "softmax"
 
@@ -114,6 +114,6 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
     shape = x.shape
     N = shape[-1]
     T = shape[-2] if causal else 1
-    x2 = x.reshape(-1, N).contiguous()
+    x2 = rows(x, N)
     y = pick(_fwd, _EagerSoftmax, _fwd_impl, x2)(x2, float(scale), causal, int(T), be)
-    return y.reshape(shape)
+    return shaped(y, shape)
