@@ -508,6 +508,21 @@ def test_quant_matmul_matches_reference(backend, device, qtype, M, N, K):
     torch.testing.assert_close(y.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_pairs(("cpu", "torch")))
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("K", [32, 96, 576])
+def test_quant_matmul_multiplies_by_the_exact_weights(backend, device, qtype, K):
+    # One-hot rows of x pick out single weights: the kernel's dequantized weights must be
+    # gguf's float32 ones bit for bit (its header comment's contract), for every row tile
+    # and chunk of rows (M = K here, so up to 576 rows).
+    N = 37
+    w = np.random.default_rng(K).standard_normal((N, K)).astype(np.float32)
+    packed = gguf.quants.quantize(w, qtype)
+    deq = torch.from_numpy(gguf.quants.dequantize(packed, qtype).reshape(N, K).astype(np.float32))
+    y = quant.quant_matmul(torch.eye(K), torch.from_numpy(packed), int(qtype), N, backend=backend)
+    assert torch.equal(y, deq.T)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1], ids=["Q8_0", "Q4_1"])
 def test_quant_dequantize_is_ggufs(qtype):
     w = np.random.default_rng(0).standard_normal((9, 96)).astype(np.float32)
