@@ -165,9 +165,9 @@ class KVCache:
 
     A forward pass with T > 1 tokens (prefill) appends a block at the rows' common length; a
     pass with one token (decode) writes it at each row's own length and attends with
-    ``ops.decode_attention``. The decode step syncs nothing to the host, so it can be captured
-    in a CUDA graph; it does not check for overflow either (the caller, e.g. generate, knows
-    the lengths)."""
+    ``ops.decode_attention``. A decode step checks for overflow once (one host sync), except
+    while a CUDA graph is captured: the captured step syncs nothing, and its replays do not
+    check (the caller, e.g. generate, knows the lengths)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_seqlen: Optional[int] = None,
                  device=None, dtype=torch.float32):
@@ -195,6 +195,14 @@ class KVCache:
         a python int (start of the block) for prefill, a (B, 1) tensor for decode."""
         self._decode = T == 1
         if self._decode:
+            # One check per step rather than one per layer in decode_attention (a host sync on
+            # a GPU; skipped while a CUDA graph is captured, where syncing is not allowed).
+            capturing = self.seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and not torch.compiler.is_compiling():
+                longest = int(self.seqlens.max())
+                if longest >= self.max_seqlen:
+                    raise ValueError(f"KVCache: a sequence already holds {longest} tokens, the "
+                                     f"cache's capacity of {self.max_seqlen}; no room for one more")
             # Computed once per step, not per layer: a decode step is latency-bound and every
             # small op counts.
             self._decode_lens = self.seqlens + 1
@@ -258,7 +266,9 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v = cache._update(self.layer_idx, k, v)
             if cache._decode:
-                y = ops.decode_attention(q, k, v, cache._decode_lens)
+                # The cache keeps the lengths in range; checking them would cost a GPU a
+                # host sync in every layer.
+                y = ops.decode_attention(q, k, v, cache._decode_lens, check_lengths=False)
             else:  # the new block's queries see the whole cached prefix (causal, end-aligned)
                 y = ops.attention(q, k, v, causal=True)
         y = y.transpose(1, 2).reshape(B, T, H * D)

@@ -242,6 +242,19 @@ def test_cache_capacity_errors():
         KVCache(m.config, 1, max_seqlen=25)
 
 
+@torch.no_grad()
+def test_decode_into_a_full_cache_is_an_error_not_a_silent_overwrite():
+    m = make_model(gpt_config())
+    cache = m.new_cache(2, max_seqlen=8)
+    m(torch.zeros(2, 7, dtype=torch.long), cache=cache)
+    m(torch.zeros(2, 1, dtype=torch.long), cache=cache)        # fills position 7: full
+    before = [k.clone() for k in cache.k]
+    with pytest.raises(ValueError, match="capacity of 8"):
+        m(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k))
+    assert cache.seqlens.tolist() == [8, 8]
+
+
 def test_generate_past_context_slides_window():
     m = make_model(gpt_config())
     prompt = torch.randint(0, V, (1, 30))       # longer than block_size 24

@@ -201,14 +201,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                     scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+                     scale: Optional[float] = None, backend: Optional[str] = None,
+                     check_lengths: bool = True) -> Tensor:
     """One new query per sequence against its KV cache (flash-decoding on GPU: the keys are
     split across programs and the partial softmaxes combined).
 
     q ``(B, Hq, 1, D)``; caches ``(B, Hkv, S_max, D)``; ``cache_seqlens`` an integer tensor
     ``(B,)``: sequence b attends to its first ``cache_seqlens[b]`` keys (1..S_max; the new
     token's key and value already written). Forward only: with autograd recording it runs the
-    (differentiable) reference instead.
+    (differentiable) reference instead. ``check_lengths=False`` skips the range check of
+    ``cache_seqlens``, which on a GPU costs a host sync per call: for callers that keep the
+    lengths themselves (``KVCache``); the kernels clamp them to the cache either way.
     """
     op = DECODE_OP
     _check_qkv(op, q, k_cache, v_cache)
@@ -225,7 +228,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     _checks.shape(op, "cache_seqlens", cache_seqlens, (B,))
     _checks.same_device(op, q=q, cache_seqlens=cache_seqlens)
     capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
-    if B and not torch.compiler.is_compiling() and not capturing:
+    if check_lengths and B and not torch.compiler.is_compiling() and not capturing:
         # One host sync (skipped while a CUDA graph is being captured, where it is not allowed;
         # the kernels clamp the lengths to the cache there, so nothing reads out of bounds).
         if cache_seqlens.is_cpu:
