@@ -588,10 +588,11 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 
 // Decode: one query per sequence. The tiled kernel's 64-query tiles would be ~95% padding here
 // (a GQA group has a few query heads), which made a decode step's attention cost as much as
-// a 64-token prefill's. One task per (batch, query head) instead: scores q.k_j for the valid
-// keys into a buffer, one softmax over them, then the values summed with those weights.
-// Nine tasks for SmolLM2 at batch 1 keep both threads busy; the group's query heads re-read
-// the same keys, from cache.
+// a 64-token prefill's. Instead a task takes `hs` query heads of one kv head: each cached key
+// and value row is read once for all of them (a long cache streams from memory once per kv
+// head, not once per query head), scores go to a buffer, one softmax per head, then the
+// values are summed with those weights. `hs` is the whole GQA group unless that leaves too few
+// tasks to keep every thread busy (SmolLM2 at batch 1: 3 kv heads on 2 threads -> hs = 2).
 template <typename T>
 void decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& seqlens, at::Tensor& out, const Geo& g, double scale) {
@@ -601,42 +602,64 @@ void decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const T* vp = v.data_ptr<T>();
   const int32_t* lens = seqlens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
-  const int64_t D = g.D;
-  dynamic_for(g.B * g.Hq, grain(2 * g.S * D), [&](int64_t t0, int64_t t1) {
-    std::vector<A> qf(D), o(D), p(g.S);
+  const int64_t D = g.D, S = g.S;
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+  int64_t hs = g.rep;
+  while (hs > 1 && g.B * g.Hkv * ((g.rep + hs - 1) / hs) < want) hs = (hs + 1) / 2;
+  const int64_t nsub = (g.rep + hs - 1) / hs;
+  dynamic_for(g.B * g.Hkv * nsub, grain(2 * hs * S * D), [&](int64_t t0, int64_t t1) {
+    std::vector<A> qf(hs * D), o(hs * D), p(hs * S), sum(hs);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / g.Hq, h = t % g.Hq, hk = h / g.rep;
-      const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[b], 0), g.S);
-      T* orow = op + t * D;  // out is contiguous (B, Hq, 1, D)
-      const T* qrow = qp + b * g.qb + h * g.qh;
-      for (int64_t d = 0; d < D; ++d) qf[d] = load(qrow, d) * static_cast<A>(scale);
+      const int64_t sub = t % nsub, bk = t / nsub, b = bk / g.Hkv, hk = bk % g.Hkv;
+      const int64_t h0 = hk * g.rep + sub * hs, nh = std::min(hs, g.rep - sub * hs);
+      const int64_t len = std::min<int64_t>(std::max<int32_t>(lens[b], 0), S);
+      for (int64_t r = 0; r < nh; ++r) {
+        const T* qrow = qp + b * g.qb + (h0 + r) * g.qh;
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = load(qrow, d) * static_cast<A>(scale);
+      }
       const T* kb = kp + b * g.kb + hk * g.kh;
       const T* vb = vp + b * g.vb + hk * g.vh;
-      A mx = -std::numeric_limits<A>::infinity();
       for (int64_t j = 0; j < len; ++j) {
         const T* kj = kb + j * g.ks;
-        A s = 0;
+        for (int64_t r = 0; r < nh; ++r) {
+          const A* qr = qf.data() + r * D;
+          A s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += qf[d] * load(kj, d);
-        p[j] = s;
-        mx = std::max(mx, s);
+          for (int64_t d = 0; d < D; ++d) s += qr[d] * load(kj, d);
+          p[r * S + j] = s;
+        }
       }
-      A sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < len; ++j) {
-        p[j] = exp_nonpos(p[j] - mx);
-        sum += p[j];
+      for (int64_t r = 0; r < nh; ++r) {
+        // The max in its own vector pass: kept in the score loop, next to the p stores it
+        // could alias, it went through memory on every key.
+        A* pr = p.data() + r * S;
+        A m = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < len; ++j) m = std::max(m, pr[j]);
+        A total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < len; ++j) {
+          pr[j] = exp_nonpos(pr[j] - m);
+          total += pr[j];
+        }
+        sum[r] = total;
       }
       std::fill(o.begin(), o.end(), A(0));
       for (int64_t j = 0; j < len; ++j) {
         const T* vj = vb + j * g.vs;
-        const A pj = p[j];
+        for (int64_t r = 0; r < nh; ++r) {
+          A* orow = o.data() + r * D;
+          const A pj = p[r * S + j];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] += pj * load(vj, d);
+          for (int64_t d = 0; d < D; ++d) orow[d] += pj * load(vj, d);
+        }
       }
-      // No valid key (len 0, which the Python wrapper rejects): zeros, as the reference gives.
-      const A inv = len > 0 ? A(1) / sum : A(0);
-      for (int64_t d = 0; d < D; ++d) store(orow, d, o[d] * inv);
+      for (int64_t r = 0; r < nh; ++r) {
+        // No valid key (len 0, which the Python wrapper rejects): zeros, as the reference.
+        const A inv = len > 0 ? A(1) / sum[r] : A(0);
+        T* dst = op + (b * g.Hq + h0 + r) * D;  // out is contiguous (B, Hq, 1, D)
+        for (int64_t d = 0; d < D; ++d) store(dst, d, o[r * D + d] * inv);
+      }
     }
   });
 }

@@ -198,6 +198,7 @@ def _eager_decode(q, kc, vc, L, scale):
     (3, 4, 1, 100, 48, [1, 57, 100]),    # MQA-like ratio 4, ragged, one cache full
     (2, 6, 2, 130, 80, [129, 33]),       # ratio 3, several splits on the Triton path
     (1, 2, 2, 7, 64, [7]),               # MHA, tiny cache
+    (1, 6, 2, 50, 64, [37]),             # ratio 3 split 2 + 1 across CPU tasks (2 threads)
 ], ids=str)
 def test_decode_matches_reference(be, dev, dtype, B, Hq, Hkv, S_max, D, lens):
     q = torch.randn(B, Hq, 1, D, device=dev).to(dtype)
