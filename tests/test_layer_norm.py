@@ -159,3 +159,16 @@ def test_layer_norm_mixed_devices():
     # The meta device stands in for a second device on a machine without a GPU.
     with pytest.raises(ValueError, match="device"):
         ops.layer_norm(torch.randn(2, 4), torch.randn(4, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_residual_add_of_zero_keeps_every_finite_value(dtype):
+    # h = x + 0 is each element loaded to float32 and stored back, so the C++ kernel's
+    # bit-level fp16/bf16 conversions (csrc/cpu_convert.h) must return every finite value of
+    # the dtype exactly, subnormals included.
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    vals = bits[torch.isfinite(bits.float())]
+    N = 64
+    x = vals[: vals.numel() // N * N].reshape(-1, N)
+    _, h = ops.layer_norm(x, torch.ones(N), residual=torch.zeros_like(x), backend="cpu")
+    assert torch.equal(h, x)
