@@ -199,20 +199,25 @@ struct Packed {
   const A* head(int64_t bh) const { return data.data() + bh * per_head; }
 };
 
-// One head's K or V (rows of stride ss) into dst: transposed (Dp, BK) tiles or (BK, Dp) row
-// tiles, nkb of them, zero-padded.
+// Key block kb of one head's K or V (rows of stride ss, from the head's first row) into the
+// head's packed buffer dst: a transposed (Dp, BK) tile or a (BK, Dp) row tile, zero-padded.
+template <typename T, typename A>
+void pack_block(const T* src, int64_t ss, const Geo& g, bool transposed, int64_t kb, A* dst) {
+  const int64_t j0 = kb * BK, nk = std::min(BK, g.S - j0);
+  if (transposed)
+    load_cols<T, A>(src + j0 * ss, ss, nk, g.D, g.Dp, dst + j0 * g.Dp);
+  else
+    load_rows<T, A>(src + j0 * ss, ss, nk, BK, g.D, g.Dp, A(1), dst + j0 * g.Dp);
+}
+
+// One head, all nkb key blocks.
 template <typename T, typename A>
 void pack_head(const T* src, int64_t ss, const Geo& g, bool transposed, A* dst) {
   const int64_t nkb = (g.S + BK - 1) / BK;
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    const int64_t j0 = kb * BK, nk = std::min(BK, g.S - j0);
-    if (transposed)
-      load_cols<T, A>(src + j0 * ss, ss, nk, g.D, g.Dp, dst + j0 * g.Dp);
-    else
-      load_rows<T, A>(src + j0 * ss, ss, nk, BK, g.D, g.Dp, A(1), dst + j0 * g.Dp);
-  }
+  for (int64_t kb = 0; kb < nkb; ++kb) pack_block<T, A>(src, ss, g, transposed, kb, dst);
 }
 
+// Every (batch, kv head), one task per key block.
 template <typename T, typename A>
 Packed<A> pack(const T* src, int64_t sb, int64_t sh, int64_t ss, const Geo& g, bool transposed) {
   Packed<A> p;
@@ -221,14 +226,9 @@ Packed<A> pack(const T* src, int64_t sb, int64_t sh, int64_t ss, const Geo& g, b
   p.data.resize(g.B * g.Hkv * p.per_head);
   at::parallel_for(0, g.B * g.Hkv * nkb, grain(BK * g.Dp * 16), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nkb, kb = t % nkb, b = bh / g.Hkv, h = bh % g.Hkv;
-      const int64_t j0 = kb * BK, nk = std::min(BK, g.S - j0);
-      const T* s = src + b * sb + h * sh + j0 * ss;
-      A* d = p.data.data() + bh * p.per_head + j0 * g.Dp;
-      if (transposed)
-        load_cols<T, A>(s, ss, nk, g.D, g.Dp, d);
-      else
-        load_rows<T, A>(s, ss, nk, BK, g.D, g.Dp, A(1), d);
+      const int64_t bh = t / nkb, b = bh / g.Hkv, h = bh % g.Hkv;
+      pack_block<T, A>(src + b * sb + h * sh, ss, g, transposed, t % nkb,
+                       p.data.data() + bh * p.per_head);
     }
   });
   return p;
