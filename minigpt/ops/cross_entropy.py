@@ -36,7 +36,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, pick
+from minigpt.ops._eager import eager_function, is_compiling, pick
 
 OP = "cross_entropy"
 FOP = "fused_linear_cross_entropy"
@@ -50,10 +50,6 @@ MIN_CHUNK_ELEMENTS = 1 << 24
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +92,7 @@ def _scaled(g: Tensor, dloss: Tensor) -> Tensor:
     gradient itself is returned, so backward needs no second buffer of its size (autograd only
     reads it, and copies it before accumulating if the graph is retained). Checking costs a
     sync on GPU; under torch.compile it always multiplies."""
-    if not _compiling() and bool(dloss == 1):
+    if not is_compiling() and bool(dloss == 1):
         return g
     return g * dloss  # a 0-dim dloss keeps g's dtype
 
@@ -226,7 +222,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     V = logits.shape[-1]
     be = _backend.resolve(OP, backend, logits.device, logits.dtype)
     if be == "torch" or target.numel() == 0:
-        if not _compiling():
+        if not is_compiling():
             _target_stats(OP, target, V, ignore_index)
         return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
 
