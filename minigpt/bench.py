@@ -286,6 +286,16 @@ def _plt():
         return None
 
 
+def _save_figure(plt, fig, path: Path, heading: str, title: str) -> Path:
+    """The end every bench plot shares: heading + run title on top, written as a PNG."""
+    fig.suptitle(heading + "\n" + title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # bench train
 
@@ -597,12 +607,7 @@ def _plot_train(rows, path: Path, title: str):
                 ax.set_title(f"{cfg} (B={sub[0]['batch']}, T={sub[0]['seq']})", fontsize=9)
             ax.set_ylabel(label)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("minigpt bench train\n" + title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path, "minigpt bench train", title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -792,12 +797,7 @@ def _plot_decode(rows, path: Path, title: str):
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("minigpt bench decode\n" + title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path, "minigpt bench decode", title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -955,10 +955,5 @@ def _plot_ops(rows, path: Path, title: str):
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle("minigpt bench ops: speed-up over eager PyTorch (geometric mean over shapes)"
-                 "\n" + title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path, "minigpt bench ops: speed-up over eager PyTorch "
+                        "(geometric mean over shapes)", title)
