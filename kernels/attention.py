@@ -167,28 +167,33 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lo = tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
     else:
         lo = 0
-    for g in range(0, REP):
+    # One flat loop over (query head of the group, query block) rather than two nested ones:
+    # Triton software-pipelines only the innermost loop, and the nested form kept the outer
+    # loop's pointers live beside the accumulators (spills on sm_90 for GQA).
+    n_m = tl.cdiv(T - lo, BLOCK_M)
+    for it in range(0, REP * n_m):
+        g = it // n_m
+        start_m = lo + (it - g * n_m) * BLOCK_M
         h = hk * REP + g
-        Qh = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        DOh = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         row = (b * Hq + h).to(tl.int64) * T
-        for start_m in range(lo, T, BLOCK_M):
-            offs_m = start_m + offs_mb
-            qmask = (offs_m[:, None] < T) & dmask[None, :]
-            q = tl.load(Qh + offs_m[:, None] * sqt + offs_d[None, :], mask=qmask, other=0.0)
-            do = tl.load(DOh + offs_m[:, None] * sdt + offs_d[None, :], mask=qmask, other=0.0)
-            # Padded query rows get lse = +inf, hence P = 0.
-            lse2 = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
-            qkT = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BLOCK_N, BLOCK_M)
-            keep = offs_n[:, None] < S
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + (S - T))
-            pT = tl.where(keep, tl.math.exp2(qkT - lse2[None, :]), 0.0)
-            dv += _dot(pT.to(do.dtype), do, DOT_F32)
-            dpT = _dot(v, tl.trans(do), DOT_F32)
-            dsT = pT * (dpT - delta[None, :])
-            dk += _dot(dsT.to(q.dtype), q, DOT_F32)
+        offs_m = start_m + offs_mb
+        qmask = (offs_m[:, None] < T) & dmask[None, :]
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt
+                    + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt
+                     + offs_d[None, :], mask=qmask, other=0.0)
+        # Padded query rows get lse = +inf, hence P = 0.
+        lse2 = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
+        qkT = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BLOCK_N, BLOCK_M)
+        keep = offs_n[:, None] < S
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :] + (S - T))
+        pT = tl.where(keep, tl.math.exp2(qkT - lse2[None, :]), 0.0)
+        dv += _dot(pT.to(do.dtype), do, DOT_F32)
+        dpT = _dot(v, tl.trans(do), DOT_F32)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, DOT_F32)
     out = pid_bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
