@@ -62,6 +62,8 @@ setup(
     # The Triton kernels live in kernels/ at the top of the repo but install as minigpt.kernels:
     # a top-level `kernels` package would clash with the PyPI project of that name.
     package_dir={"minigpt": "minigpt", "minigpt.kernels": "kernels"},
+    # Tile sizes measured on GPUs (benchmarks/tune_attention.py writes them).
+    package_data={"minigpt.kernels": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.5", "numpy", "tqdm", "safetensors", "tokenizers", "matplotlib",

@@ -8,6 +8,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def capability_name(device: torch.device) -> str:
+    """"sm90" for an H100/H200: the key of per-architecture tables (tuned tile sizes)."""
+    major, minor = _capability(device.index if device.index is not None
+                               else torch.cuda.current_device())
+    return f"sm{major}{minor}"
+
+
 def num_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
     """How many persistent programs to launch for ``work_items`` rows: a few per SM on a GPU,
     a handful in the interpreter (each program is a Python loop there)."""

@@ -18,18 +18,20 @@ heads of the GQA group (padded to 16 rows so tl.dot applies) and writes a partia
 its logsumexp; a combine kernel merges the splits.
 
 The Triton interpreter computes tl.dot on bf16/fp16 wrongly, so under TRITON_INTERPRET=1 the
-tiles are upcast to fp32 before every dot (DOT_F32); compiled on a GPU the dots run on
-bf16/fp16 tensor cores with fp32 accumulation. fp32 inputs use IEEE fp32 dots (not TF32) so
-float32 results agree with the reference to ~1e-6.
+tiles are upcast to fp32 before every dot (DOT); compiled on a GPU the dots run on
+bf16/fp16 tensor cores with fp32 accumulation, and fp32 inputs on three-pass TF32 (~fp32
+accuracy; see _dot_mode).
+
+Tile sizes: see tiles() and benchmarks/tune_attention.py.
 """
-import math
+import json
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import num_programs
+from minigpt.kernels._util import capability_name, num_programs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -40,17 +42,17 @@ def _interpreting():
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
+def _dot(a, b, DOT: tl.constexpr):
+    if DOT == "native":
         return tl.dot(a, b)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
 
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, D, S, T,
                qk_scale, start, stop, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+               BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < D
     for start_n in range(start, stop, BLOCK_N):
@@ -60,7 +62,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, D, 
         else:
             kv_mask = dmask[:, None]
         kt = tl.load(K + cols[None, :] * stride_ks + offs_d[:, None], mask=kv_mask, other=0.0)
-        qk = _dot(q, kt, DOT_F32) * qk_scale
+        qk = _dot(q, kt, DOT) * qk_scale
         if MASKED:
             keep = cols[None, :] < S
             if CAUSAL:
@@ -75,7 +77,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, D, 
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=tl.trans(kv_mask),
                     other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -85,8 +87,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                      H, T, S, D, REP, qk_scale,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                     BLOCK_D: tl.constexpr, DOT: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        # The last query blocks see the most keys: launch them first, so the light blocks
+        # fill the final wave instead of leaving SMs idle behind one heavy block.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -112,9 +118,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
         full = S // BLOCK_N * BLOCK_N
         end = S
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sks, svs, offs_m, offs_d, D, S, T,
-                               qk_scale, 0, full, False, CAUSAL, BLOCK_N, DOT_F32)
+                               qk_scale, 0, full, False, CAUSAL, BLOCK_N, DOT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sks, svs, offs_m, offs_d, D, S, T,
-                               qk_scale, full, end, True, CAUSAL, BLOCK_N, DOT_F32)
+                               qk_scale, full, end, True, CAUSAL, BLOCK_N, DOT)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
@@ -146,7 +152,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
                      Hq, Hkv, T, S, D, REP, qk_scale, scale,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                     BLOCK_D: tl.constexpr, DOT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -185,15 +191,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         # Padded query rows get lse = +inf, hence P = 0.
         lse2 = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
-        qkT = _dot(k, tl.trans(q), DOT_F32) * qk_scale  # (BLOCK_N, BLOCK_M)
+        qkT = _dot(k, tl.trans(q), DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
         keep = offs_n[:, None] < S
         if CAUSAL:
             keep = keep & (offs_n[:, None] <= offs_m[None, :] + (S - T))
         pT = tl.where(keep, tl.math.exp2(qkT - lse2[None, :]), 0.0)
-        dv += _dot(pT.to(do.dtype), do, DOT_F32)
-        dpT = _dot(v, tl.trans(do), DOT_F32)
+        dv += _dot(pT.to(do.dtype), do, DOT)
+        dpT = _dot(v, tl.trans(do), DOT)
         dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, DOT_F32)
+        dk += _dot(dsT.to(q.dtype), q, DOT)
     out = pid_bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
@@ -204,8 +210,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
                    H, T, S, D, REP, qk_scale, scale,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                   BLOCK_D: tl.constexpr, DOT: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        # The last query blocks see the most keys: launch them first, so the light blocks
+        # fill the final wave instead of leaving SMs idle behind one heavy block.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -234,14 +244,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         kvmask = (cols[None, :] < S) & dmask[:, None]
         kt = tl.load(K + cols[None, :] * sks + offs_d[:, None], mask=kvmask, other=0.0)
         vt = tl.load(V + cols[None, :] * svs + offs_d[:, None], mask=kvmask, other=0.0)
-        qk = _dot(q, kt, DOT_F32) * qk_scale
+        qk = _dot(q, kt, DOT) * qk_scale
         keep = cols[None, :] < S
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
         p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
-        dp = _dot(do, vt, DOT_F32)
+        dp = _dot(do, vt, DOT)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_F32)
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT)
     tl.store(DQ + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -251,7 +261,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, OP, LSEP,
                          sqb, sqh, skb, skh, sks, svb, svh, svs,
                          Hq, Hkv, D, REP, S_max, split_len, NSPLIT, qk_scale,
                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_F32: tl.constexpr):
+                         DOT: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -276,7 +286,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, OP, LSEP,
         cols = start_n + offs_n
         kvmask = (cols[None, :] < hi) & dmask[:, None]
         kt = tl.load(K + cols[None, :] * sks + offs_d[:, None], mask=kvmask, other=0.0)
-        qk = _dot(q, kt, DOT_F32) * qk_scale
+        qk = _dot(q, kt, DOT) * qk_scale
         qk = tl.where(cols[None, :] < hi, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -284,7 +294,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, OP, LSEP,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * svs + offs_d[None, :], mask=tl.trans(kvmask), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
         m_i = m_new
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -297,71 +307,123 @@ def _decode_split_kernel(Q, K, V, SEQLENS, OP, LSEP,
 
 @triton.jit
 def _decode_combine_kernel(OP, LSEP, O, D, NSPLIT,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
-    smask = offs_s < NSPLIT
-    lse2 = tl.load(LSEP + pid * NSPLIT + offs_s, mask=smask, other=float("-inf"))
+    lse2 = tl.load(LSEP + pid * NSPLIT + offs_s, mask=offs_s < NSPLIT, other=float("-inf"))
     m = tl.max(lse2, 0)  # finite when cache_seqlens >= 1 (split 0 holds key 0)
-    w = tl.math.exp2(lse2 - tl.where(m == float("-inf"), 0.0, m))  # all empty: 0, not nan
-    o = tl.load(OP + (pid * NSPLIT + offs_s[:, None]) * D + offs_d[None, :],
-                mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-    den = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all empty: weights 0, not nan
+    den = tl.sum(tl.math.exp2(lse2 - m), 0)
+    # The partial outputs are summed CHUNK splits at a time: a whole (splits x head dim) tile
+    # in registers spilled 12 KB a thread on sm_90 at 512 splits x 256.
+    out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, NSPLIT, CHUNK):
+        rows = s0 + offs_c
+        w = tl.math.exp2(tl.load(LSEP + pid * NSPLIT + rows, mask=rows < NSPLIT,
+                                 other=float("-inf")) - m)
+        o = tl.load(OP + (pid * NSPLIT + rows[:, None]) * D + offs_d[None, :],
+                    mask=(rows[:, None] < NSPLIT) & (offs_d[None, :] < D), other=0.0)
+        out += tl.sum(o * w[:, None], 0)
+    out = out / tl.where(den > 0.0, den, 1.0)
     tl.store(O + pid * D + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
 
 
-def _blocks(D, dtype, device):
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+# Tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel ("fwd", "dkdv", "dq"). BLOCK_M
+# counts queries and BLOCK_N keys in all three. The defaults below were chosen without a GPU
+# to timing them: each compiles for sm_90 within the 227 KiB of shared memory and without
+# register spills, or with the fewest found (tests/test_triton_compile.py prints the table).
+# benchmarks/tune_attention.py times alternatives on a GPU and writes the fastest to
+# attention_tuned.json beside this file, whose entries take precedence.
+_DEFAULT_16BIT = {  # BLOCK_D -> kernel -> tiles, for bf16/fp16 on tensor cores
+    64: {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)},
+    128: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
+    256: {"fwd": (64, 32, 8, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+}
+# fp32 runs three-pass TF32 dots (_dot_mode), which hold a high and a low half of every
+# operand tile: smaller tiles than 16-bit. Head dim 256 spills at every tile tried (fewest
+# below, ~150-500 bytes a thread); fp32 is the accuracy path, not the fast one.
+_DEFAULT_FP32 = {
+    64: {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 2), "dq": (64, 64, 8, 2)},
+    128: {"fwd": (32, 32, 4, 2), "dkdv": (32, 16, 4, 2), "dq": (32, 32, 8, 2)},
+    256: {"fwd": (16, 32, 4, 2), "dkdv": (32, 16, 8, 1), "dq": (16, 16, 4, 1)},
+}
+_INTERPRETER_TILES = (32, 32, 4, 1)  # the interpreter: small tiles run fastest
+TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
+_tuned_cache = {}
+
+
+def config_key(kernel, dtype, block_d, causal):
+    """The key of one entry of attention_tuned.json, e.g. "fwd/16bit/d128/causal"."""
+    prec = "fp32" if dtype == torch.float32 else "16bit"
+    return f"{kernel}/{prec}/d{block_d}/{'causal' if causal else 'full'}"
+
+
+def _tuned(device):
+    """The tuned entries for this GPU's architecture ("sm90"), read once per architecture."""
+    arch = capability_name(device)
+    if arch not in _tuned_cache:
+        table = {}
+        if os.path.exists(TUNED_PATH):
+            with open(TUNED_PATH) as f:
+                table = json.load(f).get(arch, {})
+        _tuned_cache[arch] = {k: tuple(v["tiles"]) for k, v in table.items()}
+    return _tuned_cache[arch]
+
+
+def tiles(kernel, dtype, block_d, causal, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one of the three kernels."""
     if device.type != "cuda":
-        return 32, 32, BLOCK_D, 4, 1  # the interpreter: small tiles run fastest
-    big = BLOCK_D <= 64 or dtype != torch.float32
-    BM, BN = (128, 64) if big and BLOCK_D <= 128 else (64, 32)
-    if BLOCK_D > 128:
-        BM, BN = 64, 32
-    warps = 8 if BM * BLOCK_D >= 128 * 128 else 4
-    return BM, BN, BLOCK_D, warps, 3 if BLOCK_D <= 128 else 2
+        return _INTERPRETER_TILES
+    found = _tuned(device).get(config_key(kernel, dtype, block_d, causal))
+    if found is not None:
+        return found
+    table = _DEFAULT_FP32 if dtype == torch.float32 else _DEFAULT_16BIT
+    return table[max(64, block_d)][kernel]
 
 
-def _bwd_blocks(BLOCK_D, dtype, device, BM, BN):
-    """(BLOCK_M, BLOCK_N, stages) for the backward, which keeps more tiles live than the
-    forward (q, dO, k, v and two accumulators): smaller tiles, and fewer pipeline stages where
-    the staged q/dO tiles would not fit the ~227 KiB of shared memory of an H100."""
-    if device.type != "cuda":
-        return BM, BN, 1
-    fp32 = dtype == torch.float32
-    if BLOCK_D <= 64:
-        return 64, 64, 3 if not fp32 else 2
-    if BLOCK_D <= 128:
-        return (64, 64, 3) if not fp32 else (64, 32, 1)
-    return (64, 64, 2) if not fp32 else (32, 32, 1)
+def _block_d(D):
+    return max(16, triton.next_power_of_2(D))
 
 
-def _dot_f32(dtype):
-    # fp32 inputs: IEEE fp32 dots (Triton's default for fp32 is TF32, ~1e-3 relative error).
-    # The interpreter: fp32 for every dtype (its bf16/fp16 dot is wrong).
-    return _interpreting() or dtype == torch.float32
+def _dot_mode(dtype, fp32="tf32x3"):
+    """How the kernels' tl.dot runs (their DOT constexpr):
+    * "native": bf16/fp16 tiles on tensor cores, fp32 accumulation;
+    * "tf32x3": fp32 inputs on a GPU. Triton's default for fp32 is one TF32 pass (~1e-3
+      relative error); IEEE fp32 dots run on CUDA cores with whole operand rows in registers
+      and spilled kilobytes a thread on sm_90 at every tile tried. Three TF32 passes (hi*hi +
+      hi*lo + lo*hi) keep the tensor-core tiles and give ~fp32 accuracy;
+    * "ieee": the interpreter, for every dtype (its bf16/fp16 dot is wrong, and it computes
+      in fp32 anyway).
+    The decode kernel keeps IEEE fp32 (``fp32="ieee"``): its tiles are 16 query rows, small
+    enough for CUDA cores without spilling (decode_blocks)."""
+    if _interpreting():
+        return "ieee"
+    return fp32 if dtype == torch.float32 else "native"
 
 
-def attention_fwd(q, k, v, causal, scale):
-    """q (B, Hq, T, D), k, v (B, Hkv, S, D), unit last stride -> out (contiguous), lse fp32."""
+def attention_fwd(q, k, v, causal, scale, config=None):
+    """q (B, Hq, T, D), k, v (B, Hkv, S, D), unit last stride -> out (contiguous), lse fp32.
+    ``config``: tiles to use instead of tiles("fwd", ...) (the tuner's candidates)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    BM, BN, BD, warps, stages = _blocks(D, q.dtype, q.device)
+    BD = _block_d(D)
+    BM, BN, warps, stages = config or tiles("fwd", q.dtype, BD, causal, q.device)
     grid = (triton.cdiv(T, BM), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, T, S, D, H // Hkv,
         scale * LOG2E, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-        DOT_F32=_dot_f32(q.dtype), num_warps=warps, num_stages=stages)
+        DOT=_dot_mode(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
 
-def attention_bwd(do, q, k, v, out, lse, causal, scale):
-    """-> dq, dk, dv contiguous in q's dtype."""
+def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_config=None):
+    """-> dq, dk, dv contiguous in q's dtype. ``dkdv_config``/``dq_config``: tiles to use
+    instead of tiles("dkdv"/"dq", ...)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep = H // Hkv
@@ -370,22 +432,23 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale):
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=q.device)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     out = out.contiguous()
-    BM, BN, BD, warps, stages = _blocks(D, q.dtype, q.device)
+    BD = _block_d(D)
     _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
         out, do, delta, H, T, D, do.stride(0), do.stride(1), do.stride(2),
         BLOCK_M=64, BLOCK_D=BD)
-    bm, bn, bstages = _bwd_blocks(BD, q.dtype, q.device, BM, BN)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    f32 = _dot_f32(q.dtype)
+    dot = _dot_mode(q.dtype)
+    bm, bn, warps, stages = dkdv_config or tiles("dkdv", q.dtype, BD, causal, q.device)
     _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, T, S, D, rep, scale * LOG2E, scale,
-        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT_F32=f32, num_warps=warps,
-        num_stages=bstages)
+        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot, num_warps=warps,
+        num_stages=stages)
+    bm, bn, warps, stages = dq_config or tiles("dq", q.dtype, BD, causal, q.device)
     _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, dq, *strides, H, T, S, D, rep, scale * LOG2E, scale,
-        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT_F32=f32, num_warps=warps,
-        num_stages=bstages)
+        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot, num_warps=warps,
+        num_stages=stages)
     return dq, dk, dv
 
 
@@ -406,17 +469,24 @@ def decode_blocks(D, rep, split_len, dtype, device):
     cores, with their operand tiles in registers: on sm_90 a 64-key tile spills at BLOCK_D =
     128 and spills ~16 KB a thread at 256, where its three stages (276 KiB) also exceed the
     227 KiB of shared memory an H100 block can have. So an fp32 key tile holds at most 64 x 64
-    elements (BLOCK_N 32 at 128, 16 at 256: no spills, 74 and 81 KiB; see
-    tests/test_triton_compile.py)."""
+    elements for 16 query rows, half that for 32 (BLOCK_N 32 at 128, 16 at 256 or at 128 with
+    32 rows), and fp32 launches 8 warps above 2048 query-row x head-dim elements: no spills
+    (see tests/test_triton_compile.py)."""
     BD = max(16, triton.next_power_of_2(D))
     BH = max(16, triton.next_power_of_2(rep))
     if device.type != "cuda":
         BN = 32
     elif dtype == torch.float32:
-        BN = max(16, min(64, 4096 // BD))
+        BN = max(16, min(64, 4096 * 16 // (BD * BH)))
     else:
         BN = 64
     return BH, min(BN, split_len), BD
+
+
+def _combine_chunk(nsplit, BD):
+    if _interpreting():
+        return 2  # so the interpreter tests (a few splits) run the combine loop several times
+    return max(2, min(triton.next_power_of_2(nsplit), 4096 // BD))
 
 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
@@ -434,8 +504,9 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
         v_cache.stride(1), v_cache.stride(2), H, Hkv, D, rep, S_max, split_len, nsplit,
         scale * LOG2E,
-        BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD, DOT_F32=_dot_f32(q.dtype), num_warps=4)
+        BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD, DOT=_dot_mode(q.dtype, fp32="ieee"),
+        num_warps=8 if q.dtype == torch.float32 and BH * BD > 2048 else 4)
     _decode_combine_kernel[(B * H,)](
         o_part, lse_part, out, D, nsplit, BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
-        BLOCK_D=BD)
+        CHUNK=_combine_chunk(nsplit, BD), BLOCK_D=BD)
     return out

@@ -116,8 +116,8 @@ def _cases():
     # Attention: the launchers' tiles depend on BLOCK_D (next power of two of D, at least 16)
     # and on fp32 vs 16-bit; D itself only through its divisibility by 16. bf16 covers every
     # head dim up to ops.attention.MAX_GPU_HEAD_DIM; fp16 the same tiles in the other 16-bit
-    # type. fp32 takes one head dim per tile shape of _blocks/_bwd_blocks (BLOCK_D <= 64, 128,
-    # 256), each its own group: its IEEE dots spill heavily and take ptxas ~10 s a head dim.
+    # type. fp32 takes one head dim per tile shape of attn.tiles (BLOCK_D <= 64, 128,
+    # 256), each its own group: its three-pass TF32 dots take ptxas several seconds a kernel.
     attention = [(bf16, D, True) for D in (16, 32, 48, 64, 80, 96, 128, 256)]
     attention += [(bf16, 64, False), (bf16, 128, False), (f16, 64, True), (f16, 128, False),
                   (f16, 256, True), (f32, 64, True), (f32, 128, True), (f32, 256, True)]
@@ -253,6 +253,7 @@ def _worker(group):
 
     driver.set_active(H100Driver())
     _util._sm_count = lambda index: H100_SMS
+    _util._capability = lambda index: (9, 0)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers, spills, stack
 
     records, ptxas_info = [], {}
