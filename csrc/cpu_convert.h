@@ -1,7 +1,7 @@
 // Element <-> accumulation-type conversions and exp for the C++ CPU row loops, written so that
 // GCC vectorizes them inside `#pragma omp simd`. bfloat16 is a float's top 16 bits, so plain bit
 // operations convert it; c10::BFloat16's own conversions keep the loops scalar (bf16 rows ran
-// 3x slower than fp32 ones). float16 still goes through c10::Half (correct, not vectorized).
+// 3x slower than fp32 ones). float16 likewise, below.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -11,6 +11,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -39,6 +43,10 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t j, float 
 // ran ~20x slower than eager). Branch-free bit arithmetic that GCC vectorizes, exact for every
 // value: the load is exact by construction, the store rounds to nearest even like c10::Half
 // (float_to_half_fast3_rtne in F. Giesen's survey of the method).
+// The cases are picked with all-ones masks, not `?:`. With `?:` GCC 12 turned the load's
+// subnormal case into a branch once it was inlined into softmax's and LayerNorm's row loops
+// (not in a small test), and a loop with a branch is not vectorized: those fp16 loops ran
+// scalar, 3-7x behind eager. (_Float16 casts are no way out: GCC 12 does not vectorize them.)
 inline float f32_from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
@@ -49,28 +57,95 @@ inline uint32_t f32_bits(float f) {
   std::memcpy(&u, &f, sizeof(u));
   return u;
 }
+inline uint32_t all_ones_if(bool c) { return 0u - static_cast<uint32_t>(c); }
 template <> inline float load<c10::Half>(const c10::Half* p, int64_t j) {
   const uint32_t h = p[j].x;
-  const uint32_t em = h & 0x7FFFu;                    // exponent and mantissa
-  uint32_t bits = (em << 13) + ((127u - 15u) << 23);  // rebias a normal number
-  bits = em >= 0x7C00u ? bits + ((128u - 16u) << 23) : bits;  // inf / NaN: exponent 255
+  const uint32_t em = h & 0x7FFFu;  // exponent and mantissa
+  // normal: rebias the exponent; inf / NaN: rebias to exponent 255
+  const uint32_t normal =
+      (em << 13) + ((127u - 15u) << 23) + (all_ones_if(em >= 0x7C00u) & ((128u - 16u) << 23));
   // zero and subnormals: em * 2^-24, exact in float
   const uint32_t sub =
       f32_bits(static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f);
-  return f32_from_bits((em < 0x0400u ? sub : bits) | ((h & 0x8000u) << 16));
+  const uint32_t is_sub = all_ones_if(em < 0x0400u);
+  return f32_from_bits((sub & is_sub) | (normal & ~is_sub) | ((h & 0x8000u) << 16));
 }
 template <> inline void store<c10::Half>(c10::Half* p, int64_t j, float v) {
   const uint32_t u = f32_bits(v);
   const uint32_t sign = u & 0x80000000u;
-  const uint32_t a = u ^ sign;                        // |v|
+  const uint32_t a = u ^ sign;  // |v|
   // too large for a half: inf, or a quiet NaN
-  const uint32_t big = a > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  const uint32_t big = 0x7C00u | (all_ones_if(a > 0x7F800000u) & 0x0200u);
   // below the smallest normal half: let a float add round the mantissa into place
   const uint32_t small = f32_bits(f32_from_bits(a) + f32_from_bits(126u << 23)) - (126u << 23);
   // normal: rebias, add half an ulp minus one, plus the lowest kept bit (ties to even)
   const uint32_t normal = (a + ((15u - 127u) << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
-  const uint32_t o = a >= 0x47800000u ? big : (a < (113u << 23) ? small : normal);
+  const uint32_t is_big = all_ones_if(a >= 0x47800000u);
+  const uint32_t is_small = all_ones_if(a < (113u << 23));
+  const uint32_t o = (big & is_big) | (small & is_small) | (normal & ~(is_big | is_small));
   p[j].x = static_cast<uint16_t>(o | (sign >> 16));
+}
+
+// Whole rows at once, for the row loops: acc_row gives a row as A (the row itself where T is A,
+// else converted into buf); a loop writes its results to acc_out(row, buf) and flush_row then
+// converts them into the row. For fp16 these are the F16C instructions where the compiler may
+// use them (vcvtph2ps / vcvtps2ph: exact, round to nearest even; GCC 12 does not vectorize
+// the _Float16 casts that would give them): an fp16 row costs one instruction per 8 or 16
+// elements that way, against a dozen for the bit arithmetic above, which left fp16 softmax
+// and LayerNorm 1.3-1.8x behind eager. Builds without F16C (MINIGPT_NATIVE=0, other CPUs)
+// use load()/store(). Only NaN payloads can differ between the two: vcvtps2ph keeps a NaN's
+// top mantissa bits, store() gives the canonical 0x7E00.
+template <typename T> inline void load_row(const T* src, acc_t<T>* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = load(src, j);
+}
+template <typename T> inline void store_row(const acc_t<T>* src, T* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) store(dst, j, src[j]);
+}
+#if defined(__F16C__)
+template <> inline void load_row<c10::Half>(const c10::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  // The maskz forms with every lane set are the plain instructions; the plain intrinsics
+  // make GCC 12 warn (-Wmaybe-uninitialized) about their _mm512_undefined_* operand.
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(dst + j, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + j))));
+#endif
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j < n; ++j) dst[j] = load(src, j);
+}
+template <> inline void store_row<c10::Half>(const float* src, c10::Half* dst, int64_t n) {
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                        _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(src + j), kRne));
+#endif
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), kRne));
+  for (; j < n; ++j) store(dst, j, src[j]);
+}
+#endif
+template <typename T> inline const acc_t<T>* acc_row(const T* row, acc_t<T>* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return row;
+  } else {
+    load_row(row, buf, n);
+    return buf;
+  }
+}
+template <typename T> inline acc_t<T>* acc_out(T* row, acc_t<T>* buf) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) return row;
+  else return buf;
+}
+template <typename T> inline void flush_row(const acc_t<T>* buf, T* row, int64_t n) {
+  if constexpr (!std::is_same_v<T, acc_t<T>>) store_row(buf, row, n);
 }
 
 // exp(x) in plain float arithmetic, so GCC vectorizes it inside `#pragma omp simd` (std::exp

@@ -64,7 +64,7 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
         A bm = -std::numeric_limits<A>::infinity(), bsx = 0;
 #pragma omp simd reduction(max : bm) reduction(+ : bsx)
         for (int64_t j = 0; j < n; ++j) {
-          const A v = static_cast<A>(x[c0 + j]);
+          const A v = load(x, c0 + j);
           buf[j] = v;
           bm = std::max(bm, v);
           bsx += v;
@@ -89,7 +89,7 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
       if (g) {
 #pragma omp simd
         for (int64_t j = 0; j < V; ++j)
-          g[j] = static_cast<T>(scale * (exp_nonpos((static_cast<A>(x[j]) - m) - logd) - smooth));
+          store(g, j, scale * (exp_nonpos((load(x, j) - m) - logd) - smooth));
         // Recomputed from the saved x_t, not read back from g (g may be x, already overwritten).
         g[t] = static_cast<T>(scale * (exp_nonpos((xt - m) - logd) - smooth - (A(1) - eps)));
       }

@@ -60,19 +60,22 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         e = buf.data() + shift / sizeof(A);
       }
       const int64_t L = row_len(r, N_l, Tq_l, causal_l);
+      // z: x as A. Narrower rows are converted into e first, then worked on in place there.
+      const A* z = acc_row(xr, e, L);
       A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < L; ++j) m = std::max(m, load(xr, j) * scale_l);
+      for (int64_t j = 0; j < L; ++j) m = std::max(m, z[j] * scale_l);
       if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
       A sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < L; ++j) {
-        e[j] = exp_acc<A>(load(xr, j) * scale_l - m);
+        e[j] = exp_acc<A>(z[j] * scale_l - m);
         sum += e[j];
       }
       const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros
 #pragma omp simd
-      for (int64_t j = 0; j < L; ++j) store(yr, j, e[j] * inv);
+      for (int64_t j = 0; j < L; ++j) e[j] *= inv;
+      flush_row(e, yr, L);
       for (int64_t j = L; j < N_l; ++j) yr[j] = static_cast<T>(0);
     }
   });
@@ -90,15 +93,19 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     const A scale_l = scale;  // a private copy, as in the forward
     const int64_t N_l = N;
+    constexpr bool kWide = std::is_same_v<T, A>;
+    std::vector<A> gbuf(kWide ? 0 : N_l), ybuf(kWide ? 0 : N_l);
     for (int64_t r = begin; r < end; ++r) {
-      const T* g = dyp + r * N;
-      const T* yr = yp + r * N;
-      T* out = dxp + r * N;
+      const A* g = acc_row(dyp + r * N_l, gbuf.data(), N_l);
+      const A* yr = acc_row(yp + r * N_l, ybuf.data(), N_l);
+      T* out = dxp + r * N_l;
+      A* o = acc_out(out, gbuf.data());  // narrower rows: in place over g
       A s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < N_l; ++j) s += load(g, j) * load(yr, j);
+      for (int64_t j = 0; j < N_l; ++j) s += g[j] * yr[j];
 #pragma omp simd
-      for (int64_t j = 0; j < N_l; ++j) store(out, j, scale_l * load(yr, j) * (load(g, j) - s));
+      for (int64_t j = 0; j < N_l; ++j) o[j] = scale_l * yr[j] * (g[j] - s);
+      flush_row(o, out, N_l);
     }
   });
 }

@@ -23,9 +23,9 @@ void swiglu_fwd_cpu(const T* g, const T* u, T* y, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
-      const A gv = static_cast<A>(g[i]);
+      const A gv = load(g, i);
       const A sig = A(1) / (A(1) + exp_simd(-gv));
-      y[i] = static_cast<T>(gv * sig * static_cast<A>(u[i]));
+      store(y, i, gv * sig * load(u, i));
     }
   });
 }
@@ -36,11 +36,11 @@ void swiglu_bwd_cpu(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
 #pragma omp simd
     for (int64_t i = b; i < e; ++i) {
-      const A d = static_cast<A>(dy[i]), gv = static_cast<A>(g[i]), uv = static_cast<A>(u[i]);
+      const A d = load(dy, i), gv = load(g, i), uv = load(u, i);
       const A sig = A(1) / (A(1) + exp_simd(-gv));
       // d silu / d g = sig * (1 + g * (1 - sig))
-      dg[i] = static_cast<T>(d * uv * sig * (A(1) + gv * (A(1) - sig)));
-      du[i] = static_cast<T>(d * gv * sig);
+      store(dg, i, d * uv * sig * (A(1) + gv * (A(1) - sig)));
+      store(du, i, d * gv * sig);
     }
   });
 }
