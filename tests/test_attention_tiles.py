@@ -1,0 +1,129 @@
+"""The Triton attention tile table (kernels/attention.py: tiles): its defaults, the precedence
+of a tuned table written by benchmarks/tune_attention.py, the tuner's merge, and the shape of
+every tile the launchers or the tuner can pick. Runs on CPU: nothing here launches a kernel
+(tests/test_triton_compile.py compiles the launchers' tiles for sm_90)."""
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from minigpt.kernels import _util  # noqa: E402
+from minigpt.kernels import attention as attn  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA0 = torch.device("cuda", 0)
+KEY = re.compile(r"^(fwd|dkdv|dq)/(16bit|fp32)/d(16|32|64|128|256)/(causal|full)$")
+
+
+def _tuner():
+    spec = importlib.util.spec_from_file_location(
+        "tune_attention", os.path.join(ROOT, "benchmarks", "tune_attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """An sm_90 GPU as far as tiles() can tell, with an empty tuned table in tmp_path."""
+    monkeypatch.setattr(_util, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(attn, "TUNED_PATH", str(tmp_path / "attention_tuned.json"))
+    monkeypatch.setattr(attn, "_tuned_cache", {})
+    return monkeypatch
+
+
+def _valid_tiles(t):
+    bm, bn, warps, stages = t
+    return (bm in (16, 32, 64, 128, 256) and bn in (16, 32, 64, 128, 256)
+            and warps in (1, 2, 4, 8, 16) and 1 <= stages <= 6)
+
+
+def test_defaults_without_a_table(gpu):
+    for bd, row in ((16, 64), (32, 64), (64, 64), (128, 128), (256, 256)):
+        for kernel in ("fwd", "dkdv", "dq"):
+            assert attn.tiles(kernel, torch.bfloat16, bd, True, CUDA0) == \
+                attn._DEFAULT_16BIT[row][kernel]
+            assert attn.tiles(kernel, torch.float16, bd, False, CUDA0) == \
+                attn._DEFAULT_16BIT[row][kernel]
+            assert attn.tiles(kernel, torch.float32, bd, True, CUDA0) == \
+                attn._DEFAULT_FP32[row][kernel]
+    # The interpreter's tiles on CPU tensors, whatever the table says.
+    assert attn.tiles("fwd", torch.bfloat16, 128, True, torch.device("cpu")) == \
+        attn._INTERPRETER_TILES
+
+
+def test_tuned_entry_takes_precedence_for_its_architecture_only(gpu):
+    tuner = _tuner()
+    key = attn.config_key("dq", torch.bfloat16, 128, True)
+    assert key == "dq/16bit/d128/causal"
+    tuner.merge_table(attn.TUNED_PATH, "sm90", {key: {"tiles": [128, 32, 4, 3]}})
+    tuner.merge_table(attn.TUNED_PATH, "sm80", {key: {"tiles": [64, 32, 4, 2]}})
+    assert attn.tiles("dq", torch.bfloat16, 128, True, CUDA0) == (128, 32, 4, 3)
+    assert attn.tiles("dq", torch.float16, 128, True, CUDA0) == (128, 32, 4, 3)  # 16-bit
+    # Other points keep their defaults.
+    assert attn.tiles("dq", torch.bfloat16, 128, False, CUDA0) == attn._DEFAULT_16BIT[128]["dq"]
+    assert attn.tiles("dkdv", torch.bfloat16, 128, True, CUDA0) == \
+        attn._DEFAULT_16BIT[128]["dkdv"]
+    assert attn.tiles("dq", torch.float32, 128, True, CUDA0) == attn._DEFAULT_FP32[128]["dq"]
+    gpu.setattr(_util, "_capability", lambda index: (8, 0))
+    assert attn.tiles("dq", torch.bfloat16, 128, True, CUDA0) == (64, 32, 4, 2)
+    gpu.setattr(_util, "_capability", lambda index: (10, 0))
+    assert attn.tiles("dq", torch.bfloat16, 128, True, CUDA0) == attn._DEFAULT_16BIT[128]["dq"]
+
+
+def test_merge_keeps_other_entries_and_leaves_no_temp_file(tmp_path):
+    tuner = _tuner()
+    path = str(tmp_path / "t.json")
+    tuner.merge_table(path, "sm90", {"fwd/16bit/d64/causal": {"tiles": [128, 64, 4, 3]}})
+    tuner.merge_table(path, "sm90", {"fwd/16bit/d64/full": {"tiles": [64, 64, 4, 4]},
+                                     "fwd/16bit/d64/causal": {"tiles": [128, 128, 8, 2]}})
+    with open(path) as f:
+        table = json.load(f)
+    assert table == {"sm90": {"fwd/16bit/d64/causal": {"tiles": [128, 128, 8, 2]},
+                              "fwd/16bit/d64/full": {"tiles": [64, 64, 4, 4]}}}
+    assert os.listdir(tmp_path) == ["t.json"]
+
+
+def test_every_tile_the_launchers_or_tuner_can_pick_is_well_formed(gpu):
+    tuner = _tuner()
+    picks = [t for table in (attn._DEFAULT_16BIT, attn._DEFAULT_FP32) for row in table.values()
+             for t in row.values()]
+    picks += [t for table in (tuner.CANDIDATES_16BIT, tuner.CANDIDATES_FP32)
+              for lst in table.values() for t in lst]
+    picks.append(attn._INTERPRETER_TILES)
+    bad = [t for t in picks if not _valid_tiles(t)]
+    assert not bad, f"malformed tiles: {bad}"
+    # The committed table, once a GPU session has written one.
+    path = os.path.join(ROOT, "kernels", "attention_tuned.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+        for arch, entries in table.items():
+            assert re.fullmatch(r"sm\d+", arch), arch
+            for key, entry in entries.items():
+                assert KEY.match(key), f"{arch}: bad key {key!r}"
+                assert _valid_tiles(tuple(entry["tiles"])), f"{arch} {key}: {entry['tiles']}"
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_tuner_checks_and_times_candidates(kernel):
+    """The tuner's own logic, through the interpreter at toy sizes (a GPU session has no time
+    to find a bug in it): correct tiles pass the reference check and get timed, a wrong
+    answer is caught, and the winner is one of the candidates."""
+    tuner = _tuner()
+    cpu = torch.device("cpu")
+    point = tuner.Point(kernel, torch.float32, 24, True, cpu, big=(1, 2, 40),
+                        small=(1, 2, 1, 20, 27))
+    cands = [(32, 32, 4, 1), (16, 16, 4, 1)]
+    assert point.check(cands[0]) is None
+    rows, best, info = tuner.tune_point(point, cands, cpu, budget_s=0.05)
+    assert best in cands and info["ms"] > 0 and info["default_ms"] > 0
+    assert sorted(r["tiles"] for r in rows) == sorted(str(c) for c in cands)
+    assert all(r["status"] == "ok" and r["TFLOP/s"] > 0 for r in rows)
+    name = "out" if kernel == "fwd" else kernel[-2:]
+    point.ref[name] = point.ref[name] + 0.01  # the reference moved: every tile is now wrong
+    assert point.check(cands[0]).startswith(f"{name} error")
