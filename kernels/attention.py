@@ -148,41 +148,21 @@ def _bwd_preprocess_kernel(O, DO, DELTA, H, T, D, sdb, sdh, sdt,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
-                     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
-                     Hq, Hkv, T, S, D, REP, qk_scale, scale,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh, sqt,
+                sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, first_m, n_blocks,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
+    """Accumulate dK/dV of one key block over ``n_blocks`` query blocks from ``first_m``, for
+    every query head of the GQA group. One flat loop over (head, query block) rather than two
+    nested ones: Triton software-pipelines only the innermost loop, and the nested form kept
+    the outer loop's pointers live beside the accumulators (spills on sm_90 for GQA).
+    MASKED: apply the causal mask (the blocks on the diagonal). Padded key rows (past S) need
+    no mask: they only reach their own rows of dK/dV, which are never stored."""
     offs_mb = tl.arange(0, BLOCK_M)
-    dmask = offs_d < D
-    kvmask = (offs_n[:, None] < S) & dmask[None, :]
-    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks
-                + offs_d[None, :], mask=kvmask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs
-                + offs_d[None, :], mask=kvmask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        # The first query that sees key n0 is n0 - (S - T).
-        lo = tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M * BLOCK_M
-    else:
-        lo = 0
-    # One flat loop over (query head of the group, query block) rather than two nested ones:
-    # Triton software-pipelines only the innermost loop, and the nested form kept the outer
-    # loop's pointers live beside the accumulators (spills on sm_90 for GQA).
-    n_m = tl.cdiv(T - lo, BLOCK_M)
-    for it in range(0, REP * n_m):
-        g = it // n_m
-        start_m = lo + (it - g * n_m) * BLOCK_M
+    for it in range(0, REP * n_blocks):
+        g = it // n_blocks
+        offs_m = first_m + (it - g * n_blocks) * BLOCK_M + offs_mb
         h = hk * REP + g
         row = (b * Hq + h).to(tl.int64) * T
-        offs_m = start_m + offs_mb
         qmask = (offs_m[:, None] < T) & dmask[None, :]
         q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt
                     + offs_d[None, :], mask=qmask, other=0.0)
@@ -192,17 +172,84 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lse2 = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
         qkT = _dot(k, tl.trans(q), DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
-        keep = offs_n[:, None] < S
-        if CAUSAL:
-            keep = keep & (offs_n[:, None] <= offs_m[None, :] + (S - T))
-        pT = tl.where(keep, tl.math.exp2(qkT - lse2[None, :]), 0.0)
+        pT = tl.math.exp2(qkT - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (S - T), pT, 0.0)
         dv += _dot(pT.to(do.dtype), do, DOT)
         dpT = _dot(v, tl.trans(do), DOT)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, DOT)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
+                     Hq, Hkv, T, S, D, REP, qk_scale, scale,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kvmask = (offs_n[:, None] < S) & dmask[None, :]
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks
+                + offs_d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs
+                + offs_d[None, :], mask=kvmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Query blocks before lo see none of these keys (the first query that sees key n0 is
+        # n0 - (S - T)); those from lo up to `full` see some (masked); from `full` on, every
+        # query sees every key of the block.
+        lo = tl.maximum(n0 - (S - T), 0) // BLOCK_M * BLOCK_M
+        full = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M,
+                          lo)
+        n_masked = tl.cdiv(tl.maximum(tl.minimum(full, T) - lo, 0), BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
+                             sqt, sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, lo, n_masked,
+                             True, BLOCK_M, DOT)
+    else:
+        full = 0
+    n_full = tl.cdiv(tl.maximum(T - full, 0), BLOCK_M)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh, sqt,
+                         sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, full, n_full,
+                         False, BLOCK_M, DOT)
     out = pid_bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T, qk_scale,
+              start, stop, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks in [start, stop). MASKED: the end
+    of the keys, and the causal mask if CAUSAL. The last, ragged key block needs the latter even
+    without causality: its zero-padded keys give P = exp2(-lse), which can overflow to inf,
+    and inf x 0 would poison a real row of dQ."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        kvmask = (cols[None, :] < S) & dmask[:, None]
+        kt = tl.load(K + cols[None, :] * sks + offs_d[:, None], mask=kvmask, other=0.0)
+        vt = tl.load(V + cols[None, :] * svs + offs_d[:, None], mask=kvmask, other=0.0)
+        qk = _dot(q, kt, DOT) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            keep = cols[None, :] < S
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, vt, DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT)
+    return dq
 
 
 @triton.jit
@@ -222,8 +269,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     hk = h // REP
     K += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     V += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qmask = (offs_m[:, None] < T) & dmask[None, :]
@@ -235,23 +282,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     lse2 = tl.load(LSE + row + offs_m, mask=offs_m < T, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Key blocks below `full` are seen whole by every row of the block, as in the forward.
     if CAUSAL:
-        end = tl.minimum(pid_m * BLOCK_M + BLOCK_M + S - T, S)
+        full = tl.maximum(tl.minimum(m0 + S - T + 1, S), 0) // BLOCK_N * BLOCK_N
+        end = tl.minimum(m0 + BLOCK_M + S - T, S)
     else:
+        full = S // BLOCK_N * BLOCK_N
         end = S
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + offs_n
-        kvmask = (cols[None, :] < S) & dmask[:, None]
-        kt = tl.load(K + cols[None, :] * sks + offs_d[:, None], mask=kvmask, other=0.0)
-        vt = tl.load(V + cols[None, :] * svs + offs_d[:, None], mask=kvmask, other=0.0)
-        qk = _dot(q, kt, DOT) * qk_scale
-        keep = cols[None, :] < S
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
-        p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
-        dp = _dot(do, vt, DOT)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T,
+                   qk_scale, 0, full, False, CAUSAL, BLOCK_N, DOT)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T,
+                   qk_scale, full, end, True, CAUSAL, BLOCK_N, DOT)
     tl.store(DQ + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -339,15 +380,15 @@ def _decode_combine_kernel(OP, LSEP, O, D, NSPLIT,
 _DEFAULT_16BIT = {  # BLOCK_D -> kernel -> tiles, for bf16/fp16 on tensor cores
     64: {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)},
     128: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
-    256: {"fwd": (64, 32, 8, 2), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    256: {"fwd": (64, 32, 8, 2), "dkdv": (64, 32, 8, 2), "dq": (64, 32, 8, 2)},
 }
 # fp32 runs three-pass TF32 dots (_dot_mode), which hold a high and a low half of every
-# operand tile: smaller tiles than 16-bit. Head dim 256 spills at every tile tried (fewest
-# below, ~150-500 bytes a thread); fp32 is the accuracy path, not the fast one.
+# operand tile: smaller tiles than 16-bit. Head dim 256 spills at every backward tile tried
+# (fewest below, ~150-400 bytes a thread); fp32 is the accuracy path, not the fast one.
 _DEFAULT_FP32 = {
-    64: {"fwd": (64, 64, 4, 3), "dkdv": (32, 64, 4, 2), "dq": (64, 64, 8, 2)},
-    128: {"fwd": (32, 32, 4, 2), "dkdv": (32, 16, 4, 2), "dq": (32, 32, 8, 2)},
-    256: {"fwd": (16, 32, 4, 2), "dkdv": (32, 16, 8, 1), "dq": (16, 16, 4, 1)},
+    64: {"fwd": (64, 64, 4, 3), "dkdv": (32, 32, 4, 2), "dq": (64, 32, 8, 2)},
+    128: {"fwd": (32, 32, 4, 2), "dkdv": (32, 16, 8, 2), "dq": (16, 32, 4, 2)},
+    256: {"fwd": (16, 32, 4, 2), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)},
 }
 _INTERPRETER_TILES = (32, 32, 4, 1)  # the interpreter: small tiles run fastest
 TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
