@@ -93,19 +93,55 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     const A scale_l = scale;  // a private copy, as in the forward
     const int64_t N_l = N;
-    constexpr bool kWide = std::is_same_v<T, A>;
-    std::vector<A> gbuf(kWide ? 0 : N_l), ybuf(kWide ? 0 : N_l);
+    // fp16 rows (with F16C) go chunk by chunk up to Nc, converting as they go (cpu_convert.h's
+    // load_chunk / store_chunk); the rest, and every row of other types, element by element.
+    const int64_t Nc = kChunkRows<T> ? N_l / kChunk * kChunk : 0;
     for (int64_t r = begin; r < end; ++r) {
-      const A* g = acc_row(dyp + r * N_l, gbuf.data(), N_l);
-      const A* yr = acc_row(yp + r * N_l, ybuf.data(), N_l);
+      const T* g = dyp + r * N_l;
+      const T* yr = yp + r * N_l;
       T* out = dxp + r * N_l;
-      A* o = acc_out(out, gbuf.data());  // narrower rows: in place over g
       A s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < N_l; ++j) s += g[j] * yr[j];
+      if constexpr (kChunkRows<T>) {
+        // Four sums (registers), so that an FMA does not wait for the previous one.
+        constexpr int kSums = 4;
+        A part[kSums][kChunk] = {};
+        int64_t j0 = 0;
+        for (; j0 + kSums * kChunk <= Nc; j0 += kSums * kChunk) {
+          for (int a = 0; a < kSums; ++a) {
+            A gs[kChunk], ys[kChunk];
+            load_chunk(g + j0 + a * kChunk, gs);
+            load_chunk(yr + j0 + a * kChunk, ys);
 #pragma omp simd
-      for (int64_t j = 0; j < N_l; ++j) o[j] = scale_l * yr[j] * (g[j] - s);
-      flush_row(o, out, N_l);
+            for (int k = 0; k < kChunk; ++k) part[a][k] += gs[k] * ys[k];
+          }
+        }
+        for (; j0 < Nc; j0 += kChunk) {
+          A gs[kChunk], ys[kChunk];
+          load_chunk(g + j0, gs);
+          load_chunk(yr + j0, ys);
+#pragma omp simd
+          for (int k = 0; k < kChunk; ++k) part[0][k] += gs[k] * ys[k];
+        }
+#pragma omp simd
+        for (int k = 0; k < kChunk; ++k) part[0][k] += part[1][k] + part[2][k] + part[3][k];
+        for (int w = kChunk / 2; w > 0; w /= 2)  // a tree, not a 16-long chain
+          for (int k = 0; k < w; ++k) part[0][k] += part[0][k + w];
+        s = part[0][0];
+      }
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = Nc; j < N_l; ++j) s += load(g, j) * load(yr, j);
+      if constexpr (kChunkRows<T>) {
+        for (int64_t j0 = 0; j0 < Nc; j0 += kChunk) {
+          A gs[kChunk], ys[kChunk], os[kChunk];
+          load_chunk(g + j0, gs);
+          load_chunk(yr + j0, ys);
+#pragma omp simd
+          for (int k = 0; k < kChunk; ++k) os[k] = scale_l * ys[k] * (gs[k] - s);
+          store_chunk(os, out + j0);
+        }
+      }
+#pragma omp simd
+      for (int64_t j = Nc; j < N_l; ++j) store(out, j, scale_l * load(yr, j) * (load(g, j) - s));
     }
   });
 }
