@@ -5,6 +5,7 @@
 // logits (grad may alias logits): every thread reads and then writes only its own columns, and
 // x_t is read before the first __syncthreads, ahead of any write.
 #include "cuda_common.cuh"
+#include "cuda_launchers.h"  // the definitions below must match these declarations
 
 using namespace minigpt_cuda;
 

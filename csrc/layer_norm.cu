@@ -4,6 +4,7 @@
 // rows; every thread owns a fixed set of columns, so its share of the dweight/dbias partial row
 // is updated without atomics; the caller sums the P partial rows.
 #include "cuda_common.cuh"
+#include "cuda_launchers.h"  // the definitions below must match these declarations
 
 using namespace minigpt_cuda;
 

@@ -4,6 +4,7 @@
 // outputs are contiguous (B, H, T, D). `inverse` rotates by -sin (the backward); see
 // csrc/rope.cpp for the formulas.
 #include "cuda_common.cuh"
+#include "cuda_launchers.h"  // the definitions below must match these declarations
 
 using namespace minigpt_cuda;
 

@@ -5,6 +5,7 @@
 // Causal row r is query i = r % T and keeps columns j < i + N - T + 1; the rest are zeros, and
 // a row that keeps nothing is all zeros. Backward: dx = scale * y * (dy - sum(dy * y)).
 #include "cuda_common.cuh"
+#include "cuda_launchers.h"  // the definitions below must match these declarations
 
 using namespace minigpt_cuda;
 

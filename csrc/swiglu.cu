@@ -1,6 +1,7 @@
 // SwiGLU, silu(gate) * up, CUDA kernels and their extern "C" launchers: grid-stride elementwise
 // loops over the flattened tensors, fp32 math; backward recomputes sigmoid(gate).
 #include "cuda_common.cuh"
+#include "cuda_launchers.h"  // the definitions below must match these declarations
 
 using namespace minigpt_cuda;
 

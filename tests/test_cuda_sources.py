@@ -25,3 +25,41 @@ def test_cu_compiles_for_sm90(path, tmp_path):
                            path, "-o", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, f"nvcc failed on {path}:\n{proc.stderr[-4000:]}"
     assert out.stat().st_size > 0
+
+
+CPP_FILES = [p for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+             if os.path.basename(p) != "module.cpp"]  # module.cpp: only one WITH_CUDA attr
+
+
+def _cuda_include():
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+                 os.path.dirname(os.path.dirname(os.path.realpath(NVCC))) if NVCC else None):
+        if base and os.path.exists(os.path.join(base, "include", "cuda_runtime_api.h")):
+            return os.path.join(base, "include")
+    return None
+
+
+@pytest.mark.skipif(_cuda_include() is None or shutil.which("g++") is None,
+                    reason="needs g++ and CUDA's runtime headers (cuda_runtime_api.h)")
+@pytest.mark.parametrize("path", CPP_FILES, ids=os.path.basename)
+def test_cpp_cuda_branches_compile(path, tmp_path):
+    """The `#ifdef WITH_CUDA` half of each csrc/*.cpp (guards, streams, calls of the .cu
+    launchers) is built only where torch has CUDA, i.e. first on a lent GPU, where a compile
+    error would cost the session its build. Compile it here with -DWITH_CUDA, syntax only,
+    against this torch's headers (a CPU wheel ships c10/cuda's headers but not the one its
+    CMake generates: a stub stands in) and CUDA's runtime headers. C++17, the older standard
+    of the torch versions we support."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    incs = [str(tmp_path)] + include_paths() + [_cuda_include(),
+                                                sysconfig.get_paths()["include"]]
+    cmd = (["g++", "-std=c++17", "-fsyntax-only", "-fopenmp", "-DWITH_CUDA",
+            "-DTORCH_EXTENSION_NAME=_C", "-Wno-c++20-extensions"]
+           + [f"-I{i}" for i in incs] + [path])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{os.path.basename(path)} with -DWITH_CUDA:\n{proc.stderr[-4000:]}"
