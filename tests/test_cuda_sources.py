@@ -1,5 +1,6 @@
-"""Every CUDA file compiles with nvcc for Hopper, so CUDA code is checked on machines without a
-GPU (those cannot build the CUDAExtension, since the CPU torch has no CUDA headers)."""
+"""CUDA code is checked on machines without a GPU, which cannot build the CUDAExtension (the
+CPU torch cannot link CUDA code): every .cu compiles with nvcc for Hopper, and the WITH_CUDA half
+of every .cpp compiles (syntax only) against torch's and CUDA's headers."""
 import glob
 import os
 import shutil
