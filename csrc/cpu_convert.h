@@ -86,15 +86,22 @@ template <> inline void store<c10::Half>(c10::Half* p, int64_t j, float v) {
   p[j].x = static_cast<uint16_t>(o | (sign >> 16));
 }
 
-// Whole rows at once, for the row loops: acc_row gives a row as A (the row itself where T is A,
-// else converted into buf); a loop writes its results to acc_out(row, buf) and flush_row then
-// converts them into the row. For fp16 these are the F16C instructions where the compiler may
-// use them (vcvtph2ps / vcvtps2ph: exact, round to nearest even; GCC 12 does not vectorize
-// the _Float16 casts that would give them): an fp16 row costs one instruction per 8 or 16
-// elements that way, against a dozen for the bit arithmetic above, which left fp16 softmax
-// and LayerNorm 1.3-1.8x behind eager. Builds without F16C (MINIGPT_NATIVE=0, other CPUs)
-// use load()/store(). Only NaN payloads can differ between the two: vcvtps2ph keeps a NaN's
-// top mantissa bits, store() gives the canonical 0x7E00.
+// fp16 rows where the compiler may use F16C (kConvertRows<T>): vcvtph2ps / vcvtps2ph
+// convert 8 or 16 elements an instruction, exactly and rounding to nearest even, against a
+// dozen instructions for the bit arithmetic above (which left fp16 softmax and LayerNorm
+// 1.3-1.8x behind eager). GCC 12 does not vectorize the _Float16 casts that would give them,
+// so they are intrinsics, used on whole rows (load_row / store_row, through a float buffer)
+// or on kChunk elements at a time (load_chunk / store_chunk, see there). Every other type,
+// and fp16 in builds without F16C (MINIGPT_NATIVE=0, other CPUs), loads and stores element
+// by element inside the loops: bf16 is a shift, and a row buffer only added passes (bf16
+// LayerNorm backward ran 1.2x slower through one). Only NaN payloads can differ between the
+// two fp16 routes: vcvtps2ph keeps a NaN's top mantissa bits, store() gives 0x7E00.
+#if defined(__F16C__)
+template <typename T> constexpr bool kConvertRows = std::is_same_v<T, c10::Half>;
+#else
+template <typename T> constexpr bool kConvertRows = false;
+#endif
+
 template <typename T> inline void load_row(const T* src, acc_t<T>* dst, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] = load(src, j);
@@ -132,18 +139,36 @@ template <> inline void store_row<c10::Half>(const float* src, c10::Half* dst, i
   for (; j < n; ++j) store(dst, j, src[j]);
 }
 #endif
+
+// The row loops read a row through in_row and write one through out_row + flush_row, with
+// load()/store() on what these return: where kConvertRows<T>, a float buffer the row was
+// converted into (or that flush_row converts out of), else the row itself.
+template <typename T> using row_t = std::conditional_t<kConvertRows<T>, acc_t<T>, T>;
+template <typename T> inline const row_t<T>* in_row(const T* row, acc_t<T>* buf, int64_t n) {
+  if constexpr (kConvertRows<T>) {
+    load_row(row, buf, n);
+    return buf;
+  } else {
+    return row;
+  }
+}
+template <typename T> inline row_t<T>* out_row(T* row, acc_t<T>* buf) {
+  if constexpr (kConvertRows<T>) return buf;
+  else return row;
+}
+template <typename T> inline void flush_row(const row_t<T>* buf, T* row, int64_t n) {
+  if constexpr (kConvertRows<T>) store_row(buf, row, n);
+}
+
 // kChunk elements at a time, into or out of a small local array, for loops that convert as
 // they go: GCC folds the array's store and load away (the chunk stays in a register), so a
 // loop over chunks compiles to load-convert-compute-convert-store, where whole-row buffers
 // cost a store and a load per element and pass (that left fp16 softmax's backward 1.35x
-// behind ATen's). Only for fp16 with F16C (kChunkRows<T>): other types load and store
-// element by element as fast, and plain-C++ chunk copies do not fold away (GCC copies a
-// float chunk as two 32-byte halves, then reads it back as one 64-byte vector: a store
-// forwarding stall that made fp32 and bf16 2.5-5x slower).
+// behind ATen's). Only where kConvertRows<T>: plain-C++ chunk copies of other types do not
+// fold away (GCC copied a float chunk as two 32-byte halves, then read it back as one 64-byte
+// vector: a store forwarding stall that made fp32 and bf16 2.5-5x slower).
 constexpr int kChunk = 16;
-template <typename T> constexpr bool kChunkRows = false;
 #if defined(__F16C__)
-template <> constexpr bool kChunkRows<c10::Half> = true;
 inline void load_chunk(const c10::Half* src, float* dst) {
 #if defined(__AVX512F__)
   _mm512_storeu_ps(dst, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(
@@ -166,22 +191,6 @@ inline void store_chunk(const float* src, c10::Half* dst) {
 #endif
 }
 #endif
-
-template <typename T> inline const acc_t<T>* acc_row(const T* row, acc_t<T>* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    return row;
-  } else {
-    load_row(row, buf, n);
-    return buf;
-  }
-}
-template <typename T> inline acc_t<T>* acc_out(T* row, acc_t<T>* buf) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) return row;
-  else return buf;
-}
-template <typename T> inline void flush_row(const acc_t<T>* buf, T* row, int64_t n) {
-  if constexpr (!std::is_same_v<T, acc_t<T>>) store_row(buf, row, n);
-}
 
 // exp(x) in plain float arithmetic, so GCC vectorizes it inside `#pragma omp simd` (std::exp
 // is a libm call that vectorizes only under -ffast-math, and then a whole file loses IEEE

@@ -17,20 +17,15 @@ namespace {
 // that sits in L1: the moments, then normalize. The moments are taken about the row's first
 // element K in one pass, var = E[(h-K)^2] - E[h-K]^2: shifting by a value of the row keeps
 // the cancellation that ruins the textbook one-pass formula small (|mean - K| is about one
-// standard deviation, not |mean|). When T is narrower than A, `buf` holds h in A (and then y,
-// in place) and `buf2` the residual; rows go in and out through cpu_convert.h's row
-// conversions.
+// standard deviation, not |mean|). Rows are read and written through cpu_convert.h's
+// in_row / out_row: where T's rows are converted whole (fp16), `buf` holds h in A (then y, in
+// place) and `buf2` the residual.
 template <typename T, typename A>
 void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* buf, A* buf2,
                 int64_t N, A eps, A* mean_out, A* rstd_out) {
-  constexpr bool kWide = std::is_same_v<T, A>;
-  const A* src;
+  const row_t<T>* src;
   if (r) {
-    if constexpr (kWide) {
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) h[j] = x[j] + r[j];
-      src = h;
-    } else {
+    if constexpr (kConvertRows<T>) {
       load_row(x, buf, N);
       load_row(r, buf2, N);
 #pragma omp simd
@@ -38,15 +33,19 @@ void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* b
       store_row(buf, h, N);
       load_row(h, buf, N);  // normalize h as stored, like the unfused model
       src = buf;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) store(h, j, load(x, j) + load(r, j));
+      src = h;  // read back as stored, like the unfused model
     }
   } else {
-    src = acc_row(x, buf, N);
+    src = in_row(x, buf, N);
   }
-  const A K = src[0];
+  const A K = load(src, 0);
   A s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
   for (int64_t j = 0; j < N; ++j) {
-    const A d = src[j] - K;
+    const A d = load(src, j) - K;
     s1 += d;
     s2 += d * d;
   }
@@ -54,13 +53,13 @@ void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* b
   const A mean = K + m1;
   const A var = std::max(s2 / N - m1 * m1, A(0));
   const A rstd = A(1) / std::sqrt(var + eps);
-  A* o = acc_out(y, buf);
+  row_t<T>* o = out_row(y, buf);
   if (b) {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) o[j] = (src[j] - mean) * rstd * w[j] + b[j];
+    for (int64_t j = 0; j < N; ++j) store(o, j, (load(src, j) - mean) * rstd * w[j] + b[j]);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) o[j] = (src[j] - mean) * rstd * w[j];
+    for (int64_t j = 0; j < N; ++j) store(o, j, (load(src, j) - mean) * rstd * w[j]);
   }
   flush_row(o, y, N);
   *mean_out = mean;
@@ -84,8 +83,7 @@ void ln_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& r, const a
   // Grain: enough rows per task to amortize the scheduling, at least one.
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    constexpr bool kWide = std::is_same_v<T, A>;
-    std::vector<A> buf(kWide ? 0 : N), buf2(kWide || !rp ? 0 : N);
+    std::vector<A> buf(kConvertRows<T> ? N : 0), buf2(kConvertRows<T> && rp ? N : 0);
     for (int64_t i = begin; i < end; ++i) {
       ln_fwd_row<T, A>(xp + i * N, rp ? rp + i * N : nullptr, wp, bp, yp + i * N,
                        hp ? hp + i * N : nullptr, buf.data(), buf2.data(), N,
@@ -115,9 +113,9 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
     // alias w. Without it GCC read w[j] with gather instructions (it could not otherwise keep
     // w's loads contiguous across the dw stores), and the backward ran ~35% behind ATen's.
     const A* __restrict wp = w.data_ptr<A>();
-    // Narrower rows are converted to A first (cpu_convert.h); dx is written over g's copy.
-    constexpr bool kWide = std::is_same_v<T, A>;
-    std::vector<A> xbuf(kWide ? 0 : N), gbuf(kWide ? 0 : N), dbuf(kWide || !dhp ? 0 : N);
+    // Rows through cpu_convert.h's in_row / out_row; converted fp16 rows write dx over g's.
+    constexpr bool kConv = kConvertRows<T>;
+    std::vector<A> xbuf(kConv ? N : 0), gbuf(kConv ? N : 0), dbuf(kConv && dhp ? N : 0);
     for (int64_t p = pb; p < pe; ++p) {
       A* __restrict dw = dwp + p * N;
       A* __restrict db = dbp ? dbp + p * N : nullptr;
@@ -125,8 +123,8 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
       if (db) std::fill(db, db + N, A(0));
       const int64_t r0 = p * rows_per, r1 = std::min(M, r0 + rows_per);
       for (int64_t i = r0; i < r1; ++i) {
-        const A* x = acc_row(hp + i * N, xbuf.data(), N);
-        const A* g = acc_row(dyp + i * N, gbuf.data(), N);
+        const row_t<T>* x = in_row(hp + i * N, xbuf.data(), N);
+        const row_t<T>* g = in_row(dyp + i * N, gbuf.data(), N);
         const A mu = mp[i], rs = sp[i];
         A c1 = 0, c2 = 0;
         // xhat and w * dy are recomputed in the second pass rather than stored: the row is
@@ -134,8 +132,8 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
         if (db) {
 #pragma omp simd reduction(+ : c1, c2)
           for (int64_t j = 0; j < N; ++j) {
-            const A gj = g[j];
-            const A xh = (x[j] - mu) * rs;
+            const A gj = load(g, j);
+            const A xh = (load(x, j) - mu) * rs;
             const A wg = wp[j] * gj;
             c1 += xh * wg;
             c2 += wg;
@@ -145,8 +143,8 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
         } else {
 #pragma omp simd reduction(+ : c1, c2)
           for (int64_t j = 0; j < N; ++j) {
-            const A gj = g[j];
-            const A xh = (x[j] - mu) * rs;
+            const A gj = load(g, j);
+            const A xh = (load(x, j) - mu) * rs;
             const A wg = wp[j] * gj;
             c1 += xh * wg;
             c2 += wg;
@@ -156,21 +154,21 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
         c1 /= N;
         c2 /= N;
         T* out = dxp + i * N;
-        A* o = acc_out(out, gbuf.data());
+        row_t<T>* o = out_row(out, gbuf.data());
         if (dhp) {
-          const A* d2 = acc_row(dhp + i * N, dbuf.data(), N);
+          const row_t<T>* d2 = in_row(dhp + i * N, dbuf.data(), N);
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
-            const A xh = (x[j] - mu) * rs;
-            const A wg = wp[j] * g[j];
-            o[j] = (wg - (xh * c1 + c2)) * rs + d2[j];
+            const A xh = (load(x, j) - mu) * rs;
+            const A wg = wp[j] * load(g, j);
+            store(o, j, (wg - (xh * c1 + c2)) * rs + load(d2, j));
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) {
-            const A xh = (x[j] - mu) * rs;
-            const A wg = wp[j] * g[j];
-            o[j] = (wg - (xh * c1 + c2)) * rs;
+            const A xh = (load(x, j) - mu) * rs;
+            const A wg = wp[j] * load(g, j);
+            store(o, j, (wg - (xh * c1 + c2)) * rs);
           }
         }
         flush_row(o, out, N);

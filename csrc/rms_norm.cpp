@@ -12,29 +12,37 @@
 namespace minigpt {
 namespace {
 
-// One row: h = x (+ r), rstd in A, y = h * rstd * w. `buf` holds h in A (and then y, in
-// place, when T is narrower than A), `buf2` the residual; rows go in and out through
-// cpu_convert.h's row conversions.
+// One row: h = x (+ r), rstd in A, y = h * rstd * w. Rows are read and written through
+// cpu_convert.h's in_row / out_row: where T's rows are converted whole (fp16), `buf` holds h
+// in A (then y, in place) and `buf2` the residual.
 template <typename T, typename A>
 void rms_fwd_row(const T* x, const T* r, const A* w, T* y, T* h, A* buf, A* buf2, int64_t N,
                  A eps, A* rstd_out) {
+  const row_t<T>* src;
   if (r) {
-    load_row(x, buf, N);
-    load_row(r, buf2, N);
+    if constexpr (kConvertRows<T>) {
+      load_row(x, buf, N);
+      load_row(r, buf2, N);
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) buf[j] += buf2[j];
-    store_row(buf, h, N);
-    load_row(h, buf, N);  // normalize h as stored, like the unfused model
+      for (int64_t j = 0; j < N; ++j) buf[j] += buf2[j];
+      store_row(buf, h, N);
+      load_row(h, buf, N);  // normalize h as stored, like the unfused model
+      src = buf;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) store(h, j, load(x, j) + load(r, j));
+      src = h;  // read back as stored, like the unfused model
+    }
   } else {
-    load_row(x, buf, N);
+    src = in_row(x, buf, N);
   }
   A ss = 0;
 #pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < N; ++j) ss += buf[j] * buf[j];
+  for (int64_t j = 0; j < N; ++j) ss += load(src, j) * load(src, j);
   const A rstd = A(1) / std::sqrt(ss / N + eps);
-  A* o = acc_out(y, buf);
+  row_t<T>* o = out_row(y, buf);
 #pragma omp simd
-  for (int64_t j = 0; j < N; ++j) o[j] = buf[j] * rstd * w[j];
+  for (int64_t j = 0; j < N; ++j) store(o, j, load(src, j) * rstd * w[j]);
   flush_row(o, y, N);
   *rstd_out = rstd;
 }
@@ -53,7 +61,7 @@ void rms_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& r, const 
   // Grain: enough rows per task to amortize the scheduling, at least one.
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(N), buf2(rp ? N : 0);
+    std::vector<A> buf(kConvertRows<T> ? N : 0), buf2(kConvertRows<T> && rp ? N : 0);
     for (int64_t i = begin; i < end; ++i) {
       rms_fwd_row<T, A>(xp + i * N, rp ? rp + i * N : nullptr, wp, yp + i * N,
                         hp ? hp + i * N : nullptr, buf.data(), buf2.data(), N,
@@ -81,37 +89,36 @@ void rms_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, cons
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
     // __restrict: the dw stores do not alias w (see layer_norm.cpp: GCC gathered w otherwise).
     const A* __restrict wp = w.data_ptr<A>();
-    // Narrower rows are converted to A first (cpu_convert.h), x into xhat and dy into wdy,
-    // then worked on in place; dx is written over xhat.
-    constexpr bool kWide = std::is_same_v<T, A>;
-    std::vector<A> xhat(N), wdy(N), dbuf(kWide || !dhp ? 0 : N);
+    // Rows through cpu_convert.h's in_row / out_row; converted fp16 rows go into xhat and wdy
+    // and are worked on in place there, and dx is written over xhat.
+    std::vector<A> xhat(N), wdy(N), dbuf(kConvertRows<T> && dhp ? N : 0);
     for (int64_t p = pb; p < pe; ++p) {
       A* __restrict dw = dwp + p * N;
       std::fill(dw, dw + N, A(0));
       const int64_t r0 = p * rows_per, r1 = std::min(M, r0 + rows_per);
       for (int64_t i = r0; i < r1; ++i) {
-        const A* x = acc_row(hp + i * N, xhat.data(), N);
-        const A* g = acc_row(dyp + i * N, wdy.data(), N);
+        const row_t<T>* x = in_row(hp + i * N, xhat.data(), N);
+        const row_t<T>* g = in_row(dyp + i * N, wdy.data(), N);
         const A rs = sp[i];
         A c1 = 0;
 #pragma omp simd reduction(+ : c1)
         for (int64_t j = 0; j < N; ++j) {
-          const A gj = g[j];
-          xhat[j] = x[j] * rs;
+          const A gj = load(g, j);
+          xhat[j] = load(x, j) * rs;
           wdy[j] = wp[j] * gj;
           c1 += xhat[j] * wdy[j];
           dw[j] += gj * xhat[j];
         }
         c1 /= N;
         T* out = dxp + i * N;
-        A* o = acc_out(out, xhat.data());
+        row_t<T>* o = out_row(out, xhat.data());
         if (dhp) {
-          const A* d2 = acc_row(dhp + i * N, dbuf.data(), N);
+          const row_t<T>* d2 = in_row(dhp + i * N, dbuf.data(), N);
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) o[j] = (wdy[j] - xhat[j] * c1) * rs + d2[j];
+          for (int64_t j = 0; j < N; ++j) store(o, j, (wdy[j] - xhat[j] * c1) * rs + load(d2, j));
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) o[j] = (wdy[j] - xhat[j] * c1) * rs;
+          for (int64_t j = 0; j < N; ++j) store(o, j, (wdy[j] - xhat[j] * c1) * rs);
         }
         flush_row(o, out, N);
       }

@@ -60,22 +60,24 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         e = buf.data() + shift / sizeof(A);
       }
       const int64_t L = row_len(r, N_l, Tq_l, causal_l);
-      // z: x as A. Narrower rows are converted into e first, then worked on in place there.
-      const A* z = acc_row(xr, e, L);
+      // z: the row to read (cpu_convert.h's in_row): x itself, or for fp16 with F16C x
+      // converted into e, worked on in place there.
+      const row_t<T>* z = in_row(xr, e, L);
       A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < L; ++j) m = std::max(m, z[j] * scale_l);
+      for (int64_t j = 0; j < L; ++j) m = std::max(m, load(z, j) * scale_l);
       if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
       A sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < L; ++j) {
-        e[j] = exp_acc<A>(z[j] * scale_l - m);
+        e[j] = exp_acc<A>(load(z, j) * scale_l - m);
         sum += e[j];
       }
       const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros
+      row_t<T>* o = out_row(yr, e);
 #pragma omp simd
-      for (int64_t j = 0; j < L; ++j) e[j] *= inv;
-      flush_row(e, yr, L);
+      for (int64_t j = 0; j < L; ++j) store(o, j, e[j] * inv);
+      flush_row(o, yr, L);
       for (int64_t j = L; j < N_l; ++j) yr[j] = static_cast<T>(0);
     }
   });
@@ -95,13 +97,13 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
     const int64_t N_l = N;
     // fp16 rows (with F16C) go chunk by chunk up to Nc, converting as they go (cpu_convert.h's
     // load_chunk / store_chunk); the rest, and every row of other types, element by element.
-    const int64_t Nc = kChunkRows<T> ? N_l / kChunk * kChunk : 0;
+    const int64_t Nc = kConvertRows<T> ? N_l / kChunk * kChunk : 0;
     for (int64_t r = begin; r < end; ++r) {
       const T* g = dyp + r * N_l;
       const T* yr = yp + r * N_l;
       T* out = dxp + r * N_l;
       A s = 0;
-      if constexpr (kChunkRows<T>) {
+      if constexpr (kConvertRows<T>) {
         // Four sums (registers), so that an FMA does not wait for the previous one.
         constexpr int kSums = 4;
         A part[kSums][kChunk] = {};
@@ -130,7 +132,7 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
       }
 #pragma omp simd reduction(+ : s)
       for (int64_t j = Nc; j < N_l; ++j) s += load(g, j) * load(yr, j);
-      if constexpr (kChunkRows<T>) {
+      if constexpr (kConvertRows<T>) {
         for (int64_t j0 = 0; j0 < Nc; j0 += kChunk) {
           A gs[kChunk], ys[kChunk], os[kChunk];
           load_chunk(g + j0, gs);
