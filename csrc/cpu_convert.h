@@ -192,6 +192,25 @@ inline void store_chunk(const float* src, c10::Half* dst) {
 }
 #endif
 
+// dst = src * scale, converted: softmax's last pass. fp16 (F16C) in chunks, so the product
+// is converted in registers instead of going back through the float row.
+template <typename T>
+inline void store_row_scaled(const acc_t<T>* src, acc_t<T> scale, T* dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__F16C__)
+  if constexpr (kConvertRows<T>) {
+    for (; j + kChunk <= n; j += kChunk) {
+      float c[kChunk];
+#pragma omp simd
+      for (int k = 0; k < kChunk; ++k) c[k] = src[j + k] * scale;
+      store_chunk(c, dst + j);
+    }
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = j; i < n; ++i) store(dst, i, src[i] * scale);
+}
+
 // exp(x) in plain float arithmetic, so GCC vectorizes it inside `#pragma omp simd` (std::exp
 // is a libm call that vectorizes only under -ffast-math, and then a whole file loses IEEE
 // semantics). Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, Cody-Waite, so

@@ -60,12 +60,30 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         e = buf.data() + shift / sizeof(A);
       }
       const int64_t L = row_len(r, N_l, Tq_l, causal_l);
-      // z: the row to read (cpu_convert.h's in_row): x itself, or for fp16 with F16C x
-      // converted into e, worked on in place there.
-      const row_t<T>* z = in_row(xr, e, L);
+      // z: the row to read: x itself, or for fp16 with F16C (cpu_convert.h's kConvertRows)
+      // x converted into e chunk by chunk, its max taken on the way, then worked on in place.
+      const row_t<T>* z;
       A m = -std::numeric_limits<A>::infinity();
+      int64_t j1 = 0;  // columns before j1 are in m already
+#if defined(__F16C__)
+      if constexpr (kConvertRows<T>) {
+        A mk[kChunk];
+        std::fill(mk, mk + kChunk, m);
+        for (; j1 + kChunk <= L; j1 += kChunk) {
+          load_chunk(xr + j1, e + j1);
+#pragma omp simd
+          for (int k = 0; k < kChunk; ++k) mk[k] = std::max(mk[k], e[j1 + k] * scale_l);
+        }
+        for (int k = 0; k < kChunk; ++k) m = std::max(m, mk[k]);
+        load_row(xr + j1, e + j1, L - j1);
+        z = e;
+      } else
+#endif
+      {
+        z = xr;
+      }
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < L; ++j) m = std::max(m, load(z, j) * scale_l);
+      for (int64_t j = j1; j < L; ++j) m = std::max(m, load(z, j) * scale_l);
       if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
       A sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -74,10 +92,7 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         sum += e[j];
       }
       const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros
-      row_t<T>* o = out_row(yr, e);
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j) store(o, j, e[j] * inv);
-      flush_row(o, yr, L);
+      store_row_scaled(e, inv, yr, L);
       for (int64_t j = L; j < N_l; ++j) yr[j] = static_cast<T>(0);
     }
   });
