@@ -94,13 +94,15 @@ LIMITS="prepare=300 build=420 test=540 tune=420 ops=420 attention=420 training_o
 generate=300 train=540 quality=540"
 limit_of() { for kv in $LIMITS; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 
-[ "$*" = prepare ] || install_carried
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
+for stage in "$@"; do  # refuse a misspelt stage before anything runs
+    [ -n "$(limit_of "$stage")" ] || { echo "unknown stage '$stage' (prepare build test tune" \
+        "ops attention training_ops generate bench train quality)"; exit 2; }
+done
+[ "$*" = prepare ] || install_carried
 summary=""
 for stage in "$@"; do
     lim=$(limit_of "$stage")
-    [ -n "$lim" ] || { echo "unknown stage '$stage' (prepare build test tune ops attention" \
-        "training_ops generate bench train quality)"; exit 2; }
     echo "=== $stage (limit ${lim}s) $(date -u +%H:%M:%S)"
     start=$SECONDS
     # timeout(1) cannot run a shell function: the script re-enters itself for the one stage.
