@@ -35,10 +35,11 @@ from minigpt import _backend, ops  # noqa: E402
 OPS = ("layer_norm", "add_layer_norm", "softmax")
 
 # (rows, cols, dtype). CPU: the goal shape 4096x1024 fp32 plus a smaller and a larger one for
-# the bandwidth plot, and bf16 once. GPU: fp32 and bf16, up to sizes far beyond the L2 cache.
+# the bandwidth plot, and bf16 and fp16 once. GPU: fp32 and bf16, up to sizes far beyond the L2 cache.
 SHAPES = {
     ("cpu", False): [(1024, 1024, torch.float32), (4096, 1024, torch.float32),
-                     (4096, 4096, torch.float32), (4096, 1024, torch.bfloat16)],
+                     (4096, 4096, torch.float32), (4096, 1024, torch.bfloat16),
+                     (4096, 1024, torch.float16)],
     ("cpu", True): [(4096, 1024, torch.float32)],
     ("cuda", False): [(m, n, dt) for dt in (torch.bfloat16, torch.float32)
                       for m, n in ((4096, 1024), (16384, 1024), (8192, 4096), (16384, 8192),
