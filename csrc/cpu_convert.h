@@ -86,20 +86,21 @@ template <> inline void store<c10::Half>(c10::Half* p, int64_t j, float v) {
   p[j].x = static_cast<uint16_t>(o | (sign >> 16));
 }
 
-// fp16 rows where the compiler may use F16C (kConvertRows<T>): vcvtph2ps / vcvtps2ph
-// convert 8 or 16 elements an instruction, exactly and rounding to nearest even, against a
-// dozen instructions for the bit arithmetic above (which left fp16 softmax and LayerNorm
-// 1.3-1.8x behind eager). GCC 12 does not vectorize the _Float16 casts that would give them,
-// so they are intrinsics, used on whole rows (load_row / store_row, through a float buffer)
-// or on kChunk elements at a time (load_chunk / store_chunk, see there). Every other type,
-// and fp16 in builds without F16C (MINIGPT_NATIVE=0, other CPUs), loads and stores element
-// by element inside the loops: bf16 is a shift, and a row buffer only added passes (bf16
-// LayerNorm backward ran 1.2x slower through one). Only NaN payloads can differ between the
-// two fp16 routes: vcvtps2ph keeps a NaN's top mantissa bits, store() gives 0x7E00.
-#if defined(__F16C__)
+// fp16 rows are converted whole (kConvertRows<T>): load_row / store_row, through a float
+// buffer, where the compiler may use F16C with its instructions (vcvtph2ps / vcvtps2ph: 8 or
+// 16 elements an instruction, exact, round to nearest even; GCC 12 does not vectorize the
+// _Float16 casts that would give them), else with load()/store()'s bit arithmetic, a dozen
+// instructions an element that are then paid once per row instead of once per pass. With
+// F16C they also convert kChunk elements at a time (kConvertChunks<T>, load_chunk /
+// store_chunk below). Every other type loads and stores element by element inside the row
+// loops: bf16 is a shift, and a row buffer only added passes (bf16 LayerNorm backward ran
+// 1.2x slower through one). Only NaN payloads can differ between F16C and the bit arithmetic:
+// vcvtps2ph keeps a NaN's top mantissa bits, store() gives 0x7E00.
 template <typename T> constexpr bool kConvertRows = std::is_same_v<T, c10::Half>;
+#if defined(__F16C__)
+template <typename T> constexpr bool kConvertChunks = std::is_same_v<T, c10::Half>;
 #else
-template <typename T> constexpr bool kConvertRows = false;
+template <typename T> constexpr bool kConvertChunks = false;
 #endif
 
 template <typename T> inline void load_row(const T* src, acc_t<T>* dst, int64_t n) {
@@ -164,7 +165,7 @@ template <typename T> inline void flush_row(const row_t<T>* buf, T* row, int64_t
 // they go: GCC folds the array's store and load away (the chunk stays in a register), so a
 // loop over chunks compiles to load-convert-compute-convert-store, where whole-row buffers
 // cost a store and a load per element and pass (that left fp16 softmax's backward 1.35x
-// behind ATen's). Only where kConvertRows<T>: plain-C++ chunk copies of other types do not
+// behind ATen's). Only where kConvertChunks<T>: plain-C++ chunk copies of other types do not
 // fold away (GCC copied a float chunk as two 32-byte halves, then read it back as one 64-byte
 // vector: a store forwarding stall that made fp32 and bf16 2.5-5x slower).
 constexpr int kChunk = 16;
@@ -198,7 +199,7 @@ template <typename T>
 inline void store_row_scaled(const acc_t<T>* src, acc_t<T> scale, T* dst, int64_t n) {
   int64_t j = 0;
 #if defined(__F16C__)
-  if constexpr (kConvertRows<T>) {
+  if constexpr (kConvertChunks<T>) {
     for (; j + kChunk <= n; j += kChunk) {
       float c[kChunk];
 #pragma omp simd
@@ -236,13 +237,34 @@ inline float exp_poly(float x) {
   return p * pow2n;
 }
 constexpr float kExpLo = -87.33654f, kExpHi = 88.37626f;
-// Any x: below the range 0, above it saturated at exp(88.38) instead of inf.
+// Below the range 0; exp_vec saturates above it at exp(88.38) instead of inf; exp_nonpos
+// takes x <= 0 (a value minus its row's max, as in softmax and cross-entropy): no upper clamp.
+#if defined(__AVX512F__)
+// AVX-512 vectorizes the `?:` with masked operations, a few % faster than the masks below.
 inline float exp_vec(float x) {
   return x < kExpLo ? 0.0f : exp_poly(std::min(std::max(x, kExpLo), kExpHi));
 }
-inline double exp_vec(double x) { return std::exp(x); }  // float64 is for gradcheck
-// x <= 0 (a value minus its row's max, as in softmax and cross-entropy): no upper clamp.
 inline float exp_nonpos(float x) { return x < kExpLo ? 0.0f : exp_poly(std::max(x, kExpLo)); }
+#else
+// Without AVX-512 the clamp and the zero are bit masks (all_ones_if), not `?:` / std::max:
+// given `x < lo ? lo : x`, GCC 12 computed exp_poly(lo) at compile time and branched around
+// the polynomial for the other case, and (floating-point ops may trap) only masked vector
+// operations vectorize that: in AVX2 builds softmax's exp loop ran scalar, 3.5x behind eager
+// for every dtype.
+inline float select_bits(uint32_t mask, float a, float b) {  // mask ? a : b, lane by lane
+  return f32_from_bits((f32_bits(a) & mask) | (f32_bits(b) & ~mask));
+}
+inline float exp_vec(float x) {
+  const uint32_t below = all_ones_if(x < kExpLo);
+  const float xc = select_bits(all_ones_if(x > kExpHi), kExpHi, select_bits(below, kExpLo, x));
+  return select_bits(below, 0.0f, exp_poly(xc));
+}
+inline float exp_nonpos(float x) {
+  const uint32_t below = all_ones_if(x < kExpLo);
+  return select_bits(below, 0.0f, exp_poly(select_bits(below, kExpLo, x)));
+}
+#endif
+inline double exp_vec(double x) { return std::exp(x); }  // float64 is for gradcheck
 inline double exp_nonpos(double x) { return std::exp(x); }
 
 }  // namespace minigpt

@@ -60,13 +60,13 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         e = buf.data() + shift / sizeof(A);
       }
       const int64_t L = row_len(r, N_l, Tq_l, causal_l);
-      // z: the row to read: x itself, or for fp16 with F16C (cpu_convert.h's kConvertRows)
-      // x converted into e chunk by chunk, its max taken on the way, then worked on in place.
+      // z: the row to read: x itself, or for fp16 (cpu_convert.h's kConvertRows) x converted
+      // into e, worked on in place there; with F16C chunk by chunk, the max taken on the way.
       const row_t<T>* z;
       A m = -std::numeric_limits<A>::infinity();
       int64_t j1 = 0;  // columns before j1 are in m already
 #if defined(__F16C__)
-      if constexpr (kConvertRows<T>) {
+      if constexpr (kConvertChunks<T>) {
         A mk[kChunk];
         std::fill(mk, mk + kChunk, m);
         for (; j1 + kChunk <= L; j1 += kChunk) {
@@ -80,7 +80,7 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
       } else
 #endif
       {
-        z = xr;
+        z = in_row(xr, e, L);
       }
 #pragma omp simd reduction(max : m)
       for (int64_t j = j1; j < L; ++j) m = std::max(m, load(z, j) * scale_l);
@@ -112,13 +112,13 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
     const int64_t N_l = N;
     // fp16 rows (with F16C) go chunk by chunk up to Nc, converting as they go (cpu_convert.h's
     // load_chunk / store_chunk); the rest, and every row of other types, element by element.
-    const int64_t Nc = kConvertRows<T> ? N_l / kChunk * kChunk : 0;
+    const int64_t Nc = kConvertChunks<T> ? N_l / kChunk * kChunk : 0;
     for (int64_t r = begin; r < end; ++r) {
       const T* g = dyp + r * N_l;
       const T* yr = yp + r * N_l;
       T* out = dxp + r * N_l;
       A s = 0;
-      if constexpr (kConvertRows<T>) {
+      if constexpr (kConvertChunks<T>) {
         // Four sums (registers), so that an FMA does not wait for the previous one.
         constexpr int kSums = 4;
         A part[kSums][kChunk] = {};
@@ -147,7 +147,7 @@ void softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, 
       }
 #pragma omp simd reduction(+ : s)
       for (int64_t j = Nc; j < N_l; ++j) s += load(g, j) * load(yr, j);
-      if constexpr (kConvertRows<T>) {
+      if constexpr (kConvertChunks<T>) {
         for (int64_t j0 = 0; j0 < Nc; j0 += kChunk) {
           A gs[kChunk], ys[kChunk], os[kChunk];
           load_chunk(g + j0, gs);
