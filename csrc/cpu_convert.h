@@ -161,6 +161,27 @@ template <typename T> inline void flush_row(const row_t<T>* buf, T* row, int64_t
   if constexpr (kConvertRows<T>) store_row(buf, row, n);
 }
 
+// The fused residual of the norms: h = x + r, stored in T, and the row the norm then reads:
+// h as stored (rounded to T, like the unfused model's `x + r`), through buf where rows are
+// converted. buf2 is scratch for r.
+template <typename T>
+inline const row_t<T>* residual_row(const T* x, const T* r, T* h, acc_t<T>* buf,
+                                    acc_t<T>* buf2, int64_t n) {
+  if constexpr (kConvertRows<T>) {
+    load_row(x, buf, n);
+    load_row(r, buf2, n);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) buf[j] += buf2[j];
+    store_row(buf, h, n);
+    load_row(h, buf, n);
+    return buf;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) store(h, j, load(x, j) + load(r, j));
+    return h;
+  }
+}
+
 // kChunk elements at a time, into or out of a small local array, for loops that convert as
 // they go: GCC folds the array's store and load away (the chunk stays in a register), so a
 // loop over chunks compiles to load-convert-compute-convert-store, where whole-row buffers

@@ -23,24 +23,7 @@ namespace {
 template <typename T, typename A>
 void ln_fwd_row(const T* x, const T* r, const A* w, const A* b, T* y, T* h, A* buf, A* buf2,
                 int64_t N, A eps, A* mean_out, A* rstd_out) {
-  const row_t<T>* src;
-  if (r) {
-    if constexpr (kConvertRows<T>) {
-      load_row(x, buf, N);
-      load_row(r, buf2, N);
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) buf[j] += buf2[j];
-      store_row(buf, h, N);
-      load_row(h, buf, N);  // normalize h as stored, like the unfused model
-      src = buf;
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) store(h, j, load(x, j) + load(r, j));
-      src = h;  // read back as stored, like the unfused model
-    }
-  } else {
-    src = in_row(x, buf, N);
-  }
+  const row_t<T>* src = r ? residual_row(x, r, h, buf, buf2, N) : in_row(x, buf, N);
   const A K = load(src, 0);
   A s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
