@@ -373,7 +373,7 @@ def _decode_combine_kernel(OP, LSEP, O, D, NSPLIT,
 
 # Tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel ("fwd", "dkdv", "dq"). BLOCK_M
 # counts queries and BLOCK_N keys in all three. The defaults below were chosen without a GPU
-# to timing them: each compiles for sm_90 within the 227 KiB of shared memory and without
+# to time them: each compiles for sm_90 within the 227 KiB of shared memory and without
 # register spills, or with the fewest found (tests/test_triton_compile.py prints the table).
 # benchmarks/tune_attention.py times alternatives on a GPU and writes the fastest to
 # attention_tuned.json beside this file, whose entries take precedence.
@@ -513,7 +513,7 @@ def decode_blocks(D, rep, split_len, dtype, device):
     elements for 16 query rows, half that for 32 (BLOCK_N 32 at 128, 16 at 256 or at 128 with
     32 rows), and fp32 launches 8 warps above 2048 query-row x head-dim elements: no spills
     (see tests/test_triton_compile.py)."""
-    BD = max(16, triton.next_power_of_2(D))
+    BD = _block_d(D)
     BH = max(16, triton.next_power_of_2(rep))
     if device.type != "cuda":
         BN = 32
