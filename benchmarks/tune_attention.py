@@ -155,7 +155,8 @@ class Point:
 
 
 def tune_point(point, cands, device, budget_s, dkdv_tiles=None):
-    """-> (rows for every candidate, the winning tiles or None)."""
+    """-> (a row for every candidate, the winning tiles, {"ms", "default_ms"}); the last two
+    are None when no candidate passed the check."""
     fns, rows = {}, []
     for c in cands:
         why = point.check(c, dkdv_tiles)
