@@ -111,32 +111,52 @@ template <typename T> inline void store_row(const acc_t<T>* src, T* dst, int64_t
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) store(dst, j, src[j]);
 }
+
+// kChunk elements at a time, into or out of a small local array, for loops that convert as
+// they go: GCC folds the array's store and load away (the chunk stays in a register), so a
+// loop over chunks compiles to load-convert-compute-convert-store, where whole-row buffers
+// cost a store and a load per element and pass (that left fp16 softmax's backward 1.35x
+// behind ATen's). Only where kConvertChunks<T>: plain-C++ chunk copies of other types do not
+// fold away (GCC copied a float chunk as two 32-byte halves, then read it back as one 64-byte
+// vector: a store forwarding stall that made fp32 and bf16 2.5-5x slower).
+constexpr int kChunk = 16;
 #if defined(__F16C__)
-template <> inline void load_row<c10::Half>(const c10::Half* src, float* dst, int64_t n) {
-  int64_t j = 0;
+constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+inline void load8(const c10::Half* src, float* dst) {
+  _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+}
+inline void store8(const float* src, c10::Half* dst) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(_mm256_loadu_ps(src), kRne));
+}
+inline void load_chunk(const c10::Half* src, float* dst) {
 #if defined(__AVX512F__)
   // The maskz forms with every lane set are the plain instructions; the plain intrinsics
   // make GCC 12 warn (-Wmaybe-uninitialized) about their _mm512_undefined_* operand.
-  for (; j + 16 <= n; j += 16)
-    _mm512_storeu_ps(dst + j, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(
-                                  reinterpret_cast<const __m256i*>(src + j))));
+  _mm512_storeu_ps(dst, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(src))));
+#else
+  for (int k = 0; k < kChunk; k += 8) load8(src + k, dst + k);
 #endif
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j,
-                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+}
+inline void store_chunk(const float* src, c10::Half* dst) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(src), kRne));
+#else
+  for (int k = 0; k < kChunk; k += 8) store8(src + k, dst + k);
+#endif
+}
+
+template <> inline void load_row<c10::Half>(const c10::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) load_chunk(src + j, dst + j);
+  for (; j + 8 <= n; j += 8) load8(src + j, dst + j);
   for (; j < n; ++j) dst[j] = load(src, j);
 }
 template <> inline void store_row<c10::Half>(const float* src, c10::Half* dst, int64_t n) {
-  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int64_t j = 0;
-#if defined(__AVX512F__)
-  for (; j + 16 <= n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                        _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(src + j), kRne));
-#endif
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), kRne));
+  for (; j + kChunk <= n; j += kChunk) store_chunk(src + j, dst + j);
+  for (; j + 8 <= n; j += 8) store8(src + j, dst + j);
   for (; j < n; ++j) store(dst, j, src[j]);
 }
 #endif
@@ -181,38 +201,6 @@ inline const row_t<T>* residual_row(const T* x, const T* r, T* h, acc_t<T>* buf,
     return h;
   }
 }
-
-// kChunk elements at a time, into or out of a small local array, for loops that convert as
-// they go: GCC folds the array's store and load away (the chunk stays in a register), so a
-// loop over chunks compiles to load-convert-compute-convert-store, where whole-row buffers
-// cost a store and a load per element and pass (that left fp16 softmax's backward 1.35x
-// behind ATen's). Only where kConvertChunks<T>: plain-C++ chunk copies of other types do not
-// fold away (GCC copied a float chunk as two 32-byte halves, then read it back as one 64-byte
-// vector: a store forwarding stall that made fp32 and bf16 2.5-5x slower).
-constexpr int kChunk = 16;
-#if defined(__F16C__)
-inline void load_chunk(const c10::Half* src, float* dst) {
-#if defined(__AVX512F__)
-  _mm512_storeu_ps(dst, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(
-                            reinterpret_cast<const __m256i*>(src))));
-#else
-  for (int k = 0; k < kChunk; k += 8)
-    _mm256_storeu_ps(dst + k,
-                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
-#endif
-}
-inline void store_chunk(const float* src, c10::Half* dst) {
-  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-#if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(src), kRne));
-#else
-  for (int k = 0; k < kChunk; k += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + k), kRne));
-#endif
-}
-#endif
 
 // dst = src * scale, converted: softmax's last pass. fp16 (F16C) in chunks, so the product
 // is converted in registers instead of going back through the float row.
