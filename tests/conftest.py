@@ -43,3 +43,13 @@ def _no_env_backend(monkeypatch):
     # A MINIGPT_BACKEND in the developer's shell must not change what the tests exercise.
     monkeypatch.delenv("MINIGPT_BACKEND", raising=False)
     yield
+
+
+@pytest.fixture(scope="session")
+def cuda_emu(tmp_path_factory):
+    """csrc/*.cu built for the CPU CUDA emulator (tests/cuda_emu): the CUDA kernels' numbers are
+    checked on every machine, not only where a GPU is."""
+    from tests.cuda_emu import build
+    lib = build.build(tmp_path_factory.mktemp("cuda_emu"),
+                      extra=[build.HERE / "selftest.cu"])
+    return build.Emulator(lib)

@@ -1,0 +1,3 @@
+// See cuda_runtime.h: the emulator defines the bf16 type there.
+#pragma once
+#include "cuda_runtime.h"

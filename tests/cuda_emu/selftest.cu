@@ -1,0 +1,126 @@
+// Kernels that check the emulator itself (tests/test_cuda_emu.py): shuffles, barriers, launch
+// limits, and the misuses it must refuse. Built only into the emulator library.
+#include <stdint.h>
+
+#include "cuda_common.cuh"
+
+using namespace minigpt_cuda;
+
+namespace {
+
+// out[t] = value lane `src` of t's warp held, for each shuffle flavour (`kind`).
+__global__ void shuffle_kernel(int* out, int kind, int arg) {
+  const int t = threadIdx.x, v = 1000 + t;
+  int r = 0;
+  switch (kind) {
+    case 0: r = __shfl_sync(0xffffffffu, v, arg); break;
+    case 1: r = __shfl_xor_sync(0xffffffffu, v, arg); break;
+    case 2: r = __shfl_down_sync(0xffffffffu, v, (unsigned)arg); break;
+    case 3: r = __shfl_up_sync(0xffffffffu, v, (unsigned)arg); break;
+    case 4: r = __shfl_xor_sync(0xffffffffu, v, arg, 8); break;  // width 8 segments
+  }
+  out[t] = r;
+}
+
+// Block-wide reverse through shared memory: needs the barrier between write and read.
+__global__ void reverse_kernel(const float* in, float* out) {
+  __shared__ float buf[1024];
+  const int t = threadIdx.x, n = blockDim.x;
+  buf[t] = in[blockIdx.x * n + t];
+  __syncthreads();
+  out[blockIdx.x * n + t] = buf[n - 1 - t];
+}
+
+// Dynamic shared memory, with threads that exit before the barrier (allowed on the GPU).
+__global__ void dyn_smem_kernel(float* out, int live) {
+  extern __shared__ float s[];
+  const int t = threadIdx.x;
+  if (t >= live) return;
+  s[t] = (float)(t * t);
+  __syncthreads();
+  out[t] = s[live - 1 - t];
+}
+
+// Reads dynamic shared memory nobody wrote: NaN in the emulator.
+__global__ void uninit_smem_kernel(float* out) {
+  extern __shared__ float s[];
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Misuse: the two halves of the block wait at different __syncthreads (undefined in CUDA).
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1.f;
+}
+
+// Misuse: a lane leaves while the rest of its warp shuffles.
+__global__ void exited_lane_kernel(float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
+__global__ void noop_kernel() {}
+
+template <typename T>
+__global__ void convert_kernel(const float* in, T* out, float* back, int64_t n) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  out[i] = from_f<T>(in[i]);
+  back[i] = to_f(out[i]);
+}
+
+template <typename T>
+void launch_convert(const float* in, void* out, float* back, int64_t n) {
+  convert_kernel<T><<<(unsigned)((n + 255) / 256), 256>>>(in, (T*)out, back, n);
+}
+
+}  // namespace
+
+extern "C" int emu_test_shuffle(int* out, int threads, int kind, int arg) {
+  shuffle_kernel<<<1, threads>>>(out, kind, arg);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_reverse(const float* in, float* out, int blocks, int threads) {
+  reverse_kernel<<<blocks, threads>>>(in, out);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_dyn_smem(float* out, int threads, int live, int64_t smem, int opt_in) {
+  if (opt_in) {
+    cudaError_t e = cudaFuncSetAttribute(dyn_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+    if (e != cudaSuccess) return (int)e;
+  }
+  dyn_smem_kernel<<<1, threads, (size_t)smem>>>(out, live);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_uninit_smem(float* out, int threads) {
+  uninit_smem_kernel<<<1, threads, threads * sizeof(float)>>>(out);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_divergent_barrier(float* out) {
+  divergent_barrier_kernel<<<1, 32>>>(out);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_exited_lane(float* out) {
+  exited_lane_kernel<<<1, 32>>>(out);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_launch(int gx, int gy, int threads) {
+  noop_kernel<<<dim3(gx, gy), threads>>>();
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_convert(const float* in, void* out, float* back, int64_t n, int dtype) {
+  MINIGPT_DISPATCH_DTYPE(dtype, launch_convert, in, out, back, n);
+  return (int)cudaGetLastError();
+}
