@@ -70,6 +70,19 @@ def test_syncthreads_orders_shared_memory(cuda_emu, threads):
     assert torch.equal(out, x.flip(1))
 
 
+@pytest.mark.parametrize("block", [0, 1])
+def test_missing_barrier_gives_wrong_results(cuda_emu, block):
+    # Without the __syncthreads, a warp reads slots another warp has not written yet: in even
+    # blocks the last warp runs first, in odd blocks the first one does; both must go wrong.
+    f = _fn(cuda_emu, "emu_test_racy_reverse", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_int)
+    x = torch.randn(2, 64)
+    out = torch.empty_like(x)
+    assert f(x.data_ptr(), out.data_ptr(), 2, 64) == 0, _message(cuda_emu)
+    wrong = out[block] != x[block].flip(0)
+    assert wrong.any()
+
+
 def test_dynamic_shared_memory_and_exited_threads(cuda_emu):
     f = _fn(cuda_emu, "emu_test_dyn_smem", ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
             ctypes.c_int64, ctypes.c_int)

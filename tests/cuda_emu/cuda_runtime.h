@@ -8,20 +8,23 @@
 // dynamic shared memory. Everything else is the kernel source as nvcc sees it.
 //
 // How it runs (cuda_emu.cpp): every CUDA thread of a block is a fiber with its own stack, on one
-// OS thread. A fiber runs until it reaches __syncthreads, __syncwarp or a __shfl_*_sync, then the
-// scheduler moves on. __syncthreads releases once every live thread of the block is waiting at
-// one; a warp-level call releases once all 32 lanes of the warp wait at the same call (a
-// shuffle's value is taken from its source lane at that moment). Anything else -- threads of a
-// warp at different barriers, a lane that returned while its warp shuffles -- is a deadlock or
-// undefined behaviour on a GPU, and the emulator fails the launch and says where. Blocks run one
-// after another, so `__shared__` variables are plain statics; dynamic shared memory starts
-// filled with NaN bytes each block, so reading a slot nobody wrote shows up in the results.
-// Launches are synchronous and checked against the H100's limits (1024 threads, grid y/z 65535,
-// 48 KiB of dynamic shared memory unless the kernel opted in, 227 KiB at most).
+// OS thread. A fiber runs until it reaches __syncthreads, __syncwarp or a __shfl_*_sync. A
+// warp-level call completes once all 32 lanes of the warp wait at the same call (a shuffle's
+// value is taken from its source lane at that moment); __syncthreads once every live thread of
+// the block waits at the same one. Anything else -- threads of a warp at different calls, a lane
+// that returned while its warp shuffles, two halves of a block at different barriers -- hangs or
+// is undefined on a GPU, and the emulator fails the launch and says where. Each warp runs as far
+// as it can before the next one starts (last warp first in even blocks, first warp first in odd
+// ones), so a missing barrier between one warp's shared-memory write and another's read, either
+// way round, gives wrong numbers. Blocks run one after another, so `__shared__` variables are
+// plain statics; dynamic shared memory starts filled with NaN bytes each block, so reading a
+// slot nobody wrote shows up in the results. Launches are synchronous and checked against the
+// H100's limits (1024 threads, grid y/z 65535, 48 KiB of dynamic shared memory unless the
+// kernel opted in, 227 KiB at most).
 //
-// Not modelled: the memory model between barriers (a fiber runs alone until it syncs, so a
-// missing __syncthreads before reading another thread's shared write can go unnoticed), the
-// fast-math intrinsics' lower accuracy (__expf is expf here), timing.
+// Not modelled: races between lanes of one warp (they run one after another between warp-level
+// calls: a missing __syncwarp can go unnoticed), the fast-math intrinsics' lower accuracy
+// (__expf is expf here), timing.
 #pragma once
 
 #include <math.h>

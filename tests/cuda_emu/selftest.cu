@@ -31,6 +31,14 @@ __global__ void reverse_kernel(const float* in, float* out) {
   out[blockIdx.x * n + t] = buf[n - 1 - t];
 }
 
+// The same without the barrier: a race the emulator's warp order must expose.
+__global__ void racy_reverse_kernel(const float* in, float* out) {
+  __shared__ float buf[1024];
+  const int t = threadIdx.x, n = blockDim.x;
+  buf[t] = in[blockIdx.x * n + t];
+  out[blockIdx.x * n + t] = buf[n - 1 - t];
+}
+
 // Dynamic shared memory, with threads that exit before the barrier (allowed on the GPU).
 __global__ void dyn_smem_kernel(float* out, int live) {
   extern __shared__ float s[];
@@ -87,6 +95,11 @@ extern "C" int emu_test_shuffle(int* out, int threads, int kind, int arg) {
 
 extern "C" int emu_test_reverse(const float* in, float* out, int blocks, int threads) {
   reverse_kernel<<<blocks, threads>>>(in, out);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_racy_reverse(const float* in, float* out, int blocks, int threads) {
+  racy_reverse_kernel<<<blocks, threads>>>(in, out);
   return (int)cudaGetLastError();
 }
 

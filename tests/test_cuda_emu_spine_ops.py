@@ -1,0 +1,149 @@
+"""csrc/layer_norm.cu and csrc/softmax.cu run through the CPU CUDA emulator (tests/cuda_emu),
+called as the WITH_CUDA branches of csrc/layer_norm.cpp and csrc/softmax.cpp call them, against
+the reference: forward and backward, every dtype, odd widths, every branch of the kernels."""
+import pytest
+import torch
+
+from minigpt import reference as R
+from tests._tol import assert_close
+from tests.cuda_emu import build as B
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
+H100_SMS = 132
+
+
+def _p_rows(M):
+    return max(1, min(M, 4 * H100_SMS))  # csrc/common.h row_blocks on a GPU
+
+
+def ln_fwd(emu, x, w, b, r, eps=1e-5):
+    M, N = x.shape
+    y = B.guarded_empty((M, N), x.dtype)
+    h = B.guarded_empty((M, N), x.dtype) if r is not None else None
+    mean = B.guarded_empty((M,), torch.float32)
+    rstd = B.guarded_empty((M,), torch.float32)
+    emu.call("minigpt_layer_norm_fwd_cuda", B.guarded(x), None if r is None else B.guarded(r),
+             B.guarded(w), None if b is None else B.guarded(b), y, h, mean, rstd, M, N, eps,
+             B.DTYPE_CODES[x.dtype], None)
+    B.check_guards(*(t for t in (y, h, mean, rstd) if t is not None))
+    return y, (h if r is not None else x), mean, rstd
+
+
+def ln_bwd(emu, dy, dh, h, w, mean, rstd, has_bias, P):
+    M, N = h.shape
+    dx = B.guarded_empty((M, N), h.dtype)
+    dw_part = B.guarded_empty((P, N), torch.float32)
+    db_part = B.guarded_empty((P, N), torch.float32) if has_bias else None
+    emu.call("minigpt_layer_norm_bwd_cuda", B.guarded(dy), None if dh is None else B.guarded(dh),
+             B.guarded(h), B.guarded(w), B.guarded(mean), B.guarded(rstd), dx, dw_part,
+             db_part, M, N, P, B.DTYPE_CODES[h.dtype], None)
+    B.check_guards(*(t for t in (dx, dw_part, db_part) if t is not None))
+    return dx, dw_part.sum(0), (db_part.sum(0) if has_bias else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N", [(1, 1), (3, 7), (2, 1000), (5, 1025), (2, 4097)])
+@pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (True, True)],
+                         ids=["plain", "residual-nobias", "residual-bias"])
+def test_layer_norm_cuda_emulated(cuda_emu, dtype, M, N, residual, bias):
+    x = torch.randn(M, N).to(dtype)
+    r = torch.randn(M, N).to(dtype) if residual else None
+    w = torch.randn(N)
+    b = torch.randn(N) if bias else None
+    gy = torch.randn(M, N).to(dtype)
+    gh = torch.randn(M, N).to(dtype) if residual else None
+
+    y, h, mean, rstd = ln_fwd(cuda_emu, x, w, b, r)
+    P = _p_rows(M) if M < 3 else 2  # also several rows per block (M=5 -> 3 rows, then 2)
+    dx, dw, db = ln_bwd(cuda_emu, gy, gh, h, w, mean, rstd, bias, P)
+
+    def run(xx, rr, ww, bb):
+        ins = [t for t in (xx, rr, ww, bb) if t is not None]
+        for t in ins:
+            t.requires_grad_(True)
+        out = R.layer_norm(xx, ww, bb, residual=rr)
+        yy, hh = out if rr is not None else (out, None)
+        loss = (yy.double() * gy.double()).sum()
+        if hh is not None:
+            loss = loss + (hh.double() * gh.double()).sum()
+        grads = torch.autograd.grad(loss, ins)
+        return yy, hh, dict(zip(["x", "r", "w", "b"][:4], _spread(grads, xx, rr, ww, bb)))
+
+    y64, h64, g64 = run(*(t.double() if t is not None else None for t in (x, r, w, b)))
+    ylo, hlo, glo = run(x.clone(), None if r is None else r.clone(), w.clone(),
+                        None if b is None else b.clone())
+    assert_close(y, y64, ylo, dtype, "y")
+    if residual:
+        assert torch.equal(h, (x + r))  # h is the dtype-rounded sum, exactly
+        assert_close(dx, g64["r"], glo["r"].to(dtype), dtype, "dresidual")
+    assert_close(dx, g64["x"], glo["x"].to(dtype), dtype, "dx")
+    # dweight/dbias sum M rows in fp32: the floor scales with their magnitude.
+    assert_close(dw, g64["w"], glo["w"].float(), torch.float32, "dw",
+                 floor=1e-5 if dtype == torch.float32 else 2e-3)
+    if bias:
+        assert_close(db, g64["b"], glo["b"].float(), torch.float32, "db",
+                     floor=1e-5 if dtype == torch.float32 else 2e-3)
+    torch.testing.assert_close(mean, h.float().mean(-1), atol=1e-5, rtol=1e-5)
+
+
+def _spread(grads, *ins):
+    it = iter(grads)
+    return [next(it) if t is not None else None for t in ins]
+
+
+def sm_fwd(emu, x, scale, causal, T):
+    M, N = x.shape
+    y = B.guarded_empty((M, N), x.dtype)
+    emu.call("minigpt_softmax_fwd_cuda", B.guarded(x), y, M, N, scale, int(causal),
+             T if causal else 1, B.DTYPE_CODES[x.dtype], None)
+    B.check_guards(y)
+    return y
+
+
+def sm_bwd(emu, dy, y, scale):
+    M, N = y.shape
+    dx = B.guarded_empty((M, N), y.dtype)
+    emu.call("minigpt_softmax_bwd_cuda", B.guarded(dy), B.guarded(y), dx, M, N, scale,
+             B.DTYPE_CODES[y.dtype], None)
+    B.check_guards(dx)
+    return dx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,causal", [
+    ((1, 1), False), ((3, 7), False), ((2, 1000), False), ((2, 1025), False), ((1, 4097), False),
+    ((2, 5, 5), True), ((1, 7, 12), True), ((2, 9, 4), True), ((1, 3, 1025), True)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("causal" if v else "full"))
+def test_softmax_cuda_emulated(cuda_emu, dtype, shape, causal):
+    scale = 0.7
+    x = (torch.randn(shape) * 3).to(dtype)
+    gy = torch.randn(shape).to(dtype)
+    T = shape[-2] if causal else 1
+    y = sm_fwd(cuda_emu, x.reshape(-1, shape[-1]), scale, causal, T).view(shape)
+    dx = sm_bwd(cuda_emu, gy.reshape(-1, shape[-1]), y.reshape(-1, shape[-1]), scale).view(shape)
+
+    def run(xx):
+        xx = xx.detach().requires_grad_(True)
+        yy = R.softmax(xx, scale=scale, causal=causal)
+        (g,) = torch.autograd.grad((yy.double() * gy.double()).sum(), xx)
+        return yy, g
+
+    y64, g64 = run(x.double())
+    ylo, glo = run(x.clone())
+    assert_close(y, y64, ylo, dtype, "y")
+    assert_close(dx, g64, glo.to(dtype), dtype, "dx")
+    if causal and shape[-2] > shape[-1]:
+        # Query rows that see no key (T > S) are all zeros, not 0/0.
+        assert (y[..., : shape[-2] - shape[-1], :] == 0).all()
+
+
+def test_softmax_cuda_emulated_neg_inf_rows(cuda_emu):
+    # -inf entries (masked by the caller) and a row that is -inf everywhere: zeros, no NaN.
+    x = torch.randn(3, 40)
+    x[0, ::3] = float("-inf")
+    x[1] = float("-inf")
+    y = sm_fwd(cuda_emu, x, 1.0, False, 1)
+    want = R.softmax(x.double()).float()
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)
+    assert (y[1] == 0).all()
