@@ -15,22 +15,10 @@ from tests.cuda_emu import build as B
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
 H100_SMS = 132
-_IGUARD = 64
 
 
 def _row_blocks(M, sms=H100_SMS):
     return max(1, min(M, 4 * sms))  # csrc/common.h row_blocks on a GPU with `sms` SMs
-
-
-def _iguarded(t):
-    """B.guarded for int64 tensors (it fills with NaN, which int64 cannot hold): a copy with a
-    huge sentinel on both sides, so an index read from outside is out of every range."""
-    assert t.dtype == torch.int64 and t.is_contiguous()
-    buf = torch.full((t.numel() + 2 * _IGUARD,), -(2 ** 62), dtype=torch.int64)
-    view = buf[_IGUARD:_IGUARD + t.numel()].view(t.shape)
-    view.copy_(t)
-    view._guard_buf = buf
-    return view
 
 
 def _grads(fn, inputs, douts):
@@ -150,7 +138,7 @@ def rope_call(emu, q, k, cos, sin, position_ids, inverse):
     qo = B.guarded_empty(tuple(q.shape), q.dtype)
     ko = B.guarded_empty(tuple(k.shape), k.dtype)
     emu.call("minigpt_rope_cuda", qg, kg, qo, ko, B.guarded(cos), B.guarded(sin),
-             None if pos is None else _iguarded(pos), Bn, Hq, Hk, T, D, *q.stride()[:3],
+             None if pos is None else B.guarded(pos), Bn, Hq, Hk, T, D, *q.stride()[:3],
              *k.stride()[:3], cos_bstride, pos_bstride, cos.shape[0], 1 if inverse else 0,
              B.DTYPE_CODES[q.dtype], None)
     B.check_guards(qo, ko)
@@ -308,7 +296,7 @@ def ce_call(emu, logits, target, grad_mode, ignore_index, label_smoothing, grad_
     x = B.guarded(logits)
     grad = {"none": None, "buffer": B.guarded_empty((M, V), logits.dtype), "inplace": x}[grad_mode]
     loss = B.guarded_empty((M,), torch.float32)
-    emu.call("minigpt_cross_entropy_fwd_cuda", x, _iguarded(target), grad, loss, M, V,
+    emu.call("minigpt_cross_entropy_fwd_cuda", x, B.guarded(target), grad, loss, M, V,
              ignore_index, label_smoothing, grad_scale, B.DTYPE_CODES[logits.dtype], None)
     B.check_guards(*(t for t in (x, grad, loss) if t is not None))
     if grad_mode == "none":

@@ -125,12 +125,22 @@ class Emulator:
 _GUARD = 64
 
 
+def _sentinel(dtype):
+    # NaN for floats; for integers (indices, lengths) a value outside every valid range.
+    return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
+def _is_sentinel(band):
+    return torch.isnan(band) if band.dtype.is_floating_point else band == torch.iinfo(band.dtype).min
+
+
 def guarded(t: torch.Tensor) -> torch.Tensor:
-    """A copy of t (same shape and strides over its storage span) with NaN on both sides of its
-    memory, so a kernel that reads past it pulls NaN into its results."""
+    """A copy of t (same shape and strides over its storage span) with NaN (integers: their
+    minimum) on both sides of its memory, so a kernel that reads past it pulls NaN into its
+    results or an index out of every range."""
     span = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1 \
         if t.numel() else 0
-    buf = torch.full((span + 2 * _GUARD,), float("nan"), dtype=t.dtype)
+    buf = torch.full((span + 2 * _GUARD,), _sentinel(t.dtype), dtype=t.dtype)
     view = buf.as_strided(t.shape, t.stride(), _GUARD + t.storage_offset())
     view.copy_(t)
     view._guard_buf = buf  # keep the allocation alive with the view
@@ -142,7 +152,7 @@ def guarded_empty(shape, dtype) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    buf = torch.full((n + 2 * _GUARD,), float("nan"), dtype=dtype)
+    buf = torch.full((n + 2 * _GUARD,), _sentinel(dtype), dtype=dtype)
     view = buf[_GUARD:_GUARD + n].view(shape)
     view._guard_buf = buf
     return view
@@ -152,4 +162,4 @@ def check_guards(*tensors):
     for t in tensors:
         buf = t._guard_buf
         for band, where in ((buf[:_GUARD], "before"), (buf[-_GUARD:], "after")):
-            assert torch.isnan(band.float()).all(), f"the kernel wrote {where} a {tuple(t.shape)} buffer"
+            assert _is_sentinel(band).all(), f"the kernel wrote {where} a {tuple(t.shape)} buffer"
