@@ -260,21 +260,10 @@ def _rule_nsplit(Bn, Hkv, S, sms=H100_SMS):
     return nsplit, (S + nsplit - 1) // nsplit
 
 
-def _guarded_lens(lens):
-    """B.guarded for int32 (it fills with NaN, which an int cannot hold): lengths inside bands
-    of INT32_MIN, which the kernel's clamp would turn into an empty sequence (a wrong, visible
-    result) if it read past them."""
-    buf = torch.full((len(lens) + 128,), torch.iinfo(torch.int32).min, dtype=torch.int32)
-    view = buf[64:64 + len(lens)]
-    view.copy_(lens)
-    view._keep = buf
-    return view
-
-
 def _decode(emu, q, kc, vc, seqlens, nsplit, split_len, scale):
     Bn, Hq, _, D = q.shape
     qg, kg, vg = B.guarded(q), B.guarded(kc), B.guarded(vc)
-    lens = _guarded_lens(seqlens.to(torch.int32))
+    lens = B.guarded(seqlens.to(torch.int32).contiguous())
     o_part = B.guarded_empty((Bn, Hq, nsplit, D), F32)
     lse_part = B.guarded_empty((Bn, Hq, nsplit), F32)
     out = B.guarded_empty((Bn, Hq, 1, D), q.dtype)
@@ -401,7 +390,7 @@ def test_bad_geometry_is_refused(cuda_emu, entry, override):
                 B.guarded(torch.randn(big)), B.guarded(torch.randn(big)), outs[1], outs[2],
                 outs[3], outs[4], 0.25, 0, None)
     else:
-        lens = _guarded_lens(torch.full((Bn,), S, dtype=torch.int32))
+        lens = B.guarded(torch.full((Bn,), S, dtype=torch.int32))
         args = ("minigpt_decode_attention_cuda", g, q, k, v, lens, outs[1], outs[2], outs[0], 2,
                 5, 0.25, 0, None)
     with pytest.raises(RuntimeError, match="CUDA error 1"):
