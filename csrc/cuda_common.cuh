@@ -62,6 +62,72 @@ inline int row_threads(int64_t n) {
   return t;
 }
 
+// ---- 16-byte packs ---------------------------------------------------------------------------
+// The vectorized row kernels move a row in 16-byte packs (one ld/st.global.v4 each: 4 floats or
+// 8 halves) and keep it in registers, so it crosses global memory once per direction. A row can
+// take that path when every pointer is 16-byte aligned and N is a whole number of packs.
+template <typename T>
+struct Pack {
+  static constexpr int kN = 16 / sizeof(T);
+  union Raw {  // the pack as loaded, and as its elements
+    uint4 u;
+    T e[kN];
+  };
+};
+
+template <typename T>
+__device__ __forceinline__ void load_pack(const T* __restrict__ p, float* v) {
+  typename Pack<T>::Raw raw;
+  raw.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < Pack<T>::kN; ++i) v[i] = to_f(raw.e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, const float* v) {
+  typename Pack<T>::Raw raw;
+#pragma unroll
+  for (int i = 0; i < Pack<T>::kN; ++i) raw.e[i] = from_f<T>(v[i]);
+  *reinterpret_cast<uint4*>(p) = raw.u;
+}
+
+// n fp32 values (n a multiple of 4) as float4s: the weights that go with one pack.
+template <int n>
+__device__ __forceinline__ void load_f32(const float* __restrict__ p, float* v) {
+#pragma unroll
+  for (int i = 0; i < n; i += 4) {
+    const float4 f = *reinterpret_cast<const float4*>(p + i);
+    v[i] = f.x;
+    v[i + 1] = f.y;
+    v[i + 2] = f.z;
+    v[i + 3] = f.w;
+  }
+}
+
+template <int n>
+__device__ __forceinline__ void store_f32(float* __restrict__ p, const float* v) {
+#pragma unroll
+  for (int i = 0; i < n; i += 4)
+    *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Threads and packs per thread (vpt, a power of two <= max_vpt) for a vectorized row kernel
+// over `packs` packs: about two packs a thread, at most max_threads threads. {0, 0} when the
+// row does not fit: the caller takes its generic kernel.
+struct RowShape {
+  int threads, vpt;
+};
+inline RowShape row_shape(int64_t packs, int max_threads, int max_vpt) {
+  int t = 32;
+  while (t < max_threads && 2 * (int64_t)t < packs) t <<= 1;
+  int vpt = 1;
+  while ((int64_t)vpt * t < packs) vpt <<= 1;
+  if (vpt > max_vpt) return {0, 0};
+  return {t, vpt};
+}
+
 }  // namespace minigpt_cuda
 
 // Call F<T>(args...) with T the element type for a dtype code.

@@ -1,8 +1,12 @@
 // LayerNorm (+ fused residual add) CUDA kernels and their extern "C" launchers.
-// Forward: one block per row; the row is read from global memory once per pass (mean, variance,
-// normalize), later passes hitting L1/L2. Backward: P blocks, each owning a contiguous slice of
-// rows; every thread owns a fixed set of columns, so its share of the dweight/dbias partial row
-// is updated without atomics; the caller sums the P partial rows.
+// Two versions of each kernel. The vectorized ones (rows of whole 16-byte packs, aligned, up to
+// 32 values a thread) hold the row in registers: the forward reads x (and r) once, takes the
+// mean and then the variance around it from registers, and writes y; the backward keeps
+// x-hat and w*dy between its two reductions and its dweight/dbias sums in registers. The
+// generic ones take any N: one block per row, passes re-reading the row from L1/L2.
+// Backward, both: P blocks, each owning a contiguous slice of rows; every thread owns a fixed
+// set of columns, so its share of the dweight/dbias partial row needs no atomics; the caller
+// sums the P partial rows.
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -94,22 +98,227 @@ __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh
   }
 }
 
+// Forward, vectorized: thread t owns packs t, t + blockDim, ... (VPT of them) of the row.
+template <typename T, int VPT>
+__global__ void __launch_bounds__(1024)
+ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
+                  const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
+                  float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N,
+                  float eps) {
+  constexpr int V = Pack<T>::kN;
+  __shared__ float shm[32];
+  const int64_t row = blockIdx.x, base = row * N;
+  float v[VPT][V];
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    if (j >= N) continue;
+    load_pack(x + base + j, v[k]);
+    if (r) {
+      float rv[V];
+      load_pack(r + base + j, rv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[k][i] = to_f(from_f<T>(v[k][i] + rv[i]));  // h as stored
+      store_pack(h + base + j, v[k]);
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum += v[k][i];
+  }
+  const float mean = block_sum(sum, shm) / N;
+  float var = 0.f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    if (j >= N) continue;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float d = v[k][i] - mean;
+      var += d * d;
+    }
+  }
+  const float rstd = rsqrtf(block_sum(var, shm) / N + eps);
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    if (j >= N) continue;
+    float wv[V], o[V];
+    load_f32<V>(w + j, wv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) o[i] = (v[k][i] - mean) * rstd * wv[i];
+    if (b) {
+      float bv[V];
+      load_f32<V>(b + j, bv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] += bv[i];
+    }
+    store_pack(y + base + j, o);
+  }
+  if (threadIdx.x == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// Sum of (a, b) over the block in one pair of barriers; every thread gets both.
+__device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();  // shm may still be read by the previous row's reduction
+  if (lane == 0) {
+    shm[warp] = a;
+    shm[32 + warp] = b;
+  }
+  __syncthreads();
+  a = lane < nwarps ? shm[lane] : 0.f;
+  b = lane < nwarps ? shm[32 + lane] : 0.f;
+  return make_float2(warp_sum(a), warp_sum(b));
+}
+
+// Backward, vectorized: the thread's columns are the same packs in every row of the slice.
+template <typename T, int VPT>
+__global__ void __launch_bounds__(256)
+ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
+                  const float* __restrict__ w, const float* __restrict__ mean,
+                  const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
+                  float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
+  constexpr int V = Pack<T>::kN;
+  __shared__ float shm[64];
+  const int64_t p = blockIdx.x;
+  float dw[VPT][V], db[VPT][V];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = 0.f;
+  const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t base = row * N;
+    const float mu = mean[row], rs = rstd[row];
+    float xhat[VPT][V], wg[VPT][V];
+    float c1 = 0.f, c2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+      if (j >= N) continue;
+      float hv[V], g[V], wv[V];
+      load_pack(h + base + j, hv);
+      load_pack(dy + base + j, g);
+      load_f32<V>(w + j, wv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        xhat[k][i] = (hv[i] - mu) * rs;
+        wg[k][i] = wv[i] * g[i];
+        c1 += xhat[k][i] * wg[k][i];
+        c2 += wg[k][i];
+        dw[k][i] += g[i] * xhat[k][i];
+        db[k][i] += g[i];
+      }
+    }
+    const float2 c = block_sum2(c1, c2, shm);
+    c1 = c.x / N;
+    c2 = c.y / N;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+      if (j >= N) continue;
+      float o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = (wg[k][i] - (xhat[k][i] * c1 + c2)) * rs;
+      if (dh) {
+        float d[V];
+        load_pack(dh + base + j, d);
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] += d[i];
+      }
+      store_pack(dx + base + j, o);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    if (j >= N) continue;
+    store_f32<V>(dw_part + p * N + j, dw[k]);
+    if (db_part) store_f32<V>(db_part + p * N + j, db[k]);
+  }
+}
+
+// The vectorized kernels' shape for this call, or {0, 0} for the generic ones.
+template <typename T>
+RowShape vec_shape(int64_t N, int max_threads, int max_values,
+                   std::initializer_list<const void*> ptrs) {
+  constexpr int V = Pack<T>::kN;
+  if (N % V != 0) return {0, 0};
+  for (const void* p : ptrs)
+    if (p && !aligned16(p)) return {0, 0};
+  return row_shape(N / V, max_threads, max_values / V);
+}
+
+template <typename T, int VPT>
+void fwd_vec(int threads, const void* x, const void* r, const float* w, const float* b, void* y,
+             void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
+  if constexpr (VPT * Pack<T>::kN <= 16) {  // the only instantiations vec_shape picks
+    ln_fwd_vec_kernel<T, VPT><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, b, (T*)y,
+                                                    (T*)h, mean, rstd, N, eps);
+  }
+}
+
 template <typename T>
 void launch_fwd(const void* x, const void* r, const float* w, const float* b, void* y, void* h,
                 float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
-  const int threads = row_threads(N);
-  ln_fwd_kernel<T><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, b, (T*)y, (T*)h, mean,
-                                         rstd, N, eps);
+  // 16 row values a thread at most: 1024 threads get 64 registers each (rows up to 16384).
+  const RowShape sh = vec_shape<T>(N, 1024, 16, {x, r, w, b, y, h});
+  switch (sh.vpt) {
+    case 1: fwd_vec<T, 1>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
+    case 2: fwd_vec<T, 2>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
+    case 4: fwd_vec<T, 4>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
+    default:
+      ln_fwd_kernel<T><<<M, row_threads(N), 0, s>>>((const T*)x, (const T*)r, w, b, (T*)y,
+                                                    (T*)h, mean, rstd, N, eps);
+  }
+}
+
+template <typename T, int VPT>
+void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const float* w,
+             const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
+             int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
+  if constexpr (VPT * Pack<T>::kN <= 32) {
+    ln_bwd_vec_kernel<T, VPT><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
+                                                    mean, rstd, (T*)dx, dw_part, db_part, M, N,
+                                                    rows_per);
+  }
 }
 
 template <typename T>
 void launch_bwd(const void* dy, const void* dh, const void* h, const float* w, const float* mean,
                 const float* rstd, void* dx, float* dw_part, float* db_part, int64_t M, int64_t N,
                 int64_t P, cudaStream_t s) {
-  const int threads = row_threads(N);
   const int64_t rows_per = (M + P - 1) / P;
-  ln_bwd_kernel<T><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w, mean, rstd,
-                                         (T*)dx, dw_part, db_part, M, N, rows_per);
+  // At most 256 threads, so that x-hat, w*dy and the two partial sums (4 x 32 values at
+  // most) stay in registers; rows up to 8192.
+  const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dw_part, db_part});
+  switch (sh.vpt) {
+    case 1:
+      bwd_vec<T, 1>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                     rows_per, s);
+      break;
+    case 2:
+      bwd_vec<T, 2>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                     rows_per, s);
+      break;
+    case 4:
+      bwd_vec<T, 4>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                     rows_per, s);
+      break;
+    case 8:
+      bwd_vec<T, 8>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                     rows_per, s);
+      break;
+    default:
+      ln_bwd_kernel<T><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
+                                                    mean, rstd, (T*)dx, dw_part, db_part, M, N,
+                                                    rows_per);
+  }
 }
 
 }  // namespace

@@ -42,11 +42,33 @@ def ln_bwd(emu, dy, dh, h, w, mean, rstd, has_bias, P):
     return dx, dw_part.sum(0), (db_part.sum(0) if has_bias else None)
 
 
+def _offset_by_one(t):
+    """t's values at an address one element past a 16-byte boundary: the vectorized kernels
+    must fall back to their generic versions."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+# Widths: odd ones for the generic kernels; whole 16-byte packs (1000, 4096, 8192) for the
+# vectorized ones at one, two and four packs a thread; 16384 vectorized forward, generic backward.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N", [(1, 1), (3, 7), (2, 1000), (5, 1025), (2, 4097)])
+@pytest.mark.parametrize("M,N", [(1, 1), (3, 7), (2, 1000), (5, 1025), (2, 4097), (5, 4096),
+                                 (3, 8192), (2, 16384)])
 @pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (True, True)],
                          ids=["plain", "residual-nobias", "residual-bias"])
 def test_layer_norm_cuda_emulated(cuda_emu, dtype, M, N, residual, bias):
+    _check_layer_norm(cuda_emu, dtype, M, N, residual, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["x", "residual"])
+def test_layer_norm_cuda_emulated_misaligned(cuda_emu, dtype, which):
+    _check_layer_norm(cuda_emu, dtype, 3, 1000, True, True, misaligned=which)
+
+
+def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None):
     x = torch.randn(M, N).to(dtype)
     r = torch.randn(M, N).to(dtype) if residual else None
     w = torch.randn(N)
@@ -54,7 +76,12 @@ def test_layer_norm_cuda_emulated(cuda_emu, dtype, M, N, residual, bias):
     gy = torch.randn(M, N).to(dtype)
     gh = torch.randn(M, N).to(dtype) if residual else None
 
-    y, h, mean, rstd = ln_fwd(cuda_emu, x, w, b, r)
+    xin, rin = x, r
+    if misaligned == "x":
+        xin = _offset_by_one(x)
+    elif misaligned == "residual":
+        rin = _offset_by_one(r)
+    y, h, mean, rstd = ln_fwd(cuda_emu, xin, w, b, rin)
     P = _p_rows(M) if M < 3 else 2  # also several rows per block (M=5 -> 3 rows, then 2)
     dx, dw, db = ln_bwd(cuda_emu, gy, gh, h, w, mean, rstd, bias, P)
 

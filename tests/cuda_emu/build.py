@@ -51,6 +51,7 @@ def build(out_dir: Path, extra=()) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     cxx = compiler()
     flags = ["-std=c++17", "-O1", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function",
+             "-fno-strict-aliasing",  # the kernels read packs of halves through uint4, as CUDA code does
              f"-I{HERE}", f"-I{CSRC}"]
     sources = [HERE / "cuda_emu.cpp"]
     for cu in [*sorted(CSRC.glob("*.cu")), *map(Path, extra)]:
