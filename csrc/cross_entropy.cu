@@ -3,8 +3,7 @@
 // strides through (online logsumexp), then the block merges them: block max M, every thread
 // rescales its sum to M, block sum. A second pass writes the gradient, which may overwrite the
 // logits (grad may alias logits): every thread reads and then writes only its own columns, and
-// x_t is read before the first __syncthreads, ahead of any write. ce_fwd_vec_kernel is the same
-// in 16-byte packs.
+// x_t is read before the first __syncthreads, ahead of any write.
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -12,10 +11,16 @@ using namespace minigpt_cuda;
 
 namespace {
 
+// `packed`: stream the row in 16-byte packs, 8x fewer load instructions for bf16 (a vocabulary
+// row is too long to keep in registers, so both passes read it). Row starts need not be aligned
+// (a vocabulary of 50257 is odd): a row is a scalar head up to the first 16-byte boundary, whole
+// packs, and a scalar tail; grad, when separate from the logits, has the same alignment phase
+// (the launcher checks), so one split serves both. Not packed: the whole row is "head".
 template <typename T>
 __global__ void ce_fwd_kernel(const T* x, const int64_t* __restrict__ target, T* grad,
                               float* __restrict__ loss, int64_t V, int64_t ignore_index,
-                              float eps, float scale) {
+                              float eps, float scale, bool packed) {
+  constexpr int P = Pack<T>::kN;
   __shared__ float shm[32];
   const int64_t row = blockIdx.x;
   x += row * V;
@@ -28,68 +33,15 @@ __global__ void ce_fwd_kernel(const T* x, const int64_t* __restrict__ target, T*
       for (int64_t j = threadIdx.x; j < V; j += blockDim.x) grad[j] = from_f<T>(0.f);
     return;
   }
-  const float xt = to_f(x[t]);
-  float m = -INFINITY, s = 0.f, sx = 0.f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float v = to_f(x[j]);
-    sx += v;
-    if (v > m) {
-      s = s * __expf(m - v) + 1.f;  // __expf(-inf) = 0 on the thread's first finite value
-      m = v;
-    } else if (v != -INFINITY) {
-      s += __expf(v - m);
-    }
-  }
-  const float M = block_max(m, shm);
-  const float mine = (m == -INFINITY) ? 0.f : s * __expf(m - M);
-  const float S = block_sum(mine, shm);
-  const float SX = block_sum(sx, shm);
-  // Everything relative to the max M: x - M is exact, where x - lse would lose the low bits of
-  // large logits. Without smoothing SX is unused (and -inf logits, i.e. masked classes, would
-  // make 0 * SX NaN).
-  const float logd = logf(S);
-  if (threadIdx.x == 0)
-    loss[row] = (1.f - eps) * ((M - xt) + logd) + (eps > 0.f ? eps * ((M - SX / V) + logd) : 0.f);
-  if (grad) {
-    const float smooth = eps / V;
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      float g = __expf((to_f(x[j]) - M) - logd) - smooth;
-      if (j == t) g = __expf((xt - M) - logd) - smooth - (1.f - eps);
-      grad[j] = from_f<T>(scale * g);
-    }
-  }
-}
-
-// The same with 16-byte packs. A vocabulary row is too long to keep in registers, so both passes
-// stream it, but in packs rather than single elements: 8x fewer load instructions for bf16. Row
-// starts need not be aligned (a vocabulary of 50257 is odd): each row is a scalar head up to the
-// first 16-byte boundary, whole packs, and a scalar tail; grad, when separate from the logits,
-// has the same alignment phase (the launcher checks), so one split serves both.
-template <typename T>
-__global__ void ce_fwd_vec_kernel(const T* x, const int64_t* __restrict__ target, T* grad,
-                                  float* __restrict__ loss, int64_t V, int64_t ignore_index,
-                                  float eps, float scale) {
-  constexpr int P = Pack<T>::kN;
-  __shared__ float shm[32];
-  const int64_t row = blockIdx.x;
-  x += row * V;
-  if (grad) grad += row * V;
-  const int64_t t = target[row];
-  if (t == ignore_index || t < 0 || t >= V) {
-    if (threadIdx.x == 0) loss[row] = (t == ignore_index) ? 0.f : __int_as_float(0x7fc00000);
-    if (grad)
-      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) grad[j] = from_f<T>(0.f);
-    return;
-  }
-  const int64_t head = min(V, (int64_t)((16 - (reinterpret_cast<uintptr_t>(x) & 15)) & 15) /
-                                  (int64_t)sizeof(T));
+  const int64_t to_boundary = ((16 - (reinterpret_cast<uintptr_t>(x) & 15)) & 15) / sizeof(T);
+  const int64_t head = packed ? min(V, to_boundary) : V;
   const int64_t npacks = (V - head) / P, tail0 = head + npacks * P;
   const float xt = to_f(x[t]);
   float m = -INFINITY, s = 0.f, sx = 0.f;
   auto add = [&](float v) {
     sx += v;
     if (v > m) {
-      s = s * __expf(m - v) + 1.f;
+      s = s * __expf(m - v) + 1.f;  // __expf(-inf) = 0 on the thread's first finite value
       m = v;
     } else if (v != -INFINITY) {
       s += __expf(v - m);
@@ -107,6 +59,9 @@ __global__ void ce_fwd_vec_kernel(const T* x, const int64_t* __restrict__ target
   const float mine = (m == -INFINITY) ? 0.f : s * __expf(m - M);
   const float S = block_sum(mine, shm);
   const float SX = block_sum(sx, shm);
+  // Everything relative to the max M: x - M is exact, where x - lse would lose the low bits of
+  // large logits. Without smoothing SX is unused (and -inf logits, i.e. masked classes, would
+  // make 0 * SX NaN).
   const float logd = logf(S);
   if (threadIdx.x == 0)
     loss[row] = (1.f - eps) * ((M - xt) + logd) + (eps > 0.f ? eps * ((M - SX / V) + logd) : 0.f);
@@ -117,7 +72,8 @@ __global__ void ce_fwd_vec_kernel(const T* x, const int64_t* __restrict__ target
     if (j == t) g = __expf((xt - M) - logd) - smooth - (1.f - eps);
     return scale * g;
   };
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) grad[j] = from_f<T>(g_of(to_f(x[j]), j));
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x)
+    grad[j] = from_f<T>(g_of(to_f(x[j]), j));
   for (int64_t k = threadIdx.x; k < npacks; k += blockDim.x) {
     const int64_t j0 = head + k * P;
     float v[P];
@@ -137,13 +93,8 @@ void launch_fwd(const void* x, const int64_t* target, void* grad, float* loss, i
   const uintptr_t xa = reinterpret_cast<uintptr_t>(x), ga = reinterpret_cast<uintptr_t>(grad);
   // Packs pay once a row has a few per thread's worth; rows of a whole number of elements only.
   const bool vec = V >= 4 * P && xa % sizeof(T) == 0 && (!grad || (ga & 15) == (xa & 15));
-  if (vec) {
-    ce_fwd_vec_kernel<T><<<M, row_threads(V / P), 0, s>>>((const T*)x, target, (T*)grad, loss, V,
-                                                          ignore_index, eps, scale);
-  } else {
-    ce_fwd_kernel<T><<<M, row_threads(V), 0, s>>>((const T*)x, target, (T*)grad, loss, V,
-                                                  ignore_index, eps, scale);
-  }
+  ce_fwd_kernel<T><<<M, row_threads(vec ? V / P : V), 0, s>>>(
+      (const T*)x, target, (T*)grad, loss, V, ignore_index, eps, scale, vec);
 }
 
 }  // namespace
