@@ -69,26 +69,51 @@ inline int row_threads(int64_t n) {
 template <typename T>
 struct Pack {
   static constexpr int kN = 16 / sizeof(T);
-  union Raw {  // the pack as loaded, and as its elements
-    uint4 u;
-    T e[kN];
-  };
 };
+
+// A 16-bit value's bits and back. Packs of halves are assembled into 32-bit words by hand: built
+// through a union of T[8], nvcc split many 16-byte stores into 4-byte pairs of halves.
+__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <typename T> __device__ __forceinline__ float from_bits16(uint32_t b);
+template <> __device__ __forceinline__ float from_bits16<__half>(uint32_t b) {
+  return __half2float(__ushort_as_half((unsigned short)b));
+}
+template <> __device__ __forceinline__ float from_bits16<__nv_bfloat16>(uint32_t b) {
+  return __uint_as_float(b << 16);
+}
 
 template <typename T>
 __device__ __forceinline__ void load_pack(const T* __restrict__ p, float* v) {
-  typename Pack<T>::Raw raw;
-  raw.u = *reinterpret_cast<const uint4*>(p);
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  if constexpr (sizeof(T) == 4) {
+    v[0] = __uint_as_float(u.x);
+    v[1] = __uint_as_float(u.y);
+    v[2] = __uint_as_float(u.z);
+    v[3] = __uint_as_float(u.w);
+  } else {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int i = 0; i < Pack<T>::kN; ++i) v[i] = to_f(raw.e[i]);
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = from_bits16<T>(w[i] & 0xffffu);
+      v[2 * i + 1] = from_bits16<T>(w[i] >> 16);
+    }
+  }
 }
 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* __restrict__ p, const float* v) {
-  typename Pack<T>::Raw raw;
+  uint4* dst = reinterpret_cast<uint4*>(p);
+  if constexpr (sizeof(T) == 4) {
+    *dst = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  } else {
+    uint32_t w[4];
 #pragma unroll
-  for (int i = 0; i < Pack<T>::kN; ++i) raw.e[i] = from_f<T>(v[i]);
-  *reinterpret_cast<uint4*>(p) = raw.u;
+    for (int i = 0; i < 4; ++i)
+      w[i] = bits16(from_f<T>(v[2 * i])) | (bits16(from_f<T>(v[2 * i + 1])) << 16);
+    *dst = make_uint4(w[0], w[1], w[2], w[3]);
+  }
 }
 
 // n fp32 values (n a multiple of 4) as float4s: the weights that go with one pack.

@@ -219,6 +219,16 @@ inline int __float_as_int(float f) {
   memcpy(&v, &f, 4);
   return v;
 }
+inline float __uint_as_float(unsigned v) {
+  float f;
+  memcpy(&f, &v, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned v;
+  memcpy(&v, &f, 4);
+  return v;
+}
 
 // ---- fp16 / bf16 storage types and their round-to-nearest-even conversions --------------------
 struct __half {
@@ -261,6 +271,11 @@ inline __half __float2half_rn(float f) {
   }
   return h;
 }
+
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
 
 inline float __bfloat162float(__nv_bfloat16 h) {
   const uint32_t u = (uint32_t)h.__x << 16;
