@@ -137,40 +137,90 @@ def sm_bwd(emu, dy, y, scale):
     return dx
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,causal", [
-    ((1, 1), False), ((3, 7), False), ((2, 1000), False), ((2, 1025), False), ((1, 4097), False),
-    ((2, 5, 5), True), ((1, 7, 12), True), ((2, 9, 4), True), ((1, 3, 1025), True)],
-    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("causal" if v else "full"))
-def test_softmax_cuda_emulated(cuda_emu, dtype, shape, causal):
-    scale = 0.7
-    x = (torch.randn(shape) * 3).to(dtype)
+def _assert_rows_close(out, ref64, ref_lowp, y64, dtype, name):
+    """assert_close on each row divided by the row's largest reference probability: a wide
+    row's y and dx are ~1/N, far under the fp16/bf16 floor, which would let anything pass."""
+    peak = y64.amax(-1, keepdim=True)
+    s = torch.where(peak > 0, 1.0 / peak, torch.ones_like(peak))
+    assert_close(out.double() * s, ref64 * s, ref_lowp.double() * s, dtype, name)
+
+
+def _check_softmax(emu, dtype, x, causal, misaligned=None, scale=0.7):
+    shape, N = x.shape, x.shape[-1]
     gy = torch.randn(shape).to(dtype)
     T = shape[-2] if causal else 1
-    y = sm_fwd(cuda_emu, x.reshape(-1, shape[-1]), scale, causal, T).view(shape)
-    dx = sm_bwd(cuda_emu, gy.reshape(-1, shape[-1]), y.reshape(-1, shape[-1]), scale).view(shape)
+    xin = _offset_by_one(x) if misaligned == "x" else x
+    y = sm_fwd(emu, xin.reshape(-1, N), scale, causal, T).view(shape)
+    yin = _offset_by_one(y) if misaligned == "y" else y
+    gin = _offset_by_one(gy) if misaligned == "dy" else gy
+    dx = sm_bwd(emu, gin.reshape(-1, N), yin.reshape(-1, N), scale).view(shape)
 
     def run(xx):
         xx = xx.detach().requires_grad_(True)
         yy = R.softmax(xx, scale=scale, causal=causal)
         (g,) = torch.autograd.grad((yy.double() * gy.double()).sum(), xx)
-        return yy, g
+        # A row of -inf inputs is constant zeros, so its gradient is 0; autograd gives NaN
+        # (softmax's backward through its NaN before the masked_fill).
+        return yy, g.masked_fill((yy == 0).all(-1, keepdim=True), 0.0)
 
     y64, g64 = run(x.double())
     ylo, glo = run(x.clone())
-    assert_close(y, y64, ylo, dtype, "y")
-    assert_close(dx, g64, glo.to(dtype), dtype, "dx")
-    if causal and shape[-2] > shape[-1]:
-        # Query rows that see no key (T > S) are all zeros, not 0/0.
-        assert (y[..., : shape[-2] - shape[-1], :] == 0).all()
+    y64 = y64.detach()
+    _assert_rows_close(y, y64, ylo, y64, dtype, "y")
+    _assert_rows_close(dx, g64, glo.to(dtype), y64, dtype, "dx")
+    # Causal: columns past L = i + N - T + 1 are exact zeros, and query rows that see no key
+    # (T > N) are all zeros, not 0/0.
+    if causal:
+        i, j = torch.arange(T)[:, None], torch.arange(N)[None, :]
+        kept = j < i + N - T + 1
+        assert (y[..., ~kept] == 0).all() and (dx[..., ~kept] == 0).all()
+    return y, dx
 
 
-def test_softmax_cuda_emulated_neg_inf_rows(cuda_emu):
-    # -inf entries (masked by the caller) and a row that is -inf everywhere: zeros, no NaN.
-    x = torch.randn(3, 40)
+# The vectorized kernels take aligned rows of whole 16-byte packs (4 fp32, 8 fp16/bf16 values)
+# up to 16 values a thread at up to 1024 threads; the rest take the generic ones.
+#   generic everywhere: 1, 7, 1025, 4097 (not whole packs); 16392 (one pack past the limit:
+#     fp32 8 packs a thread, fp16/bf16 4).
+#   128: fp32 1 pack a thread (32 threads, all busy); fp16/bf16 1 pack, half the threads idle.
+#   1000: 2 packs a thread, some threads' second pack past N. 4096, 8192: 2 packs a thread.
+#   16384: fp32 4 packs a thread at 1024 threads; fp16/bf16 2.
+# Causal (B, T, N), L = i + N - T + 1: T < N, T == N and T > N, with L inside a pack on most
+# rows (N = 12 and 4 are whole packs for fp32 only), whole packs past L at several packs a
+# thread (256 x 256), and rows with L <= 0 (all zeros).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,causal", [
+    ((1, 1), False), ((3, 7), False), ((2, 128), False), ((2, 1000), False), ((2, 1025), False),
+    ((1, 4096), False), ((1, 4097), False), ((2, 8192), False), ((2, 16384), False),
+    ((1, 16392), False),
+    ((2, 5, 5), True), ((1, 7, 12), True), ((2, 9, 4), True), ((1, 3, 1025), True),
+    ((2, 5, 40), True), ((1, 8, 1000), True), ((1, 16, 16), True), ((1, 256, 256), True),
+    ((2, 20, 8), True), ((1, 40, 24), True)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("causal" if v else "full"))
+def test_softmax_cuda_emulated(cuda_emu, dtype, shape, causal):
+    _check_softmax(cuda_emu, dtype, (torch.randn(shape) * 3).to(dtype), causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["x", "y", "dy"])
+@pytest.mark.parametrize("shape,causal", [((3, 1000), False), ((2, 6, 1000), True)],
+                         ids=["full", "causal"])
+def test_softmax_cuda_emulated_misaligned(cuda_emu, dtype, which, shape, causal):
+    # One element off a 16-byte boundary: that direction falls back to its generic kernel.
+    _check_softmax(cuda_emu, dtype, (torch.randn(shape) * 3).to(dtype), causal,
+                   misaligned=which)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,causal", [(40, False), (40, True), (4096, False), (41, False)],
+                         ids=["40", "40-causal", "4096", "41-generic"])
+def test_softmax_cuda_emulated_neg_inf_rows(cuda_emu, dtype, N, causal):
+    # -inf entries (masked by the caller), a row that is -inf everywhere (zeros, no NaN), and
+    # one whose only finite entry sits inside a pack (exactly 1 there).
+    x = (torch.randn(4, N) * 3).to(dtype)
     x[0, ::3] = float("-inf")
     x[1] = float("-inf")
-    y = sm_fwd(cuda_emu, x, 1.0, False, 1)
-    want = R.softmax(x.double()).float()
-    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)
-    assert (y[1] == 0).all()
+    x[2] = float("-inf")
+    x[2, 1] = 0.5
+    y, dx = _check_softmax(cuda_emu, dtype, x, causal, scale=1.0)
+    assert (y[1] == 0).all() and (dx[1] == 0).all()
+    assert y[2, 1] == 1 and (y[2, :1] == 0).all() and (y[2, 2:] == 0).all()
