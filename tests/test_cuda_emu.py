@@ -83,6 +83,18 @@ def test_missing_barrier_gives_wrong_results(cuda_emu, block):
     assert wrong.any()
 
 
+def test_misaligned_vector_load_fails_the_launch(cuda_emu):
+    f = _fn(cuda_emu, "emu_test_pack_load", ctypes.c_void_p, ctypes.c_void_p)
+    x = torch.randn(16)
+    out = torch.zeros(1)
+    assert f(x.data_ptr(), out.data_ptr()) == 0, _message(cuda_emu)  # aligned: fine
+    assert out.item() == pytest.approx(x[:4].sum().item(), rel=1e-6)
+    assert f(x[1:].data_ptr(), out.data_ptr()) == 716  # cudaErrorMisalignedAddress
+    msg = _message(cuda_emu)
+    assert "misaligned address" in msg and "16-byte" in msg and "cuda_common.cuh" in msg
+    assert f(x.data_ptr(), out.data_ptr()) == 0, _message(cuda_emu)  # and the next one runs
+
+
 def test_dynamic_shared_memory_and_exited_threads(cuda_emu):
     f = _fn(cuda_emu, "emu_test_dyn_smem", ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
             ctypes.c_int64, ctypes.c_int)

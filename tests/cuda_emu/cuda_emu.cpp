@@ -2,6 +2,7 @@
 // Fibers switch with a few instructions of x86-64 assembly (callee-saved registers, the stack
 // pointer and the SSE/x87 control words), not swapcontext, which makes a system call per switch;
 // a kernel's warp reductions switch fibers hundreds of thousands of times per launch.
+#include <stdio.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -235,6 +236,9 @@ bool run_block(int n, bool last_warp_first) {
   }
 }
 
+// Set by the UBSan alignment handler below; checked after every block.
+std::string misaligned;
+
 }  // namespace
 
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
@@ -266,6 +270,11 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
         blockIdx.z = z;
         const uint64_t b = x + (uint64_t)grid.x * (y + (uint64_t)grid.y * z);
         if (!run_block((int)n, b % 2 == 0)) return last_error;
+        if (!misaligned.empty()) {
+          const std::string why = misaligned;
+          misaligned.clear();
+          return fail(cudaErrorMisalignedAddress, why);
+        }
       }
   return cudaSuccess;
 }
@@ -312,6 +321,39 @@ uint64_t exchange(unsigned mask, uint64_t bits, int src, int line) {
 }
 
 }  // namespace emu
+
+// UBSan's alignment check (build.py compiles the kernels with -fsanitize=alignment) calls this
+// on a misaligned access, in place of the UBSan runtime: the access goes ahead (x86 allows it),
+// and the launch then fails with cudaErrorMisalignedAddress and this message, as a GPU would
+// fault. The structs are the layout the compiler passes (GCC's and Clang's UBSan ABI).
+namespace {
+struct UbsanLocation {
+  const char* file;
+  uint32_t line, column;
+};
+struct UbsanType {
+  uint16_t kind, info;
+  char name[1];
+};
+struct UbsanTypeMismatch {
+  UbsanLocation loc;
+  const UbsanType* type;
+  unsigned char log_alignment, check_kind;
+};
+}  // namespace
+
+extern "C" void __ubsan_handle_type_mismatch_v1(UbsanTypeMismatch* d, uintptr_t ptr) {
+  if (!emu::misaligned.empty()) return;  // the first one says where
+  const uintptr_t align = (uintptr_t)1 << d->log_alignment;
+  if (ptr == 0 || (ptr & (align - 1)) == 0) return;  // not an alignment report
+  char addr[32];
+  snprintf(addr, sizeof addr, "0x%lx", (unsigned long)ptr);
+  emu::misaligned = std::string("misaligned address ") + addr + " for type " + d->type->name +
+                    ", which needs " + std::to_string(align) + "-byte alignment, at " +
+                    d->loc.file + ":" + std::to_string(d->loc.line) +
+                    " (thread " + std::to_string(threadIdx.x) + " of block " +
+                    std::to_string(blockIdx.x) + ")";
+}
 
 // For the Python side: why the last launch failed (empty when it did not).
 extern "C" const char* minigpt_emu_message() { return emu::message.c_str(); }

@@ -20,7 +20,9 @@
 // plain statics; dynamic shared memory starts filled with NaN bytes each block, so reading a
 // slot nobody wrote shows up in the results. Launches are synchronous and checked against the
 // H100's limits (1024 threads, grid y/z 65535, 48 KiB of dynamic shared memory unless the
-// kernel opted in, 227 KiB at most).
+// kernel opted in, 227 KiB at most), and a misaligned vector access fails the launch as it would
+// fault on a GPU (build.py compiles the kernels with UBSan's alignment check; cuda_emu.cpp
+// handles its reports).
 //
 // Not modelled: races between lanes of one warp (they run one after another between warp-level
 // calls: a missing __syncwarp can go unnoticed), the fast-math intrinsics' lower accuracy
@@ -50,6 +52,7 @@ enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
 };
 
@@ -245,7 +248,8 @@ inline float __half2float(__half h) {
     const float f = ldexpf((float)m, -24);
     return sign ? -f : f;
   }
-  const uint32_t u = e == 31 ? (sign | 0x7f800000u | (m << 13)) : (sign | ((e + 112) << 23) | (m << 13));
+  const uint32_t u = e == 31 ? (sign | 0x7f800000u | (m << 13))    // inf, NaN
+                              : (sign | ((e + 112) << 23) | (m << 13));  // exponent bias 15 -> 127
   float f;
   memcpy(&f, &u, 4);
   return f;

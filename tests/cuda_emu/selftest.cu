@@ -73,6 +73,13 @@ __global__ void exited_lane_kernel(float* out) {
 
 __global__ void noop_kernel() {}
 
+// A 16-byte load from wherever `in` points: a fault on a GPU unless it is 16-byte aligned.
+__global__ void pack_load_kernel(const float* in, float* out) {
+  float v[4];
+  load_pack(in, v);
+  out[0] = v[0] + v[1] + v[2] + v[3];
+}
+
 template <typename T>
 __global__ void convert_kernel(const float* in, T* out, float* back, int64_t n) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -135,5 +142,10 @@ extern "C" int emu_test_launch(int gx, int gy, int threads) {
 
 extern "C" int emu_test_convert(const float* in, void* out, float* back, int64_t n, int dtype) {
   MINIGPT_DISPATCH_DTYPE(dtype, launch_convert, in, out, back, n);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_pack_load(const float* in, float* out) {
+  pack_load_kernel<<<1, 32>>>(in, out);
   return (int)cudaGetLastError();
 }
