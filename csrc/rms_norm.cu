@@ -1,8 +1,13 @@
 // RMSNorm (+ fused residual add) CUDA kernels and their extern "C" launchers.
-// Forward: one block per row; pass one forms h (and stores it) and the sum of squares, pass two
-// re-reads the thread's own columns (from L1/L2) to normalize. Backward: P blocks, each owning a
-// contiguous slice of rows; every thread owns a fixed set of columns, so its share of the
-// dweight partial row is updated without atomics; the caller sums the P partial rows.
+// Two versions of each kernel. The vectorized ones (rows of whole 16-byte packs, aligned, up to
+// 16 values a thread forward and 32 backward) hold the row in registers: the forward reads x
+// (and r) once, stores h as rounded, sums the squares and writes y from registers; the backward
+// keeps x-hat and w*dy between the reduction and dx, and its dweight sums in registers until
+// the slice is done. The generic ones take any N: one block per row, a second pass re-reading
+// the thread's own columns (from L1/L2).
+// Backward, both: P blocks, each owning a contiguous slice of rows; every thread owns a fixed
+// set of columns, so its share of the dweight partial row needs no atomics; the caller sums the
+// P partial rows.
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -35,7 +40,8 @@ __global__ void rms_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
     ss += v * v;
   }
   const float rstd = rsqrtf(block_sum(ss, shm) / N + eps);
-  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) y[j] = from_f<T>(to_f(src[j]) * rstd * w[j]);
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x)
+    y[j] = from_f<T>(to_f(src[j]) * rstd * w[j]);
   if (threadIdx.x == 0) rstd_out[row] = rstd;
 }
 
@@ -58,7 +64,7 @@ __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ d
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       const float g = to_f(gr[j]);
       const float xhat = to_f(xr[j]) * rs;
-      c1 += xhat * w[j] * g;
+      c1 += xhat * (w[j] * g);  // w*dy rounded first, as the vectorized kernel keeps it
       dw[j] += g * xhat;
     }
     c1 = block_sum(c1, shm) / N;
@@ -71,21 +77,193 @@ __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ d
   }
 }
 
+// p advanced by n 16-byte units. The vectorized kernels index their rows in these units, not as
+// `p + j`: from `p + j` nvcc 13.0 kept 16-byte stores for a thread's first two packs only and
+// split the later ones into 4-byte stores (y, dx, dweight at 4 or more packs a thread).
+template <typename T>
+__device__ __forceinline__ T* at16(T* p, int64_t n) {
+  return reinterpret_cast<T*>(reinterpret_cast<uint4*>(p) + n);
+}
+template <typename T>
+__device__ __forceinline__ const T* at16(const T* p, int64_t n) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const uint4*>(p) + n);
+}
+
+// Forward, vectorized: thread t owns packs t, t + blockDim, ... (VPT of them) of the row.
+template <typename T, int VPT>
+__global__ void __launch_bounds__(1024)
+rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
+                   T* __restrict__ y, T* __restrict__ h, float* __restrict__ rstd_out, int64_t N,
+                   float eps) {
+  constexpr int V = Pack<T>::kN;
+  __shared__ float shm[32];
+  const int64_t row = blockIdx.x;
+  x += row * N;
+  y += row * N;
+  if (r) {
+    r += row * N;
+    h += row * N;
+  }
+  float v[VPT][V];
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;  // pack q: values j..
+    if (j >= N) continue;
+    load_pack(at16(x, q), v[k]);
+    if (r) {
+      float rv[V];
+      load_pack(at16(r, q), rv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[k][i] = to_f(from_f<T>(v[k][i] + rv[i]));  // h as stored
+      store_pack(at16(h, q), v[k]);
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) ss += v[k][i] * v[k][i];
+  }
+  const float rstd = rsqrtf(block_sum(ss, shm) / N + eps);
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
+    if (j >= N) continue;
+    float wv[V], o[V];
+    load_f32<V>(at16(w, q * V / 4), wv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) o[i] = v[k][i] * rstd * wv[i];
+    store_pack(at16(y, q), o);
+  }
+  if (threadIdx.x == 0) rstd_out[row] = rstd;
+}
+
+// Backward, vectorized: the thread's columns are the same packs in every row of the slice, so
+// its dweight sums stay in registers and are stored once, after the last row. Two blocks an SM
+// (128 registers a thread at most): with only the 256-thread bound ptxas chose 64 registers
+// for 16 values a thread and spilled.
+template <typename T, int VPT>
+__global__ void __launch_bounds__(256, 2)
+rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
+                   const float* __restrict__ w, const float* __restrict__ rstd,
+                   T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
+                   int64_t rows_per) {
+  constexpr int V = Pack<T>::kN;
+  __shared__ float shm[32];
+  const int64_t p = blockIdx.x;
+  float dw[VPT][V];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i) dw[k][i] = 0.f;
+  const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* hr = h + row * N;
+    const T* gr = dy + row * N;
+    const float rs = rstd[row];
+    float xhat[VPT][V], wg[VPT][V];
+    float c1 = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
+      if (j >= N) continue;
+      float hv[V], g[V], wv[V];
+      load_pack(at16(hr, q), hv);
+      load_pack(at16(gr, q), g);
+      load_f32<V>(at16(w, q * V / 4), wv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        xhat[k][i] = hv[i] * rs;
+        wg[k][i] = wv[i] * g[i];
+        c1 += xhat[k][i] * wg[k][i];
+        dw[k][i] += g[i] * xhat[k][i];
+      }
+    }
+    c1 = block_sum(c1, shm) / N;  // its first barrier: the last row's sum has left shm
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
+      if (j >= N) continue;
+      float o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = (wg[k][i] - xhat[k][i] * c1) * rs;
+      if (dh) {
+        float d[V];
+        load_pack(at16(dh + row * N, q), d);
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] += d[i];
+      }
+      store_pack(at16(dx + row * N, q), o);
+    }
+  }
+  // Blocks without rows store zeros: the caller sums all P partial rows.
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
+    if (j >= N) continue;
+    store_f32<V>(at16(dw_part + p * N, q * V / 4), dw[k]);
+  }
+}
+
+// The vectorized kernels' shape for this call, or {0, 0} for the generic ones. A local copy of
+// layer_norm.cu's (that one lives in its file's anonymous namespace).
+template <typename T>
+RowShape vec_shape(int64_t N, int max_threads, int max_values,
+                   std::initializer_list<const void*> ptrs) {
+  constexpr int V = Pack<T>::kN;
+  if (N % V != 0) return {0, 0};
+  for (const void* p : ptrs)
+    if (p && !aligned16(p)) return {0, 0};
+  return row_shape(N / V, max_threads, max_values / V);
+}
+
+template <typename T, int VPT>
+void fwd_vec(int threads, const void* x, const void* r, const float* w, void* y, void* h,
+             float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
+  if constexpr (VPT * Pack<T>::kN <= 16) {  // the only instantiations vec_shape picks
+    rms_fwd_vec_kernel<T, VPT><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, (T*)y, (T*)h,
+                                                     rstd, N, eps);
+  }
+}
+
 template <typename T>
 void launch_fwd(const void* x, const void* r, const float* w, void* y, void* h, float* rstd,
                 int64_t M, int64_t N, float eps, cudaStream_t s) {
-  const int threads = row_threads(N);
-  rms_fwd_kernel<T><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, (T*)y, (T*)h, rstd, N,
-                                          eps);
+  // 16 row values a thread at most: 1024 threads get 64 registers each (rows up to 16384).
+  const RowShape sh = vec_shape<T>(N, 1024, 16, {x, r, w, y, h});
+  switch (sh.vpt) {
+    case 1: fwd_vec<T, 1>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
+    case 2: fwd_vec<T, 2>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
+    case 4: fwd_vec<T, 4>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
+    default:
+      rms_fwd_kernel<T><<<M, row_threads(N), 0, s>>>((const T*)x, (const T*)r, w, (T*)y, (T*)h,
+                                                     rstd, N, eps);
+  }
+}
+
+template <typename T, int VPT>
+void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const float* w,
+             const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
+             int64_t rows_per, cudaStream_t s) {
+  if constexpr (VPT * Pack<T>::kN <= 32) {
+    rms_bwd_vec_kernel<T, VPT><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
+                                                     rstd, (T*)dx, dw_part, M, N, rows_per);
+  }
 }
 
 template <typename T>
 void launch_bwd(const void* dy, const void* dh, const void* h, const float* w, const float* rstd,
                 void* dx, float* dw_part, int64_t M, int64_t N, int64_t P, cudaStream_t s) {
-  const int threads = row_threads(N);
   const int64_t rows_per = (M + P - 1) / P;
-  rms_bwd_kernel<T><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w, rstd,
-                                          (T*)dx, dw_part, M, N, rows_per);
+  // At most 256 threads, so that x-hat, w*dy and the dweight sums (3 x 32 values at most) stay
+  // in registers; rows up to 8192.
+  const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dw_part});
+  switch (sh.vpt) {
+    case 1: bwd_vec<T, 1>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
+    case 2: bwd_vec<T, 2>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
+    case 4: bwd_vec<T, 4>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
+    case 8: bwd_vec<T, 8>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
+    default:
+      rms_bwd_kernel<T><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
+                                                     rstd, (T*)dx, dw_part, M, N, rows_per);
+  }
 }
 
 }  // namespace

@@ -58,7 +58,16 @@ def rms_bwd(emu, dy, dh, h, w, rstd, P):
     return dx, dw_part.sum(0)
 
 
-def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6):
+def _offset_by_one(t):
+    """t's values at an address one element past a 16-byte boundary: the vectorized kernels
+    must leave such a call to their generic versions."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6, misaligned=None):
     residual, with_dh = mode in ("residual", "residual-dh"), mode == "residual-dh"
     x = torch.randn(M, N).to(dtype)
     r = torch.randn(M, N).to(dtype) if residual else None
@@ -66,9 +75,14 @@ def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6):
     dy = torch.randn(M, N).to(dtype)
     dh = torch.randn(M, N).to(dtype) if with_dh else None
 
-    y, h, rstd = rms_fwd(emu, x, w, r, eps)
-    # ops/rms_norm.py saves h with a residual, else x; the gradient of h only when it is used.
-    dx, dw = rms_bwd(emu, dy, dh, h if residual else x, w, rstd, P)
+    def moved(t, name):
+        return _offset_by_one(t) if misaligned == name else t
+
+    y, h, rstd = rms_fwd(emu, moved(x, "x"), moved(w, "w"), moved(r, "residual"), eps)
+    # ops/rms_norm.py saves h with a residual, else x (as handed to the forward); the gradient
+    # of h only when it is used.
+    saved = h if residual else moved(x, "x")
+    dx, dw = rms_bwd(emu, moved(dy, "dy"), moved(dh, "dh"), saved, moved(w, "w"), rstd, P)
 
     def ref(xx, ww, *rr):
         return R.rms_norm(xx, ww, eps, rr[0] if rr else None)
@@ -88,8 +102,18 @@ def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6):
     assert_close(dw, g64[1], glo[1], dtype, "dweight")
 
 
+# The vectorized kernels take rows of whole 16-byte packs (4 fp32 values, 8 fp16/bf16) with
+# every pointer 16-byte aligned: the forward up to 16 values a thread at up to 1024 threads,
+# the backward up to 32 at up to 256; the rest take the generic kernels. Packs a thread
+# (forward / backward):
+#   1, 7, 1025: generic (not whole packs).
+#   128: 1 / 1 (fp16/bf16: 16 packs on 32 threads, half of them idle).
+#   1000: 2 / 2, the last threads' second pack past N.
+#   4096: 2 / fp32 4, fp16/bf16 2.    8192: 2 / fp32 8, fp16/bf16 4.
+#   16384: fp32 4, fp16/bf16 2 / generic (past the backward's 32 values a thread).
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N", [(1, 1), (5, 7), (3, 1000), (4, 1025), (600, 7)])
+@pytest.mark.parametrize("M,N", [(1, 1), (5, 7), (3, 128), (3, 1000), (4, 1025), (600, 7),
+                                 (5, 4096), (3, 8192), (2, 16384)])
 @pytest.mark.parametrize("mode", ["plain", "residual", "residual-dh"])
 def test_rms_norm(cuda_emu, dtype, M, N, mode):
     # (600, 7): P = 528 blocks on an H100, two rows in most, the last 228 blocks empty.
@@ -105,10 +129,25 @@ def test_rms_norm_eps(cuda_emu, dtype, mode):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,sms", [(7, 1), (9, 2)], ids=["P4-7rows", "P8-9rows"])
-def test_rms_norm_bwd_several_rows_per_block(cuda_emu, dtype, M, sms):
+@pytest.mark.parametrize("N", [40, 41, 1000], ids=["vec-40", "generic-41", "vec-1000"])
+@pytest.mark.parametrize("mode", ["plain", "residual-dh"])
+def test_rms_norm_bwd_several_rows_per_block(cuda_emu, dtype, M, sms, N, mode):
     # row_blocks on a GPU with few SMs: 2 rows per block and a short last block (7 rows in 4),
-    # or 2 rows per block and blocks 5..7 with no rows (9 rows in 8).
-    _check_rms(cuda_emu, dtype, M, 40, "residual-dh", _row_blocks(M, sms))
+    # or 2 rows per block and blocks 5..7 with no rows (9 rows in 8). The vectorized kernel
+    # carries its dweight sums in registers from row to row and stores them once.
+    _check_rms(cuda_emu, dtype, M, N, mode, _row_blocks(M, sms))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which,mode", [("x", "plain"), ("x", "residual-dh"),
+                                        ("residual", "residual-dh"), ("w", "residual-dh"),
+                                        ("dy", "plain"), ("dy", "residual-dh"),
+                                        ("dh", "residual-dh")])
+def test_rms_norm_misaligned(cuda_emu, dtype, which, mode):
+    # One element off a 16-byte boundary: the calls given it take the generic kernels (x: both,
+    # as h is x without a residual; residual: the forward; dy, dh: the backward); a vectorized
+    # kernel given it fails the launch (the emulator's alignment check). 5 rows in 2 blocks.
+    _check_rms(cuda_emu, dtype, 5, 1000, mode, 2, misaligned=which)
 
 
 # ---- RoPE -----------------------------------------------------------------------------------
