@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <initializer_list>
+
 namespace minigpt_cuda {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };  // must match csrc/common.h
@@ -151,6 +153,18 @@ inline RowShape row_shape(int64_t packs, int max_threads, int max_vpt) {
   while ((int64_t)vpt * t < packs) vpt <<= 1;
   if (vpt > max_vpt) return {0, 0};
   return {t, vpt};
+}
+
+// The vectorized kernels' shape for a row of N values of T, at most max_values a thread, or
+// {0, 0} for the generic kernels: N not whole packs, or a (non-null) pointer not 16-byte aligned.
+template <typename T>
+RowShape vec_shape(int64_t N, int max_threads, int max_values,
+                   std::initializer_list<const void*> ptrs) {
+  constexpr int V = Pack<T>::kN;
+  if (N % V != 0) return {0, 0};
+  for (const void* p : ptrs)
+    if (p && !aligned16(p)) return {0, 0};
+  return row_shape(N / V, max_threads, max_values / V);
 }
 
 }  // namespace minigpt_cuda

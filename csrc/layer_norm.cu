@@ -243,17 +243,6 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
   }
 }
 
-// The vectorized kernels' shape for this call, or {0, 0} for the generic ones.
-template <typename T>
-RowShape vec_shape(int64_t N, int max_threads, int max_values,
-                   std::initializer_list<const void*> ptrs) {
-  constexpr int V = Pack<T>::kN;
-  if (N % V != 0) return {0, 0};
-  for (const void* p : ptrs)
-    if (p && !aligned16(p)) return {0, 0};
-  return row_shape(N / V, max_threads, max_values / V);
-}
-
 template <typename T, int VPT>
 void fwd_vec(int threads, const void* x, const void* r, const float* w, const float* b, void* y,
              void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {

@@ -152,17 +152,6 @@ softmax_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __r
   }
 }
 
-// The vectorized kernels' shape for this call, or {0, 0} for the generic ones.
-template <typename T>
-RowShape vec_shape(int64_t N, int max_threads, int max_values,
-                   std::initializer_list<const void*> ptrs) {
-  constexpr int V = Pack<T>::kN;
-  if (N % V != 0) return {0, 0};
-  for (const void* p : ptrs)
-    if (!aligned16(p)) return {0, 0};
-  return row_shape(N / V, max_threads, max_values / V);
-}
-
 // 16 row values a thread at most, both directions: 1024 threads get 64 registers each (rows
 // up to 16384); the backward holds dy and y, 32 floats, in 54 registers at most on sm_90.
 constexpr int kMaxThreads = 1024, kMaxValues = 16;
