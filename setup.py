@@ -23,6 +23,13 @@ def extensions():
 
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cu = sorted(glob.glob("csrc/*.cu"))
+    # Objects are named after their source's stem: csrc/x.cpp and csrc/x.cu would both make
+    # x.o, which ninja refuses ("multiple rules generate"); hence the .cu files' _cuda suffix.
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in cpp + cu]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise RuntimeError(f"csrc/: {clash} name both a .cpp and a .cu source; their object "
+                           "files would collide: rename the .cu (convention: <op>_cuda.cu)")
     # -fopenmp-simd: `#pragma omp simd reduction` lets the row sums vectorize without
     # -ffast-math. -fopenmp (compile only): at::parallel_for is an inline `#pragma omp
     # parallel` in ATen's headers, so without it every C++ kernel runs on one thread. Nothing

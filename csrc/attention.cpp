@@ -1,5 +1,5 @@
 // Flash attention on the CPU (forward, backward, decode), and the entry points that hand CUDA
-// tensors to csrc/attention.cu. Called from minigpt/ops/attention.py, which has already
+// tensors to csrc/attention_cuda.cu. Called from minigpt/ops/attention.py, which has already
 // checked shapes and dtypes; the TORCH_CHECKs here guard the raw-pointer code itself.
 //
 // Layout of the work: a task is (batch, query head, block of BQ queries). It converts its

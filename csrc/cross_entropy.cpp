@@ -1,5 +1,5 @@
 // Cross-entropy over rows of logits: C++ CPU kernel, and the entry point that hands CUDA tensors
-// to csrc/cross_entropy.cu. Called from minigpt/ops/cross_entropy.py, which has already checked
+// to csrc/cross_entropy_cuda.cu. Called from minigpt/ops/cross_entropy.py, which has already checked
 // shapes, dtypes and that every target is ignore_index or in [0, V); the TORCH_CHECKs here guard
 // the raw-pointer code itself.
 //

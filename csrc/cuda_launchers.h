@@ -7,7 +7,7 @@ typedef struct CUstream_st* cudaStream_t;
 
 extern "C" {
 
-// layer_norm.cu: x, r, y, h (M, N) in `dtype`; w, b (N,) fp32; mean, rstd (M,) fp32.
+// layer_norm_cuda.cu: x, r, y, h (M, N) in `dtype`; w, b (N,) fp32; mean, rstd (M,) fp32.
 int minigpt_layer_norm_fwd_cuda(const void* x, const void* r, const float* w, const float* b,
                                 void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N,
                                 float eps, int dtype, cudaStream_t stream);
@@ -17,13 +17,13 @@ int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h, c
                                 float* db_part, int64_t M, int64_t N, int64_t P, int dtype,
                                 cudaStream_t stream);
 
-// softmax.cu: x, y, dy, dx (M, N) in `dtype`; causal rows are (M / T) blocks of (T, N).
+// softmax_cuda.cu: x, y, dy, dx (M, N) in `dtype`; causal rows are (M / T) blocks of (T, N).
 int minigpt_softmax_fwd_cuda(const void* x, void* y, int64_t M, int64_t N, float scale,
                              int causal, int64_t T, int dtype, cudaStream_t stream);
 int minigpt_softmax_bwd_cuda(const void* dy, const void* y, void* dx, int64_t M, int64_t N,
                              float scale, int dtype, cudaStream_t stream);
 
-// rms_norm.cu: x, r, y, h (M, N) in `dtype`; w (N,) fp32; rstd (M,) fp32; dw_part (P, N) fp32
+// rms_norm_cuda.cu: x, r, y, h (M, N) in `dtype`; w (N,) fp32; rstd (M,) fp32; dw_part (P, N) fp32
 // partial sums, one row per block of rows (reduced by the caller).
 int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const float* w, void* y, void* h,
                               float* rstd, int64_t M, int64_t N, float eps, int dtype,
@@ -32,7 +32,7 @@ int minigpt_rms_norm_bwd_cuda(const void* dy, const void* dh, const void* h, con
                               const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N,
                               int64_t P, int dtype, cudaStream_t stream);
 
-// rope.cu: q (B, Hq, T, D), k (B, Hk, T, D) in `dtype` read through strides (unit last
+// rope_cuda.cu: q (B, Hq, T, D), k (B, Hk, T, D) in `dtype` read through strides (unit last
 // stride); qo, ko contiguous; cos/sin fp32 rows of D at b * cos_bstride + t * D, or, with pos
 // (int64, read at b * pos_bstride + t), at pos * D in an (L, D) table.
 int minigpt_rope_cuda(const void* q, const void* k, void* qo, void* ko, const float* cos,
@@ -41,20 +41,20 @@ int minigpt_rope_cuda(const void* q, const void* k, void* qo, void* ko, const fl
                       int64_t ksh, int64_t kst, int64_t cos_bstride, int64_t pos_bstride,
                       int64_t L, int inverse, int dtype, cudaStream_t stream);
 
-// swiglu.cu: gate, up, y, dy, dgate, dup (n,) contiguous in `dtype`.
+// swiglu_cuda.cu: gate, up, y, dy, dgate, dup (n,) contiguous in `dtype`.
 int minigpt_swiglu_fwd_cuda(const void* gate, const void* up, void* y, int64_t n, int dtype,
                             cudaStream_t stream);
 int minigpt_swiglu_bwd_cuda(const void* dy, const void* gate, const void* up, void* dgate,
                             void* dup, int64_t n, int dtype, cudaStream_t stream);
 
-// cross_entropy.cu: logits, grad (M, V) in `dtype` (grad may alias logits, or be null for no
+// cross_entropy_cuda.cu: logits, grad (M, V) in `dtype` (grad may alias logits, or be null for no
 // gradient); target (M,) int64; loss (M,) fp32 per row; grad = grad_scale * dloss_i/dlogits.
 int minigpt_cross_entropy_fwd_cuda(const void* logits, const int64_t* target, void* grad,
                                    float* loss, int64_t M, int64_t V, int64_t ignore_index,
                                    float label_smoothing, float grad_scale, int dtype,
                                    cudaStream_t stream);
 
-// attention.cu. Shapes and element strides of q (B, Hq, T, D) and k, v (B, Hkv, S, D); the head
+// attention_cuda.cu. Shapes and element strides of q (B, Hq, T, D) and k, v (B, Hkv, S, D); the head
 // dimension has unit stride. Outputs (out, dq, dk, dv) are contiguous; lse, delta (B, Hq, T) fp32.
 typedef struct MgAttnGeo {
   int64_t B, Hq, Hkv, T, S, D;

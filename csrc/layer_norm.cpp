@@ -1,5 +1,5 @@
 // LayerNorm (+ fused residual add): C++ CPU kernels, and the entry points that hand CUDA
-// tensors to csrc/layer_norm.cu. Called from minigpt/ops/layer_norm.py, which has already
+// tensors to csrc/layer_norm_cuda.cu. Called from minigpt/ops/layer_norm.py, which has already
 // checked shapes and dtypes; the TORCH_CHECKs here guard the raw-pointer code itself.
 #include "common.h"
 #include "cpu_convert.h"

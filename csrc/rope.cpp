@@ -1,5 +1,5 @@
 // Rotary position embeddings (rotate-half layout), q and k in one pass: C++ CPU kernels and the
-// entry point that hands CUDA tensors to csrc/rope.cu. Called from minigpt/ops/rope.py, which
+// entry point that hands CUDA tensors to csrc/rope_cuda.cu. Called from minigpt/ops/rope.py, which
 // has already checked shapes, dtypes and position ranges; the TORCH_CHECKs here guard the
 // raw-pointer code itself.
 //

@@ -1,5 +1,5 @@
 // softmax(scale * x) over the last dim (optionally causal): C++ CPU kernels, and the entry
-// points that hand CUDA tensors to csrc/softmax.cu. Called from minigpt/ops/softmax.py, which
+// points that hand CUDA tensors to csrc/softmax_cuda.cu. Called from minigpt/ops/softmax.py, which
 // has already checked dtypes and arguments; the TORCH_CHECKs here guard the raw-pointer code.
 #include "common.h"
 #include "cpu_convert.h"

@@ -1,5 +1,5 @@
 // SwiGLU, silu(gate) * up: C++ CPU kernels, and the entry points that hand CUDA tensors to
-// csrc/swiglu.cu. Elementwise over flattened contiguous tensors, fp32 (fp64 for fp64) math.
+// csrc/swiglu_cuda.cu. Elementwise over flattened contiguous tensors, fp32 (fp64 for fp64) math.
 // Called from minigpt/ops/swiglu.py, which has already checked shapes and dtypes.
 #include "common.h"
 #include "cpu_convert.h"

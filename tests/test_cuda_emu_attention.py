@@ -1,4 +1,4 @@
-"""csrc/attention.cu (forward, backward, flash-decoding) run through the CPU CUDA emulator
+"""csrc/attention_cuda.cu (forward, backward, flash-decoding) run through the CPU CUDA emulator
 (tests/cuda_emu) against minigpt.reference. Each call is set up the way the WITH_CUDA branches
 of csrc/attention.cpp do it: MgAttnGeo from make_geo/cuda_geo (element strides of q, k, v, which
 may be any views with a unit last stride), out and lse contiguous (B, Hq, T[, D]), lse fp32 in

@@ -1,4 +1,4 @@
-"""csrc/layer_norm.cu and csrc/softmax.cu run through the CPU CUDA emulator (tests/cuda_emu),
+"""csrc/layer_norm_cuda.cu and csrc/softmax_cuda.cu run through the CPU CUDA emulator (tests/cuda_emu),
 called as the WITH_CUDA branches of csrc/layer_norm.cpp and csrc/softmax.cpp call them, against
 the reference: forward and backward, every dtype, odd widths, every branch of the kernels."""
 import pytest

@@ -1,4 +1,4 @@
-"""csrc/rms_norm.cu, rope.cu, swiglu.cu and cross_entropy.cu run through the CPU CUDA emulator
+"""csrc/rms_norm_cuda.cu, rope_cuda.cu, swiglu_cuda.cu and cross_entropy_cuda.cu run through the CPU CUDA emulator
 (tests/cuda_emu), each launcher called as the WITH_CUDA branch of its csrc/<op>.cpp calls it
 (scratch buffers, P partial rows, strides, table strides) with what minigpt/ops/<op>.py hands
 that entry point, and compared with minigpt.reference: float64 truth and the reference in the
@@ -289,7 +289,7 @@ def test_rope_out_of_range_positions_read_nothing(cuda_emu, dtype, inverse):
 
 # ---- SwiGLU ---------------------------------------------------------------------------------
 
-SWIGLU_GRID = 65536 * 256  # swiglu.cu grid_for caps the grid at 65536 blocks of 256 threads
+SWIGLU_GRID = 65536 * 256  # swiglu_cuda.cu grid_for caps the grid at 65536 blocks of 256 threads
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,6 +1,6 @@
 """layer_norm: the one dispatch point for LayerNorm (optionally fused with a residual add).
 
-Backends: kernels/layer_norm.py (triton), csrc/layer_norm.cu (cuda), csrc/layer_norm.cpp
+Backends: kernels/layer_norm.py (triton), csrc/layer_norm_cuda.cu (cuda), csrc/layer_norm.cpp
 (cpu), minigpt/reference/layer_norm.py (torch). The kernel backends go through the custom
 ops ``minigpt::layer_norm_fwd`` / ``minigpt::layer_norm_bwd`` so torch.compile sees one opaque
 node with a known output shape instead of tracing into Triton or C++.

@@ -1,6 +1,6 @@
 """rms_norm: the one dispatch point for RMSNorm (optionally fused with a residual add).
 
-Backends: kernels/rms_norm.py (triton), csrc/rms_norm.cu (cuda), csrc/rms_norm.cpp (cpu),
+Backends: kernels/rms_norm.py (triton), csrc/rms_norm_cuda.cu (cuda), csrc/rms_norm.cpp (cpu),
 minigpt/reference/rms_norm.py (torch). The kernel backends go through the custom ops
 ``minigpt::rms_norm_fwd`` / ``minigpt::rms_norm_bwd`` so torch.compile sees one opaque node
 with a known output shape instead of tracing into Triton or C++.

@@ -1,7 +1,7 @@
 """rope: the one dispatch point for rotary position embeddings (rotate-half layout, as in
 Hugging Face Llama and GPT-NeoX), rotating q and k in one pass.
 
-Backends: kernels/rope.py (triton), csrc/rope.cu (cuda), csrc/rope.cpp (cpu),
+Backends: kernels/rope.py (triton), csrc/rope_cuda.cu (cuda), csrc/rope.cpp (cpu),
 minigpt/reference/rope.py (torch). The kernel backends go through the custom op
 ``minigpt::rope``; its backward is the same op run as the inverse rotation (by -sin).
 Gradients flow to q and k only: cos and sin are treated as constants (their gradient is

@@ -1,6 +1,6 @@
 """softmax: the one dispatch point for softmax(scale * x) over the last dim, optionally causal.
 
-Backends: kernels/softmax.py (triton), csrc/softmax.cu (cuda), csrc/softmax.cpp (cpu),
+Backends: kernels/softmax.py (triton), csrc/softmax_cuda.cu (cuda), csrc/softmax.cpp (cpu),
 minigpt/reference/softmax.py (torch). The kernel backends go through the custom ops
 ``minigpt::softmax_fwd`` / ``minigpt::softmax_bwd`` so torch.compile sees one opaque node
 with a known output shape instead of tracing into Triton or C++.

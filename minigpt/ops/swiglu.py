@@ -1,6 +1,6 @@
 """swiglu: the one dispatch point for SwiGLU's activation, ``silu(gate) * up``.
 
-Backends: kernels/swiglu.py (triton), csrc/swiglu.cu (cuda), csrc/swiglu.cpp (cpu),
+Backends: kernels/swiglu.py (triton), csrc/swiglu_cuda.cu (cuda), csrc/swiglu.cpp (cpu),
 minigpt/reference/swiglu.py (torch). The kernel backends go through the custom ops
 ``minigpt::swiglu_fwd`` / ``minigpt::swiglu_bwd``. Only gate and up are saved for backward
 (silu(gate) is recomputed there), so the fused op keeps no fp32 temporaries alive.
