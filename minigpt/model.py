@@ -405,10 +405,9 @@ class GPT(nn.Module):
             cache._end(T)
 
         if targets is not None:
-            # The fused op picks its own precision (fp32 accumulation); autocast must not
-            # recast the matmuls inside it.
-            with torch.autocast(x.device.type, enabled=False):
-                loss = ops.fused_linear_cross_entropy(x, self.lm_head.weight, targets)
+            # lm_head and the loss in one op that never holds the (tokens, vocab) logits; under
+            # autocast its matmuls run in bf16/fp16 like self.lm_head's would, the loss in fp32.
+            loss = ops.fused_linear_cross_entropy(x, self.lm_head.weight, targets)
             return None, loss
         if only_last:
             x = x[:, -1:, :]

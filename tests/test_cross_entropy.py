@@ -386,18 +386,40 @@ def test_unavailable_backend():
 
 
 @pytest.mark.parametrize("be", ["torch", "cpu"])
-def test_fused_linear_ce_ignores_enclosing_autocast(be):
-    """Under bf16 autocast the op still computes in its inputs' dtype (fp32 here): same loss
-    and gradients as outside autocast, instead of failing inside its chunk matmuls."""
+def test_fused_linear_ce_follows_autocast(be):
+    """Under bf16 autocast the matmul runs in bf16, as F.linear's would: the same loss and
+    gradients as the op on bf16 copies of the inputs outside autocast, a float32 loss, and
+    float32 gradients for the float32 leaves (the casts are differentiable)."""
     h = torch.randn(10, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
     t = torch.randint(0, 50, (10,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_ac = ops.fused_linear_cross_entropy(h, w, t, backend=be)
     g_ac = torch.autograd.grad(loss_ac, [h, w])
-    loss = ops.fused_linear_cross_entropy(h, w, t, backend=be)
-    g = torch.autograd.grad(loss, [h, w])
-    assert loss_ac.dtype == torch.float32
-    torch.testing.assert_close(loss_ac, loss, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g_ac, g):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    hb = h.detach().bfloat16().requires_grad_()
+    wb = w.detach().bfloat16().requires_grad_()
+    loss_b = ops.fused_linear_cross_entropy(hb, wb, t, backend=be)
+    g_b = torch.autograd.grad(loss_b, [hb, wb])
+    assert loss_ac.dtype == torch.float32 and loss_b.dtype == torch.float32
+    torch.testing.assert_close(loss_ac, loss_b, rtol=0, atol=0)
+    for a, b in zip(g_ac, g_b):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=0)
+    # ... and it is a bf16 computation: close to fp32's, not equal to it.
+    loss32 = ops.fused_linear_cross_entropy(h, w, t, backend=be)
+    assert loss_ac.item() != loss32.item()
+    torch.testing.assert_close(loss_ac, loss32, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_linear_ce_autocast_mixed_dtypes():
+    """Autocast also reconciles a bf16 hidden with an fp32 weight (as F.linear does); outside
+    autocast that mix is an error naming both dtypes."""
+    h = torch.randn(6, 8, dtype=torch.bfloat16)
+    w = torch.randn(20, 8)
+    t = torch.randint(0, 20, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.fused_linear_cross_entropy(h, w, t)
+    ref = ops.fused_linear_cross_entropy(h, w.bfloat16(), t)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    with pytest.raises((TypeError, ValueError), match="dtype"):
+        ops.fused_linear_cross_entropy(h, w, t)

@@ -1,6 +1,6 @@
 """cross_entropy / fused_linear_cross_entropy: the dispatch point for the loss.
 
-Backends: kernels/cross_entropy.py (triton), csrc/cross_entropy.cu (cuda), csrc/cross_entropy.cpp
+Backends: kernels/cross_entropy.py (triton), csrc/cross_entropy_cuda.cu (cuda), csrc/cross_entropy.cpp
 (cpu), and for ``cross_entropy`` minigpt/reference/cross_entropy.py (torch). Semantics are
 ``F.cross_entropy`` on float32 logits: ``reduction`` "mean" (over targets that are not
 ``ignore_index``; NaN when every target is ignored, like PyTorch), "sum" or "none", and
@@ -364,12 +364,32 @@ _EagerFLCE = eager_function("_EagerFLCE", _flce_fwd_impl, _flce_setup, _flce_bac
                             nondiff_outputs=(1, 2, 3))
 
 
+def _autocast_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Under autocast the product hidden @ weight.T runs in the autocast dtype, as F.linear's
+    would; the loss and the weight gradient's sum over chunks stay fp32 (_chunks). Keeping the
+    fp32 product instead made the loss 70% of a GPT-2 training step on an H200 (fp32 GEMMs
+    on CUDA cores): benchmarks/results/bench_train_cuda-h200_profile.md. Like autocast, only
+    fp32 tensors are cast (the casts are differentiable: weight.grad stays fp32)."""
+    dev = hidden.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t.to(dt) if t is not None and t.dtype == torch.float32 else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                                bias: Optional[Tensor] = None, ignore_index: int = -100,
                                reduction: str = "mean", backend: Optional[str] = None,
                                chunk_size: Optional[int] = None) -> Tensor:
     """``cross_entropy(hidden @ weight.T + bias, target)`` without ever holding the full
     (tokens, V) logits: hidden (..., H), weight (V, H), bias (V,), target (...).
+
+    Under ``torch.autocast`` the matmul runs in the autocast dtype (fp32 inputs are cast, as
+    for ``F.linear``); the loss is accumulated in fp32 either way.
 
     ``chunk_size``: tokens per chunk (default: chunk logits as large as ``hidden`` or 16M
     elements, whichever is more). ``backend`` picks the per-chunk cross-entropy kernel, as in ``cross_entropy``.
@@ -392,6 +412,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         raise ValueError(f"{FOP}: target must have hidden's shape without the last dimension, "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
     _checks.same_device(FOP, hidden=hidden, weight=weight, bias=bias, target=target)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _checks.same_dtype(FOP, hidden=hidden, weight=weight, bias=bias)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
