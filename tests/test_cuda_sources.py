@@ -18,6 +18,17 @@ def test_there_are_cuda_sources():
     assert CU_FILES, "csrc/*.cu not found"
 
 
+
+def test_object_files_do_not_collide():
+    """Every source of the extension gets an object file named after its stem: a .cpp and a
+    .cu of one name make ninja refuse the CUDA build ("multiple rules generate x.o"), which
+    only a GPU machine runs. setup.py says so too; this catches it on every CI run."""
+    srcs = [f for ext in ("cpp", "cu") for f in glob.glob(os.path.join(ROOT, "csrc", "*." + ext))]
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in srcs]
+    assert len(srcs) > 2
+    assert sorted(set(s for s in stems if stems.count(s) > 1)) == []
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 @pytest.mark.parametrize("path", CU_FILES, ids=os.path.basename)
 def test_cu_compiles_for_sm90(path, tmp_path):
