@@ -8,9 +8,12 @@ Backward, a fixed number of programs each owning a contiguous slice of rows: dx 
 each program's partial sums of dweight/dbias go to its own row of a (programs, N) fp32
 buffer (no atomics), which one torch .sum(0) reduces at the end.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from minigpt.kernels._util import num_programs, row_block, row_warps
 
@@ -76,10 +79,26 @@ def _ln_fwd_kernel(X, R, W, B, Y, H, Mean, Rstd, N, eps,
     tl.store(Rstd + row, rstd)
 
 
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _mul_rn(a, b, EXACT: tl.constexpr):
+    # A rounded product the compiler may not fuse into a later subtraction. dx = (w*dy - c2 -
+    # xhat*c1) * rstd with w*dy fused as an FMA subtracts the rounded mean c2 from the exact
+    # product: for N = 1 (where dx is exactly 0) that left the product's rounding error times
+    # rstd (~316 at eps 1e-5), 2e-5 on an H200. The interpreter has no libdevice (and no FMA).
+    if EXACT:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
 @triton.jit
 def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
                    HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                   BLOCK: tl.constexpr, SINGLE: tl.constexpr, EXACT_MUL: tl.constexpr):
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     # The last program's slice may run past M: those rows are masked off rather than given a
@@ -101,7 +120,7 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
             mean = tl.load(Mean + row, mask=valid, other=0.0)
             rstd = tl.load(Rstd + row, mask=valid, other=0.0)
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-            wdy = w * dy
+            wdy = _mul_rn(w, dy, EXACT_MUL)
             c1 = tl.sum(xhat * wdy, axis=0) / N
             c2 = tl.sum(wdy, axis=0) / N
             dx = (wdy - (xhat * c1 + c2)) * rstd
@@ -134,7 +153,7 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
                 x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                wdy = tl.load(W + cols, mask=mask, other=0.0) * dy
+                wdy = _mul_rn(tl.load(W + cols, mask=mask, other=0.0), dy, EXACT_MUL)
                 a1 += xhat * wdy
                 a2 += wdy
             c1 = tl.sum(a1, axis=0) / N
@@ -145,7 +164,7 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
                 x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                wdy = tl.load(W + cols, mask=mask, other=0.0) * dy
+                wdy = _mul_rn(tl.load(W + cols, mask=mask, other=0.0), dy, EXACT_MUL)
                 dx = (wdy - (xhat * c1 + c2)) * rstd
                 if HAS_DH:
                     dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
@@ -184,7 +203,7 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
     _ln_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
         M, N, rows_per_prog, HAS_DH=dh is not None, HAS_BIAS=has_bias,
-        BLOCK=BLOCK, SINGLE=single, num_warps=row_warps(BLOCK))
+        BLOCK=BLOCK, SINGLE=single, EXACT_MUL=not _interpreting(), num_warps=row_warps(BLOCK))
     dw = dw_part.sum(0)
     db = db_part.sum(0) if has_bias else weight.new_empty(0)
     return dx, dw, db
