@@ -155,6 +155,21 @@ pack() {
 
 # `+stage` runs in the background (for a stage whose timing does not matter, beside a CPU-bound
 # one); `wait` waits for every background stage.
+# `lease15`: the whole checklist as one call that fits a 15-minute lease (the machine started
+# in ~30 s; timeout_s 600). Stage seconds on an H200, 2026-11-26: install 8, build 82,
+# quality 218 (background, beside build + cudatest), attention 43, ops 44, training_ops 42,
+# generate 27, train (gpt2) 52: ~450 s in all. Each variable below can be overridden.
+if [ "${1:-}" = lease15 ]; then
+    [ "$DEADLINE" -gt 0 ] || DEADLINE=570
+    : "${MAX_JOBS:=12}" "${TEST_WORKERS:=8}"
+    : "${STAGE_LIMITS:=quality=260 cudatest=130 attention=100 ops=70 training_ops=60 generate=60 train=170}"
+    : "${OPS_ARGS:=--quick --no-compile --budget 0.5}"
+    : "${TRAINING_OPS_ARGS:=--ops rms_norm,fused_linear_cross_entropy --budget 0.5}"
+    : "${GENERATE_ARGS:=--reps 2}" "${TRAIN_ARGS:=--config gpt2 --steps 10 --profile}"
+    export DEADLINE MAX_JOBS TEST_WORKERS STAGE_LIMITS OPS_ARGS TRAINING_OPS_ARGS GENERATE_ARGS TRAIN_ARGS
+    LIMITS="$LIMITS $STAGE_LIMITS"
+    set -- install +quality build cudatest wait attention ops training_ops generate train
+fi
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
 for stage in "$@"; do  # refuse a misspelt stage before anything runs
     [ "$stage" = wait ] || [ -n "$(limit_of "${stage#+}")" ] || { echo "unknown stage" \
