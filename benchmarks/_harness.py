@@ -144,6 +144,41 @@ def time_fns_stats(fns: Dict[str, Callable], device: torch.device, warmup: int =
             for name, v in samples.items()}
 
 
+def device_us(events, device_type) -> float:
+    """Summed duration (us) of the profiler events that ran on ``device_type`` (a
+    torch.autograd.DeviceType): on CUDA, every kernel, memset and device copy."""
+    return sum(e.time_range.elapsed_us() for e in events if e.device_type == device_type)
+
+
+def kernel_ms(fns: Dict[str, Callable], device: torch.device, iters: int = 10
+              ) -> Dict[str, Optional[float]]:
+    """{name: GPU time per call in ms}: the summed durations of what one call runs on the GPU
+    (torch.profiler), without the host time between launches. A per-call timing (CUDA events
+    around one call) includes the Python and launch overhead, tens of microseconds, which
+    swamps a 5 us row kernel; this is the number a kernel's bandwidth is judged on. {} off
+    CUDA; None for a function the profiler could not measure (the timing still stands)."""
+    if device.type != "cuda":
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    out: Dict[str, Optional[float]] = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            sync(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    fn()
+                sync(device)
+            us = device_us(prof.events(), DeviceType.CUDA)
+            out[name] = us / iters / 1e3 if us > 0 else None
+        except Exception as e:  # an extra column: never the reason a benchmark run fails
+            print(f"  (kernel time of {name} not measured: {type(e).__name__}: {e})", flush=True)
+            out[name] = None
+    return out
+
+
 def time_fns(fns: Dict[str, Callable], device: torch.device, warmup: int = 3,
              reps: Optional[int] = None, budget_s: float = 2.0,
              max_reps: int = 200) -> Dict[str, float]:

@@ -273,3 +273,20 @@ def test_ops_run_invokes_each_script_quick(monkeypatch, tmp_path):
     rows = _read_csv(res["paths"]["csv"])
     assert [(r["op"], r["shape"], r["backend"], float(r["x eager"])) for r in rows] == [
         ("softmax", "7x1025", "cpu", 3.5)]
+
+
+def test_harness_kernel_time():
+    """kernel_ms (GPU time per call from torch.profiler) is a CUDA-only column: {} elsewhere.
+    Its summing helper reads the profiler's events by device type (checked here on CPU events,
+    the same FunctionEvent API the CUDA kernels come through)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    H = bench.harness()
+    assert H.kernel_ms({"f": lambda: None}, torch.device("cpu")) == {}
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            a @ a
+    assert H.device_us(prof.events(), DeviceType.CPU) > 0
+    assert H.device_us(prof.events(), DeviceType.CUDA) == 0
