@@ -19,8 +19,9 @@
 # $OUT/gpu_results.tgz; unpack it here at the repository root (`tar xzf .../gpu_results.tgz`)
 # and commit what it brings.
 #
-# Stages: prepare (here), build, test, tune, ops, attention, training_ops, generate (bench:
-# those four), train, quality. Each stage has its own
+# Stages: prepare (here), install, build, test, cudatest, tune, ops, attention, training_ops,
+# generate (bench: those four), decode, train, quality; lease15 = all of them in one call (see
+# there). Each stage has its own
 # time limit so one slow stage cannot take the whole call; a stage that fails is reported and
 # the next one still runs; the exit code is the number of failed stages.
 set -uo pipefail
@@ -122,6 +123,13 @@ stage_attention() { $PY benchmarks/bench_attention.py --device cuda ${ATTENTION_
 stage_training_ops() { $PY benchmarks/bench_training_ops.py --device cuda ${TRAINING_OPS_ARGS:-}; }
 stage_generate() { $PY benchmarks/bench_generate.py --device cuda --weights random ${GENERATE_ARGS:-}; }
 
+stage_decode() {
+    # minigpt bench decode: our GPT's decode (kernels vs eager) and SmolLM2's shape against
+    # transformers, with GB/s of weights + cache per token.
+    $PY -m minigpt bench decode --device cuda --model gpt && \
+        $PY -m minigpt bench decode --device cuda --model smollm2 --weights random
+}
+
 stage_train() {
     $PY -m minigpt bench train --device cuda ${TRAIN_ARGS:---config seed,shakespeare_char,gpt2}
 }
@@ -134,7 +142,7 @@ stage_quality() {
 if [ "${GPU_SESSION_INNER:-}" = 1 ]; then "stage_$1"; exit $?; fi  # one stage, under timeout
 
 LIMITS="prepare=300 install=120 build=420 test=540 cudatest=540 tune=420 ops=420 attention=420
-training_ops=300 generate=300 train=540 quality=540"
+training_ops=300 generate=300 decode=240 train=540 quality=540"
 # STAGE_LIMITS="cudatest=120 quality=250" overrides these (the last entry for a stage wins).
 LIMITS="$LIMITS ${STAGE_LIMITS:-}"
 limit_of() {
@@ -162,19 +170,19 @@ pack() {
 if [ "${1:-}" = lease15 ]; then
     [ "$DEADLINE" -gt 0 ] || DEADLINE=570
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=8}"
-    : "${STAGE_LIMITS:=quality=260 cudatest=130 attention=100 ops=70 training_ops=60 generate=60 train=170}"
+    : "${STAGE_LIMITS:=quality=260 cudatest=130 attention=100 ops=70 training_ops=60 generate=60 train=120 decode=80}"
     : "${OPS_ARGS:=--quick --no-compile --budget 0.5}"
     : "${TRAINING_OPS_ARGS:=--ops rms_norm,fused_linear_cross_entropy --budget 0.5}"
     : "${GENERATE_ARGS:=--reps 2}" "${TRAIN_ARGS:=--config gpt2 --steps 10 --profile}"
     export DEADLINE MAX_JOBS TEST_WORKERS STAGE_LIMITS OPS_ARGS TRAINING_OPS_ARGS GENERATE_ARGS TRAIN_ARGS
     LIMITS="$LIMITS $STAGE_LIMITS"
-    set -- install +quality build cudatest wait attention ops training_ops generate train
+    set -- install +quality build cudatest wait attention ops training_ops generate train decode
 fi
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
 for stage in "$@"; do  # refuse a misspelt stage before anything runs
     [ "$stage" = wait ] || [ -n "$(limit_of "${stage#+}")" ] || { echo "unknown stage" \
         "'$stage' (prepare install build test cudatest tune ops attention training_ops" \
-        "generate bench train quality, +stage, wait)"; exit 2; }
+        "generate decode bench train quality, +stage, wait)"; exit 2; }
 done
 [ "$*" = prepare ] || install_carried
 summary=""
