@@ -3,13 +3,18 @@ import math
 import torch
 
 from minigpt.reference._util import acc
+from minigpt.reference.philox import dropout_keep
 from minigpt.reference.softmax import causal_mask, masked_softmax_rows
 
 
-def attention(q, k, v, causal=True, scale=None):
+def attention(q, k, v, causal=True, scale=None, dropout_p=0.0, seed=None):
     """Explicit softmax(q k^T * scale) v in float32. q (B, Hq, T, D); k, v (B, Hkv, S, D) with
     Hq a multiple of Hkv (grouped-query attention). Causal is aligned to the end: query i sees
-    keys j <= i + S - T. A query that sees no key (T > S) gets zeros."""
+    keys j <= i + S - T. A query that sees no key (T > S) gets zeros.
+
+    ``dropout_p`` > 0: dropout on the probabilities (SDPA's ``dropout_p``), each zeroed with
+    probability p and the kept ones scaled by 1/(1-p), with the mask the Triton kernels draw
+    from ``seed`` (an int in [0, 2**63); see minigpt/reference/philox.py)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -20,6 +25,11 @@ def attention(q, k, v, causal=True, scale=None):
     if causal:
         s = s.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
     p = masked_softmax_rows(s)
+    if dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("reference.attention: dropout_p > 0 needs a seed")
+        keep = dropout_keep(seed, dropout_p, p.shape, p.device)
+        p = torch.where(keep, p, 0.0) * (1.0 / (1.0 - dropout_p))
     return (p @ vf).to(q.dtype)
 
 
