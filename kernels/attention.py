@@ -17,6 +17,15 @@ Decode (flash-decoding): one program per (batch x kv head, split of the keys) ho
 heads of the GQA group (padded to 16 rows so tl.dot applies) and writes a partial result and
 its logsumexp; a combine kernel merges the splits.
 
+Dropout on the probabilities (DROPOUT, FlashAttention's way): the mask is never stored.
+Probability (b, h, i, j) is kept when tl.rand(seed, ((b * Hq + h) * T + i) * S + j) >= p, a
+counter-based Philox draw the forward and both backward kernels regenerate whatever their
+tiles (minigpt/reference/philox.py computes the same mask on the host). The forward's
+normalizer l and the saved lse stay those of the undropped softmax; the kept P V sum is scaled
+by 1/(1-p) at the end. The backward needs no other change than dP times mask/(1-p) before
+dS = P (dP - delta): delta = rowsum(dO * O) = rowsum(P * dP) holds with the dropped O too.
+With DROPOUT off the seed and p arguments are unused and the code is the code without them.
+
 The Triton interpreter computes tl.dot on bf16/fp16 wrongly, so under TRITON_INTERPRET=1 the
 tiles are upcast to fp32 before every dot (DOT); compiled on a GPU the dots run on
 bf16/fp16 tensor cores with fp32 accumulation, and fp32 inputs on three-pass TF32 (~fp32
@@ -51,8 +60,9 @@ def _dot(a, b, DOT: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, D, S, T,
-               qk_scale, start, stop, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+               qk_scale, start, stop, rng_rows, seed, dropout_p, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+               DROPOUT: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < D
     for start_n in range(start, stop, BLOCK_N):
@@ -77,17 +87,21 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, D, 
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=tl.trans(kv_mask),
                     other=0.0)
+        if DROPOUT:
+            # l_i above is the undropped normalizer; only the P V sum loses the dropped terms.
+            keep = tl.rand(seed, rng_rows[:, None] + cols[None, :]) >= dropout_p
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
-                     H, T, S, D, REP, qk_scale,
+                     H, T, S, D, REP, qk_scale, seed: tl.int64, dropout_p, drop_scale,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                     BLOCK_D: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:
         # The last query blocks see the most keys: launch them first, so the light blocks
@@ -117,12 +131,19 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     else:
         full = S // BLOCK_N * BLOCK_N
         end = S
+    # Flat index of (b, h, row, key 0) in the (B, Hq, T, S) probabilities: the RNG offset base.
+    rng_rows = (pid_bh.to(tl.int64) * T + offs_m) * S
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sks, svs, offs_m, offs_d, D, S, T,
-                               qk_scale, 0, full, False, CAUSAL, BLOCK_N, DOT)
+                               qk_scale, 0, full, rng_rows, seed, dropout_p, False, CAUSAL,
+                               BLOCK_N, DOT, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, sks, svs, offs_m, offs_d, D, S, T,
-                               qk_scale, full, end, True, CAUSAL, BLOCK_N, DOT)
+                               qk_scale, full, end, rng_rows, seed, dropout_p, True, CAUSAL,
+                               BLOCK_N, DOT, DROPOUT)
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if DROPOUT:
+        out = acc * (drop_scale / tl.where(seen, l_i, 1.0))[:, None]
+    else:
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("inf"))
     O += pid_bh.to(tl.int64) * T * D
@@ -150,13 +171,16 @@ def _bwd_preprocess_kernel(O, DO, DELTA, H, T, D, sdb, sdh, sdt,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh, sqt,
                 sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, first_m, n_blocks,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
+                seed, dropout_p, drop_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                DOT: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate dK/dV of one key block over ``n_blocks`` query blocks from ``first_m``, for
     every query head of the GQA group. One flat loop over (head, query block) rather than two
     nested ones: Triton software-pipelines only the innermost loop, and the nested form kept
     the outer loop's pointers live beside the accumulators (spills on sm_90 for GQA).
     MASKED: apply the causal mask (the blocks on the diagonal). Padded key rows (past S) need
-    no mask: they only reach their own rows of dK/dV, which are never stored."""
+    no mask: they only reach their own rows of dK/dV, which are never stored.
+    DROPOUT: dV sums the kept P unscaled (the caller scales dV by 1/(1-p) once); dP is masked
+    and scaled before dS."""
     offs_mb = tl.arange(0, BLOCK_M)
     for it in range(0, REP * n_blocks):
         g = it // n_blocks
@@ -175,19 +199,25 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (S - T), pT, 0.0)
-        dv += _dot(pT.to(do.dtype), do, DOT)
-        dpT = _dot(v, tl.trans(do), DOT)
+        if DROPOUT:
+            keepT = tl.rand(seed, (row + offs_m)[None, :] * S + offs_n[:, None]) >= dropout_p
+            dv += _dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, DOT)
+            dpT = tl.where(keepT, _dot(v, tl.trans(do), DOT) * drop_scale, 0.0)
+        else:
+            dv += _dot(pT.to(do.dtype), do, DOT)
+            dpT = _dot(v, tl.trans(do), DOT)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, DOT)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
-                     Hq, Hkv, T, S, D, REP, qk_scale, scale,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                     Hq, Hkv, T, S, D, REP, qk_scale, scale, seed: tl.int64, dropout_p,
+                     drop_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                     DROPOUT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -213,13 +243,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         n_masked = tl.cdiv(tl.maximum(tl.minimum(full, T) - lo, 0), BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
                              sqt, sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, lo, n_masked,
-                             True, BLOCK_M, DOT)
+                             seed, dropout_p, drop_scale, True, BLOCK_M, DOT, DROPOUT)
     else:
         full = 0
     n_full = tl.cdiv(tl.maximum(T - full, 0), BLOCK_M)
     dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh, sqt,
                          sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, full, n_full,
-                         False, BLOCK_M, DOT)
+                         seed, dropout_p, drop_scale, False, BLOCK_M, DOT, DROPOUT)
+    if DROPOUT:
+        dv = dv * drop_scale
     out = pid_bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
@@ -227,8 +259,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T, qk_scale,
-              start, stop, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT: tl.constexpr):
+              start, stop, rng_rows, seed, dropout_p, drop_scale, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+              DROPOUT: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks in [start, stop). MASKED: the end
     of the keys, and the causal mask if CAUSAL. The last, ragged key block needs the latter even
     without causality: its zero-padded keys give P = exp2(-lse), which can overflow to inf,
@@ -247,17 +280,20 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, 
                 keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, vt, DOT)
+        if DROPOUT:
+            keep = tl.rand(seed, rng_rows[:, None] + cols[None, :]) >= dropout_p
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
-                   H, T, S, D, REP, qk_scale, scale,
+                   H, T, S, D, REP, qk_scale, scale, seed: tl.int64, dropout_p, drop_scale,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                   BLOCK_D: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:
         # The last query blocks see the most keys: launch them first, so the light blocks
@@ -289,10 +325,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     else:
         full = S // BLOCK_N * BLOCK_N
         end = S
+    rng_rows = (row + offs_m) * S
     dq = _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T,
-                   qk_scale, 0, full, False, CAUSAL, BLOCK_N, DOT)
+                   qk_scale, 0, full, rng_rows, seed, dropout_p, drop_scale, False, CAUSAL,
+                   BLOCK_N, DOT, DROPOUT)
     dq = _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T,
-                   qk_scale, full, end, True, CAUSAL, BLOCK_N, DOT)
+                   qk_scale, full, end, rng_rows, seed, dropout_p, drop_scale, True, CAUSAL,
+                   BLOCK_N, DOT, DROPOUT)
     tl.store(DQ + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -390,15 +429,32 @@ _DEFAULT_FP32 = {
     128: {"fwd": (32, 32, 4, 2), "dkdv": (32, 16, 8, 2), "dq": (16, 32, 4, 2)},
     256: {"fwd": (16, 32, 4, 2), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)},
 }
+# Dropout draws ten Philox rounds per probability in registers: at some tiles above that
+# spills on sm_90. These replace them with dropout on (no spills). fp32 at head dim 256 spills
+# at every tile tried: its forward 28 bytes a thread here (556 without dropout at the default
+# tiles), its backward keeps the default tiles, the fewest found, at 700 (dK/dV) and 276 (dQ)
+# bytes against 348 and 164 without dropout.
+_DROPOUT_16BIT = {
+    64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3)},
+    128: {"dkdv": (32, 64, 8, 3), "dq": (32, 64, 8, 3)},
+    256: {"dq": (32, 32, 8, 2)},
+}
+_DROPOUT_FP32 = {
+    64: {"fwd": (64, 32, 4, 3), "dq": (32, 32, 8, 2)},
+    128: {},
+    256: {"fwd": (16, 32, 8, 2)},
+}
 _INTERPRETER_TILES = (32, 32, 4, 1)  # the interpreter: small tiles run fastest
 TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
 _tuned_cache = {}
 
 
-def config_key(kernel, dtype, block_d, causal):
-    """The key of one entry of attention_tuned.json, e.g. "fwd/16bit/d128/causal"."""
+def config_key(kernel, dtype, block_d, causal, dropout=False):
+    """The key of one entry of attention_tuned.json, e.g. "fwd/16bit/d128/causal" (with
+    "/dropout" appended for the dropout variants)."""
     prec = "fp32" if dtype == torch.float32 else "16bit"
-    return f"{kernel}/{prec}/d{block_d}/{'causal' if causal else 'full'}"
+    return f"{kernel}/{prec}/d{block_d}/{'causal' if causal else 'full'}" + (
+        "/dropout" if dropout else "")
 
 
 def _tuned(device):
@@ -413,13 +469,18 @@ def _tuned(device):
     return _tuned_cache[arch]
 
 
-def tiles(kernel, dtype, block_d, causal, device):
+def tiles(kernel, dtype, block_d, causal, device, dropout=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one of the three kernels."""
     if device.type != "cuda":
         return _INTERPRETER_TILES
-    found = _tuned(device).get(config_key(kernel, dtype, block_d, causal))
+    found = _tuned(device).get(config_key(kernel, dtype, block_d, causal, dropout))
     if found is not None:
         return found
+    if dropout:
+        table = _DROPOUT_FP32 if dtype == torch.float32 else _DROPOUT_16BIT
+        found = table[max(64, block_d)].get(kernel)
+        if found is not None:
+            return found
     table = _DEFAULT_FP32 if dtype == torch.float32 else _DEFAULT_16BIT
     return table[max(64, block_d)][kernel]
 
@@ -444,27 +505,37 @@ def _dot_mode(dtype, fp32="tf32x3"):
     return fp32 if dtype == torch.float32 else "native"
 
 
-def attention_fwd(q, k, v, causal, scale, config=None):
+def _dropout_args(dropout_p, seed):
+    """(seed, p, 1/(1-p), DROPOUT) kernel arguments; seed an int in [0, 2**63)."""
+    if dropout_p > 0.0:
+        return int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p), True
+    return 0, 0.0, 1.0, False
+
+
+def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     """q (B, Hq, T, D), k, v (B, Hkv, S, D), unit last stride -> out (contiguous), lse fp32.
-    ``config``: tiles to use instead of tiles("fwd", ...) (the tuner's candidates)."""
+    ``config``: tiles to use instead of tiles("fwd", ...) (the tuner's candidates).
+    ``dropout_p`` > 0: dropout on the probabilities, mask drawn from ``seed`` (module doc)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     BD = _block_d(D)
-    BM, BN, warps, stages = config or tiles("fwd", q.dtype, BD, causal, q.device)
+    seed, p, drop_scale, dropout = _dropout_args(dropout_p, seed)
+    BM, BN, warps, stages = config or tiles("fwd", q.dtype, BD, causal, q.device, dropout)
     grid = (triton.cdiv(T, BM), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, T, S, D, H // Hkv,
-        scale * LOG2E, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-        DOT=_dot_mode(q.dtype), num_warps=warps, num_stages=stages)
+        scale * LOG2E, seed, p, drop_scale, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        DOT=_dot_mode(q.dtype), DROPOUT=dropout, num_warps=warps, num_stages=stages)
     return out, lse
 
 
-def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_config=None):
+def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_config=None,
+                  dropout_p=0.0, seed=0):
     """-> dq, dk, dv contiguous in q's dtype. ``dkdv_config``/``dq_config``: tiles to use
-    instead of tiles("dkdv"/"dq", ...)."""
+    instead of tiles("dkdv"/"dq", ...). ``dropout_p``, ``seed``: the forward's."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep = H // Hkv
@@ -480,16 +551,17 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dot = _dot_mode(q.dtype)
-    bm, bn, warps, stages = dkdv_config or tiles("dkdv", q.dtype, BD, causal, q.device)
+    drop = _dropout_args(dropout_p, seed)
+    bm, bn, warps, stages = dkdv_config or tiles("dkdv", q.dtype, BD, causal, q.device, drop[3])
     _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, T, S, D, rep, scale * LOG2E, scale,
-        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot, num_warps=warps,
-        num_stages=stages)
-    bm, bn, warps, stages = dq_config or tiles("dq", q.dtype, BD, causal, q.device)
+        *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
+        DROPOUT=drop[3], num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = dq_config or tiles("dq", q.dtype, BD, causal, q.device, drop[3])
     _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, dq, *strides, H, T, S, D, rep, scale * LOG2E, scale,
-        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot, num_warps=warps,
-        num_stages=stages)
+        *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
+        DROPOUT=drop[3], num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

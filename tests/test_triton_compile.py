@@ -118,20 +118,31 @@ def _cases():
     # head dim up to ops.attention.MAX_GPU_HEAD_DIM; fp16 the same tiles in the other 16-bit
     # type. fp32 takes one head dim per tile shape of attn.tiles (BLOCK_D <= 64, 128,
     # 256), each its own group: its three-pass TF32 dots take ptxas several seconds a kernel.
-    attention = [(bf16, D, True) for D in (16, 32, 48, 64, 80, 96, 128, 256)]
-    attention += [(bf16, 64, False), (bf16, 128, False), (f16, 64, True), (f16, 128, False),
-                  (f16, 256, True), (f32, 64, True), (f32, 128, True), (f32, 256, True)]
-    for dt, D, causal in attention:
+    attention = [(bf16, D, True, 0.0) for D in (16, 32, 48, 64, 80, 96, 128, 256)]
+    attention += [(bf16, 64, False, 0.0), (bf16, 128, False, 0.0), (f16, 64, True, 0.0),
+                  (f16, 128, False, 0.0), (f16, 256, True, 0.0), (f32, 64, True, 0.0),
+                  (f32, 128, True, 0.0), (f32, 256, True, 0.0)]
+    # Dropout on the probabilities (the DROPOUT variants of the three kernels): one case per
+    # tile shape of attn.tiles and dtype family, plus a non-causal one.
+    attention += [(bf16, D, True, 0.1) for D in (16, 64, 128, 256)]
+    attention += [(bf16, 128, False, 0.1), (f16, 64, True, 0.1), (f32, 64, True, 0.1),
+                  (f32, 128, True, 0.1), (f32, 256, True, 0.1)]
+    for dt, D, causal, p in attention:
         # MHA with lengths a multiple of the tiles at D=64; GQA (4 query heads per kv head)
         # with ragged lengths and a KV prefix (S > T) elsewhere.
         Hq, Hkv, T, S = (8, 8, 256, 256) if D == 64 else (8, 2, 200, 260)
         group = f"attention_fp32_d{D}" if dt == f32 else "attention"
 
-        @case(group, f"D={D} {dt_name[dt]} causal={causal} Hq/Hkv={Hq}/{Hkv} T={T} S={S}")
-        def _(D=D, dt=dt, causal=causal, Hq=Hq, Hkv=Hkv, T=T, S=S):
+        drop = f" dropout={p}" if p else ""
+
+        @case(group, f"D={D} {dt_name[dt]} causal={causal}{drop} Hq/Hkv={Hq}/{Hkv} T={T} S={S}")
+        def _(D=D, dt=dt, causal=causal, Hq=Hq, Hkv=Hkv, T=T, S=S, p=p):
             q, k, v = t(2, Hq, T, D, dtype=dt), t(2, Hkv, S, D, dtype=dt), t(2, Hkv, S, D, dtype=dt)
-            out, lse = attn.attention_fwd(q, k, v, causal, D ** -0.5)
-            attn.attention_bwd(t(2, Hq, T, D, dtype=dt), q, k, v, out, lse, causal, D ** -0.5)
+            # A seed above 2**32 (any seed takes the same compiled kernel: not specialized).
+            drop = {"dropout_p": p, "seed": 2**40 + 17} if p else {}
+            out, lse = attn.attention_fwd(q, k, v, causal, D ** -0.5, **drop)
+            attn.attention_bwd(t(2, Hq, T, D, dtype=dt), q, k, v, out, lse, causal, D ** -0.5,
+                               **drop)
 
     # A transposed (B, T, H, D) view, as a model that projects q/k/v in one matmul passes it.
     @case("attention", "D=64 bf16 causal=True strided (B,T,H,D) view")
@@ -377,7 +388,7 @@ def test_every_kernel_is_compiled(compiled):
     for path in sorted(glob.glob(os.path.join(ROOT, "kernels", "*.py"))):
         with open(path) as f:
             source += f.read()
-    jitted = re.findall(r"@triton\.jit\s*\ndef (\w+)\(", source)
+    jitted = re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef (\w+)\(", source)
     assert jitted, "no @triton.jit functions found in kernels/"
     seen = set()
     for g in GROUPS:
