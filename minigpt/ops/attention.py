@@ -1,6 +1,6 @@
 """attention / decode_attention: the one dispatch point for scaled dot-product attention.
 
-Backends: kernels/attention.py (triton), csrc/attention.cu (cuda), csrc/attention.cpp (cpu),
+Backends: kernels/attention.py (triton), csrc/attention_cuda.cu (cuda), csrc/attention.cpp (cpu),
 minigpt/reference/attention.py (torch). The kernel backends go through the custom ops
 ``minigpt::attention_fwd`` / ``minigpt::attention_bwd`` / ``minigpt::decode_attention_fwd`` so
 torch.compile sees one opaque node with known output shapes instead of tracing into a kernel.
@@ -10,6 +10,14 @@ never the T x S score matrix. The forward saves the per-row logsumexp (natural l
 for fp64 inputs) and the backward recomputes the probabilities from it. A query that sees no
 key (only when causal and T > S) gets a zero output and lse = +inf, so the backward's
 exp(s - lse) is exactly 0 on that row instead of exp(-inf + inf) = nan.
+
+Dropout on the probabilities (``dropout_p`` > 0) has its own custom ops,
+``minigpt::attention_dropout_fwd`` / ``_bwd`` (triton only; the torch backend is the reference
+with the same mask), so ``dropout_p=0`` runs exactly the code it ran before dropout existed.
+The mask is never stored: the kernels draw it from a seed with Triton's counter-based Philox,
+the forward and backward alike. The seed is drawn per call from torch's default CPU generator
+(``torch.manual_seed`` makes a run reproducible) and travels as a CPU int64 tensor, which
+torch.compile passes through without a graph break.
 """
 from __future__ import annotations
 
@@ -25,6 +33,9 @@ from minigpt.ops._eager import eager_function, pick
 
 OP = "attention"
 DECODE_OP = "decode_attention"
+# Backends with dropout on the probabilities: the Triton kernels and the reference, which
+# draws the same mask (minigpt/reference/philox.py).
+DROPOUT_BACKENDS = ("triton", "torch")
 # Widest head the Triton and CUDA kernels take (their tiles keep a query row in registers or
 # shared memory); the C++ kernel takes any width.
 MAX_GPU_HEAD_DIM = 256
@@ -109,6 +120,65 @@ _EagerAttention = eager_function("_EagerAttention", _fwd_impl, _setup_context, _
                                  nondiff_outputs=(1,))
 
 
+def _drop_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                   dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """_fwd_impl with dropout on the probabilities (Triton); ``seed`` a CPU int64 tensor. lse
+    is the undropped softmax's."""
+    from minigpt.kernels import attention as kern
+
+    return kern.attention_fwd(q, k, v, causal, scale, dropout_p=dropout_p, seed=int(seed))
+
+
+_drop_fwd = torch.library.custom_op("minigpt::attention_dropout_fwd",
+                                    mutates_args=())(_drop_fwd_impl)
+
+
+@_drop_fwd.register_fake
+def _(q, k, v, causal, scale, dropout_p, seed):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (B, H, T), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("minigpt::attention_dropout_bwd", mutates_args=())
+def _drop_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              causal: bool, scale: float, dropout_p: float,
+              seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_bwd with the forward's dropout mask, regenerated from its seed."""
+    from minigpt.kernels import attention as kern
+
+    return kern.attention_bwd(do, q, k, v, out, lse, causal, scale, dropout_p=dropout_p,
+                              seed=int(seed))
+
+
+@_drop_bwd.register_fake
+def _(do, q, k, v, out, lse, causal, scale, dropout_p, seed):
+    c = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
+            torch.empty_like(v, memory_format=c))
+
+
+def _drop_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+
+
+def _drop_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = _drop_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+_drop_fwd.register_autograd(_drop_backward, setup_context=_drop_setup_context)
+_EagerDropoutAttention = eager_function("_EagerDropoutAttention", _drop_fwd_impl,
+                                        _drop_setup_context, _drop_backward,
+                                        nondiff_outputs=(1,))
+
+
 def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
             backend: str) -> Tensor:
     """q (B, Hq, 1, D), caches (B, Hkv, S_max, D) with unit last strides, cache_seqlens (B,)
@@ -167,6 +237,13 @@ def _check_head_dim(op, be, D):
                          f"{D}; use backend='torch'")
 
 
+def _check_dropout(op, p):
+    if (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p)
+            or not 0.0 <= p < 1.0):
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
 def _unit_last(t):
     # Kernels take any batch/head/sequence strides (a transpose of (B, T, H, D) is free) but
     # need each head vector contiguous.
@@ -174,7 +251,7 @@ def _unit_last(t):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-              backend: Optional[str] = None) -> Tensor:
+              dropout_p: float = 0.0, backend: Optional[str] = None) -> Tensor:
     """softmax(q kᵀ · scale) v, fused (flash attention), forward and backward.
 
     q ``(B, Hq, T, D)``; k, v ``(B, Hkv, S, D)`` with Hq a multiple of Hkv (MHA, GQA, MQA:
@@ -182,12 +259,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     query i sees keys ``j <= i + S - T`` (prefill after a cache works); a query that sees no
     key gets zeros. ``scale`` defaults to ``1/sqrt(D)``. ``backend``: "triton", "cuda", "cpu",
     "torch" or None (best for the device, or ``$MINIGPT_BACKEND``).
+
+    ``dropout_p`` in [0, 1): dropout on the attention probabilities, as SDPA's (each zeroed
+    with probability p, the kept ones scaled by 1/(1-p)); pass 0 outside training. Its mask
+    comes from a seed drawn from torch's default CPU generator, so ``torch.manual_seed``
+    controls it. Only the triton and torch backends have it (the same mask for the same seed);
+    ``backend=None`` picks triton for CUDA tensors and torch on CPU.
     """
     _check_qkv(OP, q, k, v)
     if not isinstance(causal, bool):
         raise TypeError(f"{OP}: causal must be a bool, got {causal!r}")
     D = q.shape[-1]
     scale = _check_scale(OP, scale, D)
+    if dropout_p.__class__ is not float or dropout_p != 0.0:  # the default skips the checks
+        dropout_p = _check_dropout(OP, dropout_p)
+        if dropout_p > 0.0:
+            return _attention_dropout(q, k, v, causal, scale, dropout_p, backend)
     be = _backend.resolve(OP, backend, q.device, q.dtype)
     if backend is None and be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
         be = "torch"
@@ -197,6 +284,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
         return reference.attention(q, k, v, causal, scale)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out, _ = pick(_fwd, _EagerAttention, _fwd_impl, q, k, v)(q, k, v, causal, scale, be)
+    return out
+
+
+def _attention_dropout(q, k, v, causal, scale, dropout_p, backend):
+    if backend in ("cpu", "cuda"):
+        raise ValueError(f"{OP}: the {backend} backend has no dropout (dropout_p={dropout_p}); "
+                         f"use one of {DROPOUT_BACKENDS} or backend=None")
+    D = q.shape[-1]
+    be = _backend.resolve(f"{OP} with dropout_p > 0", backend, q.device, q.dtype,
+                          supported=DROPOUT_BACKENDS)
+    if backend is None and be == "triton" and D > MAX_GPU_HEAD_DIM:
+        be = "torch"
+    _check_head_dim(OP, be, D)
+    # A non-negative int64: the kernels' tl.rand and reference/philox.py take any such seed.
+    seed = torch.randint(2**63 - 1, (), dtype=torch.int64)
+    if be == "torch" or q.numel() == 0 or k.numel() == 0:
+        return reference.attention(q, k, v, causal, scale, dropout_p, seed)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out, _ = pick(_drop_fwd, _EagerDropoutAttention, _drop_fwd_impl, q, k, v)(
+        q, k, v, causal, scale, dropout_p, seed)
     return out
 
 
