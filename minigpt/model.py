@@ -247,8 +247,9 @@ class CausalSelfAttention(nn.Module):
         qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
-        # ops.attention has no dropout on the attention probabilities; dropout is applied to
-        # the branch output (nanoGPT's resid_dropout) only.
+        # Dropout as nanoGPT's: on the attention probabilities (its SDPA dropout_p, here
+        # ops.attention's, training path only) and on the branch output (resid_dropout).
+        self.attn_dropout = config.dropout
         self.resid_dropout = dropout(config.dropout)
 
     def forward(self, x, rope=None, cache: Optional[KVCache] = None):
@@ -262,7 +263,10 @@ class CausalSelfAttention(nn.Module):
             cos, sin, position_ids = rope
             q, k = ops.rope(q, k, cos, sin, position_ids)
         if cache is None:
-            y = ops.attention(q, k, v, causal=True)
+            if self.training and self.attn_dropout > 0.0:
+                y = ops.attention(q, k, v, causal=True, dropout_p=self.attn_dropout)
+            else:  # no dropout_p argument at all: wrappers of ops.attention (inspect) need none
+                y = ops.attention(q, k, v, causal=True)
         else:
             k, v = cache._update(self.layer_idx, k, v)
             if cache._decode:
