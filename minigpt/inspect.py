@@ -429,14 +429,14 @@ def capture_attention_inputs(model: GPT, layers=None):
 
     orig = ops.attention
 
-    def recording_attention(q, k, v, causal=True, scale=None, backend=None):
+    def recording_attention(q, k, v, causal=True, scale=None, backend=None, **kwargs):
         layer = current[0]
         if layer is not None and (wanted is None or layer in wanted):
             if not causal:
                 raise RuntimeError("inspect: the model called non-causal attention")
             store[layer] = (q.detach(), k.detach(),
                             1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
-        return orig(q, k, v, causal=causal, scale=scale, backend=backend)
+        return orig(q, k, v, causal=causal, scale=scale, backend=backend, **kwargs)
 
     handles = [blk.attn.register_forward_pre_hook(pre_hook) for blk in model.transformer.h]
     ops.attention = recording_attention

@@ -263,10 +263,8 @@ class CausalSelfAttention(nn.Module):
             cos, sin, position_ids = rope
             q, k = ops.rope(q, k, cos, sin, position_ids)
         if cache is None:
-            if self.training and self.attn_dropout > 0.0:
-                y = ops.attention(q, k, v, causal=True, dropout_p=self.attn_dropout)
-            else:  # no dropout_p argument at all: wrappers of ops.attention (inspect) need none
-                y = ops.attention(q, k, v, causal=True)
+            y = ops.attention(q, k, v, causal=True,
+                              dropout_p=self.attn_dropout if self.training else 0.0)
         else:
             k, v = cache._update(self.layer_idx, k, v)
             if cache._decode:

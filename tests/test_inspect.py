@@ -165,6 +165,23 @@ def test_capture_leaves_model_and_ops_untouched(ckpts):
     torch.testing.assert_close(during, before, atol=0, rtol=0)
 
 
+def test_capture_passes_dropout_through():
+    """A model training with dropout calls ops.attention(dropout_p=...): the capture passes
+    every argument on, so inspecting it in train mode records q and k and gives the model's
+    own (seeded) output."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=11,
+                          dropout=0.3)).train()
+    idx = torch.randint(0, 11, (1, 9))
+    torch.manual_seed(1)
+    ref, _ = model(idx)
+    with look.capture_attention_inputs(model) as store:
+        torch.manual_seed(1)
+        got, _ = model(idx)
+    assert sorted(store) == [0, 1]
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["gpt", "llama"])
 def test_attention_cli_png(ckpts, kind, tmp_path, capsys):
     from PIL import Image
