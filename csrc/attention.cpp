@@ -25,6 +25,7 @@
 #endif
 #include "common.h"
 #include "cpu_convert.h"
+#include "philox.h"
 #ifdef WITH_CUDA
 #include "cuda_launchers.h"
 #endif
@@ -153,6 +154,20 @@ void load_cols(const T* src, int64_t rs, int64_t n, int64_t D, int64_t Dp, A* ds
   }
 }
 
+// Dropout on the probabilities (a null pointer when off, so dropout_p = 0 runs the code that ran
+// before dropout existed: the dropout work sits behind per-tile branches). Probability
+// (b, h, i, j) is kept when tl.rand(seed, ((b * Hq + h) * T + i) * S + j) >= p, the Triton
+// kernels' mask (kernels/attention.py), regenerated wherever a tile needs it, never stored.
+// As there: the forward's normalizer and the saved lse are the undropped softmax's, only the
+// P V sum loses the dropped terms and is scaled by 1/(1-p); the backward sums the kept P into
+// dV (scaled once at the end) and masks and scales dP before dS = P (dP - delta), where
+// delta = rowsum(dO * O) holds with the dropped O too.
+struct Dropout {
+  uint64_t seed;
+  float p;       // compared in float32, as the Triton kernels and the reference receive it
+  double scale;  // 1 / (1 - p)
+};
+
 struct Geo {
   int64_t B, Hq, Hkv, T, S, D, Dp, rep;
   int64_t qb, qh, qt, kb, kh, ks, vb, vh, vs;  // element strides of q, k, v
@@ -234,6 +249,28 @@ Packed<A> pack(const T* src, int64_t sb, int64_t sh, int64_t ss, const Geo& g, b
   return p;
 }
 
+// The forward's dropout on a transposed score tile (keys x BQ queries; P after exp2, before the
+// P V product): entry (j, i) is the probability of query i, key j0 + j, of flat index
+// rng0 + i * S + j0 + j (rng0: the flat index of the tile's first query and key 0). Entries the
+// causal mask already zeroed are skipped.
+template <typename A>
+void drop_cols(A* st, int64_t nq, int64_t nk, int64_t j0, bool causal, int64_t shift,
+               int64_t rng0, int64_t S, const Dropout& d) {
+  const uint64_t seed = d.seed;
+  const float p = d.p;
+  for (int64_t j = 0; j < nk; ++j) {
+    A* col = st + j * BQ;
+    const int64_t lo = causal ? std::min<int64_t>(nq, std::max<int64_t>(0, j0 + j - shift)) : 0;
+    const uint64_t base = static_cast<uint64_t>(rng0 + j0 + j);
+    const uint64_t step = static_cast<uint64_t>(S);
+#pragma omp simd
+    for (int64_t i = lo; i < nq; ++i) {
+      const bool keep = philox_uniform(seed, base + static_cast<uint64_t>(i) * step) >= p;
+      col[i] = keep ? col[i] : A(0);
+    }
+  }
+}
+
 template <typename A>
 struct FwdBuf {
   // qt: the query block transposed (Dp, BQ); k, v: (BK, Dp) tiles when not packed; s: the
@@ -256,7 +293,7 @@ template <typename T, typename A>
 void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int64_t krs,
               const T* v, int64_t vrs, const A* pk, const A* pv, int64_t nkeys, bool causal,
               int64_t shift, int64_t D, int64_t Dp, A qscale, T* out, int64_t ors, A* lse,
-              int64_t lse_s) {
+              int64_t lse_s, const Dropout* drop, int64_t rng0) {
   const A ninf = -std::numeric_limits<A>::infinity();
   std::fill(w.qt.begin(), w.qt.end(), A(0));
   for (int64_t i = 0; i < nq; ++i)
@@ -311,6 +348,7 @@ void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int
     }
 #pragma omp simd
     for (int64_t i = 0; i < BQ; ++i) l[i] = l[i] * alpha[i] + sum[i];
+    if (drop) drop_cols<A>(w.s.data(), nq, nk, j0, causal, shift, rng0, nkeys, *drop);
     for (int64_t i = 0; i < nq; ++i) {
       if (alpha[i] == A(1)) continue;
       A* o = w.o.data() + i * Dp;
@@ -322,7 +360,8 @@ void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int
     gemm<A>(w.s.data(), 1, BQ, vr, Dp, w.o.data(), Dp, nq, Dp, nk, true);
   }
   for (int64_t i = 0; i < nq; ++i) {
-    const A inv = l[i] > 0 ? A(1) / l[i] : A(0);
+    A inv = l[i] > 0 ? A(1) / l[i] : A(0);
+    if (drop) inv *= static_cast<A>(drop->scale);
     const A* o = w.o.data() + i * Dp;
     T* dst = out + i * ors;
 #pragma omp simd
@@ -335,7 +374,7 @@ void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int
 
 template <typename T>
 void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-             at::Tensor& lse, const Geo& g, double scale) {
+             at::Tensor& lse, const Geo& g, double scale, const Dropout* drop) {
   using A = acc_t<T>;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -362,7 +401,8 @@ void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
             const int64_t nq = std::min(BQ, g.T - i0);
             fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq, kp, g.ks, vp, g.vs,
                            pk.data(), pv.data(), g.S, g.causal, i0 + g.S - g.T, g.D, g.Dp,
-                           qscale, op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
+                           qscale, op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1,
+                           drop, (bh * g.T + i0) * g.S);
           }
         }
       }
@@ -381,7 +421,8 @@ void fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
       fwd_tile<T, A>(w, qp + b * g.qb + h * g.qh + i0 * g.qt, g.qt, nq,
                      kp + b * g.kb + hk * g.kh, g.ks, vp + b * g.vb + hk * g.vh, g.vs, nullptr,
                      nullptr, g.S, g.causal, i0 + g.S - g.T, g.D, g.Dp, qscale,
-                     op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1);
+                     op + (bh * g.T + i0) * g.D, g.D, lp + bh * g.T + i0, 1, drop,
+                     (bh * g.T + i0) * g.S);
     }
   });
 }
@@ -399,8 +440,40 @@ struct BwdBuf {
 // P and dS for the tile (nq queries from i0, nk keys from j0): P = exp2(S - lse2) with the
 // causal/ragged mask, dS = P * (dP - delta). w.s holds S on entry and P on exit; w.dp holds
 // dP on entry and dS on exit.
+// With dropout (rng0: the flat index of probability (i0, j0) of this query head): w.s gets the
+// kept P unscaled (dV is scaled once at the end) and dS uses dP * mask / (1 - p) with the
+// undropped P.
 template <typename A>
-void probs_and_ds(BwdBuf<A>& w, int64_t nq, int64_t nk, int64_t i0, int64_t j0, const Geo& g) {
+void probs_and_ds_drop(BwdBuf<A>& w, int64_t nq, int64_t nk, int64_t i0, int64_t j0,
+                       const Geo& g, const Dropout& d, int64_t rng0) {
+  const int64_t shift = i0 + g.S - g.T - j0;
+  const uint64_t seed = d.seed;
+  const float pd = d.p;
+  const A dsc = static_cast<A>(d.scale);
+  for (int64_t i = 0; i < nq; ++i) {
+    A* s = w.s.data() + i * BK;
+    A* dp = w.dp.data() + i * BK;
+    const int64_t lim = g.causal ? std::max<int64_t>(0, std::min(nk, i + shift + 1)) : nk;
+    const A l2 = w.lse2[i], dl = w.delta[i];
+    const uint64_t base = static_cast<uint64_t>(rng0 + i * g.S);
+#pragma omp simd
+    for (int64_t j = 0; j < lim; ++j) {
+      const A p = exp2_neg(s[j] - l2);
+      const bool keep = philox_uniform(seed, base + static_cast<uint64_t>(j)) >= pd;
+      s[j] = keep ? p : A(0);
+      dp[j] = p * ((keep ? dp[j] * dsc : A(0)) - dl);
+    }
+    for (int64_t j = lim; j < BK; ++j) {
+      s[j] = A(0);
+      dp[j] = A(0);
+    }
+  }
+}
+
+template <typename A>
+void probs_and_ds(BwdBuf<A>& w, int64_t nq, int64_t nk, int64_t i0, int64_t j0, const Geo& g,
+                  const Dropout* drop, int64_t rng0) {
+  if (drop) return probs_and_ds_drop<A>(w, nq, nk, i0, j0, g, *drop, rng0);
   const int64_t shift = i0 + g.S - g.T - j0;
   for (int64_t i = 0; i < nq; ++i) {
     A* s = w.s.data() + i * BK;
@@ -431,7 +504,7 @@ void load_q_block(BwdBuf<A>& w, const T* q, const T* dout, const A* lse, const A
 template <typename T>
 void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-             at::Tensor& dk, at::Tensor& dv, const Geo& g, double scale) {
+             at::Tensor& dk, at::Tensor& dv, const Geo& g, double scale, const Dropout* drop) {
   using A = acc_t<T>;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -487,7 +560,7 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                            delta.data() + qh * g.T + i0, g.qt, dt, nq, g, qscale);
         gemm<A>(w.q.data(), Dp, 1, w.kt.data(), BK, w.s.data(), BK, nq, BK, D, false);
         gemm<A>(w.dout.data(), Dp, 1, w.vt.data(), BK, w.dp.data(), BK, nq, BK, D, false);
-        probs_and_ds<A>(w, nq, nk, i0, j0, g);
+        probs_and_ds<A>(w, nq, nk, i0, j0, g, drop, (qh * g.T + i0) * g.S + j0);
         // dV += Pᵀ dO, dK += dSᵀ Q (A read transposed: row stride 1, k stride BK).
         gemm<A>(w.s.data(), 1, BK, w.dout.data(), Dp, dV, Dp, nk, Dp, nq, true);
         gemm<A>(w.dp.data(), 1, BK, w.q.data(), Dp, dK, Dp, nk, Dp, nq, true);
@@ -497,6 +570,10 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       }
     }
     // Q was scaled by scale * log2(e): dK = scale * dSᵀ q = ln(2) * dSᵀ (scaled q).
+    if (drop) {
+      const A dsc = static_cast<A>(drop->scale);
+      for (int64_t j = 0; j < nk * Dp; ++j) dV[j] *= dsc;
+    }
     for (int64_t j = 0; j < nk; ++j) {
       T* dkr = dkp + (bh * g.S + j0 + j) * D;
       T* dvr = dvp + (bh * g.S + j0 + j) * D;
@@ -573,7 +650,7 @@ void bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
         const A* kr = pkr.head(kvh) + j0 * Dp;
         gemm<A>(w.q.data(), Dp, 1, kt, BK, w.s.data(), BK, nq, BK, D, false);
         gemm<A>(w.dout.data(), Dp, 1, vt, BK, w.dp.data(), BK, nq, BK, D, false);
-        probs_and_ds<A>(w, nq, nk, i0, j0, g);
+        probs_and_ds<A>(w, nq, nk, i0, j0, g, drop, (bh * g.T + i0) * g.S + j0);
         gemm<A>(w.dp.data(), BK, 1, kr, Dp, dQ, Dp, nq, Dp, nk, true);
       }
       const A sc = static_cast<A>(scale);
@@ -697,6 +774,17 @@ Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool
   return g;
 }
 
+// dropout_p = 0: no dropout (nullopt), the kernels' old code paths.
+std::optional<Dropout> make_dropout(const at::Tensor& q, double dropout_p, int64_t seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "minigpt: attention dropout_p must lie in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return std::nullopt;
+  TORCH_CHECK(seed >= 0, "minigpt: attention dropout seed must be non-negative, got ", seed);
+  TORCH_CHECK(!q.is_cuda(), "minigpt: the CUDA attention kernels have no dropout");
+  return Dropout{static_cast<uint64_t>(seed), static_cast<float>(dropout_p),
+                 1.0 / (1.0 - dropout_p)};
+}
+
 #ifdef WITH_CUDA
 MgAttnGeo cuda_geo(const Geo& g) {
   MgAttnGeo c;
@@ -712,9 +800,11 @@ MgAttnGeo cuda_geo(const Geo& g) {
 }  // namespace
 
 std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, bool causal, double scale) {
+                                      const at::Tensor& v, bool causal, double scale,
+                                      double dropout_p, int64_t seed) {
   check_qkv(q, k, v);
   const Geo g = make_geo(q, k, v, causal);
+  const auto drop = make_dropout(q, dropout_p, seed);
   auto out = at::empty({g.B, g.Hq, g.T, g.D}, q.options());
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto lse = at::empty({g.B, g.Hq, g.T}, q.options().dtype(acc));
@@ -734,7 +824,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
   } else {
     TORCH_CHECK(q.device().is_cpu(), "minigpt: attention got a tensor on ", q.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd",
-                                    [&] { fwd_cpu<scalar_t>(q, k, v, out, lse, g, scale); });
+                                    [&] { fwd_cpu<scalar_t>(q, k, v, out, lse, g, scale, drop ? &*drop : nullptr); });
   }
   return {out, lse};
 }
@@ -742,9 +832,10 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
 std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
                                       const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                      double scale) {
+                                      double scale, double dropout_p, int64_t seed) {
   check_qkv(q, k, v);
   const Geo g = make_geo(q, k, v, causal);
+  const auto drop = make_dropout(q, dropout_p, seed);
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   dout.stride(3) == 1,
               "minigpt: attention_bwd grad_output must match q with a unit last stride");
@@ -781,7 +872,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& 
 #endif
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
-      bwd_cpu<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale);
+      bwd_cpu<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, g, scale, drop ? &*drop : nullptr);
     });
   }
   return {dq, dk, dv};

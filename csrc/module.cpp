@@ -15,8 +15,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_bwd", &minigpt::layer_norm_bwd, "LayerNorm (+residual) backward");
   m.def("softmax_fwd", &minigpt::softmax_fwd, "softmax(scale * x) (causal optional) forward");
   m.def("softmax_bwd", &minigpt::softmax_bwd, "softmax backward from the saved output");
-  m.def("attention_fwd", &minigpt::attention_fwd, "flash attention forward -> (out, lse)");
-  m.def("attention_bwd", &minigpt::attention_bwd, "flash attention backward -> (dq, dk, dv)");
+  namespace py = pybind11;
+  m.def("attention_fwd", &minigpt::attention_fwd, "flash attention forward -> (out, lse)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+  m.def("attention_bwd", &minigpt::attention_bwd, "flash attention backward -> (dq, dk, dv)",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("causal"), py::arg("scale"), py::arg("dropout_p") = 0.0,
+        py::arg("seed") = 0);
   m.def("decode_attention_fwd", &minigpt::decode_attention_fwd,
         "one query per sequence against its KV cache");
   m.def("rms_norm_fwd", &minigpt::rms_norm_fwd, "RMSNorm (+residual) forward");

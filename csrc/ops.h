@@ -48,12 +48,15 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
 
 // attention.cpp -> {out, lse} / {dq, dk, dv} / out. q (B, Hq, T, D), k, v (B, Hkv, S, D), any
 // batch/head/sequence strides with a unit last stride; lse (B, Hq, T) in the accumulation dtype.
+// dropout_p > 0 (CPU only): dropout on the probabilities with the mask tl.rand draws from
+// `seed` (>= 0) in the Triton kernels; the backward takes the forward's dropout_p and seed.
 std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, bool causal, double scale);
+                                      const at::Tensor& v, bool causal, double scale,
+                                      double dropout_p = 0.0, int64_t seed = 0);
 std::vector<at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
                                       const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                      double scale);
+                                      double scale, double dropout_p = 0.0, int64_t seed = 0);
 at::Tensor decode_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                 double scale);
