@@ -1,12 +1,13 @@
 """ops.attention(dropout_p > 0): dropout on the attention probabilities.
 
-The Triton kernels draw the mask with tl.rand (Philox) from a seed and never store it; the
-reference draws the same mask on the host (minigpt/reference/philox.py), so the kernels are
-compared with the reference for the same seed exactly as without dropout (FlashAttention's
-tolerance rule, tests/_tol.py): forward and all three gradients, MHA/GQA, causal or not,
-T != S, rows that see no key, non-contiguous inputs. Plus: the host Philox against tl.rand bit
-for bit, keep-rate statistics, seeding, dropout_p=0 being the old call, bad arguments,
-torch.compile, and the model's train/eval behaviour.
+The Triton kernels draw the mask with tl.rand (Philox) from a seed and never store it; the C++
+CPU kernel draws it with the same function (csrc/philox.h) and the reference on the host
+(minigpt/reference/philox.py), so the kernels are compared with the reference for the same seed
+exactly as without dropout (FlashAttention's tolerance rule, tests/_tol.py): forward and all
+three gradients, MHA/GQA, causal or not, T != S, rows that see no key, non-contiguous inputs.
+Plus: the host Philox against tl.rand bit for bit, the C++ kernel's mask against the reference
+element for element, keep-rate statistics, seeding, dropout_p=0 being the old call, bad
+arguments, float64 gradcheck, torch.compile, and the model's train/eval behaviour.
 
 In the Triton interpreter the kernels' dots run in fp32 (its bf16 tl.dot is wrong), so
 bf16/fp16 are tested only where a GPU compiles the kernels.
@@ -16,7 +17,7 @@ import math
 import pytest
 import torch
 
-from minigpt import ops, reference
+from minigpt import _backend, ops, reference
 from minigpt._backend import BackendUnavailableError
 from minigpt.kernels import attention as kern
 from minigpt.model import GPT, GPTConfig
@@ -65,15 +66,26 @@ def _inputs(shape, dtype, dev, transposed):
     return t, t
 
 
-def _check_kernel(case, p, dtype, transposed=False, seed=SEED):
-    """The Triton launchers with an explicit seed against the reference with that seed."""
+def _launchers(be):
+    """(device, forward, backward) of the Triton or C++ kernels, called with an explicit seed."""
+    if be == "triton":
+        return TDEV, kern.attention_fwd, kern.attention_bwd
+    ext = _backend.extension()
+    return "cpu", ext.attention_fwd, ext.attention_bwd
+
+
+def _check_kernel(case, p, dtype, transposed=False, seed=SEED, be="triton"):
+    """The Triton or C++ kernels with an explicit seed against the reference with that seed."""
     B, Hq, Hkv, T, S, D, causal = case
-    (ql, q), (kl, k), (vl, v) = (_inputs(s, dtype, TDEV, transposed) for s in
+    dev, fwd, bwd = _launchers(be)
+    (ql, q), (kl, k), (vl, v) = (_inputs(s, dtype, dev, transposed) for s in
                                  ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
     scale = 1.0 / math.sqrt(D)
     qc, kc, vc = (t.detach() if t.stride(-1) == 1 else t.detach().contiguous()
                   for t in (q, k, v))
-    out, lse = kern.attention_fwd(qc, kc, vc, causal, scale, dropout_p=p, seed=seed)
+    if transposed:
+        assert not qc.is_contiguous()  # the kernels read the strided views
+    out, lse = fwd(qc, kc, vc, causal, scale, dropout_p=p, seed=seed)
     q64, k64, v64 = f64(q), f64(k), f64(v)
     out64 = reference.attention(q64, k64, v64, causal, scale, dropout_p=p, seed=seed)
     out_lp = _eager(q, k, v, causal, scale, p, seed)
@@ -81,15 +93,15 @@ def _check_kernel(case, p, dtype, transposed=False, seed=SEED):
     # lse is the undropped softmax's.
     s64 = q64.detach() @ k64.detach().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) * scale
     if causal:
-        s64 = s64.masked_fill(~causal_mask(T, S, TDEV), float("-inf"))
+        s64 = s64.masked_fill(~causal_mask(T, S, dev), float("-inf"))
     ref_lse = torch.logsumexp(s64, -1)
     seen = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[seen].double(), ref_lse[seen], rtol=1e-4, atol=1e-4)
 
-    g = torch.randn(B, Hq, T, D, device=TDEV, dtype=torch.float64)
+    assert torch.isinf(lse[~seen]).all() and (out[~seen] == 0).all()
+    g = torch.randn(B, Hq, T, D, device=dev, dtype=torch.float64)
     do = g.to(dtype)
-    dq, dk, dv = kern.attention_bwd(do, qc, kc, vc, out, lse, causal, scale, dropout_p=p,
-                                    seed=seed)
+    dq, dk, dv = bwd(do, qc, kc, vc, out, lse, causal, scale, dropout_p=p, seed=seed)
     grads64 = torch.autograd.grad(out64, (q64, k64, v64), g)
     grads_lp = torch.autograd.grad(out_lp, (q, k, v), do)
     for name, a, a_lp, a64 in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_lp, grads64):
@@ -174,6 +186,125 @@ def test_dropout_kernels_many_tiles(case, dtype):
     _check_kernel(case, 0.1, dtype)
 
 
+# ---- the C++ cpu kernel against the reference -----------------------------------------------
+
+HAS_EXT = _backend.is_available("cpu", "cpu")
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="minigpt._C is not built")
+
+# (B, Hq, Hkv, T, S, D, causal). The C++ kernel's tiles are 64 queries x 64 keys: T and S up to
+# 300 give several key tiles and ragged last tiles of both.
+CPU_CASES = {
+    "mha-7-d16": (1, 2, 2, 7, 7, 16, True),
+    "T1-S300-d64": (1, 2, 1, 1, 300, 64, True),
+    "gqa3-33x130-d48": (2, 3, 1, 33, 130, 48, True),
+    "mqa4-100x300-d80": (1, 4, 1, 100, 300, 80, True),
+    "causal-T>S-100x33-d64": (1, 4, 2, 100, 33, 64, True),  # the first 67 queries see no key
+    "full-gqa2-100x70-d16": (2, 4, 2, 100, 70, 16, False),
+    "full-33x300-d80": (1, 2, 2, 33, 300, 80, False),
+}
+
+
+@pytest.fixture(params=[1, 64], ids=["one-pass", "two-pass"])
+def cpu_threads(request):
+    """The C++ forward and backward take one task per (batch, kv head) when there are at least
+    as many pairs as threads (the backward then in one pass, dQ included), else finer tasks (the
+    backward in two passes, dK/dV then dQ): one thread gives the former for every case here, 64
+    the latter."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("case", list(CPU_CASES), ids=str)
+def test_dropout_cpu_kernel(case, p, cpu_threads):
+    _check_kernel(CPU_CASES[case], p, torch.float32, be="cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ["gqa3-33x130-d48", "mqa4-100x300-d80",
+                                  "causal-T>S-100x33-d64", "full-gqa2-100x70-d16"], ids=str)
+def test_dropout_cpu_kernel_other_dtypes(case, dtype, cpu_threads):
+    _check_kernel(CPU_CASES[case], 0.2, dtype, be="cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dropout_cpu_kernel_noncontiguous(dtype, p, cpu_threads):
+    _check_kernel((2, 4, 2, 100, 130, 48, True), p, dtype, transposed=True, be="cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("causal", [True, False])
+def test_dropout_cpu_kernel_mask_is_the_reference_mask(causal, cpu_threads):
+    # q = 0 makes every seen key equally likely and v = I (S = D) puts probability (i, j) in
+    # out[i, j]: the output is the kept mask itself, compared element for element over
+    # several query and key tiles and (batch, head) pairs, with a seed above 2**32 (both key
+    # words matter). Offsets past 2**32 (the counter's high word) would take 2**32
+    # probabilities: the reference's Philox is checked there against tl.rand instead.
+    B, Hq, Hkv, T, S = 2, 6, 2, 130, 200
+    q = torch.zeros(B, Hq, T, S)
+    v = torch.eye(S).expand(B, Hkv, S, S).contiguous()
+    k = torch.randn(B, Hkv, S, S)
+    p = 0.3
+    out, _ = _backend.extension().attention_fwd(q, k, v, causal, 1.0, dropout_p=p, seed=SEED)
+    keep = dropout_keep(SEED, p, (B, Hq, T, S))
+    seen = causal_mask(T, S, "cpu") if causal else torch.ones(T, S, dtype=torch.bool)
+    assert torch.equal(out != 0, keep & seen)
+    n = seen.sum(-1, keepdim=True)
+    torch.testing.assert_close(out, (keep & seen) / (n * (1 - p)), rtol=1e-6, atol=0)
+
+
+@needs_ext
+def test_dropout_cpu_kernel_gradcheck():
+    # float64, a fixed seed: the mask is fixed, so the op is a differentiable function of q, k, v.
+    def f(q, k, v):
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            return ops.attention(q, k, v, causal=causal, dropout_p=0.4, backend="cpu")
+
+    for causal, (T, S) in ((True, (5, 7)), (False, (6, 4)), (True, (6, 3))):
+        q = torch.randn(1, 4, T, 8, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(1, 2, S, 8, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(1, 2, S, 8, dtype=torch.float64, requires_grad=True)
+        assert not torch.equal(f(q, k, v), ops.attention(q, k, v, causal=causal, backend="cpu"))
+        assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@needs_ext
+@pytest.mark.parametrize("causal", [True, False])
+def test_dropout_cpu_kernel_zero_p_is_the_old_kernel(causal):
+    # dropout_p = 0 (the binding's default) runs the kernels' code without dropout, whatever
+    # the seed.
+    ext = _backend.extension()
+    q, k, v = torch.randn(2, 4, 70, 48), torch.randn(2, 2, 90, 48), torch.randn(2, 2, 90, 48)
+    out, lse = ext.attention_fwd(q, k, v, causal, 0.2)
+    out0, lse0 = ext.attention_fwd(q, k, v, causal, 0.2, dropout_p=0.0, seed=SEED)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    do = torch.randn_like(out)
+    grads = ext.attention_bwd(do, q, k, v, out, lse, causal, 0.2)
+    grads0 = ext.attention_bwd(do, q, k, v, out, lse, causal, 0.2, dropout_p=0.0, seed=SEED)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    # Dropout on: the same lse (the undropped softmax's), another output.
+    outd, lsed = ext.attention_fwd(q, k, v, causal, 0.2, dropout_p=0.2, seed=SEED)
+    assert torch.equal(lse, lsed) and not torch.equal(out, outd)
+
+
+@needs_ext
+def test_dropout_cpu_kernel_bad_arguments():
+    ext = _backend.extension()
+    q = torch.randn(1, 1, 3, 8)
+    for p in (-0.1, 1.0):
+        with pytest.raises(RuntimeError, match="dropout_p"):
+            ext.attention_fwd(q, q, q, True, 1.0, dropout_p=p, seed=1)
+    with pytest.raises(RuntimeError, match="seed"):
+        ext.attention_fwd(q, q, q, True, 1.0, dropout_p=0.5, seed=-1)
+
+
 # ---- the public op --------------------------------------------------------------------------
 
 def _qkv(dev=TDEV, requires_grad=True, dtype=torch.float32):
@@ -181,6 +312,10 @@ def _qkv(dev=TDEV, requires_grad=True, dtype=torch.float32):
     k = torch.randn(2, 2, 11, 16, device=dev, dtype=dtype, requires_grad=requires_grad)
     v = torch.randn(2, 2, 11, 16, device=dev, dtype=dtype, requires_grad=requires_grad)
     return q, k, v
+
+
+def _dev(be):
+    return TDEV if be == "triton" else "cpu"
 
 
 def _run(be, seed, q, k, v, p=0.3, causal=True):
@@ -191,11 +326,12 @@ def _run(be, seed, q, k, v, p=0.3, causal=True):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_equals_torch_backend_for_the_same_manual_seed(causal):
+@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext)])
+def test_kernel_equals_torch_backend_for_the_same_manual_seed(be, causal):
     # ops.attention draws the seed from torch's default CPU generator: the same manual_seed
-    # gives the triton and torch backends the same mask.
-    q, k, v = _qkv()
-    out, grads = _run("triton", 7, q, k, v, causal=causal)
+    # gives the triton/cpu and torch backends the same mask.
+    q, k, v = _qkv(_dev(be))
+    out, grads = _run(be, 7, q, k, v, causal=causal)
     ref, rgrads = _run("torch", 7, q, k, v, causal=causal)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, rgrads):
@@ -204,9 +340,9 @@ def test_triton_equals_torch_backend_for_the_same_manual_seed(causal):
     assert (out - nodrop).abs().max() > 1e-2  # the dropout did something
 
 
-@pytest.mark.parametrize("be", ["triton", "torch"])
+@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext), "torch"])
 def test_same_seed_same_output_other_seed_other_output(be):
-    q, k, v = _qkv()
+    q, k, v = _qkv(_dev(be))
     a, ga = _run(be, 1, q, k, v)
     b, gb = _run(be, 1, q, k, v)
     c, gc = _run(be, 2, q, k, v)
@@ -237,25 +373,31 @@ def test_dropout_zero_is_the_plain_call(be, requires_grad):
 
 
 def test_backend_none_picks_a_dropout_backend():
-    # CPU tensors: the default (C++ cpu) has no dropout, so the torch reference runs; it gives
-    # what backend="torch" gives for the same seed.
+    # CPU tensors: the default is the C++ kernel, with dropout (the torch reference when the
+    # extension is not built); both give what backend="torch" gives for the same seed.
     q, k, v = _qkv("cpu")
     out, grads = _run(None, 3, q, k, v)
     ref, rgrads = _run("torch", 3, q, k, v)
-    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, rgrads))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if HAS_EXT:
+        cpu, cgrads = _run("cpu", 3, q, k, v)
+        assert torch.equal(out, cpu) and all(torch.equal(a, b) for a, b in zip(grads, cgrads))
 
 
-def test_dropout_empty_and_rows_without_keys():
+@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext), "torch"])
+def test_dropout_empty_and_rows_without_keys(be):
     # T > S causal: queries that see no key stay zero, with finite zero gradients.
-    q = torch.randn(1, 2, 9, 16, device=TDEV, requires_grad=True)
-    k, v = torch.randn(1, 2, 4, 16, device=TDEV), torch.randn(1, 2, 4, 16, device=TDEV)
-    for be in ("triton", "torch"):
-        out = ops.attention(q, k, v, dropout_p=0.5, backend=be)
-        assert torch.all(out[:, :, :5] == 0), be
-        (dq,) = torch.autograd.grad(out.sum(), q)
-        assert torch.all(dq[:, :, :5] == 0) and torch.isfinite(dq).all(), be
-        empty = ops.attention(q[:, :, :0], k, v, dropout_p=0.5, backend=be)
-        assert empty.shape == (1, 2, 0, 16)
+    dev = _dev(be)
+    q = torch.randn(1, 2, 9, 16, device=dev, requires_grad=True)
+    k, v = torch.randn(1, 2, 4, 16, device=dev), torch.randn(1, 2, 4, 16, device=dev)
+    out = ops.attention(q, k, v, dropout_p=0.5, backend=be)
+    assert torch.all(out[:, :, :5] == 0)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.all(dq[:, :, :5] == 0) and torch.isfinite(dq).all()
+    empty = ops.attention(q[:, :, :0], k, v, dropout_p=0.5, backend=be)
+    assert empty.shape == (1, 2, 0, 16)
 
 
 Q, K, V = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
@@ -268,25 +410,23 @@ def test_bad_dropout_p(bad):
         ops.attention(Q, K, V, dropout_p=bad)
 
 
-@pytest.mark.parametrize("be", ["cpu", "cuda"])
-def test_cpu_and_cuda_backends_refuse_dropout(be):
-    with pytest.raises(ValueError, match=r"no dropout.*'triton', 'torch'"):
-        ops.attention(Q, K, V, dropout_p=0.1, backend=be)
-    ops.attention(Q, K, V, dropout_p=0.0, backend="cpu")  # without dropout it still runs
+def test_cuda_backend_refuses_dropout():
+    with pytest.raises(ValueError, match=r"cuda backend has no dropout.*'triton', 'cpu', 'torch'"):
+        ops.attention(Q, K, V, dropout_p=0.1, backend="cuda")
 
 
 def test_env_backend_without_dropout_is_refused(monkeypatch):
-    monkeypatch.setenv("MINIGPT_BACKEND", "cpu")
+    monkeypatch.setenv("MINIGPT_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError, match="dropout"):
         ops.attention(Q, K, V, dropout_p=0.1)
 
 
-@pytest.mark.parametrize("be", ["triton", "torch"])
+@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext), "torch"])
 def test_dropout_compiles_fullgraph(be):
     def block(q, k, v):
         return (ops.attention(q, k, v, dropout_p=0.25, backend=be) * 2).sum()
 
-    q, k, v = _qkv("cpu" if be == "torch" else TDEV)
+    q, k, v = _qkv(_dev(be))
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.manual_seed(5)
     out = compiled(q, k, v)

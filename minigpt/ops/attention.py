@@ -12,10 +12,11 @@ key (only when causal and T > S) gets a zero output and lse = +inf, so the backw
 exp(s - lse) is exactly 0 on that row instead of exp(-inf + inf) = nan.
 
 Dropout on the probabilities (``dropout_p`` > 0) has its own custom ops,
-``minigpt::attention_dropout_fwd`` / ``_bwd`` (triton only; the torch backend is the reference
-with the same mask), so ``dropout_p=0`` runs exactly the code it ran before dropout existed.
-The mask is never stored: the kernels draw it from a seed with Triton's counter-based Philox,
-the forward and backward alike. The seed is drawn per call from torch's default CPU generator
+``minigpt::attention_dropout_fwd`` / ``_bwd`` (triton and cpu; the torch backend is the
+reference with the same mask; the cuda kernels have none), so ``dropout_p=0`` runs exactly the
+code it ran before dropout existed. The mask is never stored: the kernels draw it from a seed
+with Triton's counter-based Philox (the C++ kernel with the same function, csrc/philox.h), the
+forward and backward alike. The seed is drawn per call from torch's default CPU generator
 (``torch.manual_seed`` makes a run reproducible) and travels as a CPU int64 tensor, which
 torch.compile passes through without a graph break.
 """
@@ -33,9 +34,9 @@ from minigpt.ops._eager import eager_function, pick
 
 OP = "attention"
 DECODE_OP = "decode_attention"
-# Backends with dropout on the probabilities: the Triton kernels and the reference, which
-# draws the same mask (minigpt/reference/philox.py).
-DROPOUT_BACKENDS = ("triton", "torch")
+# Backends with dropout on the probabilities: the Triton and C++ kernels and the reference,
+# which all draw the same mask from a seed (minigpt/reference/philox.py).
+DROPOUT_BACKENDS = ("triton", "cpu", "torch")
 # Widest head the Triton and CUDA kernels take (their tiles keep a query row in registers or
 # shared memory); the C++ kernel takes any width.
 MAX_GPU_HEAD_DIM = 256
@@ -121,12 +122,15 @@ _EagerAttention = eager_function("_EagerAttention", _fwd_impl, _setup_context, _
 
 
 def _drop_fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                   dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """_fwd_impl with dropout on the probabilities (Triton); ``seed`` a CPU int64 tensor. lse
-    is the undropped softmax's."""
-    from minigpt.kernels import attention as kern
+                   dropout_p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """_fwd_impl with dropout on the probabilities (triton or cpu); ``seed`` a CPU int64
+    tensor. lse is the undropped softmax's."""
+    if backend == "triton":
+        from minigpt.kernels import attention as kern
 
-    return kern.attention_fwd(q, k, v, causal, scale, dropout_p=dropout_p, seed=int(seed))
+        return kern.attention_fwd(q, k, v, causal, scale, dropout_p=dropout_p, seed=int(seed))
+    out, lse = _ext().attention_fwd(q, k, v, causal, scale, dropout_p, int(seed))
+    return out, lse
 
 
 _drop_fwd = torch.library.custom_op("minigpt::attention_dropout_fwd",
@@ -134,7 +138,7 @@ _drop_fwd = torch.library.custom_op("minigpt::attention_dropout_fwd",
 
 
 @_drop_fwd.register_fake
-def _(q, k, v, causal, scale, dropout_p, seed):
+def _(q, k, v, causal, scale, dropout_p, seed, backend):
     B, H, T, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (B, H, T), dtype=_lse_dtype(q.dtype))
@@ -142,35 +146,40 @@ def _(q, k, v, causal, scale, dropout_p, seed):
 
 @torch.library.custom_op("minigpt::attention_dropout_bwd", mutates_args=())
 def _drop_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              causal: bool, scale: float, dropout_p: float,
-              seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+              causal: bool, scale: float, dropout_p: float, seed: Tensor,
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """_bwd with the forward's dropout mask, regenerated from its seed."""
-    from minigpt.kernels import attention as kern
+    if backend == "triton":
+        from minigpt.kernels import attention as kern
 
-    return kern.attention_bwd(do, q, k, v, out, lse, causal, scale, dropout_p=dropout_p,
-                              seed=int(seed))
+        return kern.attention_bwd(do, q, k, v, out, lse, causal, scale, dropout_p=dropout_p,
+                                  seed=int(seed))
+    dq, dk, dv = _ext().attention_bwd(do, q, k, v, out, lse, causal, scale, dropout_p,
+                                      int(seed))
+    return dq, dk, dv
 
 
 @_drop_bwd.register_fake
-def _(do, q, k, v, out, lse, causal, scale, dropout_p, seed):
+def _(do, q, k, v, out, lse, causal, scale, dropout_p, seed, backend):
     c = torch.contiguous_format
     return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
             torch.empty_like(v, memory_format=c))
 
 
 def _drop_setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, dropout_p, seed = inputs
+    q, k, v, causal, scale, dropout_p, seed, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend = causal, scale, dropout_p, backend
 
 
 def _drop_backward(ctx, dout, _dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = _drop_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _drop_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed,
+                           ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _drop_fwd.register_autograd(_drop_backward, setup_context=_drop_setup_context)
@@ -263,8 +272,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     ``dropout_p`` in [0, 1): dropout on the attention probabilities, as SDPA's (each zeroed
     with probability p, the kept ones scaled by 1/(1-p)); pass 0 outside training. Its mask
     comes from a seed drawn from torch's default CPU generator, so ``torch.manual_seed``
-    controls it. Only the triton and torch backends have it (the same mask for the same seed);
-    ``backend=None`` picks triton for CUDA tensors and torch on CPU.
+    controls it. The triton, cpu and torch backends have it (the same mask for the same seed),
+    the cuda backend not; ``backend=None`` picks triton for CUDA tensors and cpu (the C++
+    kernel, else torch) on CPU.
     """
     _check_qkv(OP, q, k, v)
     if not isinstance(causal, bool):
@@ -288,7 +298,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
 
 
 def _attention_dropout(q, k, v, causal, scale, dropout_p, backend):
-    if backend in ("cpu", "cuda"):
+    if backend == "cuda":
         raise ValueError(f"{OP}: the {backend} backend has no dropout (dropout_p={dropout_p}); "
                          f"use one of {DROPOUT_BACKENDS} or backend=None")
     D = q.shape[-1]
@@ -303,7 +313,7 @@ def _attention_dropout(q, k, v, causal, scale, dropout_p, backend):
         return reference.attention(q, k, v, causal, scale, dropout_p, seed)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out, _ = pick(_drop_fwd, _EagerDropoutAttention, _drop_fwd_impl, q, k, v)(
-        q, k, v, causal, scale, dropout_p, seed)
+        q, k, v, causal, scale, dropout_p, seed, be)
     return out
 
 
