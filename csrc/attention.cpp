@@ -256,18 +256,15 @@ Packed<A> pack(const T* src, int64_t sb, int64_t sh, int64_t ss, const Geo& g, b
 template <typename A>
 void drop_cols(A* st, int64_t nq, int64_t nk, int64_t j0, bool causal, int64_t shift,
                int64_t rng0, int64_t S, const Dropout& d) {
-  const uint64_t seed = d.seed;
   const float p = d.p;
+  alignas(64) float u[BQ];
   for (int64_t j = 0; j < nk; ++j) {
     A* col = st + j * BQ;
     const int64_t lo = causal ? std::min<int64_t>(nq, std::max<int64_t>(0, j0 + j - shift)) : 0;
-    const uint64_t base = static_cast<uint64_t>(rng0 + j0 + j);
-    const uint64_t step = static_cast<uint64_t>(S);
+    philox_uniforms(d.seed, static_cast<uint64_t>(rng0 + lo * S + j0 + j),
+                    static_cast<uint64_t>(S), nq - lo, u + lo);
 #pragma omp simd
-    for (int64_t i = lo; i < nq; ++i) {
-      const bool keep = philox_uniform(seed, base + static_cast<uint64_t>(i) * step) >= p;
-      col[i] = keep ? col[i] : A(0);
-    }
+    for (int64_t i = lo; i < nq; ++i) col[i] = u[i] >= p ? col[i] : A(0);
   }
 }
 
@@ -447,19 +444,19 @@ template <typename A>
 void probs_and_ds_drop(BwdBuf<A>& w, int64_t nq, int64_t nk, int64_t i0, int64_t j0,
                        const Geo& g, const Dropout& d, int64_t rng0) {
   const int64_t shift = i0 + g.S - g.T - j0;
-  const uint64_t seed = d.seed;
   const float pd = d.p;
   const A dsc = static_cast<A>(d.scale);
+  alignas(64) float u[BK];
   for (int64_t i = 0; i < nq; ++i) {
     A* s = w.s.data() + i * BK;
     A* dp = w.dp.data() + i * BK;
     const int64_t lim = g.causal ? std::max<int64_t>(0, std::min(nk, i + shift + 1)) : nk;
     const A l2 = w.lse2[i], dl = w.delta[i];
-    const uint64_t base = static_cast<uint64_t>(rng0 + i * g.S);
+    philox_uniforms(d.seed, static_cast<uint64_t>(rng0 + i * g.S), 1, lim, u);
 #pragma omp simd
     for (int64_t j = 0; j < lim; ++j) {
       const A p = exp2_neg(s[j] - l2);
-      const bool keep = philox_uniform(seed, base + static_cast<uint64_t>(j)) >= pd;
+      const bool keep = u[j] >= pd;
       s[j] = keep ? p : A(0);
       dp[j] = p * ((keep ? dp[j] * dsc : A(0)) - dl);
     }
