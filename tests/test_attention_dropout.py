@@ -13,6 +13,9 @@ In the Triton interpreter the kernels' dots run in fp32 (its bf16 tl.dot is wron
 bf16/fp16 are tested only where a GPU compiles the kernels.
 """
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -184,6 +187,66 @@ def test_dropout_kernels_many_tiles(case, dtype):
     # The GPU tiles (64-128 rows, the dropout tables of kernels/attention.py) with ragged ends:
     # the mask must not depend on where a tile starts.
     _check_kernel(case, 0.1, dtype)
+
+
+# ---- csrc/philox.h against the reference ------------------------------------------------------
+
+_PHILOX_MAIN = r"""
+#include "philox.h"
+#include <cstdio>
+#include <cstdint>
+#include <cstring>
+// stdin: lines "seed base step n"; stdout: per line, philox_uniforms' and philox_uniform's
+// bits as hex words.
+int main() {
+  unsigned long long seed, base, step;
+  long long n;
+  float u[300];
+  while (std::scanf("%llu %llu %llu %lld", &seed, &base, &step, &n) == 4) {
+    minigpt::philox_uniforms(seed, base, step, n, u);
+    for (long long t = 0; t < n; ++t) {
+      float one = minigpt::philox_uniform(seed, base + t * step);
+      uint32_t a, b;
+      std::memcpy(&a, &u[t], 4);
+      std::memcpy(&b, &one, 4);
+      std::printf("%08x %08x\n", a, b);
+    }
+  }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.parametrize("flags", [["-march=native"], ["-mno-avx512f"]],
+                         ids=["native", "no-avx512"])
+def test_csrc_philox_is_tl_rand(tmp_path, flags):
+    # The C++ kernel's draws bit for bit against the reference (itself checked against
+    # tl.rand), both the block function (AVX-512 where the CPU has it, else the plain loop) and
+    # the one-draw function, with offsets past 2**32 (the counter's high word) that no
+    # attention test here is big enough to reach.
+    src = tmp_path / "philox_main.cpp"
+    src.write_text(_PHILOX_MAIN)
+    exe = tmp_path / "philox_main"
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    subprocess.run(["g++", "-O2", "-fopenmp-simd", *flags, "-I", csrc, str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    gen = torch.Generator().manual_seed(0)
+    rows = [(SEED, 0, 1, 300), (0, 2**32 - 70, 1, 150), (2**63 - 1, 2**40 + 3, 2**31 + 7, 77),
+            (1, 5, 300, 64), (2**32 + 7, 2**62, 1, 1), (SEED, 123, 1, 0)]
+    for _ in range(6):
+        rows.append((int(torch.randint(0, 2**63 - 1, (), generator=gen)),
+                     int(torch.randint(0, 2**62, (), generator=gen)),
+                     int(torch.randint(1, 2**20, (), generator=gen)),
+                     int(torch.randint(1, 200, (), generator=gen))))
+    stdin = "".join(f"{s} {b} {st} {n}\n" for s, b, st, n in rows)
+    out = subprocess.run([str(exe)], input=stdin, check=True, capture_output=True,
+                         text=True).stdout.split()
+    got = torch.tensor([int(w, 16) for w in out], dtype=torch.int64).view(-1, 2)
+    want = torch.cat([philox_uniform(s, b + st * torch.arange(n, dtype=torch.int64))
+                      for s, b, st, n in rows])
+    want = want.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert got.shape[0] == want.numel() == sum(r[3] for r in rows)
+    assert torch.equal(got[:, 0], want) and torch.equal(got[:, 1], want)
 
 
 # ---- the C++ cpu kernel against the reference -----------------------------------------------
