@@ -58,53 +58,70 @@ inline __m512i philox_mulhilo(__m512i a, __m512i c, __m512i* lo) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// Draws t0 .. t0 + 16 V - 1 of philox_uniforms into out, V independent vectors of 16 counters
+// (one vector's ten rounds are a chain of dependent multiplies; several keep the multiplier
+// busy).
+template <int V>
+inline void philox_block(uint64_t seed, uint64_t base, uint64_t step, int64_t t0, float* out) {
+  alignas(64) uint32_t lo[16 * V], hi[16 * V];
+  for (int t = 0; t < 16 * V; ++t) {
+    const uint64_t off = base + static_cast<uint64_t>(t0 + t) * step;
+    lo[t] = static_cast<uint32_t>(off);
+    hi[t] = static_cast<uint32_t>(off >> 32);
+  }
+  __m512i c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    c0[v] = _mm512_load_si512(lo + 16 * v);
+    c1[v] = _mm512_load_si512(hi + 16 * v);
+    c2[v] = c3[v] = _mm512_setzero_si512();
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int r = 0; r < 10; ++r) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int v = 0; v < V; ++v) {
+      __m512i lb, la;
+      const __m512i hb = philox_mulhilo(c2[v], mb, &lb);
+      const __m512i ha = philox_mulhilo(c0[v], ma, &la);
+      c0[v] = _mm512_ternarylogic_epi32(hb, c1[v], key0, 0x96);  // three-way xor
+      c2[v] = _mm512_ternarylogic_epi32(ha, c3[v], key1, 0x96);
+      c1[v] = lb;
+      c3[v] = la;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int v = 0; v < V; ++v) {
+    // x < 0 -> ~x: xor with the sign spread over the word.
+    const __m512i x = _mm512_xor_si512(c0[v], _mm512_maskz_srai_epi32(0xFFFF, c0[v], 31));
+    _mm512_store_ps(out + 16 * v, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, x),
+                                                _mm512_set1_ps(4.6566127342e-10f)));
+  }
+}
+#endif
+
 // u[t] = philox_uniform(seed, base + t * step) for t < n. With AVX-512, 64 draws at a time as
-// four independent vectors (one vector's ten rounds are a chain of dependent multiplies; four
-// keep the multiplier busy): 1.7 ns per draw against 2.5 for the compiler's vectorization of
-// philox_uniform on the same core.
+// four vectors (1.7 ns per draw against 2.5 for the compiler's vectorization of philox_uniform
+// on the same core), and the last 1-32 in one or two vectors, so a short row (causal tiles on
+// the diagonal) does not pay for 64.
 inline void philox_uniforms(uint64_t seed, uint64_t base, uint64_t step, int64_t n, float* u) {
 #if defined(__AVX512F__)
-  constexpr int V = 4, W = 16 * V;
-  for (int64_t t0 = 0; t0 < n; t0 += W) {
-    alignas(64) uint32_t lo[W], hi[W];
-    alignas(64) float out[W];
-    for (int t = 0; t < W; ++t) {
-      const uint64_t off = base + static_cast<uint64_t>(t0 + t) * step;
-      lo[t] = static_cast<uint32_t>(off);
-      hi[t] = static_cast<uint32_t>(off >> 32);
-    }
-    __m512i c0[V], c1[V], c2[V], c3[V];
-    for (int v = 0; v < V; ++v) {
-      c0[v] = _mm512_load_si512(lo + 16 * v);
-      c1[v] = _mm512_load_si512(hi + 16 * v);
-      c2[v] = c3[v] = _mm512_setzero_si512();
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-    const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-    for (int r = 0; r < 10; ++r) {
-      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
-      const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
-      for (int v = 0; v < V; ++v) {
-        __m512i lb, la;
-        const __m512i hb = philox_mulhilo(c2[v], mb, &lb);
-        const __m512i ha = philox_mulhilo(c0[v], ma, &la);
-        c0[v] = _mm512_ternarylogic_epi32(hb, c1[v], key0, 0x96);  // three-way xor
-        c2[v] = _mm512_ternarylogic_epi32(ha, c3[v], key1, 0x96);
-        c1[v] = lb;
-        c3[v] = la;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    for (int v = 0; v < V; ++v) {
-      // x < 0 -> ~x: xor with the sign spread over the word.
-      const __m512i x = _mm512_xor_si512(c0[v], _mm512_maskz_srai_epi32(0xFFFF, c0[v], 31));
-      _mm512_store_ps(out + 16 * v, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, x),
-                                                  _mm512_set1_ps(4.6566127342e-10f)));
-    }
-    const int64_t m = n - t0 < W ? n - t0 : W;
+  alignas(64) float out[64];
+  for (int64_t t0 = 0; t0 < n;) {
+    const int64_t left = n - t0;
+    const int64_t w = left > 32 ? 64 : left > 16 ? 32 : 16;
+    if (w == 64)
+      philox_block<4>(seed, base, step, t0, out);
+    else if (w == 32)
+      philox_block<2>(seed, base, step, t0, out);
+    else
+      philox_block<1>(seed, base, step, t0, out);
+    const int64_t m = left < w ? left : w;
     std::memcpy(u + t0, out, static_cast<size_t>(m) * sizeof(float));
+    t0 += m;
   }
 #else
 #pragma omp simd
