@@ -260,7 +260,7 @@ def _unit_last(t):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-              dropout_p: float = 0.0, backend: Optional[str] = None) -> Tensor:
+              backend: Optional[str] = None, dropout_p: float = 0.0) -> Tensor:
     """softmax(q kᵀ · scale) v, fused (flash attention), forward and backward.
 
     q ``(B, Hq, T, D)``; k, v ``(B, Hkv, S, D)`` with Hq a multiple of Hkv (MHA, GQA, MQA:
