@@ -307,10 +307,10 @@ def main(argv=None):
     for M, N, dtype in SHAPES[(device.type, args.quick)]:
         for op in want:
             for ps in ("fwd", "fwd+bwd"):
-                st, nbytes, copy_gbps = bench_case(op, M, N, dtype, device, ps, backends,
-                                                   not args.no_compile, args.budget)
-                if copy_gbps[0]:
-                    copy_bw[(M, N, dtype)] = copy_gbps
+                st, nbytes, copy_bws = bench_case(op, M, N, dtype, device, ps, backends,
+                                                  not args.no_compile, args.budget)
+                if copy_bws[0]:
+                    copy_bw[(M, N, dtype)] = copy_bws
                 bw, kbw = copy_bw.get((M, N, dtype), (None, None))
                 new = [H.row(op, (M, N), dtype, be, ps, t["median"], nbytes=nbytes,
                              eager_ms=st["eager"]["median"], copy_gbps=bw,

@@ -1,6 +1,12 @@
 import functools
+import os
 
 import torch
+
+
+def interpreting() -> bool:
+    """Triton runs in its CPU interpreter (TRITON_INTERPRET=1, settled by minigpt/__init__)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)

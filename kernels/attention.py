@@ -40,14 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import capability_name, num_programs
+from minigpt.kernels._util import capability_name, interpreting, num_programs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -500,7 +496,7 @@ def _dot_mode(dtype, fp32="tf32x3"):
       in fp32 anyway).
     The decode kernel keeps IEEE fp32 (``fp32="ieee"``): its tiles are 16 query rows, small
     enough for CUDA cores without spilling (decode_blocks)."""
-    if _interpreting():
+    if interpreting():
         return "ieee"
     return fp32 if dtype == torch.float32 else "native"
 
@@ -597,7 +593,7 @@ def decode_blocks(D, rep, split_len, dtype, device):
 
 
 def _combine_chunk(nsplit, BD):
-    if _interpreting():
+    if interpreting():
         return 2  # so the interpreter tests (a few splits) run the combine loop several times
     return max(2, min(triton.next_power_of_2(nsplit), 4096 // BD))
 

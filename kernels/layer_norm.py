@@ -8,14 +8,12 @@ Backward, a fixed number of programs each owning a contiguous slice of rows: dx 
 each program's partial sums of dweight/dbias go to its own row of a (programs, N) fp32
 buffer (no atomics), which one torch .sum(0) reduces at the end.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from minigpt.kernels._util import num_programs, row_block, row_warps
+from minigpt.kernels._util import interpreting, num_programs, row_block, row_warps
 
 
 @triton.jit
@@ -77,10 +75,6 @@ def _ln_fwd_kernel(X, R, W, B, Y, H, Mean, Rstd, N, eps,
             tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -203,7 +197,8 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
     _ln_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
         M, N, rows_per_prog, HAS_DH=dh is not None, HAS_BIAS=has_bias,
-        BLOCK=BLOCK, SINGLE=single, EXACT_MUL=not _interpreting(), num_warps=row_warps(BLOCK))
+        BLOCK=BLOCK, SINGLE=single, EXACT_MUL=not interpreting(),
+        num_warps=row_warps(BLOCK))
     dw = dw_part.sum(0)
     db = db_part.sum(0) if has_bias else weight.new_empty(0)
     return dx, dw, db
