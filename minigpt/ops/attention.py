@@ -30,7 +30,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, pick
+from minigpt.ops._eager import bwd_op, eager_function, pick
 
 OP = "attention"
 DECODE_OP = "decode_attention"
@@ -67,7 +67,7 @@ def _lse_dtype(dtype):
 
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-         backend: str) -> tuple[Tensor, Tensor]:
+              backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D), k, v (B, Hkv, S, D), any strides with a unit last stride ->
     out (B, Hq, T, D) contiguous in q's dtype, lse (B, Hq, T) in the accumulation dtype."""
     out, lse = _kernel_fwd(backend, q, k, v, causal, scale)
@@ -84,12 +84,14 @@ def _(q, k, v, causal, scale, backend):
         (B, H, T), dtype=_lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("minigpt::attention_bwd", mutates_args=())
-def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-         scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+              scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, contiguous, in the shapes and dtype of q, k, v."""
     dq, dk, dv = _kernel_bwd(backend, do, q, k, v, out, lse, causal, scale)
     return dq, dk, dv
+
+
+_bwd = torch.library.custom_op("minigpt::attention_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
@@ -110,7 +112,8 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
+    bwd = bwd_op(ctx, _bwd, _bwd_impl)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None
 
 
@@ -144,10 +147,9 @@ def _(q, k, v, causal, scale, dropout_p, seed, backend):
         (B, H, T), dtype=_lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("minigpt::attention_dropout_bwd", mutates_args=())
-def _drop_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              causal: bool, scale: float, dropout_p: float, seed: Tensor,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _drop_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   causal: bool, scale: float, dropout_p: float, seed: Tensor,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """_bwd with the forward's dropout mask, regenerated from its seed."""
     if backend == "triton":
         from minigpt.kernels import attention as kern
@@ -157,6 +159,10 @@ def _drop_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     dq, dk, dv = _ext().attention_bwd(do, q, k, v, out, lse, causal, scale, dropout_p,
                                       int(seed))
     return dq, dk, dv
+
+
+_drop_bwd = torch.library.custom_op("minigpt::attention_dropout_bwd",
+                                    mutates_args=())(_drop_bwd_impl)
 
 
 @_drop_bwd.register_fake
@@ -177,7 +183,8 @@ def _drop_backward(ctx, dout, _dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = _drop_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed,
+    bwd = bwd_op(ctx, _drop_bwd, _drop_bwd_impl)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed,
                            ctx.backend)
     return dq, dk, dv, None, None, None, None, None
 
@@ -189,7 +196,7 @@ _EagerDropoutAttention = eager_function("_EagerDropoutAttention", _drop_fwd_impl
 
 
 def _decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float,
-            backend: str) -> Tensor:
+                 backend: str) -> Tensor:
     """q (B, Hq, 1, D), caches (B, Hkv, S_max, D) with unit last strides, cache_seqlens (B,)
     int32 -> out (B, Hq, 1, D) contiguous."""
     if backend == "triton":

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, is_compiling, pick
+from minigpt.ops._eager import bwd_op, eager_function, is_compiling, pick
 
 OP = "cross_entropy"
 FOP = "fused_linear_cross_entropy"
@@ -148,7 +148,7 @@ def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_sca
 
 
 def _ce_fwd_impl(logits: Tensor, target: Tensor, ignore_index: int, reduction: str,
-            label_smoothing: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+                 label_smoothing: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
     """logits (M, V) contiguous, target (M,) int64 -> reduced loss, and with compute_grad the
     gradient of that loss w.r.t. logits (else an empty tensor)."""
     n_valid = _target_stats(OP, target, logits.shape[1], ignore_index)
@@ -287,8 +287,8 @@ def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, n
 
 
 def _flce_fwd_impl(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-              ignore_index: int, reduction: str, chunk: int, need_dh: bool, need_dw: bool,
-              need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   ignore_index: int, reduction: str, chunk: int, need_dh: bool, need_dw: bool,
+                   need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden (N, H), weight (V, H), target (N,) int64 -> reduced loss, and for mean/sum the
     gradients asked for (empty tensors otherwise; "none" recomputes them in backward)."""
     n_valid = _target_stats(FOP, target, weight.shape[0], ignore_index)
@@ -315,14 +315,17 @@ def _(hidden, weight, target, bias, ignore_index, reduction, chunk, need_dh, nee
     return loss, dh, dw, db
 
 
-@torch.library.custom_op("minigpt::fused_linear_cross_entropy_bwd", mutates_args=())
-def _flce_bwd(dloss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
-              bias: Optional[Tensor], ignore_index: int, chunk: int, need_dh: bool, need_dw: bool,
-              need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _flce_bwd_impl(dloss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
+                   bias: Optional[Tensor], ignore_index: int, chunk: int, need_dh: bool,
+                   need_dw: bool, need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """reduction="none": recompute each chunk and weight row i's gradient by dloss[i]."""
     _, dh, dw, db = _chunks(hidden, weight, bias, target, ignore_index, 1.0, dloss, need_dh,
                             need_dw, need_db, chunk, backend)
     return dh, dw, db
+
+
+_flce_bwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_bwd",
+                                    mutates_args=())(_flce_bwd_impl)
 
 
 @_flce_bwd.register_fake
@@ -350,7 +353,8 @@ def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb):
         return (None,) * 11
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
-        dh, dw, db = _flce_bwd(dloss.contiguous(), hidden, weight, target, bias, *ctx.args)
+        bwd = bwd_op(ctx, _flce_bwd, _flce_bwd_impl)
+        dh, dw, db = bwd(dloss.contiguous(), hidden, weight, target, bias, *ctx.args)
     else:
         dh, dw, db = (_scaled(g, dloss) for g in ctx.saved_tensors)
     ndh, ndw, ndb = ctx.need

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import as_acc, eager_function, pick, rows, shaped
+from minigpt.ops._eager import as_acc, bwd_op, eager_function, pick, rows, shaped
 
 OP = "layer_norm"
 
@@ -36,7 +36,7 @@ def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias):
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-         eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y, h (empty without residual), mean, rstd (M,) in the
     accumulation dtype (fp32; fp64 for fp64 x)."""
     return tuple(_kernel_fwd(backend, x, weight, bias, residual, eps))
@@ -53,12 +53,14 @@ def _(x, weight, bias, residual, eps, backend):
     return torch.empty_like(x), h, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("minigpt::layer_norm_bwd", mutates_args=())
-def _bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-         has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
+              rstd: Tensor, has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx (M, N) in h's dtype (it is also d residual), dweight, dbias (empty if no bias),
     both in weight's (accumulation) dtype."""
     return tuple(_kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias))
+
+
+_bwd = torch.library.custom_op("minigpt::layer_norm_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
@@ -79,7 +81,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-    dx, dw, db = _bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
+    bwd = bwd_op(ctx, _bwd, _bwd_impl)
+    dx, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
     return (dx, dw, db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None)
 
 

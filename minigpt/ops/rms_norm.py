@@ -14,7 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import as_acc, eager_function, pick, rows, shaped
+from minigpt.ops._eager import as_acc, bwd_op, eager_function, pick, rows, shaped
 
 OP = "rms_norm"
 
@@ -36,7 +36,7 @@ def _kernel_bwd(backend, dy, dh, h, weight, rstd):
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
-         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y, h (empty without residual), rstd (M,) in the
     accumulation dtype (fp32; fp64 for fp64 x)."""
     return tuple(_kernel_fwd(backend, x, weight, residual, eps))
@@ -52,12 +52,14 @@ def _(x, weight, residual, eps, backend):
     return torch.empty_like(x), h, rstd
 
 
-@torch.library.custom_op("minigpt::rms_norm_bwd", mutates_args=())
-def _bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, rstd: Tensor,
-         backend: str) -> tuple[Tensor, Tensor]:
+def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, rstd: Tensor,
+              backend: str) -> tuple[Tensor, Tensor]:
     """-> dx (M, N) in h's dtype (it is also d residual), dweight in weight's (accumulation)
     dtype."""
     return tuple(_kernel_bwd(backend, dy, dh, h, weight, rstd))
+
+
+_bwd = torch.library.custom_op("minigpt::rms_norm_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
@@ -76,7 +78,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-    dx, dw = _bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
+    bwd = bwd_op(ctx, _bwd, _bwd_impl)
+    dx, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
     return dx, dw, (dx if ctx.has_residual else None), None, None
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, pick, rows, shaped
+from minigpt.ops._eager import bwd_op, eager_function, pick, rows, shaped
 
 OP = "softmax"
 
@@ -56,10 +56,12 @@ def _(x, scale, causal, T, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("minigpt::softmax_bwd", mutates_args=())
-def _bwd(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
+def _bwd_impl(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
     """dy, y (M, N) contiguous -> dx (M, N) in y's dtype."""
     return _kernel_bwd(backend, dy, y, scale)
+
+
+_bwd = torch.library.custom_op("minigpt::softmax_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
@@ -76,7 +78,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
-    dx = _bwd(dy.contiguous().to(y.dtype), y, ctx.scale, ctx.backend)
+    bwd = bwd_op(ctx, _bwd, _bwd_impl)
+    dx = bwd(dy.contiguous().to(y.dtype), y, ctx.scale, ctx.backend)
     return dx, None, None, None, None
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import eager_function, pick
+from minigpt.ops._eager import bwd_op, eager_function, pick
 
 OP = "swiglu"
 
@@ -36,14 +36,16 @@ def _(gate, up, backend):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("minigpt::swiglu_bwd", mutates_args=())
-def _bwd(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _bwd_impl(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """-> d gate, d up."""
     if backend == "triton":
         from minigpt.kernels import swiglu as k
 
         return tuple(k.swiglu_bwd(dy, gate, up))
     return tuple(_backend.extension().swiglu_bwd(dy, gate, up))
+
+
+_bwd = torch.library.custom_op("minigpt::swiglu_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
@@ -59,7 +61,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = _bwd(dy.contiguous(), gate, up, ctx.backend)
+    bwd = bwd_op(ctx, _bwd, _bwd_impl)
+    dg, du = bwd(dy.contiguous(), gate, up, ctx.backend)
     return dg, du, None
 
 
