@@ -210,12 +210,24 @@ def test_fused_linear_cross_entropy_gradcheck_float64(be, reduction):
 
 
 def test_fused_default_chunk_size_bounds_the_logits():
-    # 8192 tokens x 576 hidden x 49152 vocab (SmolLM2): chunks of 341 tokens (16M logits);
-    # a wide hidden allows chunks as large as hidden; tiny problems get one chunk.
-    assert ce_mod.default_chunk_size(8192, 576, 49152) == 341
-    assert ce_mod.default_chunk_size(8192, 4096, 128256) == 8192 * 4096 // 128256
+    # 8192 tokens x 576 hidden x 49152 vocab (SmolLM2): the 1024-token floor (hidden's size
+    # would be 96 tokens, 16M logits 341); a hidden wider than the floor sets the chunk, cut to
+    # a multiple of 128 (32768 x 4096 x 128256: 1046 -> 1024; x 8192: 2092 -> 2048); tiny
+    # problems get one chunk, and chunks under 256 tokens stay as they are.
+    assert ce_mod.default_chunk_size(8192, 576, 49152) == 1024
+    assert ce_mod.default_chunk_size(32768, 4096, 128256) == 1024
+    assert ce_mod.default_chunk_size(32768, 8192, 128256) == 2048
+    assert ce_mod.default_chunk_size(300, 16, 1000) == 256
     assert ce_mod.default_chunk_size(10, 16, 1000) == 10
-    assert ce_mod.default_chunk_size(5, 4, 10 ** 8) == 1
+    # A huge vocabulary gives up the row floor: 2**28 logits (268 tokens at 10**6), then 1 token.
+    assert ce_mod.default_chunk_size(8192, 64, 10 ** 6) == 256
+    assert ce_mod.default_chunk_size(5, 4, 10 ** 9) == 1
+    # Never more than N tokens, never more logits than hidden's size, 2**28 or 2**24 allow.
+    for N, H, V in [(8192, 576, 49152), (1 << 20, 768, 50304), (2000, 64, 65), (64, 8, 10 ** 7),
+                    (1 << 16, 4096, 256000)]:
+        c = ce_mod.default_chunk_size(N, H, V)
+        assert 1 <= c <= N
+        assert c == 1 or c * V <= max(N * H, 1 << 28, 1 << 24)
 
 
 def test_fused_grads_only_where_asked():
@@ -423,3 +435,22 @@ def test_fused_linear_ce_autocast_mixed_dtypes():
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
     with pytest.raises((TypeError, ValueError), match="dtype"):
         ops.fused_linear_cross_entropy(h, w, t)
+
+
+def test_fused_weight_grad_sum_falls_back_where_fp32_accumulating_mm_is_missing(monkeypatch):
+    # The bf16 product goes straight into the fp32 grad_weight sum through aten::addmm's
+    # out_dtype overload where it runs (CUDA); a device without it (this CPU build) is detected
+    # on the first try and served by the product-then-add path, with the same result.
+    monkeypatch.setattr(ce_mod, "_FP32_SUM_MM", {"cpu": True})
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 7, generator=g).bfloat16()
+    b = torch.randn(7, 24, generator=g).bfloat16()
+    acc = torch.randn(40, 24, generator=g)
+    want = acc + (a @ b).float()
+    ce_mod._add_mm(acc, a, b)
+    assert ce_mod._FP32_SUM_MM["cpu"] is False
+    torch.testing.assert_close(acc, want, rtol=0, atol=0)
+    acc32 = torch.randn(40, 24, generator=g)
+    want32 = acc32 + a.float() @ b.float()
+    ce_mod._add_mm(acc32, a.float(), b.float())
+    torch.testing.assert_close(acc32, want32, rtol=1e-6, atol=1e-5)

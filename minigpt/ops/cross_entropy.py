@@ -17,7 +17,8 @@ Memory, the point of these ops (Liger-Kernel's approach):
   tokens in chunks: ``logits = hidden_chunk @ weight.T (+ bias)`` (a torch matmul), the
   cross-entropy kernel overwrites that chunk of logits with its gradient in place, and the chunk's
   contribution to ``grad_hidden = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden``
-  (and ``grad_bias``) is added before the next chunk. With ``reduction`` "mean" or "sum" the
+  (and ``grad_bias``) is added before the next chunk (into fp32 sums; on CUDA cuBLAS adds the
+  bf16/fp16 product into the fp32 ``grad_weight`` directly). With ``reduction`` "mean" or "sum" the
   gradients are computed in the forward and saved (backward scales them by the scalar
   ``grad_output``); with "none" the per-row ``grad_output`` is only known in backward, so backward
   recomputes the chunks. The chunk loop is the same for every backend, including "torch" (plain
@@ -41,11 +42,20 @@ from minigpt.ops._eager import bwd_op, eager_function, is_compiling, pick
 OP = "cross_entropy"
 FOP = "fused_linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
-# Elements of one chunk of logits in fused_linear_cross_entropy: hidden's own size (Liger's rule:
-# the chunk costs no more memory than the activations already held), but at least this many
-# (64 MiB in fp32). Every chunk reads all of weight and updates all of grad_weight, so chunks of
-# a few dozen tokens make the loss memory-bound; a few hundred tokens amortize that.
+# Tokens in one chunk of fused_linear_cross_entropy. Liger's rule, chunk logits no larger than
+# hidden (the chunk costs no more memory than the activations already held), is the start; but
+# every chunk also reads all of weight and reads and writes all of the fp32 grad_weight sum, so
+# small chunks make the loss memory-bound. A chunk's three products take 6*c*V*H flops against
+# 8*V*H bytes of that sum: on an H200 (~700 dense bf16 TFLOP/s reached, ~4 TB/s) the sum's
+# traffic is ~230/c of the products' time. So at least MIN_CHUNK_ROWS tokens (~20%) and at
+# least MIN_CHUNK_ELEMENTS logits (64 MiB in fp32); the GPT-2 step on an H200 ran 50 chunks of
+# 333 tokens (benchmarks/results/bench_train_cuda-h200_profile.md). Chunks of 256 tokens or more
+# are cut to a multiple of 128, the GEMM tile height, so no chunk ends in a mostly empty tile.
+# The row floor yields for huge vocabularies: its logits stay within MAX_FLOOR_ELEMENTS (512 MiB
+# in bf16).
 MIN_CHUNK_ELEMENTS = 1 << 24
+MIN_CHUNK_ROWS = 1024
+MAX_FLOOR_ELEMENTS = 1 << 28
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -239,8 +249,40 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
 
 
 def default_chunk_size(N: int, H: int, V: int) -> int:
-    """Rows per chunk: the chunk's (rows, V) logits hold at most max(N * H, 16M) elements."""
-    return max(1, min(N, max(N * H, MIN_CHUNK_ELEMENTS) // V))
+    """Tokens per chunk: logits as large as ``hidden``, but at least MIN_CHUNK_ROWS tokens (as
+    long as that is at most MAX_FLOOR_ELEMENTS logits) and MIN_CHUNK_ELEMENTS logits; at most
+    all N tokens."""
+    floor = min(MIN_CHUNK_ROWS, MAX_FLOOR_ELEMENTS // V)
+    rows = min(N, max(N * H // V, MIN_CHUNK_ELEMENTS // V, floor, 1))
+    return rows - rows % 128 if rows >= 256 else rows
+
+
+_FP32_SUM_MM: dict = {}  # device type -> whether aten::addmm.dtype_out ran there
+
+
+def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, acc in fp32 (fp64), a and b in the inputs' dtype.
+
+    For bf16/fp16 inputs on CUDA, cuBLAS accumulates the product straight into the fp32 sum
+    (addmm's out_dtype overload, torch >= 2.8). Forming each chunk's (V, H) product in bf16 and
+    then adding it instead rounds it and costs a temporary written, read and added: a 4096 x 4096
+    -> 128256 bf16 fwd+bwd took 100 ms against eager's 23 on an H200 (32 chunks, 1 GB each).
+    Where the overload is missing (CPU, older torch) the product in the inputs' dtype is added.
+    """
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    dev = acc.device.type
+    if _FP32_SUM_MM.get(dev, dev == "cuda"):
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+            _FP32_SUM_MM[dev] = True
+            return
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _FP32_SUM_MM[dev] = False
+    acc.add_(torch.mm(a, b))
 
 
 def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, need_dh, need_dw,
@@ -275,10 +317,7 @@ def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, n
             if need_dh:
                 torch.mm(dl, weight, out=dh[s:e])
             if need_dw:
-                if dl.dtype == acc:
-                    dw.addmm_(dl.t(), h)
-                else:  # bf16/fp16: one (V, H) product in that dtype, added into the fp32 sum
-                    dw.add_(torch.mm(dl.t(), h))
+                _add_mm(dw, dl.t(), h)
             if need_db:
                 db += dl.sum(0, dtype=acc)
     dw = dw.to(weight.dtype) if need_dw else weight.new_empty(0)
@@ -395,8 +434,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     Under ``torch.autocast`` the matmul runs in the autocast dtype (fp32 inputs are cast, as
     for ``F.linear``); the loss is accumulated in fp32 either way.
 
-    ``chunk_size``: tokens per chunk (default: chunk logits as large as ``hidden`` or 16M
-    elements, whichever is more). ``backend`` picks the per-chunk cross-entropy kernel, as in ``cross_entropy``.
+    ``chunk_size``: tokens per chunk (default ``default_chunk_size``: chunk logits as large as
+    ``hidden``, but at least 1024 tokens and 16M logits). ``backend`` picks the per-chunk
+    cross-entropy kernel, as in ``cross_entropy``.
     """
     _checks.tensor(FOP, "hidden", hidden)
     _checks.tensor(FOP, "weight", weight)
