@@ -138,6 +138,41 @@ __device__ __forceinline__ void store_f32(float* __restrict__ p, const float* v)
     *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
 }
 
+// p advanced by n 16-byte units. The vectorized kernels index their rows in these units, not as
+// `p + j`: from `p + j` nvcc 13.0 kept 16-byte stores for a thread's first two packs only and
+// split the later ones into 4-byte stores (y, dx, dweight at 4 or more packs a thread).
+template <typename T>
+__device__ __forceinline__ T* at16(T* p, int64_t n) {
+  return reinterpret_cast<T*>(reinterpret_cast<uint4*>(p) + n);
+}
+template <typename T>
+__device__ __forceinline__ const T* at16(const T* p, int64_t n) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const uint4*>(p) + n);
+}
+
+// The row-per-warp backward kernels' end: each warp holds partial column sums acc for the
+// packs it owns (pack k * 32 + lane, k < VPT); they meet in shared memory `part` (warps x N
+// floats) and the block writes their sum to out[0, N).
+template <int VPT, int V>
+__device__ __forceinline__ void warps_sum_to_row(const float (&acc)[VPT][V], float* part,
+                                                 float* __restrict__ out, int64_t N) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();  // part may still be read by a previous call
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t j = ((int64_t)k * 32 + lane) * V;
+    if (j >= N) continue;
+#pragma unroll
+    for (int i = 0; i < V; ++i) part[warp * N + j + i] = acc[k][i];
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += part[w * N + c];
+    out[c] = s;
+  }
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Threads and packs per thread (vpt, a power of two <= max_vpt) for a vectorized row kernel

@@ -5,9 +5,11 @@
 // keeps x-hat and w*dy between the reduction and dx, and its dweight sums in registers until
 // the slice is done. The generic ones take any N: one block per row, a second pass re-reading
 // the thread's own columns (from L1/L2).
-// Backward, both: P blocks, each owning a contiguous slice of rows; every thread owns a fixed
+// Backward, all: P blocks, each owning a contiguous slice of rows; every thread owns a fixed
 // set of columns, so its share of the dweight partial row needs no atomics; the caller sums the
-// P partial rows.
+// P partial rows. A vectorized row of at most 128 packs (fp32 512 wide, fp16/bf16 1024) takes
+// a third version: one warp per row, 8 rows of the slice at a time, the warps' dweight sums
+// added in shared memory at the end.
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -75,18 +77,6 @@ __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ d
       dx[i * N + j] = from_f<T>(v);
     }
   }
-}
-
-// p advanced by n 16-byte units. The vectorized kernels index their rows in these units, not as
-// `p + j`: from `p + j` nvcc 13.0 kept 16-byte stores for a thread's first two packs only and
-// split the later ones into 4-byte stores (y, dx, dweight at 4 or more packs a thread).
-template <typename T>
-__device__ __forceinline__ T* at16(T* p, int64_t n) {
-  return reinterpret_cast<T*>(reinterpret_cast<uint4*>(p) + n);
-}
-template <typename T>
-__device__ __forceinline__ const T* at16(const T* p, int64_t n) {
-  return reinterpret_cast<const T*>(reinterpret_cast<const uint4*>(p) + n);
 }
 
 // Forward, vectorized: thread t owns packs t, t + blockDim, ... (VPT of them) of the row.
@@ -202,6 +192,67 @@ rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   }
 }
 
+// Backward, one warp per row for rows of at most 32 * 4 packs: see ln_bwd_warp_kernel in
+// layer_norm_cuda.cu (the same walk and end, without the mean and the bias).
+template <typename T, int VPT>
+__global__ void __launch_bounds__(256)
+rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
+                    const float* __restrict__ w, const float* __restrict__ rstd,
+                    T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
+                    int64_t rows_per) {
+  constexpr int V = Pack<T>::kN;
+  extern __shared__ float part[];  // warps x N
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int64_t p = blockIdx.x;
+  float dw[VPT][V], wv[VPT][V];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = (int64_t)k * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < V; ++i) dw[k][i] = wv[k][i] = 0.f;
+    if (q * V < N) load_f32<V>(at16(w, q * V / 4), wv[k]);
+  }
+  const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
+  for (int64_t row = r0 + warp; row < r1; row += nwarps) {
+    const int64_t base = row * N;
+    const float rs = rstd[row];
+    float xhat[VPT][V], wg[VPT][V];
+    float c1 = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * 32 + lane;
+      if (q * V >= N) continue;
+      float hv[V], g[V];
+      load_pack(at16(h + base, q), hv);
+      load_pack(at16(dy + base, q), g);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        xhat[k][i] = hv[i] * rs;
+        wg[k][i] = wv[k][i] * g[i];
+        c1 += xhat[k][i] * wg[k][i];
+        dw[k][i] += g[i] * xhat[k][i];
+      }
+    }
+    c1 = warp_sum(c1) / N;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * 32 + lane;
+      if (q * V >= N) continue;
+      float o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = (wg[k][i] - xhat[k][i] * c1) * rs;
+      if (dh) {
+        float d[V];
+        load_pack(at16(dh + base, q), d);
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] += d[i];
+      }
+      store_pack(at16(dx + base, q), o);
+    }
+  }
+  warps_sum_to_row(dw, part, dw_part + p * N, N);
+}
+
 template <typename T, int VPT>
 void fwd_vec(int threads, const void* x, const void* r, const float* w, void* y, void* h,
              float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
@@ -236,10 +287,28 @@ void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const f
   }
 }
 
+template <typename T, int VPT>
+void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const float* w,
+              const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
+              int64_t rows_per, cudaStream_t s) {
+  rms_bwd_warp_kernel<T, VPT><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
+                                                   rstd, (T*)dx, dw_part, M, N, rows_per);
+}
+
 template <typename T>
 void launch_bwd(const void* dy, const void* dh, const void* h, const float* w, const float* rstd,
                 void* dx, float* dw_part, int64_t M, int64_t N, int64_t P, cudaStream_t s) {
   const int64_t rows_per = (M + P - 1) / P;
+  // Narrow rows: a warp each, 8 warps a block (shared memory: 8 x N floats, 32 KiB at most).
+  const RowShape ws = vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dw_part});
+  if (ws.vpt) {
+    const size_t smem = 8 * N * sizeof(float);
+    switch (ws.vpt) {
+      case 1: bwd_warp<T, 1>(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); return;
+      case 2: bwd_warp<T, 2>(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); return;
+      default: bwd_warp<T, 4>(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); return;
+    }
+  }
   // At most 256 threads, so that x-hat, w*dy and the dweight sums (3 x 32 values at most) stay
   // in registers; rows up to 8192.
   const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dw_part});

@@ -86,13 +86,13 @@ softmax_fwd_vec_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t N, fl
   float m = -INFINITY;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
     if (j >= L) {  // nothing of this pack is kept: not read at all
 #pragma unroll
       for (int i = 0; i < V; ++i) v[k][i] = -INFINITY;
       continue;
     }
-    load_pack(x + base + j, v[k]);
+    load_pack(at16(x + base, q), v[k]);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       v[k][i] = j + i < L ? v[k][i] * scale : -INFINITY;
@@ -113,11 +113,11 @@ softmax_fwd_vec_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t N, fl
   const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that keeps nothing is all zeros
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
     if (j >= N) continue;
 #pragma unroll
     for (int i = 0; i < V; ++i) v[k][i] *= inv;
-    store_pack(y + base + j, v[k]);
+    store_pack(at16(y + base, q), v[k]);
   }
 }
 
@@ -133,22 +133,22 @@ softmax_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __r
   float s = 0.f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
     if (j >= N) continue;
-    load_pack(dy + base + j, g[k]);
-    load_pack(y + base + j, yv[k]);
+    load_pack(at16(dy + base, q), g[k]);
+    load_pack(at16(y + base, q), yv[k]);
 #pragma unroll
     for (int i = 0; i < V; ++i) s += g[k][i] * yv[k][i];
   }
   s = block_sum(s, shm);
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t j = ((int64_t)k * blockDim.x + threadIdx.x) * V;
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
     if (j >= N) continue;
     float o[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) o[i] = scale * yv[k][i] * (g[k][i] - s);
-    store_pack(dx + base + j, o);
+    store_pack(at16(dx + base, q), o);
   }
 }
 

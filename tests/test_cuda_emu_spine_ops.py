@@ -68,7 +68,20 @@ def test_layer_norm_cuda_emulated_misaligned(cuda_emu, dtype, which):
     _check_layer_norm(cuda_emu, dtype, 3, 1000, True, True, misaligned=which)
 
 
-def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,P", [(37, 64, 2), (21, 512, 2), (45, 1000, 3), (9, 200, 4)],
+                         ids=["warp-64", "warp-512", "warp-1000", "warp-200-short"])
+@pytest.mark.parametrize("residual,bias", [(False, True), (True, False)],
+                         ids=["plain", "residual-nobias"])
+def test_layer_norm_cuda_emulated_warp_per_row(cuda_emu, dtype, M, N, P, residual, bias):
+    # Rows of at most 128 packs take the warp-per-row backward (fp32 up to 512 wide, fp16/bf16
+    # up to 1024): 8 warps a block, warp k on rows k, k + 8, ... of the block's slice. 37 rows
+    # in 2 blocks: warps walk 2-3 rows and carry their dweight/dbias sums across them; 9 rows
+    # in 4 blocks: 3, 3, 3 and 0 rows, most warps idle, the last block empty.
+    _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, P=P)
+
+
+def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None, P=None):
     x = torch.randn(M, N).to(dtype)
     r = torch.randn(M, N).to(dtype) if residual else None
     w = torch.randn(N)
@@ -82,7 +95,8 @@ def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None):
     elif misaligned == "residual":
         rin = _offset_by_one(r)
     y, h, mean, rstd = ln_fwd(cuda_emu, xin, w, b, rin)
-    P = _p_rows(M) if M < 3 else 2  # also several rows per block (M=5 -> 3 rows, then 2)
+    if P is None:
+        P = _p_rows(M) if M < 3 else 2  # also several rows per block (M=5 -> 3 rows, then 2)
     dx, dw, db = ln_bwd(cuda_emu, gy, gh, h, w, mean, rstd, bias, P)
 
     def run(xx, rr, ww, bb):

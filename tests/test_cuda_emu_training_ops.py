@@ -139,6 +139,18 @@ def test_rms_norm_bwd_several_rows_per_block(cuda_emu, dtype, M, sms, N, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,P", [(37, 64, 2), (21, 512, 2), (45, 1000, 3), (9, 200, 4)],
+                         ids=["warp-64", "warp-512", "warp-1000", "warp-200-short"])
+@pytest.mark.parametrize("mode", ["plain", "residual-dh"])
+def test_rms_norm_bwd_warp_per_row(cuda_emu, dtype, M, N, P, mode):
+    # Rows of at most 128 packs take the warp-per-row backward (fp32 up to 512 wide, fp16/bf16
+    # up to 1024): 8 warps a block, warp k on rows k, k + 8, ... of the block's slice. 37 rows
+    # in 2 blocks: 19 and 18 rows, so warps walk 2-3 rows and carry their dweight sums across
+    # them; 9 rows in 4 blocks: 3, 3, 3 and 0 rows, most warps idle, the last block empty.
+    _check_rms(cuda_emu, dtype, M, N, mode, P)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("which,mode", [("x", "plain"), ("x", "residual-dh"),
                                         ("residual", "residual-dh"), ("w", "residual-dh"),
                                         ("dy", "plain"), ("dy", "residual-dh"),
