@@ -55,3 +55,25 @@ def row_block(N: int):
 
 def row_warps(block: int) -> int:
     return min(max(block // 256, 1), 16)
+
+
+# Row-parallel backward (layer_norm, rms_norm): each program walks a slice of rows, ROWS at a
+# time when a row is narrow. One 768-wide bf16 row is 1.5 KB per operand; an H200 ran GPT-2's
+# LayerNorm backward (16384 x 768) at ~1/5 of its copy bandwidth one row at a time
+# (benchmarks/results/bench_train_cuda-h200_profile.md). A tile of up to BWD_TILE elements puts
+# several rows' loads in flight at once.
+BWD_TILE = 4096
+
+
+def bwd_rows(block: int) -> int:
+    """Rows per step of the backward's walk for rows held in one ``block``."""
+    return max(1, min(16, BWD_TILE // block))
+
+
+def bwd_programs(device: torch.device, M: int, rows: int):
+    """(programs, rows per program) for the backward over M rows walked ``rows`` at a time: a
+    few programs per SM (num_programs), each with a multiple of ``rows`` rows."""
+    import triton
+
+    per = triton.cdiv(triton.cdiv(M, num_programs(device, triton.cdiv(M, rows))), rows) * rows
+    return triton.cdiv(M, per), per

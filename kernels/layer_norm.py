@@ -4,16 +4,17 @@ Forward, one program per row. A row that fits one block (N <= _util.MAX_FUSED) i
 normalized from registers; a wider row is streamed in BLOCK-sized chunks over three passes
 (mean, variance, normalize) so any width up to memory works.
 
-Backward, a fixed number of programs each owning a contiguous slice of rows: dx per row, and
-each program's partial sums of dweight/dbias go to its own row of a (programs, N) fp32
-buffer (no atomics), which one torch .sum(0) reduces at the end.
+Backward, a fixed number of programs each owning a contiguous slice of rows: dx per row (a
+narrow row's slice is walked several rows at a time, _util.bwd_rows), and each program's
+partial sums of dweight/dbias go to its own row of a (programs, N) fp32 buffer (no atomics),
+which one torch .sum(0) reduces at the end.
 """
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from minigpt.kernels._util import interpreting, num_programs, row_block, row_warps
+from minigpt.kernels._util import bwd_programs, bwd_rows, interpreting, row_block, row_warps
 
 
 @triton.jit
@@ -91,8 +92,8 @@ def _mul_rn(a, b, EXACT: tl.constexpr):
 
 @triton.jit
 def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
-                   HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK: tl.constexpr, SINGLE: tl.constexpr, EXACT_MUL: tl.constexpr):
+                   HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                   ROWS: tl.constexpr, SINGLE: tl.constexpr, EXACT_MUL: tl.constexpr):
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     # The last program's slice may run past M: those rows are masked off rather than given a
@@ -100,32 +101,45 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
     DW += pid.to(tl.int64) * N
     DB += pid.to(tl.int64) * N
     if SINGLE:
+        # ROWS rows at a time (rows_per_prog is a multiple of ROWS): a narrow row alone is too
+        # few bytes in flight to keep the memory system busy between the program's reductions.
         cols = tl.arange(0, BLOCK)
-        w = tl.load(W + cols, mask=cols < N, other=0.0)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        db = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, rows_per_prog):
-            row = row_start + i
-            valid = row < M
-            mask = (cols < N) & valid
-            off = row.to(tl.int64) * N
-            x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(Mean + row, mask=valid, other=0.0)
-            rstd = tl.load(Rstd + row, mask=valid, other=0.0)
+        cmask = cols < N
+        w = tl.load(W + cols, mask=cmask, other=0.0)[None, :]
+        dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        db = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        rows = row_start + tl.arange(0, ROWS)
+        off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x_next = tl.load(Hx + off, mask=mask, other=0.0)
+        dy_next = tl.load(DY + off, mask=mask, other=0.0)
+        for i in range(0, rows_per_prog, ROWS):
+            rows = row_start + i + tl.arange(0, ROWS)
+            valid = rows < M
+            mask = valid[:, None] & cmask[None, :]
+            off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            # The next tile's loads leave before this tile's reductions wait on each other, so
+            # the memory system has work during them (a one-deep software pipeline).
+            nmask = ((rows + ROWS < M) & (i + ROWS < rows_per_prog))[:, None] & cmask[None, :]
+            x_next = tl.load(Hx + off + ROWS * N, mask=nmask, other=0.0)
+            dy_next = tl.load(DY + off + ROWS * N, mask=nmask, other=0.0)
+            mean = tl.load(Mean + rows, mask=valid, other=0.0)[:, None]
+            rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
             wdy = _mul_rn(w, dy, EXACT_MUL)
-            c1 = tl.sum(xhat * wdy, axis=0) / N
-            c2 = tl.sum(wdy, axis=0) / N
+            c1 = (tl.sum(xhat * wdy, axis=1) / N)[:, None]
+            c2 = (tl.sum(wdy, axis=1) / N)[:, None]
             dx = (wdy - (xhat * c1 + c2)) * rstd
             if HAS_DH:
-                dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DH + off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
             dw += dy * xhat
             db += dy
-        tl.store(DW + cols, dw, mask=cols < N)
+        tl.store(DW + cols, tl.sum(dw, axis=0), mask=cmask)
         if HAS_BIAS:
-            tl.store(DB + cols, db, mask=cols < N)
+            tl.store(DB + cols, tl.sum(db, axis=0), mask=cmask)
     else:
         # Zero this program's partial rows, then accumulate into them chunk by chunk.
         for c in range(0, N, BLOCK):
@@ -188,17 +202,16 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
     """dy, dh, h: (M, N). -> dx (h's dtype), dweight, dbias (fp32; dbias empty if no bias)."""
     M, N = h.shape
     dx = torch.empty_like(h)
-    P = num_programs(h.device, M)
-    rows_per_prog = triton.cdiv(M, P)
-    P = triton.cdiv(M, rows_per_prog)
+    BLOCK, single = row_block(N)
+    ROWS = bwd_rows(BLOCK) if single else 1
+    P, rows_per_prog = bwd_programs(h.device, M, ROWS)
     dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
     db_part = torch.empty((P, N), dtype=torch.float32, device=h.device) if has_bias else dw_part
-    BLOCK, single = row_block(N)
     _ln_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
         M, N, rows_per_prog, HAS_DH=dh is not None, HAS_BIAS=has_bias,
-        BLOCK=BLOCK, SINGLE=single, EXACT_MUL=not interpreting(),
-        num_warps=row_warps(BLOCK))
+        BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, EXACT_MUL=not interpreting(),
+        num_warps=row_warps(ROWS * BLOCK))
     dw = dw_part.sum(0)
     db = db_part.sum(0) if has_bias else weight.new_empty(0)
     return dx, dw, db

@@ -4,15 +4,16 @@ Same structure as kernels/layer_norm.py without the mean. Forward, one program p
 that fits one block (N <= _util.MAX_FUSED) is loaded once and normalized from registers; a wider row
 is streamed in BLOCK-sized chunks over two passes (sum of squares, normalize).
 
-Backward, a fixed number of programs each owning a contiguous slice of rows: dx per row, and
-each program's partial sum of dweight goes to its own row of a (programs, N) fp32 buffer (no
-atomics), which one torch .sum(0) reduces at the end.
+Backward, a fixed number of programs each owning a contiguous slice of rows: dx per row (a
+narrow row's slice walked several rows at a time), and each program's partial sum of dweight
+goes to its own row of a (programs, N) fp32 buffer (no atomics), which one torch .sum(0)
+reduces at the end.
 """
 import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import num_programs, row_block, row_warps
+from minigpt.kernels._util import bwd_programs, bwd_rows, row_block, row_warps
 
 
 @triton.jit
@@ -61,7 +62,8 @@ def _rms_fwd_kernel(X, R, W, Y, H, Rstd, N, eps,
 
 @triton.jit
 def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
-                    HAS_DH: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                    HAS_DH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                    SINGLE: tl.constexpr):
     # y = xhat * w with xhat = x * rstd:  dx = rstd * (w*dy - xhat * mean(xhat * w*dy)).
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
@@ -69,26 +71,37 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
     # data-dependent loop bound (which the interpreter cannot take).
     DW += pid.to(tl.int64) * N
     if SINGLE:
+        # ROWS rows at a time (rows_per_prog is a multiple of ROWS), as in layer_norm.
         cols = tl.arange(0, BLOCK)
-        w = tl.load(W + cols, mask=cols < N, other=0.0)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, rows_per_prog):
-            row = row_start + i
-            valid = row < M
-            mask = (cols < N) & valid
-            off = row.to(tl.int64) * N
-            x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(Rstd + row, mask=valid, other=0.0)
+        cmask = cols < N
+        w = tl.load(W + cols, mask=cmask, other=0.0)[None, :]
+        dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        rows = row_start + tl.arange(0, ROWS)
+        off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x_next = tl.load(Hx + off, mask=mask, other=0.0)
+        dy_next = tl.load(DY + off, mask=mask, other=0.0)
+        for i in range(0, rows_per_prog, ROWS):
+            rows = row_start + i + tl.arange(0, ROWS)
+            valid = rows < M
+            mask = valid[:, None] & cmask[None, :]
+            off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            # The next tile's loads first (a one-deep software pipeline, as in layer_norm).
+            nmask = ((rows + ROWS < M) & (i + ROWS < rows_per_prog))[:, None] & cmask[None, :]
+            x_next = tl.load(Hx + off + ROWS * N, mask=nmask, other=0.0)
+            dy_next = tl.load(DY + off + ROWS * N, mask=nmask, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = x * rstd
             wdy = w * dy
-            c1 = tl.sum(xhat * wdy, axis=0) / N
+            c1 = (tl.sum(xhat * wdy, axis=1) / N)[:, None]
             dx = (wdy - xhat * c1) * rstd
             if HAS_DH:
-                dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DH + off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
             dw += dy * xhat
-        tl.store(DW + cols, dw, mask=cols < N)
+        tl.store(DW + cols, tl.sum(dw, axis=0), mask=cmask)
     else:
         for c in range(0, N, BLOCK):
             cols = c + tl.arange(0, BLOCK)
@@ -137,12 +150,12 @@ def rms_norm_bwd(dy, dh, h, weight, rstd):
     """dy, dh, h: (M, N). -> dx (h's dtype), dweight (fp32)."""
     M, N = h.shape
     dx = torch.empty_like(h)
-    P = num_programs(h.device, M)
-    rows_per_prog = triton.cdiv(M, P)
-    P = triton.cdiv(M, rows_per_prog)
-    dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
     BLOCK, single = row_block(N)
+    ROWS = bwd_rows(BLOCK) if single else 1
+    P, rows_per_prog = bwd_programs(h.device, M, ROWS)
+    dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
     _rms_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, rstd, dx, dw_part, M, N, rows_per_prog,
-        HAS_DH=dh is not None, BLOCK=BLOCK, SINGLE=single, num_warps=row_warps(BLOCK))
+        HAS_DH=dh is not None, BLOCK=BLOCK, ROWS=ROWS, SINGLE=single,
+        num_warps=row_warps(ROWS * BLOCK))
     return dx, dw_part.sum(0)
