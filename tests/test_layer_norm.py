@@ -149,6 +149,10 @@ def test_env_var_picks_backend(monkeypatch):
     (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend="cuda"),
      BackendUnavailableError, "cuda"),
     (lambda: ops.layer_norm(torch.randn(2, 4), "w"), TypeError, "weight"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), eps=-1e-5), ValueError, "eps"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), eps=float("nan")), ValueError,
+     "eps"),
+    (lambda: ops.layer_norm(torch.randn(2, 4), torch.randn(4), eps="1e-5"), ValueError, "eps"),
 ])
 def test_layer_norm_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):

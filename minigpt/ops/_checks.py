@@ -2,6 +2,8 @@
 never a crash inside a kernel."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -43,3 +45,11 @@ def same_dtype(op: str, **tensors):
 def shape(op: str, name: str, t: torch.Tensor, expected: tuple):
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def eps(op: str, value):
+    """A norm's epsilon: a finite number >= 0 (NaN or inf would turn every output into NaN or
+    zero without a word)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{op}: eps must be a finite non-negative number, got {value!r}")

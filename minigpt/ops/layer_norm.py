@@ -117,8 +117,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, bias=bias, residual=residual)
     _checks.same_dtype(OP, x=x, residual=residual)
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"{OP}: eps must be a non-negative number, got {eps!r}")
+    _checks.eps(OP, eps)
 
     be = _backend.resolve(OP, backend, x.device, x.dtype)
     if be == "torch":

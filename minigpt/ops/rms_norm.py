@@ -111,8 +111,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, residual=residual)
     _checks.same_dtype(OP, x=x, residual=residual)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"{OP}: eps must be a non-negative number, got {eps!r}")
+    _checks.eps(OP, eps)
 
     be = _backend.resolve(OP, backend, x.device, x.dtype)
     if be == "torch" or x.numel() == 0:  # no rows: nothing to launch
