@@ -412,9 +412,14 @@ def _decode_combine_kernel(OP, LSEP, O, D, NSPLIT,
 # register spills, or with the fewest found (tests/test_triton_compile.py prints the table).
 # benchmarks/tune_attention.py times alternatives on a GPU and writes the fastest to
 # attention_tuned.json beside this file, whose entries take precedence.
+# The 16-bit backward at head dims 64 and 128 follows the Triton tutorial's Hopper geometry
+# (dK/dV: 128 keys a program, 32 queries a step; dQ: 128 queries, 32 keys a step), each key
+# or query block held once while the other side streams by, at 8 warps where the tutorial's 4
+# spilled here (D 64 dK/dV: 76 bytes). The 64 x 64 tiles before measured 0.45-0.86x (D 64) and
+# 0.52-0.69x (D 128) SDPA-flash's backward on an H200, timed per call; these are unmeasured.
 _DEFAULT_16BIT = {  # BLOCK_D -> kernel -> tiles, for bf16/fp16 on tensor cores
-    64: {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)},
-    128: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 8, 3)},
+    64: {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 32, 4, 5)},
+    128: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 32, 8, 3)},
     256: {"fwd": (64, 32, 8, 2), "dkdv": (64, 32, 8, 2), "dq": (64, 32, 8, 2)},
 }
 # fp32 runs three-pass TF32 dots (_dot_mode), which hold a high and a low half of every
@@ -431,7 +436,7 @@ _DEFAULT_FP32 = {
 # tiles), its backward keeps the default tiles, the fewest found, at 700 (dK/dV) and 276 (dQ)
 # bytes against 348 and 164 without dropout.
 _DROPOUT_16BIT = {
-    64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3)},
+    64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 3), "dq": (64, 64, 4, 3)},
     128: {"dkdv": (32, 64, 8, 3), "dq": (32, 64, 8, 3)},
     256: {"dq": (32, 32, 8, 2)},
 }

@@ -129,7 +129,7 @@ def test_tuner_checks_and_times_candidates(kernel):
     assert point.check(cands[0]).startswith(f"{name} error")
 
 
-@pytest.mark.parametrize("tiles", [(16, 32), (32, 16), (64, 16)], ids=str)
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16), (64, 16), (32, 128), (128, 32)], ids=str)
 @pytest.mark.parametrize("T,S,causal", [(100, 100, True), (70, 33, True), (33, 100, True),
                                         (45, 70, False)], ids=str)
 def test_kernels_with_unequal_tiles(tiles, T, S, causal):
