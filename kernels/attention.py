@@ -486,6 +486,32 @@ def tiles(kernel, dtype, block_d, causal, device, dropout=False):
     return table[max(64, block_d)][kernel]
 
 
+# Whether the launchers shrink a tile whose grid would leave SMs without a program
+# (_fill_sms). tests/test_triton_compile.py turns it off to compile the tables' own tiles at
+# its small shapes, and back on for cases of the shrunk ones.
+FILL_SMS = True
+
+
+def _fill_sms(tiles_, kernel, length, others, device):
+    """``tiles_`` with the block a program owns (queries for fwd and dq, keys for dK/dV)
+    halved (warps and stages kept) while the grid, cdiv(length, block) x others programs,
+    is smaller than the GPU's SM count, down to 32: then some SMs would get no work at all,
+    and halving only spreads the same work over more of them. B * H = 32 heads at T = 512
+    with 128-row tiles is 128 programs, under an H100's 132 SMs. Grids of a wave or more keep
+    their tiles (what tune_attention.py measured)."""
+    if not FILL_SMS or device.type != "cuda":
+        return tiles_
+    bm, bn, warps, stages = tiles_
+    sms = num_programs(device, 1 << 30, per_sm=1)
+    if kernel == "dkdv":
+        while bn > 32 and triton.cdiv(length, bn) * others < sms:
+            bn //= 2
+    else:
+        while bm > 32 and triton.cdiv(length, bm) * others < sms:
+            bm //= 2
+    return bm, bn, warps, stages
+
+
 def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
@@ -523,7 +549,8 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     BD = _block_d(D)
     seed, p, drop_scale, dropout = _dropout_args(dropout_p, seed)
-    BM, BN, warps, stages = config or tiles("fwd", q.dtype, BD, causal, q.device, dropout)
+    BM, BN, warps, stages = config or _fill_sms(
+        tiles("fwd", q.dtype, BD, causal, q.device, dropout), "fwd", T, B * H, q.device)
     grid = (triton.cdiv(T, BM), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
@@ -553,12 +580,14 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dot = _dot_mode(q.dtype)
     drop = _dropout_args(dropout_p, seed)
-    bm, bn, warps, stages = dkdv_config or tiles("dkdv", q.dtype, BD, causal, q.device, drop[3])
+    bm, bn, warps, stages = dkdv_config or _fill_sms(
+        tiles("dkdv", q.dtype, BD, causal, q.device, drop[3]), "dkdv", S, B * Hkv, q.device)
     _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = dq_config or tiles("dq", q.dtype, BD, causal, q.device, drop[3])
+    bm, bn, warps, stages = dq_config or _fill_sms(
+        tiles("dq", q.dtype, BD, causal, q.device, drop[3]), "dq", T, B * H, q.device)
     _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, dq, *strides, H, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,

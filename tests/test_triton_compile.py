@@ -127,6 +127,17 @@ def _cases():
     attention += [(bf16, D, True, 0.1) for D in (16, 64, 128, 256)]
     attention += [(bf16, 128, False, 0.1), (f16, 64, True, 0.1), (f32, 64, True, 0.1),
                   (f32, 128, True, 0.1), (f32, 256, True, 0.1)]
+    def table_tiles(fn):
+        # The tables' own tiles: these small shapes would otherwise have them shrunk to fill
+        # the SMs (attn._fill_sms), which the cases below compile separately.
+        def run():
+            attn.FILL_SMS = False
+            try:
+                fn()
+            finally:
+                attn.FILL_SMS = True
+        return run
+
     for dt, D, causal, p in attention:
         # MHA with lengths a multiple of the tiles at D=64; GQA (4 query heads per kv head)
         # with ragged lengths and a KV prefix (S > T) elsewhere.
@@ -136,12 +147,25 @@ def _cases():
         drop = f" dropout={p}" if p else ""
 
         @case(group, f"D={D} {dt_name[dt]} causal={causal}{drop} Hq/Hkv={Hq}/{Hkv} T={T} S={S}")
+        @table_tiles
         def _(D=D, dt=dt, causal=causal, Hq=Hq, Hkv=Hkv, T=T, S=S, p=p):
             q, k, v = t(2, Hq, T, D, dtype=dt), t(2, Hkv, S, D, dtype=dt), t(2, Hkv, S, D, dtype=dt)
             # A seed above 2**32 (any seed takes the same compiled kernel: not specialized).
             drop = {"dropout_p": p, "seed": 2**40 + 17} if p else {}
             out, lse = attn.attention_fwd(q, k, v, causal, D ** -0.5, **drop)
             attn.attention_bwd(t(2, Hq, T, D, dtype=dt), q, k, v, out, lse, causal, D ** -0.5,
+                               **drop)
+
+    # Grids under one program per SM: the launchers halve the owned block (and its warps)
+    # until they fill the SMs or reach 32 rows (attn._fill_sms): 16-bit D 64 and 128, causal,
+    # without and with dropout.
+    for dt, D, p in [(bf16, 64, 0.0), (bf16, 128, 0.0), (bf16, 64, 0.1), (f16, 128, 0.1)]:
+        @case("attention", f"D={D} {dt_name[dt]} small grid, shrunk tiles" + (" p" if p else ""))
+        def _(D=D, dt=dt, p=p):
+            q, k, v = (t(1, 4, 192, D, dtype=dt) for _ in range(3))
+            drop = {"dropout_p": p, "seed": 5} if p else {}
+            out, lse = attn.attention_fwd(q, k, v, True, D ** -0.5, **drop)
+            attn.attention_bwd(t(1, 4, 192, D, dtype=dt), q, k, v, out, lse, True, D ** -0.5,
                                **drop)
 
     # A transposed (B, T, H, D) view, as a model that projects q/k/v in one matmul passes it.
