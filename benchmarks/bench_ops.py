@@ -231,16 +231,19 @@ def check_goals(rows, device) -> list[str]:
         for r in rows:
             if r["backend"] not in ("triton", "cuda"):
                 continue
-            # Per call (what a caller waits for) and, where measured, by kernel time.
+            # Per call (what a caller waits for) and, where measured, by kernel time, which
+            # decides: a bandwidth and a kernel-against-kernel ratio are the goals' terms, and
+            # at 4096 x 1024 a synchronized call is mostly Python and launch time (~5 us of
+            # GPU work against 30-90 us of host time a call on the H200).
             k_copy, k_x = r.get("kernel % copy"), r.get("kernel x eager")
             if r["pass"] == "fwd" and r.get("% copy") is not None:
-                ok = r["% copy"] >= 85
+                ok = (k_copy if k_copy else r["% copy"]) >= 85
                 by_kernel = f"; {k_copy:.0f}% by kernel time" if k_copy else ""
                 lines.append(f"{'PASS' if ok else 'MISS'}: {r['backend']} {r['op']} fwd "
                              f"{r['shape']} {r['dtype']}: {r['% copy']:.0f}% of copy bandwidth "
                              f"per call{by_kernel} (goal >= 85%)")
             if r["pass"] == "fwd+bwd":
-                ok = r["x eager"] >= 1.5
+                ok = (k_x if k_x else r["x eager"]) >= 1.5
                 by_kernel = f"; {k_x:.2f}x by kernel time" if k_x else ""
                 lines.append(f"{'PASS' if ok else 'MISS'}: {r['backend']} {r['op']} fwd+bwd "
                              f"{r['shape']} {r['dtype']}: {r['x eager']:.2f}x eager per call"
@@ -327,7 +330,9 @@ def main(argv=None):
         print(line)
     if args.out:
         goal_md = "\n".join(f"- {g}" for g in goals)
-        text = "\n\n".join(notes + ([f"Goals:\n\n{goal_md}"] if goals else []))
+        head = "Goals" + (" (PASS/MISS by kernel time where it was measured)"
+                          if device.type == "cuda" else "")
+        text = "\n\n".join(notes + ([f"{head}:\n\n{goal_md}"] if goals else []))
         if device.type == "cpu":  # "% copy" is a GPU goal; on CPU it only adds noise
             for r in rows:
                 r.pop("% copy", None)
