@@ -85,9 +85,15 @@ template <> __device__ __forceinline__ float from_bits16<__nv_bfloat16>(uint32_t
   return __uint_as_float(b << 16);
 }
 
+// A pack's 16 bytes as loaded, and their values as floats: kernels that keep a row across two
+// passes hold the bytes (8 bf16 values in 4 registers instead of 8) and unpack them twice.
 template <typename T>
-__device__ __forceinline__ void load_pack(const T* __restrict__ p, float* v) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ uint4 load_raw(const T* __restrict__ p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4 u, float* v) {
   if constexpr (sizeof(T) == 4) {
     v[0] = __uint_as_float(u.x);
     v[1] = __uint_as_float(u.y);
@@ -101,6 +107,11 @@ __device__ __forceinline__ void load_pack(const T* __restrict__ p, float* v) {
       v[2 * i + 1] = from_bits16<T>(w[i] >> 16);
     }
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_pack(const T* __restrict__ p, float* v) {
+  unpack<T>(load_raw(p), v);
 }
 
 template <typename T>

@@ -257,43 +257,51 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
 // LayerNorm backward, 16384 x 768 bf16: 78 us on an H200 in Triton's equivalent, ~5x the
 // bandwidth floor). The warps' dweight/dbias sums meet in shared memory at the end.
 template <typename T, int VPT>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)
 ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                    const float* __restrict__ w, const float* __restrict__ mean,
                    const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
                    float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
+  // Two blocks an SM (128 registers a thread): the row stays in registers as loaded bytes and
+  // x-hat and w*dy are computed again for dx, rather than kept as floats beside the weights
+  // (196 registers, one block an SM).
   constexpr int V = Pack<T>::kN;
   extern __shared__ float part[];  // warps x N
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int64_t p = blockIdx.x;
-  float dw[VPT][V], db[VPT][V], wv[VPT][V];
+  float dw[VPT][V], db[VPT][V];
 #pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int64_t q = (int64_t)k * 32 + lane;
+  for (int k = 0; k < VPT; ++k)
 #pragma unroll
-    for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = wv[k][i] = 0.f;
-    if (q * V < N) load_f32<V>(at16(w, q * V / 4), wv[k]);
-  }
+    for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = 0.f;
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
     const float mu = mean[row], rs = rstd[row];
-    float xhat[VPT][V], wg[VPT][V];
+    uint4 hr[VPT], gr[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * 32 + lane;
+      if (q * V >= N) continue;
+      hr[k] = load_raw(at16(h + base, q));
+      gr[k] = load_raw(at16(dy + base, q));
+    }
     float c1 = 0.f, c2 = 0.f;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int64_t q = (int64_t)k * 32 + lane;
       if (q * V >= N) continue;
-      float hv[V], g[V];
-      load_pack(at16(h + base, q), hv);
-      load_pack(at16(dy + base, q), g);
+      float hv[V], g[V], wv[V];
+      unpack<T>(hr[k], hv);
+      unpack<T>(gr[k], g);
+      load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        xhat[k][i] = (hv[i] - mu) * rs;
-        wg[k][i] = __fmul_rn(wv[k][i], g[i]);  // not fused into dx's subtraction: see ln_bwd_kernel
-        c1 += xhat[k][i] * wg[k][i];
-        c2 += wg[k][i];
-        dw[k][i] += g[i] * xhat[k][i];
+        const float xhat = (hv[i] - mu) * rs;
+        const float wg = __fmul_rn(wv[i], g[i]);  // not fused into dx's subtraction: see ln_bwd_kernel
+        c1 += xhat * wg;
+        c2 += wg;
+        dw[k][i] += g[i] * xhat;
         db[k][i] += g[i];
       }
     }
@@ -303,9 +311,15 @@ ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
     for (int k = 0; k < VPT; ++k) {
       const int64_t q = (int64_t)k * 32 + lane;
       if (q * V >= N) continue;
-      float o[V];
+      float hv[V], g[V], wv[V], o[V];
+      unpack<T>(hr[k], hv);
+      unpack<T>(gr[k], g);
+      load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = (wg[k][i] - (xhat[k][i] * c1 + c2)) * rs;
+      for (int i = 0; i < V; ++i) {
+        const float xhat = (hv[i] - mu) * rs;
+        o[i] = (__fmul_rn(wv[i], g[i]) - (xhat * c1 + c2)) * rs;
+      }
       if (dh) {
         float d[V];
         load_pack(at16(dh + base, q), d);

@@ -195,7 +195,7 @@ rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
 // Backward, one warp per row for rows of at most 32 * 4 packs: see ln_bwd_warp_kernel in
 // layer_norm_cuda.cu (the same walk and end, without the mean and the bias).
 template <typename T, int VPT>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)
 rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                     const float* __restrict__ w, const float* __restrict__ rstd,
                     T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
@@ -204,33 +204,37 @@ rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T*
   extern __shared__ float part[];  // warps x N
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int64_t p = blockIdx.x;
-  float dw[VPT][V], wv[VPT][V];
+  float dw[VPT][V];
 #pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int64_t q = (int64_t)k * 32 + lane;
+  for (int k = 0; k < VPT; ++k)
 #pragma unroll
-    for (int i = 0; i < V; ++i) dw[k][i] = wv[k][i] = 0.f;
-    if (q * V < N) load_f32<V>(at16(w, q * V / 4), wv[k]);
-  }
+    for (int i = 0; i < V; ++i) dw[k][i] = 0.f;
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
     const float rs = rstd[row];
-    float xhat[VPT][V], wg[VPT][V];
+    uint4 hr[VPT], gr[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * 32 + lane;
+      if (q * V >= N) continue;
+      hr[k] = load_raw(at16(h + base, q));
+      gr[k] = load_raw(at16(dy + base, q));
+    }
     float c1 = 0.f;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int64_t q = (int64_t)k * 32 + lane;
       if (q * V >= N) continue;
-      float hv[V], g[V];
-      load_pack(at16(h + base, q), hv);
-      load_pack(at16(dy + base, q), g);
+      float hv[V], g[V], wv[V];
+      unpack<T>(hr[k], hv);
+      unpack<T>(gr[k], g);
+      load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        xhat[k][i] = hv[i] * rs;
-        wg[k][i] = wv[k][i] * g[i];
-        c1 += xhat[k][i] * wg[k][i];
-        dw[k][i] += g[i] * xhat[k][i];
+        const float xhat = hv[i] * rs;
+        c1 += xhat * (wv[i] * g[i]);
+        dw[k][i] += g[i] * xhat;
       }
     }
     c1 = warp_sum(c1) / N;
@@ -238,9 +242,12 @@ rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T*
     for (int k = 0; k < VPT; ++k) {
       const int64_t q = (int64_t)k * 32 + lane;
       if (q * V >= N) continue;
-      float o[V];
+      float hv[V], g[V], wv[V], o[V];
+      unpack<T>(hr[k], hv);
+      unpack<T>(gr[k], g);
+      load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = (wg[k][i] - xhat[k][i] * c1) * rs;
+      for (int i = 0; i < V; ++i) o[i] = (wv[i] * g[i] - hv[i] * rs * c1) * rs;
       if (dh) {
         float d[V];
         load_pack(at16(dh + base, q), d);
