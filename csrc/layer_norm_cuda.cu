@@ -183,8 +183,11 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
 }
 
 // Backward, vectorized: the thread's columns are the same packs in every row of the slice.
+// The row stays in registers as loaded bytes, and x-hat and w*dy are computed again for dx:
+// kept as floats they took bf16 rows of 8192 to 167 registers a thread, one block an SM; now
+// 127, two blocks (fp32 rows of 8 packs a thread keep one block: 198 registers).
 template <typename T, int VPT>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                   const float* __restrict__ w, const float* __restrict__ mean,
                   const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
@@ -201,23 +204,30 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t base = row * N;
     const float mu = mean[row], rs = rstd[row];
-    float xhat[VPT][V], wg[VPT][V];
+    uint4 hr[VPT], gr[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+      if (q * V >= N) continue;
+      hr[k] = load_raw(at16(h + base, q));
+      gr[k] = load_raw(at16(dy + base, q));
+    }
     float c1 = 0.f, c2 = 0.f;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-      if (j >= N) continue;
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+      if (q * V >= N) continue;
       float hv[V], g[V], wv[V];
-      load_pack(at16(h + base, q), hv);
-      load_pack(at16(dy + base, q), g);
+      unpack<T>(hr[k], hv);
+      unpack<T>(gr[k], g);
       load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        xhat[k][i] = (hv[i] - mu) * rs;
-        wg[k][i] = __fmul_rn(wv[i], g[i]);  // not fused into dx's subtraction: see bwd
-        c1 += xhat[k][i] * wg[k][i];
-        c2 += wg[k][i];
-        dw[k][i] += g[i] * xhat[k][i];
+        const float xhat = (hv[i] - mu) * rs;
+        const float wg = __fmul_rn(wv[i], g[i]);  // not fused into dx's subtraction: see bwd
+        c1 += xhat * wg;
+        c2 += wg;
+        dw[k][i] += g[i] * xhat;
         db[k][i] += g[i];
       }
     }
@@ -226,11 +236,17 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
     c2 = c.y / N;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-      if (j >= N) continue;
-      float o[V];
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+      if (q * V >= N) continue;
+      float hv[V], g[V], wv[V], o[V];
+      unpack<T>(hr[k], hv);
+      unpack<T>(gr[k], g);
+      load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = (wg[k][i] - (xhat[k][i] * c1 + c2)) * rs;
+      for (int i = 0; i < V; ++i) {
+        const float xhat = (hv[i] - mu) * rs;
+        o[i] = (__fmul_rn(wv[i], g[i]) - (xhat * c1 + c2)) * rs;
+      }
       if (dh) {
         float d[V];
         load_pack(at16(dh + base, q), d);

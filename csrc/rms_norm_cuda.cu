@@ -126,11 +126,13 @@ rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float
 }
 
 // Backward, vectorized: the thread's columns are the same packs in every row of the slice, so
-// its dweight sums stay in registers and are stored once, after the last row. Two blocks an SM
-// (128 registers a thread at most): with only the 256-thread bound ptxas chose 64 registers
-// for 16 values a thread and spilled.
+// its dweight sums stay in registers until the slice is done. The row stays in registers as
+// loaded bytes, x-hat and w*dy computed again for dx (as in layer_norm_cuda.cu). Two blocks an
+// SM (128 registers a thread at most) except for fp32 rows of 8 packs a thread, which need
+// 168: with only the 256-thread bound ptxas had chosen 64 registers for 16 values a thread
+// and spilled.
 template <typename T, int VPT>
-__global__ void __launch_bounds__(256, 2)
+__global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                    const float* __restrict__ w, const float* __restrict__ rstd,
                    T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
@@ -148,32 +150,41 @@ rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
     const T* hr = h + row * N;
     const T* gr = dy + row * N;
     const float rs = rstd[row];
-    float xhat[VPT][V], wg[VPT][V];
+    uint4 hb[VPT], gb[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+      if (q * V >= N) continue;
+      hb[k] = load_raw(at16(hr, q));
+      gb[k] = load_raw(at16(gr, q));
+    }
     float c1 = 0.f;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-      if (j >= N) continue;
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+      if (q * V >= N) continue;
       float hv[V], g[V], wv[V];
-      load_pack(at16(hr, q), hv);
-      load_pack(at16(gr, q), g);
+      unpack<T>(hb[k], hv);
+      unpack<T>(gb[k], g);
       load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        xhat[k][i] = hv[i] * rs;
-        wg[k][i] = wv[i] * g[i];
-        c1 += xhat[k][i] * wg[k][i];
-        dw[k][i] += g[i] * xhat[k][i];
+        const float xhat = hv[i] * rs;
+        c1 += xhat * (wv[i] * g[i]);
+        dw[k][i] += g[i] * xhat;
       }
     }
     c1 = block_sum(c1, shm) / N;  // its first barrier: the last row's sum has left shm
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-      if (j >= N) continue;
-      float o[V];
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+      if (q * V >= N) continue;
+      float hv[V], g[V], wv[V], o[V];
+      unpack<T>(hb[k], hv);
+      unpack<T>(gb[k], g);
+      load_f32<V>(at16(w, q * V / 4), wv);
 #pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = (wg[k][i] - xhat[k][i] * c1) * rs;
+      for (int i = 0; i < V; ++i) o[i] = (wv[i] * g[i] - hv[i] * rs * c1) * rs;
       if (dh) {
         float d[V];
         load_pack(at16(dh + row * N, q), d);
