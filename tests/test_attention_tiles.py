@@ -155,3 +155,20 @@ def test_kernels_with_unequal_tiles(tiles, T, S, causal):
     for name, got, want in (("out", out, ref), ("dq", dq, q64.grad), ("dk", dk, k64.grad),
                             ("dv", dv, v64.grad)):
         assert_close(got, want.detach(), want.detach().float(), torch.float32, name)
+
+
+def test_small_grids_get_their_owned_block_halved_until_the_sms_are_busy(gpu):
+    # 132 SMs (an H100 SXM): a grid of fewer programs has the block a program owns halved,
+    # down to 32 (queries for fwd and dq, keys for dK/dV); warps, stages and the other block
+    # are kept; a grid of a wave or more keeps the table's tiles.
+    gpu.setattr(_util, "_sm_count", lambda index: 132)
+    fill = attn._fill_sms
+    assert fill((128, 64, 4, 3), "fwd", 512, 32, CUDA0) == (64, 64, 4, 3)       # 128 -> 256
+    assert fill((128, 64, 4, 3), "fwd", 1024, 32, CUDA0) == (128, 64, 4, 3)     # 256 programs
+    assert fill((128, 32, 4, 5), "dq", 100, 9, CUDA0) == (32, 32, 4, 5)         # floor 32
+    assert fill((32, 128, 8, 3), "dkdv", 512, 32, CUDA0) == (32, 64, 8, 3)      # keys halved
+    assert fill((32, 128, 8, 3), "dkdv", 16384, 1, CUDA0) == (32, 64, 8, 3)     # 128 -> 256
+    assert fill((32, 128, 8, 3), "dkdv", 32768, 1, CUDA0) == (32, 128, 8, 3)
+    assert fill((128, 64, 4, 3), "fwd", 512, 32, torch.device("cpu")) == (128, 64, 4, 3)
+    gpu.setattr(attn, "FILL_SMS", False)
+    assert fill((128, 64, 4, 3), "fwd", 512, 32, CUDA0) == (128, 64, 4, 3)

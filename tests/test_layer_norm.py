@@ -176,3 +176,28 @@ def test_cpu_residual_add_of_zero_keeps_every_finite_value(dtype):
     x = vals[: vals.numel() // N * N].reshape(-1, N)
     _, h = ops.layer_norm(x, torch.ones(N), residual=torch.zeros_like(x), backend="cpu")
     assert torch.equal(h, x)
+
+
+def test_eager_backward_calls_the_kernel_not_the_backward_custom_op():
+    # Eager autograd runs the backward's Python body (ops/_eager.py: bwd_op); only a traced
+    # graph (torch.compile, test_layer_norm_compiles_fullgraph) goes through the registered
+    # custom op, whose dispatch was most of a small backward's time. The profiler names every
+    # torch.library op it passes through.
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ops.layer_norm(x, w, backend="cpu").sum().backward()
+    names = {e.name for e in prof.events()}
+    assert not any(n.startswith("minigpt::") for n in names), sorted(
+        n for n in names if n.startswith("minigpt::"))
+    assert x.grad is not None and w.grad is not None
+    # The registered path does show up when called as the op (what torch.compile traces).
+    import sys
+
+    mod = sys.modules["minigpt.ops.layer_norm"]  # the module (ops.layer_norm is the function)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = mod._fwd(x.reshape(4, 16), w, None, None, 1e-5, "cpu")[0]
+        y.sum().backward()
+    assert "minigpt::layer_norm_bwd" in {e.name for e in prof.events()}
