@@ -183,10 +183,12 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
 
 
 def layer_norm_fwd(x, weight, bias, residual, eps):
-    """x, residual: (M, N) contiguous; weight, bias: (N,) fp32. -> y, h, mean, rstd."""
+    """x, residual: (M, N) contiguous, each its own float dtype; weight, bias: (N,) fp32.
+    -> y, h (in the promoted dtype of x and residual), mean, rstd."""
     M, N = x.shape
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    hd = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((M, N), dtype=hd, device=x.device)
+    h = torch.empty((M, N), dtype=hd, device=x.device) if residual is not None else x.new_empty(0)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BLOCK, single = row_block(N)

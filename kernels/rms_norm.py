@@ -133,10 +133,12 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
 
 
 def rms_norm_fwd(x, weight, residual, eps):
-    """x, residual: (M, N) contiguous; weight: (N,) fp32. -> y, h (empty without residual), rstd."""
+    """x, residual: (M, N) contiguous, each its own float dtype; weight: (N,) fp32. -> y, h
+    (in the promoted dtype of x and residual; h empty without residual), rstd."""
     M, N = x.shape
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    hd = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((M, N), dtype=hd, device=x.device)
+    h = torch.empty((M, N), dtype=hd, device=x.device) if residual is not None else x.new_empty(0)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BLOCK, single = row_block(N)
     _rms_fwd_kernel[(M,)](

@@ -148,10 +148,8 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.n_embd)) if use_bias else None
 
     def forward(self, x, residual=None):
-        if residual is not None and x.dtype != residual.dtype:
-            # Under autocast the branches come back in bf16 while the residual stream stays
-            # fp32 (as in nanoGPT, where `x + bf16` promotes); keep it that way.
-            x = x.to(residual.dtype)
+        # Under autocast the branches come back in bf16 while the residual stream stays fp32
+        # (as in nanoGPT, where `x + bf16` promotes): the ops add them in fp32 and keep h fp32.
         if self.kind == "layernorm":
             out = ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
         else:

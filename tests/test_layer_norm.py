@@ -201,3 +201,33 @@ def test_eager_backward_calls_the_kernel_not_the_backward_custom_op():
         y = mod._fwd(x.reshape(4, 16), w, None, None, 1e-5, "cpu")[0]
         y.sum().backward()
     assert "minigpt::layer_norm_bwd" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("xd,rd", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                   (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("N", [40, 1000])
+def test_layer_norm_mixed_residual_dtype(be, dev, xd, rd, N):
+    # An autocast model adds its bf16 branch to the fp32 residual stream: h = x + residual in
+    # the promoted dtype (fp32 here, exactly as the unfused add), the output in h's dtype,
+    # x's gradient in x's dtype and the residual's in its own.
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(5, N, generator=g).to(device=dev, dtype=xd).requires_grad_()
+    r = torch.randn(5, N, generator=g).to(device=dev, dtype=rd).requires_grad_()
+    w = (torch.rand(N, generator=g) + 0.5).to(dev).requires_grad_()
+    b = torch.randn(N, generator=g).to(dev).requires_grad_()
+    y, h = ops.layer_norm(x, w, b, residual=r, backend=be)
+    assert y.dtype == h.dtype == torch.float32
+    assert torch.equal(h, x.float() + r.float())
+    dy, dh = torch.randn(5, N, generator=g).to(dev), torch.randn(5, N, generator=g).to(dev)
+    torch.autograd.backward([y, h], [dy, dh])
+    x64, r64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, r, w, b))
+    y64, h64 = reference.layer_norm(x64, w64, b64, residual=r64)
+    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    assert x.grad.dtype == xd and r.grad.dtype == rd
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=tol[xd] * 4, rtol=tol[xd])
+    torch.testing.assert_close(r.grad.double(), r64.grad, atol=tol[rd] * 4, rtol=tol[rd])
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.grad.double(), b64.grad, atol=1e-4, rtol=1e-4)

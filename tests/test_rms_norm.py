@@ -136,7 +136,7 @@ def test_rms_norm_default_backend_and_empty_rows():
     (lambda: ops.rms_norm(torch.randn(2, 4), torch.randn(4), residual=torch.randn(2, 5)),
      ValueError, "residual"),
     (lambda: ops.rms_norm(torch.randn(2, 4), torch.randn(4),
-                          residual=torch.randn(2, 4, dtype=torch.float64)), TypeError, "residual"),
+                          residual=torch.ones(2, 4, dtype=torch.int32)), TypeError, "residual"),
     (lambda: ops.rms_norm(torch.randn(2, 4), torch.randn(4), eps=-1.0), ValueError, "eps"),
     (lambda: ops.rms_norm(torch.randn(2, 4), torch.randn(4), eps=float("nan")), ValueError, "eps"),
     (lambda: ops.rms_norm(torch.randn(2, 4), torch.randn(4), eps=float("inf")), ValueError, "eps"),
@@ -175,3 +175,33 @@ def test_rms_norm_extension_guards():
     y, h, rstd = C.rms_norm_fwd(x, w, None, 1e-6)
     with pytest.raises(RuntimeError, match="statistics"):
         C.rms_norm_bwd(torch.randn(4, 8), None, x, w, rstd[:3])
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("xd,rd", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                   (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("N", [40, 1000])
+def test_rms_norm_mixed_residual_dtype(be, dev, xd, rd, N):
+    # An autocast model adds its bf16 branch to the fp32 residual stream: h = x + residual in
+    # the promoted dtype (fp32 here, exactly as the unfused add), the output in h's dtype,
+    # x's gradient in x's dtype and the residual's in its own.
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(5, N, generator=g).to(device=dev, dtype=xd).requires_grad_()
+    r = torch.randn(5, N, generator=g).to(device=dev, dtype=rd).requires_grad_()
+    w = (torch.rand(N, generator=g) + 0.5).to(dev).requires_grad_()
+    y, h = ops.rms_norm(x, w, residual=r, backend=be)
+    assert y.dtype == h.dtype == torch.float32
+    assert torch.equal(h, x.float() + r.float())
+    dy, dh = torch.randn(5, N, generator=g).to(dev), torch.randn(5, N, generator=g).to(dev)
+    torch.autograd.backward([y, h], [dy, dh])
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+    y64, h64 = reference.rms_norm(x64, w64, residual=r64)
+    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    assert x.grad.dtype == xd and r.grad.dtype == rd
+    # x's gradient is the fp32 one rounded once to x's dtype; the residual's stays fp32 where
+    # the residual is fp32.
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=tol[xd] * 4, rtol=tol[xd])
+    torch.testing.assert_close(r.grad.double(), r64.grad, atol=tol[rd] * 4, rtol=tol[rd])
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)

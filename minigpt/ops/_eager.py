@@ -77,3 +77,17 @@ def as_acc(t, dtype):
 
 def shaped(t, shape):
     return t if t.shape == shape else t.reshape(shape)
+
+
+def h_dtype(x, residual):
+    """The dtype of a norm's ``h = x + residual`` (and of its output): PyTorch's promotion of
+    the two, e.g. fp32 for a bf16 branch added to an fp32 residual stream."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def same_dtype_inputs(x, residual, dtype):
+    """``x`` and ``residual`` both in ``dtype`` (differentiable casts): for the C++ and CUDA
+    norm kernels, which take one element type. Triton's take each tensor in its own dtype, so
+    the bf16 branch of an autocast model is read as is instead of first copied to fp32 (forward)
+    and back (backward)."""
+    return x.to(dtype), residual.to(dtype)

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import as_acc, bwd_op, eager_function, pick, rows, shaped
+from minigpt.ops._eager import (as_acc, bwd_op, eager_function, h_dtype, pick, rows,
+                                same_dtype_inputs, shaped)
 
 OP = "layer_norm"
 
@@ -48,9 +49,10 @@ _fwd = torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())(_fwd_
 @_fwd.register_fake
 def _(x, weight, bias, residual, eps, backend):
     M = x.shape[0]
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    stats = x.new_empty(M, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return torch.empty_like(x), h, stats, torch.empty_like(stats)
+    hd = h_dtype(x, residual)
+    h = x.new_empty(x.shape, dtype=hd) if residual is not None else x.new_empty(0)
+    stats = x.new_empty(M, dtype=torch.float64 if hd == torch.float64 else torch.float32)
+    return x.new_empty(x.shape, dtype=hd), h, stats, torch.empty_like(stats)
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
@@ -75,6 +77,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
+    ctx.x_dtype = x.dtype
     ctx.backend = backend
 
 
@@ -83,7 +86,9 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
     dx, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
-    return (dx, dw, db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None)
+    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) is cast.
+    return (dx.to(ctx.x_dtype), dw, db if ctx.has_bias else None,
+            dx if ctx.has_residual else None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -98,7 +103,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     """LayerNorm over the last dimension of ``x``, computed in float32.
 
     With ``residual`` it first forms ``h = x + residual`` and returns ``(layer_norm(h), h)``
-    from one pass over memory (the pre-norm transformer's "add & norm").
+    from one pass over memory (the pre-norm transformer's "add & norm"). ``residual`` may have
+    another float dtype than ``x`` (a bf16 branch added to an fp32 residual stream under
+    autocast): ``h`` and the output then take the promoted dtype, as ``x + residual`` would.
     ``backend``: "triton", "cuda", "cpu", "torch" or None (best for the device, or
     ``$MINIGPT_BACKEND``).
     """
@@ -116,22 +123,24 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
             raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, bias=bias, residual=residual)
-    _checks.same_dtype(OP, x=x, residual=residual)
     _checks.eps(OP, eps)
 
-    be = _backend.resolve(OP, backend, x.device, x.dtype)
+    hd = h_dtype(x, residual)
+    be = _backend.resolve(OP, backend, x.device, hd)
     if be == "torch":
         return reference.layer_norm(x, weight, bias, eps, residual)
     if x.numel() == 0:  # no rows: nothing to launch
         y = reference.layer_norm(x, weight, bias, eps, residual)
         return y
 
+    if residual is not None and residual.dtype != x.dtype and be != "triton":
+        x, residual = same_dtype_inputs(x, residual, hd)
     shape = x.shape
     x2 = rows(x, N)
     r2 = rows(residual, N) if residual is not None else None
     # Kernels take parameters in the accumulation dtype (fp32; fp64 for fp64 x) so bf16
     # activations with fp32 master weights lose nothing; autograd casts the grads back.
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if hd == torch.float64 else torch.float32
     w = as_acc(weight, acc)
     b = as_acc(bias, acc) if bias is not None else None
     fwd = pick(_fwd, _EagerLayerNorm, _fwd_impl, x2, w, b, r2)

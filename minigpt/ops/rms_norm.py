@@ -14,7 +14,8 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import as_acc, bwd_op, eager_function, pick, rows, shaped
+from minigpt.ops._eager import (as_acc, bwd_op, eager_function, h_dtype, pick, rows,
+                                same_dtype_inputs, shaped)
 
 OP = "rms_norm"
 
@@ -47,9 +48,10 @@ _fwd = torch.library.custom_op("minigpt::rms_norm_fwd", mutates_args=())(_fwd_im
 
 @_fwd.register_fake
 def _(x, weight, residual, eps, backend):
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    rstd = x.new_empty(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return torch.empty_like(x), h, rstd
+    hd = h_dtype(x, residual)
+    h = x.new_empty(x.shape, dtype=hd) if residual is not None else x.new_empty(0)
+    rstd = x.new_empty(x.shape[0], dtype=torch.float64 if hd == torch.float64 else torch.float32)
+    return x.new_empty(x.shape, dtype=hd), h, rstd
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, rstd: Tensor,
@@ -72,6 +74,7 @@ def _setup_context(ctx, inputs, output):
     y, h, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
     ctx.has_residual = residual is not None
+    ctx.x_dtype = x.dtype
     ctx.backend = backend
 
 
@@ -80,7 +83,8 @@ def _backward(ctx, dy, dh, _drstd):
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
     dx, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
-    return dx, dw, (dx if ctx.has_residual else None), None, None
+    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) is cast.
+    return dx.to(ctx.x_dtype), dw, (dx if ctx.has_residual else None), None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -94,9 +98,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     """RMSNorm over the last dimension of ``x``: ``x / sqrt(mean(x^2) + eps) * weight``,
     computed in float32 and returned in x's dtype.
 
-    With ``residual`` it first forms ``h = x + residual`` (rounded to x's dtype, as the unfused
-    add would be) and returns ``(rms_norm(h), h)`` from one pass over memory (the pre-norm
-    transformer's "add & norm"). ``backend``: "triton", "cuda", "cpu", "torch" or None (best
+    With ``residual`` it first forms ``h = x + residual`` (rounded to the promoted dtype of the
+    two, as the unfused add would be) and returns ``(rms_norm(h), h)`` from one pass over memory
+    (the pre-norm transformer's "add & norm"); ``residual`` may be wider than ``x`` (a bf16
+    branch added to an fp32 residual stream under autocast), and the output then takes h's
+    dtype. ``backend``: "triton", "cuda", "cpu", "torch" or None (best
     for the device, or ``$MINIGPT_BACKEND``).
     """
     _checks.tensor(OP, "x", x)
@@ -110,19 +116,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
             raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, residual=residual)
-    _checks.same_dtype(OP, x=x, residual=residual)
     _checks.eps(OP, eps)
 
-    be = _backend.resolve(OP, backend, x.device, x.dtype)
+    hd = h_dtype(x, residual)
+    be = _backend.resolve(OP, backend, x.device, hd)
     if be == "torch" or x.numel() == 0:  # no rows: nothing to launch
         return reference.rms_norm(x, weight, eps, residual)
 
+    if residual is not None and residual.dtype != x.dtype and be != "triton":
+        x, residual = same_dtype_inputs(x, residual, hd)
     shape = x.shape
     x2 = rows(x, N)
     r2 = rows(residual, N) if residual is not None else None
     # Kernels take the weight in the accumulation dtype (fp32; fp64 for fp64 x) so bf16
     # activations with fp32 master weights lose nothing; autograd casts the grad back.
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if hd == torch.float64 else torch.float32
     w = as_acc(weight, acc)
     fwd = pick(_fwd, _EagerRMSNorm, _fwd_impl, x2, w, r2)
     y, h, _ = fwd(x2, w, r2, float(eps), be)

@@ -9,5 +9,5 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     h = x if residual is None else x + residual
     hf = acc(h)
     y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * acc(weight)
-    y = y.to(x.dtype)
+    y = y.to(h.dtype)
     return y if residual is None else (y, h)
