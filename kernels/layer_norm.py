@@ -182,12 +182,12 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
                     tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
 
 
-def layer_norm_fwd(x, weight, bias, residual, eps):
+def layer_norm_fwd(x, weight, bias, residual, eps, out_dtype=None):
     """x, residual: (M, N) contiguous, each its own float dtype; weight, bias: (N,) fp32.
-    -> y, h (in the promoted dtype of x and residual), mean, rstd."""
+    -> y (in out_dtype, else h's), h (in the promoted dtype of x and residual), mean, rstd."""
     M, N = x.shape
     hd = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty((M, N), dtype=hd, device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or hd, device=x.device)
     h = torch.empty((M, N), dtype=hd, device=x.device) if residual is not None else x.new_empty(0)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)

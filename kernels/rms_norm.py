@@ -132,12 +132,13 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
                 tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
 
 
-def rms_norm_fwd(x, weight, residual, eps):
-    """x, residual: (M, N) contiguous, each its own float dtype; weight: (N,) fp32. -> y, h
-    (in the promoted dtype of x and residual; h empty without residual), rstd."""
+def rms_norm_fwd(x, weight, residual, eps, out_dtype=None):
+    """x, residual: (M, N) contiguous, each its own float dtype; weight: (N,) fp32. -> y (in
+    out_dtype, else h's), h (in the promoted dtype of x and residual; h empty without
+    residual), rstd."""
     M, N = x.shape
     hd = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty((M, N), dtype=hd, device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or hd, device=x.device)
     h = torch.empty((M, N), dtype=hd, device=x.device) if residual is not None else x.new_empty(0)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BLOCK, single = row_block(N)

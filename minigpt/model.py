@@ -150,10 +150,16 @@ class Norm(nn.Module):
     def forward(self, x, residual=None):
         # Under autocast the branches come back in bf16 while the residual stream stays fp32
         # (as in nanoGPT, where `x + bf16` promotes): the ops add them in fp32 and keep h fp32.
+        # The normalized output goes straight to a matmul, which autocast would feed in its
+        # dtype: the kernel writes it in that dtype (the same values, one copy fewer).
+        dev = x.device.type
+        out_dtype = (torch.get_autocast_dtype(dev)
+                     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) else None)
         if self.kind == "layernorm":
-            out = ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+            out = ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual,
+                                 out_dtype=out_dtype)
         else:
-            out = ops.rms_norm(x, self.weight, self.eps, residual=residual)
+            out = ops.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype)
         return out if residual is not None else (out, x)
 
 

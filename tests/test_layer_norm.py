@@ -1,5 +1,7 @@
 """layer_norm: every backend x dtype x awkward shape against the reference, forward and
 backward; gradcheck in float64; torch.compile; bad input."""
+import os
+
 import pytest
 import torch
 
@@ -231,3 +233,42 @@ def test_layer_norm_mixed_residual_dtype(be, dev, xd, rd, N):
     torch.testing.assert_close(r.grad.double(), r64.grad, atol=tol[rd] * 4, rtol=tol[rd])
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(b.grad.double(), b64.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_out_dtype(be, dev, residual):
+    # out_dtype: the output written in that dtype, the same values the fp32 output rounds to
+    # (what autocast's cast before the next matmul gives); h keeps its dtype; the gradient
+    # arrives in out_dtype and flows as the fp32 one would, to within that rounding.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 40, generator=g).to(dev).requires_grad_()
+    r = torch.randn(6, 40, generator=g).to(dev).requires_grad_() if residual else None
+    w = (torch.rand(40, generator=g) + 0.5).to(dev).requires_grad_()
+    out = ops.layer_norm(x, w, residual=r, backend=be, out_dtype=torch.bfloat16)
+    ref = ops.layer_norm(x, w, residual=r, backend=be)
+    y, yf = (out[0], ref[0]) if residual else (out, ref)
+    assert y.dtype == torch.bfloat16 and yf.dtype == torch.float32
+    _assert_rounded_once(y, yf, be)
+    if residual:
+        assert out[1].dtype == torch.float32 and torch.equal(out[1], ref[1])
+    dy = torch.randn(6, 40, generator=g).to(dev)
+    gx, gw = torch.autograd.grad(y, [x, w], dy.to(torch.bfloat16))
+    gx_f, gw_f = torch.autograd.grad(yf, [x, w], dy.to(torch.bfloat16).float())
+    torch.testing.assert_close(gx, gx_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, gw_f, atol=1e-5, rtol=1e-5)
+    assert ops.layer_norm(x, w, out_dtype=torch.float32, backend=be).dtype == torch.float32
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.layer_norm(x, w, out_dtype=torch.int8, backend=be)
+
+
+def _assert_rounded_once(y, yf, be):
+    """y is the fp32 output yf rounded to y's dtype: exactly (round to nearest even, as torch's
+    cast and a GPU's conversion do), except in the Triton interpreter, whose fp32 -> bf16
+    conversion truncates (one unit in the last place at most)."""
+    want = yf.to(y.dtype)
+    if be == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        ulp = torch.finfo(y.dtype).eps * want.float().abs()
+        assert ((y.float() - want.float()).abs() <= ulp * 1.0001).all()
+    else:
+        assert torch.equal(y, want)

@@ -109,18 +109,19 @@ def _cases():
                              h if res else x, w, rstd)
 
         if res and dt == bf16:
-            # An autocast model's add & norm: a bf16 branch onto the fp32 residual stream.
-            @case("layer_norm", f"{tag} bf16 x + fp32 residual")
+            # An autocast model's add & norm: a bf16 branch onto the fp32 residual stream, the
+            # output in bf16 for the next matmul (and its gradient in bf16).
+            @case("layer_norm", f"{tag} bf16 x + fp32 residual -> bf16")
             def _(N=N):
                 x, r, w = t(M, N, dtype=bf16), t(M, N), t(N)
-                y, h, mean, rstd = ln.layer_norm_fwd(x, w, t(N), r, 1e-5)
-                ln.layer_norm_bwd(t(M, N), t(M, N), h, w, mean, rstd, True)
+                y, h, mean, rstd = ln.layer_norm_fwd(x, w, t(N), r, 1e-5, bf16)
+                ln.layer_norm_bwd(t(M, N, dtype=bf16), t(M, N), h, w, mean, rstd, True)
 
-            @case("rms_norm", f"{tag} bf16 x + fp32 residual")
+            @case("rms_norm", f"{tag} bf16 x + fp32 residual -> bf16")
             def _(N=N):
                 x, r, w = t(M, N, dtype=bf16), t(M, N), t(N)
-                y, h, rstd = rms.rms_norm_fwd(x, w, r, 1e-6)
-                rms.rms_norm_bwd(t(M, N), t(M, N), h, w, rstd)
+                y, h, rstd = rms.rms_norm_fwd(x, w, r, 1e-6, bf16)
+                rms.rms_norm_bwd(t(M, N, dtype=bf16), t(M, N), h, w, rstd)
 
         @case("softmax", f"{tag} causal={causal}")
         def _(N=N, dt=dt, causal=causal):

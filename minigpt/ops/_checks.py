@@ -53,3 +53,9 @@ def eps(op: str, value):
     if (not isinstance(value, (int, float)) or isinstance(value, bool)
             or not math.isfinite(value) or value < 0):
         raise ValueError(f"{op}: eps must be a finite non-negative number, got {value!r}")
+
+
+def out_dtype(op: str, value):
+    if value is not None and value not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be None or a floating dtype (float32, float16, "
+                        f"bfloat16 or float64), got {value!r}")

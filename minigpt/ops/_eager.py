@@ -91,3 +91,12 @@ def same_dtype_inputs(x, residual, dtype):
     the bf16 branch of an autocast model is read as is instead of first copied to fp32 (forward)
     and back (backward)."""
     return x.to(dtype), residual.to(dtype)
+
+
+def cast_output(out, dtype):
+    """A norm's result (``y`` or ``(y, h)``) with ``y`` in ``dtype`` (None: as it is)."""
+    if dtype is None:
+        return out
+    if isinstance(out, tuple):
+        return (out[0].to(dtype),) + tuple(out[1:])
+    return out.to(dtype)

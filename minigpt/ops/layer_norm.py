@@ -14,18 +14,19 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import (as_acc, bwd_op, eager_function, h_dtype, pick, rows,
-                                same_dtype_inputs, shaped)
+from minigpt.ops._eager import (as_acc, bwd_op, cast_output, eager_function, h_dtype, pick,
+                                rows, same_dtype_inputs, shaped)
 
 OP = "layer_norm"
 
 
-def _kernel_fwd(backend, x, weight, bias, residual, eps):
+def _kernel_fwd(backend, x, weight, bias, residual, eps, out_dtype):
     if backend == "triton":
         from minigpt.kernels import layer_norm as k
 
-        return k.layer_norm_fwd(x, weight, bias, residual, eps)
-    return _backend.extension().layer_norm_fwd(x, weight, bias, residual, eps)
+        return k.layer_norm_fwd(x, weight, bias, residual, eps, out_dtype)
+    y, h, mean, rstd = _backend.extension().layer_norm_fwd(x, weight, bias, residual, eps)
+    return (y if out_dtype is None else y.to(out_dtype)), h, mean, rstd
 
 
 def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias):
@@ -33,26 +34,29 @@ def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias):
         from minigpt.kernels import layer_norm as k
 
         return k.layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias)
-    return _backend.extension().layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias)
+    # The C++/CUDA kernels take dy in h's dtype (an out_dtype output's gradient is not).
+    return _backend.extension().layer_norm_bwd(dy.to(h.dtype), dh, h, weight, mean, rstd,
+                                               has_bias)
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-              eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x, residual (M, N) contiguous -> y, h (empty without residual), mean, rstd (M,) in the
-    accumulation dtype (fp32; fp64 for fp64 x)."""
-    return tuple(_kernel_fwd(backend, x, weight, bias, residual, eps))
+              eps: float, backend: str,
+              out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual (M, N) contiguous -> y (in out_dtype, or h's), h (empty without residual),
+    mean, rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x)."""
+    return tuple(_kernel_fwd(backend, x, weight, bias, residual, eps, out_dtype))
 
 
 _fwd = torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd.register_fake
-def _(x, weight, bias, residual, eps, backend):
+def _(x, weight, bias, residual, eps, backend, out_dtype=None):
     M = x.shape[0]
     hd = h_dtype(x, residual)
     h = x.new_empty(x.shape, dtype=hd) if residual is not None else x.new_empty(0)
     stats = x.new_empty(M, dtype=torch.float64 if hd == torch.float64 else torch.float32)
-    return x.new_empty(x.shape, dtype=hd), h, stats, torch.empty_like(stats)
+    return x.new_empty(x.shape, dtype=out_dtype or hd), h, stats, torch.empty_like(stats)
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
@@ -72,7 +76,7 @@ def _(dy, dh, h, weight, mean, rstd, has_bias, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps, backend = inputs
+    x, weight, bias, residual, eps, backend, _ = inputs
     y, h, mean, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
     ctx.has_bias = bias is not None
@@ -88,7 +92,7 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     dx, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
     # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) is cast.
     return (dx.to(ctx.x_dtype), dw, db if ctx.has_bias else None,
-            dx if ctx.has_residual else None, None, None)
+            dx if ctx.has_residual else None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -99,13 +103,18 @@ _EagerLayerNorm = eager_function("_EagerLayerNorm", _fwd_impl, _setup_context, _
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,
-               residual: Optional[Tensor] = None, backend: Optional[str] = None):
+               residual: Optional[Tensor] = None, backend: Optional[str] = None,
+               out_dtype: Optional[torch.dtype] = None):
     """LayerNorm over the last dimension of ``x``, computed in float32.
 
     With ``residual`` it first forms ``h = x + residual`` and returns ``(layer_norm(h), h)``
     from one pass over memory (the pre-norm transformer's "add & norm"). ``residual`` may have
     another float dtype than ``x`` (a bf16 branch added to an fp32 residual stream under
     autocast): ``h`` and the output then take the promoted dtype, as ``x + residual`` would.
+    ``out_dtype``: the normalized output's dtype instead (``h`` keeps its own). An autocast
+    model passes the autocast dtype, which its next matmul would cast the output to anyway:
+    the kernel writes it rounded once, the same values, without the fp32 copy and its cast
+    (and reads the gradient in that dtype too).
     ``backend``: "triton", "cuda", "cpu", "torch" or None (best for the device, or
     ``$MINIGPT_BACKEND``).
     """
@@ -124,14 +133,14 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, bias=bias, residual=residual)
     _checks.eps(OP, eps)
+    _checks.out_dtype(OP, out_dtype)
 
     hd = h_dtype(x, residual)
+    if out_dtype == hd:
+        out_dtype = None
     be = _backend.resolve(OP, backend, x.device, hd)
-    if be == "torch":
-        return reference.layer_norm(x, weight, bias, eps, residual)
-    if x.numel() == 0:  # no rows: nothing to launch
-        y = reference.layer_norm(x, weight, bias, eps, residual)
-        return y
+    if be == "torch" or x.numel() == 0:  # the reference; or no rows: nothing to launch
+        return cast_output(reference.layer_norm(x, weight, bias, eps, residual), out_dtype)
 
     if residual is not None and residual.dtype != x.dtype and be != "triton":
         x, residual = same_dtype_inputs(x, residual, hd)
@@ -144,7 +153,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     w = as_acc(weight, acc)
     b = as_acc(bias, acc) if bias is not None else None
     fwd = pick(_fwd, _EagerLayerNorm, _fwd_impl, x2, w, b, r2)
-    y, h, _, _ = fwd(x2, w, b, r2, float(eps), be)
+    y, h, _, _ = fwd(x2, w, b, r2, float(eps), be, out_dtype)
     if residual is None:
         return shaped(y, shape)
     return shaped(y, shape), shaped(h, shape)

@@ -14,18 +14,19 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import (as_acc, bwd_op, eager_function, h_dtype, pick, rows,
-                                same_dtype_inputs, shaped)
+from minigpt.ops._eager import (as_acc, bwd_op, cast_output, eager_function, h_dtype, pick,
+                                rows, same_dtype_inputs, shaped)
 
 OP = "rms_norm"
 
 
-def _kernel_fwd(backend, x, weight, residual, eps):
+def _kernel_fwd(backend, x, weight, residual, eps, out_dtype):
     if backend == "triton":
         from minigpt.kernels import rms_norm as k
 
-        return k.rms_norm_fwd(x, weight, residual, eps)
-    return _backend.extension().rms_norm_fwd(x, weight, residual, eps)
+        return k.rms_norm_fwd(x, weight, residual, eps, out_dtype)
+    y, h, rstd = _backend.extension().rms_norm_fwd(x, weight, residual, eps)
+    return (y if out_dtype is None else y.to(out_dtype)), h, rstd
 
 
 def _kernel_bwd(backend, dy, dh, h, weight, rstd):
@@ -33,25 +34,27 @@ def _kernel_bwd(backend, dy, dh, h, weight, rstd):
         from minigpt.kernels import rms_norm as k
 
         return k.rms_norm_bwd(dy, dh, h, weight, rstd)
-    return _backend.extension().rms_norm_bwd(dy, dh, h, weight, rstd)
+    # The C++/CUDA kernels take dy in h's dtype (an out_dtype output's gradient is not).
+    return _backend.extension().rms_norm_bwd(dy.to(h.dtype), dh, h, weight, rstd)
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """x, residual (M, N) contiguous -> y, h (empty without residual), rstd (M,) in the
-    accumulation dtype (fp32; fp64 for fp64 x)."""
-    return tuple(_kernel_fwd(backend, x, weight, residual, eps))
+              backend: str,
+              out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """x, residual (M, N) contiguous -> y (in out_dtype, or h's), h (empty without residual),
+    rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x)."""
+    return tuple(_kernel_fwd(backend, x, weight, residual, eps, out_dtype))
 
 
 _fwd = torch.library.custom_op("minigpt::rms_norm_fwd", mutates_args=())(_fwd_impl)
 
 
 @_fwd.register_fake
-def _(x, weight, residual, eps, backend):
+def _(x, weight, residual, eps, backend, out_dtype=None):
     hd = h_dtype(x, residual)
     h = x.new_empty(x.shape, dtype=hd) if residual is not None else x.new_empty(0)
     rstd = x.new_empty(x.shape[0], dtype=torch.float64 if hd == torch.float64 else torch.float32)
-    return x.new_empty(x.shape, dtype=hd), h, rstd
+    return x.new_empty(x.shape, dtype=out_dtype or hd), h, rstd
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, rstd: Tensor,
@@ -70,7 +73,7 @@ def _(dy, dh, h, weight, rstd, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, eps, backend = inputs
+    x, weight, residual, eps, backend, _ = inputs
     y, h, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
     ctx.has_residual = residual is not None
@@ -84,7 +87,7 @@ def _backward(ctx, dy, dh, _drstd):
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
     dx, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
     # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) is cast.
-    return dx.to(ctx.x_dtype), dw, (dx if ctx.has_residual else None), None, None
+    return dx.to(ctx.x_dtype), dw, (dx if ctx.has_residual else None), None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -94,7 +97,7 @@ _EagerRMSNorm = eager_function("_EagerRMSNorm", _fwd_impl, _setup_context, _back
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None,
-             backend: Optional[str] = None):
+             backend: Optional[str] = None, out_dtype: Optional[torch.dtype] = None):
     """RMSNorm over the last dimension of ``x``: ``x / sqrt(mean(x^2) + eps) * weight``,
     computed in float32 and returned in x's dtype.
 
@@ -102,8 +105,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     two, as the unfused add would be) and returns ``(rms_norm(h), h)`` from one pass over memory
     (the pre-norm transformer's "add & norm"); ``residual`` may be wider than ``x`` (a bf16
     branch added to an fp32 residual stream under autocast), and the output then takes h's
-    dtype. ``backend``: "triton", "cuda", "cpu", "torch" or None (best
-    for the device, or ``$MINIGPT_BACKEND``).
+    dtype. ``out_dtype``: the normalized output's dtype instead (see ``layer_norm``).
+    ``backend``: "triton", "cuda", "cpu", "torch" or None (best for the device, or
+    ``$MINIGPT_BACKEND``).
     """
     _checks.tensor(OP, "x", x)
     _checks.tensor(OP, "weight", weight)
@@ -117,11 +121,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, residual=residual)
     _checks.eps(OP, eps)
+    _checks.out_dtype(OP, out_dtype)
 
     hd = h_dtype(x, residual)
+    if out_dtype == hd:
+        out_dtype = None
     be = _backend.resolve(OP, backend, x.device, hd)
-    if be == "torch" or x.numel() == 0:  # no rows: nothing to launch
-        return reference.rms_norm(x, weight, eps, residual)
+    if be == "torch" or x.numel() == 0:  # the reference; or no rows: nothing to launch
+        return cast_output(reference.rms_norm(x, weight, eps, residual), out_dtype)
 
     if residual is not None and residual.dtype != x.dtype and be != "triton":
         x, residual = same_dtype_inputs(x, residual, hd)
@@ -133,7 +140,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     acc = torch.float64 if hd == torch.float64 else torch.float32
     w = as_acc(weight, acc)
     fwd = pick(_fwd, _EagerRMSNorm, _fwd_impl, x2, w, r2)
-    y, h, _ = fwd(x2, w, r2, float(eps), be)
+    y, h, _ = fwd(x2, w, r2, float(eps), be, out_dtype)
     if residual is None:
         return shaped(y, shape)
     return shaped(y, shape), shaped(h, shape)
