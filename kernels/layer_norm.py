@@ -207,13 +207,13 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
     BLOCK, single = row_block(N)
     ROWS = bwd_rows(BLOCK) if single else 1
     P, rows_per_prog = bwd_programs(h.device, M, ROWS)
-    dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
-    db_part = torch.empty((P, N), dtype=torch.float32, device=h.device) if has_bias else dw_part
+    # dweight's and dbias's partial rows in one buffer: one reduction launch for both.
+    parts = torch.empty((2 if has_bias else 1, P, N), dtype=torch.float32, device=h.device)
+    dw_part, db_part = parts[0], parts[-1]
     _ln_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
         M, N, rows_per_prog, HAS_DH=dh is not None, HAS_BIAS=has_bias,
         BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, EXACT_MUL=not interpreting(),
         num_warps=row_warps(ROWS * BLOCK))
-    dw = dw_part.sum(0)
-    db = db_part.sum(0) if has_bias else weight.new_empty(0)
-    return dx, dw, db
+    sums = parts.sum(1)
+    return dx, sums[0], (sums[1] if has_bias else weight.new_empty(0))
