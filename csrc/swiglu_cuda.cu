@@ -1,5 +1,7 @@
 // SwiGLU, silu(gate) * up, CUDA kernels and their extern "C" launchers: grid-stride elementwise
-// loops over the flattened tensors, fp32 math; backward recomputes sigmoid(gate).
+// loops over the flattened tensors, fp32 math; backward recomputes sigmoid(gate). With every
+// pointer 16-byte aligned the bulk moves in 16-byte packs and a scalar kernel takes the tail
+// (n not a multiple of the pack); otherwise the scalar kernel takes it all.
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -11,26 +13,70 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float sigmoidf_(float g) { return 1.f / (1.f + __expf(-g)); }
 
+__device__ __forceinline__ float swiglu_f(float g, float u) { return g * sigmoidf_(g) * u; }
+
+// d/dgate and d/dup of silu(g) * u times d.
+__device__ __forceinline__ void swiglu_b(float d, float g, float u, float& dg, float& du) {
+  const float sig = sigmoidf_(g);
+  dg = d * u * sig * (1.f + g * (1.f - sig));
+  du = d * g * sig;
+}
+
+// Scalar, any alignment: elements [start, n) in a grid-stride loop (start > 0 for the tail the
+// vectorized kernels leave).
 template <typename T>
 __global__ void swiglu_fwd_kernel(const T* __restrict__ g, const T* __restrict__ u,
-                                  T* __restrict__ y, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const float gv = to_f(g[i]);
-    y[i] = from_f<T>(gv * sigmoidf_(gv) * to_f(u[i]));
-  }
+                                  T* __restrict__ y, int64_t start, int64_t n) {
+  for (int64_t i = start + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = from_f<T>(swiglu_f(to_f(g[i]), to_f(u[i])));
 }
 
 template <typename T>
 __global__ void swiglu_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ g,
                                   const T* __restrict__ u, T* __restrict__ dg, T* __restrict__ du,
-                                  int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+                                  int64_t start, int64_t n) {
+  for (int64_t i = start + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
-    const float d = to_f(dy[i]), gv = to_f(g[i]), uv = to_f(u[i]);
-    const float sig = sigmoidf_(gv);
-    dg[i] = from_f<T>(d * uv * sig * (1.f + gv * (1.f - sig)));
-    du[i] = from_f<T>(d * gv * sig);
+    float a, b;
+    swiglu_b(to_f(dy[i]), to_f(g[i]), to_f(u[i]), a, b);
+    dg[i] = from_f<T>(a);
+    du[i] = from_f<T>(b);
+  }
+}
+
+// Vectorized, every pointer 16-byte aligned: pack q covers elements [q * V, q * V + V). One
+// 16-byte load or store per pack and tensor instead of 8 two-byte ones for bf16/fp16.
+template <typename T>
+__global__ void swiglu_fwd_vec_kernel(const T* __restrict__ g, const T* __restrict__ u,
+                                      T* __restrict__ y, int64_t packs) {
+  constexpr int V = Pack<T>::kN;
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < packs;
+       q += (int64_t)gridDim.x * blockDim.x) {
+    float gv[V], uv[V], o[V];
+    load_pack(at16(g, q), gv);
+    load_pack(at16(u, q), uv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) o[i] = swiglu_f(gv[i], uv[i]);
+    store_pack(at16(y, q), o);
+  }
+}
+
+template <typename T>
+__global__ void swiglu_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ g,
+                                      const T* __restrict__ u, T* __restrict__ dg,
+                                      T* __restrict__ du, int64_t packs) {
+  constexpr int V = Pack<T>::kN;
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < packs;
+       q += (int64_t)gridDim.x * blockDim.x) {
+    float d[V], gv[V], uv[V], a[V], b[V];
+    load_pack(at16(dy, q), d);
+    load_pack(at16(g, q), gv);
+    load_pack(at16(u, q), uv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) swiglu_b(d[i], gv[i], uv[i], a[i], b[i]);
+    store_pack(at16(dg, q), a);
+    store_pack(at16(du, q), b);
   }
 }
 
@@ -42,14 +88,34 @@ inline int grid_for(int64_t n) {
 
 template <typename T>
 void launch_fwd(const void* g, const void* u, void* y, int64_t n, cudaStream_t s) {
-  swiglu_fwd_kernel<T><<<grid_for(n), kThreads, 0, s>>>((const T*)g, (const T*)u, (T*)y, n);
+  constexpr int V = Pack<T>::kN;
+  int64_t start = 0;
+  if (aligned16(g) && aligned16(u) && aligned16(y) && n >= V) {
+    const int64_t packs = n / V;
+    swiglu_fwd_vec_kernel<T><<<grid_for(packs), kThreads, 0, s>>>((const T*)g, (const T*)u,
+                                                                   (T*)y, packs);
+    start = packs * V;
+  }
+  if (start < n)
+    swiglu_fwd_kernel<T><<<grid_for(n - start), kThreads, 0, s>>>((const T*)g, (const T*)u,
+                                                                  (T*)y, start, n);
 }
 
 template <typename T>
 void launch_bwd(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t n,
                 cudaStream_t s) {
-  swiglu_bwd_kernel<T><<<grid_for(n), kThreads, 0, s>>>((const T*)dy, (const T*)g, (const T*)u,
-                                                        (T*)dg, (T*)du, n);
+  constexpr int V = Pack<T>::kN;
+  int64_t start = 0;
+  if (aligned16(dy) && aligned16(g) && aligned16(u) && aligned16(dg) && aligned16(du) &&
+      n >= V) {
+    const int64_t packs = n / V;
+    swiglu_bwd_vec_kernel<T><<<grid_for(packs), kThreads, 0, s>>>(
+        (const T*)dy, (const T*)g, (const T*)u, (T*)dg, (T*)du, packs);
+    start = packs * V;
+  }
+  if (start < n)
+    swiglu_bwd_kernel<T><<<grid_for(n - start), kThreads, 0, s>>>(
+        (const T*)dy, (const T*)g, (const T*)u, (T*)dg, (T*)du, start, n);
 }
 
 }  // namespace

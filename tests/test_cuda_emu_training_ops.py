@@ -304,20 +304,25 @@ def test_rope_out_of_range_positions_read_nothing(cuda_emu, dtype, inverse):
 SWIGLU_GRID = 65536 * 256  # swiglu_cuda.cu grid_for caps the grid at 65536 blocks of 256 threads
 
 
+# Aligned pointers take 16-byte packs (8 bf16/fp16 or 4 fp32 values) and a scalar tail: 7 is
+# all tail for 16-bit types, 1025 one value past the packs; "misaligned" (gate one element
+# past a 16-byte boundary) is all scalar.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 7, 1000, 1025, SWIGLU_GRID + 1000],
-                         ids=["1", "7", "1000", "1025", "over-one-grid"])
-def test_swiglu(cuda_emu, dtype, n):
+@pytest.mark.parametrize("n,misaligned", [(1, False), (7, False), (1000, False), (1025, False),
+                                          (1025, True), (SWIGLU_GRID + 1000, False)],
+                         ids=["1", "7", "1000", "1025", "1025-misaligned", "over-one-grid"])
+def test_swiglu(cuda_emu, dtype, n, misaligned):
     gate = (torch.randn(n) * 3).to(dtype)
     gate[:4] = torch.tensor([-90.0, -20.0, 20.0, 90.0])[:n].to(dtype)  # sigmoid saturated
     up = torch.randn(n).to(dtype)
     dy = torch.randn(n).to(dtype)
     code = B.DTYPE_CODES[dtype]
+    g_in = _offset_by_one(gate) if misaligned else B.guarded(gate)
 
     y = B.guarded_empty((n,), dtype)
-    cuda_emu.call("minigpt_swiglu_fwd_cuda", B.guarded(gate), B.guarded(up), y, n, code, None)
+    cuda_emu.call("minigpt_swiglu_fwd_cuda", g_in, B.guarded(up), y, n, code, None)
     dg, du = B.guarded_empty((n,), dtype), B.guarded_empty((n,), dtype)
-    cuda_emu.call("minigpt_swiglu_bwd_cuda", B.guarded(dy), B.guarded(gate), B.guarded(up), dg,
+    cuda_emu.call("minigpt_swiglu_bwd_cuda", B.guarded(dy), g_in, B.guarded(up), dg,
                   du, n, code, None)
     B.check_guards(y, dg, du)
 
