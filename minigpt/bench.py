@@ -314,9 +314,9 @@ TRAIN_CONFIGS = {
 }
 
 # variant -> (MINIGPT_BACKEND, torch.compile?); None = the device's default (our kernels).
-# name -> (backend, under torch.compile). minigpt-compile: our kernels inside the compiled
-# graph (custom ops, opaque to Inductor), the rest (GELU, adds, embeddings, optimizer-side
-# casts) fused by it; compare it with "compile", the reference compiled the same way.
+# minigpt-compile: our kernels inside the compiled graph (custom ops, opaque to Inductor),
+# the rest (GELU, adds, embeddings, casts) fused by it; compare it with "compile", the
+# reference compiled the same way.
 VARIANTS = {"minigpt": (None, False), "eager": ("torch", False), "compile": ("torch", True),
             "minigpt-compile": (None, True)}
 
@@ -915,7 +915,7 @@ OP_SOURCES = {"bench_ops": "ops", "bench_attention": "attention",
 QUICK_ARGS = {"bench_ops": ["--quick"], "bench_attention": ["--quick"],
               "bench_training_ops": ["--quick"], "bench_loss": ["--tokens", "1024"]}
 OPS_COLUMNS = ["source", "date", "op", "shape", "dtype", "backend", "pass", "ms", "x eager",
-               "x sdpa", "GB/s", "TFLOP/s", "MB"]
+               "x sdpa", "GB/s", "TFLOP/s", "MB", "kernel ms"]
 
 
 def _rel(path) -> str:
@@ -989,6 +989,7 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
                 "pass": r.get("pass"), "ms": ms, "x eager": r.get("x eager"),
                 "x sdpa": r.get("x sdpa"), "GB/s": r.get("GB/s"), "TFLOP/s": r.get("TFLOP/s"),
                 "MB": r.get("MB") if r.get("MB") is not None else r.get("peak MB"),
+                "kernel ms": r.get("kernel ms"),  # GPU: time on the GPU, no launch overhead
             })
     # Scripts that compare against another baseline (attention: SDPA) still time eager
     # PyTorch; derive "x eager" for their rows so every kernel has the same yardstick.
