@@ -135,10 +135,11 @@ def test_ops_merges_results(tmp_path):
                    ms=ms, **{"x eager": 3.0 / ms, "MB": 1.5}) for be, ms in (("eager", 3.0),
                                                                            ("cpu", 1.0))]
     H.write_results(rows_b, "training_ops", dev, str(src))
-    # attention reports "x sdpa"; "x eager" is derived from its eager row
+    # attention reports "x sdpa"; "x eager" is derived from its eager row; its kernel time
+    # (a GPU run's profiler column) is carried over as is
     rows_c = [dict(op="attention", shape="1x2x7x8", dtype="fp32", backend=be, **{"pass": "fwd"},
-                   ms=ms, **{"x sdpa": 1.0 / ms}) for be, ms in (("sdpa", 1.0), ("eager", 4.0),
-                                                                   ("cpu", 0.8))]
+                   ms=ms, **{"x sdpa": 1.0 / ms, "kernel ms": ms / 2})
+              for be, ms in (("sdpa", 1.0), ("eager", 4.0), ("cpu", 0.8))]
     H.write_results(rows_c, "attention", dev, str(src))
     res = bench.bench_ops(device="cpu", results=str(src), out=str(tmp_path / "out"))
     rows = _read_csv(res["paths"]["csv"])
@@ -151,6 +152,8 @@ def test_ops_merges_results(tmp_path):
         ("bench_training_ops", "rms_norm", "eager"), ("bench_training_ops", "rms_norm", "cpu")]
     assert float(rows[4]["x eager"]) == pytest.approx(5.0)
     assert float(rows[4]["x sdpa"]) == pytest.approx(1.25)
+    assert float(rows[4]["kernel ms"]) == pytest.approx(0.4)
+    assert rows[0]["kernel ms"] == ""  # a source without the column leaves it blank
     rows = rows[:2] + rows[5:]
     assert float(rows[1]["x eager"]) == pytest.approx(4.0)
     assert float(rows[3]["x eager"]) == pytest.approx(3.0)
