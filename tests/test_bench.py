@@ -293,3 +293,30 @@ def test_harness_kernel_time():
             a @ a
     assert H.device_us(prof.events(), DeviceType.CPU) > 0
     assert H.device_us(prof.events(), DeviceType.CUDA) == 0
+
+
+def test_train_leaves_out_a_variant_that_fails(tmp_path, monkeypatch):
+    # A variant that cannot run here (a compile failure, say) costs its own row, with the
+    # reason in the results, not the whole run; our kernels failing still fails the run.
+    step = bench._TrainVariant.step
+
+    def failing(self):
+        if self.name == "eager":
+            raise RuntimeError("no such kernel\nsecond line")
+        return step(self)
+
+    monkeypatch.setattr(bench._TrainVariant, "step", failing)
+    res = bench.bench_train("tiny", steps=1, device="cpu", variants="minigpt,eager",
+                            out=str(tmp_path), plot=False)
+    assert [r["variant"] for r in res["rows"]] == ["minigpt"]
+    assert res["rows"][0]["x eager"] == pytest.approx(1.0)  # its own baseline now
+    assert any("variant eager failed" in s and "no such kernel" in s for s in res["skipped"])
+    assert "variant eager failed" in open(res["paths"]["md"]).read()
+
+    def mine_fails(self):
+        raise RuntimeError("broken kernel")
+
+    monkeypatch.setattr(bench._TrainVariant, "step", mine_fails)
+    with pytest.raises(RuntimeError, match="broken kernel"):
+        bench.bench_train("tiny", steps=1, device="cpu", variants="minigpt,eager",
+                          out=str(tmp_path), plot=False)
