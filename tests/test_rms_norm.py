@@ -1,13 +1,11 @@
 """rms_norm: every backend x dtype x awkward shape against the reference, forward and backward,
 with and without the fused residual; gradcheck in float64; torch.compile; bad input."""
-import os
-
 import pytest
 import torch
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
-from tests._tol import assert_close, f64, make
+from tests._tol import assert_close, assert_rounded_once, f64, make
 from tests.conftest import backend_device_pairs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -221,7 +219,7 @@ def test_rms_norm_out_dtype(be, dev, residual):
     ref = ops.rms_norm(x, w, residual=r, backend=be)
     y, yf = (out[0], ref[0]) if residual else (out, ref)
     assert y.dtype == torch.float16
-    _assert_rounded_once(y, yf, be)
+    assert_rounded_once(y, yf, be)
     if residual:
         assert out[1].dtype == torch.float32 and torch.equal(out[1], ref[1])
     dy = torch.randn(6, 40, generator=g).to(dev)
@@ -232,14 +230,3 @@ def test_rms_norm_out_dtype(be, dev, residual):
     with pytest.raises(TypeError, match="out_dtype"):
         ops.rms_norm(x, w, out_dtype="bf16", backend=be)
 
-
-def _assert_rounded_once(y, yf, be):
-    """y is the fp32 output yf rounded to y's dtype: exactly (round to nearest even, as torch's
-    cast and a GPU's conversion do), except in the Triton interpreter, whose fp32 -> bf16
-    conversion truncates (one unit in the last place at most)."""
-    want = yf.to(y.dtype)
-    if be == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        ulp = torch.finfo(y.dtype).eps * want.float().abs()
-        assert ((y.float() - want.float()).abs() <= ulp * 1.0001).all()
-    else:
-        assert torch.equal(y, want)
