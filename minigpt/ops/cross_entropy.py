@@ -18,8 +18,8 @@ Memory, the point of these ops (Liger-Kernel's approach):
   cross-entropy kernel overwrites that chunk of logits with its gradient in place, and the chunk's
   contribution to ``grad_hidden = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden``
   (and ``grad_bias``) is added before the next chunk (into fp32 sums; on CUDA cuBLAS adds the
-  bf16/fp16 product into the fp32 ``grad_weight`` directly). With ``reduction`` "mean" or "sum" the
-  gradients are computed in the forward and saved (backward scales them by the scalar
+  bf16/fp16 product into the fp32 ``grad_weight`` directly). With ``reduction`` "mean" or "sum"
+  the gradients are computed in the forward and saved (backward scales them by the scalar
   ``grad_output``); with "none" the per-row ``grad_output`` is only known in backward, so backward
   recomputes the chunks. The chunk loop is the same for every backend, including "torch" (plain
   torch ops per chunk); only the per-chunk kernel differs.
@@ -158,7 +158,8 @@ def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_sca
 
 
 def _ce_fwd_impl(logits: Tensor, target: Tensor, ignore_index: int, reduction: str,
-                 label_smoothing: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+                 label_smoothing: float, compute_grad: bool,
+                 backend: str) -> tuple[Tensor, Tensor]:
     """logits (M, V) contiguous, target (M,) int64 -> reduced loss, and with compute_grad the
     gradient of that loss w.r.t. logits (else an empty tensor)."""
     n_valid = _target_stats(OP, target, logits.shape[1], ignore_index)
