@@ -6,7 +6,8 @@ train   trains the same model (same initial weights, same batches, same optimize
         reference under ``torch.compile``) and ``minigpt-compile`` (our kernels under
         ``torch.compile``, as custom ops inside the graph). Steps are timed round-robin, one
         step of each variant per round, so load on a shared machine hits all of them alike; the
-        median step is reported with tokens/s, peak memory, model FLOP utilization (MFU) and ratios to eager.
+        median step is reported with tokens/s, peak memory, model FLOP utilization (MFU) and
+        ratios to eager.
 decode  greedy decoding with the KV cache: tokens/s and the achieved GB/s of what one decode
         step must read (every weight once + the filled part of the KV cache). ``--model gpt``
         compares our kernels with the eager reference on a randomly initialised MiniGPT;
