@@ -182,10 +182,75 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
   return make_float2(warp_sum(a), warp_sum(b));
 }
 
-// Backward, vectorized: the thread's columns are the same packs in every row of the slice.
-// The row stays in registers as loaded bytes, and x-hat and w*dy are computed again for dx:
-// kept as floats they took bf16 rows of 8192 to 167 registers a thread, one block an SM; now
-// 127, two blocks (fp32 rows of 8 packs a thread keep one block: 198 registers).
+// One row of the vectorized backward, shared by the two kernels below. The thread's packs
+// are q0, q0 + stride, ... (VPT of them, those inside the row); `sum2` adds (c1, c2) over the
+// threads that share the row (a block or a warp). The row stays in registers as loaded bytes,
+// and x-hat and w*dy are computed again for dx: kept as floats they took bf16 rows of 8192 to
+// 167 registers a thread, one block an SM. Adds the row's dweight/dbias terms to dw, db.
+template <typename T, int VPT, typename Sum2>
+__device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __restrict__ dy,
+                                           const T* __restrict__ dh, T* __restrict__ dx,
+                                           const float* __restrict__ w, float mu, float rs,
+                                           int64_t N, int64_t q0, int64_t stride,
+                                           float (&dw)[VPT][Pack<T>::kN],
+                                           float (&db)[VPT][Pack<T>::kN], Sum2 sum2) {
+  constexpr int V = Pack<T>::kN;
+  uint4 hr[VPT], gr[VPT];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = q0 + k * stride;
+    if (q * V >= N) continue;
+    hr[k] = load_raw(at16(h, q));
+    gr[k] = load_raw(at16(dy, q));
+  }
+  float c1 = 0.f, c2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = q0 + k * stride;
+    if (q * V >= N) continue;
+    float hv[V], g[V], wv[V];
+    unpack<T>(hr[k], hv);
+    unpack<T>(gr[k], g);
+    load_f32<V>(at16(w, q * V / 4), wv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float xhat = (hv[i] - mu) * rs;
+      const float wg = __fmul_rn(wv[i], g[i]);  // not fused into dx's subtraction: see bwd
+      c1 += xhat * wg;
+      c2 += wg;
+      dw[k][i] += g[i] * xhat;
+      db[k][i] += g[i];
+    }
+  }
+  const float2 c = sum2(c1, c2);
+  c1 = c.x / N;
+  c2 = c.y / N;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = q0 + k * stride;
+    if (q * V >= N) continue;
+    float hv[V], g[V], wv[V], o[V];
+    unpack<T>(hr[k], hv);
+    unpack<T>(gr[k], g);
+    load_f32<V>(at16(w, q * V / 4), wv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float xhat = (hv[i] - mu) * rs;
+      o[i] = (__fmul_rn(wv[i], g[i]) - (xhat * c1 + c2)) * rs;
+    }
+    if (dh) {
+      float d[V];
+      load_pack(at16(dh, q), d);
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] += d[i];
+    }
+    store_pack(at16(dx, q), o);
+  }
+}
+
+// Backward, vectorized: the thread's columns are the same packs in every row of the slice, a
+// block per row at a time. Two blocks an SM now (bf16 rows of 8192: 127 registers); fp32 rows
+// of 8 packs a thread keep one block (198 registers).
 template <typename T, int VPT>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
@@ -200,61 +265,12 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
   for (int k = 0; k < VPT; ++k)
 #pragma unroll
     for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = 0.f;
+  const auto sum2 = [&](float a, float b) { return block_sum2(a, b, shm); };
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t base = row * N;
-    const float mu = mean[row], rs = rstd[row];
-    uint4 hr[VPT], gr[VPT];
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
-      if (q * V >= N) continue;
-      hr[k] = load_raw(at16(h + base, q));
-      gr[k] = load_raw(at16(dy + base, q));
-    }
-    float c1 = 0.f, c2 = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V];
-      unpack<T>(hr[k], hv);
-      unpack<T>(gr[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float xhat = (hv[i] - mu) * rs;
-        const float wg = __fmul_rn(wv[i], g[i]);  // not fused into dx's subtraction: see bwd
-        c1 += xhat * wg;
-        c2 += wg;
-        dw[k][i] += g[i] * xhat;
-        db[k][i] += g[i];
-      }
-    }
-    const float2 c = block_sum2(c1, c2, shm);
-    c1 = c.x / N;
-    c2 = c.y / N;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V], o[V];
-      unpack<T>(hr[k], hv);
-      unpack<T>(gr[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float xhat = (hv[i] - mu) * rs;
-        o[i] = (__fmul_rn(wv[i], g[i]) - (xhat * c1 + c2)) * rs;
-      }
-      if (dh) {
-        float d[V];
-        load_pack(at16(dh + base, q), d);
-#pragma unroll
-        for (int i = 0; i < V; ++i) o[i] += d[i];
-      }
-      store_pack(at16(dx + base, q), o);
-    }
+    ln_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w, mean[row],
+                       rstd[row], N, threadIdx.x, blockDim.x, dw, db, sum2);
   }
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
@@ -271,16 +287,14 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
 // barrier. The block-per-row kernel above gives a 768-wide bf16 row 64 threads (two warps),
 // and with 4 blocks an SM most of its time went to waiting on one row's loads (GPT-2's
 // LayerNorm backward, 16384 x 768 bf16: 78 us on an H200 in Triton's equivalent, ~5x the
-// bandwidth floor). The warps' dweight/dbias sums meet in shared memory at the end.
+// bandwidth floor). Two blocks an SM (128 registers a thread). The warps' dweight/dbias sums
+// meet in shared memory at the end.
 template <typename T, int VPT>
 __global__ void __launch_bounds__(256, 2)
 ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                    const float* __restrict__ w, const float* __restrict__ mean,
                    const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
                    float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
-  // Two blocks an SM (128 registers a thread): the row stays in registers as loaded bytes and
-  // x-hat and w*dy are computed again for dx, rather than kept as floats beside the weights
-  // (196 registers, one block an SM).
   constexpr int V = Pack<T>::kN;
   extern __shared__ float part[];  // warps x N
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -290,60 +304,12 @@ ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   for (int k = 0; k < VPT; ++k)
 #pragma unroll
     for (int i = 0; i < V; ++i) dw[k][i] = db[k][i] = 0.f;
+  const auto sum2 = [](float a, float b) { return make_float2(warp_sum(a), warp_sum(b)); };
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
-    const float mu = mean[row], rs = rstd[row];
-    uint4 hr[VPT], gr[VPT];
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * 32 + lane;
-      if (q * V >= N) continue;
-      hr[k] = load_raw(at16(h + base, q));
-      gr[k] = load_raw(at16(dy + base, q));
-    }
-    float c1 = 0.f, c2 = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * 32 + lane;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V];
-      unpack<T>(hr[k], hv);
-      unpack<T>(gr[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float xhat = (hv[i] - mu) * rs;
-        const float wg = __fmul_rn(wv[i], g[i]);  // not fused into dx's subtraction: see ln_bwd_kernel
-        c1 += xhat * wg;
-        c2 += wg;
-        dw[k][i] += g[i] * xhat;
-        db[k][i] += g[i];
-      }
-    }
-    c1 = warp_sum(c1) / N;
-    c2 = warp_sum(c2) / N;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * 32 + lane;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V], o[V];
-      unpack<T>(hr[k], hv);
-      unpack<T>(gr[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float xhat = (hv[i] - mu) * rs;
-        o[i] = (__fmul_rn(wv[i], g[i]) - (xhat * c1 + c2)) * rs;
-      }
-      if (dh) {
-        float d[V];
-        load_pack(at16(dh + base, q), d);
-#pragma unroll
-        for (int i = 0; i < V; ++i) o[i] += d[i];
-      }
-      store_pack(at16(dx + base, q), o);
-    }
+    ln_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w, mean[row],
+                       rstd[row], N, lane, 32, dw, db, sum2);
   }
   warps_sum_to_row(dw, part, dw_part + p * N, N);
   if (db_part) warps_sum_to_row(db, part, db_part + p * N, N);

@@ -125,12 +125,66 @@ rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float
   if (threadIdx.x == 0) rstd_out[row] = rstd;
 }
 
+// One row of the vectorized backward, shared by the two kernels below (as ln_bwd_row in
+// layer_norm_cuda.cu): the thread's packs are q0, q0 + stride, ...; `sum` adds c1 over the
+// threads that share the row. The row stays in registers as loaded bytes, x-hat and w*dy
+// computed again for dx. Adds the row's dweight terms to dw.
+template <typename T, int VPT, typename Sum>
+__device__ __forceinline__ void rms_bwd_row(const T* __restrict__ h, const T* __restrict__ dy,
+                                            const T* __restrict__ dh, T* __restrict__ dx,
+                                            const float* __restrict__ w, float rs, int64_t N,
+                                            int64_t q0, int64_t stride,
+                                            float (&dw)[VPT][Pack<T>::kN], Sum sum) {
+  constexpr int V = Pack<T>::kN;
+  uint4 hb[VPT], gb[VPT];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = q0 + k * stride;
+    if (q * V >= N) continue;
+    hb[k] = load_raw(at16(h, q));
+    gb[k] = load_raw(at16(dy, q));
+  }
+  float c1 = 0.f;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = q0 + k * stride;
+    if (q * V >= N) continue;
+    float hv[V], g[V], wv[V];
+    unpack<T>(hb[k], hv);
+    unpack<T>(gb[k], g);
+    load_f32<V>(at16(w, q * V / 4), wv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float xhat = hv[i] * rs;
+      c1 += xhat * (wv[i] * g[i]);
+      dw[k][i] += g[i] * xhat;
+    }
+  }
+  c1 = sum(c1) / N;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = q0 + k * stride;
+    if (q * V >= N) continue;
+    float hv[V], g[V], wv[V], o[V];
+    unpack<T>(hb[k], hv);
+    unpack<T>(gb[k], g);
+    load_f32<V>(at16(w, q * V / 4), wv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) o[i] = (wv[i] * g[i] - hv[i] * rs * c1) * rs;
+    if (dh) {
+      float d[V];
+      load_pack(at16(dh, q), d);
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] += d[i];
+    }
+    store_pack(at16(dx, q), o);
+  }
+}
+
 // Backward, vectorized: the thread's columns are the same packs in every row of the slice, so
-// its dweight sums stay in registers until the slice is done. The row stays in registers as
-// loaded bytes, x-hat and w*dy computed again for dx (as in layer_norm_cuda.cu). Two blocks an
-// SM (128 registers a thread at most) except for fp32 rows of 8 packs a thread, which need
-// 168: with only the 256-thread bound ptxas had chosen 64 registers for 16 values a thread
-// and spilled.
+// its dweight sums stay in registers until the slice is done. Two blocks an SM (128 registers
+// a thread at most) except for fp32 rows of 8 packs a thread, which need 168: with only the
+// 256-thread bound ptxas had chosen 64 registers for 16 values a thread and spilled.
 template <typename T, int VPT>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
@@ -145,54 +199,13 @@ rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   for (int k = 0; k < VPT; ++k)
 #pragma unroll
     for (int i = 0; i < V; ++i) dw[k][i] = 0.f;
+  // block_sum's first barrier: the last row's sum has left shm.
+  const auto sum = [&](float a) { return block_sum(a, shm); };
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0; row < r1; ++row) {
-    const T* hr = h + row * N;
-    const T* gr = dy + row * N;
-    const float rs = rstd[row];
-    uint4 hb[VPT], gb[VPT];
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
-      if (q * V >= N) continue;
-      hb[k] = load_raw(at16(hr, q));
-      gb[k] = load_raw(at16(gr, q));
-    }
-    float c1 = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V];
-      unpack<T>(hb[k], hv);
-      unpack<T>(gb[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float xhat = hv[i] * rs;
-        c1 += xhat * (wv[i] * g[i]);
-        dw[k][i] += g[i] * xhat;
-      }
-    }
-    c1 = block_sum(c1, shm) / N;  // its first barrier: the last row's sum has left shm
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V], o[V];
-      unpack<T>(hb[k], hv);
-      unpack<T>(gb[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = (wv[i] * g[i] - hv[i] * rs * c1) * rs;
-      if (dh) {
-        float d[V];
-        load_pack(at16(dh + row * N, q), d);
-#pragma unroll
-        for (int i = 0; i < V; ++i) o[i] += d[i];
-      }
-      store_pack(at16(dx + row * N, q), o);
-    }
+    const int64_t base = row * N;
+    rms_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+                        rstd[row], N, threadIdx.x, blockDim.x, dw, sum);
   }
   // Blocks without rows store zeros: the caller sums all P partial rows.
 #pragma unroll
@@ -220,53 +233,12 @@ rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T*
   for (int k = 0; k < VPT; ++k)
 #pragma unroll
     for (int i = 0; i < V; ++i) dw[k][i] = 0.f;
+  const auto sum = [](float a) { return warp_sum(a); };
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
-    const float rs = rstd[row];
-    uint4 hr[VPT], gr[VPT];
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * 32 + lane;
-      if (q * V >= N) continue;
-      hr[k] = load_raw(at16(h + base, q));
-      gr[k] = load_raw(at16(dy + base, q));
-    }
-    float c1 = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * 32 + lane;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V];
-      unpack<T>(hr[k], hv);
-      unpack<T>(gr[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float xhat = hv[i] * rs;
-        c1 += xhat * (wv[i] * g[i]);
-        dw[k][i] += g[i] * xhat;
-      }
-    }
-    c1 = warp_sum(c1) / N;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * 32 + lane;
-      if (q * V >= N) continue;
-      float hv[V], g[V], wv[V], o[V];
-      unpack<T>(hr[k], hv);
-      unpack<T>(gr[k], g);
-      load_f32<V>(at16(w, q * V / 4), wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = (wv[i] * g[i] - hv[i] * rs * c1) * rs;
-      if (dh) {
-        float d[V];
-        load_pack(at16(dh + base, q), d);
-#pragma unroll
-        for (int i = 0; i < V; ++i) o[i] += d[i];
-      }
-      store_pack(at16(dx + base, q), o);
-    }
+    rms_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+                        rstd[row], N, lane, 32, dw, sum);
   }
   warps_sum_to_row(dw, part, dw_part + p * N, N);
 }
