@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from minigpt.kernels._tiles import load_tile2, row_tile
 from minigpt.kernels._util import bwd_programs, bwd_rows, row_block, row_warps
 
 
@@ -76,22 +77,16 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
         cmask = cols < N
         w = tl.load(W + cols, mask=cmask, other=0.0)[None, :]
         dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        rows = row_start + tl.arange(0, ROWS)
-        off = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        mask = (rows < M)[:, None] & cmask[None, :]
-        x_next = tl.load(Hx + off, mask=mask, other=0.0)
-        dy_next = tl.load(DY + off, mask=mask, other=0.0)
+        end = row_start + rows_per_prog
+        x_next, dy_next = load_tile2(Hx, DY, row_start, end, M, N, cols, cmask, ROWS)
         for i in range(0, rows_per_prog, ROWS):
-            rows = row_start + i + tl.arange(0, ROWS)
+            rows, off, mask = row_tile(row_start + i, end, M, N, cols, cmask, ROWS)
             valid = rows < M
-            mask = valid[:, None] & cmask[None, :]
-            off = rows.to(tl.int64)[:, None] * N + cols[None, :]
             x = x_next.to(tl.float32)
             dy = dy_next.to(tl.float32)
             # The next tile's loads first (a one-deep software pipeline, as in layer_norm).
-            nmask = ((rows + ROWS < M) & (i + ROWS < rows_per_prog))[:, None] & cmask[None, :]
-            x_next = tl.load(Hx + off + ROWS * N, mask=nmask, other=0.0)
-            dy_next = tl.load(DY + off + ROWS * N, mask=nmask, other=0.0)
+            x_next, dy_next = load_tile2(Hx, DY, row_start + i + ROWS, end, M, N, cols, cmask,
+                                         ROWS)
             rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = x * rstd
             wdy = w * dy

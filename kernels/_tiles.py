@@ -1,0 +1,20 @@
+"""Triton helpers shared by the row kernels' backward (layer_norm, rms_norm): the tiles of
+ROWS rows a program walks through its slice."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_tile(row0, end, M, N, cols, cmask, ROWS: tl.constexpr):
+    """Rows row0 .. row0 + ROWS - 1 of a row-major (M, N) tensor, none at or past ``end`` (the
+    program's slice) or M: (rows, element offsets, mask)."""
+    rows = row0 + tl.arange(0, ROWS)
+    valid = (rows < M) & (rows < end)
+    return rows, rows.to(tl.int64)[:, None] * N + cols[None, :], valid[:, None] & cmask[None, :]
+
+
+@triton.jit
+def load_tile2(A, B, row0, end, M, N, cols, cmask, ROWS: tl.constexpr):
+    """The same tile of two (M, N) tensors, as stored (zeros where masked)."""
+    _, off, mask = row_tile(row0, end, M, N, cols, cmask, ROWS)
+    return tl.load(A + off, mask=mask, other=0.0), tl.load(B + off, mask=mask, other=0.0)
