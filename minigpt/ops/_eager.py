@@ -85,12 +85,21 @@ def h_dtype(x, residual):
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def same_dtype_inputs(x, residual, dtype):
-    """``x`` and ``residual`` both in ``dtype`` (differentiable casts): for the C++ and CUDA
-    norm kernels, which take one element type. Triton's take each tensor in its own dtype, so
-    the bf16 branch of an autocast model is read as is instead of first copied to fp32 (forward)
-    and back (backward)."""
-    return x.to(dtype), residual.to(dtype)
+def norm_dtypes(x, residual, out_dtype):
+    """(h's dtype, the output dtype to ask the kernels for: None when it is h's anyway)."""
+    hd = h_dtype(x, residual)
+    return hd, (None if out_dtype == hd else out_dtype)
+
+
+def kernel_inputs(x, residual, backend):
+    """``x`` and ``residual`` as a norm kernel of ``backend`` takes them. The C++ and CUDA
+    kernels take one element type: both are cast to h's dtype (differentiable casts).
+    Triton's take each tensor in its own dtype, so the bf16 branch of an autocast model is read
+    as is instead of first copied to fp32 (forward) and back (backward)."""
+    if residual is None or residual.dtype == x.dtype or backend == "triton":
+        return x, residual
+    hd = h_dtype(x, residual)
+    return x.to(hd), residual.to(hd)
 
 
 def cast_output(out, dtype):

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import (as_acc, bwd_op, cast_output, eager_function, h_dtype, pick,
-                                rows, same_dtype_inputs, shaped)
+from minigpt.ops._eager import (as_acc, bwd_op, cast_output, eager_function, h_dtype,
+                                kernel_inputs, norm_dtypes, pick, rows, shaped)
 
 OP = "rms_norm"
 
@@ -123,15 +123,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     _checks.eps(OP, eps)
     _checks.out_dtype(OP, out_dtype)
 
-    hd = h_dtype(x, residual)
-    if out_dtype == hd:
-        out_dtype = None
+    hd, out_dtype = norm_dtypes(x, residual, out_dtype)
     be = _backend.resolve(OP, backend, x.device, hd)
     if be == "torch" or x.numel() == 0:  # the reference; or no rows: nothing to launch
         return cast_output(reference.rms_norm(x, weight, eps, residual), out_dtype)
 
-    if residual is not None and residual.dtype != x.dtype and be != "triton":
-        x, residual = same_dtype_inputs(x, residual, hd)
+    x, residual = kernel_inputs(x, residual, be)
     shape = x.shape
     x2 = rows(x, N)
     r2 = rows(residual, N) if residual is not None else None
