@@ -5,7 +5,8 @@ import torch
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
-from tests._tol import assert_close, assert_rounded_once, f64, make
+from tests._norms import check_mixed_residual, check_out_dtype
+from tests._tol import assert_close, f64, make
 from tests.conftest import backend_device_pairs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -208,54 +209,11 @@ def test_eager_backward_calls_the_kernel_not_the_backward_custom_op():
                                    (torch.float32, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("N", [40, 1000])
 def test_layer_norm_mixed_residual_dtype(be, dev, xd, rd, N):
-    # An autocast model adds its bf16 branch to the fp32 residual stream: h = x + residual in
-    # the promoted dtype (fp32 here, exactly as the unfused add), the output in h's dtype,
-    # x's gradient in x's dtype and the residual's in its own.
-    g = torch.Generator().manual_seed(N)
-    x = torch.randn(5, N, generator=g).to(device=dev, dtype=xd).requires_grad_()
-    r = torch.randn(5, N, generator=g).to(device=dev, dtype=rd).requires_grad_()
-    w = (torch.rand(N, generator=g) + 0.5).to(dev).requires_grad_()
-    b = torch.randn(N, generator=g).to(dev).requires_grad_()
-    y, h = ops.layer_norm(x, w, b, residual=r, backend=be)
-    assert y.dtype == h.dtype == torch.float32
-    assert torch.equal(h, x.float() + r.float())
-    dy, dh = torch.randn(5, N, generator=g).to(dev), torch.randn(5, N, generator=g).to(dev)
-    torch.autograd.backward([y, h], [dy, dh])
-    x64, r64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, r, w, b))
-    y64, h64 = reference.layer_norm(x64, w64, b64, residual=r64)
-    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
-    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
-    assert x.grad.dtype == xd and r.grad.dtype == rd
-    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=tol[xd] * 4, rtol=tol[xd])
-    torch.testing.assert_close(r.grad.double(), r64.grad, atol=tol[rd] * 4, rtol=tol[rd])
-    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(b.grad.double(), b64.grad, atol=1e-4, rtol=1e-4)
+    check_mixed_residual(ops.layer_norm, reference.layer_norm, be, dev, xd, rd, N, bias=True)
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("residual", [False, True])
 def test_layer_norm_out_dtype(be, dev, residual):
-    # out_dtype: the output written in that dtype, the same values the fp32 output rounds to
-    # (what autocast's cast before the next matmul gives); h keeps its dtype; the gradient
-    # arrives in out_dtype and flows as the fp32 one would, to within that rounding.
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(6, 40, generator=g).to(dev).requires_grad_()
-    r = torch.randn(6, 40, generator=g).to(dev).requires_grad_() if residual else None
-    w = (torch.rand(40, generator=g) + 0.5).to(dev).requires_grad_()
-    out = ops.layer_norm(x, w, residual=r, backend=be, out_dtype=torch.bfloat16)
-    ref = ops.layer_norm(x, w, residual=r, backend=be)
-    y, yf = (out[0], ref[0]) if residual else (out, ref)
-    assert y.dtype == torch.bfloat16 and yf.dtype == torch.float32
-    assert_rounded_once(y, yf, be)
-    if residual:
-        assert out[1].dtype == torch.float32 and torch.equal(out[1], ref[1])
-    dy = torch.randn(6, 40, generator=g).to(dev)
-    gx, gw = torch.autograd.grad(y, [x, w], dy.to(torch.bfloat16))
-    gx_f, gw_f = torch.autograd.grad(yf, [x, w], dy.to(torch.bfloat16).float())
-    torch.testing.assert_close(gx, gx_f, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gw, gw_f, atol=1e-5, rtol=1e-5)
-    assert ops.layer_norm(x, w, out_dtype=torch.float32, backend=be).dtype == torch.float32
-    with pytest.raises(TypeError, match="out_dtype"):
-        ops.layer_norm(x, w, out_dtype=torch.int8, backend=be)
-
+    check_out_dtype(ops.layer_norm, be, dev, residual, torch.bfloat16, seed=7,
+                    bad_out_dtype=torch.int8)

@@ -5,7 +5,8 @@ import torch
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
-from tests._tol import assert_close, assert_rounded_once, f64, make
+from tests._norms import check_mixed_residual, check_out_dtype
+from tests._tol import assert_close, f64, make
 from tests.conftest import backend_device_pairs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -182,51 +183,18 @@ def test_rms_norm_extension_guards():
                                    (torch.float32, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("N", [40, 1000])
 def test_rms_norm_mixed_residual_dtype(be, dev, xd, rd, N):
-    # An autocast model adds its bf16 branch to the fp32 residual stream: h = x + residual in
-    # the promoted dtype (fp32 here, exactly as the unfused add), the output in h's dtype,
-    # x's gradient in x's dtype and the residual's in its own.
-    g = torch.Generator().manual_seed(N)
-    x = torch.randn(5, N, generator=g).to(device=dev, dtype=xd).requires_grad_()
-    r = torch.randn(5, N, generator=g).to(device=dev, dtype=rd).requires_grad_()
-    w = (torch.rand(N, generator=g) + 0.5).to(dev).requires_grad_()
-    y, h = ops.rms_norm(x, w, residual=r, backend=be)
-    assert y.dtype == h.dtype == torch.float32
-    assert torch.equal(h, x.float() + r.float())
-    dy, dh = torch.randn(5, N, generator=g).to(dev), torch.randn(5, N, generator=g).to(dev)
-    torch.autograd.backward([y, h], [dy, dh])
-    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
-    y64, h64 = reference.rms_norm(x64, w64, residual=r64)
-    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
-    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
-    assert x.grad.dtype == xd and r.grad.dtype == rd
-    # x's gradient is the fp32 one rounded once to x's dtype; the residual's stays fp32 where
-    # the residual is fp32.
-    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=tol[xd] * 4, rtol=tol[xd])
-    torch.testing.assert_close(r.grad.double(), r64.grad, atol=tol[rd] * 4, rtol=tol[rd])
-    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-4)
+    check_mixed_residual(_rms, _rms_ref, be, dev, xd, rd, N, bias=False)
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm_out_dtype(be, dev, residual):
-    # As test_layer_norm_out_dtype: the output in out_dtype is the fp32 one rounded once.
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(6, 40, generator=g).to(dev).requires_grad_()
-    r = torch.randn(6, 40, generator=g).to(dev).requires_grad_() if residual else None
-    w = (torch.rand(40, generator=g) + 0.5).to(dev).requires_grad_()
-    out = ops.rms_norm(x, w, residual=r, backend=be, out_dtype=torch.float16)
-    ref = ops.rms_norm(x, w, residual=r, backend=be)
-    y, yf = (out[0], ref[0]) if residual else (out, ref)
-    assert y.dtype == torch.float16
-    assert_rounded_once(y, yf, be)
-    if residual:
-        assert out[1].dtype == torch.float32 and torch.equal(out[1], ref[1])
-    dy = torch.randn(6, 40, generator=g).to(dev)
-    gx, gw = torch.autograd.grad(y, [x, w], dy.to(torch.float16))
-    gx_f, gw_f = torch.autograd.grad(yf, [x, w], dy.to(torch.float16).float())
-    torch.testing.assert_close(gx, gx_f, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gw, gw_f, atol=1e-5, rtol=1e-5)
-    with pytest.raises(TypeError, match="out_dtype"):
-        ops.rms_norm(x, w, out_dtype="bf16", backend=be)
+    check_out_dtype(_rms, be, dev, residual, torch.float16, seed=8, bad_out_dtype="bf16")
 
+
+def _rms(x, w, b, **kw):  # the shared norm checks' signature (no bias)
+    return ops.rms_norm(x, w, **kw)
+
+
+def _rms_ref(x, w, b, **kw):
+    return reference.rms_norm(x, w, **kw)

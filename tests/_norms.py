@@ -1,0 +1,66 @@
+"""Checks shared by the layer_norm and rms_norm tests: the dtype behaviour both norms have
+(a residual of another dtype, out_dtype). ``norm(x, w, b, **kw)`` calls the op under test
+(``b`` is None for rms_norm), ``ref(x, w, b, **kw)`` its reference."""
+import pytest
+import torch
+
+from tests._tol import assert_rounded_once
+
+GRAD_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def check_mixed_residual(norm, ref, be, dev, xd, rd, N, bias):
+    # An autocast model adds its bf16 branch to the fp32 residual stream: h = x + residual in
+    # the promoted dtype (fp32 here, exactly as the unfused add), the output in h's dtype,
+    # x's gradient in x's dtype and the residual's in its own.
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(5, N, generator=g).to(device=dev, dtype=xd).requires_grad_()
+    r = torch.randn(5, N, generator=g).to(device=dev, dtype=rd).requires_grad_()
+    w = (torch.rand(N, generator=g) + 0.5).to(dev).requires_grad_()
+    b = torch.randn(N, generator=g).to(dev).requires_grad_() if bias else None
+    y, h = norm(x, w, b, residual=r, backend=be)
+    assert y.dtype == h.dtype == torch.float32
+    assert torch.equal(h, x.float() + r.float())
+    dy, dh = torch.randn(5, N, generator=g).to(dev), torch.randn(5, N, generator=g).to(dev)
+    torch.autograd.backward([y, h], [dy, dh])
+    params = [t for t in (x, r, w, b) if t is not None]
+    p64 = [t.detach().double().requires_grad_() for t in params]
+    x64, r64, w64 = p64[:3]
+    b64 = p64[3] if bias else None
+    y64, h64 = ref(x64, w64, b64, residual=r64)
+    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    assert x.grad.dtype == xd and r.grad.dtype == rd
+    # x's gradient is the fp32 one rounded once to x's dtype; the residual's stays fp32 where
+    # the residual is fp32.
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=GRAD_TOL[xd] * 4,
+                               rtol=GRAD_TOL[xd])
+    torch.testing.assert_close(r.grad.double(), r64.grad, atol=GRAD_TOL[rd] * 4,
+                               rtol=GRAD_TOL[rd])
+    for t, t64 in zip(params[2:], p64[2:]):
+        torch.testing.assert_close(t.grad.double(), t64.grad, atol=1e-4, rtol=1e-4)
+
+
+def check_out_dtype(norm, be, dev, residual, out_dtype, seed, bad_out_dtype):
+    # out_dtype: the output written in that dtype, the same values the fp32 output rounds to
+    # (what autocast's cast before the next matmul gives); h keeps its dtype; the gradient
+    # arrives in out_dtype and flows as the fp32 one would, to within that rounding.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 40, generator=g).to(dev).requires_grad_()
+    r = torch.randn(6, 40, generator=g).to(dev).requires_grad_() if residual else None
+    w = (torch.rand(40, generator=g) + 0.5).to(dev).requires_grad_()
+    out = norm(x, w, None, residual=r, backend=be, out_dtype=out_dtype)
+    ref = norm(x, w, None, residual=r, backend=be)
+    y, yf = (out[0], ref[0]) if residual else (out, ref)
+    assert y.dtype == out_dtype and yf.dtype == torch.float32
+    assert_rounded_once(y, yf, be)
+    if residual:
+        assert out[1].dtype == torch.float32 and torch.equal(out[1], ref[1])
+    dy = torch.randn(6, 40, generator=g).to(dev)
+    gx, gw = torch.autograd.grad(y, [x, w], dy.to(out_dtype))
+    gx_f, gw_f = torch.autograd.grad(yf, [x, w], dy.to(out_dtype).float())
+    torch.testing.assert_close(gx, gx_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, gw_f, atol=1e-5, rtol=1e-5)
+    assert norm(x, w, None, out_dtype=torch.float32, backend=be).dtype == torch.float32
+    with pytest.raises(TypeError, match="out_dtype"):
+        norm(x, w, None, out_dtype=bad_out_dtype, backend=be)
