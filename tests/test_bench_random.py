@@ -104,3 +104,21 @@ def test_decode_weights_option_checked(tmp_path):
         bench.bench_decode("gpt", config="tiny", weights="random", out=str(tmp_path))
     with pytest.raises(ValueError, match="--weights must be gguf or random"):
         bench.bench_decode("smollm2", weights="real", out=str(tmp_path))
+
+
+def test_prompt_gemms_are_the_models_products(pair, monkeypatch):
+    """The prefill ceiling's floor (bench_generate.prompt_gemms) must do the prompt's matrix
+    products, no more and no fewer: every Linear but the head on all B*P rows, the head on the
+    last row of each sequence."""
+    ours = pair[0]
+    gen = bench._load_script("bench_generate")
+    run = gen.prompt_gemms(ours, 3 * 5, 3)
+    seen = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: seen.append((x.shape[0], *w.shape)) or real(x, w, b))
+    run()
+    want = [(15, m.out_features, m.in_features) for m in ours.modules()
+            if isinstance(m, torch.nn.Linear) and m is not ours.lm_head]
+    assert len(want) == 2 * 5  # 2 layers: c_attn, c_proj, gate, up, down
+    assert sorted(seen) == sorted(want + [(3, 49152, 576)])
