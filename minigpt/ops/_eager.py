@@ -40,8 +40,19 @@ def bwd_op(ctx, custom_op, impl):
     return impl if getattr(ctx, "minigpt_eager", False) else custom_op
 
 
-def is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+if hasattr(torch.compiler, "_compile_session_context"):
+    def is_compiling() -> bool:
+        return torch.compiler.is_compiling()
+else:
+    # Older torch (2.5): torch.compiler.is_compiling() is True only while Dynamo traces Python,
+    # not while AOTAutograd traces a custom op's registered backward with fake tensors (newer
+    # torch sets it for the whole compile session). There, e.g. ``bool(dloss == 1)`` would raise
+    # DataDependentOutputException; Dynamo's TracingContext is set for the whole compile.
+    # (Dynamo folds torch.compiler.is_compiling() to True, so it never traces try_get.)
+    from torch._guards import TracingContext as _TracingContext
+
+    def is_compiling() -> bool:
+        return torch.compiler.is_compiling() or _TracingContext.try_get() is not None
 
 
 def pick(custom_op, eager, forward, *inputs):
