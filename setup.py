@@ -15,6 +15,27 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _check_nvcc(torch_cuda, cuda_home):
+    """torch's own check stops the build on a CUDA major-version mismatch with a message that
+    does not say a CPU + Triton build is still possible; say it before any compiling."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return  # torch's build reports a missing nvcc itself
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    if m and m[1] != torch_cuda.split(".")[0]:
+        raise RuntimeError(
+            f"nvcc at {cuda_home} is CUDA {m[1]}.{m[2]} but this torch was built with CUDA "
+            f"{torch_cuda}: the CUDA kernels cannot be built against it. Point CUDA_HOME at a "
+            f"CUDA {torch_cuda.split('.')[0]}.x toolkit, or build without them: "
+            "MINIGPT_NO_CUDA=1 pip install -e . --no-build-isolation (the C++ CPU kernels are "
+            "built; on a GPU the triton and torch backends still run).")
+
+
 def extensions():
     if os.environ.get("MINIGPT_NO_EXT") == "1":
         return [], {}
@@ -44,6 +65,7 @@ def extensions():
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("MINIGPT_NO_CUDA") != "1")
     if with_cuda:
+        _check_nvcc(torch.version.cuda, CUDA_HOME)
         ext = CUDAExtension(
             "minigpt._C", cpp + cu,
             define_macros=[("WITH_CUDA", "1")],
@@ -75,7 +97,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.5", "numpy", "tqdm", "safetensors", "tokenizers", "matplotlib",
                       "gguf", "huggingface_hub"],
-    extras_require={"triton": ["triton>=3.0"],
+    extras_require={"triton": ["triton>=3.6"],
                     "test": ["pytest", "transformers", "accelerate", "pillow"]},
     entry_points={"console_scripts": ["minigpt=minigpt.cli:main"]},
 )

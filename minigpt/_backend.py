@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 
@@ -58,13 +59,34 @@ def extension():
     return ext
 
 
+# The oldest Triton the kernels are checked with (CI's interpreter runs and sm_90 compiles, the
+# GPU runs). Older releases are refused rather than trusted: under Triton 3.1 (the one torch
+# 2.5 pins) the suite's compiled dropout attention returned NaN. MINIGPT_TRITON_ANY_VERSION=1
+# lifts the check, for trying another release.
+MIN_TRITON = (3, 6)
+
+
+def _version_tuple(v: str) -> tuple:
+    """(major, minor) of "3.6.0", "3.7.0+git1234"; (0, 0) if unreadable."""
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> str | None:
     """None if Triton can be used, else why not."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as e:
         return f"triton is not installed ({e}); `pip install triton==3.6.0`"
+    version = getattr(triton, "__version__", "0")
+    if (_version_tuple(version) < MIN_TRITON
+            and os.environ.get("MINIGPT_TRITON_ANY_VERSION") != "1"):
+        need = ".".join(map(str, MIN_TRITON))
+        return (f"triton {version} is older than {need}, the oldest release MiniGPT's Triton "
+                f"kernels are tested with; `pip install 'triton>={need}'` (an older torch's "
+                "torch.compile may then refuse it), use the cuda backend, or set "
+                "MINIGPT_TRITON_ANY_VERSION=1 to try it anyway")
     return None
 
 

@@ -75,3 +75,30 @@ def test_cpp_cuda_branches_compile(path, tmp_path):
            + [f"-I{i}" for i in incs] + [path])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{os.path.basename(path)} with -DWITH_CUDA:\n{proc.stderr[-4000:]}"
+
+
+def _setup_function(name):
+    """One function of setup.py, without running setup() (importing it would build)."""
+    import ast
+
+    path = os.path.join(ROOT, "setup.py")
+    tree = ast.parse(open(path).read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = {"os": os}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, "exec"), ns)
+    return ns[name]
+
+
+def test_setup_names_a_cuda_version_mismatch(tmp_path):
+    """A CUDA torch beside an nvcc of another major version: setup.py stops before compiling,
+    naming both versions and the CPU + Triton build (MINIGPT_NO_CUDA=1)."""
+    check = _setup_function("_check_nvcc")
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    nvcc.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"CUDA 13\.0 but this torch was built with CUDA "
+                                           r"12\.4.*MINIGPT_NO_CUDA=1"):
+        check("12.4", str(tmp_path))
+    check("13.0", str(tmp_path))  # same major: fine
+    check("12.4", str(tmp_path / "nowhere"))  # no nvcc: torch's build reports that itself

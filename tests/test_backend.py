@@ -1,0 +1,58 @@
+"""The dispatch's view of Triton's version: a release older than the one the kernels are tested
+with is refused with a message naming both versions (an op with no explicit backend then falls
+back to the next backend), unless MINIGPT_TRITON_ANY_VERSION=1."""
+import pytest
+import torch
+
+from minigpt import _backend, ops
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Forget cached answers before and after: they depend on what the test patches."""
+    def clear():
+        _backend._triton_status.cache_clear()
+        _backend._RESOLVED.clear()
+    clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    clear()
+
+
+@pytest.mark.parametrize("text, want", [("3.6.0", (3, 6)), ("3.10.1", (3, 10)),
+                                        ("3.7.0+git8a1b2c", (3, 7)), ("3.1", (3, 1)),
+                                        ("nightly", (0, 0))])
+def test_version_tuple(text, want):
+    assert _backend._version_tuple(text) == want
+
+
+def test_installed_triton_is_accepted():
+    assert _backend._version_tuple(triton.__version__) >= _backend.MIN_TRITON
+    assert _backend._triton_status() is None
+
+
+def test_old_triton_refused_with_versions(fresh):
+    fresh.setattr(triton, "__version__", "3.1.0")
+    fresh.delenv("MINIGPT_TRITON_ANY_VERSION", raising=False)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = _backend._unavailable_reason("triton", dev)
+    assert why is not None and "3.1.0" in why and "3.6" in why
+    assert "triton" not in _backend.available_backends(dev)
+    x = torch.randn(3, 7, device=dev)
+    with pytest.raises(_backend.BackendUnavailableError, match="triton 3.1.0 is older"):
+        ops.softmax(x, backend="triton")
+    # No explicit backend: the op runs on the next one, with the reference's numbers.
+    torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_old_triton_allowed_on_request(fresh):
+    fresh.setattr(triton, "__version__", "3.1.0")
+    fresh.setenv("MINIGPT_TRITON_ANY_VERSION", "1")
+    assert _backend._triton_status() is None
+
+
+def test_newer_triton_accepted(fresh):
+    fresh.setattr(triton, "__version__", "4.0.0")
+    assert _backend._triton_status() is None
