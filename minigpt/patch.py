@@ -13,7 +13,7 @@ How (the approach of Liger-Kernel's ``apply_liger_kernel_to_llama(model=...)``):
 submodule of *this model instance* gets its own ``forward`` bound in its ``__dict__``, which
 shadows the class's method. Nothing in transformers' modules, classes or global tables is
 changed, so other models in the process are untouched, and ``revert`` deletes the bound methods.
-The replacement forwards mirror transformers' Llama code (written against transformers 5.x):
+The replacement forwards mirror transformers' Llama code (5.x, and 4.57 where it differs):
 
 * ``LlamaRMSNorm``  -> ``ops.rms_norm`` (the weight multiplies in float32 before the cast back
   to the input dtype; transformers multiplies after it, so bf16 results differ by rounding).
@@ -30,6 +30,8 @@ The replacement forwards mirror transformers' Llama code (written against transf
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import types
 import weakref
 from typing import Optional
@@ -83,6 +85,15 @@ def _mask_is_causal(mask: Optional[torch.Tensor], T: int, S: int) -> bool:
     return causal
 
 
+@functools.lru_cache(maxsize=None)
+def _legacy_cache_update() -> bool:
+    """True for transformers < 5, whose ``Cache.update(k, v, layer_idx, cache_kwargs)`` takes the
+    RoPE tables and ``cache_position`` in a dict (5.x: ``update(..., kwargs=...)``)."""
+    from transformers.cache_utils import Cache
+
+    return "cache_kwargs" in inspect.signature(Cache.update).parameters
+
+
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                        cache=None, past_key_values=None, **kwargs):
     from transformers.models.llama import modeling_llama as ml
@@ -100,9 +111,17 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     else:
         q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
 
+    # transformers < 5 calls the cache past_key_values and takes cache_position as a parameter
+    # of its own (so it never reaches the attention function).
+    legacy = _legacy_cache_update()
+    cache_position = kwargs.pop("cache_position", None) if legacy else None
     cache = cache if cache is not None else past_key_values
     if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        if legacy:
+            k, v = cache.update(k, v, self.layer_idx,
+                                {"sin": sin, "cos": cos, "cache_position": cache_position})
+        else:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
 
     dropout = self.attention_dropout if self.training else 0.0
     if (self._minigpt_attention and dropout == 0.0 and not kwargs.get("output_attentions")
@@ -122,6 +141,11 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
 
 def _keep(hidden, logits_to_keep):
+    from transformers import modeling_utils
+
+    # transformers 5 also takes per-sample 2-D positions or a mask (slice_logits_to_keep).
+    if hasattr(modeling_utils, "slice_logits_to_keep"):
+        return modeling_utils.slice_logits_to_keep(hidden, logits_to_keep)
     if isinstance(logits_to_keep, int):
         return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
     return hidden[:, logits_to_keep, :]

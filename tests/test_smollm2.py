@@ -25,6 +25,7 @@ pytest.importorskip("gguf")
 import minigpt  # noqa: E402
 from minigpt.commands.generate import stream_generate  # noqa: E402
 from minigpt.loaders import packaged_path  # noqa: E402
+from tests._hf import gguf_tokenizer  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th",
            "In 2024, 1234567 people visited the café — a record!"]
@@ -41,7 +42,7 @@ def ours():
 def ref():
     path = packaged_path("smollm2")
     d, f = os.path.dirname(path), os.path.basename(path)
-    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tok = gguf_tokenizer(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f,
                                                               dtype=torch.float32).eval()
     return model, tok
