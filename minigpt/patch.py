@@ -71,7 +71,10 @@ def _mask_is_causal(mask: Optional[torch.Tensor], T: int, S: int) -> bool:
     """True when ``mask`` lets query i see exactly keys j <= i + S - T (what
     ``ops.attention(causal=True)`` does): no padding, no other restriction."""
     if mask is None:
-        return True
+        # transformers leaves the mask out for SDPA's is_causal, which aligns top-left: the
+        # same as ours only when T == S (T == 1: no mask at all). It does so for T < S on an
+        # empty static cache (transformers 5), whose keys past T are empty slots.
+        return T == 1 or T == S
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (T, S):
         return False
     ref = _mask_memo["ref"]

@@ -146,12 +146,14 @@ def test_padding_mask_falls_back_and_matches(monkeypatch):
     assert spy.calls["attention"] == 2
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_generate_with_cache_matches(attn_implementation):
+def test_generate_with_cache_matches(attn_implementation, cache_implementation):
     ref = _model(attn_implementation)
     patched = apply_to_llama(copy.deepcopy(ref))
     ids = torch.randint(0, V, (1, 6))
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0,
+              cache_implementation=cache_implementation)
     torch.testing.assert_close(patched.generate(ids, **kw), ref.generate(ids, **kw), rtol=0,
                                atol=0)
 
