@@ -22,7 +22,8 @@ W=${WORKTREE:-/tmp/minigpt-torch25}
 rm -rf "$W" && mkdir -p "$W"
 git ls-files -z | xargs -0 cp --parents -t "$W"
 cd "$W"
-MINIGPT_NO_CUDA=1 "$V/bin/python" setup.py -q build_ext --inplace
+# Editable, as scripts/setup.sh does: kernels/ is importable only as minigpt.kernels.
+MINIGPT_NO_CUDA=1 "$V/bin/python" -m pip install -q -e . --no-build-isolation --no-deps
 "$V/bin/python" -c "import torch, triton, transformers, minigpt; from minigpt import _backend; \
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', \
 transformers.__version__, 'backends', _backend.available_backends('cpu'))"

@@ -17,7 +17,7 @@ import torch
 from minigpt import _backend, ops, reference
 from minigpt._backend import BackendUnavailableError
 from tests._tol import assert_close, f64
-from tests.conftest import backend_device_pairs
+from tests.conftest import backend_device_pairs, skip_if_triton_refused
 
 PAIRS = backend_device_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -278,10 +278,12 @@ LENS = torch.tensor([3, 8])
     (lambda: ops.attention(Q, K, V, causal=1), TypeError, "causal"),
     (lambda: ops.attention(Q, K, V, backend="cuda"), BackendUnavailableError, "cuda"),
     (lambda: ops.attention(Q, K, V, backend="fast"), ValueError, "unknown backend"),
-    (lambda: ops.attention(*(t.double().to(TDEV) for t in (Q, K, V)), backend="triton"),
-     TypeError, "float64"),
-    (lambda: ops.attention(*(torch.randn(1, 1, 2, 300, device=TDEV) for _ in range(3)),
-                           backend="triton"), ValueError, "head_dim"),
+    pytest.param(lambda: ops.attention(*(t.double().to(TDEV) for t in (Q, K, V)),
+                                       backend="triton"), TypeError, "float64",
+                 marks=skip_if_triton_refused),
+    pytest.param(lambda: ops.attention(*(torch.randn(1, 1, 2, 300, device=TDEV) for _ in range(3)),
+                                       backend="triton"), ValueError, "head_dim",
+                 marks=skip_if_triton_refused),
     (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([0, 8])), ValueError, "cache_seqlens"),
     (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([3, 9])), ValueError, "cache_seqlens"),
     (lambda: ops.decode_attention(QD, KC, VC, torch.tensor([3.0, 8.0])), TypeError, "int32"),

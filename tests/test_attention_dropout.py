@@ -27,9 +27,12 @@ from minigpt.model import GPT, GPTConfig
 from minigpt.reference.philox import dropout_keep, philox_uniform
 from minigpt.reference.softmax import causal_mask
 from tests._tol import assert_close, f64
+from tests.conftest import skip_if_triton_refused
 
 # Where Triton runs: the GPU if there is one, else the interpreter on CPU tensors.
 TDEV = "cuda" if torch.cuda.is_available() else "cpu"
+# The Triton kernels run under the test only where the dispatch accepts this Triton.
+TRITON = pytest.param("triton", marks=skip_if_triton_refused)
 LOWP = [torch.bfloat16, torch.float16] if torch.cuda.is_available() else []
 SEED = 2**40 + 12345  # above 2**32: both halves of the Philox key matter
 
@@ -113,6 +116,7 @@ def _check_kernel(case, p, dtype, transposed=False, seed=SEED, be="triton"):
 
 # ---- the host Philox is tl.rand -----------------------------------------------------------
 
+@skip_if_triton_refused
 def test_philox_matches_tl_rand():
     import triton
     import triton.language as tl
@@ -160,18 +164,21 @@ def test_reference_dropout_needs_a_seed():
 
 # ---- the kernels against the reference ------------------------------------------------------
 
+@skip_if_triton_refused
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_dropout_kernels_fp32(case, p):
     _check_kernel(CASES[case], p, torch.float32)
 
 
+@skip_if_triton_refused
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32] + LOWP, ids=str)
 def test_dropout_kernels_noncontiguous(dtype, p):
     _check_kernel((2, 4, 2, 33, 20, 48, True), p, dtype, transposed=True)
 
 
+@skip_if_triton_refused
 @pytest.mark.skipif(not LOWP, reason="bf16/fp16 tl.dot is wrong in the Triton interpreter")
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("case", ["gqa3-33x40-d48", "full-gqa2-33x7-d48"], ids=str)
@@ -183,6 +190,7 @@ def test_dropout_kernels_low_precision(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [(1, 4, 2, 300, 300, 64, True), (2, 2, 1, 130, 257, 128, True),
                                   (1, 2, 2, 200, 100, 256, False)], ids=str)
+@skip_if_triton_refused
 def test_dropout_kernels_many_tiles(case, dtype):
     # The GPU tiles (64-128 rows, the dropout tables of kernels/attention.py) with ragged ends:
     # the mask must not depend on where a tile starts.
@@ -389,7 +397,7 @@ def _run(be, seed, q, k, v, p=0.3, causal=True):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("be", [TRITON, pytest.param("cpu", marks=needs_ext)])
 def test_kernel_equals_torch_backend_for_the_same_manual_seed(be, causal):
     # ops.attention draws the seed from torch's default CPU generator: the same manual_seed
     # gives the triton/cpu and torch backends the same mask.
@@ -403,7 +411,7 @@ def test_kernel_equals_torch_backend_for_the_same_manual_seed(be, causal):
     assert (out - nodrop).abs().max() > 1e-2  # the dropout did something
 
 
-@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext), "torch"])
+@pytest.mark.parametrize("be", [TRITON, pytest.param("cpu", marks=needs_ext), "torch"])
 def test_same_seed_same_output_other_seed_other_output(be):
     q, k, v = _qkv(_dev(be))
     a, ga = _run(be, 1, q, k, v)
@@ -419,7 +427,7 @@ def test_same_seed_same_output_other_seed_other_output(be):
     assert torch.equal(first, a) and not torch.equal(first, second)
 
 
-@pytest.mark.parametrize("be", ["triton", "torch", "cpu"])
+@pytest.mark.parametrize("be", [TRITON, "torch", "cpu"])
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_dropout_zero_is_the_plain_call(be, requires_grad):
     q, k, v = _qkv("cpu" if be == "cpu" else TDEV, requires_grad)
@@ -449,7 +457,7 @@ def test_backend_none_picks_a_dropout_backend():
         assert torch.equal(out, cpu) and all(torch.equal(a, b) for a, b in zip(grads, cgrads))
 
 
-@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext), "torch"])
+@pytest.mark.parametrize("be", [TRITON, pytest.param("cpu", marks=needs_ext), "torch"])
 def test_dropout_empty_and_rows_without_keys(be):
     # T > S causal: queries that see no key stay zero, with finite zero gradients.
     dev = _dev(be)
@@ -484,7 +492,7 @@ def test_env_backend_without_dropout_is_refused(monkeypatch):
         ops.attention(Q, K, V, dropout_p=0.1)
 
 
-@pytest.mark.parametrize("be", ["triton", pytest.param("cpu", marks=needs_ext), "torch"])
+@pytest.mark.parametrize("be", [TRITON, pytest.param("cpu", marks=needs_ext), "torch"])
 def test_dropout_compiles_fullgraph(be):
     def block(q, k, v):
         return (ops.attention(q, k, v, dropout_p=0.25, backend=be) * 2).sum()

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from tests.conftest import skip_if_triton_refused  # noqa: E402
+
+pytestmark = skip_if_triton_refused
 from minigpt.kernels import _util  # noqa: E402
 from minigpt.kernels import attention as attn  # noqa: E402
 

@@ -383,7 +383,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("be", [p.values[0] for p in backend_device_pairs() if p.values[1] == "cpu"])
+@pytest.mark.parametrize("be", [pytest.param(p.values[0], marks=p.marks)
+                                for p in backend_device_pairs() if p.values[1] == "cpu"])
 @pytest.mark.parametrize("bad,exc,match", BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_input(be, bad, exc, match):
     with pytest.raises(exc, match=match):

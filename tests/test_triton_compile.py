@@ -34,7 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytestmark = pytest.mark.slow  # ~1 min on 2 cores, most of it ptxas on the fp32 attention
+from tests.conftest import skip_if_triton_refused  # noqa: E402
+
+# ~1 min on 2 cores, most of it ptxas on the fp32 attention
+pytestmark = [pytest.mark.slow, skip_if_triton_refused]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
