@@ -240,7 +240,8 @@ def main():
     else:
         notes += ("Both compute with the same float32 weights; on CPU MiniGPT's decode steps read "
                   "them from the GGUF's packed Q8_0/Q4_1 bytes (minigpt/quant.py), transformers "
-                  "from its dequantized float32 copy.")
+                  "from its dequantized float32 copy; so do prompts of up to 64 rows in all, "
+                  "which is how batch 1's prefill can pass the float ceiling.")
     if hasattr(os, "getloadavg"):
         header["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     paths = H.write_results(rows, "generate_random" if random_weights else "generate", dev,
