@@ -61,8 +61,8 @@ def extension():
 
 # The oldest Triton the kernels are checked with (CI's interpreter runs and sm_90 compiles, the
 # GPU runs). Older releases are refused rather than trusted: under Triton 3.1 (the one torch
-# 2.5 pins) the attention kernels with dropout returned ~1e34 and NaN in the interpreter. MINIGPT_TRITON_ANY_VERSION=1
-# lifts the check, for trying another release.
+# 2.5 pins) the attention kernels with dropout returned ~1e34 and NaN in the interpreter.
+# MINIGPT_TRITON_ANY_VERSION=1 lifts the check, for trying another release.
 MIN_TRITON = (3, 6)
 
 
