@@ -380,6 +380,10 @@ BAD = [
      "device"),
     (lambda be: ops.fused_linear_cross_entropy(_h, _w, _t, chunk_size=0, backend=be), ValueError,
      "chunk_size"),
+    (lambda be: ops.cross_entropy(_x, _t, ignore_index=2**63, backend=be), ValueError,
+     "ignore_index must fit in int64"),
+    (lambda be: ops.fused_linear_cross_entropy(_h, _w, _t, ignore_index=-2**63 - 1, backend=be),
+     ValueError, "ignore_index must fit in int64"),
 ]
 
 
@@ -389,6 +393,22 @@ BAD = [
 def test_bad_input(be, bad, exc, match):
     with pytest.raises(exc, match=match):
         bad(be)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("n", [3, 0], ids=["rows", "empty"])
+def test_int32_target(be, dev, n):
+    # int32 targets are documented; F.cross_entropy, behind the torch backend and the empty
+    # case, takes int64 only.
+    x, h = torch.randn(n, 5, device=dev), torch.randn(n, 4, device=dev)
+    w = torch.randn(5, 4, device=dev)
+    t = torch.tensor([0, 4, -100][:n], dtype=torch.int64, device=dev)
+    for red in REDUCTIONS:
+        torch.testing.assert_close(ops.cross_entropy(x, t.int(), reduction=red, backend=be),
+                                   reference.cross_entropy(x, t, reduction=red), equal_nan=True)
+        torch.testing.assert_close(
+            ops.fused_linear_cross_entropy(h, w, t.int(), reduction=red, backend=be),
+            reference.fused_linear_cross_entropy(h, w, t, reduction=red), equal_nan=True)
 
 
 def test_unavailable_backend():

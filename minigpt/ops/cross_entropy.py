@@ -76,6 +76,10 @@ def _check_common(op, target, reduction, ignore_index):
         raise ValueError(f"{op}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    # The kernels and F.cross_entropy take it as an int64; a wider Python int failed inside
+    # them (pybind's argument error, "Overflow when unpacking long long") or, in Triton, wrapped.
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"{op}: ignore_index must fit in int64, got {ignore_index}")
 
 
 def _target_stats(op: str, target: Tensor, V: int, ignore_index: int) -> int:
@@ -235,7 +239,9 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     if be == "torch" or target.numel() == 0:
         if not is_compiling():
             _target_stats(OP, target, V, ignore_index)
-        return reference.cross_entropy(logits, target, ignore_index, reduction, label_smoothing)
+        # F.cross_entropy takes int64 targets only; int32 is documented here.
+        return reference.cross_entropy(logits, target.long(), ignore_index, reduction,
+                                       label_smoothing)
 
     x2 = logits.reshape(-1, V).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
@@ -465,8 +471,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
 
     be = _backend.resolve(FOP, backend, hidden.device, hidden.dtype)
     if target.numel() == 0:
-        return reference.fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index,
-                                                    reduction)
+        # F.cross_entropy takes int64 targets only; int32 is documented here.
+        return reference.fused_linear_cross_entropy(hidden, weight, target.long(), bias,
+                                                    ignore_index, reduction)
     h2 = hidden.reshape(-1, H).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     N = h2.shape[0]
