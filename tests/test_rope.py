@@ -122,6 +122,22 @@ def test_rope_decode_matches_prefill(be, dev):
         torch.testing.assert_close(ks, kf[:, :, t:t + 1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("pdtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=str)
+def test_rope_position_ids_of_any_integer_dtype(be, dev, pdtype):
+    # Each backend reads them as int64 positions. To torch's indexing a uint8 tensor is a
+    # boolean mask (here T == L: it picked rows 1..3 for positions [3, 1, 1, 2] and rotated
+    # by the wrong angles) and int8/int16 are refused.
+    D = 8
+    cos, sin = tables(4, D, device=dev)
+    q, k = torch.randn(2, 2, 4, D, device=dev), torch.randn(2, 1, 4, D, device=dev)
+    pos = torch.tensor([3, 1, 1, 2], device=dev)
+    want = reference.rope(q, k, cos, sin, pos)
+    got = ops.rope(q, k, cos, sin, position_ids=pos.to(pdtype), backend=be)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("be", ["torch", "cpu"])
 @pytest.mark.parametrize("with_pos", [False, True])
 def test_rope_gradcheck_float64(be, with_pos):

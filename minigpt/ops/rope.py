@@ -123,8 +123,11 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[
     _check(q, k, cos, sin, position_ids)
     be = _backend.resolve(OP, backend, q.device, q.dtype)
     if be == "torch" or q.numel() == 0 or k.numel() == 0:
-        # Detached so every backend gives cos/sin the same (no) gradient.
-        return reference.rope(q, k, cos.detach(), sin.detach(), position_ids)
+        # Detached so every backend gives cos/sin the same (no) gradient. The reference indexes
+        # the tables with position_ids: as int64, since a uint8 index is a boolean mask to torch
+        # and int8/int16 are refused.
+        pos = position_ids.long() if position_ids is not None else None
+        return reference.rope(q, k, cos.detach(), sin.detach(), pos)
 
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     c, s = cos.to(acc), sin.to(acc)
