@@ -176,6 +176,9 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_seqlen: Optional[int] = None,
                  device=None, dtype=torch.float32):
         max_seqlen = config.block_size if max_seqlen is None else max_seqlen
+        for name, v in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"KVCache: {name} must be an int, got {v!r}")
         if not 1 <= max_seqlen <= config.block_size:
             raise ValueError(f"KVCache: max_seqlen must be in [1, block_size={config.block_size}]"
                              f", got {max_seqlen}")
@@ -378,12 +381,28 @@ class GPT(nn.Module):
         vocab) logits are never formed and ``logits`` is None. With ``cache`` the tokens
         continue the cached sequences. ``only_last`` returns logits for the last position
         only (B, 1, vocab), all that sampling needs."""
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"GPT: idx must be a tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
+            raise TypeError(f"GPT: idx must hold token ids as int64 or int32, got {idx.dtype}")
         if idx.dim() != 2:
             raise ValueError(f"GPT: idx must be (batch, time) token ids, got shape "
                              f"{tuple(idx.shape)}")
         B, T = idx.shape
         if T == 0:
             raise ValueError("GPT: idx has no tokens")
+        # An id outside the vocabulary is an opaque IndexError from the embedding on the CPU and
+        # a device-side assert on CUDA, which ruins the process's CUDA context: checked here,
+        # one host sync on a GPU (not while compiling or capturing a CUDA graph).
+        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
+        if (idx.numel() and idx.device.type != "meta" and not capturing
+                and not torch.compiler.is_compiling()):
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"GPT: token ids must lie in [0, {self.config.vocab_size}) (the "
+                                 f"vocabulary), got values in [{lo}, {hi}]")
+        if cache is not None:
+            self._check_cache(cache, B)
         start = cache._begin(T) if cache is not None else 0
         if isinstance(start, int) and start + T > self.config.block_size:
             raise ValueError(f"GPT: cannot forward a sequence of {start + T} tokens, the block "
@@ -418,6 +437,20 @@ class GPT(nn.Module):
         if only_last:
             x = x[:, -1:, :]
         return self.lm_head(x), None
+
+    def _check_cache(self, cache, B: int):
+        # A cache made for another batch or model failed deep in a layer with torch's
+        # "The expanded size of the tensor ... must match".
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"GPT: cache must be a KVCache, got {type(cache).__name__}")
+        if cache.batch_size != B:
+            raise ValueError(f"GPT: the cache holds {cache.batch_size} sequences but idx has {B}")
+        c = self.config
+        want = (c.n_layer, c.n_kv_head, c.head_dim)
+        got = (len(cache.k), cache.k[0].shape[1], cache.k[0].shape[3])
+        if got != want:
+            raise ValueError(f"GPT: the cache was made for another model: (layers, kv heads, "
+                             f"head_dim) {got}, this model has {want}")
 
     def new_cache(self, batch_size: int, max_seqlen: Optional[int] = None) -> KVCache:
         """An empty KV cache on the model's device and in its dtype."""

@@ -184,6 +184,45 @@ def test_too_long_sequence_and_bad_idx():
         GPT({"n_layer": 2})
 
 
+@pytest.mark.parametrize("idx,exc,match", [
+    (torch.zeros(1, 3), TypeError, "int64 or int32"),
+    (torch.zeros(1, 3, dtype=torch.uint8), TypeError, "int64 or int32"),
+    (torch.zeros(1, 3, dtype=torch.bool), TypeError, "int64 or int32"),
+    ([[1, 2]], TypeError, "idx must be a tensor"),
+    (torch.tensor([[1, V]]), ValueError, rf"token ids must lie in \[0, {V}\).*\[1, {V}\]"),
+    (torch.tensor([[-1, 2]], dtype=torch.int32), ValueError, r"token ids must lie.*\[-1, 2\]"),
+])
+def test_bad_idx(idx, exc, match):
+    # Not torch's embedding errors ("Expected tensor for argument #1 'indices'", "index out of
+    # range in self"; on CUDA a device-side assert).
+    m = make_model(gpt_config())
+    with pytest.raises(exc, match=match):
+        m(idx)
+    if isinstance(idx, torch.Tensor):
+        with pytest.raises(exc, match=match):
+            generate(m, idx, 2)
+
+
+def test_cache_that_does_not_fit():
+    # Another batch size or another model's cache failed inside a layer with torch's
+    # "The expanded size of the tensor ... must match".
+    m = make_model(llama_config())
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="cache holds 3 sequences but idx has 2"):
+        m(idx, cache=m.new_cache(3))
+    cache = m.new_cache(2)
+    m(idx, cache=cache)
+    with pytest.raises(ValueError, match="cache holds 2 sequences but idx has 1"):
+        m(idx[:1, :1], cache=cache)
+    with pytest.raises(ValueError, match="another model"):
+        m(idx, cache=make_model(gpt_config()).new_cache(2))
+    with pytest.raises(TypeError, match="KVCache"):
+        m(idx, cache="cache")
+    for kw in (dict(batch_size=2.5), dict(batch_size="2"), dict(batch_size=2, max_seqlen=2.5)):
+        with pytest.raises(TypeError, match="must be an int"):
+            KVCache(m.config, **kw)
+
+
 # ---- KV cache -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mk", CONFIGS)
