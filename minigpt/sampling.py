@@ -14,7 +14,8 @@ import torch
 def _check_args(max_new_tokens, temperature, top_k, top_p):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
+    # `not >= 0` also refuses NaN, which reached torch.multinomial as NaN probabilities.
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
@@ -24,6 +25,12 @@ def _check_args(max_new_tokens, temperature, top_k, top_p):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,)."""
+    # Public on its own: without these, top_k=0 or a 1-D row failed inside torch and a negative
+    # temperature sampled the least likely tokens without a word.
+    _check_args(0, temperature, top_k, top_p)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"sample_next: logits must be a (batch, vocab) tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else logits!r}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

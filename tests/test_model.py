@@ -354,6 +354,26 @@ def test_generate_bad_args(kw):
         generate(m, torch.zeros(1, 2, dtype=torch.long), **args)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+])
+def test_sample_next_bad_args(kw, match):
+    # A negative temperature sampled the least likely tokens; NaN, top_k=0 and top_p=0 failed
+    # inside torch (multinomial's "probability tensor contains either inf, nan", a size
+    # mismatch).
+    with pytest.raises(ValueError, match=match):
+        sample_next(torch.randn(2, V), **kw)
+    if kw.get("temperature", 0) != -1.0:
+        with pytest.raises(ValueError, match=match):
+            generate(make_model(gpt_config()), torch.zeros(1, 2, dtype=torch.long), 2, **kw)
+
+
+def test_sample_next_needs_a_batch_of_rows():
+    with pytest.raises(ValueError, match=r"\(batch, vocab\)"):
+        sample_next(torch.randn(V), 1.0)
+
+
 def test_llama_state_dict_mapping():
     # A state dict in Hugging Face LlamaForCausalLM names, mapped back, rebuilds our model.
     m = make_model(llama_config())
