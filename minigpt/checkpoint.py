@@ -180,9 +180,11 @@ def read_config(path) -> dict:
     """config.json of the checkpoint at ``path`` (run dir or checkpoint dir)."""
     d = resolve(path)
     cfg = _read_json(d / CONFIG_FILE)
-    if cfg.get("format") != FORMAT or "model" not in cfg:
+    # Valid JSON that is not an object (a list, a number) failed with AttributeError on .get.
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or "model" not in cfg:
+        fmt = cfg.get("format") if isinstance(cfg, dict) else None
         raise CheckpointError(f"{d / CONFIG_FILE} is not a MiniGPT checkpoint config "
-                              f"(format {cfg.get('format')!r})")
+                              f"(format {fmt!r})")
     return cfg
 
 

@@ -216,6 +216,10 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     (d / "config.json").write_text('{"format": "minigpt-checkpoint", "mod')
     with pytest.raises(ckpt.CheckpointError, match="not valid JSON"):
         ckpt.load_checkpoint(d)
+    # valid JSON but not an object: was AttributeError ('list' object has no attribute 'get')
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(ckpt.CheckpointError, match="not a MiniGPT checkpoint config"):
+        ckpt.load_checkpoint(d)
 
     d = fresh("mismatch")
     cfg = json.loads((d / "config.json").read_text())
