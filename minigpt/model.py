@@ -93,13 +93,17 @@ class GPTConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"GPTConfig: {name} must be one of {choices}, "
                                  f"got {getattr(self, name)!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"GPTConfig: norm_eps must be positive, got {self.norm_eps!r}")
+        # A string failed with "'>' not supported"; inf passed here and only the norm op,
+        # at the first forward, refused it.
+        if (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))
+                or not 0 < self.norm_eps < math.inf):
+            raise ValueError(f"GPTConfig: norm_eps must be a finite positive number, got "
+                             f"{self.norm_eps!r}")
         if self.pos == "rope":
             if self.head_dim % 2:
                 raise ValueError(f"GPTConfig: rotary embeddings need an even head_dim, got "
                                  f"{self.head_dim}")
-            if not self.rope_base > 1:
+            if not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1:
                 raise ValueError(f"GPTConfig: rope_base must be > 1, got {self.rope_base!r}")
         if self.intermediate_size is None:
             if self.mlp == "gelu":

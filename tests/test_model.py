@@ -168,6 +168,9 @@ def test_config_roundtrip_and_derived():
     (dict(mlp="relu"), "mlp"),
     (dict(pos="rope", n_embd=12, n_head=4), "even head_dim"),
     (dict(n_layer=2.5), "n_layer"),
+    (dict(norm_eps="1e-5"), "norm_eps"),
+    (dict(norm_eps=float("inf")), "norm_eps"),
+    (dict(pos="rope", rope_base="1e4"), "rope_base"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
