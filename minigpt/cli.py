@@ -38,8 +38,9 @@ def main(argv=None) -> int:
         return 2
     try:
         rc = args._run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        # Bad input and missing files get one clear line, not a traceback.
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        # Bad input and file-system trouble (a missing file, a path that is a file where a
+        # folder is wanted, no permission) get one clear line, not a traceback.
         print(f"minigpt {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -323,6 +323,8 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
     would, without the end-of-run extras."""
     explicit = set(explicit or ())
     out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; --out names the run's directory")
     resumed = None
     if resume:
         try:

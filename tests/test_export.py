@@ -221,3 +221,16 @@ def main_raise(argv):
 
     args = build_parser().parse_args(argv)
     return args._run(args)
+
+
+def test_export_out_that_is_a_file_is_a_clear_error(gpt_ckpt, tmp_path, capsys):
+    run, _, _ = gpt_ckpt
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    assert main(["export", "--checkpoint", str(run), "--out", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minigpt export: error: --out") and "is a file" in err, err
+    assert main(["export", "--checkpoint", str(run), "--out", str(f / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minigpt export: error:") and len(err.strip().splitlines()) == 1, err
+    assert f.read_text() == "keep me"

@@ -296,6 +296,20 @@ def test_bad_input_gets_clear_errors_and_keeps_the_checkpoint(corpus, tmp_path, 
     assert tree_digest(out / "checkpoint") != before
 
 
+def test_out_that_is_a_file_is_a_clear_error(corpus, tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    assert _train_cli(corpus, f) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minigpt train: error: --out") and "is a file" in err, err
+    # a folder under a file fails in mkdir (NotADirectoryError): still one line, no traceback
+    assert _train_cli(corpus, f / "run") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minigpt train: error:") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f.read_text() == "keep me"
+
+
 def test_data_split_and_batches():
     ids = torch.arange(1000).numpy()
     s = data.split(ids, block_size=16)

@@ -41,6 +41,8 @@ def run(args) -> int:
 
     if _same_path(args.checkpoint, args.out):
         raise ValueError("--out must differ from --checkpoint (it would overwrite the source)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; --out names the folder to write")
     if args.push_to_hub is not None and args.format != "hf":
         raise ValueError("--push-to-hub uploads Hugging Face folders: use it with --format hf")
     if args.push_to_hub is not None:  # fail before the (possibly long) export, not after
