@@ -114,6 +114,9 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
         os.environ["MINIGPT_BACKEND"] = backend
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        # else torch's lazy CUDA init fails deep inside loading with an AssertionError
+        raise ValueError(f"--device {device}: no CUDA device is available here")
     out = sys.stdout if out is None else out
     threads = torch.get_num_threads()
     if str(device).startswith("cpu"):

@@ -83,6 +83,13 @@ def test_cli_bad_arguments(run_dir, capsys, argv, match):
     assert err.startswith("minigpt sample: error:") and match in err, err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_device_without_cuda(run_dir, capsys):
+    assert main(["sample", "--checkpoint", str(run_dir), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err == "minigpt sample: error: --device cuda: no CUDA device is available here\n", err
+
+
 def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
