@@ -135,8 +135,12 @@ def make_generator(seed, device) -> Optional[torch.Generator]:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def stream_text(model, tokenizer, ids, args, out=sys.stdout, stats=None) -> str:
-    """Generate from ``ids`` (one sequence), writing text to ``out`` as it comes; returns it."""
+def stream_text(model, tokenizer, ids, args, out=None, stats=None) -> str:
+    """Generate from ``ids`` (one sequence), writing text to ``out`` (default: the current
+    sys.stdout) as it comes; returns it."""
+    # Looked up per call, not bound as the default at import: a stdout replaced since then
+    # (pytest's capture, a redirecting caller) would otherwise get nothing, or a closed file.
+    out = sys.stdout if out is None else out
     stop_ids = getattr(tokenizer, "stop_ids", ())
     decoder = tokenizer.stream_decoder() if hasattr(tokenizer, "stream_decoder") else None
     gen = make_generator(args.seed, model.transformer.wte.weight.device)
