@@ -90,6 +90,17 @@ def test_cli_cuda_device_without_cuda(run_dir, capsys):
     assert err == "minigpt sample: error: --device cuda: no CUDA device is available here\n", err
 
 
+def test_cli_generate_chat_needs_a_chat_template(run_dir, capsys):
+    # a character-level checkpoint has no chat template: --chat is refused by name
+    assert main(["generate", "--model", str(run_dir), "--prompt", "he", "--chat",
+                 "--device", "cpu", "--max-new-tokens", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minigpt generate: error:") and "no chat template" in err, err
+    assert main(["generate", "--model", str(run_dir), "--prompt", "he", "--device", "cpu",
+                 "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("he")
+
+
 def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err

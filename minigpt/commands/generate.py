@@ -177,6 +177,9 @@ def load_for_args(args):
 def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_for_args(args)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{args.model} has no chat template; leave out --chat to continue the "
+                         "prompt as plain text")
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
