@@ -73,9 +73,12 @@ def test_cli_sample(run_dir, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--prompt", "Zebra"], "outside the checkpoint's vocabulary: 'Z', 'b'"),
     (["--prompt", ""], "prompt is empty"),
-    (["--temperature", "-1"], "temperature"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--max-new-tokens", "-3"], "max_new_tokens"),
+    (["--temperature", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-k", "-3"], "--top-k must be >= 0 (0: no limit), got -3"),
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
 ])
 def test_cli_bad_arguments(run_dir, capsys, argv, match):
     assert main(["sample", "--checkpoint", str(run_dir), "--device", "cpu", *argv]) == 1

@@ -25,7 +25,16 @@ def add_arguments(p):
 
 
 def run(args):
+    from minigpt.commands.generate import check_sampling
     from minigpt.sampling import sample_checkpoint
+
+    # Checked here too so the messages name the options the user typed (--top-p, not top_p),
+    # and --top-k 0 is allowed: it means no limit.
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0: no limit), got {args.top_k}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_sampling(args.max_new_tokens, args.temperature, None, args.top_p)
 
     sample_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
            temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
