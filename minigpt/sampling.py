@@ -99,9 +99,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200,
                       top_p=None, seed=1337, num_samples=1, device="auto", backend=None,
-                      stream=True, out=None) -> list[str]:
+                      stream=True, out=None, threads=None) -> list[str]:
     """Load a `minigpt train` checkpoint and continue ``prompt``; prints each sample to ``out``
-    (as it is generated when ``stream``) and returns them."""
+    (as it is generated when ``stream``) and returns them. ``threads``: CPU threads while it
+    runs (default: see ``minigpt.train.cpu_threads``)."""
     import os
     import sys
 
@@ -118,16 +119,16 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
         # else torch's lazy CUDA init fails deep inside loading with an AssertionError
         raise ValueError(f"--device {device}: no CUDA device is available here")
     out = sys.stdout if out is None else out
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
     if str(device).startswith("cpu"):
         from minigpt.train import cpu_threads
 
-        cpu_threads()
+        cpu_threads(threads)
     try:
         return _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                        num_samples, device, stream, out)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples,

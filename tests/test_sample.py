@@ -104,6 +104,26 @@ def test_cli_generate_chat_needs_a_chat_template(run_dir, capsys):
     assert capsys.readouterr().out.startswith("he")
 
 
+def test_cli_threads(run_dir, capsys, monkeypatch):
+    import minigpt.sampling as sampling
+
+    seen = []
+    real = sampling.generate
+
+    def spy(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    before = torch.get_num_threads()
+    # 3: more than this 2-core machine's default, and than the busy-machine choice of 1
+    assert main(["sample", "--checkpoint", str(run_dir), "--device", "cpu", "--threads", "3",
+                 "--max-new-tokens", "2"]) == 0
+    assert seen == [3] and torch.get_num_threads() == before
+    assert main(["sample", "--checkpoint", str(run_dir), "--device", "cpu", "--threads", "0"]) == 1
+    assert "threads must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err

@@ -18,6 +18,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, or 1 when the machine is already busy)")
     p.add_argument("--backend", default=None, choices=["triton", "cuda", "cpu", "torch"],
                    help="kernel backend for every op (sets MINIGPT_BACKEND)")
     p.add_argument("--no-stream", dest="stream", action="store_false",
@@ -39,5 +41,5 @@ def run(args):
     sample_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
            temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
            seed=args.seed, num_samples=args.num_samples, device=args.device,
-           backend=args.backend, stream=args.stream, out=sys.stdout)
+           backend=args.backend, stream=args.stream, out=sys.stdout, threads=args.threads)
     return 0
