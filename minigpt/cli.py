@@ -18,13 +18,26 @@ def _commands():
     return mods
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless that would mislead: argparse's own formatter appends
+    "(default: None)" to options whose help already says what None means, and "(default: True)"
+    to a --no-x switch that is off unless given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not text or "default" in text or action.required or action.nargs == 0
+                or action.default is None or action.default is argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minigpt", description="MiniGPT: train, sample and inspect small GPTs on fused kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _commands():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

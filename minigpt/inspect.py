@@ -674,7 +674,8 @@ def add_source_arguments(p, device=True):
                         "checkpoint folder")
     if device:
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype to load the weights in")
 
 
 def model_from_args(args):

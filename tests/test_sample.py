@@ -134,8 +134,22 @@ def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path, capsys):
 
 
 def test_help(capsys):
-    for cmd in ("sample", "train"):
+    from minigpt.cli import _commands
+    from minigpt.train import PRESETS, TrainConfig
+
+    helps = {}
+    for argv in [[m.NAME] for m in _commands()] + [["bench", w] for w in ("train", "decode", "ops")]:
         with pytest.raises(SystemExit) as e:
-            main([cmd, "--help"])
+            main([*argv, "--help"])
         assert e.value.code == 0
-        assert "--checkpoint" in capsys.readouterr().out or cmd == "train"
+        helps[" ".join(argv)] = out = " ".join(capsys.readouterr().out.split())
+        # no default that misleads: None where the help says what happens, True on a --no-x
+        for bad in ("(default: None)", "(default: True)", "(default: False)", "(default: )"):
+            assert bad not in out, (argv, bad, out)
+    assert "--checkpoint" in helps["sample"] and "(default: 1337)" in helps["sample"]
+    # train's options show each preset's value rather than only "from --config"
+    warm = {k: v.get("warmup_iters", TrainConfig.warmup_iters) for k, v in PRESETS.items()}
+    assert (f"linear warmup steps (default from --config: seed {warm['seed']}, "
+            f"shakespeare_char {warm['shakespeare_char']}, baby {warm['baby']})") in helps["train"]
+    assert f"AdamW beta1 (default: {TrainConfig.beta1})" in helps["train"]
+    assert "greedy decoding with the KV cache" in helps["bench decode"]   # a description

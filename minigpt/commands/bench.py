@@ -25,10 +25,13 @@ def add_arguments(p):
     from minigpt.bench import OP_SOURCES, TRAIN_CONFIGS, VARIANTS
 
     sub = p.add_subparsers(dest="what", metavar="{train,decode,ops}", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    t = sub.add_parser("train", formatter_class=fmt,
-                       help="train the same model with our kernels, eager PyTorch and "
-                            "torch.compile; tokens/s, step time, peak memory, MFU")
+    from minigpt.cli import HelpFormatter as fmt
+
+    def add(name, text):
+        return sub.add_parser(name, formatter_class=fmt, help=text, description=text)
+
+    t = add("train", "train the same model with our kernels, eager PyTorch and torch.compile; "
+                     "tokens/s, step time, peak memory, MFU")
     t.add_argument("--config", default="seed",
                    help="comma-separated model shapes from " + ", ".join(TRAIN_CONFIGS)
                         + " (seed: 4L/4H/128 ctx 256; shakespeare_char: 6L/6H/384 ctx 256; "
@@ -50,8 +53,7 @@ def add_arguments(p):
                    help="on CPU, skip a config whose run is estimated to take longer")
     _common(t)
     _threads(t)
-    d = sub.add_parser("decode", formatter_class=fmt,
-                       help="greedy decoding with the KV cache: tokens/s and GB/s")
+    d = add("decode", "greedy decoding with the KV cache: tokens/s and GB/s")
     d.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
                    help="gpt: a random MiniGPT, our kernels vs eager; smollm2: SmolLM2-135M, "
                         "MiniGPT vs transformers' generate")
@@ -61,16 +63,16 @@ def add_arguments(p):
                         "installed (same decode speed, results named smollm2-random)")
     d.add_argument("--config", default="shakespeare_char",
                    help="model shape for --model gpt: " + ", ".join(TRAIN_CONFIGS))
-    d.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    d.add_argument("--prompt-len", type=int, default=32)
-    d.add_argument("--new-tokens", type=int, default=32)
+    d.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+                   help="batch sizes to time, one run each")
+    d.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (the prefill)")
+    d.add_argument("--new-tokens", type=int, default=32, help="tokens decoded after the prompt")
     d.add_argument("--reps", type=int, default=3, help="timed round-robin rounds")
     d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and cache dtype; auto = bfloat16 on CUDA, float32 on CPU")
     _common(d)
     _threads(d)
-    o = sub.add_parser("ops", formatter_class=fmt,
-                       help="merge the per-op benchmark results into one table")
+    o = add("ops", "merge the per-op benchmark results into one table")
     o.add_argument("--run", action="store_true",
                    help="first rerun each per-op script with --quick (else: read their latest "
                         "CSVs)")

@@ -19,7 +19,7 @@ _OPTIONS = [
     ("--lr", float, "peak learning rate"),
     ("--min-lr", float, "final learning rate of the cosine decay"),
     ("--warmup-iters", int, "linear warmup steps"),
-    ("--lr-decay-iters", int, "step where the cosine decay reaches --min-lr (default --max-iters)"),
+    ("--lr-decay-iters", int, "step where the cosine decay reaches --min-lr (default: --max-iters)"),
     ("--weight-decay", float, "AdamW weight decay (matrices and embeddings)"),
     ("--beta1", float, "AdamW beta1"),
     ("--beta2", float, "AdamW beta2"),
@@ -32,6 +32,18 @@ _OPTIONS = [
     ("--seed", int, "random seed (weights, batches, dropout)"),
     ("--threads", int, "CPU threads (default: torch's, or 1 when the machine is already busy)"),
 ]
+
+
+def _option_default(dest):
+    """Where a help text does not say its default: the value each preset gives (one value when
+    they agree), so the help shows e.g. --warmup-iters' 50 / 100 rather than only a pointer."""
+    from minigpt.train import PRESETS, TrainConfig
+
+    base = TrainConfig()
+    vals = {name: over.get(dest, getattr(base, dest)) for name, over in PRESETS.items()}
+    if len(set(map(repr, vals.values()))) == 1:
+        return f"(default: {next(iter(vals.values()))})"
+    return "(default from --config: " + ", ".join(f"{k} {v}" for k, v in vals.items()) + ")"
 
 
 def _preset_help():
@@ -56,16 +68,18 @@ def add_arguments(p):
                    help="starting hyperparameters, overridden by the options below: "
                         + _preset_help())
     for flag, typ, hlp in _OPTIONS:
-        p.add_argument(flag, type=typ, default=None, help=hlp + " (default: from --config%(default).0s)")
+        if "default" not in hlp:
+            hlp += " " + _option_default(flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=typ, default=None, help=hlp)
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="biases in Linear and LayerNorm (default: from --config%(default).0s)")
+                   help="biases in Linear and LayerNorm " + _option_default("bias"))
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU")
+                   help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
     p.add_argument("--backend", default=None, choices=["triton", "cuda", "cpu", "torch"],
                    help="kernel backend for every op (sets MINIGPT_BACKEND; default: best "
                         "for the device)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no tqdm progress bar")
     p.add_argument("--overwrite", action="store_true",
