@@ -124,6 +124,14 @@ def test_cli_threads(run_dir, capsys, monkeypatch):
     assert "threads must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_cli_generate_prompt_longer_than_the_context(run_dir, capsys):
+    prompt = "he" * 20    # 40 characters, context 32
+    assert main(["generate", "--model", str(run_dir), "--prompt", prompt, "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("minigpt generate: error: the prompt is 40 tokens long, longer "
+                                 "than the model's context of 32 tokens\n"), (out, err)
+
+
 def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err

@@ -188,9 +188,14 @@ def run(args) -> int:
         ids = tokenizer.encode(text)
     else:
         ids = tokenizer.encode(prompt)
-        sys.stdout.write(prompt)
     if not ids:
         raise ValueError("the prompt is empty")
+    # Checked before the prompt is echoed, so the error is not glued to the end of its text.
+    if len(ids) > model.config.block_size:
+        raise ValueError(f"the prompt is {len(ids)} tokens long, longer than the model's context "
+                         f"of {model.config.block_size} tokens")
+    if not args.chat:
+        sys.stdout.write(prompt)
     stats = Stats() if args.stats else None
     stream_text(model, tokenizer, ids, args, stats=stats)
     sys.stdout.write("\n")
