@@ -379,7 +379,7 @@ def test_next_token_cli(ckpts, capsys):
     for s in range(3):
         assert probs[4 * s:4 * s + 4] == sorted(probs[4 * s:4 * s + 4], reverse=True)
     for bad, msg in ((["--steps", 0], "steps must be a positive"), (["--top", 0], "top must be"),
-                     (["--temperature", -1], "temperature must be >= 0"),
+                     (["--temperature", -1], "temperature must be a finite number >= 0"),
                      (["--top-p", 1.5], "top_p must be in")):
         rc, _, err = _run(capsys, "next-token", "--checkpoint", ckpts["llama"], "--prompt", "T",
                           *bad)

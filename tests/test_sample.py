@@ -73,7 +73,9 @@ def test_cli_sample(run_dir, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--prompt", "Zebra"], "outside the checkpoint's vocabulary: 'Z', 'b'"),
     (["--prompt", ""], "prompt is empty"),
-    (["--temperature", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0 = greedy), got inf"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     (["--top-k", "-3"], "--top-k must be >= 0 (0: no limit), got -3"),
@@ -130,6 +132,16 @@ def test_cli_generate_prompt_longer_than_the_context(run_dir, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err == ("minigpt generate: error: the prompt is 40 tokens long, longer "
                                  "than the model's context of 32 tokens\n"), (out, err)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_library_refuses_nonfinite_temperature(run_dir, temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        sample_checkpoint(run_dir, "he", temperature=temperature, device="cpu", out=io.StringIO())
+    from minigpt.inspect import load_model, next_token_steps
+    model, tok, _ = load_model(run_dir)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        next_token_steps(model, tok, "he", 1, 3, temperature, None, 0)
 
 
 def test_cli_missing_or_truncated_checkpoint(run_dir, tmp_path, capsys):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Iterable, Iterator, Optional
@@ -54,8 +55,10 @@ def pick_device(name: Optional[str]) -> torch.device:
 def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    # NaN fails every comparison, so `temperature < 0` would let it through to the sampler
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), "
+                         f"got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
