@@ -158,7 +158,8 @@ def test_help(capsys):
     from minigpt.train import PRESETS, TrainConfig
 
     helps = {}
-    for argv in [[m.NAME] for m in _commands()] + [["bench", w] for w in ("train", "decode", "ops")]:
+    bench = [["bench", w] for w in ("train", "decode", "ops")]
+    for argv in [[m.NAME] for m in _commands()] + bench:
         with pytest.raises(SystemExit) as e:
             main([*argv, "--help"])
         assert e.value.code == 0

@@ -25,9 +25,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "Face folder, or a minigpt checkpoint folder")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: no limit)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k likeliest tokens (default: no limit)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text; default: a fresh one each run)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (same seed, same text; default: a fresh one each run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load the weights in")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -14,7 +14,8 @@ def add_arguments(p):
     p.add_argument("--top", type=int, default=5, help="candidates to show per step")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = always pick the most likely; > 0 samples from softmax(logits / T)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (with --temperature > 0)")
 
 

@@ -14,7 +14,8 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely "
                    "(0: no limit)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same text)")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -19,7 +19,8 @@ _OPTIONS = [
     ("--lr", float, "peak learning rate"),
     ("--min-lr", float, "final learning rate of the cosine decay"),
     ("--warmup-iters", int, "linear warmup steps"),
-    ("--lr-decay-iters", int, "step where the cosine decay reaches --min-lr (default: --max-iters)"),
+    ("--lr-decay-iters", int,
+     "step where the cosine decay reaches --min-lr (default: --max-iters)"),
     ("--weight-decay", float, "AdamW weight decay (matrices and embeddings)"),
     ("--beta1", float, "AdamW beta1"),
     ("--beta2", float, "AdamW beta2"),
@@ -79,7 +80,8 @@ def add_arguments(p):
     p.add_argument("--backend", default=None, choices=["triton", "cuda", "cpu", "torch"],
                    help="kernel backend for every op (sets MINIGPT_BACKEND; default: best "
                         "for the device)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (default: off)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no tqdm progress bar")
     p.add_argument("--overwrite", action="store_true",
