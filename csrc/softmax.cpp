@@ -37,7 +37,12 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
     // Private copies: the row loops store floats, so the compiler cannot keep a by-reference
     // capture in a register, and re-reading it from the calling thread's stack frame (a cache
     // line that thread keeps writing) made two threads slower than one.
-    const A scale_l = scale;
+    // exp(scale * x - max) as exp((sg * x - max(sg * x)) * |scale|), sg the sign of scale:
+    // sg * x is exact, so the row's largest value gives exp(0) = 1 exactly. In the plain form
+    // the compiler fuses `x * scale - max` into an FMA, which skips the rounding of the product
+    // the max was taken from: at |scale * x| ~ 1e10 the largest value's exponent came out
+    // ~+-1e3 and the row was all zeros.
+    const A sg_l = scale < 0 ? A(-1) : A(1), as_l = scale < 0 ? -scale : scale;
     const int64_t N_l = N, Tq_l = Tq;
     const bool causal_l = causal;
     // exp(z - max) waits in A for the normalizing pass: float/double rows keep it in y itself
@@ -72,7 +77,7 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         for (; j1 + kChunk <= L; j1 += kChunk) {
           load_chunk(xr + j1, e + j1);
 #pragma omp simd
-          for (int k = 0; k < kChunk; ++k) mk[k] = std::max(mk[k], e[j1 + k] * scale_l);
+          for (int k = 0; k < kChunk; ++k) mk[k] = std::max(mk[k], e[j1 + k] * sg_l);
         }
         for (int k = 0; k < kChunk; ++k) m = std::max(m, mk[k]);
         load_row(xr + j1, e + j1, L - j1);
@@ -83,12 +88,12 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         z = in_row(xr, e, L);
       }
 #pragma omp simd reduction(max : m)
-      for (int64_t j = j1; j < L; ++j) m = std::max(m, load(z, j) * scale_l);
+      for (int64_t j = j1; j < L; ++j) m = std::max(m, load(z, j) * sg_l);
       if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
       A sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < L; ++j) {
-        e[j] = exp_acc<A>(load(z, j) * scale_l - m);
+        e[j] = exp_acc<A>((load(z, j) * sg_l - m) * as_l);
         sum += e[j];
       }
       const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros

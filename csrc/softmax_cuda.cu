@@ -30,8 +30,11 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, i
     L = L < 0 ? 0 : (L > N ? N : L);
   }
   float m = -INFINITY, d = 0.f;
+  // Rounded products (__fmul_rn) in both passes: nvcc would fuse the second pass's
+  // `x * scale - max` into an FMA, which skips the rounding the max was taken from, and at
+  // |scale * x| ~ 1e10 the row's largest value got exp(+-1e3) (csrc/softmax.cpp had that bug).
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
-    const float z = to_f(x[j]) * scale;
+    const float z = __fmul_rn(to_f(x[j]), scale);
     if (z > m) {
       d = d * __expf(m - z) + 1.f;  // m == -inf on the first element: d = 0 * 0 + 1
       m = z;
@@ -45,7 +48,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, i
   const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that keeps nothing is all zeros
   const float ref = (mx == -INFINITY) ? 0.f : mx;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    const float v = j < L ? __expf(to_f(x[j]) * scale - ref) * inv : 0.f;
+    const float v = j < L ? __expf(__fmul_rn(to_f(x[j]), scale) - ref) * inv : 0.f;
     y[j] = from_f<T>(v);
   }
 }
@@ -95,7 +98,7 @@ softmax_fwd_vec_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t N, fl
     load_pack(at16(x + base, q), v[k]);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      v[k][i] = j + i < L ? v[k][i] * scale : -INFINITY;
+      v[k][i] = j + i < L ? __fmul_rn(v[k][i], scale) : -INFINITY;  // not fused: see above
       m = fmaxf(m, v[k][i]);
     }
   }

@@ -35,14 +35,22 @@ def _softmax_fwd_kernel(X, Y, N, T, scale, CAUSAL: tl.constexpr, BLOCK: tl.const
     X += row * N
     Y += row * N
     L = _row_len(row, N, T, CAUSAL)
+    # exp(scale * x - max) as exp((z - max(z)) * |scale|) with z = sign(scale) * x, which is
+    # exact: the row's largest value gets exp(0) = 1 exactly. In the plain form the compiler
+    # may fuse `x * scale - max` into an FMA that skips the rounding the max was taken from;
+    # at |scale * x| ~ 1e10 that put the largest value's exponent ~+-1e3 off (the C++ kernel
+    # returned rows of zeros).
+    # scale == 0: z = 0 and a = 1, so the -inf of masked columns stays -inf, not -inf * 0.
+    sg = tl.where(scale < 0, -1.0, tl.where(scale > 0, 1.0, 0.0))
+    a = tl.where(scale == 0, 1.0, tl.abs(scale))
     if SINGLE:
         cols = tl.arange(0, BLOCK)
         keep = cols < L
-        z = tl.load(X + cols, mask=keep, other=float("-inf")).to(tl.float32) * scale
+        z = tl.load(X + cols, mask=keep, other=float("-inf")).to(tl.float32) * sg
         z = tl.where(keep, z, float("-inf"))  # scale < 0 would turn the -inf fill into +inf
         m = tl.max(z, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: exp(-inf) = 0, no NaN
-        e = tl.exp(z - m)
+        e = tl.exp((z - m) * a)
         d = tl.sum(e, axis=0)
         inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
         tl.store(Y + cols, (e * inv).to(Y.dtype.element_ty), mask=cols < N)
@@ -53,22 +61,22 @@ def _softmax_fwd_kernel(X, Y, N, T, scale, CAUSAL: tl.constexpr, BLOCK: tl.const
         for off in range(0, N, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             keep = cols < L
-            z = tl.load(X + cols, mask=keep, other=float("-inf")).to(tl.float32) * scale
+            z = tl.load(X + cols, mask=keep, other=float("-inf")).to(tl.float32) * sg
             z = tl.where(keep, z, float("-inf"))
             m_new = tl.maximum(m_vec, z)
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf - -inf would be NaN
-            d_vec = d_vec * tl.exp(m_vec - m_ref) + tl.exp(z - m_ref)
+            d_vec = d_vec * tl.exp((m_vec - m_ref) * a) + tl.exp((z - m_ref) * a)
             m_vec = m_new
         m = tl.max(m_vec, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
-        d = tl.sum(d_vec * tl.exp(m_vec - m), axis=0)
+        d = tl.sum(d_vec * tl.exp((m_vec - m) * a), axis=0)
         inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
         for off in range(0, N, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             keep = cols < L
-            z = tl.load(X + cols, mask=keep, other=float("-inf")).to(tl.float32) * scale
+            z = tl.load(X + cols, mask=keep, other=float("-inf")).to(tl.float32) * sg
             z = tl.where(keep, z, float("-inf"))
-            tl.store(Y + cols, (tl.exp(z - m) * inv).to(Y.dtype.element_ty), mask=cols < N)
+            tl.store(Y + cols, (tl.exp((z - m) * a) * inv).to(Y.dtype.element_ty), mask=cols < N)
 
 
 @triton.jit

@@ -85,6 +85,33 @@ def test_softmax_large_logits_and_inf(be, dev):
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [3, 1000, 9000])
+def test_softmax_huge_scale(be, dev, dtype, n):
+    # scale * x ~ 1e10: a kernel that fuses `x * scale - max` into one FMA lands the row's max
+    # up to half an ulp of 1e10 (~1e3) above 0, and an exp with no clamp above 0 overflowed
+    # (the C++ kernel returned rows of zeros). One value stands 2 above the rest, so the
+    # answer is one-hot in every dtype; 3 * 1e10 is not a float32, so the FMA's result differs
+    # from the rounded product.
+    x = torch.rand(2, n, device=dev)
+    x[0, n // 3], x[1, -1] = 3.0, 3.0
+    x = x.to(dtype)
+    y = ops.softmax(x, scale=1e10, backend=be)
+    ref = reference.softmax(x.double(), 1e10)
+    assert torch.equal(y.double(), ref), (y.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("n", [7, 9000])
+def test_softmax_zero_scale_is_uniform_over_kept_columns(be, dev, n):
+    # softmax(0 * x): 1/L over the L columns a row keeps and exact zeros past them (causal).
+    x = make((2, 3, n), torch.float32, dev)
+    y = ops.softmax(x, scale=0.0, causal=True, backend=be)
+    ref = reference.softmax(x.double(), 0.0, True)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
 def test_softmax_all_masked_row_is_zero_and_nan_propagates(be, dev):
     # Every backend agrees on the edge cases: a row that is all -inf (an additive mask that
     # hides everything) is zeros, not 0/0; a NaN input never comes out as a finite-looking row
