@@ -397,9 +397,12 @@ class GPT(nn.Module):
             raise ValueError("GPT: idx has no tokens")
         # An id outside the vocabulary is an opaque IndexError from the embedding on the CPU and
         # a device-side assert on CUDA, which ruins the process's CUDA context: checked here,
-        # one host sync on a GPU (not while compiling or capturing a CUDA graph).
+        # one host sync on a GPU (not while compiling or capturing a CUDA graph). A one-token
+        # step after a cache on CUDA is left to the embedding's assert: its id comes from the
+        # sampler, and a sync per generated token would cost decoding speed.
+        decode_step = idx.is_cuda and cache is not None and T == 1
         capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        if (idx.numel() and idx.device.type != "meta" and not capturing
+        if (idx.numel() and idx.device.type != "meta" and not capturing and not decode_step
                 and not torch.compiler.is_compiling()):
             lo, hi = (int(v) for v in torch.aminmax(idx))
             if lo < 0 or hi >= self.config.vocab_size:
