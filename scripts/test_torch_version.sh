@@ -32,8 +32,13 @@ rm -rf "$W" && mkdir -p "$W"
 git ls-files -z | xargs -0 cp --parents -t "$W"
 cd "$W"
 torch_cuda=$("$V/bin/python" -c "import torch; print(torch.version.cuda or '')")
-nvcc_cuda=$({ nvcc --version 2>/dev/null || /usr/local/bin/nvcc --version 2>/dev/null; } |
-    sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+# torch looks for the toolkit at $CUDA_HOME, else beside the nvcc on PATH; this machine's
+# /usr/local/bin/nvcc would make that /usr/local, whose include/ has no CUDA headers.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export CUDA_HOME=/usr/local/cuda
+fi
+NVCC=${CUDA_HOME:+$CUDA_HOME/bin/}nvcc
+nvcc_cuda=$("$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
 if [ -n "$torch_cuda" ] && [ "${torch_cuda%%.*}" = "$nvcc_cuda" ]; then
     # The pip CUDA toolkit's headers (cuBLAS and friends, which torch's CUDA headers include)
     # sit in the nvidia-* wheels, not in this machine's /usr/local/cuda.
