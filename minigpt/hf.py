@@ -359,7 +359,10 @@ def export_hf(model: GPT, out_dir: str, tokenizer=None) -> str:
         _atomic_save(llama_export_state_dict(model), os.path.join(out_dir, "model.safetensors"))
         cfg = llama_hf_config(c, bos, eos, dtype)
     _write_json(cfg, os.path.join(out_dir, "config.json"))
-    gen = {"bos_token_id": bos, "eos_token_id": eos}
+    # A list when the tokenizer stops on more than its eos (a GGUF's <|endoftext|> next to
+    # <|im_end|>): from_dir and transformers' generate then stop on the same tokens as before.
+    stops = [eos] * (eos is not None) + sorted(set(getattr(tokenizer, "stop_ids", ())) - {eos})
+    gen = {"bos_token_id": bos, "eos_token_id": stops[0] if len(stops) == 1 else stops or None}
     _write_json({k: v for k, v in gen.items() if v is not None},
                 os.path.join(out_dir, "generation_config.json"))
     from minigpt.bpe import BPETokenizer

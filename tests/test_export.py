@@ -119,6 +119,9 @@ def test_export_smollm2_shaped_gguf_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(ids)[0], model(ids)[0])
     assert tok2.encode(TEXT) == tok.encode(TEXT) and tok2.chat_template == tok.chat_template
+    # the GGUF's <|endoftext|> stops generation too, not only its eos <|im_end|>
+    assert tok.stop_ids == {0, 2} and tok2.stop_ids == tok.stop_ids
+    assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == [2, 0]
     rtok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert rtok(TEXT)["input_ids"] == tok.encode(TEXT)
 
