@@ -374,6 +374,27 @@ def test_stream_decoder_keeps_multibyte_characters_whole(tiny):
     assert all("\ufffd" not in p for p in pieces)
 
 
+
+def test_stream_decoder_matches_full_decode_in_bounded_windows(tiny):
+    # Random ids (byte tokens that end inside characters, special tokens, skipped or not):
+    # the pieces join to the one full decode, and each push decodes a few tokens, not all of
+    # them (re-decoding everything made streaming quadratic in the generation's length).
+    path, _, _ = tiny
+    tok = BPETokenizer.from_gguf_metadata(loaders.GGUFFile(path).meta)
+    g = torch.Generator().manual_seed(0)
+    ids = tok.encode("naïve 🙂 日本語 façade, " * 40)
+    ids += torch.randint(0, tok.vocab_size, (400,), generator=g).tolist()
+    for skip in (True, False):
+        dec = tok.stream_decoder(skip_special_tokens=skip)
+        seen = []
+        real = tok.decode
+        dec.tok = type("Recorder", (), {"decode": lambda self, x, **kw: (seen.append(len(x)),
+                                                                         real(x, **kw))[1]})()
+        pieces = [dec.push(i) for i in ids] + [dec.flush()]
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip)
+        assert max(seen) < 20, max(seen)
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 def _cli(args, stdin=None):
