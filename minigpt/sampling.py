@@ -7,6 +7,7 @@ Decoding choices: ``temperature`` (0 = greedy), ``top_k`` (keep the k most likel
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -65,6 +66,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     _check_args(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError("generate: idx must be a (batch, time) tensor with at least one token")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"generate: seed must be an int or None, got {seed!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"generate: stream must be a callable or None, got {stream!r}")
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(int(seed))
     block = model.config.block_size

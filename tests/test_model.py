@@ -357,6 +357,14 @@ def test_generate_bad_args(kw):
         generate(m, torch.zeros(1, 2, dtype=torch.long), **args)
 
 
+@pytest.mark.parametrize("kw,match", [(dict(seed="abc"), "seed"), (dict(seed=1.5), "seed"),
+                                      (dict(stream=3), "stream")])
+def test_generate_bad_seed_or_stream_named(kw, match):
+    m = make_model(gpt_config())
+    with pytest.raises(TypeError, match=match):
+        generate(m, torch.zeros(1, 2, dtype=torch.long), 3, **kw)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
