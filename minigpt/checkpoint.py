@@ -216,6 +216,10 @@ def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None,
         if tuple(state[k].shape) != tuple(t.shape):
             raise CheckpointError(f"config mismatch in {d}: {k} has shape "
                                   f"{tuple(state[k].shape)}, the config implies {tuple(t.shape)}")
+        # Training stops at a non-finite loss before any later save, so NaN/inf weights mean
+        # a damaged file (safetensors has no checksum); loaded, they only sample garbage.
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise CheckpointError(f"{d / MODEL_FILE} is corrupt: {k} holds NaN or inf values")
     model.load_state_dict(state, strict=not mcfg.tie_embeddings)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()

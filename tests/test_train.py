@@ -243,6 +243,18 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="different saves"):
         ckpt.load_checkpoint(d)
 
+    # NaN weights: a damaged file that still parses (safetensors has no checksum)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    d = fresh("nan")
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(d / "model.safetensors"), metadata=meta)
+    with pytest.raises(ckpt.CheckpointError, match=f"corrupt.*{name}.*NaN"):
+        ckpt.load_checkpoint(d)
+
     # a pickle is never loaded
     d = fresh("pickle")
     torch.save(m.state_dict(), d / "model.safetensors")
