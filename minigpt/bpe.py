@@ -8,6 +8,7 @@ characters apart.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from typing import Iterable, Sequence
@@ -238,15 +239,41 @@ _TEMPLATES: dict[str, object] = {}
 
 
 def _compile_template(source: str):
+    """What transformers gives a chat template on top of plain sandboxed Jinja, so templates
+    written for it render the same here (Llama 3's uses strftime_now and tojson, others
+    {% break %} and {% generation %})."""
     if source not in _TEMPLATES:
+        import jinja2.ext
+        from jinja2 import nodes
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # Jinja's own tojson escapes <, >, & and ' for HTML, which a prompt must not get.
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            return datetime.datetime.now().strftime(fmt)
+
+        class Generation(jinja2.ext.Extension):
+            # {% generation %}...{% endgeneration %} marks the assistant's text for training
+            # masks in transformers; rendering, it is its body.
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return nodes.Scope(body).set_lineno(lineno)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols, Generation])
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
         _TEMPLATES[source] = env.from_string(source)
     return _TEMPLATES[source]
 

@@ -362,6 +362,36 @@ def test_chat_template_matches_transformers(tiny):
         ours.apply_chat_template([{"content": "no role"}])
 
 
+# What templates written for transformers use beyond plain Jinja: its tojson (no HTML
+# escaping), strftime_now, {% break %}/{% continue %} and {% generation %} blocks.
+RICH_TEMPLATE = (
+    "{{ bos_token }}Today: {{ strftime_now('%Y') }}\n"
+    "{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}"
+    "{% if m.role == 'stop' %}{% break %}{% endif %}"
+    "<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+    "{% endgeneration %}{% else %}{{ m.content | tojson }}{% endif %}\n{% endfor %}"
+    "{{ {'tool': 'größe <&>', 'n': [1, 2]} | tojson(indent=2) }}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}{{ eos_token }}")
+
+
+def test_chat_template_extensions_match_transformers(tiny):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    path, _, _ = tiny
+    ours = BPETokenizer.from_gguf_metadata(loaders.GGUFFile(path).meta)
+    ours.chat_template = RICH_TEMPLATE
+    msgs = [{"role": "user", "content": "naïve <b>\"q\"</b>"}, {"role": "skip", "content": "x"},
+            {"role": "assistant", "content": "ok & done"}, {"role": "stop", "content": "y"},
+            {"role": "user", "content": "never shown"}]
+    text = ours.apply_chat_template(msgs, add_generation_prompt=True)
+    ref = render_jinja_template(conversations=[msgs], chat_template=RICH_TEMPLATE,
+                                add_generation_prompt=True, bos_token=ours.token(ours.bos_id),
+                                eos_token=ours.token(ours.eos_id))
+    ref = ref[0][0] if isinstance(ref, tuple) else ref[0]
+    assert text == ref
+    assert "größe <&>" in text and "never shown" not in text and "<skip>" not in text
+
+
 def test_stream_decoder_keeps_multibyte_characters_whole(tiny):
     path, _, _ = tiny
     tok = BPETokenizer.from_gguf_metadata(loaders.GGUFFile(path).meta)
