@@ -667,12 +667,15 @@ def steps_report(steps: list, bar_width: int = 30) -> str:
 
 # ---- command-line helpers (shared by the inspect / tokenize / attention / next-token commands)
 
-def add_source_arguments(p, device=True):
-    p.add_argument("--checkpoint", metavar="DIR", default=None,
-                   help="a `minigpt train` output directory (or its checkpoint/)")
-    p.add_argument("--model", metavar="NAME", default=None,
-                   help="'smollm2' (the packaged GGUF), a .gguf file, a Hugging Face folder or a "
-                        "checkpoint folder")
+def add_source_arguments(p, device=True, both=False):
+    # One or the other, except where both are shown side by side (tokenize): elsewhere one
+    # would be ignored without a word.
+    src = p if both else p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="DIR", default=None,
+                     help="a `minigpt train` output directory (or its checkpoint/)")
+    src.add_argument("--model", metavar="NAME", default=None,
+                     help="'smollm2' (the packaged GGUF), a .gguf file, a Hugging Face folder or "
+                          "a checkpoint folder")
     if device:
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -238,6 +238,11 @@ def test_bad_prompts_and_missing_checkpoint(ckpts, tmp_path, capsys):
         assert rc == 1 and "checkpoint not found" in err, (cmd, err)
     rc, _, err = _run(capsys, "inspect")
     assert rc == 1 and "--checkpoint DIR" in err
+    for cmd in (["inspect"], ["attention", "--prompt", "T"], ["next-token", "--prompt", "T"]):
+        # both (tokenize shows them side by side; elsewhere one would be ignored silently)
+        with pytest.raises(SystemExit) as e:
+            _run(capsys, *cmd, "--checkpoint", ckpts["gpt"], "--model", "smollm2")
+        assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     model, tok, _ = look.load_model(ckpts["gpt"])
     with pytest.raises(ValueError, match="text is empty"):
         look.attention_maps(model, tok, "")

@@ -8,7 +8,7 @@ HELP = "show the tokens (ids and pieces) of a text; character-level vs BPE side 
 def add_arguments(p):
     from minigpt.inspect import add_source_arguments
 
-    add_source_arguments(p, device=False)
+    add_source_arguments(p, device=False, both=True)
     p.add_argument("text", help="the text to tokenize")
     p.add_argument("--compare", action="store_true",
                    help="also show the other kind of tokenizer for the same text (with only a BPE "
