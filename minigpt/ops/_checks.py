@@ -3,6 +3,7 @@ never a crash inside a kernel."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -49,10 +50,11 @@ def shape(op: str, name: str, t: torch.Tensor, expected: tuple):
 
 def eps(op: str, value):
     """A norm's epsilon: a finite number >= 0 (NaN or inf would turn every output into NaN or
-    zero without a word)."""
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+    zero without a word), as a Python float (numpy scalars included: the kernels take a float)."""
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
             or not math.isfinite(value) or value < 0):
         raise ValueError(f"{op}: eps must be a finite non-negative number, got {value!r}")
+    return float(value)
 
 
 def out_dtype(op: str, value):

@@ -23,6 +23,7 @@ torch.compile passes through without a graph break.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -242,7 +243,7 @@ def _check_qkv(op, q, k, v):
 def _check_scale(op, scale, D):
     if scale is None:
         return 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"{op}: scale must be a finite number or None, got {scale!r}")
     return float(scale)
 
@@ -254,7 +255,7 @@ def _check_head_dim(op, be, D):
 
 
 def _check_dropout(op, p):
-    if (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p)
+    if (isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p)
             or not 0.0 <= p < 1.0):
         raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {p!r}")
     return float(p)

@@ -30,6 +30,7 @@ The gradient is first order only (no double backward).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -74,7 +75,7 @@ def _check_common(op, target, reduction, ignore_index):
                         f"{target.dtype} (class probabilities are not supported)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     # The kernels and F.cross_entropy take it as an int64; a wider Python int failed inside
     # them (pybind's argument error, "Overflow when unpacking long long") or, in Triton, wrapped.
@@ -226,13 +227,16 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     _checks.tensor(OP, "logits", logits)
     _checks.nonempty_last_dim(OP, "logits", logits)
     _check_common(OP, target, reduction, ignore_index)
+    ignore_index = int(ignore_index)  # numpy integers too: the kernels take a Python int
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{OP}: target must have logits' shape without the class dimension, "
                          f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}")
     _checks.same_device(OP, logits=logits, target=target)
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
+            or not 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"{OP}: label_smoothing must be a number in [0, 1], got "
                          f"{label_smoothing!r}")
+    label_smoothing = float(label_smoothing)
 
     V = logits.shape[-1]
     be = _backend.resolve(OP, backend, logits.device, logits.dtype)
@@ -449,6 +453,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     _checks.tensor(FOP, "weight", weight)
     _checks.nonempty_last_dim(FOP, "hidden", hidden)
     _check_common(FOP, target, reduction, ignore_index)
+    ignore_index = int(ignore_index)
     H = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
         raise ValueError(f"{FOP}: weight must have shape (V, H) = (V, {H}) with V >= 1 to match "
@@ -465,7 +470,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     _checks.same_device(FOP, hidden=hidden, weight=weight, bias=bias, target=target)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _checks.same_dtype(FOP, hidden=hidden, weight=weight, bias=bias)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+    if chunk_size is not None and (isinstance(chunk_size, bool)
+                                   or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"{FOP}: chunk_size must be a positive int, got {chunk_size!r}")
 
@@ -477,7 +483,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     h2 = hidden.reshape(-1, H).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     N = h2.shape[0]
-    chunk = min(N, chunk_size) if chunk_size is not None else default_chunk_size(N, H, V)
+    chunk = min(N, int(chunk_size)) if chunk_size is not None else default_chunk_size(N, H, V)
     grad_on = torch.is_grad_enabled()
     w = weight.contiguous()
     fwd = pick(_flce_fwd, _EagerFLCE, _flce_fwd_impl, h2, w, bias)

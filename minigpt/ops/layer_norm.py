@@ -132,7 +132,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
             raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, bias=bias, residual=residual)
-    _checks.eps(OP, eps)
+    eps = _checks.eps(OP, eps)
     _checks.out_dtype(OP, out_dtype)
 
     hd, out_dtype = norm_dtypes(x, residual, out_dtype)

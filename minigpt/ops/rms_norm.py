@@ -120,7 +120,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
             raise ValueError(f"{OP}: residual must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
     _checks.same_device(OP, x=x, weight=weight, residual=residual)
-    _checks.eps(OP, eps)
+    eps = _checks.eps(OP, eps)
     _checks.out_dtype(OP, out_dtype)
 
     hd, out_dtype = norm_dtypes(x, residual, out_dtype)
