@@ -211,4 +211,6 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
         BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, EXACT_MUL=not interpreting(),
         num_warps=row_warps(ROWS * BLOCK))
     sums = parts.sum(1)
-    return dx, sums[0], (sums[1] if has_bias else weight.new_empty(0))
+    # Separate storages: a custom op's outputs must not alias each other (torch.compile
+    # refuses the graph otherwise), and db is only N floats.
+    return dx, sums[0], (sums[1].clone() if has_bias else weight.new_empty(0))
