@@ -162,6 +162,20 @@ DTYPES = {
 _RESOLVED: dict = {}
 
 
+def _env_backend() -> str | None:
+    """MINIGPT_BACKEND, read so that torch.compile guards on it. Dynamo traces
+    ``os.environ.get`` into its Mapping code and guards only on a value it found: a graph traced
+    with the variable unset is then reused after it is set (torch 2.13: a compiled model kept
+    our kernels under MINIGPT_BACKEND=torch). A membership test on the environment's own dict
+    is guarded both ways."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if not isinstance(data, dict):  # os.environ replaced by a plain mapping
+        return env.get(ENV_VAR)
+    key = env.encodekey(ENV_VAR)
+    return env.decodevalue(data[key]) if key in data else None
+
+
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
             supported=BACKENDS) -> str:
     """The single dispatch rule: explicit argument > MINIGPT_BACKEND > best available.
@@ -169,7 +183,7 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     An explicit choice that cannot run raises; the automatic choice skips backends that
     cannot take ``dtype`` (float64 falls back to the reference on GPU).
     """
-    env = os.environ.get(ENV_VAR)
+    env = _env_backend()
     if not (backend is None or isinstance(backend, str)) or not isinstance(supported, tuple):
         return _resolve(op, backend, env, device, dtype, supported)  # unhashable: no cache
     key = (op, backend, env, device, dtype, supported)

@@ -60,3 +60,41 @@ def test_old_triton_allowed_on_request(fresh):
 def test_newer_triton_accepted(fresh):
     fresh.setattr(triton, "__version__", "4.0.0")
     assert _backend._triton_status() is None
+
+
+def test_compiled_code_follows_env_backend(monkeypatch):
+    """A graph traced with MINIGPT_BACKEND unset must not be reused once it is set, nor the
+    reverse: torch.compile guards on the variable (Dynamo's os.environ.get guards only a value
+    it found, which once ran our kernels in bench train's 'compile' variant)."""
+    import torch._dynamo
+
+    seen = []
+
+    def f(x):
+        be = _backend.resolve("softmax", None, x.device, x.dtype)
+        return x + len(be)  # the chosen backend's name, baked into the graph
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend="eager", fullgraph=True)
+    x = torch.randn(3)
+    default = _backend.resolve("softmax", None, x.device, x.dtype)
+    assert default != "torch"
+    for env in ["torch", None, "torch", None]:
+        if env is None:
+            monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(_backend.ENV_VAR, env)
+        seen.append(round(float((cf(x) - x)[0])))
+    want = [len("torch"), len(default)] * 2
+    assert seen == want, f"compiled code kept a stale backend: {seen}, want {want}"
+    torch._dynamo.reset()
+
+
+def test_env_backend_read():
+    os.environ.pop(_backend.ENV_VAR, None)
+    assert _backend._env_backend() is None
+    os.environ[_backend.ENV_VAR] = "torch"
+    try:
+        assert _backend._env_backend() == "torch"
+    finally:
+        del os.environ[_backend.ENV_VAR]
