@@ -198,6 +198,10 @@ def _outputs(out):
 def run_case(case, device, budget_s):
     """Rows for every implementation of ``case``, fwd and fwd+bwd: time (all implementations
     timed round-robin by the harness) and peak memory."""
+    # A fresh Dynamo cache per case. The cases of an op share one reference function (one code
+    # object), and each shape, dtype and grad mode adds a graph to its cache: past Dynamo's
+    # recompile limit (8) "compile" silently ran eager, as at 8192x8192 on the H100 (2026-11-26).
+    torch._dynamo.reset()
     inputs = case.make()
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     cot = [torch.randn_like(o) for o in _outputs(case.impls["eager"](*inputs))]
