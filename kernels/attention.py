@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import capability_name, interpreting, num_programs
+from minigpt.kernels._util import capability_name, cdiv, interpreting, next_pow2, num_programs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -504,16 +504,16 @@ def _fill_sms(tiles_, kernel, length, others, device):
     bm, bn, warps, stages = tiles_
     sms = num_programs(device, 1 << 30, per_sm=1)
     if kernel == "dkdv":
-        while bn > 32 and triton.cdiv(length, bn) * others < sms:
+        while bn > 32 and cdiv(length, bn) * others < sms:
             bn //= 2
     else:
-        while bm > 32 and triton.cdiv(length, bm) * others < sms:
+        while bm > 32 and cdiv(length, bm) * others < sms:
             bm //= 2
     return bm, bn, warps, stages
 
 
 def _block_d(D):
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_pow2(D))
 
 
 def _dot_mode(dtype, fp32="tf32x3"):
@@ -551,7 +551,7 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     seed, p, drop_scale, dropout = _dropout_args(dropout_p, seed)
     BM, BN, warps, stages = config or _fill_sms(
         tiles("fwd", q.dtype, BD, causal, q.device, dropout), "fwd", T, B * H, q.device)
-    grid = (triton.cdiv(T, BM), B * H)
+    grid = (cdiv(T, BM), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, T, S, D, H // Hkv,
@@ -573,7 +573,7 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     out = out.contiguous()
     BD = _block_d(D)
-    _bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
+    _bwd_preprocess_kernel[(cdiv(T, 64), B * H)](
         out, do, delta, H, T, D, do.stride(0), do.stride(1), do.stride(2),
         BLOCK_M=64, BLOCK_D=BD)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -582,13 +582,13 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     drop = _dropout_args(dropout_p, seed)
     bm, bn, warps, stages = dkdv_config or _fill_sms(
         tiles("dkdv", q.dtype, BD, causal, q.device, drop[3]), "dkdv", S, B * Hkv, q.device)
-    _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
+    _bwd_dkdv_kernel[(cdiv(S, bn), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = dq_config or _fill_sms(
         tiles("dq", q.dtype, BD, causal, q.device, drop[3]), "dq", T, B * H, q.device)
-    _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
+    _bwd_dq_kernel[(cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, dq, *strides, H, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
@@ -600,11 +600,11 @@ def decode_splits(B, Hkv, S_max, device):
     in the interpreter a few splits of 32 keys so the combine is exercised."""
     if device.type == "cuda":
         target = num_programs(device, 1 << 30, per_sm=2)
-        nsplit = max(1, min(triton.cdiv(S_max, 256), triton.cdiv(target, B * Hkv)))
-        split_len = triton.cdiv(triton.cdiv(S_max, nsplit), 64) * 64
+        nsplit = max(1, min(cdiv(S_max, 256), cdiv(target, B * Hkv)))
+        split_len = cdiv(cdiv(S_max, nsplit), 64) * 64
     else:
         split_len = 32
-    return split_len, triton.cdiv(S_max, split_len)
+    return split_len, cdiv(S_max, split_len)
 
 
 def decode_blocks(D, rep, split_len, dtype, device):
@@ -616,7 +616,7 @@ def decode_blocks(D, rep, split_len, dtype, device):
     32 rows), and fp32 launches 8 warps above 2048 query-row x head-dim elements: no spills
     (see tests/test_triton_compile.py)."""
     BD = _block_d(D)
-    BH = max(16, triton.next_power_of_2(rep))
+    BH = max(16, next_pow2(rep))
     if device.type != "cuda":
         BN = 32
     elif dtype == torch.float32:
@@ -629,7 +629,7 @@ def decode_blocks(D, rep, split_len, dtype, device):
 def _combine_chunk(nsplit, BD):
     if interpreting():
         return 2  # so the interpreter tests (a few splits) run the combine loop several times
-    return max(2, min(triton.next_power_of_2(nsplit), 4096 // BD))
+    return max(2, min(next_pow2(nsplit), 4096 // BD))
 
 
 def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
@@ -650,6 +650,6 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
         BLOCK_H=BH, BLOCK_N=BN, BLOCK_D=BD, DOT=_dot_mode(q.dtype, fp32="ieee"),
         num_warps=8 if q.dtype == torch.float32 and BH * BD > 2048 else 4)
     _decode_combine_kernel[(B * H,)](
-        o_part, lse_part, out, D, nsplit, BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
+        o_part, lse_part, out, D, nsplit, BLOCK_S=max(2, next_pow2(nsplit)),
         CHUNK=_combine_chunk(nsplit, BD), BLOCK_D=BD)
     return out

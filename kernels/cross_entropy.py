@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minigpt.kernels._util import next_pow2
+
 MAX_BLOCK = 4096
 
 
@@ -71,7 +73,7 @@ def cross_entropy_fwd(logits, target, grad, ignore_index, label_smoothing, grad_
     loss = torch.empty(M, dtype=torch.float32, device=logits.device)
     if M == 0:
         return loss
-    BLOCK = min(triton.next_power_of_2(V), MAX_BLOCK)
+    BLOCK = min(next_pow2(V), MAX_BLOCK)
     _ce_fwd_kernel[(M,)](
         logits, target, grad if grad is not None else logits, loss, V, int(ignore_index),
         float(label_smoothing), float(grad_scale), HAS_GRAD=grad is not None, BLOCK=BLOCK,

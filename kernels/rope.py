@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minigpt.kernels._util import next_pow2
+
 MAX_TILE = 4096  # elements of one (heads x half) tile held in registers
 
 
@@ -68,7 +70,7 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, POS, T, Hq, Hk, D, HALF, L,
 
 
 def _block_h(H, block_d):
-    return max(1, min(triton.next_power_of_2(H), MAX_TILE // block_d))
+    return max(1, min(next_pow2(H), MAX_TILE // block_d))
 
 
 def rope(q, k, cos, sin, pos, inverse):
@@ -80,7 +82,7 @@ def rope(q, k, cos, sin, pos, inverse):
     half = D // 2
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    BLOCK_D = triton.next_power_of_2(half)
+    BLOCK_D = next_pow2(half)
     has_pos = pos is not None
     cos_bstride = T * D if (not has_pos and cos.dim() == 3) else 0
     pos_bstride = T if (has_pos and pos.dim() == 2) else 0

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minigpt.kernels._util import cdiv
+
 BLOCK = 1024
 
 
@@ -39,7 +41,7 @@ def swiglu_fwd(gate, up):
     """gate, up: 1-D contiguous, same dtype. -> silu(gate) * up."""
     n = gate.numel()
     y = torch.empty_like(gate)
-    _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
+    _swiglu_fwd_kernel[(cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
     return y
 
 
@@ -47,5 +49,5 @@ def swiglu_bwd(dy, gate, up):
     """-> dgate, dup (gate's dtype)."""
     n = gate.numel()
     dg, du = torch.empty_like(gate), torch.empty_like(up)
-    _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=4)
+    _swiglu_bwd_kernel[(cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=4)
     return dg, du

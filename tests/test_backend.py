@@ -98,3 +98,17 @@ def test_env_backend_read():
         assert _backend._env_backend() == "torch"
     finally:
         del os.environ[_backend.ENV_VAR]
+
+
+def test_host_int_helpers_match_triton():
+    """kernels/_util's cdiv and next_pow2 stand in for Triton's (slow to call from Python in
+    3.6) in every launcher's grid and block sizes: they must agree everywhere."""
+    import triton
+
+    from minigpt.kernels._util import cdiv, next_pow2
+
+    for n in list(range(0, 4200)) + [65535, 65536, 65537, 2**31 - 1, 2**31]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 700):
+        for b in (1, 2, 3, 7, 16, 64, 100, 1024):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
