@@ -62,13 +62,20 @@ CANDIDATES_FP32 = {
 TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
 
-def candidates(kernel, dtype, block_d, causal, device):
-    """The candidate list of one point, the launcher's current tiles first (deduplicated)."""
+def candidates(kernel, dtype, block_d, causal, device, length=None, heads=None):
+    """The candidate list of one point, the launcher's current tiles first (deduplicated).
+    With ``length`` and ``heads`` (the timed shape's sequence length and B * H), also the
+    tiles the launcher actually runs there: at a short length its small-grid rule
+    (attention._fill_sms) halves the table's tiles."""
     from minigpt.kernels import attention as attn
 
     table = CANDIDATES_FP32 if dtype == torch.float32 else CANDIDATES_16BIT
     current = tuple(attn.tiles(kernel, dtype, block_d, causal, device))
-    return [current] + [c for c in table[kernel] if tuple(c) != current]
+    out = [current]
+    if length is not None and heads is not None:
+        out.append(tuple(attn._fill_sms(current, kernel, length, heads, device)))
+    out += [tuple(c) for c in table[kernel]]
+    return list(dict.fromkeys(out))
 
 
 def merge_table(path, arch, entries):
@@ -184,7 +191,12 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--seqlen", type=int, default=4096,
+                    help="T = S of the timed shape (B = 2, H = 16); the table has no length "
+                         "key, so a short one is for --dry-run studies of the small-grid rule")
+    ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
+                    help="which kernels to tune (dq is timed with dK/dV's table tiles unless "
+                         "dkdv is tuned in the same run)")
     ap.add_argument("--budget", type=float, default=0.5, help="timing seconds per point")
     ap.add_argument("--dry-run", action="store_true", help="do not write attention_tuned.json")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -204,9 +216,10 @@ def main():
     for D in args.head_dims:
         for causal in causals:
             dkdv_best = None
-            for kernel in KERNELS:
+            for kernel in [k for k in KERNELS if k in args.kernels]:
                 point = Point(kernel, dtype, D, causal, device, big)
-                cands = candidates(kernel, dtype, point.block_d, causal, device)
+                cands = candidates(kernel, dtype, point.block_d, causal, device,
+                                   length=big[2], heads=big[0] * big[1])
                 got, best, info = tune_point(point, cands, device, args.budget,
                                              dkdv_tiles=dkdv_best)
                 rows += got
