@@ -421,27 +421,55 @@ def test_unavailable_backend():
 @pytest.mark.parametrize("be", ["torch", "cpu"])
 def test_fused_linear_ce_follows_autocast(be):
     """Under bf16 autocast the matmul runs in bf16, as F.linear's would: the same loss and
-    gradients as the op on bf16 copies of the inputs outside autocast, a float32 loss, and
-    float32 gradients for the float32 leaves (the casts are differentiable)."""
+    hidden gradient as the op on bf16 copies of the inputs outside autocast, a float32 loss,
+    and float32 gradients for the float32 leaves. The fp32 weight gets the fp32 sum of the
+    chunks' products as it is: the bf16 run's weight gradient is that sum rounded to bf16
+    (the cast is inside the op; through autograd's cast it was rounded, then cast back)."""
     h = torch.randn(10, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
     t = torch.randint(0, 50, (10,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_ac = ops.fused_linear_cross_entropy(h, w, t, backend=be)
-    g_ac = torch.autograd.grad(loss_ac, [h, w])
+        loss_ac = ops.fused_linear_cross_entropy(h, w, t, backend=be, chunk_size=3)
+    gh_ac, gw_ac = torch.autograd.grad(loss_ac, [h, w])
     hb = h.detach().bfloat16().requires_grad_()
     wb = w.detach().bfloat16().requires_grad_()
-    loss_b = ops.fused_linear_cross_entropy(hb, wb, t, backend=be)
-    g_b = torch.autograd.grad(loss_b, [hb, wb])
+    loss_b = ops.fused_linear_cross_entropy(hb, wb, t, backend=be, chunk_size=3)
+    gh_b, gw_b = torch.autograd.grad(loss_b, [hb, wb])
     assert loss_ac.dtype == torch.float32 and loss_b.dtype == torch.float32
     torch.testing.assert_close(loss_ac, loss_b, rtol=0, atol=0)
-    for a, b in zip(g_ac, g_b):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b.float(), rtol=0, atol=0)
+    assert gh_ac.dtype == torch.float32 and gw_ac.dtype == torch.float32
+    torch.testing.assert_close(gh_ac, gh_b.float(), rtol=0, atol=0)
+    torch.testing.assert_close(gw_ac.bfloat16(), gw_b, rtol=0, atol=0)
+    assert (gw_ac != gw_ac.bfloat16().float()).any(), "the weight gradient was rounded to bf16"
     # ... and it is a bf16 computation: close to fp32's, not equal to it.
     loss32 = ops.fused_linear_cross_entropy(h, w, t, backend=be)
     assert loss_ac.item() != loss32.item()
     torch.testing.assert_close(loss_ac, loss32, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_fused_linear_ce_autocast_bias_and_reductions(reduction):
+    """The same under autocast with a bias and the other reductions ("none" recomputes the
+    chunks in its backward, with the cast inside that op too)."""
+    h = torch.randn(9, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    t = torch.randint(0, 40, (9,))
+    cot = torch.rand(9) if reduction == "none" else torch.tensor(0.75)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction, chunk_size=4)
+    g_ac = torch.autograd.grad(out, [h, w, b], cot)
+    leaves = [x.detach().bfloat16().requires_grad_() for x in (h, w, b)]
+    out_b = ops.fused_linear_cross_entropy(leaves[0], leaves[1], t, bias=leaves[2],
+                                           reduction=reduction, chunk_size=4)
+    g_b = torch.autograd.grad(out_b, leaves, cot)
+    torch.testing.assert_close(out, out_b, rtol=0, atol=0)
+    for a, c in zip(g_ac, g_b):
+        assert a.dtype == torch.float32
+        if reduction == "none":  # the cotangent weights the rows inside the fp32 sums
+            torch.testing.assert_close(a.bfloat16(), c, rtol=0, atol=0)
+        else:  # scaled after the sum: the bf16 run rounds twice (sum, then product)
+            torch.testing.assert_close(a, c.float(), rtol=2 ** -7, atol=1e-6)
 
 
 def test_fused_linear_ce_autocast_mixed_dtypes():

@@ -331,22 +331,49 @@ def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, n
                 _add_mm(dw, dl.t(), h)
             if need_db:
                 db += dl.sum(0, dtype=acc)
-    dw = dw.to(weight.dtype) if need_dw else weight.new_empty(0)
-    db = db.to(bias.dtype) if need_db else weight.new_empty(0)
+    # The sums stay in the accumulation dtype: the caller converts them to the parameters'
+    # own dtype (under autocast fp32 parameters: no conversion, no rounding to bf16).
+    dw = dw if need_dw else weight.new_empty(0)
+    db = db if need_db else weight.new_empty(0)
     return loss, dh, dw, db
+
+
+def _compute_inputs(compute_dtype, hidden, weight, bias):
+    """The tensors the products run on: under autocast (``compute_dtype`` set) fp32 ones are
+    cast to it inside the op, so the op's gradients come back in the parameters' own dtype
+    straight from the fp32 sums, not through a bf16 copy that autograd then casts back."""
+    if compute_dtype is None:
+        return hidden, weight, bias
+
+    def cast(t):
+        return t.to(compute_dtype) if t is not None and t.dtype == torch.float32 else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _grads_as_inputs(dh, dw, db, hidden, weight, bias, need_dh, need_dw, need_db):
+    """Each gradient in its input's dtype (empty where not asked for)."""
+    return (dh.to(hidden.dtype) if need_dh else dh,
+            dw.to(weight.dtype) if need_dw else dw,
+            db.to(bias.dtype) if need_db else db)
 
 
 def _flce_fwd_impl(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                    ignore_index: int, reduction: str, chunk: int, need_dh: bool, need_dw: bool,
-                   need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   need_db: bool, backend: str,
+                   compute_dtype: Optional[torch.dtype] = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden (N, H), weight (V, H), target (N,) int64 -> reduced loss, and for mean/sum the
-    gradients asked for (empty tensors otherwise; "none" recomputes them in backward)."""
+    gradients asked for, each in its input's dtype (empty tensors otherwise; "none"
+    recomputes them in backward). ``compute_dtype``: autocast's dtype (_compute_inputs)."""
     n_valid = _target_stats(FOP, target, weight.shape[0], ignore_index)
     store = reduction != "none"
-    rows, dh, dw, db = _chunks(hidden, weight, bias, target, ignore_index,
-                               _grad_scale(reduction, n_valid), None, need_dh and store,
-                               need_dw and store, need_db and store, chunk, backend)
-    return _reduce(rows, reduction, n_valid), dh, dw, db
+    nh, nw, nb = need_dh and store, need_dw and store, need_db and store
+    hc, wc, bc = _compute_inputs(compute_dtype, hidden, weight, bias)
+    rows, dh, dw, db = _chunks(hc, wc, bc, target, ignore_index,
+                               _grad_scale(reduction, n_valid), None, nh, nw, nb, chunk, backend)
+    return (_reduce(rows, reduction, n_valid),
+            *_grads_as_inputs(dh, dw, db, hidden, weight, bias, nh, nw, nb))
 
 
 _flce_fwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_fwd",
@@ -355,10 +382,11 @@ _flce_fwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_fwd",
 
 @_flce_fwd.register_fake
 def _(hidden, weight, target, bias, ignore_index, reduction, chunk, need_dh, need_dw, need_db,
-      backend):
+      backend, compute_dtype=None):
     store = reduction != "none"
     shape = (hidden.shape[0],) if reduction == "none" else ()
-    loss = hidden.new_empty(shape, dtype=_acc(hidden.dtype))
+    loss = hidden.new_empty(shape, dtype=_acc(_compute_inputs(compute_dtype, hidden, weight,
+                                                              bias)[0].dtype))
     dh = torch.empty_like(hidden) if need_dh and store else hidden.new_empty(0)
     dw = torch.empty_like(weight) if need_dw and store else weight.new_empty(0)
     db = torch.empty_like(bias) if need_db and store else weight.new_empty(0)
@@ -367,11 +395,13 @@ def _(hidden, weight, target, bias, ignore_index, reduction, chunk, need_dh, nee
 
 def _flce_bwd_impl(dloss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
                    bias: Optional[Tensor], ignore_index: int, chunk: int, need_dh: bool,
-                   need_dw: bool, need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                   need_dw: bool, need_db: bool, backend: str,
+                   compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     """reduction="none": recompute each chunk and weight row i's gradient by dloss[i]."""
-    _, dh, dw, db = _chunks(hidden, weight, bias, target, ignore_index, 1.0, dloss, need_dh,
-                            need_dw, need_db, chunk, backend)
-    return dh, dw, db
+    hc, wc, bc = _compute_inputs(compute_dtype, hidden, weight, bias)
+    _, dh, dw, db = _chunks(hc, wc, bc, target, ignore_index, 1.0, dloss, need_dh, need_dw,
+                            need_db, chunk, backend)
+    return _grads_as_inputs(dh, dw, db, hidden, weight, bias, need_dh, need_dw, need_db)
 
 
 _flce_bwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_bwd",
@@ -380,7 +410,7 @@ _flce_bwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_bwd",
 
 @_flce_bwd.register_fake
 def _(dloss, hidden, weight, target, bias, ignore_index, chunk, need_dh, need_dw, need_db,
-      backend):
+      backend, compute_dtype=None):
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = torch.empty_like(weight) if need_dw else weight.new_empty(0)
     db = torch.empty_like(bias) if need_db else weight.new_empty(0)
@@ -388,10 +418,11 @@ def _(dloss, hidden, weight, target, bias, ignore_index, chunk, need_dh, need_dw
 
 
 def _flce_setup(ctx, inputs, output):
-    hidden, weight, target, bias, ignore_index, reduction, chunk, ndh, ndw, ndb, backend = inputs
+    (hidden, weight, target, bias, ignore_index, reduction, chunk, ndh, ndw, ndb, backend,
+     compute_dtype) = inputs
     ctx.set_materialize_grads(False)  # no zero tensors of weight's size for the grad outputs
     ctx.reduction, ctx.need = reduction, (ndh, ndw, ndb)
-    ctx.args = (ignore_index, chunk, ndh, ndw, ndb, backend)
+    ctx.args = (ignore_index, chunk, ndh, ndw, ndb, backend, compute_dtype)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, target, bias)
     else:
@@ -400,7 +431,7 @@ def _flce_setup(ctx, inputs, output):
 
 def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb):
     if dloss is None:
-        return (None,) * 11
+        return (None,) * 12
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
         bwd = bwd_op(ctx, _flce_bwd, _flce_bwd_impl)
@@ -409,7 +440,7 @@ def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb):
         dh, dw, db = (_scaled(g, dloss) for g in ctx.saved_tensors)
     ndh, ndw, ndb = ctx.need
     return (dh if ndh else None, dw if ndw else None, None, db if ndb else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
@@ -418,21 +449,17 @@ _EagerFLCE = eager_function("_EagerFLCE", _flce_fwd_impl, _flce_setup, _flce_bac
                             nondiff_outputs=(1, 2, 3))
 
 
-def _autocast_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+def _autocast_dtype(hidden: Tensor) -> Optional[torch.dtype]:
     """Under autocast the product hidden @ weight.T runs in the autocast dtype, as F.linear's
     would; the loss and the weight gradient's sum over chunks stay fp32 (_chunks). Keeping the
     fp32 product instead made the loss 70% of a GPT-2 training step on an H200 (fp32 GEMMs
     on CUDA cores): benchmarks/results/bench_train_cuda-h200_profile.md. Like autocast, only
-    fp32 tensors are cast (the casts are differentiable: weight.grad stays fp32)."""
+    fp32 tensors are cast, inside the op (_compute_inputs): an fp32 weight gets its fp32
+    gradient sum as it is."""
     dev = hidden.device.type
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return hidden, weight, bias
-    dt = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        return t.to(dt) if t is not None and t.dtype == torch.float32 else t
-
-    return cast(hidden), cast(weight), cast(bias)
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
@@ -468,26 +495,28 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         raise ValueError(f"{FOP}: target must have hidden's shape without the last dimension, "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
     _checks.same_device(FOP, hidden=hidden, weight=weight, bias=bias, target=target)
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _checks.same_dtype(FOP, hidden=hidden, weight=weight, bias=bias)
+    cdt = _autocast_dtype(hidden)
+    hc, wc, bc = _compute_inputs(cdt, hidden, weight, bias)
+    _checks.same_dtype(FOP, hidden=hc, weight=wc, bias=bc)
     if chunk_size is not None and (isinstance(chunk_size, bool)
                                    or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"{FOP}: chunk_size must be a positive int, got {chunk_size!r}")
 
-    be = _backend.resolve(FOP, backend, hidden.device, hidden.dtype)
+    be = _backend.resolve(FOP, backend, hidden.device, hc.dtype)
     if target.numel() == 0:
         # F.cross_entropy takes int64 targets only; int32 is documented here.
-        return reference.fused_linear_cross_entropy(hidden, weight, target.long(), bias,
-                                                    ignore_index, reduction)
+        return reference.fused_linear_cross_entropy(hc, wc, target.long(), bc, ignore_index,
+                                                    reduction)
     h2 = hidden.reshape(-1, H).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     N = h2.shape[0]
     chunk = min(N, int(chunk_size)) if chunk_size is not None else default_chunk_size(N, H, V)
     grad_on = torch.is_grad_enabled()
     w = weight.contiguous()
+    cast_to = cdt if (hc is not hidden or wc is not weight or bc is not bias) else None
     fwd = pick(_flce_fwd, _EagerFLCE, _flce_fwd_impl, h2, w, bias)
     loss, _, _, _ = fwd(h2, w, t2, bias, int(ignore_index), reduction, int(chunk),
                         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-                        grad_on and bias is not None and bias.requires_grad, be)
+                        grad_on and bias is not None and bias.requires_grad, be, cast_to)
     return loss.reshape(target.shape) if reduction == "none" else loss
