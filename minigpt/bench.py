@@ -440,6 +440,11 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
             print(msg, flush=True)
             skipped.append(msg)
             continue
+        if any(VARIANTS[v][1] for v in variants):
+            # A fresh Dynamo cache per config: every config and compiled variant adds graphs
+            # of GPT.forward (one code object), and past Dynamo's recompile limit (8) a
+            # compiled variant would silently run eager.
+            torch._dynamo.reset()
         torch.manual_seed(seed)
         base_model = GPT(GPTConfig(**shape, dropout=0.0))
         g = torch.Generator().manual_seed(seed)
