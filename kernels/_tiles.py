@@ -18,3 +18,10 @@ def load_tile2(A, B, row0, end, M, N, cols, cmask, ROWS: tl.constexpr):
     """The same tile of two (M, N) tensors, as stored (zeros where masked)."""
     _, off, mask = row_tile(row0, end, M, N, cols, cmask, ROWS)
     return tl.load(A + off, mask=mask, other=0.0), tl.load(B + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_tile(A, row0, end, M, N, cols, cmask, ROWS: tl.constexpr):
+    """One tile of an (M, N) tensor, as stored (zeros where masked)."""
+    _, off, mask = row_tile(row0, end, M, N, cols, cmask, ROWS)
+    return tl.load(A + off, mask=mask, other=0.0)

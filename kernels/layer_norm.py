@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from minigpt.kernels._tiles import load_tile2, row_tile
+from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
 from minigpt.kernels._util import bwd_programs, bwd_rows, interpreting, row_block, row_warps
 
 
@@ -92,9 +92,12 @@ def _mul_rn(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
-                   HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                   ROWS: tl.constexpr, SINGLE: tl.constexpr, EXACT_MUL: tl.constexpr):
+def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_prog,
+                   HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr,
+                   EXACT_MUL: tl.constexpr):
+    # DX2 (HAS_DX2): dx once more in DX2's dtype, for a branch x narrower than h (autocast:
+    # bf16 x, fp32 residual stream); a separate cast kernel would read the fp32 dx back.
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     # The last program's slice may run past M: those rows are masked off rather than given a
@@ -111,15 +114,23 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
         db = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         end = row_start + rows_per_prog
         x_next, dy_next = load_tile2(Hx, DY, row_start, end, M, N, cols, cmask, ROWS)
+        if HAS_DH:
+            dh_next = load_tile(DH, row_start, end, M, N, cols, cmask, ROWS)
+        else:
+            dh_next = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for i in range(0, rows_per_prog, ROWS):
             rows, off, mask = row_tile(row_start + i, end, M, N, cols, cmask, ROWS)
             valid = rows < M
             x = x_next.to(tl.float32)
             dy = dy_next.to(tl.float32)
+            dh = dh_next.to(tl.float32)
             # The next tile's loads leave before this tile's reductions wait on each other, so
-            # the memory system has work during them (a one-deep software pipeline).
+            # the memory system has work during them (a one-deep software pipeline). dh too:
+            # GPT-2's residual gradient is the largest of the three (fp32).
             x_next, dy_next = load_tile2(Hx, DY, row_start + i + ROWS, end, M, N, cols, cmask,
                                          ROWS)
+            if HAS_DH:
+                dh_next = load_tile(DH, row_start + i + ROWS, end, M, N, cols, cmask, ROWS)
             mean = tl.load(Mean + rows, mask=valid, other=0.0)[:, None]
             rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -128,8 +139,11 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
             c2 = (tl.sum(wdy, axis=1) / N)[:, None]
             dx = (wdy - (xhat * c1 + c2)) * rstd
             if HAS_DH:
-                dx += tl.load(DH + off, mask=mask, other=0.0).to(tl.float32)
+                dx += dh
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DX2:
+                tl.store(DX2 + off, dx.to(DX.dtype.element_ty).to(DX2.dtype.element_ty),
+                         mask=mask)
             dw += dy * xhat
             db += dy
         tl.store(DW + cols, tl.sum(dw, axis=0), mask=cmask)
@@ -172,6 +186,9 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DW, DB, M, N, rows_per_prog,
                 if HAS_DH:
                     dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_DX2:
+                    tl.store(DX2 + off + cols, dx.to(DX.dtype.element_ty).to(
+                        DX2.dtype.element_ty), mask=mask)
                 tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
                 if HAS_BIAS:
                     tl.store(DB + cols, tl.load(DB + cols, mask=mask, other=0.0) + dy, mask=mask)
@@ -195,10 +212,13 @@ def layer_norm_fwd(x, weight, bias, residual, eps, out_dtype=None):
     return y, h, mean, rstd
 
 
-def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
-    """dy, dh, h: (M, N). -> dx (h's dtype), dweight, dbias (fp32; dbias empty if no bias)."""
+def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None):
+    """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
+    given and differs from h's), dweight, dbias (fp32; dbias empty if no bias)."""
     M, N = h.shape
     dx = torch.empty_like(h)
+    two = x_dtype is not None and x_dtype != h.dtype
+    dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
     ROWS = bwd_rows(BLOCK) if single else 1
     P, rows_per_prog = bwd_programs(h.device, M, ROWS)
@@ -206,11 +226,12 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias):
     parts = torch.empty((2 if has_bias else 1, P, N), dtype=torch.float32, device=h.device)
     dw_part, db_part = parts[0], parts[-1]
     _ln_bwd_kernel[(P,)](
-        dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dw_part, db_part,
-        M, N, rows_per_prog, HAS_DH=dh is not None, HAS_BIAS=has_bias,
+        dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dx2 if two else dx,
+        dw_part, db_part, M, N, rows_per_prog, HAS_DH=dh is not None, HAS_DX2=two,
+        HAS_BIAS=has_bias,
         BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, EXACT_MUL=not interpreting(),
         num_warps=row_warps(ROWS * BLOCK))
     sums = parts.sum(1)
     # Separate storages: a custom op's outputs must not alias each other (torch.compile
     # refuses the graph otherwise), and db is only N floats.
-    return dx, sums[0], (sums[1].clone() if has_bias else weight.new_empty(0))
+    return dx, dx2, sums[0], (sums[1].clone() if has_bias else weight.new_empty(0))

@@ -216,7 +216,7 @@ def test_eager_backward_calls_the_kernel_not_the_backward_custom_op():
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("xd,rd", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                    (torch.float32, torch.bfloat16)], ids=str)
-@pytest.mark.parametrize("N", [40, 1000])
+@pytest.mark.parametrize("N", [40, 1000, 9000])  # 9000: rows wider than one Triton block
 def test_layer_norm_mixed_residual_dtype(be, dev, xd, rd, N):
     check_mixed_residual(ops.layer_norm, reference.layer_norm, be, dev, xd, rd, N, bias=True)
 

@@ -120,7 +120,7 @@ def _cases():
             def _(N=N):
                 x, r, w = t(M, N, dtype=bf16), t(M, N), t(N)
                 y, h, mean, rstd = ln.layer_norm_fwd(x, w, t(N), r, 1e-5, bf16)
-                ln.layer_norm_bwd(t(M, N, dtype=bf16), t(M, N), h, w, mean, rstd, True)
+                ln.layer_norm_bwd(t(M, N, dtype=bf16), t(M, N), h, w, mean, rstd, True, bf16)
 
             @case("rms_norm", f"{tag} bf16 x + fp32 residual -> bf16")
             def _(N=N):

@@ -496,25 +496,34 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                          f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
     _checks.same_device(FOP, hidden=hidden, weight=weight, bias=bias, target=target)
     cdt = _autocast_dtype(hidden)
-    hc, wc, bc = _compute_inputs(cdt, hidden, weight, bias)
-    _checks.same_dtype(FOP, hidden=hc, weight=wc, bias=bc)
+    named = [(k, t) for k, t in (("hidden", hidden), ("weight", weight), ("bias", bias))
+             if t is not None]
+    # The dtype each one's products run in: autocast casts fp32 ones (inside the op, once).
+    runs_in = {k: cdt if cdt is not None and t.dtype == torch.float32 else t.dtype
+               for k, t in named}
+    for k, t in named[1:]:
+        if runs_in[k] != runs_in["hidden"]:
+            raise TypeError(f"{FOP}: {k} has dtype {t.dtype} but hidden has {hidden.dtype}"
+                            + (f" (under autocast to {cdt})" if cdt is not None else ""))
+    cast_to = cdt if any(t.dtype == torch.float32 for _, t in named) else None
+    compute_dtype = runs_in["hidden"]
     if chunk_size is not None and (isinstance(chunk_size, bool)
                                    or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"{FOP}: chunk_size must be a positive int, got {chunk_size!r}")
 
-    be = _backend.resolve(FOP, backend, hidden.device, hc.dtype)
+    be = _backend.resolve(FOP, backend, hidden.device, compute_dtype)
     if target.numel() == 0:
         # F.cross_entropy takes int64 targets only; int32 is documented here.
-        return reference.fused_linear_cross_entropy(hc, wc, target.long(), bc, ignore_index,
-                                                    reduction)
+        return reference.fused_linear_cross_entropy(
+            *_compute_inputs(cast_to, hidden, weight, bias)[:2], target.long(),
+            _compute_inputs(cast_to, hidden, weight, bias)[2], ignore_index, reduction)
     h2 = hidden.reshape(-1, H).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     N = h2.shape[0]
     chunk = min(N, int(chunk_size)) if chunk_size is not None else default_chunk_size(N, H, V)
     grad_on = torch.is_grad_enabled()
     w = weight.contiguous()
-    cast_to = cdt if (hc is not hidden or wc is not weight or bc is not bias) else None
     fwd = pick(_flce_fwd, _EagerFLCE, _flce_fwd_impl, h2, w, bias)
     loss, _, _, _ = fwd(h2, w, t2, bias, int(ignore_index), reduction, int(chunk),
                         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,

@@ -29,14 +29,16 @@ def _kernel_fwd(backend, x, weight, bias, residual, eps, out_dtype):
     return (y if out_dtype is None else y.to(out_dtype)), h, mean, rstd
 
 
-def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias):
+def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype):
+    """-> dx (h's dtype), dx in x_dtype where that differs (else empty), dweight, dbias."""
     if backend == "triton":
         from minigpt.kernels import layer_norm as k
 
-        return k.layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias)
+        return k.layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype)
     # The C++/CUDA kernels take dy in h's dtype (an out_dtype output's gradient is not).
-    return _backend.extension().layer_norm_bwd(dy.to(h.dtype), dh, h, weight, mean, rstd,
-                                               has_bias)
+    dx, dw, db = _backend.extension().layer_norm_bwd(dy.to(h.dtype), dh, h, weight, mean, rstd,
+                                                     has_bias)
+    return dx, (dx.to(x_dtype) if x_dtype != h.dtype else h.new_empty(0)), dw, db
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -60,19 +62,22 @@ def _(x, weight, bias, residual, eps, backend, out_dtype=None):
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
-              rstd: Tensor, has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dx (M, N) in h's dtype (it is also d residual), dweight, dbias (empty if no bias),
-    both in weight's (accumulation) dtype."""
-    return tuple(_kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias))
+              rstd: Tensor, has_bias: bool, backend: str,
+              x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dx (M, N) in h's dtype (it is also d residual), dx in x's dtype when x is narrower
+    than h (a bf16 branch on an fp32 residual stream; else empty), dweight, dbias (empty if
+    no bias), both in weight's (accumulation) dtype."""
+    return tuple(_kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype))
 
 
 _bwd = torch.library.custom_op("minigpt::layer_norm_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
-def _(dy, dh, h, weight, mean, rstd, has_bias, backend):
+def _(dy, dh, h, weight, mean, rstd, has_bias, backend, x_dtype):
     db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
-    return torch.empty_like(h), torch.empty_like(weight), db
+    dx2 = torch.empty_like(h, dtype=x_dtype) if x_dtype != h.dtype else h.new_empty(0)
+    return torch.empty_like(h), dx2, torch.empty_like(weight), db
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,10 +94,12 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
-    dx, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias, ctx.backend)
-    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) is cast.
-    return (dx.to(ctx.x_dtype), dw, db if ctx.has_bias else None,
-            dx if ctx.has_residual else None, None, None, None)
+    dx, dx_x, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias,
+                           ctx.backend, ctx.x_dtype)
+    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) comes in its
+    # own dtype from the same kernel (Triton) where they differ.
+    return (dx_x if ctx.x_dtype != dx.dtype else dx, dw,
+            db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
