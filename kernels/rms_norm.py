@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._tiles import load_tile2, row_tile
+from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
 from minigpt.kernels._util import bwd_programs, bwd_rows, row_block, row_warps
 
 
@@ -62,10 +62,11 @@ def _rms_fwd_kernel(X, R, W, Y, H, Rstd, N, eps,
 
 
 @triton.jit
-def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
-                    HAS_DH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                    SINGLE: tl.constexpr):
+def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
+                    HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK: tl.constexpr,
+                    ROWS: tl.constexpr, SINGLE: tl.constexpr):
     # y = xhat * w with xhat = x * rstd:  dx = rstd * (w*dy - xhat * mean(xhat * w*dy)).
+    # DX2 (HAS_DX2): dx once more in a narrower branch's dtype, as in layer_norm.
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     # The last program's slice may run past M: those rows are masked off rather than given a
@@ -79,22 +80,32 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
         dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         end = row_start + rows_per_prog
         x_next, dy_next = load_tile2(Hx, DY, row_start, end, M, N, cols, cmask, ROWS)
+        if HAS_DH:
+            dh_next = load_tile(DH, row_start, end, M, N, cols, cmask, ROWS)
+        else:
+            dh_next = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for i in range(0, rows_per_prog, ROWS):
             rows, off, mask = row_tile(row_start + i, end, M, N, cols, cmask, ROWS)
             valid = rows < M
             x = x_next.to(tl.float32)
             dy = dy_next.to(tl.float32)
+            dh = dh_next.to(tl.float32)
             # The next tile's loads first (a one-deep software pipeline, as in layer_norm).
             x_next, dy_next = load_tile2(Hx, DY, row_start + i + ROWS, end, M, N, cols, cmask,
                                          ROWS)
+            if HAS_DH:
+                dh_next = load_tile(DH, row_start + i + ROWS, end, M, N, cols, cmask, ROWS)
             rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = x * rstd
             wdy = w * dy
             c1 = (tl.sum(xhat * wdy, axis=1) / N)[:, None]
             dx = (wdy - xhat * c1) * rstd
             if HAS_DH:
-                dx += tl.load(DH + off, mask=mask, other=0.0).to(tl.float32)
+                dx += dh
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DX2:
+                tl.store(DX2 + off, dx.to(DX.dtype.element_ty).to(DX2.dtype.element_ty),
+                         mask=mask)
             dw += dy * xhat
         tl.store(DW + cols, tl.sum(dw, axis=0), mask=cmask)
     else:
@@ -124,6 +135,9 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DW, M, N, rows_per_prog,
                 if HAS_DH:
                     dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_DX2:
+                    tl.store(DX2 + off + cols, dx.to(DX.dtype.element_ty).to(
+                        DX2.dtype.element_ty), mask=mask)
                 tl.store(DW + cols, tl.load(DW + cols, mask=mask, other=0.0) + dy * xhat, mask=mask)
 
 
@@ -144,16 +158,19 @@ def rms_norm_fwd(x, weight, residual, eps, out_dtype=None):
     return y, h, rstd
 
 
-def rms_norm_bwd(dy, dh, h, weight, rstd):
-    """dy, dh, h: (M, N). -> dx (h's dtype), dweight (fp32)."""
+def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None):
+    """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
+    given and differs from h's), dweight (fp32)."""
     M, N = h.shape
     dx = torch.empty_like(h)
+    two = x_dtype is not None and x_dtype != h.dtype
+    dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
     ROWS = bwd_rows(BLOCK) if single else 1
     P, rows_per_prog = bwd_programs(h.device, M, ROWS)
     dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
     _rms_bwd_kernel[(P,)](
-        dy, dh if dh is not None else dy, h, weight, rstd, dx, dw_part, M, N, rows_per_prog,
-        HAS_DH=dh is not None, BLOCK=BLOCK, ROWS=ROWS, SINGLE=single,
-        num_warps=row_warps(ROWS * BLOCK))
-    return dx, dw_part.sum(0)
+        dy, dh if dh is not None else dy, h, weight, rstd, dx, dx2 if two else dx, dw_part, M, N,
+        rows_per_prog, HAS_DH=dh is not None, HAS_DX2=two, BLOCK=BLOCK, ROWS=ROWS,
+        SINGLE=single, num_warps=row_warps(ROWS * BLOCK))
+    return dx, dx2, dw_part.sum(0)

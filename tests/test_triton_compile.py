@@ -126,7 +126,7 @@ def _cases():
             def _(N=N):
                 x, r, w = t(M, N, dtype=bf16), t(M, N), t(N)
                 y, h, rstd = rms.rms_norm_fwd(x, w, r, 1e-6, bf16)
-                rms.rms_norm_bwd(t(M, N, dtype=bf16), t(M, N), h, w, rstd)
+                rms.rms_norm_bwd(t(M, N, dtype=bf16), t(M, N), h, w, rstd, bf16)
 
         @case("softmax", f"{tag} causal={causal}")
         def _(N=N, dt=dt, causal=causal):

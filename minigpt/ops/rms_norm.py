@@ -29,13 +29,15 @@ def _kernel_fwd(backend, x, weight, residual, eps, out_dtype):
     return (y if out_dtype is None else y.to(out_dtype)), h, rstd
 
 
-def _kernel_bwd(backend, dy, dh, h, weight, rstd):
+def _kernel_bwd(backend, dy, dh, h, weight, rstd, x_dtype):
+    """-> dx (h's dtype), dx in x_dtype where that differs (else empty), dweight."""
     if backend == "triton":
         from minigpt.kernels import rms_norm as k
 
-        return k.rms_norm_bwd(dy, dh, h, weight, rstd)
+        return k.rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype)
     # The C++/CUDA kernels take dy in h's dtype (an out_dtype output's gradient is not).
-    return _backend.extension().rms_norm_bwd(dy.to(h.dtype), dh, h, weight, rstd)
+    dx, dw = _backend.extension().rms_norm_bwd(dy.to(h.dtype), dh, h, weight, rstd)
+    return dx, (dx.to(x_dtype) if x_dtype != h.dtype else h.new_empty(0)), dw
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
@@ -58,18 +60,19 @@ def _(x, weight, residual, eps, backend, out_dtype=None):
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, rstd: Tensor,
-              backend: str) -> tuple[Tensor, Tensor]:
-    """-> dx (M, N) in h's dtype (it is also d residual), dweight in weight's (accumulation)
-    dtype."""
-    return tuple(_kernel_bwd(backend, dy, dh, h, weight, rstd))
+              backend: str, x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx (M, N) in h's dtype (it is also d residual), dx in x's dtype when x is narrower
+    than h (else empty), dweight in weight's (accumulation) dtype."""
+    return tuple(_kernel_bwd(backend, dy, dh, h, weight, rstd, x_dtype))
 
 
 _bwd = torch.library.custom_op("minigpt::rms_norm_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
-def _(dy, dh, h, weight, rstd, backend):
-    return torch.empty_like(h), torch.empty_like(weight)
+def _(dy, dh, h, weight, rstd, backend, x_dtype):
+    dx2 = torch.empty_like(h, dtype=x_dtype) if x_dtype != h.dtype else h.new_empty(0)
+    return torch.empty_like(h), dx2, torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
@@ -85,9 +88,11 @@ def _backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
-    dx, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend)
-    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) is cast.
-    return dx.to(ctx.x_dtype), dw, (dx if ctx.has_residual else None), None, None, None
+    dx, dx_x, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend, ctx.x_dtype)
+    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) comes in its
+    # own dtype from the same kernel (Triton) where they differ.
+    return (dx_x if ctx.x_dtype != dx.dtype else dx, dw, (dx if ctx.has_residual else None),
+            None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
