@@ -156,13 +156,17 @@ def test_attention_gradcheck_float64(be, causal):
         eps=1e-6, atol=1e-6)
 
 
-def test_attention_compiles_fullgraph():
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_attention_compiles_fullgraph(be, dev):
+    # Every backend: a compiled graph calls the registered custom ops and their fakes, which
+    # eager mode skips (ops/_eager.py), and torch refuses a custom op whose output aliases an
+    # input or another output (see test_layer_norm_compiles_fullgraph).
     def block(q, k, v):
-        return (ops.attention(q, k, v, backend="cpu") * 2).sum()
+        return (ops.attention(q, k, v, backend=be) * 2).sum()
 
-    q = torch.randn(1, 4, 10, 16, requires_grad=True)
-    k = torch.randn(1, 2, 12, 16, requires_grad=True)
-    v = torch.randn(1, 2, 12, 16, requires_grad=True)
+    q = torch.randn(1, 4, 10, 16, device=dev, requires_grad=True)
+    k = torch.randn(1, 2, 12, 16, device=dev, requires_grad=True)
+    v = torch.randn(1, 2, 12, 16, device=dev, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     out = compiled(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v))
@@ -173,11 +177,15 @@ def test_attention_compiles_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
-def test_decode_compiles_fullgraph():
-    f = torch.compile(lambda q, kc, vc, L: ops.decode_attention(q, kc, vc, L, backend="cpu"),
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_decode_compiles_fullgraph(be, dev):
+    # Every backend, forward only: decoding has no backward (see
+    # test_attention_compiles_fullgraph for why each backend).
+    f = torch.compile(lambda q, kc, vc, L: ops.decode_attention(q, kc, vc, L, backend=be),
                       fullgraph=True, backend="aot_eager")
-    q, kc, vc = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
-    L = torch.tensor([3, 9], dtype=torch.int32)
+    q, kc, vc = (torch.randn(2, 4, 1, 16, device=dev), torch.randn(2, 2, 9, 16, device=dev),
+                 torch.randn(2, 2, 9, 16, device=dev))
+    L = torch.tensor([3, 9], dtype=torch.int32, device=dev)
     torch.testing.assert_close(f(q, kc, vc, L), reference.decode_attention(q, kc, vc, L),
                                rtol=1e-5, atol=1e-5)
 

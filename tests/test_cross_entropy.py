@@ -305,22 +305,41 @@ def test_backward_twice_with_retained_graph(fused):
 # torch.compile, dispatch, bad input
 
 
-def test_cross_entropy_compiles_fullgraph():
-    def step(x, h, w, t):
-        return (ops.cross_entropy(x * 2, t, label_smoothing=0.1, backend="cpu")
-                + ops.fused_linear_cross_entropy(h, w, t, backend="cpu", chunk_size=3))
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_compiles_fullgraph(be, dev, reduction):
+    # Every backend: a compiled graph calls the registered custom ops and their fakes, which
+    # eager mode skips (ops/_eager.py), and torch refuses a custom op whose output aliases an
+    # input or another output (see test_layer_norm_compiles_fullgraph). "none" is the only
+    # reduction whose backward runs fused_linear_cross_entropy's backward op (mean/sum save
+    # the gradients in the forward); the bias adds its third gradient output.
+    def leaf(*shape):
+        return torch.randn(*shape, device=dev, requires_grad=True)
 
-    x = torch.randn(2, 4, 50, requires_grad=True)
-    h = torch.randn(2, 4, 16, requires_grad=True)
-    w = torch.randn(50, 16, requires_grad=True)
-    t = torch.randint(0, 50, (2, 4))
+    x, h, w, b = leaf(2, 4, 50), leaf(2, 4, 16), leaf(50, 16), leaf(50)
+    t = torch.randint(0, 50, (2, 4), device=dev)
     t[0, 0] = -100
+    # Per-row gradients that differ, so "none"'s backward must weight each row by its own.
+    gl = torch.randn(2, 4, device=dev)
+
+    def total(ce, lin):
+        return (ce * gl).sum() + (lin * gl).sum() if reduction == "none" else ce + lin
+
+    def step(x, h, w, b, t):
+        return total(ops.cross_entropy(x * 2, t, label_smoothing=0.1, reduction=reduction,
+                                       backend=be),
+                     ops.fused_linear_cross_entropy(h, w, t, b, reduction=reduction,
+                                                    backend=be, chunk_size=3))
+
+    # Every case recompiles this one code object, and fullgraph=True fails past Dynamo's
+    # recompile limit (8): a GPU machine has 5 (backend, device) pairs x 2 reductions.
+    torch.compiler.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out = compiled(x, h, w, t)
-    grads = torch.autograd.grad(out, [x, h, w])
-    ref = (reference.cross_entropy(x * 2, t, label_smoothing=0.1)
-           + reference.fused_linear_cross_entropy(h, w, t))
-    rgrads = torch.autograd.grad(ref, [x, h, w])
+    out = compiled(x, h, w, b, t)
+    grads = torch.autograd.grad(out, [x, h, w, b])
+    ref = total(reference.cross_entropy(x * 2, t, label_smoothing=0.1, reduction=reduction),
+                reference.fused_linear_cross_entropy(h, w, t, b, reduction=reduction))
+    rgrads = torch.autograd.grad(ref, [x, h, w, b])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, c in zip(grads, rgrads):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)

@@ -97,13 +97,19 @@ def test_rms_norm_gradcheck_float64(be, residual):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
 
 
-def test_rms_norm_compiles_fullgraph():
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_rms_norm_compiles_fullgraph(be, dev):
+    # Every backend: a compiled graph calls the registered custom ops and their fakes, which
+    # eager mode skips (ops/_eager.py), and torch refuses a custom op whose output aliases an
+    # input or another output (see test_layer_norm_compiles_fullgraph).
     def block(x, r, w):
-        y, h = ops.rms_norm(x, w, residual=r, backend="cpu")
+        y, h = ops.rms_norm(x, w, residual=r, backend=be)
         return (y * 2 + h).sum()
 
-    x, r = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
-    w = torch.randn(64, requires_grad=True)
+    def leaf(*shape):
+        return torch.randn(*shape, device=dev, requires_grad=True)
+
+    x, r, w = leaf(4, 64), leaf(4, 64), leaf(64)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     out = compiled(x, r, w)
     g = torch.autograd.grad(out, [x, w, r])

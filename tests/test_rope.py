@@ -163,16 +163,20 @@ def test_rope_no_grad_to_tables(be, dev):
     assert cos.grad is None and q.grad is not None
 
 
-def test_rope_compiles_fullgraph():
-    cos, sin = tables(16, 8)
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_rope_compiles_fullgraph(be, dev):
+    # Every backend: a compiled graph calls the registered custom ops and their fakes, which
+    # eager mode skips (ops/_eager.py), and torch refuses a custom op whose output aliases an
+    # input or another output (see test_layer_norm_compiles_fullgraph).
+    cos, sin = tables(16, 8, device=dev)
 
     def f(q, k, pos):
-        qo, ko = ops.rope(q, k, cos, sin, position_ids=pos, backend="cpu")
+        qo, ko = ops.rope(q, k, cos, sin, position_ids=pos, backend=be)
         return (qo * ko).sum()
 
-    q = torch.randn(2, 2, 5, 8, requires_grad=True)
-    k = torch.randn(2, 2, 5, 8, requires_grad=True)
-    pos = torch.arange(5) + 3
+    q = torch.randn(2, 2, 5, 8, device=dev, requires_grad=True)
+    k = torch.randn(2, 2, 5, 8, device=dev, requires_grad=True)
+    pos = torch.arange(5, device=dev) + 3
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, pos)
     g = torch.autograd.grad(out, [q, k])
     qr, kr = reference.rope(q, k, cos, sin, pos)

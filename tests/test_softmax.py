@@ -143,12 +143,16 @@ def test_softmax_double_backward_is_not_silently_wrong():
         torch.autograd.grad(g.sum(), [x])
 
 
-def test_softmax_compiles_fullgraph():
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_softmax_compiles_fullgraph(be, dev):
+    # Every backend: a compiled graph calls the registered custom ops and their fakes, which
+    # eager mode skips (ops/_eager.py), and torch refuses a custom op whose output aliases an
+    # input or another output (see test_layer_norm_compiles_fullgraph).
     def block(x):
-        p = ops.softmax(x, scale=0.5, causal=True, backend="cpu")
+        p = ops.softmax(x, scale=0.5, causal=True, backend=be)
         return (p * p).sum()
 
-    x = torch.randn(2, 8, 8, requires_grad=True)
+    x = torch.randn(2, 8, 8, device=dev, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     (gx,) = torch.autograd.grad(out, [x])

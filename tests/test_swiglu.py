@@ -66,12 +66,18 @@ def test_swiglu_gradcheck_float64(be):
                                     eps=1e-6, atol=1e-6)
 
 
-def test_swiglu_compiles_fullgraph():
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_swiglu_compiles_fullgraph(be, dev):
+    # Every backend: a compiled graph calls the registered custom ops and their fakes, which
+    # eager mode skips (ops/_eager.py), and torch refuses a custom op whose output aliases an
+    # input or another output (see test_layer_norm_compiles_fullgraph).
     def mlp(x, w1, w3):
-        return ops.swiglu(x @ w1, x @ w3, backend="cpu").sum()
+        return ops.swiglu(x @ w1, x @ w3, backend=be).sum()
 
-    x = torch.randn(4, 16, requires_grad=True)
-    w1, w3 = torch.randn(16, 24, requires_grad=True), torch.randn(16, 24, requires_grad=True)
+    def leaf(*shape):
+        return torch.randn(*shape, device=dev, requires_grad=True)
+
+    x, w1, w3 = leaf(4, 16), leaf(16, 24), leaf(16, 24)
     out = torch.compile(mlp, fullgraph=True, backend="aot_eager")(x, w1, w3)
     g = torch.autograd.grad(out, [x, w1, w3])
     ref = reference.swiglu(x @ w1, x @ w3).sum()
