@@ -94,7 +94,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_ks, stride_vs, offs_m, offs_d, D, 
 
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(Q, K, V, O, LSE,
-                     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
                      H, T, S, D, REP, qk_scale, seed: tl.int64, dropout_p, drop_scale,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
@@ -142,13 +142,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("inf"))
-    O += pid_bh.to(tl.int64) * T * D
-    tl.store(O + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
+    O += b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    tl.store(O + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, H, T, D, sdb, sdh, sdt,
+def _bwd_preprocess_kernel(O, DO, DELTA, H, T, D, sob, soh, sot, sdb, sdh, sdt,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -157,8 +157,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, H, T, D, sdb, sdh, sdt,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    o = tl.load(O + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdt
                  + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
@@ -210,6 +210,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
+                     sgb, sgh, sgs,
                      Hq, Hkv, T, S, D, REP, qk_scale, scale, seed: tl.int64, dropout_p,
                      drop_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
@@ -248,7 +249,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                          seed, dropout_p, drop_scale, False, BLOCK_M, DOT, DROPOUT)
     if DROPOUT:
         dv = dv * drop_scale
-    out = pid_bh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
+    # dK and dV share one layout (sgb, sgh, sgs): the launcher allocates both alike.
+    out = b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh + offs_n[:, None] * sgs + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kvmask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kvmask)
 
@@ -287,6 +289,7 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, 
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
+                   sgb, sgh, sgt,
                    H, T, S, D, REP, qk_scale, scale, seed: tl.int64, dropout_p, drop_scale,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
@@ -328,8 +331,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     dq = _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T,
                    qk_scale, full, end, rng_rows, seed, dropout_p, drop_scale, True, CAUSAL,
                    BLOCK_N, DOT, DROPOUT)
-    tl.store(DQ + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + offs_m[:, None] * sgt
+             + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
@@ -539,13 +542,23 @@ def _dropout_args(dropout_p, seed):
     return 0, 0.0, 1.0, False
 
 
+def heads_inner(B, H, T, D, dtype, device):
+    """An empty (B, H, T, D) tensor stored as (B, T, H, D): the layout of the outputs and
+    gradients here. A model's (B, T, H * D) activations are that storage, so
+    ``y.transpose(1, 2).reshape(B, T, H * D)`` and the gradients' way back to (B, T, H * D)
+    are views, where a contiguous (B, H, T, D) needed a copy each (four per layer a training
+    step). SDPA's flash backend returns the same layout."""
+    return torch.empty((B, T, H, D), dtype=dtype, device=device).transpose(1, 2)
+
+
 def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
-    """q (B, Hq, T, D), k, v (B, Hkv, S, D), unit last stride -> out (contiguous), lse fp32.
-    ``config``: tiles to use instead of tiles("fwd", ...) (the tuner's candidates).
-    ``dropout_p`` > 0: dropout on the probabilities, mask drawn from ``seed`` (module doc)."""
+    """q (B, Hq, T, D), k, v (B, Hkv, S, D), unit last stride -> out (heads_inner layout),
+    lse fp32 (contiguous). ``config``: tiles to use instead of tiles("fwd", ...) (the tuner's
+    candidates). ``dropout_p`` > 0: dropout on the probabilities, mask drawn from ``seed``
+    (module doc)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    out = heads_inner(B, H, T, D, q.dtype, q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     BD = _block_d(D)
     seed, p, drop_scale, dropout = _dropout_args(dropout_p, seed)
@@ -554,7 +567,8 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     grid = (cdiv(T, BM), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, T, S, D, H // Hkv,
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), H, T, S, D, H // Hkv,
         scale * LOG2E, seed, p, drop_scale, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
         DOT=_dot_mode(q.dtype), DROPOUT=dropout, num_warps=warps, num_stages=stages)
     return out, lse
@@ -562,20 +576,22 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
 
 def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_config=None,
                   dropout_p=0.0, seed=0):
-    """-> dq, dk, dv contiguous in q's dtype. ``dkdv_config``/``dq_config``: tiles to use
-    instead of tiles("dkdv"/"dq", ...). ``dropout_p``, ``seed``: the forward's."""
+    """-> dq, dk, dv in the heads_inner layout, in q's dtype. ``out`` in any layout with a
+    unit last stride. ``dkdv_config``/``dq_config``: tiles to use instead of
+    tiles("dkdv"/"dq", ...). ``dropout_p``, ``seed``: the forward's."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep = H // Hkv
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=q.device)
+    dq = heads_inner(B, H, T, D, q.dtype, q.device)
+    dk = heads_inner(B, Hkv, S, D, k.dtype, q.device)
+    dv = heads_inner(B, Hkv, S, D, v.dtype, q.device)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    out = out.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
     BD = _block_d(D)
     _bwd_preprocess_kernel[(cdiv(T, 64), B * H)](
-        out, do, delta, H, T, D, do.stride(0), do.stride(1), do.stride(2),
-        BLOCK_M=64, BLOCK_D=BD)
+        out, do, delta, H, T, D, out.stride(0), out.stride(1), out.stride(2), do.stride(0),
+        do.stride(1), do.stride(2), BLOCK_M=64, BLOCK_D=BD)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dot = _dot_mode(q.dtype)
@@ -583,13 +599,15 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     bm, bn, warps, stages = dkdv_config or _fill_sms(
         tiles("dkdv", q.dtype, BD, causal, q.device, drop[3]), "dkdv", S, B * Hkv, q.device)
     _bwd_dkdv_kernel[(cdiv(S, bn), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, *strides, H, Hkv, T, S, D, rep, scale * LOG2E, scale,
+        q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = dq_config or _fill_sms(
         tiles("dq", q.dtype, BD, causal, q.device, drop[3]), "dq", T, B * H, q.device)
     _bwd_dq_kernel[(cdiv(T, bm), B * H)](
-        q, k, v, do, lse, delta, dq, *strides, H, T, S, D, rep, scale * LOG2E, scale,
+        q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        H, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
     return dq, dk, dv

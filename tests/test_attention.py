@@ -307,3 +307,28 @@ LENS = torch.tensor([3, 8])
 def test_attention_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
+
+
+@pytest.mark.parametrize("be,dev", [p for p in backend_device_pairs() if p.values[0] != "torch"])
+def test_custom_ops_pass_opcheck(be, dev):
+    """torch.library.opcheck on each attention custom op: schema, autograd registration, and
+    that the fake implementation gives the real outputs' shapes, dtypes and strides (the
+    Triton kernels write (B, H, T, D) stored as (B, T, H, D), the C++/CUDA ones contiguous;
+    torch.compile plans what follows the op by the fake's layout)."""
+    import importlib
+
+    A = importlib.import_module("minigpt.ops.attention")
+    # q as a model makes it: a head-split view of (B, T, H * D) activations.
+    q = torch.randn(2, 7, 4, 16, device=dev).transpose(1, 2)
+    k, v = (torch.randn(2, 2, 9, 16, device=dev) for _ in range(2))
+    torch.library.opcheck(A._fwd, (q, k, v, True, 0.25, be))
+    out, lse = A._fwd_impl(q, k, v, True, 0.25, be)
+    do = torch.randn(2, 7, 4, 16, device=dev).transpose(1, 2)
+    torch.library.opcheck(A._bwd, (do, q, k, v, out, lse, True, 0.25, be))
+    if be in A.DROPOUT_BACKENDS:
+        seed = torch.tensor(1234, dtype=torch.int64)
+        torch.library.opcheck(A._drop_fwd, (q, k, v, True, 0.25, 0.3, seed, be))
+        out, lse = A._drop_fwd_impl(q, k, v, True, 0.25, 0.3, seed, be)
+        torch.library.opcheck(A._drop_bwd, (do, q, k, v, out, lse, True, 0.25, 0.3, seed, be))
+    lens = torch.tensor([3, 9], dtype=torch.int32, device=dev)
+    torch.library.opcheck(A._decode, (q[:, :, :1], k, v, lens, 0.25, be))

@@ -67,10 +67,23 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _out_like(t, backend):
+    """An empty tensor of t's shape and dtype in the layout ``backend``'s kernels write their
+    outputs and gradients in: (B, H, T, D) stored as (B, T, H, D) for Triton
+    (kernels/attention.py heads_inner: a model's transpose back to (B, T, H * D) is then a
+    view), contiguous for the C++ and CUDA kernels. The fake implementations must give the
+    real layout: torch.compile plans the views and copies after the op by it."""
+    if backend == "triton":
+        B, H, T, D = t.shape
+        return t.new_empty((B, T, H, D)).transpose(1, 2)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
               backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, D), k, v (B, Hkv, S, D), any strides with a unit last stride ->
-    out (B, Hq, T, D) contiguous in q's dtype, lse (B, Hq, T) in the accumulation dtype."""
+    out (B, Hq, T, D) in q's dtype and the backend's layout (_out_like), lse (B, Hq, T)
+    contiguous in the accumulation dtype."""
     out, lse = _kernel_fwd(backend, q, k, v, causal, scale)
     return out, lse
 
@@ -81,13 +94,12 @@ _fwd = torch.library.custom_op("minigpt::attention_fwd", mutates_args=())(_fwd_i
 @_fwd.register_fake
 def _(q, k, v, causal, scale, backend):
     B, H, T, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, H, T), dtype=_lse_dtype(q.dtype))
+    return _out_like(q, backend), q.new_empty((B, H, T), dtype=_lse_dtype(q.dtype))
 
 
 def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
               scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv, contiguous, in the shapes and dtype of q, k, v."""
+    """-> dq, dk, dv in the shapes and dtype of q, k, v and the backend's layout (_out_like)."""
     dq, dk, dv = _kernel_bwd(backend, do, q, k, v, out, lse, causal, scale)
     return dq, dk, dv
 
@@ -97,9 +109,7 @@ _bwd = torch.library.custom_op("minigpt::attention_bwd", mutates_args=())(_bwd_i
 
 @_bwd.register_fake
 def _(do, q, k, v, out, lse, causal, scale, backend):
-    c = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
-            torch.empty_like(v, memory_format=c))
+    return _out_like(q, backend), _out_like(k, backend), _out_like(v, backend)
 
 
 def _setup_context(ctx, inputs, output):
@@ -144,8 +154,7 @@ _drop_fwd = torch.library.custom_op("minigpt::attention_dropout_fwd",
 @_drop_fwd.register_fake
 def _(q, k, v, causal, scale, dropout_p, seed, backend):
     B, H, T, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, H, T), dtype=_lse_dtype(q.dtype))
+    return _out_like(q, backend), q.new_empty((B, H, T), dtype=_lse_dtype(q.dtype))
 
 
 def _drop_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -168,9 +177,7 @@ _drop_bwd = torch.library.custom_op("minigpt::attention_dropout_bwd",
 
 @_drop_bwd.register_fake
 def _(do, q, k, v, out, lse, causal, scale, dropout_p, seed, backend):
-    c = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
-            torch.empty_like(v, memory_format=c))
+    return _out_like(q, backend), _out_like(k, backend), _out_like(v, backend)
 
 
 def _drop_setup_context(ctx, inputs, output):
