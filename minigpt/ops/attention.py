@@ -282,7 +282,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     query head h reads key/value head ``h // (Hq // Hkv)``). ``causal`` is aligned to the end:
     query i sees keys ``j <= i + S - T`` (prefill after a cache works); a query that sees no
     key gets zeros. ``scale`` defaults to ``1/sqrt(D)``. ``backend``: "triton", "cuda", "cpu",
-    "torch" or None (best for the device, or ``$MINIGPT_BACKEND``).
+    "torch" or None (best for the device, or ``$MINIGPT_BACKEND``). The output is (B, Hq, T, D)
+    but not always contiguous: Triton's is stored as (B, T, Hq, D), as SDPA-flash's, so
+    ``out.transpose(1, 2).reshape(B, T, Hq * D)`` is a view.
 
     ``dropout_p`` in [0, 1): dropout on the attention probabilities, as SDPA's (each zeroed
     with probability p, the kept ones scaled by 1/(1-p)); pass 0 outside training. Its mask
