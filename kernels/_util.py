@@ -80,8 +80,22 @@ def bwd_rows(block: int) -> int:
     return max(1, min(16, BWD_TILE // block))
 
 
-def bwd_programs(device: torch.device, M: int, rows: int):
+def bwd_programs(device: torch.device, M: int, rows: int, per_sm: int = 4):
     """(programs, rows per program) for the backward over M rows walked ``rows`` at a time: a
     few programs per SM (num_programs), each with a multiple of ``rows`` rows."""
-    per = cdiv(cdiv(M, num_programs(device, cdiv(M, rows))), rows) * rows
+    per = cdiv(cdiv(M, num_programs(device, cdiv(M, rows), per_sm)), rows) * rows
     return cdiv(M, per), per
+
+
+def bwd_shape(block: int, single: bool, config=None):
+    """(ROWS, num_warps, programs per SM) of a norm backward: ``config`` when given (the
+    sweep's candidates, benchmarks/sweep_norm_bwd.py), else the default rule: tiles of up to
+    BWD_TILE values, 8 values a thread (row_warps), 4 programs per SM."""
+    if config is not None:
+        rows, warps, per_sm = config
+        if rows < 1 or (rows & (rows - 1)) or (not single and rows != 1):
+            raise ValueError(f"ROWS must be a power of two (1 for rows wider than one block), "
+                             f"got {rows}")
+        return rows, warps, per_sm
+    rows = bwd_rows(block) if single else 1
+    return rows, row_warps(rows * block), 4

@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
-from minigpt.kernels._util import bwd_programs, bwd_rows, interpreting, row_block, row_warps
+from minigpt.kernels._util import bwd_programs, bwd_shape, interpreting, row_block, row_warps
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps, out_dtype=None):
     return y, h, mean, rstd
 
 
-def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None):
+def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config=None):
     """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
     given and differs from h's), dweight, dbias (fp32; dbias empty if no bias)."""
     M, N = h.shape
@@ -220,8 +220,9 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None):
     two = x_dtype is not None and x_dtype != h.dtype
     dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
-    ROWS = bwd_rows(BLOCK) if single else 1
-    P, rows_per_prog = bwd_programs(h.device, M, ROWS)
+    # config: (ROWS, num_warps, programs per SM) in place of the default (bwd_shape).
+    ROWS, warps, per_sm = bwd_shape(BLOCK, single, config)
+    P, rows_per_prog = bwd_programs(h.device, M, ROWS, per_sm)
     # dweight's and dbias's partial rows in one buffer: one reduction launch for both.
     parts = torch.empty((2 if has_bias else 1, P, N), dtype=torch.float32, device=h.device)
     dw_part, db_part = parts[0], parts[-1]
@@ -230,7 +231,7 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None):
         dw_part, db_part, M, N, rows_per_prog, HAS_DH=dh is not None, HAS_DX2=two,
         HAS_BIAS=has_bias,
         BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, EXACT_MUL=not interpreting(),
-        num_warps=row_warps(ROWS * BLOCK))
+        num_warps=warps)
     sums = parts.sum(1)
     # Separate storages: a custom op's outputs must not alias each other (torch.compile
     # refuses the graph otherwise), and db is only N floats.

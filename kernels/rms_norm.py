@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
-from minigpt.kernels._util import bwd_programs, bwd_rows, row_block, row_warps
+from minigpt.kernels._util import bwd_programs, bwd_shape, row_block, row_warps
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def rms_norm_fwd(x, weight, residual, eps, out_dtype=None):
     return y, h, rstd
 
 
-def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None):
+def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None, config=None):
     """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
     given and differs from h's), dweight (fp32)."""
     M, N = h.shape
@@ -166,11 +166,12 @@ def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None):
     two = x_dtype is not None and x_dtype != h.dtype
     dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
-    ROWS = bwd_rows(BLOCK) if single else 1
-    P, rows_per_prog = bwd_programs(h.device, M, ROWS)
+    # config: (ROWS, num_warps, programs per SM) in place of the default (bwd_shape).
+    ROWS, warps, per_sm = bwd_shape(BLOCK, single, config)
+    P, rows_per_prog = bwd_programs(h.device, M, ROWS, per_sm)
     dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
     _rms_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, rstd, dx, dx2 if two else dx, dw_part, M, N,
         rows_per_prog, HAS_DH=dh is not None, HAS_DX2=two, BLOCK=BLOCK, ROWS=ROWS,
-        SINGLE=single, num_warps=row_warps(ROWS * BLOCK))
+        SINGLE=single, num_warps=warps)
     return dx, dx2, dw_part.sum(0)

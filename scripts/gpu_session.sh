@@ -19,9 +19,9 @@
 # $OUT/gpu_results.tgz; unpack it here at the repository root (`tar xzf .../gpu_results.tgz`)
 # and commit what it brings.
 #
-# Stages: prepare (here), install, build, test, cudatest, tune, ops, attention, training_ops,
-# generate (bench: those four), decode, train, quality; lease15 = all of them in one call (see
-# there). Each stage has its own
+# Stages: prepare (here), install, build, test, cudatest, tune, sweep, ops, attention,
+# training_ops, generate (bench: those four), decode, train, quality; lease15 = the open goals'
+# stages in one call (see there). Each stage has its own
 # time limit so one slow stage cannot take the whole call; a stage that fails is reported and
 # the next one still runs; the exit code is the number of failed stages.
 set -uo pipefail
@@ -119,6 +119,10 @@ stage_tune() {
 }
 
 stage_ops() { $PY benchmarks/bench_ops.py --device cuda ${OPS_ARGS:-}; }
+# The Triton norm backwards' launch shapes (ROWS, warps, programs per SM) against the default:
+# a report for changing kernels/_util.py bwd_shape (GPT-2's LayerNorm backward ran at about half
+# its bandwidth floor on the H100).
+stage_sweep() { $PY benchmarks/sweep_norm_bwd.py ${SWEEP_ARGS:-}; }
 stage_attention() { $PY benchmarks/bench_attention.py --device cuda ${ATTENTION_ARGS:-}; }
 stage_training_ops() { $PY benchmarks/bench_training_ops.py --device cuda ${TRAINING_OPS_ARGS:-}; }
 stage_generate() { $PY benchmarks/bench_generate.py --device cuda --weights random ${GENERATE_ARGS:-}; }
@@ -141,7 +145,7 @@ stage_quality() {
 
 if [ "${GPU_SESSION_INNER:-}" = 1 ]; then "stage_$1"; exit $?; fi  # one stage, under timeout
 
-LIMITS="prepare=300 install=120 build=420 test=540 cudatest=540 tune=420 ops=420 attention=420
+LIMITS="prepare=300 install=120 build=420 test=540 cudatest=540 tune=420 sweep=300 ops=420 attention=420
 training_ops=300 generate=300 decode=240 train=540 quality=540"
 # STAGE_LIMITS="cudatest=120 quality=250" overrides these (the last entry for a stage wins).
 LIMITS="$LIMITS ${STAGE_LIMITS:-}"
@@ -173,27 +177,29 @@ pack() {
 if [ "${1:-}" = lease15 ]; then
     [ "$DEADLINE" -gt 0 ] || DEADLINE=570
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=12}"
-    : "${STAGE_LIMITS:=train=100 tune=120 cudatest=230 ops=60 attention=90}"
+    : "${STAGE_LIMITS:=train=100 tune=120 sweep=90 cudatest=230 ops=60 attention=90}"
     # The one attention point short of its goal on the H100 is the D = 128 causal backward
     # at T = 512 (0.79x SDPA-flash; 1.14-1.21x from 1024), where the small-grid rule
     # (kernels/attention.py _fill_sms) halves the table's tiles. A dry run at that length
     # times the candidates there (the table has no length key, so it writes nothing).
     : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels dkdv dq --seqlen 512 --dry-run --budget 0.3}"
     : "${OPS_ARGS:=--quick --no-compile --budget 0.5}"
+    : "${SWEEP_ARGS:=--shapes gpt2-ln,ln-4096x1024 --budget 0.1}"
     : "${TRAINING_OPS_ARGS:=--ops rms_norm,fused_linear_cross_entropy --budget 0.5}"
     : "${GENERATE_ARGS:=--reps 2}" "${TRAIN_ARGS:=--config gpt2 --steps 10 --profile}"
     export DEADLINE MAX_JOBS TEST_WORKERS STAGE_LIMITS OPS_ARGS TRAINING_OPS_ARGS GENERATE_ARGS \
-        TRAIN_ARGS TUNE_ARGS
+        TRAIN_ARGS TUNE_ARGS SWEEP_ARGS
     LIMITS="$LIMITS $STAGE_LIMITS"
-    # The open GPU goals first: GPT-2's MFU (#7), the T = 512 tile study (#3), then the whole
-    # test suite on the GPU (the H100 run passed every test it reached but did not reach them
-    # all), then reruns of the row-op and attention benches in whatever time is left.
-    set -- install build train tune cudatest ops attention
+    # The open GPU goals first: GPT-2's MFU (#7), the T = 512 tile study (#3), the norm
+    # backward sweep (#7, #2), then the whole test suite on the GPU (the H100 run passed every
+    # test it reached but did not reach them all), then reruns of the row-op and attention
+    # benches in whatever time is left.
+    set -- install build train tune sweep cudatest ops attention
 fi
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
 for stage in "$@"; do  # refuse a misspelt stage before anything runs
     [ "$stage" = wait ] || [ -n "$(limit_of "${stage#+}")" ] || { echo "unknown stage" \
-        "'$stage' (prepare install build test cudatest tune ops attention training_ops" \
+        "'$stage' (prepare install build test cudatest tune sweep ops attention training_ops" \
         "generate decode bench train quality, +stage, wait)"; exit 2; }
 done
 [ "$*" = prepare ] || install_carried

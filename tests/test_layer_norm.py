@@ -7,7 +7,7 @@ from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
 from tests._norms import check_mixed_residual, check_out_dtype
 from tests._tol import assert_close, f64, make
-from tests.conftest import backend_device_pairs
+from tests.conftest import backend_device_pairs, skip_if_triton_refused
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading shape, N): last dims 1, 7, 1000, 1025, 4097 (Triton: several blocks in the fused
@@ -226,3 +226,36 @@ def test_layer_norm_mixed_residual_dtype(be, dev, xd, rd, N):
 def test_layer_norm_out_dtype(be, dev, residual):
     check_out_dtype(ops.layer_norm, be, dev, residual, torch.bfloat16, seed=7,
                     bad_out_dtype=torch.int8)
+
+
+@skip_if_triton_refused
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_bwd_launch_shapes_agree(op):
+    """benchmarks/sweep_norm_bwd.py times the Triton norm backwards at other (ROWS, warps,
+    programs per SM) than the default: every shape it may try gives the default's gradients
+    (here each ROWS, the one that changes the arithmetic's grouping in the interpreter), and
+    a shape the kernels cannot take is refused."""
+    import importlib.util
+    import os
+
+    from minigpt.kernels._util import bwd_shape
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                        "sweep_norm_bwd.py")
+    spec = importlib.util.spec_from_file_location("sweep_norm_bwd", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    # The interpreter on CPU tensors; compiled Triton on a GPU machine.
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    xd, rd = (torch.bfloat16, torch.float32) if op == "layer_norm" else (torch.float32, None)
+    args = sweep.inputs(op, 37, 96, xd, rd, dev)
+    cands = sweep.candidates(96)
+    want = sweep.runner(op, args, cands[0])()
+    by_rows = {c[0]: c for c in cands}
+    assert sorted(by_rows) == [1, 2, 4, 8, 16]
+    for c in by_rows.values():
+        sweep.check(op, args, c, want)
+    with pytest.raises(ValueError, match="ROWS"):
+        bwd_shape(128, True, (3, 4, 4))
+    with pytest.raises(ValueError, match="ROWS"):
+        bwd_shape(4096, False, (2, 4, 4))
