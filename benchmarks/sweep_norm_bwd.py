@@ -54,10 +54,11 @@ def candidates(N):
     block, single = row_block(N)
     out = [bwd_shape(block, single)]
     for rows in (ROWS if single else (1,)):
-        if rows * block > 16384:  # past 32 values a thread at 16 warps: spills
-            continue
         for warps in WARPS:
-            if rows * block < 32 * warps:  # fewer values than threads
+            per_thread = rows * block // (32 * warps)
+            # Fewer values than threads, or past 32 values of each operand a thread, where the
+            # prefetched next tile spills (tests/test_triton_compile.py's table).
+            if not 1 <= per_thread <= 32:
                 continue
             for per_sm in PER_SM:
                 out.append((rows, warps, per_sm))
