@@ -515,9 +515,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     be = _backend.resolve(FOP, backend, hidden.device, compute_dtype)
     if target.numel() == 0:
         # F.cross_entropy takes int64 targets only; int32 is documented here.
-        return reference.fused_linear_cross_entropy(
-            *_compute_inputs(cast_to, hidden, weight, bias)[:2], target.long(),
-            _compute_inputs(cast_to, hidden, weight, bias)[2], ignore_index, reduction)
+        hc, wc, bc = _compute_inputs(cast_to, hidden, weight, bias)
+        return reference.fused_linear_cross_entropy(hc, wc, target.long(), bc, ignore_index,
+                                                    reduction)
     h2 = hidden.reshape(-1, H).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     N = h2.shape[0]
