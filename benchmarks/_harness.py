@@ -270,15 +270,17 @@ def header_markdown(header: Dict[str, str], title: str) -> str:
 def write_results(rows: List[dict], name: str, device: torch.device, out_dir: str,
                   title: Optional[str] = None, notes: str = "",
                   header: Optional[Dict[str, str]] = None,
-                  columns: Optional[List[str]] = None) -> Dict[str, str]:
+                  columns: Optional[List[str]] = None,
+                  tag: Optional[str] = None) -> Dict[str, str]:
     """Write ``<out_dir>/<name>_<device tag>.csv`` and ``.md``; returns their paths.
 
     The CSV starts with ``# key: value`` lines (device, date, versions), then a header row.
     ``columns``: which to write (default: COLUMNS and any extra keys, less unfilled ones).
+    ``tag``: the file-name tag, for results measured on another device (default: ``device``'s).
     """
     os.makedirs(out_dir, exist_ok=True)
     header = header or env_header(device)
-    base = os.path.join(out_dir, f"{name}_{device_tag(device)}")
+    base = os.path.join(out_dir, f"{name}_{tag or device_tag(device)}")
     cols = columns_of(rows, columns)
     with open(base + ".csv", "w", newline="") as f:
         for k, v in header.items():

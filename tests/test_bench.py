@@ -165,6 +165,36 @@ def test_ops_merges_results(tmp_path):
     assert "Missing:" in md and "| source | date | op |" in md
 
 
+def test_ops_merges_another_devices_results(tmp_path):
+    """--tag: a GPU session's CSVs merged here, on a machine without that GPU. The merged
+    files carry the tag and the sources' device and versions, and "kernel x eager" (the GPU's
+    kernel times) is derived beside the per-call "x eager"."""
+    H = bench.harness()
+    cpu = torch.device("cpu")
+    src = tmp_path / "in"
+    hdr = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-26 09:06 UTC",
+           "torch": "2.11.0+cu130", "triton": "3.6.0", "python": "3.12.3", "cuda": "13.0",
+           "threads": "16"}
+    rows = [dict(op="softmax", shape="16384x8192", dtype="bf16", backend=be, **{"pass": "fwd"},
+                 ms=ms, **{"x eager": 0.2 / ms, "kernel ms": k})
+            for be, ms, k in (("eager", 0.2, 0.15), ("triton", 0.25, 0.1))]
+    H.write_results(rows, "ops", cpu, str(src), header=hdr, tag="cuda-h100")
+    res = bench.bench_ops(results=str(src), out=str(tmp_path / "out"), tag="cuda-h100",
+                          sources="bench_ops")
+    assert res["paths"]["csv"].endswith("bench_ops_cuda-h100.csv")
+    text = open(res["paths"]["csv"]).read()
+    assert "# device: NVIDIA H100 80GB HBM3" in text and "# torch: 2.11.0+cu130" in text
+    assert "threads" not in text  # this machine's facts are not the results' machine's
+    got = _read_csv(res["paths"]["csv"])
+    assert float(got[1]["x eager"]) == pytest.approx(0.8)
+    assert float(got[1]["kernel x eager"]) == pytest.approx(1.5)
+    assert _png_ok(res["paths"]["png"])
+    with pytest.raises(ValueError, match="--tag"):
+        bench.bench_ops(run=True, tag="cuda-h100", results=str(src), out=str(tmp_path))
+    with pytest.raises(ValueError, match="--tag"):
+        bench.bench_ops(tag="../x", results=str(src), out=str(tmp_path))
+
+
 def test_ops_without_results_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no per-op results"):
         bench.bench_ops(device="cpu", results=str(tmp_path), out=str(tmp_path))

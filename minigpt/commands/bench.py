@@ -80,6 +80,9 @@ def add_arguments(p):
                    help="comma-separated subset of " + ", ".join(OP_SOURCES))
     o.add_argument("--results", default=None, metavar="DIR",
                    help="where the per-op CSVs are (default: benchmarks/results/)")
+    o.add_argument("--tag", default=None,
+                   help="merge the results of another device, by their file-name tag (e.g. "
+                        "cuda-h100 for the *_cuda-h100.csv a GPU session brought back)")
     _common(o)
 
 
@@ -105,7 +108,7 @@ def run(args):
                                  weights=args.weights)
     else:
         res = bench.bench_ops(run=args.run, device=args.device, results=args.results,
-                              out=args.out, sources=args.sources, plot=args.plot)
+                              out=args.out, sources=args.sources, plot=args.plot, tag=args.tag)
     for k, v in res["paths"].items():
         print(f"wrote {k}: {v}")
     return 0
