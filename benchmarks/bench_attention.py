@@ -201,6 +201,72 @@ def bench_decode(device, dtype, lens, B=4, Hq=32, Hkv=8, D=128):
     return rows
 
 
+def plot_attention(rows, path, title=""):
+    """TFLOP/s against sequence length, one panel per (head dim, pass) of the causal sweep, one
+    line per implementation: kernel time where measured (GPU), else per call. Returns the path,
+    or None without matplotlib or rows to draw."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+
+    def parse(shape):  # "2x16x4096x128" (causal) or "... full"
+        if not shape or " " in shape:
+            return None
+        b, h, t, d = (int(x) for x in shape.split("x"))
+        return t, d
+
+    pts = {}
+    by_kernel = any(r.get("kernel TFLOP/s") for r in rows)
+    for r in rows:
+        td = parse(r.get("shape")) if r.get("op") == "attention" else None
+        tf = r.get("kernel TFLOP/s") or r.get("TFLOP/s")
+        if td is None or not tf:
+            continue
+        pts.setdefault((td[1], r["pass"]), {}).setdefault(r["backend"], []).append((td[0], tf))
+    if not pts:
+        return None
+    Ds = sorted({d for d, _ in pts})
+    passes = [p for p in ("fwd", "bwd") if any(k[1] == p for k in pts)]
+    fig, axes = plt.subplots(len(Ds), len(passes), figsize=(5.2 * len(passes), 3.6 * len(Ds)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, [(d, p) for d in Ds for p in passes]):
+        if key not in pts:
+            ax.axis("off")
+            continue
+        for k, (be, xy) in enumerate(sorted(pts[key].items())):
+            xy.sort()
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=be,
+                    color=f"C{k % 10}", lw=2.2 if be in ("triton", "cuda", "cpu") else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("sequence length T = S")
+        ax.set_ylabel("TFLOP/s" + (" (kernel time)" if by_kernel else ""))
+        ax.set_title(f"causal, D = {key[0]}, {key[1]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def replot(csv_path):
+    """The plot of a results CSV (e.g. one a GPU session brought back), beside it."""
+    from minigpt.bench import read_results_csv
+
+    header, rows = read_results_csv(csv_path)
+    png = plot_attention(rows, os.path.splitext(csv_path)[0] + ".png",
+                         f"attention, {header.get('device', '')} ({header.get('date', '')})")
+    print(f"wrote {png}" if png else "nothing to plot (or no matplotlib)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -208,7 +274,11 @@ def main():
                     "fp32 on CPU)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--replot", metavar="CSV",
+                    help="only draw the PNG of an existing results CSV, and exit")
     args = ap.parse_args()
+    if args.replot:
+        return replot(args.replot)
     device = torch.device(args.device)
     dt_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt_name]
@@ -239,7 +309,9 @@ def main():
             f"- {g}" for g in goals)
     paths = H.write_results(rows, "attention", device, args.out, title="attention benchmark",
                             notes=notes, columns=COLUMNS)
-    print(f"wrote {paths['md']} and {paths['csv']}")
+    png = plot_attention(rows, os.path.splitext(paths["csv"])[0] + ".png",
+                         f"attention, {H.env_header(device)['device']}")
+    print(f"wrote {paths['md']} and {paths['csv']}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

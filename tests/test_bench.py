@@ -350,3 +350,27 @@ def test_train_leaves_out_a_variant_that_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="broken kernel"):
         bench.bench_train("tiny", steps=1, device="cpu", variants="minigpt,eager",
                           out=str(tmp_path), plot=False)
+
+
+def test_attention_plot_from_rows_and_from_csv(tmp_path):
+    """bench_attention.py's TFLOP/s plot: drawn from its rows (kernel time where a GPU run
+    measured it), and redrawn from a results CSV with --replot."""
+    ba = bench._load_script("bench_attention")
+    H = bench.harness()
+    rows = []
+    for D in (64, 128):
+        for T in (512, 1024):
+            for be, tf in (("triton", 100.0), ("sdpa-flash", 90.0)):
+                for ps in ("fwd", "bwd"):
+                    rows.append(dict(op="attention", shape=f"2x16x{T}x{D}", dtype="bf16",
+                                     backend=be, **{"pass": ps}, ms=1.0,
+                                     **{"TFLOP/s": tf, "kernel TFLOP/s": tf * 1.5}))
+    rows.append(dict(op="attention", shape="2x16x1024x128 full", dtype="bf16", backend="triton",
+                     **{"pass": "fwd"}, ms=1.0, **{"TFLOP/s": 5.0}))  # not on the causal plot
+    rows.append(dict(op="decode", shape="4x32/8x256x128", dtype="bf16", backend="triton",
+                     **{"pass": "fwd"}, ms=1.0, **{"TFLOP/s": 1.0}))
+    assert _png_ok(ba.plot_attention(rows, str(tmp_path / "a.png")))
+    assert ba.plot_attention([rows[-1]], str(tmp_path / "b.png")) is None  # nothing causal
+    paths = H.write_results(rows, "attention", torch.device("cpu"), str(tmp_path))
+    ba.replot(paths["csv"])
+    assert _png_ok(os.path.splitext(paths["csv"])[0] + ".png")
