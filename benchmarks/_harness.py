@@ -298,15 +298,34 @@ def write_results(rows: List[dict], name: str, device: torch.device, out_dir: st
     return {"csv": base + ".csv", "md": base + ".md"}
 
 
-def plot_bandwidth(rows: List[dict], path: str, title: str = "") -> Optional[str]:
-    """GB/s against problem size, one panel per (op, pass), one line per backend (and dtype
-    when there are several). Returns the path, or None if matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_png(plt, fig, path: str, title: str = "") -> str:
+    """The end the scripts' plots share: the title on top, written to ``path`` as a PNG."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bandwidth(rows: List[dict], path: str, title: str = "") -> Optional[str]:
+    """GB/s against problem size, one panel per (op, pass), one line per backend (and dtype
+    when there are several). Returns the path, or None if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [r for r in rows if r.get("GB/s")]
     panels = sorted({(r["op"], r["pass"]) for r in rows})
@@ -333,13 +352,7 @@ def plot_bandwidth(rows: List[dict], path: str, title: str = "") -> Optional[str
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(plt, fig, path, title)
 
 
 def _numel(shape: str) -> int:

@@ -205,12 +205,8 @@ def plot_attention(rows, path, title=""):
     """TFLOP/s against sequence length, one panel per (head dim, pass) of the causal sweep, one
     line per implementation: kernel time where measured (GPU), else per call. Returns the path,
     or None without matplotlib or rows to draw."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = H.pyplot()
+    if plt is None:
         return None
 
     def parse(shape):  # "2x16x4096x128" (causal) or "... full"
@@ -248,13 +244,7 @@ def plot_attention(rows, path, title=""):
         ax.set_title(f"causal, D = {key[0]}, {key[1]}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return H.save_png(plt, fig, path, title)
 
 
 def replot(csv_path):
