@@ -314,12 +314,16 @@ TRAIN_CONFIGS = {
     "tiny": (dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, bias=True), 4, 2),
 }
 
-# variant -> (MINIGPT_BACKEND, torch.compile?); None = the device's default (our kernels).
-# minigpt-compile: our kernels inside the compiled graph (custom ops, opaque to Inductor),
-# the rest (GELU, adds, embeddings, casts) fused by it; compare it with "compile", the
-# reference compiled the same way.
-VARIANTS = {"minigpt": (None, False), "eager": ("torch", False), "compile": ("torch", True),
-            "minigpt-compile": (None, True)}
+# variant -> (MINIGPT_BACKEND, torch.compile?, CUDA graph?); None = the device's default (our
+# kernels). minigpt-compile: our kernels inside the compiled graph (custom ops, opaque to
+# Inductor), the rest (GELU, adds, embeddings, casts) fused by it; compare it with "compile",
+# the reference compiled the same way. "-graph": the whole step (forward, backward, clipping,
+# AdamW) captured as one CUDA graph and replayed (minigpt/graph.py), so the host's launch time
+# is gone; compile-graph is the reference given the same. CUDA only.
+VARIANTS = {"minigpt": (None, False, False), "eager": ("torch", False, False),
+            "compile": ("torch", True, False), "minigpt-compile": (None, True, False),
+            "minigpt-graph": (None, False, True), "minigpt-compile-graph": (None, True, True),
+            "compile-graph": ("torch", True, True)}
 
 TRAIN_COLUMNS = ["config", "variant", "backend", "dtype", "batch", "seq", "params M", "loss@1",
                  "first step s", "step ms", "tokens/s", "x eager", "peak MB", "mem x eager",
@@ -344,27 +348,41 @@ def _parse_list(name: str, value, choices) -> List[str]:
 
 class _TrainVariant:
     def __init__(self, name, model, device, amp_dtype, batches, grad_clip=1.0):
+        from minigpt.graph import GraphedStep, check_capturable
         from minigpt.train import _autocast
 
         self.name = name
-        self.backend, compiled = VARIANTS[name]
+        self.backend, compiled, graphed = VARIANTS[name]
         self.raw = model
         self.model = torch.compile(model) if compiled else model
-        self.opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type)
-        self.autocast = lambda: _autocast(device, amp_dtype)
+        self.opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type,
+                                              capturable=graphed)
+        # Autocast's cache of weight casts is not kept across a captured step (PyTorch's
+        # advice for graphs); each weight is cast once a step either way.
+        self.autocast = lambda: _autocast(device, amp_dtype, cache=not graphed)
         self.batches, self.i = batches, 0
         self.grad_clip = grad_clip
         self.losses: List[float] = []
+        self.graphed = None
+        if graphed:
+            check_capturable(model, self.opt, amp_dtype)
+            self.graphed = GraphedStep(self._step, self.opt, warmup=2)
+
+    def _step(self, x, y):
+        with self.autocast():
+            _, loss = self.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
+        self.opt.step()
+        return loss.detach()
 
     def step(self):
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
         with backend_env(self.backend):
-            with self.autocast():
-                _, loss = self.model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
-            self.opt.step()
+            if self.graphed is not None:
+                return self.graphed(x, y)
+            loss = self._step(x, y)
             self.opt.zero_grad(set_to_none=True)
         return loss
 
@@ -411,12 +429,18 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
                 max_cpu_seconds: float = 150.0, seed: int = 1337, plot: bool = True) -> dict:
     """Run the training benchmark; returns {"rows", "paths", "skipped", "goals"}."""
     configs = _parse_list("--config", configs, TRAIN_CONFIGS)
+    dev = parse_device(device)
+    if variants in (None, "auto"):  # every variant the device runs
+        variants = [v for v, (_, _, g) in VARIANTS.items() if dev.type == "cuda" or not g]
     variants = _parse_list("--variants", variants, VARIANTS)
+    no_graph = [v for v in variants if VARIANTS[v][2] and dev.type != "cuda"]
+    if no_graph:
+        raise ValueError(f"--variants: {no_graph} capture CUDA graphs and need a CUDA device, "
+                         f"not {dev}")
     _positive_int("--steps", steps)
     _positive_int("--batch-size", batch_size, allow_none=True)
     if peak_tflops is not None and not (isinstance(peak_tflops, (int, float)) and peak_tflops > 0):
         raise ValueError(f"--peak-tflops must be a positive number, got {peak_tflops!r}")
-    dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:
         raise ValueError("--dtype float16 needs a GPU (CPU autocast trains in float32 or bfloat16)")
@@ -467,6 +491,8 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
             try:
                 loss = r.step()
                 first_loss[v] = float(loss.detach())
+                while r.graphed is not None and r.graphed.graph is None:
+                    r.step()  # the rest of the warm-up, then the capture: before the timing
                 H.sync(dev)
             except Exception as e:  # noqa: BLE001  one variant failing costs only its row
                 if v == "minigpt" or isinstance(e, (KeyboardInterrupt, MemoryError)):
@@ -484,7 +510,9 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
         ms = H.time_fns({v: r.step for v, r in runs.items()}, dev, warmup=1, reps=steps)
         peak_b = {}
         for v, r in runs.items():
-            add = step_peak_bytes(r.step, dev)
+            # A replayed graph allocates nothing: its step's memory is what capture took.
+            add = (r.graphed.capture_peak_bytes if r.graphed is not None
+                   else step_peak_bytes(r.step, dev))
             peak_b[v] = None if add is None else r.state_bytes() + add
         base = "eager" if "eager" in runs else cfg_variants[0]
         for v in cfg_variants:
@@ -493,7 +521,8 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
             rows.append({
                 "config": cfg_name, "variant": v,
                 "backend": (ours if VARIANTS[v][0] is None else VARIANTS[v][0])
-                + (" +compile" if VARIANTS[v][1] else ""),
+                + (" +compile" if VARIANTS[v][1] else "") + (" +cudagraph" if VARIANTS[v][2]
+                                                              else ""),
                 "dtype": dname, "batch": B, "seq": T, "params M": n_params / 1e6,
                 "loss@1": first_loss[v], "first step s": first_s[v], "step ms": ms[v],
                 "tokens/s": tps, "x eager": ms[base] / ms[v],
@@ -507,7 +536,8 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
             mine is not None and "eager" in runs and mine["x eager"] < _goal(dev, cfg_name)["eager"])
         if want_profile:
             profiles.append((cfg_name, {v: _profile_step(runs[v], dev)
-                                        for v in ("minigpt", "eager") if v in runs}))
+                                        for v in ("minigpt", "eager", "minigpt-graph")
+                                        if v in runs}))
         del runs
     goals = _train_goals(rows, dev)
     out = Path(out) if out else DEFAULT_OUT
@@ -544,13 +574,19 @@ def _train_goals(rows, device) -> List[str]:
             x = sub["compile"]["step ms"] / mine["step ms"]
             lines.append(f"{cfg}: minigpt {x:.2f}x torch.compile (goal >= 1.0x): "
                          + ("met" if x >= 1.0 else f"MISSED by {100 * (1 - x):.0f}%"))
-            if "minigpt-compile" in sub:
-                x = sub["compile"]["step ms"] / sub["minigpt-compile"]["step ms"]
-                lines.append(f"{cfg}: minigpt-compile (our kernels, compiled) {x:.2f}x "
-                             "torch.compile of the reference: "
-                             + ("met" if x >= 1.0 else f"MISSED by {100 * (1 - x):.0f}%"))
+            for v in ("minigpt-compile", "minigpt-graph", "minigpt-compile-graph"):
+                if v in sub:
+                    x = sub["compile"]["step ms"] / sub[v]["step ms"]
+                    lines.append(f"{cfg}: {v} {x:.2f}x torch.compile of the reference: "
+                                 + ("met" if x >= 1.0 else f"MISSED by {100 * (1 - x):.0f}%"))
+            if "compile-graph" in sub:
+                for v in ("minigpt-graph", "minigpt-compile-graph"):
+                    if v in sub:
+                        x = sub["compile-graph"]["step ms"] / sub[v]["step ms"]
+                        lines.append(f"{cfg}: {v} {x:.2f}x compile-graph (the reference "
+                                     "compiled and in a CUDA graph too)")
         if "mfu" in goal and mine.get("MFU %") is not None and mine["dtype"] == "bf16":
-            for v in ("minigpt", "minigpt-compile"):
+            for v in ("minigpt", "minigpt-compile", "minigpt-graph", "minigpt-compile-graph"):
                 if v in sub and sub[v].get("MFU %") is not None:
                     m = sub[v]["MFU %"]
                     lines.append(f"{cfg}: {v} MFU {m:.1f}% (goal >= 40% in bf16): "
@@ -580,6 +616,9 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
         "minigpt = our kernels (the device's default backend); eager = minigpt.reference ops in "
         "plain PyTorch (MINIGPT_BACKEND=torch); compile = that reference under torch.compile; "
         "minigpt-compile = our kernels under torch.compile (custom ops inside the graph). "
+        "-graph = the whole step (forward, backward, clipping, AdamW) captured once as a CUDA "
+        "graph and replayed (minigpt/graph.py; two warm-up steps before capture); its peak "
+        "is what the capture allocated. "
         f"step ms: median of {steps} steps timed round-robin (one step of each variant per "
         "round) after one warm-up step (`first step s`, which includes compilation). "
         "x eager = eager step ms / step ms (> 1: faster). loss@1: the first step's loss (the "

@@ -85,7 +85,11 @@ def optimizer_state(optimizer: torch.optim.Optimizer):
         for k, v in st.items():
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"state.{pid}.{k}"] = t
-    return tensors, sd["param_groups"]
+    # A capturable optimizer keeps its learning rate as a 0-dim tensor (minigpt/graph.py): the
+    # JSON holds its value (restore_optimizer's caller makes it a tensor again).
+    groups = [{k: (v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v)
+               for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
 
 
 def save_checkpoint(run_dir, model: GPT, tokenizer: CharTokenizer, train_state: Optional[dict] = None,

@@ -208,8 +208,7 @@ class KVCache:
         if self._decode:
             # One check per step rather than one per layer in decode_attention (a host sync on
             # a GPU; skipped while a CUDA graph is captured, where syncing is not allowed).
-            capturing = self.seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
-            if not capturing and not torch.compiler.is_compiling():
+            if ops.host_checks(self.seqlens):
                 longest = int(self.seqlens.max())
                 if longest >= self.max_seqlen:
                     raise ValueError(f"KVCache: a sequence already holds {longest} tokens, the "
@@ -397,13 +396,13 @@ class GPT(nn.Module):
             raise ValueError("GPT: idx has no tokens")
         # An id outside the vocabulary is an opaque IndexError from the embedding on the CPU and
         # a device-side assert on CUDA, which ruins the process's CUDA context: checked here,
-        # one host sync on a GPU (not while compiling or capturing a CUDA graph). A one-token
-        # step after a cache on CUDA is left to the embedding's assert: its id comes from the
-        # sampler, and a sync per generated token would cost decoding speed.
+        # one host sync on a GPU (not while compiling, capturing a CUDA graph or in
+        # ops.no_host_sync()). A one-token step after a cache on CUDA is left to the
+        # embedding's assert: its id comes from the sampler, and a sync per generated token
+        # would cost decoding speed.
         decode_step = idx.is_cuda and cache is not None and T == 1
-        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        if (idx.numel() and idx.device.type != "meta" and not capturing and not decode_step
-                and not torch.compiler.is_compiling()):
+        if (idx.numel() and idx.device.type != "meta" and not decode_step
+                and ops.host_checks(idx)):
             lo, hi = (int(v) for v in torch.aminmax(idx))
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"GPT: token ids must lie in [0, {self.config.vocab_size}) (the "
@@ -475,17 +474,30 @@ class GPT(nn.Module):
                         stream=stream, use_cache=use_cache)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95),
-                             device_type="cpu"):
-        """AdamW with weight decay on matrices and embeddings, none on biases and norms."""
+                             device_type="cpu", capturable=False):
+        """AdamW with weight decay on matrices and embeddings, none on biases and norms.
+
+        ``capturable``: for a step captured in a CUDA graph (minigpt/graph.py): the step count
+        and the learning rate live on the GPU, the latter as a tensor in each group (set it
+        with ``minigpt.graph.set_lr``). CUDA only."""
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         decay = [p for p in params.values() if p.dim() >= 2]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
         extra = {}
         if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
             extra["fused"] = True
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        if capturable:
+            if device_type != "cuda":
+                raise ValueError(f"configure_optimizers: capturable needs CUDA, not {device_type}")
+            dev = next(iter(params.values())).device
+            extra["capturable"] = True
+            # One tensor per group: the optimizer may move a shared one to each group's device.
+            lr = [torch.tensor(float(learning_rate), device=dev) for _ in range(2)]
+        else:
+            lr = [learning_rate] * 2
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr[0]},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": lr[1]}]
+        return torch.optim.AdamW(groups, lr=lr[0], betas=betas, **extra)
 
 
 MiniGPT = GPT

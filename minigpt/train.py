@@ -70,6 +70,7 @@ class TrainConfig:
     dtype: str = "auto"                 # auto | float32 | bfloat16 | float16 (autocast)
     backend: Optional[str] = None       # MINIGPT_BACKEND for every op
     compile: bool = False
+    cuda_graph: bool = False            # each step one CUDA graph replay (minigpt/graph.py)
     threads: Optional[int] = None       # CPU threads; None: see cpu_threads()
     progress: bool = True
 
@@ -104,6 +105,14 @@ class TrainConfig:
             if self.backend not in BACKENDS:
                 raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         self.model_config(vocab_size=1)  # n_head / n_embd / block_size / dropout checks
+        if self.cuda_graph:
+            if self.dropout > 0:
+                raise ValueError(f"cuda-graph needs dropout 0 (got {self.dropout}): attention "
+                                 "dropout draws its seed on the host, so every replay would "
+                                 "reuse one mask")
+            if self.dtype == "float16":
+                raise ValueError("cuda-graph: float16 needs a GradScaler, whose inf check is a "
+                                 "host sync; use bfloat16 or float32")
 
 
     def model_config(self, vocab_size: int) -> GPTConfig:
@@ -303,10 +312,10 @@ def estimate_loss(model, splits, cfg: TrainConfig, device, amp_dtype, rank=0) ->
     return out
 
 
-def _autocast(device, amp_dtype):
+def _autocast(device, amp_dtype, cache: bool = True):
     if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
 
 
 def _print(*a, **k):
@@ -385,8 +394,12 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = GPT(mcfg)
     model.to(device).train()
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda-graph needs a CUDA device, not {device}")
+    if cfg.cuda_graph and dist.ddp:
+        raise ValueError("cuda-graph is not supported with DistributedDataParallel (torchrun)")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
-                                           device.type)
+                                           device.type, capturable=cfg.cuda_graph)
     start_step, best_val = 0, float("inf")
     if resumed:
         opt = resumed["config"].get("optimizer")
@@ -394,6 +407,9 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
             raise ckpt.CheckpointError(f"--resume: {resumed['path']} has no optimizer state "
                                        "(not a training checkpoint)")
         ckpt.restore_optimizer(optimizer, resumed["optimizer_tensors"], opt["param_groups"])
+        if cfg.cuda_graph:  # the checkpoint holds plain numbers: tensors again, on the GPU
+            for group in optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
         state = resumed["config"]["train"]
         start_step = int(state["step"])
         if state.get("best_val_loss") is not None:
@@ -458,36 +474,69 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
         msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         (bar.write(msg) if bar is not None else _print(msg))
 
+    graphed = None
+    if cfg.cuda_graph:
+        from minigpt.graph import GraphedStep, check_capturable, set_lr
+
+        check_capturable(raw_model, optimizer, amp_dtype)
+
+        def graph_step(xs, ys):
+            """One step on grad_accum stacked micro-batches (K, B, T), without a host sync."""
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                with _autocast(device, amp_dtype, cache=False):
+                    _, loss = model(xs[micro], ys[micro])
+                    loss = loss / cfg.grad_accum
+                loss.backward()
+                total = total + loss.detach().float()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            return total
+
+        graphed = GraphedStep(graph_step, optimizer)
+
     step = start_step
     if dist.master and not resumed and end_step > 0:
         evaluate(0)
     while step < end_step:
         lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t_step = time.time()
-        torch.manual_seed(_seed_for(cfg.seed, dist.rank, step, 1 << 41))  # dropout masks
         g = torch.Generator()
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            g.manual_seed(_seed_for(cfg.seed, dist.rank, step, micro))
-            x, y = data_mod.get_batch(splits.train, cfg.batch_size, cfg.block_size, g)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = (not dist.ddp or micro == cfg.grad_accum - 1)
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx:
-                with _autocast(device, amp_dtype):
-                    _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum
-                scaler.scale(loss).backward()
-            total += loss.detach().float()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        if graphed is not None:
+            set_lr(optimizer, lr)
+            xy = []
+            for micro in range(cfg.grad_accum):  # the same batches as the eager loop draws
+                g.manual_seed(_seed_for(cfg.seed, dist.rank, step, micro))
+                xy.append(data_mod.get_batch(splits.train, cfg.batch_size, cfg.block_size, g))
+            xs = torch.stack([x for x, _ in xy]).to(device, non_blocking=True)
+            ys = torch.stack([y for _, y in xy]).to(device, non_blocking=True)
+            total = graphed(xs, ys)
+            step += 1
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(_seed_for(cfg.seed, dist.rank, step, 1 << 41))  # dropout masks
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                g.manual_seed(_seed_for(cfg.seed, dist.rank, step, micro))
+                x, y = data_mod.get_batch(splits.train, cfg.batch_size, cfg.block_size, g)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = (not dist.ddp or micro == cfg.grad_accum - 1)
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx:
+                    with _autocast(device, amp_dtype):
+                        _, loss = model(x, y)
+                        loss = loss / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                total += loss.detach().float()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
         loss_val = float(total)
         if not math.isfinite(loss_val):
             raise RuntimeError(f"training diverged at step {step} (loss {loss_val}); "

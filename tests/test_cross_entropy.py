@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
+from tests._sync import forbid_host_sync
 from tests._tol import FLOOR, assert_close, f64, make
 from tests.conftest import backend_device_pairs
 
@@ -522,3 +523,96 @@ def test_fused_weight_grad_sum_falls_back_where_fp32_accumulating_mm_is_missing(
     want32 = acc32 + a.float() @ b.float()
     ce_mod._add_mm(acc32, a.float(), b.float())
     torch.testing.assert_close(acc32, want32, rtol=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Without host syncs (ops.no_host_sync(), a CUDA graph capture): the mean's 1 / n_valid stays on
+# the device and backward applies it with dloss, in place
+
+
+def _deferred_case(fused, be, dev, dtype, reduction, all_ignored=False):
+    lead, H, V = (3, 5), 16, 130
+    h = make((*lead, H), dtype, dev, requires_grad=True)
+    w = make((V, H), dtype, dev, requires_grad=True, scale=H ** -0.5 * 3)
+    t = _targets(lead, V, dev)
+    if all_ignored:
+        t = torch.full_like(t, -100)
+
+    def run(backend, hh, ww):
+        if fused:
+            return ops.fused_linear_cross_entropy(hh, ww, t, reduction=reduction,
+                                                  backend=backend, chunk_size=4)
+        return ops.cross_entropy(hh @ ww.t(), t, reduction=reduction, backend=backend)
+
+    return h, w, t, run
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("fused", [False, True], ids=["ce", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_host_sync_matches_reference(be, dev, fused, dtype, reduction):
+    h, w, t, run = _deferred_case(fused, be, dev, dtype, reduction)
+    h64, w64 = f64(h), f64(w)
+    out64 = run("torch", h64, w64)
+    gy = _upstream(out64, reduction)
+    with ops.no_host_sync(), forbid_host_sync():
+        out = run(be, h, w)
+        grads = torch.autograd.grad((out.double() * gy).sum(), [h, w])
+    out_lp = run("torch", h, w)
+    grads_lp = torch.autograd.grad((out_lp.double() * gy).sum(), [h, w])
+    grads64 = torch.autograd.grad((out64 * gy).sum(), [h64, w64])
+    assert_close(out, out64, out_lp, dtype if fused else torch.float32, "loss")
+    for name, g, g_lp, g64 in zip(("dhidden", "dweight"), grads, grads_lp, grads64):
+        assert g.dtype == dtype, name
+        _grad_close(g, g64, g_lp, dtype, name)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("fused", [False, True], ids=["ce", "fused"])
+def test_no_host_sync_all_ignored(be, dev, fused):
+    # As torch: the mean over no targets is NaN, its gradient zero (not 0 * inf).
+    h, w, t, run = _deferred_case(fused, be, dev, torch.float32, "mean", all_ignored=True)
+    with ops.no_host_sync():
+        out = run(be, h, w)
+        out.backward()
+    assert torch.isnan(out)
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["ce", "fused"])
+def test_no_host_sync_backward_twice_with_retained_graph(fused):
+    # The deferred scale is applied to the stored gradients in place: a second backward through
+    # the retained graph divides the first call's factor out.
+    h, w, t, run = _deferred_case(fused, "cpu", "cpu", torch.float32, "mean")
+    with ops.no_host_sync():
+        loss = run("cpu", h, w)
+    ref = run("torch", h, w)
+    for scale in (1.0, 3.0, -0.5, 1.0):
+        g = torch.autograd.grad(loss * scale, [h, w], retain_graph=True)
+        gr = torch.autograd.grad(ref * scale, [h, w], retain_graph=True)
+        for a, c in zip(g, gr):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    # A zero first factor would have zeroed them for good: a clear error, not zero gradients.
+    with ops.no_host_sync():
+        loss = run("cpu", h, w)
+    torch.autograd.grad(loss * 0.0, [h, w], retain_graph=True)
+    with pytest.raises(RuntimeError, match="retained graph"):
+        torch.autograd.grad(loss, [h, w])
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs(("triton", "cuda", "cpu")))
+@pytest.mark.parametrize("fused", [False, True], ids=["ce", "fused"])
+def test_no_host_sync_out_of_range_target(be, dev, fused):
+    # Unchecked, an out-of-range target is still never read out of bounds: the GPU kernels give
+    # a NaN loss, the C++ kernel (no sync to save on the CPU) its own error.
+    h, w, t, run = _deferred_case(fused, be, dev, torch.float32, "mean")
+    t[0, 1] = 130
+    with pytest.raises(ValueError, match="out of range"):
+        run(be, h, w)
+    with ops.no_host_sync():
+        if be == "cpu":
+            with pytest.raises(RuntimeError, match="target outside"):
+                run(be, h, w)
+        else:
+            assert torch.isnan(run(be, h, w))

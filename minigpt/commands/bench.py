@@ -41,8 +41,9 @@ def add_arguments(p):
                    help="sequences per step (default: per config, smaller on CPU)")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    t.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of " + ", ".join(VARIANTS))
+    t.add_argument("--variants", default="auto",
+                   help="comma-separated subset of " + ", ".join(VARIANTS) + "; auto: every "
+                        "one the device runs (the -graph ones, CUDA graphs, only on CUDA)")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s for MFU (default: data-sheet table for "
                         "H100/H200/A100, an estimate on CPU)")

@@ -82,6 +82,11 @@ def add_arguments(p):
                         "for the device)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (default: off)")
+    p.add_argument("--cuda-graph", dest="cuda_graph", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="capture each training step (forward, backward, clipping, AdamW) as one "
+                        "CUDA graph and replay it: no per-kernel launch cost on the host. CUDA "
+                        "only; needs dropout 0, bfloat16 or float32, no DDP (default: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no tqdm progress bar")
     p.add_argument("--overwrite", action="store_true",
@@ -100,7 +105,8 @@ def run(args):
         dest = flag[2:].replace("-", "_")
         if getattr(args, dest) is not None:
             overrides[dest] = getattr(args, dest)
-    for name in ("bias", "device", "dtype", "backend", "compile", "progress", "data"):
+    for name in ("bias", "device", "dtype", "backend", "compile", "cuda_graph", "progress",
+                 "data"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     overrides["out_dir"] = args.out

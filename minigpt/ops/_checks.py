@@ -2,8 +2,10 @@
 never a crash inside a kernel."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 
 import torch
 
@@ -61,3 +63,40 @@ def out_dtype(op: str, value):
     if value is not None and value not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be None or a floating dtype (float32, float16, "
                         f"bfloat16 or float64), got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that read tensor values on the host
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Skip the input checks that read tensor values on the host inside this block.
+
+    A target of a cross-entropy or a token id of the model outside its range, or a decode cache
+    length, can only be checked by reading the tensor: on a GPU, a host sync, which stalls the
+    launch queue (the GPU idles until the host has queued the next kernels) and is not allowed
+    at all while a CUDA graph is captured. The checks are skipped there by themselves; this
+    block skips them too, e.g. around a training step whose inputs are known to be in range.
+    Nothing reads out of bounds without them: an out-of-range target gives a NaN loss, an
+    out-of-range token id the embedding's own error (a device-side assert on CUDA).
+    """
+    depth = getattr(_state, "depth", 0)
+    _state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.depth = depth
+
+
+def host_checks(t: torch.Tensor) -> bool:
+    """Whether a check that reads ``t``'s values on the host may run now: not while
+    torch.compile traces, not while a CUDA graph is being captured, not inside
+    ``no_host_sync()``."""
+    if torch.compiler.is_compiling():
+        return False
+    if getattr(_state, "depth", 0):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())

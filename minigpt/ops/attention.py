@@ -362,8 +362,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
         raise TypeError(f"{op}: cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
     _checks.shape(op, "cache_seqlens", cache_seqlens, (B,))
     _checks.same_device(op, q=q, cache_seqlens=cache_seqlens)
-    capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
-    if check_lengths and B and not torch.compiler.is_compiling() and not capturing:
+    if check_lengths and B and _checks.host_checks(cache_seqlens):
         # One host sync (skipped while a CUDA graph is being captured, where it is not allowed;
         # the kernels clamp the lengths to the cache there, so nothing reads out of bounds).
         if cache_seqlens.is_cpu:

@@ -112,7 +112,41 @@ def _scaled(g: Tensor, dloss: Tensor) -> Tensor:
     return g * dloss  # a 0-dim dloss keeps g's dtype
 
 
-def _reduce(rows: Tensor, reduction: str, n_valid: int) -> Tensor:
+def _valid_count(target: Tensor, ignore_index: int) -> Tensor:
+    """The number of non-ignored targets as a 0-dim tensor on target's device: no sync."""
+    return (target != ignore_index).sum()
+
+
+def _pending_scale(reduction: str, n_valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """What stored gradients computed with grad_scale 1 still need: 1 / n_valid for "mean" (1
+    with every target ignored: the gradient is zero then, as with _grad_scale)."""
+    if reduction == "mean":
+        return 1.0 / n_valid.clamp(min=1).to(dtype)
+    return torch.ones((), dtype=dtype, device=n_valid.device)
+
+
+def _apply_pending(ctx, grads, factor: Tensor):
+    """Stored gradients times a 0-dim ``factor`` (dloss times the pending scale), with no host
+    sync: the deferred path of backward (``defer_scale``). In place, so no second buffer of the
+    gradients' size; a second backward through a retained graph finds them already scaled by
+    the first call's factor and divides it out (out of place)."""
+    if is_compiling():
+        return tuple(g * factor for g in grads)  # traced: functional
+    prev = getattr(ctx, "minigpt_applied", None)
+    if prev is None:
+        ctx.minigpt_applied = factor
+        # Through .data: the in-place scaling is accounted for here, and autograd's version
+        # check would otherwise refuse the saved tensors to a second backward.
+        return tuple(g.data.mul_(factor) for g in grads)
+    if bool(prev == 0):
+        raise RuntimeError("cross-entropy backward ran twice through a retained graph whose first "
+                           "call had a zero incoming gradient: its stored gradients were scaled "
+                           "to zero in place and cannot be recovered")
+    return tuple(g * (factor / prev) for g in grads)
+
+
+def _reduce(rows: Tensor, reduction: str, n_valid) -> Tensor:
+    """The reduced loss; ``n_valid`` an int or a 0-dim tensor (the deferred path)."""
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -163,26 +197,43 @@ def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_sca
 
 
 def _ce_fwd_impl(logits: Tensor, target: Tensor, ignore_index: int, reduction: str,
-                 label_smoothing: float, compute_grad: bool,
-                 backend: str) -> tuple[Tensor, Tensor]:
-    """logits (M, V) contiguous, target (M,) int64 -> reduced loss, and with compute_grad the
-    gradient of that loss w.r.t. logits (else an empty tensor)."""
-    n_valid = _target_stats(OP, target, logits.shape[1], ignore_index)
+                 label_smoothing: float, compute_grad: bool, backend: str,
+                 defer_scale: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """logits (M, V) contiguous, target (M,) int64 -> reduced loss, with compute_grad the
+    gradient of that loss w.r.t. logits (else an empty tensor), and the 0-dim scale that
+    gradient still needs.
+
+    ``defer_scale`` (no host checks: under torch.compile, while a CUDA graph is captured, in
+    ``no_host_sync()``): the gradient is computed for grad_scale 1 and the mean's 1 / n_valid
+    stays on the device, applied in backward with dloss; the target range is checked only if
+    host checks may run then. Otherwise the count comes to the host (one sync, with the range
+    check) and the gradient is written already scaled (the pending scale is 1)."""
+    acc = _acc(logits.dtype)
+    if defer_scale:
+        if _checks.host_checks(target):
+            _target_stats(OP, target, logits.shape[1], ignore_index)
+        n_valid = _valid_count(target, ignore_index)
+        grad_scale, pending = 1.0, _pending_scale(reduction, n_valid, acc)
+    else:
+        n_valid = _target_stats(OP, target, logits.shape[1], ignore_index)
+        grad_scale = _grad_scale(reduction, n_valid)
+        pending = torch.ones((), dtype=acc, device=logits.device)
     grad = torch.empty_like(logits) if compute_grad else None
-    rows = _rows(backend, logits, target, grad, ignore_index, label_smoothing,
-                 _grad_scale(reduction, n_valid))
-    loss = _reduce(rows.to(_acc(logits.dtype)), reduction, n_valid)
-    return loss, grad if grad is not None else logits.new_empty(0)
+    rows = _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_scale)
+    loss = _reduce(rows.to(acc), reduction, n_valid)
+    return loss, grad if grad is not None else logits.new_empty(0), pending
 
 
 _ce_fwd = torch.library.custom_op("minigpt::cross_entropy_fwd", mutates_args=())(_ce_fwd_impl)
 
 
 @_ce_fwd.register_fake
-def _(logits, target, ignore_index, reduction, label_smoothing, compute_grad, backend):
+def _(logits, target, ignore_index, reduction, label_smoothing, compute_grad, backend,
+      defer_scale=False):
     shape = (logits.shape[0],) if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=_acc(logits.dtype))
-    return loss, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss, grad, logits.new_empty((), dtype=_acc(logits.dtype))
 
 
 def _ce_setup(ctx, inputs, output):
@@ -191,27 +242,30 @@ def _ce_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduction = inputs[3]
     ctx.compute_grad = inputs[5]
-    ctx.save_for_backward(output[1])
+    ctx.defer = inputs[7] if len(inputs) > 7 else False
+    ctx.save_for_backward(output[1], output[2])
 
 
-def _ce_backward(ctx, dloss, _dgrad):
+def _ce_backward(ctx, dloss, _dgrad, _dpending):
     if not ctx.compute_grad:
         raise RuntimeError("cross_entropy: the forward ran without a gradient buffer (grad mode "
                            "was off or logits did not require grad)")
-    (grad,) = ctx.saved_tensors
+    grad, pending = ctx.saved_tensors
     if dloss is None:
-        return (None,) * 7
+        return (None,) * 8
     if ctx.reduction == "none":
         dlogits = (grad * dloss.unsqueeze(-1)).to(grad.dtype)
+    elif ctx.defer:
+        (dlogits,) = _apply_pending(ctx, (grad,), dloss * pending)
     else:
         dlogits = _scaled(grad, dloss)
-    return dlogits, None, None, None, None, None, None
+    return dlogits, None, None, None, None, None, None, None
 
 
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 # Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
 _EagerCE = eager_function("_EagerCE", _ce_fwd_impl, _ce_setup, _ce_backward,
-                          nondiff_outputs=(1,))
+                          nondiff_outputs=(1, 2))
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
@@ -241,7 +295,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     V = logits.shape[-1]
     be = _backend.resolve(OP, backend, logits.device, logits.dtype)
     if be == "torch" or target.numel() == 0:
-        if not is_compiling():
+        if _checks.host_checks(target):
             _target_stats(OP, target, V, ignore_index)
         # F.cross_entropy takes int64 targets only; int32 is documented here.
         return reference.cross_entropy(logits, target.long(), ignore_index, reduction,
@@ -251,7 +305,8 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     fwd = pick(_ce_fwd, _EagerCE, _ce_fwd_impl, x2)
-    loss, _ = fwd(x2, t2, int(ignore_index), reduction, float(label_smoothing), compute_grad, be)
+    loss, _, _ = fwd(x2, t2, int(ignore_index), reduction, float(label_smoothing), compute_grad,
+                     be, not _checks.host_checks(x2))
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -361,19 +416,29 @@ def _grads_as_inputs(dh, dw, db, hidden, weight, bias, need_dh, need_dw, need_db
 def _flce_fwd_impl(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                    ignore_index: int, reduction: str, chunk: int, need_dh: bool, need_dw: bool,
                    need_db: bool, backend: str,
-                   compute_dtype: Optional[torch.dtype] = None
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """hidden (N, H), weight (V, H), target (N,) int64 -> reduced loss, and for mean/sum the
+                   compute_dtype: Optional[torch.dtype] = None, defer_scale: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), target (N,) int64 -> reduced loss, for mean/sum the
     gradients asked for, each in its input's dtype (empty tensors otherwise; "none"
-    recomputes them in backward). ``compute_dtype``: autocast's dtype (_compute_inputs)."""
-    n_valid = _target_stats(FOP, target, weight.shape[0], ignore_index)
+    recomputes them in backward), and the 0-dim scale those still need (``defer_scale``, as
+    in _ce_fwd_impl: no host sync). ``compute_dtype``: autocast's dtype (_compute_inputs)."""
+    acc = _acc(hidden.dtype)
+    if defer_scale:
+        if _checks.host_checks(target):
+            _target_stats(FOP, target, weight.shape[0], ignore_index)
+        n_valid = _valid_count(target, ignore_index)
+        grad_scale, pending = 1.0, _pending_scale(reduction, n_valid, acc)
+    else:
+        n_valid = _target_stats(FOP, target, weight.shape[0], ignore_index)
+        grad_scale = _grad_scale(reduction, n_valid)
+        pending = torch.ones((), dtype=acc, device=hidden.device)
     store = reduction != "none"
     nh, nw, nb = need_dh and store, need_dw and store, need_db and store
     hc, wc, bc = _compute_inputs(compute_dtype, hidden, weight, bias)
-    rows, dh, dw, db = _chunks(hc, wc, bc, target, ignore_index,
-                               _grad_scale(reduction, n_valid), None, nh, nw, nb, chunk, backend)
+    rows, dh, dw, db = _chunks(hc, wc, bc, target, ignore_index, grad_scale, None, nh, nw, nb,
+                               chunk, backend)
     return (_reduce(rows, reduction, n_valid),
-            *_grads_as_inputs(dh, dw, db, hidden, weight, bias, nh, nw, nb))
+            *_grads_as_inputs(dh, dw, db, hidden, weight, bias, nh, nw, nb), pending)
 
 
 _flce_fwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_fwd",
@@ -382,7 +447,7 @@ _flce_fwd = torch.library.custom_op("minigpt::fused_linear_cross_entropy_fwd",
 
 @_flce_fwd.register_fake
 def _(hidden, weight, target, bias, ignore_index, reduction, chunk, need_dh, need_dw, need_db,
-      backend, compute_dtype=None):
+      backend, compute_dtype=None, defer_scale=False):
     store = reduction != "none"
     shape = (hidden.shape[0],) if reduction == "none" else ()
     loss = hidden.new_empty(shape, dtype=_acc(_compute_inputs(compute_dtype, hidden, weight,
@@ -390,7 +455,7 @@ def _(hidden, weight, target, bias, ignore_index, reduction, chunk, need_dh, nee
     dh = torch.empty_like(hidden) if need_dh and store else hidden.new_empty(0)
     dw = torch.empty_like(weight) if need_dw and store else weight.new_empty(0)
     db = torch.empty_like(bias) if need_db and store else weight.new_empty(0)
-    return loss, dh, dw, db
+    return loss, dh, dw, db, hidden.new_empty((), dtype=_acc(hidden.dtype))
 
 
 def _flce_bwd_impl(dloss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
@@ -419,9 +484,10 @@ def _(dloss, hidden, weight, target, bias, ignore_index, chunk, need_dh, need_dw
 
 def _flce_setup(ctx, inputs, output):
     (hidden, weight, target, bias, ignore_index, reduction, chunk, ndh, ndw, ndb, backend,
-     compute_dtype) = inputs
+     compute_dtype, *rest) = inputs
     ctx.set_materialize_grads(False)  # no zero tensors of weight's size for the grad outputs
     ctx.reduction, ctx.need = reduction, (ndh, ndw, ndb)
+    ctx.defer = bool(rest[0]) if rest else False
     ctx.args = (ignore_index, chunk, ndh, ndw, ndb, backend, compute_dtype)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, target, bias)
@@ -429,24 +495,29 @@ def _flce_setup(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
 
 
-def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb):
+def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb, _dpending):
     if dloss is None:
-        return (None,) * 12
+        return (None,) * 13
+    ndh, ndw, ndb = ctx.need
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
         bwd = bwd_op(ctx, _flce_bwd, _flce_bwd_impl)
         dh, dw, db = bwd(dloss.contiguous(), hidden, weight, target, bias, *ctx.args)
+    elif ctx.defer:
+        *grads, pending = ctx.saved_tensors
+        wanted = [g for g, n in zip(grads, ctx.need) if n]
+        scaled = iter(_apply_pending(ctx, wanted, dloss * pending))
+        dh, dw, db = (next(scaled) if n else g for g, n in zip(grads, ctx.need))
     else:
-        dh, dw, db = (_scaled(g, dloss) for g in ctx.saved_tensors)
-    ndh, ndw, ndb = ctx.need
+        dh, dw, db = (_scaled(g, dloss) for g in ctx.saved_tensors[:3])
     return (dh if ndh else None, dw if ndw else None, None, db if ndb else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 _flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
 # Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
 _EagerFLCE = eager_function("_EagerFLCE", _flce_fwd_impl, _flce_setup, _flce_backward,
-                            nondiff_outputs=(1, 2, 3))
+                            nondiff_outputs=(1, 2, 3, 4))
 
 
 def _autocast_dtype(hidden: Tensor) -> Optional[torch.dtype]:
@@ -525,7 +596,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     grad_on = torch.is_grad_enabled()
     w = weight.contiguous()
     fwd = pick(_flce_fwd, _EagerFLCE, _flce_fwd_impl, h2, w, bias)
-    loss, _, _, _ = fwd(h2, w, t2, bias, int(ignore_index), reduction, int(chunk),
-                        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-                        grad_on and bias is not None and bias.requires_grad, be, cast_to)
+    loss = fwd(h2, w, t2, bias, int(ignore_index), reduction, int(chunk),
+               grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+               grad_on and bias is not None and bias.requires_grad, be, cast_to,
+               not _checks.host_checks(h2))[0]
     return loss.reshape(target.shape) if reduction == "none" else loss
