@@ -166,6 +166,83 @@ ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float*
   }
 }
 
+// Forward, vectorized and persistent, for 16-bit rows: as many blocks as fit on the GPU at
+// once, each looping over rows blockIdx.x, + gridDim.x, ...; the fp32 weight and bias go to
+// shared memory once per block instead of coming from L2 with every row. A bf16 row of 8192
+// moves 32 KB through HBM (x in, y out) while ln_fwd_vec_kernel re-reads 64 KB of w and b
+// from L2 with it: 81% of copy bandwidth on an H100 (benchmarks/results/ops_cuda-h100.md),
+// where add + LayerNorm (twice the row bytes, the same w and b) reached 96%.
+template <typename T, int VPT>
+__global__ void __launch_bounds__(1024)
+ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
+                      const float* __restrict__ w, const float* __restrict__ b,
+                      T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean_out,
+                      float* __restrict__ rstd_out, int64_t M, int64_t N, float eps) {
+  constexpr int V = Pack<T>::kN;
+  extern __shared__ float4 wb4[];  // w (N floats), then b (N floats) if there is one
+  __shared__ float shm[32];
+  const float* sw = reinterpret_cast<const float*>(wb4);
+  const float* sb = sw + N;
+  for (int64_t j = threadIdx.x; j < N / 4; j += blockDim.x) {
+    wb4[j] = reinterpret_cast<const float4*>(w)[j];
+    if (b) wb4[N / 4 + j] = reinterpret_cast<const float4*>(b)[j];
+  }
+  __syncthreads();
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const int64_t base = row * N;
+    float v[VPT][V];
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
+      if (j >= N) continue;
+      load_pack(at16(x + base, q), v[k]);
+      if (r) {
+        float rv[V];
+        load_pack(at16(r + base, q), rv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[k][i] = to_f(from_f<T>(v[k][i] + rv[i]));  // h as stored
+        store_pack(at16(h + base, q), v[k]);
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum += v[k][i];
+    }
+    const float mean = block_sum(sum, shm) / N;
+    float var = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
+      if (j >= N) continue;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float d = v[k][i] - mean;
+        var += d * d;
+      }
+    }
+    const float rstd = rsqrtf(block_sum(var, shm) / N + eps);
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
+      if (j >= N) continue;
+      float wv[V], o[V];
+      load_f32<V>(sw + j, wv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = (v[k][i] - mean) * rstd * wv[i];
+      if (b) {
+        float bv[V];
+        load_f32<V>(sb + j, bv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] += bv[i];
+      }
+      store_pack(at16(y + base, q), o);
+    }
+    if (threadIdx.x == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+  }
+}
+
 // Sum of (a, b) over the block in one pair of barriers; every thread gets both.
 __device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
@@ -324,11 +401,48 @@ void fwd_vec(int threads, const void* x, const void* r, const float* w, const fl
   }
 }
 
+// ln_fwd_persist_kernel where it applies and pays: 16-bit rows, w and b fit in shared memory,
+// and at least two rows per block (with fewer, one row a block fills the GPU as well, without
+// each block's load of w and b). Returns false to leave the row to the other kernels.
+template <typename T, int VPT>
+bool fwd_persist(int threads, const void* x, const void* r, const float* w, const float* b,
+                 void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps,
+                 cudaStream_t s) {
+  if constexpr (sizeof(T) == 2 && VPT * Pack<T>::kN <= 16) {
+    const auto kernel = ln_fwd_persist_kernel<T, VPT>;
+    const size_t smem = (b ? 2 : 1) * (size_t)N * sizeof(float);
+    int dev = 0, sms = 0, optin = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+            cudaSuccess ||
+        smem > (size_t)optin ||
+        (smem > 48 * 1024 && cudaFuncSetAttribute(kernel,
+                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  (int)smem) != cudaSuccess) ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) !=
+            cudaSuccess ||
+        per_sm < 1) {
+      (void)cudaGetLastError();  // a refused query must not fail the fallback's launch
+      return false;
+    }
+    const int64_t grid = (int64_t)sms * per_sm;
+    if (M < 2 * grid) return false;
+    kernel<<<(unsigned)grid, threads, smem, s>>>((const T*)x, (const T*)r, w, b, (T*)y, (T*)h,
+                                                  mean, rstd, M, N, eps);
+    return true;
+  }
+  return false;
+}
+
 template <typename T>
 void launch_fwd(const void* x, const void* r, const float* w, const float* b, void* y, void* h,
                 float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
   // 16 row values a thread at most: 1024 threads get 64 registers each (rows up to 16384).
   const RowShape sh = vec_shape<T>(N, 1024, 16, {x, r, w, b, y, h});
+  if ((sh.vpt == 1 && fwd_persist<T, 1>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s)) ||
+      (sh.vpt == 2 && fwd_persist<T, 2>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s)))
+    return;
   switch (sh.vpt) {
     case 1: fwd_vec<T, 1>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
     case 2: fwd_vec<T, 2>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;

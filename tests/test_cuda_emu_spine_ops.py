@@ -81,6 +81,41 @@ def test_layer_norm_cuda_emulated_warp_per_row(cuda_emu, dtype, M, N, P, residua
     _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, P=P)
 
 
+# The emulated GPU has 3 SMs (tests/cuda_emu/cuda_runtime.h): the persistent forward (16-bit
+# rows, w and b in shared memory) takes a grid of 3 x blocks-per-SM and each block loops over
+# rows; it is used once there are two rows per block. 8192 wide: 512 threads, 3 blocks an SM
+# by shared memory with a bias (64 KiB each: 9 blocks, 20 rows of 3 and 2 a block), 4 by
+# threads without (12 blocks); 1000 wide: 64 threads, 25 blocks an SM by shared memory with a
+# bias (8 KiB each), 32 (the cap) without.
+PERSIST = [(20, 8192, True, 9), (30, 8192, False, 12), (151, 1000, True, 75),
+           (200, 1000, False, 96)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,N,bias,grid", PERSIST, ids=lambda v: str(v))
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_cuda_emulated_persistent_forward(cuda_emu, dtype, M, N, bias, grid,
+                                                     residual):
+    x = torch.randn(M, N).to(dtype)
+    r = torch.randn(M, N).to(dtype) if residual else None
+    w = torch.randn(N)
+    b = torch.randn(N) if bias else None
+    y, h, mean, rstd = ln_fwd(cuda_emu, x, w, b, r)
+    assert cuda_emu.last_launch() == (grid, (2 if bias else 1) * N * 4)
+    hh = x + r if residual else x
+    if residual:
+        assert torch.equal(h, hh)
+    y64 = R.layer_norm(hh.double(), w.double(), None if b is None else b.double())
+    ylo = R.layer_norm(hh, w, b)
+    assert_close(y, y64, ylo, dtype, "y")
+    torch.testing.assert_close(mean, hh.float().mean(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd, torch.rsqrt(hh.float().var(-1, unbiased=False) + 1e-5),
+                               atol=1e-4, rtol=1e-4)
+    # One row fewer than two a block: the one-row-a-block kernel (grid M, no shared memory).
+    ln_fwd(cuda_emu, x[:2 * grid - 1], w, b, None if r is None else r[:2 * grid - 1])
+    assert cuda_emu.last_launch() == (2 * grid - 1, 0)
+
+
 def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None, P=None):
     x = torch.randn(M, N).to(dtype)
     r = torch.randn(M, N).to(dtype) if residual else None

@@ -121,6 +121,12 @@ class Emulator:
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = types, ctypes.c_int
         self.lib.minigpt_emu_message.restype = ctypes.c_char_p
+        self.lib.minigpt_emu_last_grid.restype = ctypes.c_uint
+        self.lib.minigpt_emu_last_smem.restype = ctypes.c_size_t
+
+    def last_launch(self):
+        """(grid.x, dynamic shared memory bytes) of the last kernel launched."""
+        return int(self.lib.minigpt_emu_last_grid()), int(self.lib.minigpt_emu_last_smem())
 
     def call(self, name, *args):
         conv = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]

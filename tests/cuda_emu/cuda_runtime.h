@@ -57,6 +57,10 @@ enum cudaError_t {
 };
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrMultiProcessorCount = 16,
+};
 
 struct uint3 {
   unsigned x, y, z;
@@ -159,6 +163,32 @@ inline cudaError_t cudaGetLastError() { return emu::take_last_error(); }
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   return emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), (int)attr, value);
+}
+
+// The emulated device: an H100's per-SM limits, but only kEmuSMs SMs, so that a persistent
+// kernel (a grid sized to the GPU, each block looping over rows) loops here on small tests.
+constexpr int kEmuSMs = 3;
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = kEmuSMs; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 232448; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that fit on one SM
+// by threads (2048) and shared memory (228 KiB, 1 KiB reserved a block); registers are not
+// modelled (the kernels using it bound them with __launch_bounds__).
+template <typename F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F*, int threads, size_t smem) {
+  if (threads <= 0 || threads > 1024) return cudaErrorInvalidValue;
+  const int by_threads = 2048 / threads, by_smem = (int)(233472 / (smem + 1024));
+  *n = by_threads < by_smem ? by_threads : by_smem;
+  if (*n > 32) *n = 32;
+  return cudaSuccess;
 }
 
 // ---- device intrinsics ----------------------------------------------------------------------
