@@ -17,7 +17,7 @@ from tests.conftest import backend_device_pairs
 ce_mod = importlib.import_module("minigpt.ops.cross_entropy")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-VOCABS = [1, 7, 1000, 1025, 3001]
+VOCABS = [1, 7, 1000, 1025, 3001, 4097]  # 4097: two blocks a row in Triton (persistent grid)
 REDUCTIONS = ["mean", "sum", "none"]
 LEAD = (2, 3)  # (B, T) in front of the vocabulary
 
@@ -223,6 +223,12 @@ def test_fused_default_chunk_size_bounds_the_logits():
     # A huge vocabulary gives up the row floor: 2**28 logits (268 tokens at 10**6), then 1 token.
     assert ce_mod.default_chunk_size(8192, 64, 10 ** 6) == 256
     assert ce_mod.default_chunk_size(5, 4, 10 ** 9) == 1
+    # On CUDA the floor is 4096 tokens (GPT-2: 16384 tokens, vocab 50304 -> 4 chunks), capped
+    # the same way (vocab 128256: 2**28 logits = 2093 tokens -> 2048).
+    assert ce_mod.default_chunk_size(16384, 768, 50304, "cuda") == 4096
+    assert ce_mod.default_chunk_size(8192, 576, 49152, "cuda") == 4096
+    assert ce_mod.default_chunk_size(32768, 4096, 128256, "cuda") == 2048
+    assert ce_mod.default_chunk_size(1000, 768, 50304, "cuda") == 896
     # Never more than N tokens, never more logits than hidden's size, 2**28 or 2**24 allow.
     for N, H, V in [(8192, 576, 49152), (1 << 20, 768, 50304), (2000, 64, 65), (64, 8, 10 ** 7),
                     (1 << 16, 4096, 256000)]:

@@ -50,12 +50,16 @@ REDUCTIONS = ("mean", "sum", "none")
 # 8*V*H bytes of that sum: on an H200 (~700 dense bf16 TFLOP/s reached, ~4 TB/s) the sum's
 # traffic is ~230/c of the products' time. So at least MIN_CHUNK_ROWS tokens (~20%) and at
 # least MIN_CHUNK_ELEMENTS logits (64 MiB in fp32); the GPT-2 step on an H200 ran 50 chunks of
-# 333 tokens (benchmarks/results/bench_train_cuda-h200_profile.md). Chunks of 256 tokens or more
-# are cut to a multiple of 128, the GEMM tile height, so no chunk ends in a mostly empty tile.
-# The row floor yields for huge vocabularies: its logits stay within MAX_FLOOR_ELEMENTS (512 MiB
-# in bf16).
+# 333 tokens (benchmarks/results/bench_train_cuda-h200_profile.md). On the H100 at 1024 tokens
+# the grad_weight product (fp32 sum read and written, 310 MB) still took 203 us against 98-113
+# for the chunk's two other products (bench_train_cuda-h100_profile.md): 1.4 ms of GPT-2's
+# step. A GPU, where the memory is there, takes CUDA_MIN_CHUNK_ROWS (~7% at 4096; 412 MB of bf16
+# logits for GPT-2's vocabulary). Chunks of 256 tokens or more are cut to a multiple of 128, the
+# GEMM tile height, so no chunk ends in a mostly empty tile. The row floor yields for huge
+# vocabularies: its logits stay within MAX_FLOOR_ELEMENTS (512 MiB in bf16).
 MIN_CHUNK_ELEMENTS = 1 << 24
 MIN_CHUNK_ROWS = 1024
+CUDA_MIN_CHUNK_ROWS = 4096
 MAX_FLOOR_ELEMENTS = 1 << 28
 
 
@@ -314,11 +318,12 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
 # fused_linear_cross_entropy
 
 
-def default_chunk_size(N: int, H: int, V: int) -> int:
-    """Tokens per chunk: logits as large as ``hidden``, but at least MIN_CHUNK_ROWS tokens (as
-    long as that is at most MAX_FLOOR_ELEMENTS logits) and MIN_CHUNK_ELEMENTS logits; at most
-    all N tokens."""
-    floor = min(MIN_CHUNK_ROWS, MAX_FLOOR_ELEMENTS // V)
+def default_chunk_size(N: int, H: int, V: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk: logits as large as ``hidden``, but at least MIN_CHUNK_ROWS tokens
+    (CUDA_MIN_CHUNK_ROWS on CUDA; as long as that is at most MAX_FLOOR_ELEMENTS logits) and
+    MIN_CHUNK_ELEMENTS logits; at most all N tokens."""
+    rows_floor = CUDA_MIN_CHUNK_ROWS if device_type == "cuda" else MIN_CHUNK_ROWS
+    floor = min(rows_floor, MAX_FLOOR_ELEMENTS // V)
     rows = min(N, max(N * H // V, MIN_CHUNK_ELEMENTS // V, floor, 1))
     return rows - rows % 128 if rows >= 256 else rows
 
@@ -544,7 +549,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     for ``F.linear``); the loss is accumulated in fp32 either way.
 
     ``chunk_size``: tokens per chunk (default ``default_chunk_size``: chunk logits as large as
-    ``hidden``, but at least 1024 tokens and 16M logits). ``backend`` picks the per-chunk
+    ``hidden``, but at least 1024 tokens (4096 on CUDA) and 16M logits). ``backend`` picks the per-chunk
     cross-entropy kernel, as in ``cross_entropy``.
     """
     _checks.tensor(FOP, "hidden", hidden)
@@ -592,7 +597,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     h2 = hidden.reshape(-1, H).contiguous()
     t2 = target.reshape(-1).to(torch.int64).contiguous()
     N = h2.shape[0]
-    chunk = min(N, int(chunk_size)) if chunk_size is not None else default_chunk_size(N, H, V)
+    chunk = (min(N, int(chunk_size)) if chunk_size is not None
+             else default_chunk_size(N, H, V, h2.device.type))
     grad_on = torch.is_grad_enabled()
     w = weight.contiguous()
     fwd = pick(_flce_fwd, _EagerFLCE, _flce_fwd_impl, h2, w, bias)
