@@ -407,9 +407,16 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
             raise ckpt.CheckpointError(f"--resume: {resumed['path']} has no optimizer state "
                                        "(not a training checkpoint)")
         ckpt.restore_optimizer(optimizer, resumed["optimizer_tensors"], opt["param_groups"])
-        if cfg.cuda_graph:  # the checkpoint holds plain numbers: tensors again, on the GPU
-            for group in optimizer.param_groups:
+        # The saved groups carry the saving run's capturable flag and a plain-number lr: this
+        # run's mode decides (a run may switch --cuda-graph on or off at a resume).
+        for group in optimizer.param_groups:
+            group["capturable"] = cfg.cuda_graph
+            if cfg.cuda_graph:
                 group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
+        if cfg.cuda_graph:  # a capturable AdamW counts its steps on the GPU
+            for st in optimizer.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(device=device, dtype=torch.float32)
         state = resumed["config"]["train"]
         start_step = int(state["step"])
         if state.get("best_val_loss") is not None:

@@ -127,7 +127,12 @@ def test_trainer_cuda_graph_matches_eager(corpus, tmp_path):  # noqa: F811
     b = train(tiny(corpus, tmp_path / "graph", cuda_graph=True, **kw))
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
-    # and its checkpoint resumes (with the learning rate a tensor again)
-    c = train(tiny(corpus, tmp_path / "graph", cuda_graph=True, **dict(kw, max_iters=10)),
-              resume=True, explicit={"max_iters"})
-    assert c["step"] == 10 and torch.isfinite(torch.tensor(c["loss"]))
+    # Resumes switch the mode either way, and agree: the graph run's checkpoint continued
+    # without a graph, the eager run's with one (the learning rate a GPU tensor again).
+    more = dict(kw, max_iters=10)
+    c = train(tiny(corpus, tmp_path / "graph", cuda_graph=False, **more), resume=True,
+              explicit={"max_iters", "cuda_graph"})
+    d = train(tiny(corpus, tmp_path / "eager", cuda_graph=True, **more), resume=True,
+              explicit={"max_iters", "cuda_graph"})
+    assert c["step"] == d["step"] == 10
+    assert d["loss"] == pytest.approx(c["loss"], rel=1e-4)
