@@ -1,9 +1,12 @@
 """Sweep the Triton LayerNorm / RMSNorm backward's launch shape on a GPU: rows per tile
-(ROWS), warps, programs per SM. Report only: it prints and writes every candidate's kernel time
-against the launcher's default (kernels/_util.py bwd_shape), so a developer can change that
-rule from measurements. Nothing is written into the kernels.
+(ROWS), warps, programs per SM. It prints and writes every candidate's kernel time against the
+launcher's rule (kernels/_util.py bwd_shape); with --write, a candidate at least 5% faster
+than the rule goes into kernels/norm_bwd_tuned.json for this GPU's architecture, which the
+launchers then use at that op, width and h dtype (as kernels/attention_tuned.json for the
+attention tiles); where the rule wins, an entry there is removed.
 
     python benchmarks/sweep_norm_bwd.py                  # the shapes below, on CUDA
+    python benchmarks/sweep_norm_bwd.py --write          # and keep what beats the rule
     python benchmarks/sweep_norm_bwd.py --check-only     # correctness of every candidate only
                                                          # (runs in the CPU interpreter too)
 
@@ -107,6 +110,37 @@ def check(op, args, config, want):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-5, atol=2e-4)
 
 
+WRITE_MIN_GAIN = 1.05
+
+
+def write_tuned(results, path, arch, device_name, date):
+    """Update the tuned table at ``path`` for ``arch`` from ``results``: (key, best candidate,
+    its kernel ms, its speed-up over the rule, the shape measured). Returns the lines it
+    printed."""
+    import json
+
+    table = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+    entries = table.setdefault(arch, {})
+    said = []
+    for key, cand, ms, gain, where in results:
+        if gain is not None and gain >= WRITE_MIN_GAIN:
+            entries[key] = {"shape": list(cand), "x_rule": round(gain, 3),
+                            "kernel_us": round(ms * 1e3, 1), "measured": where,
+                            "device": device_name, "date": date}
+            said.append(f"{key}: {tuple(cand)} ({gain:.2f}x the rule) -> {path}")
+        elif entries.pop(key, None) is not None:
+            said.append(f"{key}: the rule is as fast; entry removed from {path}")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return said
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check-only", action="store_true",
@@ -115,6 +149,9 @@ def main():
                     help=f"comma list from {list(SHAPES)} (GPU; the CPU checks toy shapes)")
     ap.add_argument("--budget", type=float, default=0.2, help="timing seconds per candidate")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--write", action="store_true",
+                    help="put a candidate >= 5%% faster than the rule into "
+                         "kernels/norm_bwd_tuned.json (the launchers use it)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.check_only:
@@ -125,7 +162,7 @@ def main():
     if unknown or not names:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
     shapes = [SHAPES[n] for n in names] if device.type == "cuda" else SMALL_SHAPES
-    rows = []
+    rows, tuned = [], []
     for op, M, N, xd, rd in shapes:
         a = inputs(op, M, N, xd, rd, device)
         cands = candidates(N)
@@ -152,6 +189,12 @@ def main():
                    key=lambda r: r["kernel ms"])
         print(f"  fastest {best['ROWS, warps, per SM']}: {best['kernel ms'] * 1e3:.1f} us, "
               f"{best['x default']:.2f}x the default", flush=True)
+        from minigpt.kernels._util import norm_bwd_key, row_block
+
+        hd = a[2].dtype  # h: the residual stream's dtype where there is one
+        best_c = next(c for c in cands if str(c) == best["ROWS, warps, per SM"])
+        tuned.append((norm_bwd_key(op, row_block(N)[0], hd), best_c, best["kernel ms"],
+                      best["x default"], shape))
     if rows:
         H.print_table(rows, list(rows[0]))
         paths = H.write_results(rows, "sweep_norm_bwd", device, args.out,
@@ -160,6 +203,15 @@ def main():
                                       "the default shape's kernel time over the candidate's.",
                                 columns=list(rows[0]))
         print(f"wrote {paths['md']} and {paths['csv']}")
+    if args.write and tuned:
+        from minigpt.kernels._util import NORM_BWD_TUNED_PATH, capability_name
+
+        import datetime
+
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        for line in write_tuned(tuned, NORM_BWD_TUNED_PATH, capability_name(device),
+                                torch.cuda.get_device_name(device), date):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import functools
+import json
 import os
 
 import torch
@@ -85,6 +86,34 @@ def bwd_programs(device: torch.device, M: int, rows: int, per_sm: int = 4):
     few programs per SM (num_programs), each with a multiple of ``rows`` rows."""
     per = cdiv(cdiv(M, num_programs(device, cdiv(M, rows), per_sm)), rows) * rows
     return cdiv(M, per), per
+
+
+# Measured launch shapes for the norm backwards, per GPU architecture, written by
+# benchmarks/sweep_norm_bwd.py --write where a candidate beat bwd_shape's rule (as
+# attention_tuned.json is for the attention tiles). Keyed by op, block width and h's dtype.
+NORM_BWD_TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "norm_bwd_tuned.json")
+_norm_bwd_tuned: dict = {}
+
+
+def norm_bwd_key(op: str, block: int, h_dtype: torch.dtype) -> str:
+    """The key of one entry of norm_bwd_tuned.json, e.g. "layer_norm/block1024/float32"."""
+    return f"{op}/block{block}/{str(h_dtype).replace('torch.', '')}"
+
+
+def tuned_bwd_shape(op: str, block: int, h_dtype: torch.dtype, device: torch.device):
+    """The measured (ROWS, num_warps, programs per SM) for this backward on this GPU's
+    architecture, or None (then bwd_shape's rule)."""
+    if device.type != "cuda":
+        return None
+    arch = capability_name(device)
+    if arch not in _norm_bwd_tuned:
+        table = {}
+        if os.path.exists(NORM_BWD_TUNED_PATH):
+            with open(NORM_BWD_TUNED_PATH) as f:
+                table = json.load(f).get(arch, {})
+        _norm_bwd_tuned[arch] = {k: tuple(v["shape"]) for k, v in table.items()}
+    return _norm_bwd_tuned[arch].get(norm_bwd_key(op, block, h_dtype))
 
 
 def bwd_shape(block: int, single: bool, config=None):

@@ -15,7 +15,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
-from minigpt.kernels._util import bwd_programs, bwd_shape, interpreting, row_block, row_warps
+from minigpt.kernels._util import (bwd_programs, bwd_shape, interpreting, row_block, row_warps,
+                                   tuned_bwd_shape)
 
 
 @triton.jit
@@ -220,8 +221,10 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config
     two = x_dtype is not None and x_dtype != h.dtype
     dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
-    # config: (ROWS, num_warps, programs per SM) in place of the default (bwd_shape).
-    ROWS, warps, per_sm = bwd_shape(BLOCK, single, config)
+    # config: (ROWS, num_warps, programs per SM) in place of the measured one for this GPU
+    # (norm_bwd_tuned.json), else bwd_shape's rule.
+    ROWS, warps, per_sm = bwd_shape(
+        BLOCK, single, config or tuned_bwd_shape("layer_norm", BLOCK, h.dtype, h.device))
     P, rows_per_prog = bwd_programs(h.device, M, ROWS, per_sm)
     # dweight's and dbias's partial rows in one buffer: one reduction launch for both.
     parts = torch.empty((2 if has_bias else 1, P, N), dtype=torch.float32, device=h.device)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
-from minigpt.kernels._util import bwd_programs, bwd_shape, row_block, row_warps
+from minigpt.kernels._util import bwd_programs, bwd_shape, row_block, row_warps, tuned_bwd_shape
 
 
 @triton.jit
@@ -166,8 +166,10 @@ def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None, config=None):
     two = x_dtype is not None and x_dtype != h.dtype
     dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
-    # config: (ROWS, num_warps, programs per SM) in place of the default (bwd_shape).
-    ROWS, warps, per_sm = bwd_shape(BLOCK, single, config)
+    # config: (ROWS, num_warps, programs per SM) in place of the measured one for this GPU
+    # (norm_bwd_tuned.json), else bwd_shape's rule.
+    ROWS, warps, per_sm = bwd_shape(
+        BLOCK, single, config or tuned_bwd_shape("rms_norm", BLOCK, h.dtype, h.device))
     P, rows_per_prog = bwd_programs(h.device, M, ROWS, per_sm)
     dw_part = torch.empty((P, N), dtype=torch.float32, device=h.device)
     _rms_bwd_kernel[(P,)](

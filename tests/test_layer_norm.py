@@ -259,3 +259,45 @@ def test_bwd_launch_shapes_agree(op):
         bwd_shape(128, True, (3, 4, 4))
     with pytest.raises(ValueError, match="ROWS"):
         bwd_shape(4096, False, (2, 4, 4))
+
+
+def test_norm_bwd_tuned_table(tmp_path, monkeypatch):
+    """sweep_norm_bwd.py --write keeps a launch shape that beat the rule by >= 5% in a
+    per-architecture table, drops one where the rule won; the launchers read it on a GPU
+    (kernels/_util.py tuned_bwd_shape) and never on the CPU."""
+    import importlib.util
+    import json
+    import os
+
+    from minigpt.kernels import _util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                        "sweep_norm_bwd.py")
+    spec = importlib.util.spec_from_file_location("sweep_norm_bwd", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    table = tmp_path / "norm_bwd_tuned.json"
+    key = _util.norm_bwd_key("layer_norm", 1024, torch.float32)
+    assert key == "layer_norm/block1024/float32"
+    other = _util.norm_bwd_key("rms_norm", 1024, torch.bfloat16)
+    said = sweep.write_tuned([(key, (2, 8, 4), 0.06, 1.8, "16384x768"),
+                              (other, (4, 16, 2), 0.02, 1.02, "8192x576")],
+                             str(table), "sm90", "NVIDIA H100", "2026-11-26")
+    assert len(said) == 1 and "1.80x" in said[0]
+    assert json.loads(table.read_text())["sm90"][key]["shape"] == [2, 8, 4]
+    assert other not in json.loads(table.read_text())["sm90"]
+
+    monkeypatch.setattr(_util, "NORM_BWD_TUNED_PATH", str(table))
+    monkeypatch.setattr(_util, "_norm_bwd_tuned", {})
+    monkeypatch.setattr(_util, "capability_name", lambda device: "sm90")
+    cuda = torch.device("cuda")
+    assert _util.tuned_bwd_shape("layer_norm", 1024, torch.float32, cuda) == (2, 8, 4)
+    assert _util.tuned_bwd_shape("layer_norm", 1024, torch.bfloat16, cuda) is None
+    assert _util.tuned_bwd_shape("layer_norm", 1024, torch.float32, torch.device("cpu")) is None
+    monkeypatch.setattr(_util, "capability_name", lambda device: "sm80")
+    assert _util.tuned_bwd_shape("layer_norm", 1024, torch.float32, cuda) is None
+
+    # A later sweep where the rule is as fast removes the entry.
+    sweep.write_tuned([(key, (4, 16, 4), 0.1, 1.0, "16384x768")], str(table), "sm90", "H100",
+                      "2026-11-27")
+    assert key not in json.loads(table.read_text())["sm90"]
