@@ -575,16 +575,24 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
 
 
 def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_config=None,
-                  dropout_p=0.0, seed=0):
+                  dropout_p=0.0, seed=0, grads=None):
     """-> dq, dk, dv in the heads_inner layout, in q's dtype. ``out`` in any layout with a
     unit last stride. ``dkdv_config``/``dq_config``: tiles to use instead of
-    tiles("dkdv"/"dq", ...). ``dropout_p``, ``seed``: the forward's."""
+    tiles("dkdv"/"dq", ...). ``dropout_p``, ``seed``: the forward's. ``grads``: (dq, dk, dv)
+    to write into instead, of q's, k's and v's shapes with unit last strides and dk's strides
+    dv's (e.g. the q | k | v views of one packed (B, T, (Hq + 2 Hkv) D) gradient)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep = H // Hkv
-    dq = heads_inner(B, H, T, D, q.dtype, q.device)
-    dk = heads_inner(B, Hkv, S, D, k.dtype, q.device)
-    dv = heads_inner(B, Hkv, S, D, v.dtype, q.device)
+    if grads is not None:
+        dq, dk, dv = grads
+        if dk.stride() != dv.stride() or any(g.stride(-1) != 1 for g in grads):
+            raise ValueError("attention_bwd: grads must have unit last strides and dk's "
+                             "strides dv's")
+    else:
+        dq = heads_inner(B, H, T, D, q.dtype, q.device)
+        dk = heads_inner(B, Hkv, S, D, k.dtype, q.device)
+        dv = heads_inner(B, Hkv, S, D, v.dtype, q.device)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.stride(-1) != 1:
         out = out.contiguous()

@@ -411,13 +411,14 @@ def tokenize_report(text: str, char_tok=None, bpe_tok=None) -> str:
 
 @contextlib.contextmanager
 def capture_attention_inputs(model: GPT, layers=None):
-    """Within the block, every ``ops.attention`` call the model makes records its q, k (after
-    RoPE, before any GQA expansion) and scale into the yielded dict: layer -> (q, k, scale).
+    """Within the block, every ``ops.attention`` (or ``ops.attention_qkv``) call the model
+    makes records its q, k (after RoPE, before any GQA expansion) and scale into the yielded
+    dict: layer -> (q, k, scale).
 
-    The model calls ``ops.attention`` through the ``minigpt.ops`` module, so swapping that
-    attribute for a recording wrapper sees exactly the tensors the kernel gets, without
-    repeating the model's projection / RoPE code here. A forward pre-hook on each attention
-    module says which layer is calling."""
+    The model calls them through the ``minigpt.ops`` module, so swapping those attributes for
+    recording wrappers sees exactly the tensors the kernel gets, without repeating the model's
+    projection / RoPE code here. A forward pre-hook on each attention module says which layer
+    is calling."""
     from minigpt import ops
 
     wanted = None if layers is None else set(layers)
@@ -429,21 +430,40 @@ def capture_attention_inputs(model: GPT, layers=None):
 
     orig = ops.attention
 
-    def recording_attention(q, k, v, causal=True, scale=None, backend=None, **kwargs):
+    def recording_attention(q, k, v, causal=True, scale=None, backend=None, record_only=False,
+                            **kwargs):
         layer = current[0]
         if layer is not None and (wanted is None or layer in wanted):
             if not causal:
                 raise RuntimeError("inspect: the model called non-causal attention")
             store[layer] = (q.detach(), k.detach(),
                             1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+        if record_only:
+            return None
         return orig(q, k, v, causal=causal, scale=scale, backend=backend, **kwargs)
 
+    orig_qkv = ops.attention_qkv
+
+    def recording_attention_qkv(qkv, n_head, n_kv_head=None, causal=True, scale=None,
+                                backend=None, **kwargs):
+        layer = current[0]
+        if layer is not None and (wanted is None or layer in wanted):
+            B, T, W = qkv.shape
+            Hkv = n_head if n_kv_head is None else n_kv_head
+            D = W // (n_head + 2 * Hkv)
+            q, k, _ = qkv.detach().split([n_head * D, Hkv * D, Hkv * D], dim=2)
+            recording_attention(q.view(B, T, n_head, D).transpose(1, 2),
+                                k.view(B, T, Hkv, D).transpose(1, 2), None, causal=causal,
+                                scale=scale, record_only=True)
+        return orig_qkv(qkv, n_head, n_kv_head, causal=causal, scale=scale, backend=backend,
+                        **kwargs)
+
     handles = [blk.attn.register_forward_pre_hook(pre_hook) for blk in model.transformer.h]
-    ops.attention = recording_attention
+    ops.attention, ops.attention_qkv = recording_attention, recording_attention_qkv
     try:
         yield store
     finally:
-        ops.attention = orig
+        ops.attention, ops.attention_qkv = orig, orig_qkv
         for h in handles:
             h.remove()
 

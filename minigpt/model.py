@@ -265,7 +265,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        qkv = self.c_attn(x)
+        if rope is None and cache is None:
+            # The whole projection in one op: its backward returns one gradient for c_attn
+            # instead of three that a split would have to concatenate.
+            y = ops.attention_qkv(qkv, H, Hkv, causal=True,
+                                  dropout_p=self.attn_dropout if self.training else 0.0)
+            return self.resid_dropout(self.c_proj(y))
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
         q = q.view(B, T, H, D).transpose(1, 2)      # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)

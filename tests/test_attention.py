@@ -332,3 +332,104 @@ def test_custom_ops_pass_opcheck(be, dev):
         torch.library.opcheck(A._drop_bwd, (do, q, k, v, out, lse, True, 0.25, 0.3, seed, be))
     lens = torch.tensor([3, 9], dtype=torch.int32, device=dev)
     torch.library.opcheck(A._decode, (q[:, :, :1], k, v, lens, 0.25, be))
+
+
+# ----------------------------------------------------------------------------------------------
+# attention_qkv: the fused projection's output taken whole, one gradient back
+
+
+def _qkv_case(be, dev, dtype, B, Hq, Hkv, T, D, causal, dropout_p=0.0):
+    W = (Hq + 2 * Hkv) * D
+    qkv = torch.randn(B, T, W, device=dev).to(dtype).requires_grad_()
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2)
+               for t in qkv.split([Hq * D, Hkv * D, Hkv * D], dim=2))
+    sc = 1.0 / math.sqrt(D)
+    seed = 4321
+    torch.manual_seed(seed)
+    y = ops.attention_qkv(qkv, Hq, Hkv, causal=causal, backend=be, dropout_p=dropout_p)
+    assert y.shape == (B, T, Hq * D) and y.dtype == dtype
+    g = torch.randn(B, T, Hq * D, device=dev, dtype=torch.float64)
+    (dqkv,) = torch.autograd.grad(y, qkv, g.to(dtype))
+    assert dqkv.shape == qkv.shape and dqkv.dtype == dtype
+    if dropout_p > 0:
+        # The same seed, so the same mask, as attention on the split heads.
+        torch.manual_seed(seed)
+        ref = ops.attention(q, k, v, causal=causal, backend=be, dropout_p=dropout_p)
+        ref = ref.transpose(1, 2).reshape(B, T, -1)
+        (dref,) = torch.autograd.grad(ref, qkv, g.to(dtype))
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dqkv, dref, rtol=1e-5, atol=1e-5)
+        return
+    qkv64 = f64(qkv)
+    q64, k64, v64 = (t.view(B, T, -1, D).transpose(1, 2)
+                     for t in qkv64.split([Hq * D, Hkv * D, Hkv * D], dim=2))
+    y64 = reference.attention(q64, k64, v64, causal, sc).transpose(1, 2).reshape(B, T, -1)
+    y_lp = _eager(q, k, v, causal, sc).transpose(1, 2).reshape(B, T, -1)
+    assert_close(y, y64, y_lp, dtype, "out")
+    (d64,) = torch.autograd.grad(y64, qkv64, g)
+    (d_lp,) = torch.autograd.grad(y_lp, qkv, g.to(dtype))
+    assert_close(dqkv, d64, d_lp, dtype, "dqkv")
+
+
+QKV_CASES = {"mha-33-d16": (2, 4, 4, 33, 16, True), "gqa3-7-d48": (1, 6, 2, 7, 48, True),
+             "mqa-T1-d80": (1, 3, 1, 1, 80, True), "full-100-d32": (2, 2, 2, 100, 32, False)}
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+@pytest.mark.parametrize("case", list(QKV_CASES), ids=str)
+def test_attention_qkv_matches_reference(be, dev, case):
+    _qkv_case(be, dev, torch.float32, *QKV_CASES[case])
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["mha-33-d16", "gqa3-7-d48", "mqa-T1-d80"], ids=str)
+def test_attention_qkv_low_precision(be, dev, dtype, case):
+    _qkv_case(be, dev, dtype, *QKV_CASES[case])
+
+
+@pytest.mark.parametrize("be,dev", [p for p in PAIRS if p.values[0] != "cuda"])
+def test_attention_qkv_dropout_is_attentions(be, dev):
+    _qkv_case(be, dev, torch.float32, 2, 4, 2, 21, 16, True, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_attention_qkv_compiles_and_passes_opcheck(be, dev):
+    def block(qkv):
+        return (ops.attention_qkv(qkv, 4, 2, backend=be) * 2).sum()
+
+    qkv = torch.randn(2, 9, 8 * 16, device=dev, requires_grad=True)
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(qkv)
+    (grad,) = torch.autograd.grad(out, qkv)
+    q, k, v = (t.view(2, 9, -1, 16).transpose(1, 2) for t in qkv.split([64, 32, 32], dim=2))
+    ref = (reference.attention(q, k, v) * 2).sum()
+    (rgrad,) = torch.autograd.grad(ref, qkv)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, rgrad, rtol=1e-5, atol=1e-4)
+    if be == "torch":
+        return
+    import importlib
+
+    A = importlib.import_module("minigpt.ops.attention")
+    x = qkv.detach()
+    torch.library.opcheck(A._qkv_fwd, (x, 4, 2, True, 0.25, 0.0, None, be))
+    o, lse = A._qkv_fwd_impl(x, 4, 2, True, 0.25, 0.0, None, be)
+    do = torch.randn(2, 9, 4, 16, device=dev).transpose(1, 2)
+    torch.library.opcheck(A._qkv_bwd, (do, x, o, lse, 4, 2, True, 0.25, 0.0, None, be))
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda: ops.attention_qkv(torch.randn(2, 5, 50), 2, 1, backend="torch"), ValueError,
+     "head_dim"),
+    (lambda: ops.attention_qkv(torch.randn(2, 5, 60), 3, 2, backend="torch"), ValueError,
+     "multiple"),
+    (lambda: ops.attention_qkv(torch.randn(5, 48), 2, backend="torch"), ValueError, "3-D"),
+    (lambda: ops.attention_qkv(torch.randn(2, 5, 48), 0, backend="torch"), ValueError,
+     "n_head"),
+    (lambda: ops.attention_qkv(torch.randint(0, 3, (2, 5, 48)), 2), TypeError, "floating"),
+    (lambda: ops.attention_qkv(torch.randn(2, 5, 48), 2, dropout_p=1.0), ValueError,
+     "dropout_p"),
+])
+def test_attention_qkv_bad_input(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        bad()

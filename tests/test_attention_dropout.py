@@ -520,13 +520,13 @@ def test_model_attention_dropout_train_and_eval(monkeypatch):
     model = GPT(cfg)
     idx = torch.randint(0, 50, (2, 12))
     seen = []
-    orig = ops.attention
+    orig = ops.attention_qkv  # the model's op for a learned-position GPT without a cache
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("dropout_p", 0.0))
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "attention", spy)
+    monkeypatch.setattr(ops, "attention_qkv", spy)
     model.train()
     a, _ = model(idx)
     b, _ = model(idx)

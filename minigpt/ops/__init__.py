@@ -11,7 +11,7 @@ they work under ``torch.compile(fullgraph=True)``.
 """
 from minigpt._backend import BACKENDS, BackendUnavailableError, available_backends
 from minigpt.ops._checks import host_checks, no_host_sync
-from minigpt.ops.attention import attention, decode_attention
+from minigpt.ops.attention import attention, attention_qkv, decode_attention
 from minigpt.ops.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from minigpt.ops.layer_norm import layer_norm
 from minigpt.ops.rms_norm import rms_norm
@@ -20,5 +20,6 @@ from minigpt.ops.softmax import softmax
 from minigpt.ops.swiglu import swiglu
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "attention",
+           "attention_qkv",
            "decode_attention", "cross_entropy", "fused_linear_cross_entropy", "layer_norm",
            "rms_norm", "rope", "softmax", "swiglu", "no_host_sync", "host_checks"]
