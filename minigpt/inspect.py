@@ -448,13 +448,11 @@ def capture_attention_inputs(model: GPT, layers=None):
                                 backend=None, **kwargs):
         layer = current[0]
         if layer is not None and (wanted is None or layer in wanted):
-            B, T, W = qkv.shape
-            Hkv = n_head if n_kv_head is None else n_kv_head
-            D = W // (n_head + 2 * Hkv)
-            q, k, _ = qkv.detach().split([n_head * D, Hkv * D, Hkv * D], dim=2)
-            recording_attention(q.view(B, T, n_head, D).transpose(1, 2),
-                                k.view(B, T, Hkv, D).transpose(1, 2), None, causal=causal,
-                                scale=scale, record_only=True)
+            from minigpt.ops.attention import _qkv_split  # the op's own view of the heads
+
+            q, k, _ = _qkv_split(qkv.detach(), n_head, n_head if n_kv_head is None
+                                 else n_kv_head)
+            recording_attention(q, k, None, causal=causal, scale=scale, record_only=True)
         return orig_qkv(qkv, n_head, n_kv_head, causal=causal, scale=scale, backend=backend,
                         **kwargs)
 
