@@ -104,16 +104,16 @@ __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh
   }
 }
 
-// Forward, vectorized: thread t owns packs t, t + blockDim, ... (VPT of them) of the row.
+// Forward, vectorized: thread t owns packs t, t + blockDim, ... (VPT of them) of row `row`.
+// w and b may point to global or (the persistent kernel) shared memory.
 template <typename T, int VPT>
-__global__ void __launch_bounds__(1024)
-ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
-                  const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
-                  float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N,
-                  float eps) {
+__device__ __forceinline__ void ln_fwd_vec_row(const T* __restrict__ x, const T* __restrict__ r,
+                                               const float* w, const float* b, T* __restrict__ y,
+                                               T* __restrict__ h, float* __restrict__ mean_out,
+                                               float* __restrict__ rstd_out, int64_t row,
+                                               int64_t N, float eps, float* shm) {
   constexpr int V = Pack<T>::kN;
-  __shared__ float shm[32];
-  const int64_t row = blockIdx.x, base = row * N;
+  const int64_t base = row * N;
   float v[VPT][V];
   float sum = 0.f;
 #pragma unroll
@@ -149,12 +149,12 @@ ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float*
     const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
     if (j >= N) continue;
     float wv[V], o[V];
-    load_f32<V>(at16(w, q * V / 4), wv);
+    load_f32<V>(w + j, wv);
 #pragma unroll
     for (int i = 0; i < V; ++i) o[i] = (v[k][i] - mean) * rstd * wv[i];
     if (b) {
       float bv[V];
-      load_f32<V>(at16(b, q * V / 4), bv);
+      load_f32<V>(b + j, bv);
 #pragma unroll
       for (int i = 0; i < V; ++i) o[i] += bv[i];
     }
@@ -164,6 +164,16 @@ ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float*
     mean_out[row] = mean;
     rstd_out[row] = rstd;
   }
+}
+
+template <typename T, int VPT>
+__global__ void __launch_bounds__(1024)
+ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
+                  const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
+                  float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N,
+                  float eps) {
+  __shared__ float shm[32];
+  ln_fwd_vec_row<T, VPT>(x, r, w, b, y, h, mean_out, rstd_out, blockIdx.x, N, eps, shm);
 }
 
 // Forward, vectorized and persistent, for 16-bit rows: as many blocks as fit on the GPU at
@@ -178,7 +188,6 @@ ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
                       const float* __restrict__ w, const float* __restrict__ b,
                       T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean_out,
                       float* __restrict__ rstd_out, int64_t M, int64_t N, float eps) {
-  constexpr int V = Pack<T>::kN;
   extern __shared__ float4 wb4[];  // w (N floats), then b (N floats) if there is one
   __shared__ float shm[32];
   const float* sw = reinterpret_cast<const float*>(wb4);
@@ -188,59 +197,9 @@ ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
     if (b) wb4[N / 4 + j] = reinterpret_cast<const float4*>(b)[j];
   }
   __syncthreads();
-  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
-    const int64_t base = row * N;
-    float v[VPT][V];
-    float sum = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-      if (j >= N) continue;
-      load_pack(at16(x + base, q), v[k]);
-      if (r) {
-        float rv[V];
-        load_pack(at16(r + base, q), rv);
-#pragma unroll
-        for (int i = 0; i < V; ++i) v[k][i] = to_f(from_f<T>(v[k][i] + rv[i]));  // h as stored
-        store_pack(at16(h + base, q), v[k]);
-      }
-#pragma unroll
-      for (int i = 0; i < V; ++i) sum += v[k][i];
-    }
-    const float mean = block_sum(sum, shm) / N;
-    float var = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-      if (j >= N) continue;
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float d = v[k][i] - mean;
-        var += d * d;
-      }
-    }
-    const float rstd = rsqrtf(block_sum(var, shm) / N + eps);
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-      if (j >= N) continue;
-      float wv[V], o[V];
-      load_f32<V>(sw + j, wv);
-#pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = (v[k][i] - mean) * rstd * wv[i];
-      if (b) {
-        float bv[V];
-        load_f32<V>(sb + j, bv);
-#pragma unroll
-        for (int i = 0; i < V; ++i) o[i] += bv[i];
-      }
-      store_pack(at16(y + base, q), o);
-    }
-    if (threadIdx.x == 0) {
-      mean_out[row] = mean;
-      rstd_out[row] = rstd;
-    }
-  }
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x)
+    ln_fwd_vec_row<T, VPT>(x, r, sw, b ? sb : nullptr, y, h, mean_out, rstd_out, row, N, eps,
+                           shm);
 }
 
 // Sum of (a, b) over the block in one pair of barriers; every thread gets both.

@@ -106,14 +106,21 @@ def tuned_bwd_shape(op: str, block: int, h_dtype: torch.dtype, device: torch.dev
     architecture, or None (then bwd_shape's rule)."""
     if device.type != "cuda":
         return None
+    table = tuned_table(NORM_BWD_TUNED_PATH, _norm_bwd_tuned, device, "shape")
+    return table.get(norm_bwd_key(op, block, h_dtype))
+
+
+def tuned_table(path: str, cache: dict, device: torch.device, field: str) -> dict:
+    """key -> tuple(entry[field]) of a per-architecture tuned table (JSON, {"sm90": {key:
+    entry}}) for this GPU, read once per architecture into ``cache``."""
     arch = capability_name(device)
-    if arch not in _norm_bwd_tuned:
+    if arch not in cache:
         table = {}
-        if os.path.exists(NORM_BWD_TUNED_PATH):
-            with open(NORM_BWD_TUNED_PATH) as f:
+        if os.path.exists(path):
+            with open(path) as f:
                 table = json.load(f).get(arch, {})
-        _norm_bwd_tuned[arch] = {k: tuple(v["shape"]) for k, v in table.items()}
-    return _norm_bwd_tuned[arch].get(norm_bwd_key(op, block, h_dtype))
+        cache[arch] = {k: tuple(v[field]) for k, v in table.items()}
+    return cache[arch]
 
 
 def bwd_shape(block: int, single: bool, config=None):

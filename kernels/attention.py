@@ -33,14 +33,13 @@ accuracy; see _dot_mode).
 
 Tile sizes: see tiles() and benchmarks/tune_attention.py.
 """
-import json
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import capability_name, cdiv, interpreting, next_pow2, num_programs
+from minigpt.kernels._util import cdiv, interpreting, next_pow2, num_programs, tuned_table
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -463,14 +462,7 @@ def config_key(kernel, dtype, block_d, causal, dropout=False):
 
 def _tuned(device):
     """The tuned entries for this GPU's architecture ("sm90"), read once per architecture."""
-    arch = capability_name(device)
-    if arch not in _tuned_cache:
-        table = {}
-        if os.path.exists(TUNED_PATH):
-            with open(TUNED_PATH) as f:
-                table = json.load(f).get(arch, {})
-        _tuned_cache[arch] = {k: tuple(v["tiles"]) for k, v in table.items()}
-    return _tuned_cache[arch]
+    return tuned_table(TUNED_PATH, _tuned_cache, device, "tiles")
 
 
 def tiles(kernel, dtype, block_d, causal, device, dropout=False):

@@ -129,6 +129,22 @@ def _pending_scale(reduction: str, n_valid: Tensor, dtype: torch.dtype) -> Tenso
     return torch.ones((), dtype=dtype, device=n_valid.device)
 
 
+def _scale_plan(op: str, target: Tensor, V: int, ignore_index: int, reduction: str,
+                acc: torch.dtype, defer: bool):
+    """(n_valid, the grad_scale the kernels write with, the 0-dim scale left for backward).
+    ``defer``: n_valid stays on the device, the kernels write for scale 1 and the mean's
+    1 / n_valid is pending (no sync; the range check only where host checks may run). Else
+    one sync brings the count (with the range check) and nothing is pending."""
+    if defer:
+        if _checks.host_checks(target):
+            _target_stats(op, target, V, ignore_index)
+        n_valid = _valid_count(target, ignore_index)
+        return n_valid, 1.0, _pending_scale(reduction, n_valid, acc)
+    n_valid = _target_stats(op, target, V, ignore_index)
+    return (n_valid, _grad_scale(reduction, n_valid),
+            torch.ones((), dtype=acc, device=target.device))
+
+
 def _apply_pending(ctx, grads, factor: Tensor):
     """Stored gradients times a 0-dim ``factor`` (dloss times the pending scale), with no host
     sync: the deferred path of backward (``defer_scale``). In place, so no second buffer of the
@@ -213,15 +229,8 @@ def _ce_fwd_impl(logits: Tensor, target: Tensor, ignore_index: int, reduction: s
     host checks may run then. Otherwise the count comes to the host (one sync, with the range
     check) and the gradient is written already scaled (the pending scale is 1)."""
     acc = _acc(logits.dtype)
-    if defer_scale:
-        if _checks.host_checks(target):
-            _target_stats(OP, target, logits.shape[1], ignore_index)
-        n_valid = _valid_count(target, ignore_index)
-        grad_scale, pending = 1.0, _pending_scale(reduction, n_valid, acc)
-    else:
-        n_valid = _target_stats(OP, target, logits.shape[1], ignore_index)
-        grad_scale = _grad_scale(reduction, n_valid)
-        pending = torch.ones((), dtype=acc, device=logits.device)
+    n_valid, grad_scale, pending = _scale_plan(OP, target, logits.shape[1], ignore_index,
+                                               reduction, acc, defer_scale)
     grad = torch.empty_like(logits) if compute_grad else None
     rows = _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_scale)
     loss = _reduce(rows.to(acc), reduction, n_valid)
@@ -427,16 +436,8 @@ def _flce_fwd_impl(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optiona
     gradients asked for, each in its input's dtype (empty tensors otherwise; "none"
     recomputes them in backward), and the 0-dim scale those still need (``defer_scale``, as
     in _ce_fwd_impl: no host sync). ``compute_dtype``: autocast's dtype (_compute_inputs)."""
-    acc = _acc(hidden.dtype)
-    if defer_scale:
-        if _checks.host_checks(target):
-            _target_stats(FOP, target, weight.shape[0], ignore_index)
-        n_valid = _valid_count(target, ignore_index)
-        grad_scale, pending = 1.0, _pending_scale(reduction, n_valid, acc)
-    else:
-        n_valid = _target_stats(FOP, target, weight.shape[0], ignore_index)
-        grad_scale = _grad_scale(reduction, n_valid)
-        pending = torch.ones((), dtype=acc, device=hidden.device)
+    n_valid, grad_scale, pending = _scale_plan(FOP, target, weight.shape[0], ignore_index,
+                                               reduction, _acc(hidden.dtype), defer_scale)
     store = reduction != "none"
     nh, nw, nb = need_dh and store, need_dw and store, need_db and store
     hc, wc, bc = _compute_inputs(compute_dtype, hidden, weight, bias)
