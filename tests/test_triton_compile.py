@@ -195,6 +195,17 @@ def _cases():
         out, lse = attn.attention_fwd(q, q, q, True, 0.125)
         attn.attention_bwd(t(2, 8, 128, 64, dtype=bf16), q, q, q, out, lse, True, 0.125)
 
+    # ops.attention_qkv: q, k, v and their gradients as the q | k | v views of one (B, T,
+    # 3 H D) projection (GPT-2's 12 heads of 64).
+    @case("attention", "D=64 bf16 causal=True packed qkv (GPT-2 heads), grads in place")
+    def _():
+        from minigpt.ops.attention import _qkv_split
+
+        q, k, v = _qkv_split(t(2, 128, 3 * 12 * 64, dtype=bf16), 12, 12)
+        out, lse = attn.attention_fwd(q, k, v, True, 0.125)
+        attn.attention_bwd(t(2, 12, 128, 64, dtype=bf16), q, k, v, out, lse, True, 0.125,
+                           grads=_qkv_split(t(2, 128, 3 * 12 * 64, dtype=bf16), 12, 12))
+
     # Decode: BLOCK_H from the GQA group, splits (hence the combine's BLOCK_S) from the batch,
     # kv heads and cache length; a long single-sequence cache gives the most splits.
     decode = [  # dtype, D, Hq, Hkv, B, S_max
