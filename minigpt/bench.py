@@ -325,7 +325,8 @@ VARIANTS = {"minigpt": (None, False, False), "eager": ("torch", False, False),
             "minigpt-graph": (None, False, True), "minigpt-compile-graph": (None, True, True),
             "compile-graph": ("torch", True, True)}
 
-TRAIN_COLUMNS = ["config", "variant", "backend", "dtype", "batch", "seq", "params M", "loss@1",
+TRAIN_COLUMNS = ["config", "variant", "backend", "dtype", "batch", "seq", "accum", "params M",
+                 "loss@1",
                  "first step s", "step ms", "tokens/s", "x eager", "peak MB", "mem x eager",
                  "TFLOP/s", "MFU %"]
 
@@ -368,13 +369,19 @@ class _TrainVariant:
             check_capturable(model, self.opt, amp_dtype)
             self.graphed = GraphedStep(self._step, self.opt, warmup=2)
 
-    def _step(self, x, y):
-        with self.autocast():
-            _, loss = self.model(x, y)
-        loss.backward()
+    def _step(self, xs, ys):
+        """One optimizer step over the micro-batches xs, ys (accum, B, T): each micro-batch's
+        forward and backward accumulate the gradients, as a real GPT-2 run does (nanoGPT:
+        40 micro-batches a step), so AdamW and clipping are spread over them."""
+        total = 0.0
+        for x, y in zip(xs, ys):
+            with self.autocast():
+                _, loss = self.model(x, y)
+            (loss / len(xs)).backward()
+            total = total + loss.detach() / len(xs)
         torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
         self.opt.step()
-        return loss.detach()
+        return total
 
     def step(self):
         x, y = self.batches[self.i % len(self.batches)]
@@ -400,7 +407,7 @@ class _TrainVariant:
 
 
 def estimate_train_seconds(config: str, batch: int, steps: int, n_variants: int,
-                           device: torch.device) -> Optional[float]:
+                           device: torch.device, grad_accum: int = 1) -> Optional[float]:
     """Rough wall time of a CPU run (model FLOPs at 15% of the estimated peak, + compile), to
     skip shapes this machine cannot run in a couple of minutes. None on GPU."""
     if device.type != "cpu":
@@ -413,7 +420,7 @@ def estimate_train_seconds(config: str, batch: int, steps: int, n_variants: int,
     flops = flops_per_token(m, shape["block_size"]) * batch * shape["block_size"]
     peak, _ = cpu_peak_tflops()
     peak = peak or 0.1
-    return (steps + 2) * n_variants * flops / (0.15 * peak * 1e12)
+    return (steps + 2) * n_variants * grad_accum * flops / (0.15 * peak * 1e12)
 
 
 def bench_train(*args, threads: Optional[int] = None, **kwargs) -> dict:
@@ -425,6 +432,7 @@ def bench_train(*args, threads: Optional[int] = None, **kwargs) -> dict:
 def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = None,
                 device: Optional[str] = None, dtype: Optional[str] = None,
                 variants="minigpt,eager,compile", out: Optional[str] = None,
+                grad_accum: int = 1,
                 peak_tflops: Optional[float] = None, profile: Optional[bool] = None,
                 max_cpu_seconds: float = 150.0, seed: int = 1337, plot: bool = True) -> dict:
     """Run the training benchmark; returns {"rows", "paths", "skipped", "goals"}."""
@@ -439,6 +447,7 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
                          f"not {dev}")
     _positive_int("--steps", steps)
     _positive_int("--batch-size", batch_size, allow_none=True)
+    _positive_int("--grad-accum", grad_accum)
     if peak_tflops is not None and not (isinstance(peak_tflops, (int, float)) and peak_tflops > 0):
         raise ValueError(f"--peak-tflops must be a positive number, got {peak_tflops!r}")
     dt = parse_dtype(dtype, dev)
@@ -456,7 +465,7 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
         shape, gpu_b, cpu_b = TRAIN_CONFIGS[cfg_name]
         B = batch_size or (gpu_b if dev.type == "cuda" else cpu_b)
         T = shape["block_size"]
-        est = estimate_train_seconds(cfg_name, B, steps, len(variants), dev)
+        est = estimate_train_seconds(cfg_name, B, steps, len(variants), dev, grad_accum)
         if est is not None and est > max_cpu_seconds:
             msg = (f"{cfg_name}: skipped on this CPU: ~{est:.0f} s estimated for {steps} steps x "
                    f"{len(variants)} variants at batch {B} x {T} tokens (limit "
@@ -464,6 +473,7 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
             print(msg, flush=True)
             skipped.append(msg)
             continue
+        K = grad_accum
         if any(VARIANTS[v][1] for v in variants):
             # A fresh Dynamo cache per config: every config and compiled variant adds graphs
             # of GPT.forward (one code object), and past Dynamo's recompile limit (8) a
@@ -473,9 +483,9 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
         base_model = GPT(GPTConfig(**shape, dropout=0.0))
         g = torch.Generator().manual_seed(seed)
         batches = []
-        for _ in range(min(steps + 2, 8)):
-            xy = torch.randint(0, shape["vocab_size"], (B, T + 1), generator=g)
-            batches.append((xy[:, :-1].to(dev), xy[:, 1:].contiguous().to(dev)))
+        for _ in range(min(steps + 2, 8)):  # each: K micro-batches of B sequences
+            xy = torch.randint(0, shape["vocab_size"], (K, B, T + 1), generator=g)
+            batches.append((xy[..., :-1].to(dev), xy[..., 1:].contiguous().to(dev)))
         runs = {}
         for v in variants:
             m = copy.deepcopy(base_model).to(dev).train()
@@ -483,8 +493,9 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
         n_params = base_model.num_params()
         fpt = flops_per_token(base_model, T)
         del base_model
-        print(f"[{cfg_name}] {n_params / 1e6:.2f}M params, batch {B} x {T}, {dname}, {dev}: "
-              f"first step of each variant (compiles)...", flush=True)
+        print(f"[{cfg_name}] {n_params / 1e6:.2f}M params, batch {B} x {T}"
+              + (f" x {K} micro-batches a step" if K > 1 else "")
+              + f", {dname}, {dev}: first step of each variant (compiles)...", flush=True)
         first_s, first_loss = {}, {}
         for v, r in list(runs.items()):
             t0 = time.perf_counter()
@@ -516,14 +527,14 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
             peak_b[v] = None if add is None else r.state_bytes() + add
         base = "eager" if "eager" in runs else cfg_variants[0]
         for v in cfg_variants:
-            tps = B * T / (ms[v] / 1e3)
+            tps = K * B * T / (ms[v] / 1e3)
             tflops = fpt * tps / 1e12
             rows.append({
                 "config": cfg_name, "variant": v,
                 "backend": (ours if VARIANTS[v][0] is None else VARIANTS[v][0])
                 + (" +compile" if VARIANTS[v][1] else "") + (" +cudagraph" if VARIANTS[v][2]
                                                               else ""),
-                "dtype": dname, "batch": B, "seq": T, "params M": n_params / 1e6,
+                "dtype": dname, "batch": B, "seq": T, "accum": K, "params M": n_params / 1e6,
                 "loss@1": first_loss[v], "first step s": first_s[v], "step ms": ms[v],
                 "tokens/s": tps, "x eager": ms[base] / ms[v],
                 "peak MB": None if peak_b[v] is None else peak_b[v] / 2**20,
@@ -621,13 +632,16 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
         "is what the capture allocated. "
         f"step ms: median of {steps} steps timed round-robin (one step of each variant per "
         "round) after one warm-up step (`first step s`, which includes compilation). "
+        "accum: micro-batches of batch x seq tokens per optimizer step (their gradients "
+        "summed, then one clipping and AdamW step; tokens/s counts them all). "
         "x eager = eager step ms / step ms (> 1: faster). loss@1: the first step's loss (the "
         "variants must agree). peak MB = parameters + AdamW moments + the most one step adds "
         "on top (CUDA: max_memory_allocated; CPU: rise of the peak resident set). "
         "TFLOP/s = model FLOPs per token (6N + 12*L*H*D*T, nanoGPT's estimate) x tokens/s; "
         "MFU = that over the peak in the header.\n\n"
         f"Rerun: `minigpt bench train --config {','.join(dict.fromkeys(r['config'] for r in rows))}"
-        f" --steps {steps}` (add `--device cuda` on a GPU; the batch sizes above are the "
+        f" --steps {steps}" + (f" --grad-accum {rows[0]['accum']}" if rows[0]["accum"] > 1 else "")
+        + "` (add `--device cuda` on a GPU; the batch sizes above are the "
         "defaults for this device, `--batch-size` overrides them).")
     if goals:
         notes += "\n\nGoals:\n" + "\n".join(f"- {g}" for g in goals)

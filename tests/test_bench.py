@@ -74,8 +74,8 @@ def test_train_models_stay_identical_between_variants():
 
     torch.manual_seed(0)
     base = GPT(GPTConfig(**shape))
-    xy = torch.randint(0, 65, (2, 33))
-    batches = [(xy[:, :-1], xy[:, 1:].contiguous())]
+    xy = torch.randint(0, 65, (1, 2, 33))  # one micro-batch of 2 sequences a step
+    batches = [(xy[..., :-1], xy[..., 1:].contiguous())]
     import copy
 
     runs = [bench._TrainVariant(v, copy.deepcopy(base), torch.device("cpu"), None, batches)
@@ -86,6 +86,31 @@ def test_train_models_stay_identical_between_variants():
     for (n, a), (_, b) in zip(runs[0].raw.named_parameters(), runs[1].raw.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
     assert runs[0].state_bytes() == runs[1].state_bytes() > 3 * 4 * base.num_params(False) - 1
+
+
+def test_train_grad_accum_is_one_big_batch(tmp_path):
+    """--grad-accum: K micro-batches a step take the same optimizer step as one batch of all
+    their sequences (the mean loss's gradient either way)."""
+    import copy
+
+    from minigpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**bench.TRAIN_CONFIGS["tiny"][0]))
+    xy = torch.randint(0, 65, (4, 33))
+    whole = [(xy[None, :, :-1], xy[None, :, 1:].contiguous())]
+    split = [(xy.view(2, 2, 33)[..., :-1], xy.view(2, 2, 33)[..., 1:].contiguous())]
+    a, b = (bench._TrainVariant("minigpt", copy.deepcopy(base), torch.device("cpu"), None, bs)
+            for bs in (whole, split))
+    la, lb = a.step(), b.step()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for (n, p), (_, q) in zip(a.raw.named_parameters(), b.raw.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+    res = bench.bench_train("tiny", steps=1, device="cpu", variants="minigpt", grad_accum=3,
+                            plot=False, out=str(tmp_path), profile=False)
+    row = res["rows"][0]
+    assert row["accum"] == 3
+    assert row["tokens/s"] == pytest.approx(3 * row["batch"] * row["seq"] / row["step ms"] * 1e3)
 
 
 def test_flops_per_token_matches_nanogpt_formula():

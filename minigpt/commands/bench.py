@@ -37,6 +37,9 @@ def add_arguments(p):
                         + " (seed: 4L/4H/128 ctx 256; shakespeare_char: 6L/6H/384 ctx 256; "
                           "gpt2: GPT-2 small 124M ctx 1024; tiny: smoke test)")
     t.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    t.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (gradients summed, then one "
+                        "clipping and AdamW step), as real GPT-2 runs do (nanoGPT: 40)")
     t.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step (default: per config, smaller on CPU)")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -92,6 +95,7 @@ def run(args):
 
     if args.what == "train":
         res = bench.bench_train(args.config, steps=args.steps, batch_size=args.batch_size,
+                                grad_accum=args.grad_accum,
                                 device=args.device, dtype=args.dtype, variants=args.variants,
                                 out=args.out, peak_tflops=args.peak_tflops, profile=args.profile,
                                 max_cpu_seconds=args.max_cpu_seconds, plot=args.plot,
