@@ -161,9 +161,11 @@ class Point:
         return lambda: self.run(tiles, self.big, fwd, dkdv_tiles)
 
 
-def tune_point(point, cands, device, budget_s, dkdv_tiles=None):
+def tune_point(point, cands, device, budget_s, dkdv_tiles=None, by_kernel=False):
     """-> (a row for every candidate, the winning tiles, {"ms", "default_ms"}); the last two
-    are None when no candidate passed the check."""
+    are None when no candidate passed the check. ``by_kernel``: rank by the kernels' GPU time
+    (torch.profiler) rather than the time per call, which at short lengths is mostly the
+    host's launch time (T = 512: ~50 us of kernels)."""
     fns, rows = {}, []
     for c in cands:
         why = point.check(c, dkdv_tiles)
@@ -171,19 +173,22 @@ def tune_point(point, cands, device, budget_s, dkdv_tiles=None):
             fns[str(c)] = (c, point.timer(c, dkdv_tiles))
         else:
             rows.append({"point": point.key, "tiles": str(c), "status": why})
-    stats = H.time_fns_stats({k: f for k, (c, f) in fns.items()}, device, budget_s=budget_s)
+    calls = {k: f for k, (c, f) in fns.items()}
+    stats = H.time_fns_stats(calls, device, budget_s=budget_s)
+    kern = H.kernel_ms(calls, device) if by_kernel else {}
+    metric = {k: (kern.get(k) if by_kernel else s["median"]) for k, s in stats.items()}
+    metric = {k: v for k, v in metric.items() if v}
     default = str(cands[0])
     for k, s in stats.items():
         rows.append({"point": point.key, "tiles": k, "status": "ok", "ms": s["median"],
-                     "TFLOP/s": point.flops / s["median"] / 1e9,
-                     "x default": (stats[default]["median"] / s["median"]
-                                   if default in stats else None)})
-    if not stats:
+                     "kernel ms": kern.get(k),
+                     "TFLOP/s": point.flops / metric[k] / 1e9 if k in metric else None,
+                     "x default": (metric[default] / metric[k]
+                                   if default in metric and k in metric else None)})
+    if not metric:
         return rows, None, None
-    best = min(stats, key=lambda k: stats[k]["median"])
-    return rows, fns[best][0], {"ms": stats[best]["median"],
-                                "default_ms": stats[default]["median"] if default in stats
-                                else None}
+    best = min(metric, key=metric.get)
+    return rows, fns[best][0], {"ms": metric[best], "default_ms": metric.get(default)}
 
 
 def main():
@@ -199,6 +204,9 @@ def main():
                          "dkdv is tuned in the same run)")
     ap.add_argument("--budget", type=float, default=0.5, help="timing seconds per point")
     ap.add_argument("--dry-run", action="store_true", help="do not write attention_tuned.json")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="rank by the kernels' GPU time (torch.profiler), not the time per "
+                         "call: for short lengths, where the launch time dominates a call")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -221,7 +229,7 @@ def main():
                 cands = candidates(kernel, dtype, point.block_d, causal, device,
                                    length=big[2], heads=big[0] * big[1])
                 got, best, info = tune_point(point, cands, device, args.budget,
-                                             dkdv_tiles=dkdv_best)
+                                             dkdv_tiles=dkdv_best, by_kernel=args.kernel_time)
                 rows += got
                 if kernel == "dkdv":
                     dkdv_best = best
@@ -241,9 +249,11 @@ def main():
                     title="Triton attention tile tuning",
                     notes="Every candidate per point (kernel/precision/BLOCK_D/causal); the "
                           "first of each point is the launcher's choice before this run. "
-                          "Backward rows time the whole backward.",
-                    header=header, columns=["point", "tiles", "status", "ms", "TFLOP/s",
-                                            "x default"])
+                          "Backward rows time the whole backward. ms: per call; kernel ms: "
+                          "GPU time (with --kernel-time, what TFLOP/s, x default and the "
+                          "ranking use).",
+                    header=header, columns=["point", "tiles", "status", "ms", "kernel ms",
+                                            "TFLOP/s", "x default"])
     if not args.dry_run and winners:
         merge_table(attn.TUNED_PATH, capability_name(device), winners)
         print(f"wrote {len(winners)} entries to {attn.TUNED_PATH}")

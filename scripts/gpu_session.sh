@@ -196,7 +196,7 @@ if [ "${1:-}" = lease15 ]; then
     # at T = 512 (0.79x SDPA-flash; 1.14-1.21x from 1024), where the small-grid rule
     # (kernels/attention.py _fill_sms) halves the table's tiles. A dry run at that length
     # times the candidates there (the table has no length key, so it writes nothing).
-    : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels dkdv dq --seqlen 512 --dry-run --budget 0.3}"
+    : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels dkdv dq --seqlen 512 --dry-run --kernel-time --budget 0.3}"
     : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --ops layer_norm,add_layer_norm}"
     : "${SWEEP_ARGS:=--shapes gpt2-ln,ln-4096x1024 --budget 0.1 --write}"
     : "${TRAINING_OPS_ARGS:=--ops rms_norm,fused_linear_cross_entropy --budget 0.5}"
