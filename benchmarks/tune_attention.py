@@ -4,6 +4,7 @@ kernels/attention_tuned.json, which kernels/attention.tiles() reads.
     python benchmarks/tune_attention.py                     # bf16, head dims 64 and 128
     python benchmarks/tune_attention.py --dtype fp32 --head-dims 64
     python benchmarks/tune_attention.py --dry-run           # measure and report only
+    python benchmarks/tune_attention.py --seqlen 512 --kernel-time   # the "/short" entries
 
 A "point" is one kernel (fwd, dkdv or dq), precision (16-bit or fp32), BLOCK_D and causal
 flag: the key under which attention.tiles() looks tiles up. For each point the script
@@ -19,6 +20,8 @@ bf16 and fp16 use the same tensor-core tiles, so the 16-bit entries are tuned in
 
 Writes benchmarks/results/tune_attention_<device>.{csv,md} with every candidate's time, and
 merges the winners into kernels/attention_tuned.json under this GPU's architecture ("sm90"),
+keyed "<point>/short" when the timed grid is under a wave at the table's tiles (a short
+--seqlen: the launchers take those entries for such grids, attention.launch_tiles),
 with the device, date, versions and the default's time beside each. Commit both. The sm_90
 compile test (tests/test_triton_compile.py) then builds the tuned tiles on every CI run.
 """
@@ -73,9 +76,25 @@ def candidates(kernel, dtype, block_d, causal, device, length=None, heads=None):
     current = tuple(attn.tiles(kernel, dtype, block_d, causal, device))
     out = [current]
     if length is not None and heads is not None:
-        out.append(tuple(attn._fill_sms(current, kernel, length, heads, device)))
+        # What the launcher runs there (a "/short" entry or the halved tiles) first: the
+        # default the others are compared with.
+        out = [tuple(attn.launch_tiles(kernel, dtype, block_d, causal, device, False, length,
+                                       heads)),
+               current, tuple(attn._fill_sms(current, kernel, length, heads, device))]
     out += [tuple(c) for c in table[kernel]]
     return list(dict.fromkeys(out))
+
+
+def entry_key(kernel, dtype, block_d, causal, device, length, heads):
+    """The tuned table's key for a point timed at ``length`` with ``heads`` programs a block
+    row: the plain key, or with attention.SHORT where the table's tiles leave SMs idle there
+    (the launcher then looks for the "/short" entry)."""
+    from minigpt.kernels import attention as attn
+
+    key = attn.config_key(kernel, dtype, block_d, causal)
+    table_tiles = attn.tiles(kernel, dtype, block_d, causal, device)
+    return key + (attn.SHORT if attn._under_a_wave(table_tiles, kernel, length, heads, device)
+                  else "")
 
 
 def merge_table(path, arch, entries):
@@ -197,8 +216,9 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--seqlen", type=int, default=4096,
-                    help="T = S of the timed shape (B = 2, H = 16); the table has no length "
-                         "key, so a short one is for --dry-run studies of the small-grid rule")
+                    help="T = S of the timed shape (B = 2, H = 16); one short enough that the "
+                         "table's tiles leave SMs idle (512 on an H100) tunes the points' "
+                         "\"/short\" entries, which the launchers use for such grids")
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
                     help="which kernels to tune (dq is timed with dK/dV's table tiles unless "
                          "dkdv is tuned in the same run)")
@@ -236,14 +256,16 @@ def main():
                 if best is None:
                     print(f"{point.key}: no candidate ran", flush=True)
                     continue
-                winners[point.key] = {
+                key = entry_key(kernel, dtype, point.block_d, causal, device, big[2],
+                                big[0] * big[1])
+                winners[key] = {
                     "tiles": list(best), "ms": round(info["ms"], 4),
                     "default_ms": None if info["default_ms"] is None
                     else round(info["default_ms"], 4),
                     "shape": f"B={big[0]} H={big[1]} T=S={big[2]} D={D} {args.dtype}",
                     "device": header["device"], "date": header["date"],
                     "torch": header["torch"], "triton": header["triton"]}
-                print(f"{point.key}: {tuple(best)} {info['ms']:.3f} ms "
+                print(f"{key}: {tuple(best)} {info['ms']:.3f} ms "
                       f"(default {info['default_ms']})", flush=True)
     H.write_results(rows, "tune_attention", device, args.out,
                     title="Triton attention tile tuning",

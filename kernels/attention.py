@@ -507,6 +507,30 @@ def _fill_sms(tiles_, kernel, length, others, device):
     return bm, bn, warps, stages
 
 
+# Suffix of a tuned entry for grids under a wave (a short sequence or few heads), measured at
+# such a length (tune_attention.py --seqlen 512 --kernel-time): launch_tiles prefers it to
+# _fill_sms's halving there. Entries without it are tuned at T = 4096 and hold elsewhere.
+SHORT = "/short"
+
+
+def _under_a_wave(tiles_, kernel, length, others, device) -> bool:
+    """Whether cdiv(length, the owned block) x others programs leave an SM without work."""
+    block = tiles_[1] if kernel == "dkdv" else tiles_[0]
+    return cdiv(length, block) * others < num_programs(device, 1 << 30, per_sm=1)
+
+
+def launch_tiles(kernel, dtype, block_d, causal, device, dropout, length, others):
+    """The tiles a launcher runs: the table's (tiles()); where their grid is under a wave, the
+    tuned "/short" entry for this point if there is one, else the table's halved by
+    _fill_sms."""
+    t = tiles(kernel, dtype, block_d, causal, device, dropout)
+    if not FILL_SMS or device.type != "cuda" or not _under_a_wave(t, kernel, length, others,
+                                                                   device):
+        return t
+    short = _tuned(device).get(config_key(kernel, dtype, block_d, causal, dropout) + SHORT)
+    return short if short is not None else _fill_sms(t, kernel, length, others, device)
+
+
 def _block_d(D):
     return max(16, next_pow2(D))
 
@@ -554,8 +578,8 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     BD = _block_d(D)
     seed, p, drop_scale, dropout = _dropout_args(dropout_p, seed)
-    BM, BN, warps, stages = config or _fill_sms(
-        tiles("fwd", q.dtype, BD, causal, q.device, dropout), "fwd", T, B * H, q.device)
+    BM, BN, warps, stages = config or launch_tiles("fwd", q.dtype, BD, causal, q.device,
+                                                   dropout, T, B * H)
     grid = (cdiv(T, BM), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
@@ -596,15 +620,15 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dot = _dot_mode(q.dtype)
     drop = _dropout_args(dropout_p, seed)
-    bm, bn, warps, stages = dkdv_config or _fill_sms(
-        tiles("dkdv", q.dtype, BD, causal, q.device, drop[3]), "dkdv", S, B * Hkv, q.device)
+    bm, bn, warps, stages = dkdv_config or launch_tiles("dkdv", q.dtype, BD, causal, q.device,
+                                                        drop[3], S, B * Hkv)
     _bwd_dkdv_kernel[(cdiv(S, bn), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = dq_config or _fill_sms(
-        tiles("dq", q.dtype, BD, causal, q.device, drop[3]), "dq", T, B * H, q.device)
+    bm, bn, warps, stages = dq_config or launch_tiles("dq", q.dtype, BD, causal, q.device,
+                                                      drop[3], T, B * H)
     _bwd_dq_kernel[(cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         H, T, S, D, rep, scale * LOG2E, scale,

@@ -193,10 +193,10 @@ if [ "${1:-}" = lease15 ]; then
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=12}"
     : "${STAGE_LIMITS:=sweep=60 train=190 quicktest=110 ops=60 tune=90 cudatest=230}"
     # The one attention point short of its goal on the H100 is the D = 128 causal backward
-    # at T = 512 (0.79x SDPA-flash; 1.14-1.21x from 1024), where the small-grid rule
-    # (kernels/attention.py _fill_sms) halves the table's tiles. A dry run at that length
-    # times the candidates there (the table has no length key, so it writes nothing).
-    : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels dkdv dq --seqlen 512 --dry-run --kernel-time --budget 0.3}"
+    # at T = 512 (0.79x SDPA-flash; 1.14-1.21x from 1024), where the table's tiles leave SMs
+    # idle and _fill_sms halved them. Tuning at that length by kernel time writes the
+    # "/short" entries kernels/attention.py launch_tiles takes for such grids.
+    : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels dkdv dq --seqlen 512 --kernel-time --budget 0.3}"
     : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --ops layer_norm,add_layer_norm}"
     : "${SWEEP_ARGS:=--shapes gpt2-ln,ln-4096x1024 --budget 0.1 --write}"
     : "${TRAINING_OPS_ARGS:=--ops rms_norm,fused_linear_cross_entropy --budget 0.5}"

@@ -19,7 +19,8 @@ from minigpt.kernels import attention as attn  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA0 = torch.device("cuda", 0)
-KEY = re.compile(r"^(fwd|dkdv|dq)/(16bit|fp32)/d(16|32|64|128|256)/(causal|full)$")
+KEY = re.compile(r"^(fwd|dkdv|dq)/(16bit|fp32)/d(16|32|64|128|256)/(causal|full)"
+                 r"(/dropout)?(/short)?$")
 
 
 def _tuner():
@@ -175,3 +176,31 @@ def test_small_grids_get_their_owned_block_halved_until_the_sms_are_busy(gpu):
     assert fill((128, 64, 4, 3), "fwd", 512, 32, torch.device("cpu")) == (128, 64, 4, 3)
     gpu.setattr(attn, "FILL_SMS", False)
     assert fill((128, 64, 4, 3), "fwd", 512, 32, CUDA0) == (128, 64, 4, 3)
+
+
+def test_short_grids_take_their_own_tuned_tiles(gpu):
+    """Where the table's tiles leave SMs idle (T = 512, B * H = 32 on an H100's 132 SMs), the
+    launchers take a "/short" entry tuned at such a length (tune_attention.py --seqlen 512),
+    else the table's tiles halved; a grid of a wave or more keeps the table's tiles whatever
+    the short entry says. The tuner files its winners under the key the launcher reads."""
+    gpu.setattr(_util, "_sm_count", lambda index: 132)
+    tuner = _tuner()
+    bf16 = torch.bfloat16
+    table = attn._DEFAULT_16BIT[128]["dkdv"]                      # (32, 128, 8, 3)
+    pick = attn.launch_tiles
+    assert pick("dkdv", bf16, 128, True, CUDA0, False, 512, 32) == attn._fill_sms(
+        table, "dkdv", 512, 32, CUDA0) == (32, 64, 8, 3)
+    assert (tuner.entry_key("dkdv", bf16, 128, True, CUDA0, 512, 32)
+            == "dkdv/16bit/d128/causal/short")
+    assert tuner.entry_key("dkdv", bf16, 128, True, CUDA0, 1024, 32) == "dkdv/16bit/d128/causal"
+    tuner.merge_table(attn.TUNED_PATH, "sm90",
+                      {"dkdv/16bit/d128/causal/short": {"tiles": [64, 64, 4, 3]}})
+    gpu.setattr(attn, "_tuned_cache", {})  # read once per process: as a new run reads it
+    assert pick("dkdv", bf16, 128, True, CUDA0, False, 512, 32) == (64, 64, 4, 3)
+    assert pick("dkdv", bf16, 128, True, CUDA0, False, 1024, 32) == table
+    assert pick("dkdv", bf16, 128, False, CUDA0, False, 512, 32) == (32, 64, 8, 3)  # not causal
+    # The tuner's candidates start with what the launcher runs there.
+    cands = tuner.candidates("dkdv", bf16, 128, True, CUDA0, length=512, heads=32)
+    assert cands[:3] == [(64, 64, 4, 3), table, (32, 64, 8, 3)]
+    gpu.setattr(attn, "FILL_SMS", False)
+    assert pick("dkdv", bf16, 128, True, CUDA0, False, 512, 32) == table
