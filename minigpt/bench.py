@@ -355,6 +355,7 @@ class _TrainVariant:
         self.name = name
         self.backend, compiled, graphed = VARIANTS[name]
         self.raw = model
+        self.params = list(model.parameters())
         self.model = torch.compile(model) if compiled else model
         self.opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type,
                                               capturable=graphed)
@@ -370,18 +371,12 @@ class _TrainVariant:
             self.graphed = GraphedStep(self._step, self.opt, warmup=2)
 
     def _step(self, xs, ys):
-        """One optimizer step over the micro-batches xs, ys (accum, B, T): each micro-batch's
-        forward and backward accumulate the gradients, as a real GPT-2 run does (nanoGPT:
-        40 micro-batches a step), so AdamW and clipping are spread over them."""
-        total = 0.0
-        for x, y in zip(xs, ys):
-            with self.autocast():
-                _, loss = self.model(x, y)
-            (loss / len(xs)).backward()
-            total = total + loss.detach() / len(xs)
-        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
-        self.opt.step()
-        return total
+        # Micro-batches xs, ys (accum, B, T), as a real GPT-2 run takes them (nanoGPT: 40 a
+        # step): AdamW and clipping are spread over them.
+        from minigpt.train import accumulated_step
+
+        return accumulated_step(self.model, self.params, self.opt, xs, ys, self.autocast,
+                                self.grad_clip)
 
     def step(self):
         x, y = self.batches[self.i % len(self.batches)]

@@ -319,6 +319,23 @@ def _autocast(device, amp_dtype, cache: bool = True):
     return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
 
 
+def accumulated_step(model, params, optimizer, xs, ys, autocast, grad_clip: float):
+    """One optimizer step over the micro-batches ``xs``, ``ys`` (K, B, T): each one's loss / K
+    backward (the gradients add up to the mean loss's), clipping ``params`` to ``grad_clip``
+    (0: none), ``optimizer.step()``. Returns the mean loss as a tensor, with no host sync: the
+    body of a step captured as a CUDA graph (minigpt/graph.py) and of ``bench train``."""
+    total = 0.0
+    for x, y in zip(xs, ys):
+        with autocast():
+            _, loss = model(x, y)
+        (loss / len(xs)).backward()
+        total = total + loss.detach().float() / len(xs)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return total
+
+
 def _print(*a, **k):
     print(*a, **k, flush=True)
 
@@ -482,27 +499,21 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
         msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         (bar.write(msg) if bar is not None else _print(msg))
 
+    def draw(g, step, micro):
+        """Micro-batch ``micro`` of ``step``: the same one whenever that step runs (resume)."""
+        g.manual_seed(_seed_for(cfg.seed, dist.rank, step, micro))
+        return data_mod.get_batch(splits.train, cfg.batch_size, cfg.block_size, g)
+
     graphed = None
     if cfg.cuda_graph:
         from minigpt.graph import GraphedStep, check_capturable, set_lr
 
         check_capturable(raw_model, optimizer, amp_dtype)
-
-        def graph_step(xs, ys):
-            """One step on grad_accum stacked micro-batches (K, B, T), without a host sync."""
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                with _autocast(device, amp_dtype, cache=False):
-                    _, loss = model(xs[micro], ys[micro])
-                    loss = loss / cfg.grad_accum
-                loss.backward()
-                total = total + loss.detach().float()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            return total
-
-        graphed = GraphedStep(graph_step, optimizer)
+        params = list(raw_model.parameters())
+        graphed = GraphedStep(
+            lambda xs, ys: accumulated_step(model, params, optimizer, xs, ys,
+                                            lambda: _autocast(device, amp_dtype, cache=False),
+                                            cfg.grad_clip), optimizer)
 
     step = start_step
     if dist.master and not resumed and end_step > 0:
@@ -513,10 +524,7 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
         g = torch.Generator()
         if graphed is not None:
             set_lr(optimizer, lr)
-            xy = []
-            for micro in range(cfg.grad_accum):  # the same batches as the eager loop draws
-                g.manual_seed(_seed_for(cfg.seed, dist.rank, step, micro))
-                xy.append(data_mod.get_batch(splits.train, cfg.batch_size, cfg.block_size, g))
+            xy = [draw(g, step, micro) for micro in range(cfg.grad_accum)]
             xs = torch.stack([x for x, _ in xy]).to(device, non_blocking=True)
             ys = torch.stack([y for _, y in xy]).to(device, non_blocking=True)
             total = graphed(xs, ys)
@@ -527,8 +535,7 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
             torch.manual_seed(_seed_for(cfg.seed, dist.rank, step, 1 << 41))  # dropout masks
             total = 0.0
             for micro in range(cfg.grad_accum):
-                g.manual_seed(_seed_for(cfg.seed, dist.rank, step, micro))
-                x, y = data_mod.get_batch(splits.train, cfg.batch_size, cfg.block_size, g)
+                x, y = draw(g, step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = (not dist.ddp or micro == cfg.grad_accum - 1)
                 ctx = contextlib.nullcontext() if sync else model.no_sync()
