@@ -390,10 +390,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
         dropout_p = _check_dropout(OP, dropout_p)
         if dropout_p > 0.0:
             return _attention_dropout(q, k, v, causal, scale, dropout_p, backend)
-    be = _backend.resolve(OP, backend, q.device, q.dtype)
-    if backend is None and be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
-        be = "torch"
-    _check_head_dim(OP, be, D)
+    be, _ = _pick_backend(OP, backend, q.device, q.dtype, D, 0.0)
     if be == "torch" or q.numel() == 0 or k.numel() == 0:
         # Nothing to launch for empty inputs; the reference gives the right (zero) answer.
         return reference.attention(q, k, v, causal, scale)
@@ -402,18 +399,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     return out
 
 
-def _attention_dropout(q, k, v, causal, scale, dropout_p, backend):
-    if backend == "cuda":
-        raise ValueError(f"{OP}: the {backend} backend has no dropout (dropout_p={dropout_p}); "
-                         f"use one of {DROPOUT_BACKENDS} or backend=None")
-    D = q.shape[-1]
-    be = _backend.resolve(f"{OP} with dropout_p > 0", backend, q.device, q.dtype,
-                          supported=DROPOUT_BACKENDS)
-    if backend is None and be == "triton" and D > MAX_GPU_HEAD_DIM:
+def _pick_backend(op, backend, device, dtype, D, dropout_p):
+    """(backend, seed) for an attention call: the requested or default backend (with dropout,
+    one of DROPOUT_BACKENDS), the reference for a default GPU backend past its widest head,
+    and with dropout a seed drawn from torch's default generator (None without)."""
+    seed = None
+    if dropout_p > 0.0:
+        if backend == "cuda":
+            raise ValueError(f"{op}: the {backend} backend has no dropout (dropout_p="
+                             f"{dropout_p}); use one of {DROPOUT_BACKENDS} or backend=None")
+        be = _backend.resolve(f"{op} with dropout_p > 0", backend, device, dtype,
+                              supported=DROPOUT_BACKENDS)
+    else:
+        be = _backend.resolve(op, backend, device, dtype)
+    if backend is None and be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
         be = "torch"
-    _check_head_dim(OP, be, D)
-    # A non-negative int64: the kernels' tl.rand and reference/philox.py take any such seed.
-    seed = torch.randint(2**63 - 1, (), dtype=torch.int64)
+    _check_head_dim(op, be, D)
+    if dropout_p > 0.0:
+        # A non-negative int64: the kernels' tl.rand and reference/philox.py take any such seed.
+        seed = torch.randint(2**63 - 1, (), dtype=torch.int64)
+    return be, seed
+
+
+def _attention_dropout(q, k, v, causal, scale, dropout_p, backend):
+    be, seed = _pick_backend(OP, backend, q.device, q.dtype, q.shape[-1], dropout_p)
     if be == "torch" or q.numel() == 0 or k.numel() == 0:
         return reference.attention(q, k, v, causal, scale, dropout_p, seed)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -456,19 +465,7 @@ def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None,
     scale = _check_scale(op, scale, D)
     if dropout_p.__class__ is not float or dropout_p != 0.0:
         dropout_p = _check_dropout(op, dropout_p)
-    seed = None
-    if dropout_p > 0.0:
-        if backend == "cuda":
-            raise ValueError(f"{op}: the {backend} backend has no dropout (dropout_p="
-                             f"{dropout_p}); use one of {DROPOUT_BACKENDS} or backend=None")
-        be = _backend.resolve(f"{op} with dropout_p > 0", backend, qkv.device, qkv.dtype,
-                              supported=DROPOUT_BACKENDS)
-        seed = torch.randint(2**63 - 1, (), dtype=torch.int64)  # as attention's
-    else:
-        be = _backend.resolve(op, backend, qkv.device, qkv.dtype)
-    if backend is None and be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
-        be = "torch"
-    _check_head_dim(op, be, D)
+    be, seed = _pick_backend(op, backend, qkv.device, qkv.dtype, D, dropout_p)
     if be == "torch" or qkv.numel() == 0:
         q, k, v = _qkv_split(qkv, n_head, n_kv_head)
         out = reference.attention(q, k, v, causal, scale, dropout_p, seed)
