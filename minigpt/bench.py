@@ -456,6 +456,12 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
     peak, peak_note = device_peak_tflops(dev, dname, peak_tflops)
     ours = default_backend(dev, dt)
     rows, skipped, profiles = [], [], []
+    out = Path(out) if out else DEFAULT_OUT
+
+    def write(plot):
+        return _write_train(H, rows, dev, out, dname, peak, peak_note, steps,
+                            _train_goals(rows, dev), skipped, profiles, plot)
+
     for cfg_name in configs:
         shape, gpu_b, cpu_b = TRAIN_CONFIGS[cfg_name]
         B = batch_size or (gpu_b if dev.type == "cuda" else cpu_b)
@@ -541,17 +547,15 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
         want_profile = profile if profile is not None else (
             mine is not None and "eager" in runs and mine["x eager"] < _goal(dev, cfg_name)["eager"])
         if want_profile:
+            # The timings so far go to disk first: a run stopped while profiling (a GPU
+            # session's stage limit) keeps them.
+            write(plot=False)
             profiles.append((cfg_name, {v: _profile_step(runs[v], dev)
                                         for v in ("minigpt", "eager", "minigpt-graph")
                                         if v in runs}))
         del runs
-    goals = _train_goals(rows, dev)
-    out = Path(out) if out else DEFAULT_OUT
-    paths = {}
-    if rows:
-        paths = _write_train(H, rows, dev, out, dname, peak, peak_note, steps, goals, skipped,
-                             profiles, plot)
-    return {"rows": rows, "paths": paths, "skipped": skipped, "goals": goals}
+    paths = write(plot) if rows else {}
+    return {"rows": rows, "paths": paths, "skipped": skipped, "goals": _train_goals(rows, dev)}
 
 
 def _goal(device, config):
