@@ -162,7 +162,7 @@ def main():
     if unknown or not names:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
     shapes = [SHAPES[n] for n in names] if device.type == "cuda" else SMALL_SHAPES
-    rows, tuned = [], []
+    rows = []
     for op, M, N, xd, rd in shapes:
         a = inputs(op, M, N, xd, rd, device)
         cands = candidates(N)
@@ -193,8 +193,15 @@ def main():
 
         hd = a[2].dtype  # h: the residual stream's dtype where there is one
         best_c = next(c for c in cands if str(c) == best["ROWS, warps, per SM"])
-        tuned.append((norm_bwd_key(op, row_block(N)[0], hd), best_c, best["kernel ms"],
-                      best["x default"], shape))
+        tuned = [(norm_bwd_key(op, row_block(N)[0], hd), best_c, best["kernel ms"],
+                  best["x default"], shape)]
+        if args.write:  # shape by shape: a run stopped at its time limit keeps what it found
+            from minigpt.kernels._util import NORM_BWD_TUNED_PATH, capability_name
+
+            for line in write_tuned(tuned, NORM_BWD_TUNED_PATH, capability_name(device),
+                                    torch.cuda.get_device_name(device), H.env_header(
+                                        device)["date"]):
+                print(line, flush=True)
     if rows:
         H.print_table(rows, list(rows[0]))
         paths = H.write_results(rows, "sweep_norm_bwd", device, args.out,
@@ -203,15 +210,6 @@ def main():
                                       "the default shape's kernel time over the candidate's.",
                                 columns=list(rows[0]))
         print(f"wrote {paths['md']} and {paths['csv']}")
-    if args.write and tuned:
-        from minigpt.kernels._util import NORM_BWD_TUNED_PATH, capability_name
-
-        import datetime
-
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        for line in write_tuned(tuned, NORM_BWD_TUNED_PATH, capability_name(device),
-                                torch.cuda.get_device_name(device), date):
-            print(line)
 
 
 if __name__ == "__main__":
