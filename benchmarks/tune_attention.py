@@ -267,6 +267,8 @@ def main():
                     "torch": header["torch"], "triton": header["triton"]}
                 print(f"{key}: {tuple(best)} {info['ms']:.3f} ms "
                       f"(default {info['default_ms']})", flush=True)
+                if not args.dry_run:  # point by point: a stopped run keeps what it found
+                    merge_table(attn.TUNED_PATH, capability_name(device), {key: winners[key]})
     H.write_results(rows, "tune_attention", device, args.out,
                     title="Triton attention tile tuning",
                     notes="Every candidate per point (kernel/precision/BLOCK_D/causal); the "
@@ -277,7 +279,6 @@ def main():
                     header=header, columns=["point", "tiles", "status", "ms", "kernel ms",
                                             "TFLOP/s", "x default"])
     if not args.dry_run and winners:
-        merge_table(attn.TUNED_PATH, capability_name(device), winners)
         print(f"wrote {len(winners)} entries to {attn.TUNED_PATH}")
 
 
