@@ -41,9 +41,9 @@ def _ln_fwd_kernel(X, R, W, B, Y, H, Mean, Rstd, N, eps,
         xc = tl.where(mask, x - mean, 0.0)
         var = tl.sum(xc * xc, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0)
+        y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            y += tl.load(B + cols, mask=mask, other=0.0)
+            y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         src = X
@@ -72,9 +72,9 @@ def _ln_fwd_kernel(X, R, W, B, Y, H, Mean, Rstd, N, eps,
             cols = off + tl.arange(0, BLOCK)
             mask = cols < N
             x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean) * rstd * tl.load(W + cols, mask=mask, other=0.0)
+            y = (x - mean) * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
-                y += tl.load(B + cols, mask=mask, other=0.0)
+                y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
@@ -110,7 +110,7 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_pr
         # few bytes in flight to keep the memory system busy between the program's reductions.
         cols = tl.arange(0, BLOCK)
         cmask = cols < N
-        w = tl.load(W + cols, mask=cmask, other=0.0)[None, :]
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         db = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         end = row_start + rows_per_prog
@@ -171,7 +171,7 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_pr
                 x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                wdy = _mul_rn(tl.load(W + cols, mask=mask, other=0.0), dy, EXACT_MUL)
+                wdy = _mul_rn(tl.load(W + cols, mask=mask, other=0.0).to(tl.float32), dy, EXACT_MUL)
                 a1 += xhat * wdy
                 a2 += wdy
             c1 = tl.sum(a1, axis=0) / N
@@ -182,7 +182,7 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_pr
                 x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                wdy = _mul_rn(tl.load(W + cols, mask=mask, other=0.0), dy, EXACT_MUL)
+                wdy = _mul_rn(tl.load(W + cols, mask=mask, other=0.0).to(tl.float32), dy, EXACT_MUL)
                 dx = (wdy - (xhat * c1 + c2)) * rstd
                 if HAS_DH:
                     dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
@@ -196,8 +196,9 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_pr
 
 
 def layer_norm_fwd(x, weight, bias, residual, eps, out_dtype=None):
-    """x, residual: (M, N) contiguous, each its own float dtype; weight, bias: (N,) fp32.
-    -> y (in out_dtype, else h's), h (in the promoted dtype of x and residual), mean, rstd."""
+    """x, residual: (M, N) contiguous, each its own float dtype; weight, bias: (N,) fp32, bf16
+    or fp16 (read as fp32). -> y (in out_dtype, else h's), h (in the promoted dtype of x and
+    residual), mean, rstd."""
     M, N = x.shape
     hd = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = torch.empty((M, N), dtype=out_dtype or hd, device=x.device)
@@ -215,7 +216,8 @@ def layer_norm_fwd(x, weight, bias, residual, eps, out_dtype=None):
 
 def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config=None):
     """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
-    given and differs from h's), dweight, dbias (fp32; dbias empty if no bias)."""
+    given and differs from h's), dweight, dbias (summed in fp32, in weight's dtype; dbias
+    empty if no bias)."""
     M, N = h.shape
     dx = torch.empty_like(h)
     two = x_dtype is not None and x_dtype != h.dtype
@@ -236,6 +238,9 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config
         BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, EXACT_MUL=not interpreting(),
         num_warps=warps)
     sums = parts.sum(1)
+    if weight.dtype != torch.float32:  # a 16-bit model's weights: their gradients as they are
+        return (dx, dx2, sums[0].to(weight.dtype),
+                sums[1].to(weight.dtype) if has_bias else weight.new_empty(0))
     # Separate storages: a custom op's outputs must not alias each other (torch.compile
     # refuses the graph otherwise), and db is only N floats.
     return dx, dx2, sums[0], (sums[1].clone() if has_bias else weight.new_empty(0))

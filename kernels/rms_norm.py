@@ -35,7 +35,7 @@ def _rms_fwd_kernel(X, R, W, Y, H, Rstd, N, eps,
             tl.store(H + cols, hq, mask=mask)
             x = hq.to(tl.float32)  # normalize h as stored, like the unfused model would
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-        y = x * rstd * tl.load(W + cols, mask=mask, other=0.0)
+        y = x * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         src = X
@@ -56,7 +56,7 @@ def _rms_fwd_kernel(X, R, W, Y, H, Rstd, N, eps,
             cols = off + tl.arange(0, BLOCK)
             mask = cols < N
             x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-            y = x * rstd * tl.load(W + cols, mask=mask, other=0.0)
+            y = x * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Rstd + row, rstd)
 
@@ -76,7 +76,7 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
         # ROWS rows at a time (rows_per_prog is a multiple of ROWS), as in layer_norm.
         cols = tl.arange(0, BLOCK)
         cmask = cols < N
-        w = tl.load(W + cols, mask=cmask, other=0.0)[None, :]
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         end = row_start + rows_per_prog
         x_next, dy_next = load_tile2(Hx, DY, row_start, end, M, N, cols, cmask, ROWS)
@@ -123,7 +123,7 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
                 mask = (cols < N) & valid
                 x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
-                a1 += x * rstd * tl.load(W + cols, mask=mask, other=0.0) * dy
+                a1 += x * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * dy
             c1 = tl.sum(a1, axis=0) / N
             for c in range(0, N, BLOCK):
                 cols = c + tl.arange(0, BLOCK)
@@ -131,7 +131,7 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
                 x = tl.load(Hx + off + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
                 xhat = x * rstd
-                dx = (tl.load(W + cols, mask=mask, other=0.0) * dy - xhat * c1) * rstd
+                dx = (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * dy - xhat * c1) * rstd
                 if HAS_DH:
                     dx += tl.load(DH + off + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
@@ -142,7 +142,8 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
 
 
 def rms_norm_fwd(x, weight, residual, eps, out_dtype=None):
-    """x, residual: (M, N) contiguous, each its own float dtype; weight: (N,) fp32. -> y (in
+    """x, residual: (M, N) contiguous, each its own float dtype; weight: (N,) fp32, bf16 or
+    fp16 (read as fp32). -> y (in
     out_dtype, else h's), h (in the promoted dtype of x and residual; h empty without
     residual), rstd."""
     M, N = x.shape
@@ -160,7 +161,7 @@ def rms_norm_fwd(x, weight, residual, eps, out_dtype=None):
 
 def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None, config=None):
     """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
-    given and differs from h's), dweight (fp32)."""
+    given and differs from h's), dweight (summed in fp32, in weight's dtype)."""
     M, N = h.shape
     dx = torch.empty_like(h)
     two = x_dtype is not None and x_dtype != h.dtype
@@ -176,4 +177,4 @@ def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None, config=None):
         dy, dh if dh is not None else dy, h, weight, rstd, dx, dx2 if two else dx, dw_part, M, N,
         rows_per_prog, HAS_DH=dh is not None, HAS_DX2=two, BLOCK=BLOCK, ROWS=ROWS,
         SINGLE=single, num_warps=warps)
-    return dx, dx2, dw_part.sum(0)
+    return dx, dx2, dw_part.sum(0).to(weight.dtype)

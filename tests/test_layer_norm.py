@@ -21,12 +21,12 @@ def _run(be, x, w, b, r):
     return out if r is not None else (out, None)
 
 
-def _check(be, dev, dtype, lead, N, residual, bias, noncontig):
+def _check(be, dev, dtype, lead, N, residual, bias, noncontig, wdtype=torch.float32):
     shape = (*lead, N)
     x = make(shape, dtype, dev, noncontig=noncontig, requires_grad=True)
     r = make(shape, dtype, dev, requires_grad=True) if residual else None
-    w = (1 + 0.5 * torch.randn(N, device=dev)).requires_grad_()
-    b = (0.1 * torch.randn(N, device=dev)).requires_grad_() if bias else None
+    w = (1 + 0.5 * torch.randn(N, device=dev)).to(wdtype).requires_grad_()
+    b = (0.1 * torch.randn(N, device=dev)).to(wdtype).requires_grad_() if bias else None
     leaves = [t for t in (x, w, b, r) if t is not None]
 
     y, h = _run(be, x, w, b, r)
@@ -56,9 +56,10 @@ def _check(be, dev, dtype, lead, N, residual, bias, noncontig):
     grads64 = torch.autograd.grad(loss(y64, h64, torch.float64), leaves64)
     names = [n for n, t in zip(("dx", "dw", "db", "dr"), (x, w, b, r)) if t is not None]
     for n, g, g_lp, g64 in zip(names, grads, grads_lp, grads64):
+        assert g.dtype == {"dx": x, "dw": w, "db": w, "dr": x}[n].dtype, n
         # dweight/dbias sum over all rows: scale the floor by the row count.
         rows = x.numel() // N if n in ("dw", "db") else 1
-        assert_close(g, g64, g_lp, dtype if n in ("dx", "dr") else torch.float32, n,
+        assert_close(g, g64, g_lp, dtype if n in ("dx", "dr") else wdtype, n,
                      floor=None if n in ("dx", "dr") else 1e-5 * rows ** 0.5 * (
                          1 if dtype == torch.float32 else 100))
 
@@ -69,6 +70,16 @@ def _check(be, dev, dtype, lead, N, residual, bias, noncontig):
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_layer_norm_matches_reference(be, dev, dtype, lead, N, residual):
     _check(be, dev, dtype, lead, N, residual, bias=True, noncontig=False)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lead,N,residual", [((5,), 64, False), ((2, 3), 1025, True),
+                                             ((3,), 4097, False)], ids=str)
+def test_layer_norm_low_precision_weights(be, dev, wdtype, lead, N, residual):
+    # A 16-bit model keeps 16-bit weight and bias: math in fp32 either way, their gradients
+    # back in their own dtype (Triton reads and writes them so; the C++/CUDA ops cast).
+    _check(be, dev, wdtype, lead, N, residual, bias=True, noncontig=False, wdtype=wdtype)
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())

@@ -77,10 +77,13 @@ def test_rms_norm_noncontiguous(be, dev, dtype):
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
-def test_rms_norm_bf16_weight(be, dev):
-    # A bf16 model keeps a bf16 weight: the kernels upcast it, the grad comes back in bf16.
-    _check(be, dev, torch.bfloat16, (5,), 64, residual=False, noncontig=False,
-           wdtype=torch.bfloat16)
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lead,N,residual", [((5,), 64, False), ((2, 3), 1025, True),
+                                             ((3,), 4097, False)], ids=str)
+def test_rms_norm_low_precision_weight(be, dev, wdtype, lead, N, residual):
+    # A 16-bit model keeps a 16-bit weight: math in fp32 either way, the grad back in its own
+    # dtype (Triton reads and writes it so; the C++/CUDA ops cast).
+    _check(be, dev, wdtype, lead, N, residual=residual, noncontig=False, wdtype=wdtype)
 
 
 @pytest.mark.parametrize("be", ["torch", "cpu"])

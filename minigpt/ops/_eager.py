@@ -86,6 +86,18 @@ def as_acc(t, dtype):
     return t.to(dtype).contiguous()
 
 
+def norm_param(t, acc, backend):
+    """A norm's weight or bias as its ``backend``'s kernels take it. The C++ and CUDA kernels
+    take the accumulation dtype ``acc`` (fp32; fp64 for fp64 x): a bf16 parameter is cast to
+    it on every call (autograd casts the gradient back). Triton reads fp32, bf16 and fp16
+    parameters as they are, in fp32, and returns their gradients in their own dtype: no cast
+    kernels around a 16-bit model's norms."""
+    if backend == "triton" and acc == torch.float32 and t.dtype in (
+            torch.float32, torch.bfloat16, torch.float16):
+        return t if t.is_contiguous() else t.contiguous()
+    return as_acc(t, acc)
+
+
 def shaped(t, shape):
     return t if t.shape == shape else t.reshape(shape)
 

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import (as_acc, bwd_op, cast_output, eager_function, h_dtype,
-                                kernel_inputs, norm_dtypes, pick, rows, shaped)
+from minigpt.ops._eager import (bwd_op, cast_output, eager_function, h_dtype, kernel_inputs,
+                                norm_dtypes, norm_param, pick, rows, shaped)
 
 OP = "layer_norm"
 
@@ -151,11 +151,11 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     shape = x.shape
     x2 = rows(x, N)
     r2 = rows(residual, N) if residual is not None else None
-    # Kernels take parameters in the accumulation dtype (fp32; fp64 for fp64 x) so bf16
-    # activations with fp32 master weights lose nothing; autograd casts the grads back.
+    # Parameters in fp32 math (fp64 for fp64 x): bf16 activations with fp32 master weights
+    # lose nothing (norm_param: which backend casts them).
     acc = torch.float64 if hd == torch.float64 else torch.float32
-    w = as_acc(weight, acc)
-    b = as_acc(bias, acc) if bias is not None else None
+    w = norm_param(weight, acc, be)
+    b = norm_param(bias, acc, be) if bias is not None else None
     fwd = pick(_fwd, _EagerLayerNorm, _fwd_impl, x2, w, b, r2)
     y, h, _, _ = fwd(x2, w, b, r2, float(eps), be, out_dtype)
     if residual is None:
