@@ -164,10 +164,10 @@ def _bwd_preprocess_kernel(O, DO, DELTA, H, T, D, sob, soh, sot, sdb, sdh, sdt,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh, sqt,
-                sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, first_m, n_blocks,
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, b, hk, REP, Hq, T, S, D, sqb, sqh, sqt,
+                sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, scale, first_m, n_blocks,
                 seed, dropout_p, drop_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-                DOT: tl.constexpr, DROPOUT: tl.constexpr):
+                DOT: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dK/dV of one key block over ``n_blocks`` query blocks from ``first_m``, for
     every query head of the GQA group. One flat loop over (head, query block) rather than two
     nested ones: Triton software-pipelines only the innermost loop, and the nested form kept
@@ -175,7 +175,11 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
     MASKED: apply the causal mask (the blocks on the diagonal). Padded key rows (past S) need
     no mask: they only reach their own rows of dK/dV, which are never stored.
     DROPOUT: dV sums the kept P unscaled (the caller scales dV by 1/(1-p) once); dP is masked
-    and scaled before dS."""
+    and scaled before dS.
+    ATOMIC_DQ: also add this key block's share of dQ, dS K * scale, into the fp32 (B, Hq, T, D)
+    buffer DQA with atomics (FlashAttention-2's backward), so no dQ kernel has to recompute
+    S and dP. Padded key rows are masked then: their P = exp2(-lse) can overflow, and inf x
+    a zero key row would poison a real row of dQ."""
     offs_mb = tl.arange(0, BLOCK_M)
     for it in range(0, REP * n_blocks):
         g = it // n_blocks
@@ -194,6 +198,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (S - T), pT, 0.0)
+        if ATOMIC_DQ:
+            pT = tl.where(offs_n[:, None] < S, pT, 0.0)
         if DROPOUT:
             keepT = tl.rand(seed, (row + offs_m)[None, :] * S + offs_n[:, None]) >= dropout_p
             dv += _dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, DOT)
@@ -203,17 +209,20 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
             dpT = _dot(v, tl.trans(do), DOT)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, DOT)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k, DOT) * scale  # (BLOCK_M, BLOCK_D)
+            tl.atomic_add(DQA + (row + offs_m)[:, None] * D + offs_d[None, :], dq, mask=qmask)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA,
                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sdb, sdh, sdt,
                      sgb, sgh, sgs,
                      Hq, Hkv, T, S, D, REP, qk_scale, scale, seed: tl.int64, dropout_p,
                      drop_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                     DROPOUT: tl.constexpr):
+                     DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -237,15 +246,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         full = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M,
                           lo)
         n_masked = tl.cdiv(tl.maximum(tl.minimum(full, T) - lo, 0), BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh,
-                             sqt, sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, lo, n_masked,
-                             seed, dropout_p, drop_scale, True, BLOCK_M, DOT, DROPOUT)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, b, hk, REP, Hq, T, S, D,
+                             sqb, sqh, sqt, sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale,
+                             scale, lo, n_masked, seed, dropout_p, drop_scale, True, BLOCK_M,
+                             DOT, DROPOUT, ATOMIC_DQ)
     else:
         full = 0
     n_full = tl.cdiv(tl.maximum(T - full, 0), BLOCK_M)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, REP, Hq, T, S, sqb, sqh, sqt,
-                         sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, full, n_full,
-                         seed, dropout_p, drop_scale, False, BLOCK_M, DOT, DROPOUT)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, b, hk, REP, Hq, T, S, D, sqb,
+                         sqh, sqt, sdb, sdh, sdt, offs_n, offs_d, dmask, qk_scale, scale, full,
+                         n_full, seed, dropout_p, drop_scale, False, BLOCK_M, DOT, DROPOUT,
+                         ATOMIC_DQ)
     if DROPOUT:
         dv = dv * drop_scale
     # dK and dV share one layout (sgb, sgh, sgs): the launcher allocates both alike.
@@ -487,6 +498,15 @@ def tiles(kernel, dtype, block_d, causal, device, dropout=False):
 FILL_SMS = True
 
 
+def atomic_dq(tiles_) -> bool:
+    """Whether dK/dV tiles ask for the atomic dQ (a fifth entry, 1): the dK/dV kernel then adds
+    each key block's dQ share with atomics and no dQ kernel runs (FlashAttention-2's backward:
+    five products per tile pair instead of seven, for fp32 atomics into dQ; dQ's summation
+    order, hence its last bits, then varies from run to run). Only a tuned entry
+    (tune_attention.py, where it measured faster) turns it on."""
+    return len(tiles_) > 4 and bool(tiles_[4])
+
+
 def _fill_sms(tiles_, kernel, length, others, device):
     """``tiles_`` with the block a program owns (queries for fwd and dq, keys for dK/dV)
     halved (warps and stages kept) while the grid, cdiv(length, block) x others programs,
@@ -496,7 +516,7 @@ def _fill_sms(tiles_, kernel, length, others, device):
     their tiles (what tune_attention.py measured)."""
     if not FILL_SMS or device.type != "cuda":
         return tiles_
-    bm, bn, warps, stages = tiles_
+    bm, bn, warps, stages, *mode = tiles_
     sms = num_programs(device, 1 << 30, per_sm=1)
     if kernel == "dkdv":
         while bn > 32 and cdiv(length, bn) * others < sms:
@@ -504,7 +524,7 @@ def _fill_sms(tiles_, kernel, length, others, device):
     else:
         while bm > 32 and cdiv(length, bm) * others < sms:
             bm //= 2
-    return bm, bn, warps, stages
+    return (bm, bn, warps, stages, *mode)
 
 
 # Suffix of a tuned entry for grids under a wave (a short sequence or few heads), measured at
@@ -620,13 +640,20 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dot = _dot_mode(q.dtype)
     drop = _dropout_args(dropout_p, seed)
-    bm, bn, warps, stages = dkdv_config or launch_tiles("dkdv", q.dtype, BD, causal, q.device,
-                                                        drop[3], S, B * Hkv)
+    dkdv_tiles = dkdv_config or launch_tiles("dkdv", q.dtype, BD, causal, q.device, drop[3], S,
+                                             B * Hkv)
+    bm, bn, warps, stages = dkdv_tiles[:4]
+    atomic = atomic_dq(dkdv_tiles)
+    # The atomic dQ's fp32 sum: (B, H, T, D) contiguous, zeroed (dk stands in when unused).
+    dqa = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device) if atomic else dk
     _bwd_dkdv_kernel[(cdiv(S, bn), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        H, Hkv, T, S, D, rep, scale * LOG2E, scale,
+        q, k, v, do, lse, delta, dk, dv, dqa, *strides, dk.stride(0), dk.stride(1),
+        dk.stride(2), H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
-        DROPOUT=drop[3], num_warps=warps, num_stages=stages)
+        DROPOUT=drop[3], ATOMIC_DQ=atomic, num_warps=warps, num_stages=stages)
+    if atomic:
+        dq.copy_(dqa)
+        return dq, dk, dv
     bm, bn, warps, stages = dq_config or launch_tiles("dq", q.dtype, BD, causal, q.device,
                                                       drop[3], T, B * H)
     _bwd_dq_kernel[(cdiv(T, bm), B * H)](

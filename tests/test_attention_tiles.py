@@ -41,9 +41,9 @@ def gpu(monkeypatch, tmp_path):
 
 
 def _valid_tiles(t):
-    bm, bn, warps, stages = t
+    bm, bn, warps, stages, *mode = t  # a fifth entry: dK/dV's atomic dQ (0 or 1)
     return (bm in (16, 32, 64, 128, 256) and bn in (16, 32, 64, 128, 256)
-            and warps in (1, 2, 4, 8, 16) and 1 <= stages <= 6)
+            and warps in (1, 2, 4, 8, 16) and 1 <= stages <= 6 and mode in ([], [0], [1]))
 
 
 def test_defaults_without_a_table(gpu):
@@ -204,3 +204,52 @@ def test_short_grids_take_their_own_tuned_tiles(gpu):
     assert cands[:3] == [(64, 64, 4, 3), table, (32, 64, 8, 3)]
     gpu.setattr(attn, "FILL_SMS", False)
     assert pick("dkdv", bf16, 128, True, CUDA0, False, 512, 32) == table
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16), (32, 32)], ids=str)
+@pytest.mark.parametrize("T,S,causal", [(100, 100, True), (70, 33, True), (33, 100, True),
+                                        (45, 70, False)], ids=str)
+def test_backward_with_atomic_dq(tiles, T, S, causal):
+    """dK/dV tiles with a fifth entry 1 (attention.atomic_dq): the dK/dV kernel adds each key
+    block's dQ share with atomics and the dQ kernel does not run. GQA, ragged lengths (padded
+    key rows must not reach dQ), T > S (queries that see no key), T < S, against the fp64
+    reference (interpreter; fp32)."""
+    from minigpt import reference
+
+    from ._tol import assert_close
+
+    bm, bn = tiles
+    assert attn.atomic_dq((bm, bn, 4, 1, 1)) and not attn.atomic_dq((bm, bn, 4, 1))
+    g = torch.Generator().manual_seed(T * 1000 + S + bm)
+    q, k, v, do = (torch.randn(*shape, generator=g) for shape in
+                   [(1, 4, T, 24), (1, 2, S, 24), (1, 2, S, 24), (1, 4, T, 24)])
+    out, lse = attn.attention_fwd(q, k, v, causal, 24 ** -0.5, config=(32, 32, 4, 1))
+    dq, dk, dv = attn.attention_bwd(do, q, k, v, out, lse, causal, 24 ** -0.5,
+                                    dkdv_config=(bm, bn, 4, 1, 1))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = reference.attention(q64, k64, v64, causal=causal)
+    ref.backward(do.double())
+    for name, got, want in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(got, want.detach(), want.detach().float(), torch.float32, name)
+
+
+def test_atomic_dq_with_dropout_and_packed_grads():
+    # The same dropout mask (one seed) as the two-kernel backward, and dQ written into a
+    # strided view (attention_qkv's packed gradient).
+    from minigpt.ops.attention import _qkv_split
+
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 37, 3 * 2 * 16, generator=g)
+    q, k, v = _qkv_split(qkv, 2, 2)
+    do = torch.randn(2, 2, 37, 16, generator=g)
+    out, lse = attn.attention_fwd(q, k, v, True, 0.25, config=(16, 16, 4, 1), dropout_p=0.3,
+                                  seed=77)
+    want = attn.attention_bwd(do, q, k, v, out, lse, True, 0.25, dkdv_config=(16, 16, 4, 1),
+                              dq_config=(16, 16, 4, 1), dropout_p=0.3, seed=77)
+    dqkv = torch.empty_like(qkv)
+    got = attn.attention_bwd(do, q, k, v, out, lse, True, 0.25, dkdv_config=(16, 16, 4, 1, 1),
+                             dropout_p=0.3, seed=77, grads=_qkv_split(dqkv, 2, 2))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(dqkv[..., :32].view(2, 37, 2, 16).transpose(1, 2), want[0],
+                               rtol=1e-4, atol=1e-5)

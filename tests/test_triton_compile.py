@@ -195,6 +195,18 @@ def _cases():
         out, lse = attn.attention_fwd(q, q, q, True, 0.125)
         attn.attention_bwd(t(2, 8, 128, 64, dtype=bf16), q, q, q, out, lse, True, 0.125)
 
+    # dQ by atomics from the dK/dV kernel (the tuner's candidates with a fifth entry 1): its
+    # extra dQ tile and dot must fit beside dK/dV's at D 64 and 128 (GQA, ragged).
+    for D in (64, 128):
+        for tiles in ((32, 64, 8, 3, 1), (32, 128, 8, 3, 1), (64, 64, 8, 2, 1)):
+            @case("attention", f"D={D} bf16 causal=True atomic dQ dkdv={tiles[:4]}")
+            def _(D=D, tiles=tiles):
+                q, k, v = t(2, 8, 200, D, dtype=bf16), t(2, 2, 260, D, dtype=bf16), \
+                    t(2, 2, 260, D, dtype=bf16)
+                out, lse = attn.attention_fwd(q, k, v, True, D ** -0.5)
+                attn.attention_bwd(t(2, 8, 200, D, dtype=bf16), q, k, v, out, lse, True,
+                                   D ** -0.5, dkdv_config=tiles)
+
     # ops.attention_qkv: q, k, v and their gradients as the q | k | v views of one (B, T,
     # 3 H D) projection (GPT-2's 12 heads of 64).
     @case("attention", "D=64 bf16 causal=True packed qkv (GPT-2 heads), grads in place")
