@@ -191,13 +191,16 @@ pack() {
 if [ "${1:-}" = lease15 ]; then
     [ "$DEADLINE" -gt 0 ] || DEADLINE=570
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=12}"
-    : "${STAGE_LIMITS:=sweep=60 train=190 quicktest=110 ops=60 tune=90 cudatest=230}"
+    : "${STAGE_LIMITS:=sweep=60 train=190 quicktest=110 ops=60 tune=90 attention=60 cudatest=230}"
     # The one attention point short of its goal on the H100 is the D = 128 causal backward
     # at T = 512 (0.79x SDPA-flash; 1.14-1.21x from 1024), where the table's tiles leave SMs
     # idle and _fill_sms halved them. Tuning at that length by kernel time writes the
     # "/short" entries kernels/attention.py launch_tiles takes for such grids.
     : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels dkdv dq --seqlen 512 --kernel-time --budget 0.3}"
-    : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --ops layer_norm,add_layer_norm}"
+    # The quick runs write under benchmarks/results/quick/, beside (not over) the full tables.
+    : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --ops layer_norm,add_layer_norm --out benchmarks/results/quick}"
+    # T 512 and 2048 at D 64 and 128 against SDPA, with whatever tune just wrote.
+    : "${ATTENTION_ARGS:=--quick --out benchmarks/results/quick}"
     : "${SWEEP_ARGS:=--shapes gpt2-ln,ln-4096x1024 --budget 0.1 --write}"
     : "${TRAINING_OPS_ARGS:=--ops rms_norm,fused_linear_cross_entropy --budget 0.5}"
     : "${GENERATE_ARGS:=--reps 2}"
@@ -207,17 +210,18 @@ if [ "${1:-}" = lease15 ]; then
     # and clipping are spread over 64k tokens, as in training.
     : "${TRAIN_ARGS:=--config gpt2 --steps 6 --grad-accum 4 --profile --variants minigpt,eager,compile,minigpt-compile,minigpt-graph,minigpt-compile-graph}"
     export DEADLINE MAX_JOBS TEST_WORKERS STAGE_LIMITS OPS_ARGS TRAINING_OPS_ARGS GENERATE_ARGS \
-        TRAIN_ARGS TUNE_ARGS SWEEP_ARGS
+        TRAIN_ARGS TUNE_ARGS SWEEP_ARGS ATTENTION_ARGS
     LIMITS="$LIMITS $STAGE_LIMITS"
     # The norm backward sweep first (no _C), writing a launch shape that beats the rule into
     # kernels/norm_bwd_tuned.json, so that GPT-2's run (#7's MFU; Triton is the GPU default)
     # uses it; GPT-2 with the three "-graph" variants (the whole step one CUDA graph); then
     # build, the tests of what changed since the last GPU run (quicktest: the graph capture,
     # the host-sync-free step, the changed Triton kernels), the LayerNorm rows (#2: the CUDA
-    # bf16 forward's persistent kernel), the T = 512 tile study (#3), and the whole suite in
-    # what is left. The build is not in the background: nvcc beside a timed stage would slow
-    # its host side.
-    set -- install sweep train build quicktest ops tune cudatest
+    # bf16 forward's persistent kernel), the T = 512 tuning (#3: "/short" tiles, atomic dQ),
+    # the attention bench at T 512 and 2048 with what it wrote, and the whole suite in what
+    # is left. The build is not in the background: nvcc beside a timed stage would slow its
+    # host side.
+    set -- install sweep train build quicktest ops tune attention cudatest
 fi
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
 for stage in "$@"; do  # refuse a misspelt stage before anything runs
