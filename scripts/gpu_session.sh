@@ -117,14 +117,16 @@ stage_cudatest() {
 stage_quicktest() {
     # What changed since the last GPU run, on the GPU, before the whole suite: the training
     # step as one CUDA graph and without host syncs, and the Triton kernels that changed
-    # (attention's layout, the norm backwards, the cross-entropy's deferred scale).
+    # (attention's layout and atomic dQ, the norm backwards, the cross-entropy's deferred
+    # scale).
     local xd=""
     $PY -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
     timeout -s INT -k 10 $((${STAGE_LIMIT_S:-300} - 12)) $PY -m pytest -q -rfE -m "not slow" \
         -p no:cacheprovider $xd --junitxml="$LOGS/pytest_quick.xml" \
         tests/test_graph.py tests/test_no_host_sync.py tests/test_cross_entropy.py \
-        tests/test_attention.py tests/test_layer_norm.py tests/test_rms_norm.py \
-        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda}"
+        tests/test_attention.py tests/test_attention_tiles.py tests/test_layer_norm.py \
+        tests/test_rms_norm.py \
+        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles}"
 }
 
 stage_tune() {

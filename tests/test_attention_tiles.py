@@ -1,7 +1,8 @@
 """The Triton attention tile table (kernels/attention.py: tiles): its defaults, the precedence
 of a tuned table written by benchmarks/tune_attention.py, the tuner's merge, and the shape of
-every tile the launchers or the tuner can pick. Runs on CPU: nothing here launches a kernel
-(tests/test_triton_compile.py compiles the launchers' tiles for sm_90)."""
+every tile the launchers or the tuner can pick (tests/test_triton_compile.py compiles the
+launchers' tiles for sm_90). The kernels' tests here (unequal tiles, the atomic dQ) run in the
+interpreter, or compiled on a GPU machine (DEV)."""
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ from minigpt.kernels import attention as attn  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA0 = torch.device("cuda", 0)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KEY = re.compile(r"^(fwd|dkdv|dq)/(16bit|fp32)/d(16|32|64|128|256)/(causal|full)"
                  r"(/dropout)?(/short)?$")
 
@@ -148,7 +150,7 @@ def test_kernels_with_unequal_tiles(tiles, T, S, causal):
     bm, bn = tiles
     cfg = (bm, bn, 4, 1)
     g = torch.Generator().manual_seed(T * 1000 + S + bm)
-    q, k, v, do = (torch.randn(*shape, generator=g) for shape in
+    q, k, v, do = (torch.randn(*shape, generator=g).to(DEV) for shape in
                    [(1, 4, T, 24), (1, 2, S, 24), (1, 2, S, 24), (1, 4, T, 24)])
     out, lse = attn.attention_fwd(q, k, v, causal, 24 ** -0.5, config=cfg)
     dq, dk, dv = attn.attention_bwd(do, q, k, v, out, lse, causal, 24 ** -0.5,
@@ -221,7 +223,7 @@ def test_backward_with_atomic_dq(tiles, T, S, causal):
     bm, bn = tiles
     assert attn.atomic_dq((bm, bn, 4, 1, 1)) and not attn.atomic_dq((bm, bn, 4, 1))
     g = torch.Generator().manual_seed(T * 1000 + S + bm)
-    q, k, v, do = (torch.randn(*shape, generator=g) for shape in
+    q, k, v, do = (torch.randn(*shape, generator=g).to(DEV) for shape in
                    [(1, 4, T, 24), (1, 2, S, 24), (1, 2, S, 24), (1, 4, T, 24)])
     out, lse = attn.attention_fwd(q, k, v, causal, 24 ** -0.5, config=(32, 32, 4, 1))
     dq, dk, dv = attn.attention_bwd(do, q, k, v, out, lse, causal, 24 ** -0.5,
@@ -239,9 +241,9 @@ def test_atomic_dq_with_dropout_and_packed_grads():
     from minigpt.ops.attention import _qkv_split
 
     g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(2, 37, 3 * 2 * 16, generator=g)
+    qkv = torch.randn(2, 37, 3 * 2 * 16, generator=g).to(DEV)
     q, k, v = _qkv_split(qkv, 2, 2)
-    do = torch.randn(2, 2, 37, 16, generator=g)
+    do = torch.randn(2, 2, 37, 16, generator=g).to(DEV)
     out, lse = attn.attention_fwd(q, k, v, True, 0.25, config=(16, 16, 4, 1), dropout_p=0.3,
                                   seed=77)
     want = attn.attention_bwd(do, q, k, v, out, lse, True, 0.25, dkdv_config=(16, 16, 4, 1),
