@@ -30,16 +30,15 @@ import torch
 from minigpt.ops import no_host_sync
 
 
-def check_capturable(model, optimizer, amp_dtype=None, ddp: bool = False) -> None:
-    """Raise ValueError naming what keeps this training setup out of a CUDA graph."""
+def check_capturable(model, optimizer, amp_dtype=None) -> None:
+    """Raise ValueError naming what keeps this training setup out of a CUDA graph (DDP is the
+    caller's to refuse: the model here is the unwrapped one)."""
     params = list(model.parameters())
     if not params or not all(p.is_cuda for p in params):
         raise ValueError("cuda_graph: the model must be on a CUDA device")
     if amp_dtype == torch.float16:
         raise ValueError("cuda_graph: float16 autocast needs a GradScaler, whose inf check is a "
                          "host sync; use bfloat16 or float32")
-    if ddp:
-        raise ValueError("cuda_graph: not supported with DistributedDataParallel")
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "dropout", 0.0) > 0:
         raise ValueError(f"cuda_graph: dropout must be 0 (got {cfg.dropout}): attention "
