@@ -551,7 +551,8 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
             # session's stage limit) keeps them.
             write(plot=False)
             profiles.append((cfg_name, {v: _profile_step(runs[v], dev)
-                                        for v in ("minigpt", "eager", "minigpt-graph")
+                                        for v in ("minigpt", "eager", "minigpt-graph",
+                                                  "minigpt-compile-graph")
                                         if v in runs}))
         del runs
     paths = write(plot) if rows else {}
@@ -604,8 +605,72 @@ def _train_goals(rows, device) -> List[str]:
     return lines
 
 
+# What a kernel (CUDA) or an op (CPU) of a training step is, from its name: the first rule
+# whose pattern matches, lower-cased. Inductor's kernels first (their names carry the ops they
+# fused, e.g. triton_red_fused_gelu_sum), then ours and torch's by op, GEMMs by cuBLAS's and
+# CUTLASS's kernel names, and torch's generic kernels by the functor in their template name.
+PROFILE_CATEGORIES = (
+    ("torch.compile (Inductor) fused", ("triton_poi", "triton_red", "triton_per", "triton_tem",
+                                       "compiledfunction")),
+    ("cross entropy / lm head", ("_ce_", "ce_fwd", "cross_entropy", "flce", "nll_loss",
+                                 "log_softmax", "logsoftmax")),
+    ("attention", ("attn", "attention", "_bwd_dq", "_bwd_dkdv", "_bwd_preprocess", "decode_",
+                   "flash", "fmha", "softmax", "masked_fill", "bmm")),
+    ("layer/rms norm", ("_ln_", "ln_fwd", "ln_bwd", "_rms_", "rms_fwd", "rms_bwd",
+                        "layer_norm", "layernorm", "rms_norm", "rmsnorm", "rowwisemoments")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm",
+              "aten::matmul", "aten::linear", "splitk")),
+    ("GELU / SwiGLU", ("gelu", "swiglu", "silu")),
+    ("copies and casts", ("copy", "memcpy", "_to_copy", "aten::to", "aten::cat", "clone",
+                          "contiguous")),
+    ("optimizer and clipping", ("multi_tensor_apply", "adam", "foreach", "clip_grad",
+                                "norm_kernel", "lpnorm")),
+    ("reductions (bias grads)", ("reduce_kernel", "aten::sum")),
+    ("embedding", ("embedding", "index", "scatter", "gather")),
+    ("fills", ("memset", "fill", "zero")),
+    ("other elementwise", ("elementwise", "aten::add", "aten::mul", "aten::div")),
+)
+
+
+def profile_category(name: str) -> str:
+    """The PROFILE_CATEGORIES name of a kernel or op, "other" when no rule matches."""
+    low = name.lower()
+    for cat, pats in PROFILE_CATEGORIES:
+        if any(p in low for p in pats):
+            return cat
+    return "other"
+
+
+def time_by_category(events, device) -> List[dict]:
+    """Where a profiled step's time went, by profile_category: on CUDA every kernel, copy and
+    memset's GPU time; on the CPU every op's self time (what it ran outside the ops it
+    called). Rows {category, ms, %, calls}, largest first, the total last."""
+    from torch.autograd import DeviceType
+
+    sums: Dict[str, List[float]] = {}
+    for e in events:
+        if device.type == "cuda":
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.time_range.elapsed_us()
+        else:
+            if e.device_type != DeviceType.CPU:
+                continue
+            us = e.self_cpu_time_total
+        acc = sums.setdefault(profile_category(e.name), [0.0, 0])
+        acc[0] += us
+        acc[1] += 1
+    total = sum(v[0] for v in sums.values())
+    rows = [{"category": c, "ms": v[0] / 1e3, "%": 100 * v[0] / total if total else 0.0,
+             "calls": v[1]} for c, v in sorted(sums.items(), key=lambda kv: -kv[1][0])]
+    rows.append({"category": "total", "ms": total / 1e3, "%": 100.0 if total else 0.0,
+                 "calls": sum(v[1] for v in sums.values())})
+    return rows
+
+
 def _profile_step(run: _TrainVariant, device) -> str:
-    """torch.profiler's top ops of one training step, by self time."""
+    """One training step under torch.profiler: its time by category (time_by_category), then
+    the top ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -613,8 +678,14 @@ def _profile_step(run: _TrainVariant, device) -> str:
         run.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    where = "GPU time of every kernel" if device.type == "cuda" else "self CPU time of every op"
+    cats = time_by_category(prof.events(), device)
+    lines = [f"By category ({where}; minigpt/bench.py PROFILE_CATEGORIES):", "",
+             "| category | ms | % | calls |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['category']} | {r['ms']:.3f} | {r['%']:.1f} | {r['calls']} |" for r in cats]
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48)
+    top = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=48)
+    return "\n".join(lines) + "\n\n```\n" + top + "\n```"
 
 
 def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, skipped,
@@ -655,12 +726,13 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
         p = out / f"bench_train_{tag}_profile.md"
         with open(p, "w") as f:
             f.write(H.header_markdown(header, "minigpt bench train: where a step's time goes "
-                                              "(torch.profiler, one step, top ops by self time)"))
+                                              "(torch.profiler, one step: by category, then "
+                                              "the top ops by self time)"))
             f.write("\nThe run these profiles come from (profiling ran after the timing):\n\n"
                     + H.markdown_table(rows, TRAIN_COLUMNS) + "\n")
             for cfg, tables in profiles:
                 for v, table in tables.items():
-                    f.write(f"\n## {cfg}: {v}\n\n```\n{table}\n```\n")
+                    f.write(f"\n## {cfg}: {v}\n\n{table}\n")
         paths["profile"] = str(p)
     if plot:
         png = _plot_train(rows, out / f"bench_train_{tag}.png",

@@ -63,6 +63,8 @@ def test_train_writes_results(tmp_path):
     assert _png_ok(paths["png"])
     prof = open(paths["profile"]).read()
     assert "## tiny: minigpt" in prof and "## tiny: eager" in prof and "Self CPU" in prof
+    assert "| category | ms | % | calls |" in prof and "| GEMM |" in prof
+    assert "| layer/rms norm |" in prof and "| attention |" in prof
     assert paths["csv"].endswith("bench_train_cpu.csv")
 
 
@@ -331,6 +333,65 @@ def test_ops_run_invokes_each_script_quick(monkeypatch, tmp_path):
     rows = _read_csv(res["paths"]["csv"])
     assert [(r["op"], r["shape"], r["backend"], float(r["x eager"])) for r in rows] == [
         ("softmax", "7x1025", "cpu", 3.5)]
+
+
+def test_profile_categories():
+    """The profile's categories, on kernel names from an H100 GPT-2 step (torch 2.11, our
+    Triton kernels, cuBLAS's nvjet GEMMs, Inductor's fused kernels) and CPU op names."""
+    cases = {
+        "nvjet_sm90_tss_192x192_64x3_2x1_v_badd_coopB_bias_TNT": "GEMM",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "GEMM",
+        "_bwd_dkdv_kernel": "attention", "_attn_fwd_kernel": "attention",
+        "attn_dq_kernel": "attention",
+        "void (anonymous namespace)::softmax_warp_forward<c10::BFloat16, float, 10>": "attention",
+        "_ln_bwd_kernel": "layer/rms norm", "ln_fwd_persist_kernel": "layer/rms norm",
+        "_rms_fwd_kernel": "layer/rms norm",
+        "_ce_fwd_kernel": "cross entropy / lm head",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, "
+        "at::native::(anonymous namespace)::SoftMaxForwardEpilogue>": "attention",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxBackward<4, float, float, float, "
+        "at::native::(anonymous namespace)::LogSoftMaxBackwardEpilogue>":
+            "cross entropy / lm head",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16, "
+        "at::native::func_wrapper_t<float, at::native::sum_functor<...>>>>":
+            "reductions (bias grads)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl("
+        "at::TensorIteratorBase&, at::native::GeluType)::{lambda(c10::BFloat16)#1}>":
+            "GELU / SwiGLU",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda("
+        "at::TensorIteratorBase&)::{lambda()#3}>": "copies and casts",
+        "Memcpy DtoD (Device -> Device)": "copies and casts",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::"
+        "(anonymous namespace)::TensorListMetadata<4>, FusedAdamMathFunctor<float, 4>>":
+            "optimizer and clipping",
+        "triton_red_fused_gelu_backward_sum_0": "torch.compile (Inductor) fused",
+        "void at::native::(anonymous namespace)::indexSelectLargeIndex<float, long>": "embedding",
+        "Memset (Device)": "fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>":
+            "other elementwise",
+        "aten::addmm": "GEMM", "_EagerLayerNormBackward": "layer/rms norm",
+        "Optimizer.step#AdamW.step": "optimizer and clipping", "aten::sum": "reductions (bias grads)",
+        "some_new_kernel": "other",
+    }
+    assert {n: bench.profile_category(n) for n in cases} == cases
+    # On the CPU: self times per category, summing to the total
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            (a @ a).sum(0)
+    rows = bench.time_by_category(prof.events(), torch.device("cpu"))
+    by = {r["category"]: r for r in rows}
+    assert rows[-1]["category"] == "total"
+    assert by["GEMM"]["calls"] >= 3 and by["GEMM"]["ms"] > 0
+    assert by["reductions (bias grads)"]["calls"] >= 3
+    total = sum(e.self_cpu_time_total for e in prof.events() if e.device_type == DeviceType.CPU)
+    assert by["total"]["ms"] == pytest.approx(total / 1e3)
+    assert sum(r["ms"] for r in rows[:-1]) == pytest.approx(by["total"]["ms"])
+    assert sum(r["%"] for r in rows[:-1]) == pytest.approx(100.0)
+    assert [r["ms"] for r in rows[:-1]] == sorted((r["ms"] for r in rows[:-1]), reverse=True)
 
 
 def test_harness_kernel_time():
