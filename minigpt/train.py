@@ -518,9 +518,14 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
     step = start_step
     if dist.master and not resumed and end_step > 0:
         evaluate(0)
+    # The loss reaches the host only at steps that log, evaluate or checkpoint it (nanoGPT
+    # reads it only to log): a read waits for the GPU, and one every step would leave the GPU
+    # idle while the host draws and sends the next batch. A non-finite loss in between is
+    # remembered on the device and stops the run at the next read, before any checkpoint.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    t_read, step_read = time.time(), step
     while step < end_step:
         lr = get_lr(step, cfg)
-        t_step = time.time()
         g = torch.Generator()
         if graphed is not None:
             set_lr(optimizer, lr)
@@ -555,26 +560,37 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-        loss_val = float(total)
-        if not math.isfinite(loss_val):
-            raise RuntimeError(f"training diverged at step {step} (loss {loss_val}); "
-                               "try a smaller --lr")
+        nonfinite |= ~torch.isfinite(total)
+        logs = step % cfg.log_interval == 0 or step == end_step
+        if (logs or step % cfg.eval_interval == 0 or step % cfg.ckpt_interval == 0
+                or step == cfg.max_iters):
+            loss_val = float(total)
+            if bool(nonfinite):
+                raise RuntimeError(f"training diverged by step {step} (a non-finite loss; the "
+                                   f"last is {loss_val}); try a smaller --lr")
+            # Per step over the steps since the last read: in a run ahead of the GPU only a
+            # read shows how long its steps took.
+            now = time.time()
+            dt = (now - t_read) / max(step - step_read, 1)
+            t_read, step_read = now, step
         if dist.master:
-            if step % cfg.log_interval == 0 or step == end_step:
-                dt = time.time() - t_step
+            if logs:
                 log.log({"kind": "train", "step": step, "loss": loss_val, "lr": lr,
                          "step_ms": round(1000 * dt, 2),
                          "tokens_per_s": round(cfg.batch_size * cfg.block_size * cfg.grad_accum
                                                * dist.world / max(dt, 1e-9), 1)})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", refresh=False)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", refresh=False)
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 evaluate(step)
             if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
                 ckpt.save_checkpoint(out_dir, raw_model, tokenizer, train_state(step), optimizer)
         if dist.ddp and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
             dist.barrier()  # ranks leave together; resumed ranks find the checkpoint complete
+        if step_read == step:  # the next interval's clock starts after this step's eval and save
+            t_read = time.time()
     if bar is not None:
         bar.close()
 

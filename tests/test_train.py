@@ -90,6 +90,37 @@ def test_resume_after_a_crash_past_the_checkpoint(corpus, tmp_path):
     assert steps == list(range(1, 13))
 
 
+def test_loss_read_only_where_logged_and_divergence_caught_there(corpus, tmp_path,
+                                                                  monkeypatch):
+    # The loss reaches the host only at log, eval and checkpoint steps. A non-finite loss at
+    # any other step is remembered on the device: here step 3's loss alone is NaN (added as a
+    # constant, so the gradients and weights stay finite and step 4 on is finite again), and
+    # the run must still stop at the next read (step 7), before the first checkpoint (10).
+    calls = {"n": 0}
+    forward = GPT.forward
+
+    def nan_at_step_3(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] in (5, 6):   # step 3's two micro-batches (grad_accum 2)
+                loss = loss + float("nan")
+        return logits, loss
+
+    clean = train(tiny(corpus, tmp_path / "clean", log_interval=7, max_iters=9))
+    assert [r["step"] for r in rows(tmp_path / "clean", "train")] == [7, 9]
+    assert all(math.isfinite(r["loss"]) and r["step_ms"] > 0 for r in
+               rows(tmp_path / "clean", "train"))
+    assert math.isfinite(clean["loss"])
+    monkeypatch.setattr(GPT, "forward", nan_at_step_3)
+    with pytest.raises(RuntimeError, match=r"diverged by step 7 \(a non-finite loss; the last "
+                                           r"is [0-9.]+\)"):
+        train(tiny(corpus, tmp_path / "nan", log_interval=7))
+    assert calls["n"] == 14                       # it ran on to step 7, and no further
+    assert not (tmp_path / "nan" / ckpt.CKPT).exists()
+    assert rows(tmp_path / "nan", "train") == []
+
+
 def test_loss_decreases_metrics_and_plot_written(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--data", str(corpus), "--out", str(out), "--n-layer", "2", "--n-head",

@@ -27,7 +27,9 @@ _OPTIONS = [
     ("--grad-clip", float, "clip the gradient norm to this (0: off)"),
     ("--eval-interval", int, "evaluate train/val loss every N steps"),
     ("--eval-iters", int, "batches per loss estimate"),
-    ("--log-interval", int, "log the batch loss every N steps"),
+    ("--log-interval", int, "log the batch loss every N steps (the only steps, with eval and "
+                            "checkpoint steps, that read the loss back from the GPU; a "
+                            "non-finite loss stops the run at the next such step)"),
     ("--ckpt-interval", int, "write a checkpoint every N steps"),
     ("--sample-tokens", int, "characters to sample at the end (0: none)"),
     ("--seed", int, "random seed (weights, batches, dropout)"),
