@@ -1,8 +1,10 @@
 // Flash attention CUDA kernels (forward, backward, flash-decoding) and their extern "C"
-// launchers. Simple and exact rather than tensor-core fast (the Triton kernels are the fast GPU
-// path): fp32 math on CUDA cores, tiles staged in shared memory as fp32, never the T x S matrix.
+// launchers. The 16-bit forward with D <= 128 runs on tensor cores (attn_fwd_mma_kernel,
+// FlashAttention-2's forward, below). Everything else is simple and exact rather than fast (the
+// Triton kernels are the fast GPU path): fp32 math on CUDA cores, tiles staged in shared memory
+// as fp32, never the T x S matrix.
 //
-// One pattern throughout: for scores a lane owns one key (or one query) of a 32-wide tile and
+// The CUDA-core kernels share one pattern: for scores a lane owns one key (or one query) of a 32-wide tile and
 // computes its dot product over the head dimension alone, reading shared memory; for the
 // accumulations a lane owns head dims d = lane + 32 * n (n < NS, so D <= 32 * NS) and the
 // per-key (per-query) weights are broadcast with __shfl_sync.
@@ -13,6 +15,8 @@
 //            GQA group's query heads and their 32-query tiles.
 //   decode:  one warp per (query head, split of the keys) writes a partial output and its
 //            base-2 logsumexp; a combine kernel merges the splits (flash-decoding).
+#include <type_traits>
+
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"
 
@@ -113,6 +117,226 @@ attn_fwd_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
     }
     // A row that saw no key: lse = +inf, so the backward's exp2(s - lse) is 0 there.
     if (lane == 0) lse[bh * g.T + i] = l[rr] > 0.f ? (m[rr] + log2f(l[rr])) * LN2F : INFINITY;
+  }
+}
+
+// ---- tensor-core forward (16-bit q/k/v, D <= 128) -------------------------------------------------
+// FlashAttention-2's forward on mma.sync.m16n8k16 (fp32 accumulation): a block of MMA_WARPS
+// warps owns MMA_BM queries, 16 rows a warp, and walks MMA_BN-key tiles of K and V staged in
+// shared memory as loaded (16-bit). S = Q K^T and O += P V are tensor-core products on register
+// fragments; the online softmax runs on S's accumulator fragment, whose layout is P's A-operand
+// layout for the P V product, so P never goes through shared memory. The head dimension is
+// padded with zeros to DP (32, 64, 96 or 128) in shared memory.
+constexpr int MMA_BM = 64, MMA_BN = 64, MMA_WARPS = 4;
+
+// c += A (16 x 16, row-major) * B (16 x 8, column-major), fp32 accumulate. Fragments as the PTX
+// ISA lays them out for mma.m16n8k16 with 16-bit inputs (g = lane / 4, t = lane % 4; each 32-bit
+// register holds two elements, the lower column or row in its low half):
+//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   c[0], c[1] = C[g][2t, 2t+1]                       c[2], c[3] = C[g+8][2t, 2t+1]
+// Off the GPU (the CPU emulator, tests/cuda_emu) the same product is formed lane by lane from
+// those layouts with warp shuffles, so a kernel that gets a fragment's layout wrong fails there.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int src = 0; src < 4; ++src) {  // lanes 4g' + src hold A's and B's k = 2src.. pairs
+    uint32_t ar[4];
+    for (int r = 0; r < 4; ++r) ar[r] = __shfl_sync(FULL, a[r], g * 4 + src);
+    const uint32_t b0c0 = __shfl_sync(FULL, b[0], (2 * t) * 4 + src);
+    const uint32_t b1c0 = __shfl_sync(FULL, b[1], (2 * t) * 4 + src);
+    const uint32_t b0c1 = __shfl_sync(FULL, b[0], (2 * t + 1) * 4 + src);
+    const uint32_t b1c1 = __shfl_sync(FULL, b[1], (2 * t + 1) * 4 + src);
+    for (int e = 0; e < 2; ++e) {  // k = 2src + e (a[0], a[1], b[0]) and k + 8 (a[2], a[3], b[1])
+      const int sh = 16 * e;
+      const float a0 = from_bits16<T>(ar[0] >> sh & 0xffff), a1 = from_bits16<T>(ar[1] >> sh & 0xffff);
+      const float a2 = from_bits16<T>(ar[2] >> sh & 0xffff), a3 = from_bits16<T>(ar[3] >> sh & 0xffff);
+      const float p0 = from_bits16<T>(b0c0 >> sh & 0xffff), p1 = from_bits16<T>(b0c1 >> sh & 0xffff);
+      const float q0 = from_bits16<T>(b1c0 >> sh & 0xffff), q1 = from_bits16<T>(b1c1 >> sh & 0xffff);
+      c[0] += a0 * p0 + a2 * q0;
+      c[1] += a0 * p1 + a2 * q1;
+      c[2] += a1 * p0 + a3 * q0;
+      c[3] += a1 * p1 + a3 * q1;
+    }
+  }
+#endif
+}
+
+// Two values as one 32-bit register of 16-bit elements, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return bits16(from_f<T>(lo)) | (bits16(from_f<T>(hi)) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t ld32(const T* p) {  // two adjacent elements (4-byte aligned)
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Rows row0 .. row0 + ROWS - 1 of a (L, D) matrix with row stride `ld` (elements) into shared
+// memory rows of pitch DP + 8, zeros past L and past D. vec: rows and D whole 16-byte packs.
+template <typename T, int DP, int ROWS>
+__device__ __forceinline__ void mma_stage(T* dst, const T* __restrict__ src, int64_t ld,
+                                          int64_t row0, int64_t L, int D, bool vec) {
+  constexpr int LDS = DP + 8;
+  if (vec) {
+    constexpr int CH = DP / 8;  // 16-byte chunks a row
+    for (int idx = threadIdx.x; idx < ROWS * CH; idx += blockDim.x) {
+      const int r = idx / CH, c = (idx % CH) * 8;
+      uint4 u = make_uint4(0, 0, 0, 0);
+      if (row0 + r < L && c < D) u = *reinterpret_cast<const uint4*>(src + (row0 + r) * ld + c);
+      *reinterpret_cast<uint4*>(dst + r * LDS + c) = u;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * DP; idx += blockDim.x) {
+      const int r = idx / DP, c = idx % DP;
+      dst[r * LDS + c] = (row0 + r < L && c < D) ? src[(row0 + r) * ld + c] : from_f<T>(0.f);
+    }
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(MMA_WARPS * 32)
+attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
+                    const T* __restrict__ v, T* __restrict__ out, float* __restrict__ lse,
+                    float qk_scale, int vec) {
+  constexpr int LDS = DP + 8;  // +16 bytes: a fragment's 8 rows start in different banks
+  constexpr int KD = DP / 16, NT = MMA_BN / 8, DT = DP / 8;
+  extern __shared__ uint4 mma_smem[];
+  T* Qs = reinterpret_cast<T*>(mma_smem);
+  T* Ks = Qs + MMA_BM * LDS;
+  T* Vs = Ks + MMA_BN * LDS;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+  const int D = (int)g.D;
+  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
+  const int64_t i0 = (int64_t)blockIdx.y * MMA_BM;
+  mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
+  __syncthreads();
+  const int r0 = warp * 16 + gr;  // this lane's rows of the block: r0 and r0 + 8
+  uint32_t qf[KD][4];
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) {
+    qf[kk][0] = ld32(Qs + r0 * LDS + kk * 16 + 2 * tc);
+    qf[kk][1] = ld32(Qs + (r0 + 8) * LDS + kk * 16 + 2 * tc);
+    qf[kk][2] = ld32(Qs + r0 * LDS + kk * 16 + 8 + 2 * tc);
+    qf[kk][3] = ld32(Qs + (r0 + 8) * LDS + kk * 16 + 8 + 2 * tc);
+  }
+  float o[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int64_t rows[2] = {i0 + r0, i0 + r0 + 8};
+  const T* kb = k + b * g.kb + hk * g.kh;
+  const T* vb = v + b * g.vb + hk * g.vh;
+  const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
+  for (int64_t j0 = 0; j0 < end; j0 += MMA_BN) {
+    __syncthreads();  // every warp is done with the previous tile
+    mma_stage<T, DP, MMA_BN>(Ks, kb, g.ks, j0, g.S, D, vec);
+    mma_stage<T, DP, MMA_BN>(Vs, vb, g.vs, j0, g.S, D, vec);
+    __syncthreads();
+    // S = Q K^T: B[kd][key] = K[key][kd], so b's two elements are adjacent in a K row.
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      const T* kr = Ks + (nt * 8 + gr) * LDS + 2 * tc;
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        const uint32_t bf[2] = {ld32(kr + kk * 16), ld32(kr + kk * 16 + 8)};
+        mma_16816<T>(s[nt], qf[kk], bf);
+      }
+    }
+    // Online softmax in base 2 on the lane's two rows; a row's 4 lanes (same gr) share it.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = j0 + nt * 8 + 2 * tc + (e & 1);
+        const float x = visible(rows[e >> 1], j, g) ? s[nt][e] * qk_scale : -INFINITY;
+        s[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    float base[2], alpha[2], rsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: exp2(-inf) = 0
+      alpha[r] = exp2f(m[r] - base[r]);
+      m[r] = m_new;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[nt][e] - base[e >> 1]);
+        s[nt][e] = p;
+        rsum[e >> 1] += p;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      rsum[r] += __shfl_xor_sync(FULL, rsum[r], 1);
+      rsum[r] += __shfl_xor_sync(FULL, rsum[r], 2);
+      l[r] = l[r] * alpha[r] + rsum[r];
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+    // O += P V: P's A fragment for keys 16kj.. is S's accumulators of tiles 2kj and 2kj + 1;
+    // B[key][d] = V[key][d], so b's two elements are in adjacent V rows.
+#pragma unroll
+    for (int kj = 0; kj < MMA_BN / 16; ++kj) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kj][0], s[2 * kj][1]),
+                              pack2<T>(s[2 * kj][2], s[2 * kj][3]),
+                              pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]),
+                              pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3])};
+      const T* vr = Vs + (kj * 16 + 2 * tc) * LDS + gr;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const T* vc = vr + dt * 8;
+        const uint32_t bf[2] = {bits16(vc[0]) | (bits16(vc[LDS]) << 16),
+                                bits16(vc[8 * LDS]) | (bits16(vc[9 * LDS]) << 16)};
+        mma_16816<T>(o[dt], pa, bf);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = rows[r];
+    if (i >= g.T) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    T* orow = out + (bh * g.T + i) * g.D;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = dt * 8 + 2 * tc + e;
+        if (d < D) orow[d] = from_f<T>(o[dt][2 * r + e] * inv);
+      }
+    // As the other forward: a row that saw no key gets lse = +inf.
+    if (tc == 0) lse[bh * g.T + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2F : INFINITY;
   }
 }
 
@@ -417,6 +641,44 @@ void fwd_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v, voi
                                       scale * LOG2EF);
 }
 
+template <typename T, int DP>
+void fwd_mma_dp(const MgAttnGeo& g, const void* q, const void* k, const void* v, void* out,
+                float* lse, float scale, bool vec, cudaStream_t s) {
+  const size_t smem = sizeof(T) * (MMA_BM + 2 * MMA_BN) * (DP + 8);
+  auto kern = attn_fwd_mma_kernel<T, DP>;
+  if (allow_smem(kern, smem) != cudaSuccess) return;
+  dim3 grid((unsigned)(g.B * g.Hq), (unsigned)((g.T + MMA_BM - 1) / MMA_BM));
+  kern<<<grid, MMA_WARPS * 32, smem, s>>>(g, (const T*)q, (const T*)k, (const T*)v, (T*)out,
+                                          lse, scale * LOG2EF, vec ? 1 : 0);
+}
+
+// The tensor-core forward where it applies: 16-bit inputs, D <= 128, a GPU whose mma.sync
+// takes them (sm_80 on). False leaves the call to the fp32 CUDA-core kernel.
+template <typename T>
+bool fwd_mma(const MgAttnGeo& g, const void* q, const void* k, const void* v, void* out,
+             float* lse, float scale, cudaStream_t s) {
+  if constexpr (sizeof(T) != 2) {
+    return false;
+  } else {
+    int dev = 0, major = 0;
+    if (g.D > 128) return false;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    if (major < 8) return false;
+    // 16-byte staging loads when every row a block reads starts on a 16-byte boundary.
+    bool vec = g.D % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(v);
+    for (int64_t st : {g.qb, g.qh, g.qt, g.kb, g.kh, g.ks, g.vb, g.vh, g.vs}) vec = vec && st % 8 == 0;
+    if (g.D <= 32) fwd_mma_dp<T, 32>(g, q, k, v, out, lse, scale, vec, s);
+    else if (g.D <= 64) fwd_mma_dp<T, 64>(g, q, k, v, out, lse, scale, vec, s);
+    else if (g.D <= 96) fwd_mma_dp<T, 96>(g, q, k, v, out, lse, scale, vec, s);
+    else fwd_mma_dp<T, 128>(g, q, k, v, out, lse, scale, vec, s);
+    return true;
+  }
+}
+
 template <typename T, int NS>
 void bwd_ns(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, int64_t dt,
             const void* q, const void* k, const void* v, const float* lse, const float* delta,
@@ -459,6 +721,7 @@ void decode_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v,
 template <typename T>
 void launch_fwd(const MgAttnGeo& g, const void* q, const void* k, const void* v, void* out,
                 float* lse, float scale, cudaStream_t s) {
+  if (fwd_mma<T>(g, q, k, v, out, lse, scale, s)) return;
   ATTN_DISPATCH_NS(g.D, fwd_ns, T, g, q, k, v, out, lse, scale, s);
 }
 

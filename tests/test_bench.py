@@ -438,6 +438,26 @@ def test_train_leaves_out_a_variant_that_fails(tmp_path, monkeypatch):
                           out=str(tmp_path), plot=False)
 
 
+def test_attention_bench_leaves_out_a_wrong_kernel(capsys):
+    """bench_attention.py times only backends whose output matches SDPA's: a fast wrong kernel
+    (a broken fragment layout, say) is left out with its error, not reported as a speedup."""
+    ba = bench._load_script("bench_attention")
+    torch.manual_seed(0)
+    ref = torch.randn(2, 3, 5, 8)
+    fwd = {"sdpa-flash": lambda: ref, "eager": lambda: ref + 1}
+    assert ba._agrees("cuda", lambda: ref + 1e-4, fwd, torch.float32)
+    assert ba._agrees("triton", lambda: ref.bfloat16(), fwd, torch.bfloat16)
+    assert not ba._agrees("cuda", lambda: ref.flip(-1), fwd, torch.bfloat16)
+    assert not ba._agrees("cpu", lambda: ref * float("nan"), fwd, torch.float32)
+    assert ba._agrees("sdpa-math", lambda: ref + 1, fwd, torch.float32)  # not ours: not judged
+    assert ba._agrees("cuda", lambda: ref + 1, {"eager": lambda: ref + 1}, torch.float32)
+    out = capsys.readouterr().out
+    assert out.count("left out: ") == 2 and "cuda's output differs from sdpa-flash's" in out
+    rows = ba.bench_attention(torch.device("cpu"), torch.float32, Ds=[16], Ts=[7], bh=16,
+                              passes=("fwd",))
+    assert {r["backend"] for r in rows} >= {"cpu", "eager"}
+
+
 def test_attention_plot_from_rows_and_from_csv(tmp_path):
     """bench_attention.py's TFLOP/s plot: drawn from its rows (kernel time where a GPU run
     measured it), and redrawn from a results CSV with --replot."""

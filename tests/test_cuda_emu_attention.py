@@ -31,7 +31,8 @@ def _heads(Bn, H, L, D, dtype, layout, which=0):
     """A (Bn, H, L, D) view with a unit last stride.
     contig: plain. bthd: a (Bn, L, H, D) tensor transposed (the model's layout). packed: head
     `which` of a fused (Bn, L, 2, H, D) projection (kv packed: k is which=0, v which=1). padded:
-    rows of a (Bn, H, L, D + 8) tensor, so rows are not D apart. mixed: k (which=0) as bthd and
+    rows of a (Bn, H, L, D + 8) tensor, so rows are not D apart. offset: contiguous but one
+    element into its storage (no 16-byte aligned rows). mixed: k (which=0) as bthd and
     v as padded, so a kernel that read v with k's strides fails."""
     if layout == "contig":
         return torch.randn(Bn, H, L, D).to(dtype)
@@ -41,6 +42,8 @@ def _heads(Bn, H, L, D, dtype, layout, which=0):
         return torch.randn(Bn, L, 2, H, D).to(dtype)[:, :, which].transpose(1, 2)
     if layout == "padded":
         return torch.randn(Bn, H, L, D + 8).to(dtype)[..., :D]
+    if layout == "offset":  # one element into its storage: rows not 16-byte aligned
+        return torch.randn(Bn * H * L * D + 1).to(dtype)[1:].view(Bn, H, L, D)
     if layout == "mixed":  # k, v (and q, dout) each strided differently
         return _heads(Bn, H, L, D, dtype, ("bthd", "padded")[which])
     raise ValueError(layout)
@@ -126,6 +129,10 @@ FWD_SHAPES = [
     pytest.param(2, 4, 2, 33, 33, 64, "mixed", id="T33-S33-D64-gqa2-mixed"),
     pytest.param(1, 3, 1, 33, 100, 256, "packed", id="T33-S100-D256-gqa3"),
     pytest.param(1, 2, 1, 100, 33, 256, "contig", id="T100-S33-D256"),
+    # 16-bit: the tensor-core kernel's element-wise staging (D not whole 16-byte packs; rows
+    # off 16-byte boundaries), over several 64-query blocks and 64-key tiles
+    pytest.param(1, 4, 2, 70, 70, 20, "padded", id="T70-S70-D20-gqa2"),
+    pytest.param(2, 2, 2, 65, 130, 64, "offset", id="T65-S130-D64-offset"),
 ]
 
 
@@ -141,6 +148,21 @@ def test_forward(cuda_emu, dtype, Bn, Hq, Hkv, T, S, D, layout, causal):
     none = _sees_no_key(T, S, causal)
     assert (out[:, :, none] == 0).all(), "a query that sees no key gives zeros"
     _check_lse(lse, q, k, v, causal, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [16, 20, 48, 64, 80, 128, 256])
+def test_forward_kernel_choice(cuda_emu, dtype, D):
+    """16-bit inputs with D <= 128 take the tensor-core kernel (dynamic shared memory: the
+    64-query and two 64-key tiles, 16-bit, rows padded to DP + 8 with DP the next of 32, 64,
+    96, 128); fp32 and wider heads the CUDA-core one (fp32 tiles: 16 queries, 32 keys)."""
+    q, k, v = _qkv(1, 2, 1, 9, 9, D, dtype, "contig")
+    _fwd(cuda_emu, q, k, v, True, 0.3)
+    if dtype != F32 and D <= 128:
+        DP = next(p for p in (32, 64, 96, 128) if D <= p)
+        assert cuda_emu.last_launch() == (2, 2 * (64 + 2 * 64) * (DP + 8))
+    else:
+        assert cuda_emu.last_launch() == (2, 4 * (16 * D + 32 * (D + 1) + 32 * D))
 
 
 def test_forward_scale_is_taken_as_given(cuda_emu):
