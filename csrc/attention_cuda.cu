@@ -1,6 +1,6 @@
 // Flash attention CUDA kernels (forward, backward, flash-decoding) and their extern "C"
-// launchers. The 16-bit forward with D <= 128 runs on tensor cores (attn_fwd_mma_kernel,
-// FlashAttention-2's forward, below). Everything else is simple and exact rather than fast (the
+// launchers. The 16-bit forward and backward with D <= 128 run on tensor cores
+// (attn_fwd_mma_kernel, attn_dq_mma_kernel, attn_dkdv_mma_kernel: FlashAttention-2's, below). Everything else is simple and exact rather than fast (the
 // Triton kernels are the fast GPU path): fp32 math on CUDA cores, tiles staged in shared memory
 // as fp32, never the T x S matrix.
 //
@@ -340,6 +340,253 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
   }
 }
 
+// ---- tensor-core backward (16-bit, D <= 128): FlashAttention-2's, without atomics ------------
+// Two kernels as the CUDA-core backward: dQ with a block per 64 queries walking the key tiles,
+// and dK/dV with a block per 64 keys walking the GQA group's query heads and their query tiles.
+// Each recomputes P = exp2(S * scale * log2 e - lse * log2 e) from the forward's logsumexp and
+// dS = P (dP - delta), delta = rowsum(dO o O) (attn_delta_kernel). The dK/dV kernel computes
+// S^T = K Q^T and dP^T = V dO^T, so that P^T and dS^T come out of the accumulators in the
+// layout of the A operand of dV += P^T dO and dK += dS^T Q, as P does in the forward.
+// Operands are read as fragments from the staged tiles (one k-step at a time), keeping
+// registers for the accumulators.
+
+// The A fragment (16 rows from `row`, k-step kk) of a staged tile with pitch LDS.
+template <typename T, int LDS>
+__device__ __forceinline__ void mma_a_frag(uint32_t (&a)[4], const T* tile, int row, int kk,
+                                           int tc) {
+  const T* p = tile + row * LDS + kk * 16 + 2 * tc;
+  a[0] = ld32(p);
+  a[1] = ld32(p + 8 * LDS);
+  a[2] = ld32(p + 8);
+  a[3] = ld32(p + 8 * LDS + 8);
+}
+
+// B fragment of B[k][n] = tile[n][k] (a product with a staged tile transposed): adjacent k.
+template <typename T, int LDS>
+__device__ __forceinline__ void mma_bt_frag(uint32_t (&b)[2], const T* tile, int n0, int kk,
+                                            int gr, int tc) {
+  const T* p = tile + (n0 + gr) * LDS + kk * 16 + 2 * tc;
+  b[0] = ld32(p);
+  b[1] = ld32(p + 8);
+}
+
+// B fragment of B[k][n] = tile[k][n] (a staged tile as it is): k runs down rows.
+template <typename T, int LDS>
+__device__ __forceinline__ void mma_b_frag(uint32_t (&b)[2], const T* tile, int k0, int n0,
+                                           int gr, int tc) {
+  const T* p = tile + (k0 + 2 * tc) * LDS + n0 + gr;
+  b[0] = bits16(p[0]) | (bits16(p[LDS]) << 16);
+  b[1] = bits16(p[8 * LDS]) | (bits16(p[9 * LDS]) << 16);
+}
+
+// An accumulator pair of n-tiles (2 kj, 2 kj + 1) as the A fragment for k-step kj.
+template <typename T>
+__device__ __forceinline__ void acc_as_a(uint32_t (&a)[4], const float (&lo)[4],
+                                         const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(MMA_WARPS * 32)
+attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh, int64_t dt,
+                   const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                   const float* __restrict__ lse, const float* __restrict__ delta,
+                   T* __restrict__ dq, float qk_scale, float scale, int vec) {
+  constexpr int LDS = DP + 8, KD = DP / 16, NT = MMA_BN / 8, DT = DP / 8;
+  extern __shared__ uint4 mma_smem[];
+  T* Qs = reinterpret_cast<T*>(mma_smem);
+  T* dOs = Qs + MMA_BM * LDS;
+  T* Ks = dOs + MMA_BM * LDS;
+  T* Vs = Ks + MMA_BN * LDS;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+  const int D = (int)g.D;
+  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
+  const int64_t i0 = (int64_t)blockIdx.y * MMA_BM;
+  mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
+  mma_stage<T, DP, MMA_BM>(dOs, dout + b * db + h * dh, dt, i0, g.T, D, vec);
+  const int r0 = warp * 16 + gr;
+  const int64_t rows[2] = {i0 + r0, i0 + r0 + 8};
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lse2[r] = rows[r] < g.T ? lse[bh * g.T + rows[r]] * LOG2EF : INFINITY;
+    dl[r] = rows[r] < g.T ? delta[bh * g.T + rows[r]] : 0.f;
+  }
+  float acc[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  const T* kb = k + b * g.kb + hk * g.kh;
+  const T* vb = v + b * g.vb + hk * g.vh;
+  const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
+  for (int64_t j0 = 0; j0 < end; j0 += MMA_BN) {
+    __syncthreads();
+    mma_stage<T, DP, MMA_BN>(Ks, kb, g.ks, j0, g.S, D, vec);
+    mma_stage<T, DP, MMA_BN>(Vs, vb, g.vs, j0, g.S, D, vec);
+    __syncthreads();
+    float s[NT][4], dp[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t qa[4], da[4];
+      mma_a_frag<T, LDS>(qa, Qs, r0, kk, tc);
+      mma_a_frag<T, LDS>(da, dOs, r0, kk, tc);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bk[2], bv[2];
+        mma_bt_frag<T, LDS>(bk, Ks, nt * 8, kk, gr, tc);
+        mma_bt_frag<T, LDS>(bv, Vs, nt * 8, kk, gr, tc);
+        mma_16816<T>(s[nt], qa, bk);
+        mma_16816<T>(dp[nt], da, bv);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = j0 + nt * 8 + 2 * tc + (e & 1);
+        const float p = visible(rows[e >> 1], j, g) ? exp2f(s[nt][e] * qk_scale - lse2[e >> 1])
+                                                    : 0.f;
+        s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);  // dS
+      }
+#pragma unroll
+    for (int kj = 0; kj < MMA_BN / 16; ++kj) {
+      uint32_t a[4];
+      acc_as_a<T>(a, s[2 * kj], s[2 * kj + 1]);
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        uint32_t bk[2];
+        mma_b_frag<T, LDS>(bk, Ks, kj * 16, d * 8, gr, tc);
+        mma_16816<T>(acc[d], a, bk);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= g.T) continue;
+    T* row = dq + (bh * g.T + rows[r]) * g.D;
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = d * 8 + 2 * tc + e;
+        if (c < D) row[c] = from_f<T>(acc[d][2 * r + e] * scale);
+      }
+  }
+}
+
+template <typename T, int DP, int BQ>
+__global__ void __launch_bounds__(MMA_WARPS * 32)
+attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh,
+                     int64_t dt, const T* __restrict__ q, const T* __restrict__ k,
+                     const T* __restrict__ v, const float* __restrict__ lse,
+                     const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
+                     float qk_scale, float scale, int vec) {
+  constexpr int LDS = DP + 8, KD = DP / 16, NT = BQ / 8, DT = DP / 8;
+  extern __shared__ uint4 mma_smem[];
+  T* Ks = reinterpret_cast<T*>(mma_smem);
+  T* Vs = Ks + MMA_BN * LDS;
+  T* Qs = Vs + MMA_BN * LDS;
+  T* dOs = Qs + BQ * LDS;
+  float* lse2s = reinterpret_cast<float*>(dOs + BQ * LDS);
+  float* dls = lse2s + BQ;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+  const int D = (int)g.D;
+  const int64_t bh = blockIdx.x, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
+  const int64_t j0 = (int64_t)blockIdx.y * MMA_BN;
+  mma_stage<T, DP, MMA_BN>(Ks, k + b * g.kb + hk * g.kh, g.ks, j0, g.S, D, vec);
+  mma_stage<T, DP, MMA_BN>(Vs, v + b * g.vb + hk * g.vh, g.vs, j0, g.S, D, vec);
+  const int c0 = warp * 16 + gr;  // this lane's keys of the block: c0 and c0 + 8
+  const int64_t keys[2] = {j0 + c0, j0 + c0 + 8};
+  float adk[DT][4], adv[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) adk[d][e] = adv[d][e] = 0.f;
+  // The first query that sees key j0 is j0 - (S - T).
+  const int64_t lo = g.causal ? max((int64_t)0, j0 - (g.S - g.T)) / BQ * BQ : 0;
+  for (int64_t gi = 0; gi < rep; ++gi) {
+    const int64_t h = hk * rep + gi, qh = b * g.Hq + h;
+    const T* qb = q + b * g.qb + h * g.qh;
+    const T* dob = dout + b * db + h * dh;
+    for (int64_t i0 = lo; i0 < g.T; i0 += BQ) {
+      __syncthreads();
+      mma_stage<T, DP, BQ>(Qs, qb, g.qt, i0, g.T, D, vec);
+      mma_stage<T, DP, BQ>(dOs, dob, dt, i0, g.T, D, vec);
+      for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+        const int64_t i = i0 + r;
+        lse2s[r] = i < g.T ? lse[qh * g.T + i] * LOG2EF : INFINITY;  // padded rows: P = 0
+        dls[r] = i < g.T ? delta[qh * g.T + i] : 0.f;
+      }
+      __syncthreads();
+      float st[NT][4], dpt[NT][4];  // S^T, dP^T: rows this warp's keys, columns the queries
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) {
+        uint32_t ka[4], va[4];
+        mma_a_frag<T, LDS>(ka, Ks, c0, kk, tc);
+        mma_a_frag<T, LDS>(va, Vs, c0, kk, tc);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bq[2], bo[2];
+          mma_bt_frag<T, LDS>(bq, Qs, nt * 8, kk, gr, tc);
+          mma_bt_frag<T, LDS>(bo, dOs, nt * 8, kk, gr, tc);
+          mma_16816<T>(st[nt], ka, bq);
+          mma_16816<T>(dpt[nt], va, bo);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = nt * 8 + 2 * tc + (e & 1);
+          const float p = visible(i0 + qc, keys[e >> 1], g)
+                              ? exp2f(st[nt][e] * qk_scale - lse2s[qc]) : 0.f;
+          st[nt][e] = p;                          // P^T
+          dpt[nt][e] = p * (dpt[nt][e] - dls[qc]);  // dS^T
+        }
+#pragma unroll
+      for (int kj = 0; kj < BQ / 16; ++kj) {
+        uint32_t pa[4], sa[4];
+        acc_as_a<T>(pa, st[2 * kj], st[2 * kj + 1]);
+        acc_as_a<T>(sa, dpt[2 * kj], dpt[2 * kj + 1]);
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+          uint32_t bo[2], bq[2];
+          mma_b_frag<T, LDS>(bo, dOs, kj * 16, d * 8, gr, tc);
+          mma_b_frag<T, LDS>(bq, Qs, kj * 16, d * 8, gr, tc);
+          mma_16816<T>(adv[d], pa, bo);
+          mma_16816<T>(adk[d], sa, bq);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (keys[r] >= g.S) continue;
+    T* dkr = dk + (bh * g.S + keys[r]) * g.D;
+    T* dvr = dv + (bh * g.S + keys[r]) * g.D;
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = d * 8 + 2 * tc + e;
+        if (c < D) {
+          dkr[c] = from_f<T>(adk[d][2 * r + e] * scale);
+          dvr[c] = from_f<T>(adv[d][2 * r + e]);
+        }
+      }
+  }
+}
+
 template <typename T>
 __global__ void attn_delta_kernel(const T* __restrict__ dout, int64_t db, int64_t dh, int64_t dt,
                                   const T* __restrict__ out, float* __restrict__ delta, int64_t Hq,
@@ -652,25 +899,80 @@ void fwd_mma_dp(const MgAttnGeo& g, const void* q, const void* k, const void* v,
                                           lse, scale * LOG2EF, vec ? 1 : 0);
 }
 
-// The tensor-core forward where it applies: 16-bit inputs, D <= 128, a GPU whose mma.sync
-// takes them (sm_80 on). False leaves the call to the fp32 CUDA-core kernel.
+template <typename T, int DP>
+void bwd_mma_dp(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, int64_t dt,
+                const void* q, const void* k, const void* v, const float* lse,
+                const float* delta, void* dq, void* dk, void* dv, float scale, bool vec,
+                cudaStream_t s) {
+  constexpr int BQ = DP <= 64 ? 64 : 32;  // dK/dV's query tile: its registers at D 128
+  const size_t smem_q = sizeof(T) * (2 * MMA_BM + 2 * MMA_BN) * (DP + 8);
+  auto kq = attn_dq_mma_kernel<T, DP>;
+  if (allow_smem(kq, smem_q) != cudaSuccess) return;
+  dim3 gq((unsigned)(g.B * g.Hq), (unsigned)((g.T + MMA_BM - 1) / MMA_BM));
+  kq<<<gq, MMA_WARPS * 32, smem_q, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q,
+                                        (const T*)k, (const T*)v, lse, delta, (T*)dq,
+                                        scale * LOG2EF, scale, vec ? 1 : 0);
+  const size_t smem_k = sizeof(T) * (2 * MMA_BN + 2 * BQ) * (DP + 8) + sizeof(float) * 2 * BQ;
+  auto kk = attn_dkdv_mma_kernel<T, DP, BQ>;
+  if (allow_smem(kk, smem_k) != cudaSuccess) return;
+  dim3 gk((unsigned)(g.B * g.Hkv), (unsigned)((g.S + MMA_BN - 1) / MMA_BN));
+  kk<<<gk, MMA_WARPS * 32, smem_k, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q,
+                                        (const T*)k, (const T*)v, lse, delta, (T*)dk, (T*)dv,
+                                        scale * LOG2EF, scale, vec ? 1 : 0);
+}
+
+// Whether the tensor-core kernels take this call: 16-bit, D <= 128, sm_80 on; and whether
+// every row they stage starts on a 16-byte boundary (then they load 16 bytes at a time).
+template <typename T>
+bool mma_applies(const MgAttnGeo& g, std::initializer_list<const void*> ptrs,
+                 std::initializer_list<int64_t> strides, bool* vec) {
+  if (sizeof(T) != 2 || g.D > 128) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (major < 8) return false;
+  bool ok = g.D % 8 == 0;
+  for (const void* p : ptrs) ok = ok && aligned16(p);
+  for (int64_t st : {g.qb, g.qh, g.qt, g.kb, g.kh, g.ks, g.vb, g.vh, g.vs}) ok = ok && st % 8 == 0;
+  for (int64_t st : strides) ok = ok && st % 8 == 0;
+  *vec = ok;
+  return true;
+}
+
+template <typename T>
+bool bwd_mma(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, int64_t dt,
+             const void* q, const void* k, const void* v, const float* lse, const float* delta,
+             void* dq, void* dk, void* dv, float scale, cudaStream_t s) {
+  if constexpr (sizeof(T) != 2) {
+    return false;
+  } else {
+    bool vec = false;
+    if (!mma_applies<T>(g, {q, k, v, dout}, {db, dh, dt}, &vec)) return false;
+    if (g.D <= 32)
+      bwd_mma_dp<T, 32>(g, dout, db, dh, dt, q, k, v, lse, delta, dq, dk, dv, scale, vec, s);
+    else if (g.D <= 64)
+      bwd_mma_dp<T, 64>(g, dout, db, dh, dt, q, k, v, lse, delta, dq, dk, dv, scale, vec, s);
+    else if (g.D <= 96)
+      bwd_mma_dp<T, 96>(g, dout, db, dh, dt, q, k, v, lse, delta, dq, dk, dv, scale, vec, s);
+    else
+      bwd_mma_dp<T, 128>(g, dout, db, dh, dt, q, k, v, lse, delta, dq, dk, dv, scale, vec, s);
+    return true;
+  }
+}
+
+// The tensor-core forward where it applies (mma_applies). False leaves the call to the fp32
+// CUDA-core kernel.
 template <typename T>
 bool fwd_mma(const MgAttnGeo& g, const void* q, const void* k, const void* v, void* out,
              float* lse, float scale, cudaStream_t s) {
   if constexpr (sizeof(T) != 2) {
     return false;
   } else {
-    int dev = 0, major = 0;
-    if (g.D > 128) return false;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    if (major < 8) return false;
-    // 16-byte staging loads when every row a block reads starts on a 16-byte boundary.
-    bool vec = g.D % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(v);
-    for (int64_t st : {g.qb, g.qh, g.qt, g.kb, g.kh, g.ks, g.vb, g.vh, g.vs}) vec = vec && st % 8 == 0;
+    bool vec = false;
+    if (!mma_applies<T>(g, {q, k, v}, {}, &vec)) return false;
     if (g.D <= 32) fwd_mma_dp<T, 32>(g, q, k, v, out, lse, scale, vec, s);
     else if (g.D <= 64) fwd_mma_dp<T, 64>(g, q, k, v, out, lse, scale, vec, s);
     else if (g.D <= 96) fwd_mma_dp<T, 96>(g, q, k, v, out, lse, scale, vec, s);
@@ -732,6 +1034,7 @@ void launch_bwd(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, in
   const int64_t rows = g.B * g.Hq * g.T;
   attn_delta_kernel<T><<<(unsigned)((rows + WARPS - 1) / WARPS), WARPS * 32, 0, s>>>(
       (const T*)dout, db, dh, dt, (const T*)out, delta, g.Hq, g.T, g.D, rows);
+  if (bwd_mma<T>(g, dout, db, dh, dt, q, k, v, lse, delta, dq, dk, dv, scale, s)) return;
   ATTN_DISPATCH_NS(g.D, bwd_ns, T, g, dout, db, dh, dt, q, k, v, lse, delta, dq, dk, dv, scale,
                    s);
 }

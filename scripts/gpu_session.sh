@@ -116,9 +116,9 @@ stage_cudatest() {
 
 stage_quicktest() {
     # What changed since the last GPU run, on the GPU, before the whole suite: the training
-    # step as one CUDA graph and without host syncs, and the Triton kernels that changed
+    # step as one CUDA graph and without host syncs, the Triton kernels that changed
     # (attention's layout and atomic dQ, the norm backwards, the cross-entropy's deferred
-    # scale).
+    # scale), and the CUDA attention's tensor-core kernels (mma.sync, first run on a GPU).
     local xd=""
     $PY -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
     timeout -s INT -k 10 $((${STAGE_LIMIT_S:-300} - 12)) $PY -m pytest -q -rfE -m "not slow" \
@@ -126,7 +126,7 @@ stage_quicktest() {
         tests/test_graph.py tests/test_no_host_sync.py tests/test_cross_entropy.py \
         tests/test_attention.py tests/test_attention_tiles.py tests/test_layer_norm.py \
         tests/test_rms_norm.py \
-        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles}"
+        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles or (cuda-cuda and attention)}"
 }
 
 stage_tune() {

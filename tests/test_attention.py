@@ -112,12 +112,13 @@ def test_attention_explicit_scale(be, dev):
 
 
 @pytest.mark.parametrize("be,dev", [p for p in PAIRS if p.values[0] in ("cpu", "cuda")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [(1, 2, 1, 1025, 1025, 64, True), (1, 3, 1, 200, 1025, 40, True),
                                   (1, 1, 1, 300, 130, 64, False)], ids=str)
-def test_attention_long(be, dev, case):
+def test_attention_long(be, dev, dtype, case):
     # Many query and key tiles, ragged last tiles, T > S and T < S (C++/CUDA only: too slow for
-    # the interpreter).
-    _check(be, dev, torch.float32, case)
+    # the interpreter). bf16: the CUDA backend's tensor-core kernels over many tiles.
+    _check(be, dev, dtype, case)
 
 
 @pytest.mark.parametrize("threads", [1, 64])

@@ -230,6 +230,9 @@ BWD_SHAPES = [
     pytest.param(1, 1, 1, 1, 1, 16, "contig", False, id="T1-S1"),
     pytest.param(1, 3, 1, 33, 40, 256, "packed", True, id="T33-S40-D256-gqa3-causal"),
     pytest.param(1, 1, 1, 7, 7, 256, "mixed", False, id="T7-S7-D256-full"),
+    # 16-bit: the tensor-core kernels' element-wise staging, over several query and key tiles
+    pytest.param(1, 4, 2, 70, 130, 20, "padded", True, id="T70-S130-D20-gqa2-causal"),
+    pytest.param(2, 2, 2, 65, 65, 96, "offset", False, id="T65-S65-D96-offset-full"),
 ]
 
 
@@ -256,6 +259,25 @@ def test_backward(cuda_emu, dtype, Bn, Hq, Hkv, T, S, D, layout, causal):
     # dout strided unlike q where q is strided (the strides are passed separately).
     _backward_case(cuda_emu, dtype, Bn, Hq, Hkv, T, S, D, layout, causal,
                    "contig" if layout == "bthd" else "bthd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [16, 48, 80, 128, 256])
+def test_backward_kernel_choice(cuda_emu, dtype, D):
+    """The backward's last launch is its dK/dV kernel: the tensor-core one for 16-bit inputs
+    with D <= 128 (64-key block; K, V and a query tile of 64 rows, 32 past D 64, in 16 bits
+    with rows of DP + 8, and the tile's lse and delta), else the CUDA-core one (32 keys, fp32)."""
+    q, k, v = _qkv(1, 2, 1, 9, 9, D, dtype, "contig")
+    do = torch.randn_like(q)
+    out, _ = _ref_grads(q, k, v, do, True, 0.3)
+    _, lse32 = _lse_ref(q, k, v, True, 0.3)
+    _bwd(cuda_emu, do, q, k, v, out.contiguous(), lse32.float().contiguous(), True, 0.3)
+    if dtype != F32 and D <= 128:
+        DP = next(p for p in (32, 64, 96, 128) if D <= p)
+        BQ = 64 if DP <= 64 else 32
+        assert cuda_emu.last_launch() == (1, 2 * (2 * 64 + 2 * BQ) * (DP + 8) + 4 * 2 * BQ)
+    else:
+        assert cuda_emu.last_launch() == (1, 4 * (2 * 32 * D + 2 * 32 * (D + 1) + 64))
 
 
 def test_forward_then_backward_chain(cuda_emu):
