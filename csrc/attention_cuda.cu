@@ -1,20 +1,22 @@
 // Flash attention CUDA kernels (forward, backward, flash-decoding) and their extern "C"
-// launchers. The 16-bit forward and backward with D <= 128 run on tensor cores
-// (attn_fwd_mma_kernel, attn_dq_mma_kernel, attn_dkdv_mma_kernel: FlashAttention-2's, below). Everything else is simple and exact rather than fast (the
-// Triton kernels are the fast GPU path): fp32 math on CUDA cores, tiles staged in shared memory
-// as fp32, never the T x S matrix.
-//
-// The CUDA-core kernels share one pattern: for scores a lane owns one key (or one query) of a 32-wide tile and
-// computes its dot product over the head dimension alone, reading shared memory; for the
-// accumulations a lane owns head dims d = lane + 32 * n (n < NS, so D <= 32 * NS) and the
-// per-key (per-query) weights are broadcast with __shfl_sync.
+// launchers, in two families:
+// - Tensor cores, for bf16/fp16 with D <= 128 on sm_80 and later: FlashAttention-2's forward
+//   and atomic-free backward on mma.sync (attn_fwd_mma_kernel, attn_dq_mma_kernel,
+//   attn_dkdv_mma_kernel, below).
+// - CUDA cores, for everything else (fp32, D up to 256): simple and exact rather than fast,
+//   fp32 math, tiles staged in shared memory as fp32. For scores a lane owns one key (or one
+//   query) of a 32-wide tile and computes its dot product over the head dimension alone; for
+//   the accumulations a lane owns head dims d = lane + 32 * n (n < NS, so D <= 32 * NS) and the
+//   per-key (per-query) weights are broadcast with __shfl_sync.
 //   forward: block = BM queries (4 warps x RPW rows) walking 32-key tiles, online softmax
 //            in base 2 (q pre-multiplied by scale * log2 e), then lse = ln(2) * (m + log2 l).
 //   backward (recompute P from lse, atomic-free): delta = rowsum(dO * O); dQ with the forward's
 //            layout; dK/dV with a block per 32 keys (each warp owns 8 of them) looping over the
 //            GQA group's query heads and their 32-query tiles.
-//   decode:  one warp per (query head, split of the keys) writes a partial output and its
-//            base-2 logsumexp; a combine kernel merges the splits (flash-decoding).
+// Neither family ever forms the T x S matrix. Decode (flash-decoding) splits the keys: a block
+// per (batch, kv head, split) reads K and V once for the group's query heads in coalesced
+// 16-byte packs (decode_split_vec_kernel; else a warp per query head and split), writes each
+// head's partial output and base-2 logsumexp, and a combine kernel merges the splits.
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -851,6 +853,116 @@ __global__ void decode_split_kernel(MgAttnGeo g, const T* __restrict__ q,
   if (lane == 0) lse_part[part] = l > 0.f ? m + log2f(l) : -INFINITY;
 }
 
+// Flash-decoding's split kernel where rows are whole 16-byte packs (16-byte aligned): a block
+// of DEC_WARPS warps per (batch, kv head, split, chunk of up to REP of the group's query heads),
+// so K and V are read once for all of those heads, in coalesced 16-byte packs: LPK lanes a key
+// (D / pack rounded up to a power of two), 32 / LPK keys a warp at a time. Each key slot keeps
+// its own online softmax over the keys it visits; the slots meet in shared memory at the end.
+// (decode_split_kernel, a warp per query head with a lane per key, read K with a 2*D-byte
+// stride between lanes: 7% of an H100's bandwidth at 64k keys.)
+constexpr int DEC_WARPS = 4;
+
+template <typename T, int REP>
+__global__ void __launch_bounds__(DEC_WARPS * 32)
+decode_split_vec_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
+                        const T* __restrict__ v, const int32_t* __restrict__ seqlens,
+                        float* __restrict__ o_part, float* __restrict__ lse_part, int64_t nsplit,
+                        int64_t split_len, float qk_scale, int lpk) {
+  constexpr int V = Pack<T>::kN;
+  extern __shared__ float dsm[];  // per (slot, head): m, l, then the unnormalized output (D)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int D = (int)g.D, kpw = 32 / lpk, nslots = DEC_WARPS * kpw;
+  const int slot = warp * kpw + lane / lpk, d0 = (lane % lpk) * V;
+  const bool dok = d0 < D;
+  const int64_t split = blockIdx.y, b = blockIdx.x / g.Hkv, hk = blockIdx.x % g.Hkv;
+  const int64_t rep = g.Hq / g.Hkv, h0 = hk * rep + (int64_t)blockIdx.z * REP;
+  const int nh = (int)min((int64_t)REP, hk * rep + rep - h0);
+  float qv[REP][V], m[REP], l[REP], o[REP][V];
+#pragma unroll
+  for (int r = 0; r < REP; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      o[r][i] = 0.f;
+      qv[r][i] = (r < nh && dok) ? to_f(q[b * g.qb + (h0 + r) * g.qh + d0 + i]) * qk_scale : 0.f;
+    }
+  }
+  const int64_t L = max((int64_t)0, min((int64_t)seqlens[b], g.S));
+  const int64_t lo = split * split_len, hi = min(lo + split_len, L);
+  const T* kb = k + b * g.kb + hk * g.kh + d0;
+  const T* vb = v + b * g.vb + hk * g.vh + d0;
+  // One key ahead: the next key's loads are in flight while this one is reduced.
+  float kn[V], vn[V];
+  auto fetch = [&](int64_t j) {
+    if (j < hi && dok) {
+      load_pack(kb + j * g.ks, kn);
+      load_pack(vb + j * g.vs, vn);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) kn[i] = vn[i] = 0.f;
+    }
+  };
+  fetch(lo + slot);
+  for (int64_t j0 = lo; j0 < hi; j0 += nslots) {  // the same trip count for every lane
+    const int64_t j = j0 + slot;
+    float kv[V], vv[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      kv[i] = kn[i];
+      vv[i] = vn[i];
+    }
+    fetch(j + nslots);
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) s += qv[r][i] * kv[i];
+      for (int off = lpk >> 1; off > 0; off >>= 1) s += __shfl_xor_sync(FULL, s, off);
+      if (j < hi) {  // the same for a slot's lanes
+        const float m_new = fmaxf(m[r], s);
+        const float alpha = exp2f(m[r] - m_new), p = exp2f(s - m_new);
+        l[r] = l[r] * alpha + p;
+        m[r] = m_new;
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[r][i] = o[r][i] * alpha + p * vv[i];
+      }
+    }
+  }
+  const int pitch = D + 2;
+#pragma unroll
+  for (int r = 0; r < REP; ++r) {
+    float* st = dsm + (slot * REP + r) * pitch;
+    if (lane % lpk == 0) {
+      st[0] = m[r];
+      st[1] = l[r];
+    }
+    if (dok) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) st[2 + d0 + i] = o[r][i];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < nh * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    float M = -INFINITY;
+    for (int sl = 0; sl < nslots; ++sl) M = fmaxf(M, dsm[(sl * REP + r) * pitch]);
+    float den = 0.f, acc = 0.f;
+    if (M != -INFINITY) {
+      for (int sl = 0; sl < nslots; ++sl) {
+        const float* st = dsm + (sl * REP + r) * pitch;
+        const float w = exp2f(st[0] - M);  // a slot that saw no key: exp2(-inf) = 0
+        den += st[1] * w;
+        acc += st[2 + d] * w;
+      }
+    }
+    const int64_t part = (b * g.Hq + h0 + r) * nsplit + split;
+    o_part[part * D + d] = den > 0.f ? acc / den : 0.f;
+    // An empty split (past this sequence's length) gets weight exp2(-inf) = 0 in the combine.
+    if (d == 0) lse_part[part] = den > 0.f ? M + log2f(den) : -INFINITY;
+  }
+}
+
 template <typename T>
 __global__ void decode_combine_kernel(const float* __restrict__ o_part,
                                       const float* __restrict__ lse_part, T* __restrict__ out,
@@ -999,14 +1111,50 @@ void bwd_ns(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, int64_
                                     (const T*)v, lse, delta, (T*)dk, (T*)dv, scale * LOG2EF);
 }
 
+template <typename T, int REP>
+void decode_vec_rep(const MgAttnGeo& g, const void* q, const void* k, const void* v,
+                    const int32_t* seqlens, float* o_part, float* lse_part, int64_t nsplit,
+                    int64_t split_len, float scale, int lpk, cudaStream_t s) {
+  const int64_t rep = g.Hq / g.Hkv;
+  const size_t smem = sizeof(float) * (DEC_WARPS * (32 / lpk)) * REP * (g.D + 2);
+  auto kern = decode_split_vec_kernel<T, REP>;
+  if (allow_smem(kern, smem) != cudaSuccess) return;
+  dim3 grid((unsigned)(g.B * g.Hkv), (unsigned)nsplit, (unsigned)((rep + REP - 1) / REP));
+  kern<<<grid, DEC_WARPS * 32, smem, s>>>(g, (const T*)q, (const T*)k, (const T*)v, seqlens,
+                                          o_part, lse_part, nsplit, split_len, scale * LOG2EF,
+                                          lpk);
+}
+
+// decode_split_vec_kernel where K's and V's rows are whole, 16-byte aligned packs.
+template <typename T>
+bool decode_vec(const MgAttnGeo& g, const void* q, const void* k, const void* v,
+                const int32_t* seqlens, float* o_part, float* lse_part, int64_t nsplit,
+                int64_t split_len, float scale, cudaStream_t s) {
+  constexpr int V = Pack<T>::kN;
+  if (g.D % V != 0 || !aligned16(k) || !aligned16(v)) return false;
+  for (int64_t st : {g.kb, g.kh, g.ks, g.vb, g.vh, g.vs})
+    if (st % V != 0) return false;
+  int lpk = 1;
+  while (lpk * V < g.D) lpk <<= 1;
+  if (lpk > 32) return false;
+  const int64_t rep = g.Hq / g.Hkv;
+  if (rep <= 1) decode_vec_rep<T, 1>(g, q, k, v, seqlens, o_part, lse_part, nsplit, split_len, scale, lpk, s);
+  else if (rep <= 2) decode_vec_rep<T, 2>(g, q, k, v, seqlens, o_part, lse_part, nsplit, split_len, scale, lpk, s);
+  else if (rep <= 4) decode_vec_rep<T, 4>(g, q, k, v, seqlens, o_part, lse_part, nsplit, split_len, scale, lpk, s);
+  else decode_vec_rep<T, 8>(g, q, k, v, seqlens, o_part, lse_part, nsplit, split_len, scale, lpk, s);
+  return true;
+}
+
 template <typename T, int NS>
 void decode_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v,
                const int32_t* seqlens, float* o_part, float* lse_part, void* out, int64_t nsplit,
                int64_t split_len, float scale, cudaStream_t s) {
-  dim3 grid((unsigned)(g.B * g.Hq), (unsigned)nsplit);
-  decode_split_kernel<T, NS><<<grid, 32, sizeof(float) * g.D, s>>>(
-      g, (const T*)q, (const T*)k, (const T*)v, seqlens, o_part, lse_part, nsplit, split_len,
-      scale * LOG2EF);
+  if (!decode_vec<T>(g, q, k, v, seqlens, o_part, lse_part, nsplit, split_len, scale, s)) {
+    dim3 grid((unsigned)(g.B * g.Hq), (unsigned)nsplit);
+    decode_split_kernel<T, NS><<<grid, 32, sizeof(float) * g.D, s>>>(
+        g, (const T*)q, (const T*)k, (const T*)v, seqlens, o_part, lse_part, nsplit, split_len,
+        scale * LOG2EF);
+  }
   decode_combine_kernel<T><<<(unsigned)(g.B * g.Hq), 32, 0, s>>>(o_part, lse_part, (T*)out,
                                                                 nsplit, g.D);
 }

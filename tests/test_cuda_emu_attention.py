@@ -344,6 +344,10 @@ DECODE_CASES = [
     pytest.param(2, 3, 1, 7, 256, "contig", [7, 5], id="S7-D256-gqa3"),
     pytest.param(1, 4, 1, 1, 16, "bthd", [1], id="S1-D16-gqa4"),
     pytest.param(2, 2, 1, 300, 128, "bthd", [300, 257], id="S300-D128"),
+    # 12 query heads on one kv head: two chunks of the group (8 + 4) in the coalesced kernel
+    pytest.param(2, 12, 1, 130, 32, "contig", [130, 70], id="S130-D32-mqa12"),
+    # rows off 16-byte boundaries: the lane-per-key kernel
+    pytest.param(1, 4, 2, 50, 64, "offset", [50], id="S50-D64-gqa2-offset"),
 ]
 
 
@@ -363,6 +367,30 @@ def test_decode(cuda_emu, dtype, Bn, Hq, Hkv, S, D, layout, lens):
     for nsplit, split_len in splits:
         out, lse_part = _decode(cuda_emu, q, kc, vc, lens, nsplit, split_len, scale)
         _decode_check(out, lse_part, q, kc, vc, lens, nsplit, split_len, scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hq,Hkv,D,layout", [(4, 2, 64, "contig"), (12, 1, 128, "bthd"),
+                                             (3, 3, 48, "padded"), (4, 1, 256, "contig"),
+                                             (4, 2, 64, "offset")], ids=str)
+def test_decode_kernel_choice(cuda_emu, dtype, Hq, Hkv, D, layout):
+    """Rows of whole 16-byte packs take the coalesced split kernel: a block of 4 warps per
+    (batch, kv head, split, chunk of up to 8 of the group's query heads), shared memory for
+    every key slot's (m, l, output) per head; else the lane-per-key kernel (a warp per query
+    head and split). Then the combine, a warp per query head."""
+    Bn, S, nsplit = 2, 40, 3
+    q, kc, vc = _decode_inputs(Bn, Hq, Hkv, S, D, dtype, layout)
+    _decode(cuda_emu, q, kc, vc, torch.tensor([40, 17], dtype=torch.int32), nsplit, 14, 0.2)
+    pack = 16 // q.element_size()
+    lpk = 1
+    while lpk * pack < D:
+        lpk *= 2
+    rep = Hq // Hkv
+    REP = next(r for r in (1, 2, 4, 8) if r >= min(rep, 8))
+    vec = layout != "offset" and lpk <= 32
+    split = ((Bn * Hkv, nsplit, -(-rep // REP), 128, 4 * 4 * (32 // lpk) * REP * (D + 2)) if vec
+             else (Bn * Hq, nsplit, 1, 32, 4 * D))
+    assert cuda_emu.launches() == [split, (Bn * Hq, 1, 1, 32, 0)]
 
 
 def test_decode_cases_reach_several_splits_by_the_rule():

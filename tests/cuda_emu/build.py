@@ -123,10 +123,17 @@ class Emulator:
         self.lib.minigpt_emu_message.restype = ctypes.c_char_p
         self.lib.minigpt_emu_last_grid.restype = ctypes.c_uint
         self.lib.minigpt_emu_last_smem.restype = ctypes.c_size_t
+        self.lib.minigpt_emu_launch_field.restype = ctypes.c_size_t
 
     def last_launch(self):
         """(grid.x, dynamic shared memory bytes) of the last kernel launched."""
         return int(self.lib.minigpt_emu_last_grid()), int(self.lib.minigpt_emu_last_smem())
+
+    def launches(self):
+        """[(grid.x, grid.y, grid.z, threads a block, dynamic shared memory bytes)] of every
+        kernel the last call launched, in order."""
+        return [tuple(int(self.lib.minigpt_emu_launch_field(i, f)) for f in range(5))
+                for i in range(self.lib.minigpt_emu_launch_count())]
 
     def call(self, name, *args):
         conv = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]

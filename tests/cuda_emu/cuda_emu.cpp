@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
 #include <map>
 #include <string>
 #include <vector>
@@ -240,6 +241,8 @@ bool run_block(int n, bool last_warp_first) {
 std::string misaligned;
 unsigned last_grid = 0;
 size_t last_smem = 0;
+// Every launch since the last minigpt_emu_clear: grid x, y, z, threads a block, shared memory.
+std::vector<std::array<size_t, 5>> launches;
 
 }  // namespace
 
@@ -261,6 +264,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
   ensure_fibers((int)n);
   last_grid = grid.x;
   last_smem = smem;
+  launches.push_back({grid.x, grid.y, grid.z, (size_t)n, smem});
   dyn_smem.assign(smem, 0xff);
   blockDim = block;
   gridDim = grid;
@@ -364,7 +368,11 @@ extern "C" const char* minigpt_emu_message() { return emu::message.c_str(); }
 // The last launch's grid.x and dynamic shared memory: which kernel shape a launcher chose.
 extern "C" unsigned minigpt_emu_last_grid() { return emu::last_grid; }
 extern "C" size_t minigpt_emu_last_smem() { return emu::last_smem; }
+// The launches of the last call, one field at a time (see emu::launches).
+extern "C" int minigpt_emu_launch_count() { return (int)emu::launches.size(); }
+extern "C" size_t minigpt_emu_launch_field(int i, int field) { return emu::launches[i][field]; }
 extern "C" void minigpt_emu_clear() {
+  emu::launches.clear();
   emu::message.clear();
   emu::last_error = cudaSuccess;
 }
