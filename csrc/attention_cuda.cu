@@ -213,6 +213,26 @@ __device__ __forceinline__ void mma_stage(T* dst, const T* __restrict__ src, int
   }
 }
 
+// A warp's accumulator (16 rows x DT n-tiles, this lane's rows `row[0]`, `row[1]` of `n`) into
+// the contiguous (n, D) matrix `out`, row r's values times mul[r].
+template <typename T, int DT>
+__device__ __forceinline__ void store_acc(T* __restrict__ out, const float (&acc)[DT][4],
+                                          const int64_t (&row)[2], const float (&mul)[2],
+                                          int64_t n, int D, int tc) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= n) continue;
+    T* o = out + row[r] * D;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = dt * 8 + 2 * tc + e;
+        if (d < D) o[d] = from_f<T>(acc[dt][2 * r + e] * mul[r]);
+      }
+  }
+}
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(MMA_WARPS * 32)
 attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
@@ -324,22 +344,12 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
       }
     }
   }
+  const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+  store_acc<T, DT>(out + bh * g.T * g.D, o, rows, inv, g.T, D, tc);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = rows[r];
-    if (i >= g.T) continue;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    T* orow = out + (bh * g.T + i) * g.D;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = dt * 8 + 2 * tc + e;
-        if (d < D) orow[d] = from_f<T>(o[dt][2 * r + e] * inv);
-      }
-    // As the other forward: a row that saw no key gets lse = +inf.
-    if (tc == 0) lse[bh * g.T + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2F : INFINITY;
-  }
+  for (int r = 0; r < 2; ++r)  // as the other forward: a row that saw no key gets lse = +inf
+    if (tc == 0 && rows[r] < g.T)
+      lse[bh * g.T + rows[r]] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2F : INFINITY;
 }
 
 // ---- tensor-core backward (16-bit, D <= 128): FlashAttention-2's, without atomics ------------
@@ -391,6 +401,34 @@ __device__ __forceinline__ void acc_as_a(uint32_t (&a)[4], const float (&lo)[4],
   a[3] = pack2<T>(hi[2], hi[3]);
 }
 
+// c1 = A1 B1^T and c2 = A2 B2^T, for the warp's 16 rows of staged tiles A1 and A2 (from
+// `row`) against the NT * 8 rows of staged tiles B1 and B2, over KD k-steps: the backward's two
+// score-shaped products (S and dP in the dQ kernel, S^T and dP^T in the dK/dV kernel), one
+// k-step of A fragments at a time.
+template <typename T, int LDS, int KD, int NT>
+__device__ __forceinline__ void mma_pair_nt(float (&c1)[NT][4], float (&c2)[NT][4], const T* a1,
+                                            const T* a2, int row, const T* b1, const T* b2,
+                                            int gr, int tc) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c1[nt][e] = c2[nt][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) {
+    uint32_t fa1[4], fa2[4];
+    mma_a_frag<T, LDS>(fa1, a1, row, kk, tc);
+    mma_a_frag<T, LDS>(fa2, a2, row, kk, tc);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t fb1[2], fb2[2];
+      mma_bt_frag<T, LDS>(fb1, b1, nt * 8, kk, gr, tc);
+      mma_bt_frag<T, LDS>(fb2, b2, nt * 8, kk, gr, tc);
+      mma_16816<T>(c1[nt], fa1, fb1);
+      mma_16816<T>(c2[nt], fa2, fb2);
+    }
+  }
+}
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(MMA_WARPS * 32)
 attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh, int64_t dt,
@@ -429,24 +467,7 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
     mma_stage<T, DP, MMA_BN>(Vs, vb, g.vs, j0, g.S, D, vec);
     __syncthreads();
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      uint32_t qa[4], da[4];
-      mma_a_frag<T, LDS>(qa, Qs, r0, kk, tc);
-      mma_a_frag<T, LDS>(da, dOs, r0, kk, tc);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bk[2], bv[2];
-        mma_bt_frag<T, LDS>(bk, Ks, nt * 8, kk, gr, tc);
-        mma_bt_frag<T, LDS>(bv, Vs, nt * 8, kk, gr, tc);
-        mma_16816<T>(s[nt], qa, bk);
-        mma_16816<T>(dp[nt], da, bv);
-      }
-    }
+    mma_pair_nt<T, LDS, KD, NT>(s, dp, Qs, dOs, r0, Ks, Vs, gr, tc);  // S = Q K^T, dP = dO V^T
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -468,18 +489,8 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= g.T) continue;
-    T* row = dq + (bh * g.T + rows[r]) * g.D;
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = d * 8 + 2 * tc + e;
-        if (c < D) row[c] = from_f<T>(acc[d][2 * r + e] * scale);
-      }
-  }
+  const float mul[2] = {scale, scale};
+  store_acc<T, DT>(dq + bh * g.T * g.D, acc, rows, mul, g.T, D, tc);
 }
 
 template <typename T, int DP, int BQ>
@@ -526,25 +537,9 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
         dls[r] = i < g.T ? delta[qh * g.T + i] : 0.f;
       }
       __syncthreads();
-      float st[NT][4], dpt[NT][4];  // S^T, dP^T: rows this warp's keys, columns the queries
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < KD; ++kk) {
-        uint32_t ka[4], va[4];
-        mma_a_frag<T, LDS>(ka, Ks, c0, kk, tc);
-        mma_a_frag<T, LDS>(va, Vs, c0, kk, tc);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bq[2], bo[2];
-          mma_bt_frag<T, LDS>(bq, Qs, nt * 8, kk, gr, tc);
-          mma_bt_frag<T, LDS>(bo, dOs, nt * 8, kk, gr, tc);
-          mma_16816<T>(st[nt], ka, bq);
-          mma_16816<T>(dpt[nt], va, bo);
-        }
-      }
+      // S^T = K Q^T, dP^T = V dO^T: rows this warp's keys, columns the tile's queries
+      float st[NT][4], dpt[NT][4];
+      mma_pair_nt<T, LDS, KD, NT>(st, dpt, Ks, Vs, c0, Qs, dOs, gr, tc);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -571,22 +566,9 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (keys[r] >= g.S) continue;
-    T* dkr = dk + (bh * g.S + keys[r]) * g.D;
-    T* dvr = dv + (bh * g.S + keys[r]) * g.D;
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = d * 8 + 2 * tc + e;
-        if (c < D) {
-          dkr[c] = from_f<T>(adk[d][2 * r + e] * scale);
-          dvr[c] = from_f<T>(adv[d][2 * r + e]);
-        }
-      }
-  }
+  const float mk[2] = {scale, scale}, mv[2] = {1.f, 1.f};
+  store_acc<T, DT>(dk + bh * g.S * g.D, adk, keys, mk, g.S, D, tc);
+  store_acc<T, DT>(dv + bh * g.S * g.D, adv, keys, mv, g.S, D, tc);
 }
 
 template <typename T>
