@@ -68,3 +68,25 @@ def check_out_dtype(norm, be, dev, residual, out_dtype, seed, bad_out_dtype):
     assert norm(x, w, None, out_dtype=torch.float32, backend=be).dtype == torch.float32
     with pytest.raises(TypeError, match="out_dtype"):
         norm(x, w, None, out_dtype=bad_out_dtype, backend=be)
+
+
+def check_only_h_used(norm, be, dev, bias):
+    # Only h = x + residual takes part in the loss, not the normalized output (whose gradient
+    # autograd then leaves undefined rather than zero-filled): x and the residual get h's
+    # gradient, the weight and bias zeros.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 24, generator=g).to(dev).requires_grad_()
+    r = torch.randn(4, 24, generator=g).to(dev).requires_grad_()
+    w = (torch.rand(24, generator=g) + 0.5).to(dev).requires_grad_()
+    b = torch.randn(24, generator=g).to(dev).requires_grad_() if bias else None
+    y, h = norm(x, w, b, residual=r, backend=be)
+    dh = torch.randn(4, 24, generator=g).to(dev)
+    params = [t for t in (x, r, w, b) if t is not None]
+    # (the reference's h is a plain add, which leaves w and b out of its graph: None there)
+    grads = torch.autograd.grad(h, params, dh, allow_unused=True)
+    assert torch.equal(grads[0], dh) and torch.equal(grads[1], dh)
+    for gr in grads[2:]:
+        assert gr is None or torch.equal(gr, torch.zeros_like(gr))
+    y, h = norm(x, w, b, residual=r, backend=be)
+    (y.sum() * 0 + h.sum()).backward()  # both used; y's gradient is zeros, h's ones
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(r.grad, torch.ones_like(r))

@@ -5,7 +5,7 @@ import torch
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
-from tests._norms import check_mixed_residual, check_out_dtype
+from tests._norms import check_mixed_residual, check_only_h_used, check_out_dtype
 from tests._tol import assert_close, f64, make
 from tests.conftest import backend_device_pairs, skip_if_triton_refused
 
@@ -237,6 +237,12 @@ def test_layer_norm_mixed_residual_dtype(be, dev, xd, rd, N):
 def test_layer_norm_out_dtype(be, dev, residual):
     check_out_dtype(ops.layer_norm, be, dev, residual, torch.bfloat16, seed=7,
                     bad_out_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_norm_only_h_used(be, dev, bias):
+    check_only_h_used(ops.layer_norm, be, dev, bias)
 
 
 @skip_if_triton_refused

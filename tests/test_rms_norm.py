@@ -5,7 +5,7 @@ import torch
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
-from tests._norms import check_mixed_residual, check_out_dtype
+from tests._norms import check_mixed_residual, check_only_h_used, check_out_dtype
 from tests._tol import assert_close, f64, make
 from tests.conftest import backend_device_pairs
 
@@ -199,6 +199,11 @@ def test_rms_norm_mixed_residual_dtype(be, dev, xd, rd, N):
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm_out_dtype(be, dev, residual):
     check_out_dtype(_rms, be, dev, residual, torch.float16, seed=8, bad_out_dtype="bf16")
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_rms_norm_only_h_used(be, dev):
+    check_only_h_used(_rms, be, dev, bias=False)
 
 
 def _rms(x, w, b, **kw):  # the shared norm checks' signature (no bias)

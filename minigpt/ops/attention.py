@@ -117,11 +117,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, causal, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.set_materialize_grads(False)  # no zero gradient made for lse, a statistic
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
@@ -185,11 +188,14 @@ def _drop_setup_context(ctx, inputs, output):
     q, k, v, causal, scale, dropout_p, seed, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.set_materialize_grads(False)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend = causal, scale, dropout_p, backend
 
 
 def _drop_backward(ctx, dout, _dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None, None, None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     bwd = bwd_op(ctx, _drop_bwd, _drop_bwd_impl)
@@ -273,12 +279,15 @@ def _qkv_setup_context(ctx, inputs, output):
     qkv, n_head, n_kv_head, causal, scale, dropout_p, seed, backend = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, seed)
+    ctx.set_materialize_grads(False)
     ctx.args = (n_head, n_kv_head, causal, scale, dropout_p)
     ctx.backend = backend
 
 
 def _qkv_backward(ctx, dout, _dlse):
     qkv, out, lse, seed = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None, None, None
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     bwd = bwd_op(ctx, _qkv_bwd, _qkv_bwd_impl)

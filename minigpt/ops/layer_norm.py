@@ -84,6 +84,10 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps, backend, _ = inputs
     y, h, mean, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    # No zero gradients made for mean and rstd (statistics) or an unused output: one fill
+    # kernel each, three a layer otherwise.
+    ctx.set_materialize_grads(False)
+    ctx.y_dtype = y.dtype
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
@@ -92,6 +96,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
+    if dy is None and dh is None:
+        return None, None, None, None, None, None, None
+    if dy is None:  # only h was used: its gradient still passes through the add
+        dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
     dx, dx_x, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias,

@@ -79,6 +79,8 @@ def _setup_context(ctx, inputs, output):
     x, weight, residual, eps, backend, _ = inputs
     y, h, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradient made for rstd (see layer_norm)
+    ctx.y_dtype = y.dtype
     ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
     ctx.backend = backend
@@ -86,6 +88,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
+    if dy is None and dh is None:
+        return None, None, None, None, None, None
+    if dy is None:  # only h was used: its gradient still passes through the add
+        dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
     dx, dx_x, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend, ctx.x_dtype)
