@@ -674,7 +674,7 @@ def _profile_step(run: _TrainVariant, device) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         run.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -683,9 +683,34 @@ def _profile_step(run: _TrainVariant, device) -> str:
     lines = [f"By category ({where}; minigpt/bench.py PROFILE_CATEGORIES):", "",
              "| category | ms | % | calls |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['category']} | {r['ms']:.3f} | {r['%']:.1f} | {r['calls']} |" for r in cats]
+    copies = copies_by_shape(prof.key_averages(group_by_input_shape=True), device)
+    if copies:
+        lines += ["", "The copies and casts (aten::copy_) by shape, largest first:", "",
+                  "| shapes (to, from) | calls | ms |", "| --- | --- | --- |"]
+        lines += [f"| {r['shapes']} | {r['calls']} | {r['ms']:.3f} |" for r in copies]
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     top = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=48)
     return "\n".join(lines) + "\n\n```\n" + top + "\n```"
+
+
+def copies_by_shape(averages, device, top: int = 12) -> List[dict]:
+    """aten::copy_ rows of ``key_averages(group_by_input_shape=True)`` (what every cast and
+    copy ends in), largest total first: {shapes, calls, ms} with ms the GPU time of its
+    kernels on CUDA, else its CPU time. Where a step's copies go (weights cast for autocast,
+    their gradients cast back, activations made contiguous) shows in their shapes."""
+    rows = []
+    for e in averages:
+        if e.key != "aten::copy_":
+            continue
+        if device.type == "cuda":
+            us = getattr(e, "device_time_total", None)
+            us = e.cuda_time_total if us is None else us
+        else:
+            us = e.cpu_time_total
+        shapes = " <- ".join("x".join(map(str, s)) or "scalar" for s in e.input_shapes[:2])
+        rows.append({"shapes": shapes, "calls": e.count, "ms": us / 1e3})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]
 
 
 def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, skipped,

@@ -65,6 +65,7 @@ def test_train_writes_results(tmp_path):
     assert "## tiny: minigpt" in prof and "## tiny: eager" in prof and "Self CPU" in prof
     assert "| category | ms | % | calls |" in prof and "| GEMM |" in prof
     assert "| layer/rms norm |" in prof and "| attention |" in prof
+    assert "| shapes (to, from) | calls | ms |" in prof
     assert paths["csv"].endswith("bench_train_cpu.csv")
 
 
@@ -392,6 +393,14 @@ def test_profile_categories():
     assert sum(r["ms"] for r in rows[:-1]) == pytest.approx(by["total"]["ms"])
     assert sum(r["%"] for r in rows[:-1]) == pytest.approx(100.0)
     assert [r["ms"] for r in rows[:-1]] == sorted((r["ms"] for r in rows[:-1]), reverse=True)
+    # The copies by shape: a cast of a (3, 5) tensor twice, a (7,) copy once
+    x, y = torch.randn(3, 5), torch.zeros(7)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        x.to(torch.float64), x.to(torch.float16), y.copy_(torch.ones(7))
+    rows = bench.copies_by_shape(prof.key_averages(group_by_input_shape=True),
+                                 torch.device("cpu"))
+    assert sorted((r["shapes"], r["calls"]) for r in rows) == [("3x5 <- 3x5", 2), ("7 <- 7", 1)]
+    assert all(r["ms"] >= 0 for r in rows)
 
 
 def test_harness_kernel_time():
