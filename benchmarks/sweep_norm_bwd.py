@@ -46,8 +46,12 @@ SHAPES = {
 SMALL_SHAPES = [("layer_norm", 37, 96, torch.bfloat16, torch.float32),
                 ("rms_norm", 21, 96, torch.float32, None)]
 ROWS = (1, 2, 4, 8, 16)
-WARPS = (4, 8, 16)
+# One or two warps a program: a row's reductions stay inside a warp (Triton spreads a [ROWS,
+# BLOCK] tile's warps along the row, so with more warps each reduction crosses them through
+# shared memory); such small programs need more of them on an SM to keep enough bytes in flight.
+WARPS = (1, 2, 4, 8, 16)
 PER_SM = (2, 4, 8)
+PER_SM_SMALL = (8, 16, 32)  # for programs of one or two warps
 
 
 def candidates(N):
@@ -63,7 +67,7 @@ def candidates(N):
             # prefetched next tile spills (tests/test_triton_compile.py's table).
             if not 1 <= per_thread <= 32:
                 continue
-            for per_sm in PER_SM:
+            for per_sm in (PER_SM_SMALL if warps <= 2 else PER_SM):
                 out.append((rows, warps, per_sm))
     return list(dict.fromkeys(out))
 
