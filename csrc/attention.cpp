@@ -893,9 +893,10 @@ at::Tensor decode_attention_fwd(const at::Tensor& q, const at::Tensor& k_cache,
     c10::cuda::CUDAGuard guard(q.device());
     int dev = q.device().index(), sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    // Flash-decoding: enough key splits that B * Hkv * splits fills the GPU twice over, each
-    // split at least 256 keys so the combine stays cheap.
-    const int64_t want = std::max<int64_t>(1, (2 * sms + g.B * g.Hkv - 1) / (g.B * g.Hkv));
+    // Flash-decoding: enough key splits for 8 blocks an SM (B * Hkv * splits blocks of 4
+    // warps): the split kernel is bound by memory latency, so the loads it keeps in flight,
+    // its warps, set its bandwidth; each split at least 256 keys so the combine stays cheap.
+    const int64_t want = std::max<int64_t>(1, (8 * sms + g.B * g.Hkv - 1) / (g.B * g.Hkv));
     const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(want, (g.S + 255) / 256));
     const int64_t split_len = (g.S + nsplit - 1) / nsplit;
     auto o_part = at::empty({g.B, g.Hq, nsplit, g.D}, q.options().dtype(at::kFloat));

@@ -297,9 +297,9 @@ def test_forward_then_backward_chain(cuda_emu):
 
 # ---- decode (flash-decoding) ----------------------------------------------------------------------
 def _rule_nsplit(Bn, Hkv, S, sms=H100_SMS):
-    """decode_attention_fwd's choice: enough splits to fill the GPU twice over, each at least 256
-    keys; split_len = ceil(S / nsplit)."""
-    want = max(1, (2 * sms + Bn * Hkv - 1) // (Bn * Hkv))
+    """decode_attention_fwd's choice: enough splits for 8 blocks an SM, each at least 256 keys;
+    split_len = ceil(S / nsplit)."""
+    want = max(1, (8 * sms + Bn * Hkv - 1) // (Bn * Hkv))
     nsplit = max(1, min(want, (S + 255) // 256))
     return nsplit, (S + nsplit - 1) // nsplit
 
@@ -402,7 +402,8 @@ def test_decode_cases_reach_several_splits_by_the_rule():
         rules[case.id] = (_rule_nsplit(Bn, Hkv, S), lens)
     assert rules["S600-D64-gqa3"] == ((3, 200), [600, 150])  # splits 1 and 2 of seq 1 empty
     assert rules["S300-D128"][0] == (2, 150)
-    assert _rule_nsplit(132, 4, 4096) == (1, 4096)  # B * Hkv alone fills the GPU twice
+    assert _rule_nsplit(264, 4, 4096) == (1, 4096)  # B * Hkv alone: 8 blocks an SM
+    assert _rule_nsplit(4, 8, 65536) == (33, 1986)  # the decode bench's 64k cache
 
 
 def test_decode_lengths_past_cache_and_zero(cuda_emu):
