@@ -213,6 +213,64 @@ __device__ __forceinline__ void mma_stage(T* dst, const T* __restrict__ src, int
   }
 }
 
+// The A fragment (16 rows from `row`, k-step kk) of a staged tile with pitch LDS.
+template <typename T, int LDS>
+__device__ __forceinline__ void mma_a_frag(uint32_t (&a)[4], const T* tile, int row, int kk,
+                                           int tc) {
+  const T* p = tile + row * LDS + kk * 16 + 2 * tc;
+  a[0] = ld32(p);
+  a[1] = ld32(p + 8 * LDS);
+  a[2] = ld32(p + 8);
+  a[3] = ld32(p + 8 * LDS + 8);
+}
+
+// B fragment of B[k][n] = tile[n][k] (a product with a staged tile transposed): adjacent k.
+template <typename T, int LDS>
+__device__ __forceinline__ void mma_bt_frag(uint32_t (&b)[2], const T* tile, int n0, int kk,
+                                            int gr, int tc) {
+  const T* p = tile + (n0 + gr) * LDS + kk * 16 + 2 * tc;
+  b[0] = ld32(p);
+  b[1] = ld32(p + 8);
+}
+
+// B fragment of B[k][n] = tile[k][n] (a staged tile as it is): k runs down rows.
+template <typename T, int LDS>
+__device__ __forceinline__ void mma_b_frag(uint32_t (&b)[2], const T* tile, int k0, int n0,
+                                           int gr, int tc) {
+  const T* p = tile + (k0 + 2 * tc) * LDS + n0 + gr;
+  b[0] = bits16(p[0]) | (bits16(p[LDS]) << 16);
+  b[1] = bits16(p[8 * LDS]) | (bits16(p[9 * LDS]) << 16);
+}
+
+// An accumulator pair of n-tiles (2 kj, 2 kj + 1) as the A fragment for k-step kj.
+template <typename T>
+__device__ __forceinline__ void acc_as_a(uint32_t (&a)[4], const float (&lo)[4],
+                                         const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+// acc += P tile: the warp's 16 x (NT * 8) score-shaped accumulators `sc` (P, dS, P^T or dS^T)
+// as A operands, k-step kj from n-tiles 2 kj and 2 kj + 1, times the staged tile's first NT * 8
+// rows (the k dimension) and DT * 8 columns: O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
+template <typename T, int LDS, int NT, int DT>
+__device__ __forceinline__ void mma_acc_tile(float (&acc)[DT][4], const float (&sc)[NT][4],
+                                             const T* tile, int gr, int tc) {
+#pragma unroll
+  for (int kj = 0; kj < NT / 2; ++kj) {
+    uint32_t a[4];
+    acc_as_a<T>(a, sc[2 * kj], sc[2 * kj + 1]);
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      uint32_t b[2];
+      mma_b_frag<T, LDS>(b, tile, kj * 16, d * 8, gr, tc);
+      mma_16816<T>(acc[d], a, b);
+    }
+  }
+}
+
 // A warp's accumulator (16 rows x DT n-tiles, this lane's rows `row[0]`, `row[1]` of `n`) into
 // the contiguous (n, D) matrix `out`, row r's values times mul[r].
 template <typename T, int DT>
@@ -251,14 +309,9 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
   mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
   __syncthreads();
   const int r0 = warp * 16 + gr;  // this lane's rows of the block: r0 and r0 + 8
-  uint32_t qf[KD][4];
+  uint32_t qf[KD][4];  // Q's fragments stay in registers for the whole walk
 #pragma unroll
-  for (int kk = 0; kk < KD; ++kk) {
-    qf[kk][0] = ld32(Qs + r0 * LDS + kk * 16 + 2 * tc);
-    qf[kk][1] = ld32(Qs + (r0 + 8) * LDS + kk * 16 + 2 * tc);
-    qf[kk][2] = ld32(Qs + r0 * LDS + kk * 16 + 8 + 2 * tc);
-    qf[kk][3] = ld32(Qs + (r0 + 8) * LDS + kk * 16 + 8 + 2 * tc);
-  }
+  for (int kk = 0; kk < KD; ++kk) mma_a_frag<T, LDS>(qf[kk], Qs, r0, kk, tc);
   float o[DT][4];
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
@@ -272,15 +325,14 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
     mma_stage<T, DP, MMA_BN>(Ks, kb, g.ks, j0, g.S, D, vec);
     mma_stage<T, DP, MMA_BN>(Vs, vb, g.vs, j0, g.S, D, vec);
     __syncthreads();
-    // S = Q K^T: B[kd][key] = K[key][kd], so b's two elements are adjacent in a K row.
-    float s[NT][4];
+    float s[NT][4];  // S = Q K^T
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const T* kr = Ks + (nt * 8 + gr) * LDS + 2 * tc;
 #pragma unroll
       for (int kk = 0; kk < KD; ++kk) {
-        const uint32_t bf[2] = {ld32(kr + kk * 16), ld32(kr + kk * 16 + 8)};
+        uint32_t bf[2];
+        mma_bt_frag<T, LDS>(bf, Ks, nt * 8, kk, gr, tc);
         mma_16816<T>(s[nt], qf[kk], bf);
       }
     }
@@ -326,23 +378,7 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
       o[dt][2] *= alpha[1];
       o[dt][3] *= alpha[1];
     }
-    // O += P V: P's A fragment for keys 16kj.. is S's accumulators of tiles 2kj and 2kj + 1;
-    // B[key][d] = V[key][d], so b's two elements are in adjacent V rows.
-#pragma unroll
-    for (int kj = 0; kj < MMA_BN / 16; ++kj) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kj][0], s[2 * kj][1]),
-                              pack2<T>(s[2 * kj][2], s[2 * kj][3]),
-                              pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]),
-                              pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3])};
-      const T* vr = Vs + (kj * 16 + 2 * tc) * LDS + gr;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const T* vc = vr + dt * 8;
-        const uint32_t bf[2] = {bits16(vc[0]) | (bits16(vc[LDS]) << 16),
-                                bits16(vc[8 * LDS]) | (bits16(vc[9 * LDS]) << 16)};
-        mma_16816<T>(o[dt], pa, bf);
-      }
-    }
+    mma_acc_tile<T, LDS, NT, DT>(o, s, Vs, gr, tc);  // O += P V, P straight from S's registers
   }
   const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
   store_acc<T, DT>(out + bh * g.T * g.D, o, rows, inv, g.T, D, tc);
@@ -361,45 +397,6 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
 // layout of the A operand of dV += P^T dO and dK += dS^T Q, as P does in the forward.
 // Operands are read as fragments from the staged tiles (one k-step at a time), keeping
 // registers for the accumulators.
-
-// The A fragment (16 rows from `row`, k-step kk) of a staged tile with pitch LDS.
-template <typename T, int LDS>
-__device__ __forceinline__ void mma_a_frag(uint32_t (&a)[4], const T* tile, int row, int kk,
-                                           int tc) {
-  const T* p = tile + row * LDS + kk * 16 + 2 * tc;
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * LDS);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * LDS + 8);
-}
-
-// B fragment of B[k][n] = tile[n][k] (a product with a staged tile transposed): adjacent k.
-template <typename T, int LDS>
-__device__ __forceinline__ void mma_bt_frag(uint32_t (&b)[2], const T* tile, int n0, int kk,
-                                            int gr, int tc) {
-  const T* p = tile + (n0 + gr) * LDS + kk * 16 + 2 * tc;
-  b[0] = ld32(p);
-  b[1] = ld32(p + 8);
-}
-
-// B fragment of B[k][n] = tile[k][n] (a staged tile as it is): k runs down rows.
-template <typename T, int LDS>
-__device__ __forceinline__ void mma_b_frag(uint32_t (&b)[2], const T* tile, int k0, int n0,
-                                           int gr, int tc) {
-  const T* p = tile + (k0 + 2 * tc) * LDS + n0 + gr;
-  b[0] = bits16(p[0]) | (bits16(p[LDS]) << 16);
-  b[1] = bits16(p[8 * LDS]) | (bits16(p[9 * LDS]) << 16);
-}
-
-// An accumulator pair of n-tiles (2 kj, 2 kj + 1) as the A fragment for k-step kj.
-template <typename T>
-__device__ __forceinline__ void acc_as_a(uint32_t (&a)[4], const float (&lo)[4],
-                                         const float (&hi)[4]) {
-  a[0] = pack2<T>(lo[0], lo[1]);
-  a[1] = pack2<T>(lo[2], lo[3]);
-  a[2] = pack2<T>(hi[0], hi[1]);
-  a[3] = pack2<T>(hi[2], hi[3]);
-}
 
 // c1 = A1 B1^T and c2 = A2 B2^T, for the warp's 16 rows of staged tiles A1 and A2 (from
 // `row`) against the NT * 8 rows of staged tiles B1 and B2, over KD k-steps: the backward's two
@@ -477,17 +474,7 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
                                                     : 0.f;
         s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);  // dS
       }
-#pragma unroll
-    for (int kj = 0; kj < MMA_BN / 16; ++kj) {
-      uint32_t a[4];
-      acc_as_a<T>(a, s[2 * kj], s[2 * kj + 1]);
-#pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        uint32_t bk[2];
-        mma_b_frag<T, LDS>(bk, Ks, kj * 16, d * 8, gr, tc);
-        mma_16816<T>(acc[d], a, bk);
-      }
-    }
+    mma_acc_tile<T, LDS, NT, DT>(acc, s, Ks, gr, tc);  // dQ += dS K
   }
   const float mul[2] = {scale, scale};
   store_acc<T, DT>(dq + bh * g.T * g.D, acc, rows, mul, g.T, D, tc);
@@ -550,20 +537,8 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
           st[nt][e] = p;                          // P^T
           dpt[nt][e] = p * (dpt[nt][e] - dls[qc]);  // dS^T
         }
-#pragma unroll
-      for (int kj = 0; kj < BQ / 16; ++kj) {
-        uint32_t pa[4], sa[4];
-        acc_as_a<T>(pa, st[2 * kj], st[2 * kj + 1]);
-        acc_as_a<T>(sa, dpt[2 * kj], dpt[2 * kj + 1]);
-#pragma unroll
-        for (int d = 0; d < DT; ++d) {
-          uint32_t bo[2], bq[2];
-          mma_b_frag<T, LDS>(bo, dOs, kj * 16, d * 8, gr, tc);
-          mma_b_frag<T, LDS>(bq, Qs, kj * 16, d * 8, gr, tc);
-          mma_16816<T>(adv[d], pa, bo);
-          mma_16816<T>(adk[d], sa, bq);
-        }
-      }
+      mma_acc_tile<T, LDS, NT, DT>(adv, st, dOs, gr, tc);   // dV += P^T dO
+      mma_acc_tile<T, LDS, NT, DT>(adk, dpt, Qs, gr, tc);   // dK += dS^T Q
     }
   }
   const float mk[2] = {scale, scale}, mv[2] = {1.f, 1.f};
