@@ -530,10 +530,12 @@ def test_training_step_makes_no_fills_per_layer(mk, backend, monkeypatch):
     if backend == "triton" and TRITON_REFUSED:
         pytest.skip(TRITON_REFUSED)
     monkeypatch.setenv("MINIGPT_BACKEND", backend)
-    idx, targets = torch.randint(0, V, (2, 11)), torch.randint(0, V, (2, 11))
+    # Triton compiled on a GPU machine (its interpreter runs only where there is none)
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    idx, targets = (torch.randint(0, V, (2, 11), device=dev) for _ in range(2))
     fills = []
     for n_layer in (1, 3):
-        m = make_model(mk(n_layer=n_layer)).train()
+        m = make_model(mk(n_layer=n_layer)).to(dev).train()
         count = _Fills()
         with count:
             _, loss = m(idx, targets=targets)
