@@ -625,7 +625,7 @@ PROFILE_CATEGORIES = (
                           "contiguous")),
     ("optimizer and clipping", ("multi_tensor_apply", "adam", "foreach", "clip_grad",
                                 "norm_kernel", "lpnorm")),
-    ("reductions (bias grads)", ("reduce_kernel", "aten::sum")),
+    ("reductions (bias grads, norm partials)", ("reduce_kernel", "aten::sum")),
     ("embedding", ("embedding", "index", "scatter", "gather")),
     ("fills", ("memset", "fill", "zero")),
     ("other elementwise", ("elementwise", "aten::add", "aten::mul", "aten::div")),

@@ -355,7 +355,7 @@ def test_profile_categories():
             "cross entropy / lm head",
         "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16, "
         "at::native::func_wrapper_t<float, at::native::sum_functor<...>>>>":
-            "reductions (bias grads)",
+            "reductions (bias grads, norm partials)",
         "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl("
         "at::TensorIteratorBase&, at::native::GeluType)::{lambda(c10::BFloat16)#1}>":
             "GELU / SwiGLU",
@@ -371,7 +371,8 @@ def test_profile_categories():
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>":
             "other elementwise",
         "aten::addmm": "GEMM", "_EagerLayerNormBackward": "layer/rms norm",
-        "Optimizer.step#AdamW.step": "optimizer and clipping", "aten::sum": "reductions (bias grads)",
+        "Optimizer.step#AdamW.step": "optimizer and clipping",
+        "aten::sum": "reductions (bias grads, norm partials)",
         "some_new_kernel": "other",
     }
     assert {n: bench.profile_category(n) for n in cases} == cases
@@ -387,7 +388,7 @@ def test_profile_categories():
     by = {r["category"]: r for r in rows}
     assert rows[-1]["category"] == "total"
     assert by["GEMM"]["calls"] >= 3 and by["GEMM"]["ms"] > 0
-    assert by["reductions (bias grads)"]["calls"] >= 3
+    assert by["reductions (bias grads, norm partials)"]["calls"] >= 3
     total = sum(e.self_cpu_time_total for e in prof.events() if e.device_type == DeviceType.CPU)
     assert by["total"]["ms"] == pytest.approx(total / 1e3)
     assert sum(r["ms"] for r in rows[:-1]) == pytest.approx(by["total"]["ms"])
