@@ -291,6 +291,27 @@ __device__ __forceinline__ void store_acc(T* __restrict__ out, const float (&acc
   }
 }
 
+// This lane's place in a tensor-core block (MMA_WARPS warps of 16 rows each): gr = lane / 4 and
+// tc = lane % 4 as mma_16816's fragment layouts use them, and row, the first of its two rows
+// of the block (row and row + 8).
+struct MmaLane {
+  int gr, tc, row;
+};
+__device__ __forceinline__ MmaLane mma_lane() {
+  const int lane = threadIdx.x & 31;
+  return {lane >> 2, lane & 3, (int)(threadIdx.x >> 5) * 16 + (lane >> 2)};
+}
+
+// A query block of the forward and dQ kernels (grid: B * Hq, then query blocks): its (batch,
+// head) row bh, batch, head, kv head, and first query.
+struct MmaQueryBlock {
+  int64_t bh, b, h, hk, i0;
+};
+__device__ __forceinline__ MmaQueryBlock mma_query_block(const MgAttnGeo& g) {
+  const int64_t bh = blockIdx.x, h = bh % g.Hq;
+  return {bh, bh / g.Hq, h, h / (g.Hq / g.Hkv), (int64_t)blockIdx.y * MMA_BM};
+}
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(MMA_WARPS * 32)
 attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
@@ -302,13 +323,11 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
   T* Qs = reinterpret_cast<T*>(mma_smem);
   T* Ks = Qs + MMA_BM * LDS;
   T* Vs = Ks + MMA_BN * LDS;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+  const auto [gr, tc, r0] = mma_lane();  // this lane's rows of the block: r0 and r0 + 8
+  const auto [bh, b, h, hk, i0] = mma_query_block(g);
   const int D = (int)g.D;
-  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
-  const int64_t i0 = (int64_t)blockIdx.y * MMA_BM;
   mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
   __syncthreads();
-  const int r0 = warp * 16 + gr;  // this lane's rows of the block: r0 and r0 + 8
   uint32_t qf[KD][4];  // Q's fragments stay in registers for the whole walk
 #pragma unroll
   for (int kk = 0; kk < KD; ++kk) mma_a_frag<T, LDS>(qf[kk], Qs, r0, kk, tc);
@@ -438,13 +457,11 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
   T* dOs = Qs + MMA_BM * LDS;
   T* Ks = dOs + MMA_BM * LDS;
   T* Vs = Ks + MMA_BN * LDS;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+  const auto [gr, tc, r0] = mma_lane();
+  const auto [bh, b, h, hk, i0] = mma_query_block(g);
   const int D = (int)g.D;
-  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
-  const int64_t i0 = (int64_t)blockIdx.y * MMA_BM;
   mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
   mma_stage<T, DP, MMA_BM>(dOs, dout + b * db + h * dh, dt, i0, g.T, D, vec);
-  const int r0 = warp * 16 + gr;
   const int64_t rows[2] = {i0 + r0, i0 + r0 + 8};
   float lse2[2], dl[2];
 #pragma unroll
@@ -495,13 +512,12 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
   T* dOs = Qs + BQ * LDS;
   float* lse2s = reinterpret_cast<float*>(dOs + BQ * LDS);
   float* dls = lse2s + BQ;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+  const auto [gr, tc, c0] = mma_lane();  // this lane's keys of the block: c0 and c0 + 8
   const int D = (int)g.D;
   const int64_t bh = blockIdx.x, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
   const int64_t j0 = (int64_t)blockIdx.y * MMA_BN;
   mma_stage<T, DP, MMA_BN>(Ks, k + b * g.kb + hk * g.kh, g.ks, j0, g.S, D, vec);
   mma_stage<T, DP, MMA_BN>(Vs, v + b * g.vb + hk * g.vh, g.vs, j0, g.S, D, vec);
-  const int c0 = warp * 16 + gr;  // this lane's keys of the block: c0 and c0 + 8
   const int64_t keys[2] = {j0 + c0, j0 + c0 + 8};
   float adk[DT][4], adv[DT][4];
 #pragma unroll
