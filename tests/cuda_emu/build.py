@@ -121,13 +121,12 @@ class Emulator:
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = types, ctypes.c_int
         self.lib.minigpt_emu_message.restype = ctypes.c_char_p
-        self.lib.minigpt_emu_last_grid.restype = ctypes.c_uint
-        self.lib.minigpt_emu_last_smem.restype = ctypes.c_size_t
         self.lib.minigpt_emu_launch_field.restype = ctypes.c_size_t
 
     def last_launch(self):
-        """(grid.x, dynamic shared memory bytes) of the last kernel launched."""
-        return int(self.lib.minigpt_emu_last_grid()), int(self.lib.minigpt_emu_last_smem())
+        """(grid.x, dynamic shared memory bytes) of the last kernel the last call launched."""
+        grid_x, _, _, _, smem = self.launches()[-1]
+        return grid_x, smem
 
     def launches(self):
         """[(grid.x, grid.y, grid.z, threads a block, dynamic shared memory bytes)] of every

@@ -239,8 +239,6 @@ bool run_block(int n, bool last_warp_first) {
 
 // Set by the UBSan alignment handler below; checked after every block.
 std::string misaligned;
-unsigned last_grid = 0;
-size_t last_smem = 0;
 // Every launch since the last minigpt_emu_clear: grid x, y, z, threads a block, shared memory.
 std::vector<std::array<size_t, 5>> launches;
 
@@ -262,8 +260,6 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
                                            " bytes of dynamic shared memory; the kernel allows " +
                                            std::to_string(limit));
   ensure_fibers((int)n);
-  last_grid = grid.x;
-  last_smem = smem;
   launches.push_back({grid.x, grid.y, grid.z, (size_t)n, smem});
   dyn_smem.assign(smem, 0xff);
   blockDim = block;
@@ -365,9 +361,6 @@ extern "C" void __ubsan_handle_type_mismatch_v1(UbsanTypeMismatch* d, uintptr_t 
 
 // For the Python side: why the last launch failed (empty when it did not).
 extern "C" const char* minigpt_emu_message() { return emu::message.c_str(); }
-// The last launch's grid.x and dynamic shared memory: which kernel shape a launcher chose.
-extern "C" unsigned minigpt_emu_last_grid() { return emu::last_grid; }
-extern "C" size_t minigpt_emu_last_smem() { return emu::last_smem; }
 // The launches of the last call, one field at a time (see emu::launches).
 extern "C" int minigpt_emu_launch_count() { return (int)emu::launches.size(); }
 extern "C" size_t minigpt_emu_launch_field(int i, int field) { return emu::launches[i][field]; }
