@@ -110,8 +110,11 @@ def check(op, args, config, want):
     got = runner(op, args, config)()
     for a, b in zip(got, want):
         if a.numel() or b.numel():
-            # dx: the same per-row arithmetic; dweight/dbias: sums over rows in another order.
-            torch.testing.assert_close(a.float(), b.float(), rtol=2e-5, atol=2e-4)
+            # dx: the same per-row arithmetic, rounded to its dtype (bf16 dx may differ by one
+            # ulp when a launch shape reduces c1/c2 in another order); dweight/dbias: fp32
+            # sums over rows in another order.
+            tol = {} if a.dtype in (torch.bfloat16, torch.float16) else dict(rtol=2e-5, atol=2e-4)
+            torch.testing.assert_close(a, b, **tol)
 
 
 WRITE_MIN_GAIN = 1.05
