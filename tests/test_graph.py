@@ -113,8 +113,10 @@ def test_graphed_steps_match_eager_steps(be, monkeypatch):
 def test_graphed_step_refuses_another_batch_shape():
     m = _model("cuda")
     opt = m.configure_optimizers(0.1, 1e-3, device_type="cuda", capturable=True)
-    batches = [tuple(torch.randint(0, 61, (2, 16)).cuda() for _ in range(2)) for _ in range(2)]
-    _, g = _steps(m, opt, batches, True, [1e-3, 1e-3])
+    # Two warm-up steps, then the capture: the third batch is the one the graph holds.
+    batches = [tuple(torch.randint(0, 61, (2, 16)).cuda() for _ in range(2)) for _ in range(3)]
+    _, g = _steps(m, opt, batches, True, [1e-3] * 3)
+    assert g.graph is not None
     with pytest.raises(ValueError, match="shapes and dtypes"):
         g(*(torch.randint(0, 61, (3, 16)).cuda() for _ in range(2)))
 
