@@ -1,7 +1,8 @@
 // Cross-entropy over rows of logits: C++ CPU kernel, and the entry point that hands CUDA tensors
 // to csrc/cross_entropy_cuda.cu. Called from minigpt/ops/cross_entropy.py, which has already checked
-// shapes, dtypes and that every target is ignore_index or in [0, V); the TORCH_CHECKs here guard
-// the raw-pointer code itself.
+// shapes, dtypes and, where it may read them on the host, that every target is ignore_index or
+// in [0, V); the TORCH_CHECKs here guard the raw-pointer code itself. Where it may not (no host
+// syncs), a CPU row with such a target is counted and returned; CUDA rows get a NaN loss.
 //
 // Per row i with target t (label smoothing e):
 //   loss_i = lse - (1 - e) x_t - (e / V) sum_j x_j,          lse = log sum_j exp(x_j)
@@ -30,7 +31,7 @@ constexpr int64_t kCeBlock = 512;  // columns per online-logsumexp step: fits L1
 
 template <typename T>
 void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at::Tensor& loss,
-                int64_t ignore_index, double label_smoothing, double grad_scale, std::atomic<bool>* bad) {
+                int64_t ignore_index, double label_smoothing, double grad_scale, std::atomic<int64_t>* bad) {
   using A = acc_t<T>;
   const int64_t M = logits.size(0), V = logits.size(1);
   const T* xp = logits.data_ptr<T>();
@@ -52,7 +53,7 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
         continue;
       }
       if (t < 0 || t >= V) {  // the Python side checks first; never read out of bounds
-        bad->store(true, std::memory_order_relaxed);
+        bad->fetch_add(1, std::memory_order_relaxed);
         lp[i] = std::numeric_limits<A>::quiet_NaN();
         if (g) std::fill(g, g + V, static_cast<T>(0));
         continue;
@@ -99,9 +100,11 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
 
 }  // namespace
 
-at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
-                             const std::optional<at::Tensor>& grad, int64_t ignore_index,
-                             double label_smoothing, double grad_scale) {
+std::tuple<at::Tensor, int64_t> cross_entropy_fwd(const at::Tensor& logits,
+                                                   const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& grad,
+                                                   int64_t ignore_index, double label_smoothing,
+                                                   double grad_scale) {
   check_2d_contig(logits, "logits");
   const int64_t M = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V > 0, "minigpt: cross_entropy needs a non-empty class dimension");
@@ -113,6 +116,7 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
   if (grad) check_like(*grad, logits, "grad");
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({M}, logits.options().dtype(acc));
+  int64_t bad_rows = 0;  // the CUDA kernel gives such rows a NaN loss instead (no sync)
   if (logits.is_cuda()) {
 #ifdef WITH_CUDA
     c10::cuda::CUDAGuard guard(logits.device());
@@ -129,7 +133,7 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
   } else {
     TORCH_CHECK(logits.device().is_cpu(), "minigpt: cross_entropy got a tensor on ",
                 logits.device());
-    std::atomic<bool> bad{false};
+    std::atomic<int64_t> bad{0};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                     "cross_entropy_fwd", [&] {
                                       ce_fwd_cpu<scalar_t>(
@@ -137,10 +141,11 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
                                           grad ? grad->data_ptr<scalar_t>() : nullptr, loss,
                                           ignore_index, label_smoothing, grad_scale, &bad);
                                     });
-    TORCH_CHECK(!bad.load(), "minigpt: cross_entropy got a target outside [0, ", V,
-                ") that is not ignore_index");
+    // Counted, not thrown: the caller raises a ValueError. A C++ exception out of the
+    // extension built on the H100 image (its /opt/gcc g++) ended the process with SIGSEGV.
+    bad_rows = bad.load();
   }
-  return loss;
+  return {loss, bad_rows};
 }
 
 }  // namespace minigpt

@@ -40,11 +40,14 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                    const at::Tensor& up);
 
-// cross_entropy.cpp -> per-row loss (rows,) in the accumulation dtype; with `grad` (may be
-// logits itself) also writes grad_scale * dloss_i/dlogits into it.
-at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
-                             const std::optional<at::Tensor>& grad, int64_t ignore_index,
-                             double label_smoothing, double grad_scale);
+// cross_entropy.cpp -> (per-row loss (rows,) in the accumulation dtype, the number of CPU rows
+// whose target is outside [0, V) and not ignore_index: their loss is NaN, for the caller to
+// raise on); with `grad` (may be logits itself) also writes grad_scale * dloss_i/dlogits.
+std::tuple<at::Tensor, int64_t> cross_entropy_fwd(const at::Tensor& logits,
+                                                   const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& grad,
+                                                   int64_t ignore_index, double label_smoothing,
+                                                   double grad_scale);
 
 // attention.cpp -> {out, lse} / {dq, dk, dv} / out. q (B, Hq, T, D), k, v (B, Hkv, S, D), any
 // batch/head/sequence strides with a unit last stride; lse (B, Hq, T) in the accumulation dtype.

@@ -208,8 +208,13 @@ def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_sca
         return k.cross_entropy_fwd(logits, target, grad, ignore_index, label_smoothing, grad_scale)
     if backend == "torch":
         return _torch_rows(logits, target, grad, ignore_index, label_smoothing, grad_scale)
-    return _backend.extension().cross_entropy_fwd(logits, target, grad, ignore_index,
-                                                  label_smoothing, grad_scale)
+    rows, bad = _backend.extension().cross_entropy_fwd(logits, target, grad, ignore_index,
+                                                       label_smoothing, grad_scale)
+    if bad:  # CPU rows only (a count, not a tensor: no sync); the CUDA kernel gives them NaN
+        raise ValueError(f"cross_entropy: {bad} target(s) out of range: each target must be in "
+                         f"[0, {logits.shape[1]}) (the number of classes) or equal ignore_index "
+                         f"({ignore_index})")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
