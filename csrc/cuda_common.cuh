@@ -114,19 +114,24 @@ __device__ __forceinline__ void load_pack(const T* __restrict__ p, float* v) {
   unpack<T>(load_raw(p), v);
 }
 
+// A pack's values rounded to T, as the 16 bytes a store writes (unpack's inverse).
 template <typename T>
-__device__ __forceinline__ void store_pack(T* __restrict__ p, const float* v) {
-  uint4* dst = reinterpret_cast<uint4*>(p);
+__device__ __forceinline__ uint4 pack(const float* v) {
   if constexpr (sizeof(T) == 4) {
-    *dst = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
                       __float_as_uint(v[3]));
   } else {
     uint32_t w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       w[i] = bits16(from_f<T>(v[2 * i])) | (bits16(from_f<T>(v[2 * i + 1])) << 16);
-    *dst = make_uint4(w[0], w[1], w[2], w[3]);
+    return make_uint4(w[0], w[1], w[2], w[3]);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, const float* v) {
+  *reinterpret_cast<uint4*>(p) = pack<T>(v);
 }
 
 // n fp32 values (n a multiple of 4) as float4s: the weights that go with one pack.

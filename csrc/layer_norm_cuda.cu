@@ -104,42 +104,75 @@ __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh
   }
 }
 
-// Forward, vectorized: thread t owns packs t, t + blockDim, ... (VPT of them) of row `row`.
-// w and b may point to global or (the persistent kernel) shared memory.
-template <typename T, int VPT>
-__device__ __forceinline__ void ln_fwd_vec_row(const T* __restrict__ x, const T* __restrict__ r,
-                                               const float* w, const float* b, T* __restrict__ y,
-                                               T* __restrict__ h, float* __restrict__ mean_out,
-                                               float* __restrict__ rstd_out, int64_t row,
-                                               int64_t N, float eps, float* shm) {
+// Forward, vectorized. Thread t owns packs t, t + blockDim, ... (VPT of them) of a row, and
+// holds them as loaded (RowPacks): 8 bf16 values in 4 registers, not 8. Held as floats, a bf16
+// row of 8192 took 56 registers a thread at 512 threads: two blocks an SM, so two 16 KB rows in
+// flight, which reached 81% of the H100's copy bandwidth where fp32 rows (two 32 KB rows an SM)
+// reached 101%. The load is its own step so that the persistent kernel can issue the next
+// row's before this row's reductions wait on their barriers.
+template <typename T, int VPT, bool RES>
+struct RowPacks {
+  uint4 x[VPT];
+  uint4 r[RES ? VPT : 1];  // the residual's packs (unused without one)
+};
+
+template <typename T, int VPT, bool RES>
+__device__ __forceinline__ void ln_fwd_load(const T* __restrict__ x, const T* __restrict__ r,
+                                            int64_t row, int64_t N, RowPacks<T, VPT, RES>& p) {
   constexpr int V = Pack<T>::kN;
   const int64_t base = row * N;
-  float v[VPT][V];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+    if (q * V >= N) continue;
+    p.x[k] = load_raw(at16(x + base, q));
+    if constexpr (RES) p.r[k] = load_raw(at16(r + base, q));
+  }
+}
+
+// One row from its loaded packs. w and b may point to global or (the persistent kernel) shared
+// memory.
+template <typename T, int VPT, bool RES>
+__device__ __forceinline__ void ln_fwd_row(const RowPacks<T, VPT, RES>& p, const float* w,
+                                           const float* b, T* __restrict__ y,
+                                           T* __restrict__ h, float* __restrict__ mean_out,
+                                           float* __restrict__ rstd_out, int64_t row, int64_t N,
+                                           float eps, float* shm) {
+  constexpr int V = Pack<T>::kN;
+  const int64_t base = row * N;
+  uint4 hv[VPT];  // what is normalized: x, or h = x + r as stored (rounded to T)
   float sum = 0.f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-    if (j >= N) continue;
-    load_pack(at16(x + base, q), v[k]);
-    if (r) {
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+    if (q * V >= N) continue;
+    float v[V];
+    if constexpr (RES) {
       float rv[V];
-      load_pack(at16(r + base, q), rv);
+      unpack<T>(p.x[k], v);
+      unpack<T>(p.r[k], rv);
 #pragma unroll
-      for (int i = 0; i < V; ++i) v[k][i] = to_f(from_f<T>(v[k][i] + rv[i]));  // h as stored
-      store_pack(at16(h + base, q), v[k]);
+      for (int i = 0; i < V; ++i) v[i] += rv[i];
+      hv[k] = pack<T>(v);
+      *reinterpret_cast<uint4*>(at16(h + base, q)) = hv[k];
+    } else {
+      hv[k] = p.x[k];
     }
+    unpack<T>(hv[k], v);
 #pragma unroll
-    for (int i = 0; i < V; ++i) sum += v[k][i];
+    for (int i = 0; i < V; ++i) sum += v[i];
   }
   const float mean = block_sum(sum, shm) / N;
   float var = 0.f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
-    if (j >= N) continue;
+    const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+    if (q * V >= N) continue;
+    float v[V];
+    unpack<T>(hv[k], v);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const float d = v[k][i] - mean;
+      const float d = v[i] - mean;
       var += d * d;
     }
   }
@@ -148,10 +181,11 @@ __device__ __forceinline__ void ln_fwd_vec_row(const T* __restrict__ x, const T*
   for (int k = 0; k < VPT; ++k) {
     const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
     if (j >= N) continue;
-    float wv[V], o[V];
+    float v[V], wv[V], o[V];
+    unpack<T>(hv[k], v);
     load_f32<V>(w + j, wv);
 #pragma unroll
-    for (int i = 0; i < V; ++i) o[i] = (v[k][i] - mean) * rstd * wv[i];
+    for (int i = 0; i < V; ++i) o[i] = (v[i] - mean) * rstd * wv[i];
     if (b) {
       float bv[V];
       load_f32<V>(b + j, bv);
@@ -166,23 +200,25 @@ __device__ __forceinline__ void ln_fwd_vec_row(const T* __restrict__ x, const T*
   }
 }
 
-template <typename T, int VPT>
+template <typename T, int VPT, bool RES>
 __global__ void __launch_bounds__(1024)
 ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
                   const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
                   float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N,
                   float eps) {
   __shared__ float shm[32];
-  ln_fwd_vec_row<T, VPT>(x, r, w, b, y, h, mean_out, rstd_out, blockIdx.x, N, eps, shm);
+  RowPacks<T, VPT, RES> p;
+  ln_fwd_load(x, r, blockIdx.x, N, p);
+  ln_fwd_row(p, w, b, y, h, mean_out, rstd_out, blockIdx.x, N, eps, shm);
 }
 
 // Forward, vectorized and persistent, for 16-bit rows: as many blocks as fit on the GPU at
 // once, each looping over rows blockIdx.x, + gridDim.x, ...; the fp32 weight and bias go to
-// shared memory once per block instead of coming from L2 with every row. A bf16 row of 8192
-// moves 32 KB through HBM (x in, y out) while ln_fwd_vec_kernel re-reads 64 KB of w and b
-// from L2 with it: 81% of copy bandwidth on an H100 (benchmarks/results/ops_cuda-h100.md),
-// where add + LayerNorm (twice the row bytes, the same w and b) reached 96%.
-template <typename T, int VPT>
+// shared memory once per block instead of coming from L2 with every row (a bf16 row of 8192
+// moves 32 KB through HBM, x in and y out, and would re-read 64 KB of w and b from L2), and
+// each row's packs are loaded while the previous row is reduced and written, so the loads stay
+// in flight across the reductions' barriers.
+template <typename T, int VPT, bool RES>
 __global__ void __launch_bounds__(1024)
 ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
                       const float* __restrict__ w, const float* __restrict__ b,
@@ -192,14 +228,20 @@ ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
   __shared__ float shm[32];
   const float* sw = reinterpret_cast<const float*>(wb4);
   const float* sb = sw + N;
+  int64_t row = blockIdx.x;
+  RowPacks<T, VPT, RES> cur;
+  if (row < M) ln_fwd_load(x, r, row, N, cur);
   for (int64_t j = threadIdx.x; j < N / 4; j += blockDim.x) {
     wb4[j] = reinterpret_cast<const float4*>(w)[j];
     if (b) wb4[N / 4 + j] = reinterpret_cast<const float4*>(b)[j];
   }
   __syncthreads();
-  for (int64_t row = blockIdx.x; row < M; row += gridDim.x)
-    ln_fwd_vec_row<T, VPT>(x, r, sw, b ? sb : nullptr, y, h, mean_out, rstd_out, row, N, eps,
-                           shm);
+  for (; row < M; row += gridDim.x) {
+    RowPacks<T, VPT, RES> next;
+    if (row + gridDim.x < M) ln_fwd_load(x, r, row + gridDim.x, N, next);
+    ln_fwd_row(cur, sw, b ? sb : nullptr, y, h, mean_out, rstd_out, row, N, eps, shm);
+    cur = next;
+  }
 }
 
 // Sum of (a, b) over the block in one pair of barriers; every thread gets both.
@@ -355,20 +397,24 @@ template <typename T, int VPT>
 void fwd_vec(int threads, const void* x, const void* r, const float* w, const float* b, void* y,
              void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 16) {  // the only instantiations vec_shape picks
-    ln_fwd_vec_kernel<T, VPT><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, b, (T*)y,
-                                                    (T*)h, mean, rstd, N, eps);
+    if (r)
+      ln_fwd_vec_kernel<T, VPT, true><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, b,
+                                                            (T*)y, (T*)h, mean, rstd, N, eps);
+    else
+      ln_fwd_vec_kernel<T, VPT, false><<<M, threads, 0, s>>>((const T*)x, nullptr, w, b, (T*)y,
+                                                             nullptr, mean, rstd, N, eps);
   }
 }
 
 // ln_fwd_persist_kernel where it applies and pays: 16-bit rows, w and b fit in shared memory,
 // and at least two rows per block (with fewer, one row a block fills the GPU as well, without
 // each block's load of w and b). Returns false to leave the row to the other kernels.
-template <typename T, int VPT>
+template <typename T, int VPT, bool RES>
 bool fwd_persist(int threads, const void* x, const void* r, const float* w, const float* b,
                  void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps,
                  cudaStream_t s) {
   if constexpr (sizeof(T) == 2 && VPT * Pack<T>::kN <= 16) {
-    const auto kernel = ln_fwd_persist_kernel<T, VPT>;
+    const auto kernel = ln_fwd_persist_kernel<T, VPT, RES>;
     const size_t smem = (b ? 2 : 1) * (size_t)N * sizeof(float);
     int dev = 0, sms = 0, optin = 0, per_sm = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -399,8 +445,10 @@ void launch_fwd(const void* x, const void* r, const float* w, const float* b, vo
                 float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
   // 16 row values a thread at most: 1024 threads get 64 registers each (rows up to 16384).
   const RowShape sh = vec_shape<T>(N, 1024, 16, {x, r, w, b, y, h});
-  if ((sh.vpt == 1 && fwd_persist<T, 1>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s)) ||
-      (sh.vpt == 2 && fwd_persist<T, 2>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s)))
+  const auto persist = r ? (sh.vpt == 1 ? fwd_persist<T, 1, true> : fwd_persist<T, 2, true>)
+                         : (sh.vpt == 1 ? fwd_persist<T, 1, false> : fwd_persist<T, 2, false>);
+  if ((sh.vpt == 1 || sh.vpt == 2) &&
+      persist(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s))
     return;
   switch (sh.vpt) {
     case 1: fwd_vec<T, 1>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
