@@ -11,7 +11,6 @@ variable ``MINIGPT_BACKEND`` names one. An explicit ``backend=`` argument wins o
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 
@@ -72,14 +71,22 @@ def _version_tuple(v: str) -> tuple:
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
-@functools.lru_cache(maxsize=None)
+_UNSET = object()
+_TRITON = _UNSET
+
+
 def _triton_status() -> str | None:
-    """None if Triton can be used, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not installed ({e}); `pip install triton==3.6.0`"
-    return triton_version_problem()
+    """None if Triton can be used, else why not. (Remembered in a plain global, as _ext: an
+    lru_cache here made torch.compile warn at every compile of a model that calls our ops.)"""
+    global _TRITON
+    if _TRITON is _UNSET:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = triton_version_problem()
+        except ImportError as e:
+            _TRITON = f"triton is not installed ({e}); `pip install triton==3.6.0`"
+    return _TRITON
 
 
 def triton_version_problem() -> str | None:

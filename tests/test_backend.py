@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 def fresh(monkeypatch):
     """Forget cached answers before and after: they depend on what the test patches."""
     def clear():
-        _backend._triton_status.cache_clear()
+        _backend._TRITON = _backend._UNSET
         _backend._RESOLVED.clear()
     clear()
     yield monkeypatch
@@ -112,3 +112,31 @@ def test_host_int_helpers_match_triton():
     for a in range(0, 700):
         for b in (1, 2, 3, 7, 16, 64, 100, 1024):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_compiling_a_triton_op_call_warns_nothing(fresh):
+    """torch.compile traces our dispatch: an lru_cache on its Triton check made Dynamo warn
+    ("a call to a functools.lru_cache-wrapped function") at compiles of code that asks for the
+    Triton backend (seen on the H100, 2026-11-26). With the check's answer not yet known, the
+    trace runs through the check itself."""
+    import warnings
+
+    import torch._dynamo
+    import torch._dynamo.utils
+
+    def f(x):
+        return _backend.resolve("softmax", "triton", x.device, x.dtype)
+
+    x = torch.randn(3)
+    want = f(x)
+    _backend._TRITON = _backend._UNSET
+    _backend._RESOLVED.clear()  # else resolve() answers from its memo, never reaching the check
+    # Dynamo warns once per message and process: forget what earlier tests triggered.
+    fresh.setattr(torch._dynamo.utils, "warn_once_cache", set(), raising=False)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(f, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert got == want == "triton"
+    assert not [str(w.message) for w in caught if "Dynamo" in str(w.message)]
