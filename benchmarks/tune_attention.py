@@ -5,6 +5,8 @@ kernels/attention_tuned.json, which kernels/attention.tiles() reads.
     python benchmarks/tune_attention.py --dtype fp32 --head-dims 64
     python benchmarks/tune_attention.py --dry-run           # measure and report only
     python benchmarks/tune_attention.py --seqlen 512 --kernel-time   # the "/short" entries
+    python benchmarks/tune_attention.py --head-dims 64 --causal yes --batch 16 --heads 12 \
+        --seqlen 1024 --kernels dkdv dq --kernel-time               # GPT-2's training shape
 
 A "point" is one kernel (fwd, dkdv or dq), precision (16-bit or fp32), BLOCK_D and causal
 flag: the key under which attention.tiles() looks tiles up. For each point the script
@@ -13,7 +15,7 @@ flag: the key under which attention.tiles() looks tiles up. For each point the s
      heads on 2 kv heads) against the fp32 reference; a candidate that does not compile
      (Triton's OutOfResources: too much shared memory) or is wrong is dropped and listed;
   2. times the survivors round-robin (benchmarks/_harness.py) at B=2, H=16, T=S=4096 (B*H=32,
-     as bench_attention.py), the forward alone, or the whole backward with the other
+     as bench_attention.py; --batch, --heads, --seqlen change it), the forward alone, or the whole backward with the other
      backward kernel's tiles fixed (dkdv is tuned first, then dq with the dkdv winner);
   3. keeps the fastest.
 bf16 and fp16 use the same tensor-core tiles, so the 16-bit entries are tuned in bf16.
@@ -221,9 +223,13 @@ def main():
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--seqlen", type=int, default=4096,
-                    help="T = S of the timed shape (B = 2, H = 16); one short enough that the "
-                         "table's tiles leave SMs idle (512 on an H100) tunes the points' "
+                    help="T = S of the timed shape; one short enough that the table's tiles "
+                         "leave SMs idle (512 at B * H = 32 on an H100) tunes the points' "
                          "\"/short\" entries, which the launchers use for such grids")
+    ap.add_argument("--batch", type=int, default=2, help="B of the timed shape")
+    ap.add_argument("--heads", type=int, default=16,
+                    help="H of the timed shape (GPT-2 small: --batch 16 --heads 12 --seqlen "
+                         "1024 --head-dims 64, the shape of its training step)")
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
                     help="which kernels to tune (dq is timed with dK/dV's table tiles unless "
                          "dkdv is tuned in the same run)")
@@ -244,7 +250,7 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     causals = {"both": [True, False], "yes": [True], "no": [False]}[args.causal]
     header = H.env_header(device)
-    big = (2, 16, args.seqlen)
+    big = (args.batch, args.heads, args.seqlen)
     rows, winners = [], {}
     for D in args.head_dims:
         for causal in causals:
