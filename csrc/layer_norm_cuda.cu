@@ -237,10 +237,11 @@ ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
   }
   __syncthreads();
   for (; row < M; row += gridDim.x) {
+    const bool more = row + gridDim.x < M;
     RowPacks<T, VPT, RES> next;
-    if (row + gridDim.x < M) ln_fwd_load(x, r, row + gridDim.x, N, next);
+    if (more) ln_fwd_load(x, r, row + gridDim.x, N, next);
     ln_fwd_row(cur, sw, b ? sb : nullptr, y, h, mean_out, rstd_out, row, N, eps, shm);
-    cur = next;
+    if (more) cur = next;
   }
 }
 
