@@ -74,6 +74,23 @@ def test_cross_entropy_matches_reference(be, dev, dtype, V, reduction, label_smo
     _check_ce(be, dev, dtype, LEAD, V, reduction, label_smoothing)
 
 
+# 8200 columns: three Triton blocks a row, and a row stride that is a multiple of 16 bytes in
+# every dtype. That is the case where the kernel's blocks are software-pipelined on a GPU
+# (cp.async needs 16-byte aligned rows: GPT-2's padded 50304 columns are, VOCABS' 4097 not).
+# The fused loss writes the gradient over the logits there (in place) as it walks the row.
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_wide_aligned_rows(be, dev, dtype, label_smoothing):
+    _check_ce(be, dev, dtype, (2, 3), 8200, "mean", label_smoothing)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_linear_cross_entropy_wide_aligned_rows(be, dev, dtype):
+    _check_fused(be, dev, dtype, (2, 3), 32, 8200, 4, "mean", bias=False)
+
+
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cross_entropy_noncontiguous_and_other_shapes(be, dev, dtype):
