@@ -72,6 +72,17 @@ def test_layer_norm_matches_reference(be, dev, dtype, lead, N, residual):
     _check(be, dev, dtype, lead, N, residual, bias=True, noncontig=False)
 
 
+# Many wide 16-bit rows on a GPU: the CUDA forward's persistent kernel (w and b in shared memory,
+# at least two rows a block, each block loading its next row during the current one's
+# reductions), with a row count that leaves the last blocks a row short. The emulator runs it
+# at small sizes (test_cuda_emu_spine_ops.py); this is the GPU's own occupancy.
+@pytest.mark.parametrize("be,dev", backend_device_pairs(("cuda",)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_many_wide_rows(be, dev, dtype, residual):
+    _check(be, dev, dtype, (2049,), 8192, residual, bias=True, noncontig=False)
+
+
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lead,N,residual", [((5,), 64, False), ((2, 3), 1025, True),
