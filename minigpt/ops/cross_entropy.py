@@ -94,11 +94,13 @@ def _target_stats(op: str, target: Tensor, V: int, ignore_index: int) -> int:
     bad = valid & ((target < 0) | (target >= V))
     n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
     if n_bad:
-        first = target[bad][0].item()
-        raise ValueError(f"{op}: {n_bad} target(s) out of range, e.g. {first}: each target must be "
-                         f"in [0, {V}) (the number of classes) or equal ignore_index "
-                         f"({ignore_index})")
+        _raise_out_of_range(op, n_bad, V, ignore_index, f", e.g. {target[bad][0].item()}")
     return int(n_valid)
+
+
+def _raise_out_of_range(op: str, n_bad: int, V: int, ignore_index: int, example: str = ""):
+    raise ValueError(f"{op}: {n_bad} target(s) out of range{example}: each target must be in "
+                     f"[0, {V}) (the number of classes) or equal ignore_index ({ignore_index})")
 
 
 def _grad_scale(reduction: str, n_valid: int) -> float:
@@ -199,7 +201,7 @@ def _torch_rows(logits, target, grad, ignore_index, label_smoothing, grad_scale)
     return loss
 
 
-def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_scale):
+def _rows(op, backend, logits, target, grad, ignore_index, label_smoothing, grad_scale):
     """Per-row loss of logits (M, V) contiguous against target (M,) int64; with ``grad`` (a
     buffer like logits, or logits itself) also writes grad_scale * dloss_i/dlogits into it."""
     if backend == "triton":
@@ -211,9 +213,7 @@ def _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_sca
     rows, bad = _backend.extension().cross_entropy_fwd(logits, target, grad, ignore_index,
                                                        label_smoothing, grad_scale)
     if bad:  # CPU rows only (a count, not a tensor: no sync); the CUDA kernel gives them NaN
-        raise ValueError(f"cross_entropy: {bad} target(s) out of range: each target must be in "
-                         f"[0, {logits.shape[1]}) (the number of classes) or equal ignore_index "
-                         f"({ignore_index})")
+        _raise_out_of_range(op, bad, logits.shape[1], ignore_index)
     return rows
 
 
@@ -237,7 +237,7 @@ def _ce_fwd_impl(logits: Tensor, target: Tensor, ignore_index: int, reduction: s
     n_valid, grad_scale, pending = _scale_plan(OP, target, logits.shape[1], ignore_index,
                                                reduction, acc, defer_scale)
     grad = torch.empty_like(logits) if compute_grad else None
-    rows = _rows(backend, logits, target, grad, ignore_index, label_smoothing, grad_scale)
+    rows = _rows(OP, backend, logits, target, grad, ignore_index, label_smoothing, grad_scale)
     loss = _reduce(rows.to(acc), reduction, n_valid)
     return loss, grad if grad is not None else logits.new_empty(0), pending
 
@@ -392,7 +392,7 @@ def _chunks(hidden, weight, bias, target, ignore_index, grad_scale, row_scale, n
             h = hidden[s:e]
             logits = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
             # The gradient overwrites this chunk's logits: no second (rows, V) buffer.
-            loss[s:e] = _rows(backend, logits, target[s:e], logits if need_grad else None,
+            loss[s:e] = _rows(FOP, backend, logits, target[s:e], logits if need_grad else None,
                               ignore_index, 0.0, grad_scale)
             if not need_grad:
                 continue
