@@ -25,3 +25,16 @@ def load_tile(A, row0, end, M, N, cols, cmask, ROWS: tl.constexpr):
     """One tile of an (M, N) tensor, as stored (zeros where masked)."""
     _, off, mask = row_tile(row0, end, M, N, cols, cmask, ROWS)
     return tl.load(A + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_operands(Hx, DY, DH, row0, end, M, N, cols, cmask, ROWS: tl.constexpr,
+                  HAS_DH: tl.constexpr):
+    """A backward's input tiles, as stored: h (or x), dy and, with HAS_DH, the residual
+    gradient dh (without it, zeros nothing reads)."""
+    x, dy = load_tile2(Hx, DY, row0, end, M, N, cols, cmask, ROWS)
+    if HAS_DH:
+        dh = load_tile(DH, row0, end, M, N, cols, cmask, ROWS)
+    else:
+        dh = tl.zeros_like(dy)
+    return x, dy, dh

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
-from minigpt.kernels._util import (bwd_programs, bwd_shape, interpreting, row_block, row_warps,
-                                   tuned_bwd_shape)
+from minigpt.kernels._tiles import load_operands, row_tile
+from minigpt.kernels._util import (bwd_pipeline, bwd_programs, bwd_shape, interpreting,
+                                   row_block, row_warps, tuned_bwd_shape)
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _mul_rn(a, b, EXACT: tl.constexpr):
 def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_prog,
                    HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr,
-                   EXACT_MUL: tl.constexpr):
+                   PIPELINE: tl.constexpr, EXACT_MUL: tl.constexpr):
     # DX2 (HAS_DX2): dx once more in DX2's dtype, for a branch x narrower than h (autocast:
     # bf16 x, fp32 residual stream); a separate cast kernel would read the fp32 dx back.
     pid = tl.program_id(0)
@@ -114,24 +114,26 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_pr
         dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         db = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         end = row_start + rows_per_prog
-        x_next, dy_next = load_tile2(Hx, DY, row_start, end, M, N, cols, cmask, ROWS)
-        if HAS_DH:
-            dh_next = load_tile(DH, row_start, end, M, N, cols, cmask, ROWS)
-        else:
-            dh_next = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        if PIPELINE:
+            x_next, dy_next, dh_next = load_operands(Hx, DY, DH, row_start, end, M, N, cols,
+                                                     cmask, ROWS, HAS_DH)
         for i in range(0, rows_per_prog, ROWS):
             rows, off, mask = row_tile(row_start + i, end, M, N, cols, cmask, ROWS)
             valid = rows < M
-            x = x_next.to(tl.float32)
-            dy = dy_next.to(tl.float32)
-            dh = dh_next.to(tl.float32)
-            # The next tile's loads leave before this tile's reductions wait on each other, so
-            # the memory system has work during them (a one-deep software pipeline). dh too:
-            # GPT-2's residual gradient is the largest of the three (fp32).
-            x_next, dy_next = load_tile2(Hx, DY, row_start + i + ROWS, end, M, N, cols, cmask,
-                                         ROWS)
-            if HAS_DH:
-                dh_next = load_tile(DH, row_start + i + ROWS, end, M, N, cols, cmask, ROWS)
+            if PIPELINE:
+                x, dy, dh = x_next, dy_next, dh_next
+                # The next tile's loads leave before this tile's reductions wait on
+                # each other, so the memory system has work during them (a one-deep
+                # software pipeline; _util.bwd_pipeline says where). dh too: GPT-2's
+                # residual gradient is the largest of the three (fp32).
+                x_next, dy_next, dh_next = load_operands(Hx, DY, DH, row_start + i + ROWS, end,
+                                                         M, N, cols, cmask, ROWS, HAS_DH)
+            else:
+                x, dy, dh = load_operands(Hx, DY, DH, row_start + i, end, M, N, cols, cmask,
+                                          ROWS, HAS_DH)
+            x = x.to(tl.float32)
+            dy = dy.to(tl.float32)
+            dh = dh.to(tl.float32)
             mean = tl.load(Mean + rows, mask=valid, other=0.0)[:, None]
             rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -235,8 +237,8 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config
         dy, dh if dh is not None else dy, h, weight, mean, rstd, dx, dx2 if two else dx,
         dw_part, db_part, M, N, rows_per_prog, HAS_DH=dh is not None, HAS_DX2=two,
         HAS_BIAS=has_bias,
-        BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, EXACT_MUL=not interpreting(),
-        num_warps=warps)
+        BLOCK=BLOCK, ROWS=ROWS, SINGLE=single, PIPELINE=bwd_pipeline(ROWS, BLOCK),
+        EXACT_MUL=not interpreting(), num_warps=warps)
     sums = parts.sum(1)
     if weight.dtype != torch.float32:  # a 16-bit model's weights: their gradients as they are
         return (dx, dx2, sums[0].to(weight.dtype),

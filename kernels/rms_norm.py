@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._tiles import load_tile, load_tile2, row_tile
-from minigpt.kernels._util import bwd_programs, bwd_shape, row_block, row_warps, tuned_bwd_shape
+from minigpt.kernels._tiles import load_operands, row_tile
+from minigpt.kernels._util import (bwd_pipeline, bwd_programs, bwd_shape, row_block, row_warps,
+                                   tuned_bwd_shape)
 
 
 @triton.jit
@@ -64,7 +65,7 @@ def _rms_fwd_kernel(X, R, W, Y, H, Rstd, N, eps,
 @triton.jit
 def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
                     HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK: tl.constexpr,
-                    ROWS: tl.constexpr, SINGLE: tl.constexpr):
+                    ROWS: tl.constexpr, SINGLE: tl.constexpr, PIPELINE: tl.constexpr):
     # y = xhat * w with xhat = x * rstd:  dx = rstd * (w*dy - xhat * mean(xhat * w*dy)).
     # DX2 (HAS_DX2): dx once more in a narrower branch's dtype, as in layer_norm.
     pid = tl.program_id(0)
@@ -79,22 +80,24 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         end = row_start + rows_per_prog
-        x_next, dy_next = load_tile2(Hx, DY, row_start, end, M, N, cols, cmask, ROWS)
-        if HAS_DH:
-            dh_next = load_tile(DH, row_start, end, M, N, cols, cmask, ROWS)
-        else:
-            dh_next = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        if PIPELINE:
+            x_next, dy_next, dh_next = load_operands(Hx, DY, DH, row_start, end, M, N, cols,
+                                                     cmask, ROWS, HAS_DH)
         for i in range(0, rows_per_prog, ROWS):
             rows, off, mask = row_tile(row_start + i, end, M, N, cols, cmask, ROWS)
             valid = rows < M
-            x = x_next.to(tl.float32)
-            dy = dy_next.to(tl.float32)
-            dh = dh_next.to(tl.float32)
-            # The next tile's loads first (a one-deep software pipeline, as in layer_norm).
-            x_next, dy_next = load_tile2(Hx, DY, row_start + i + ROWS, end, M, N, cols, cmask,
-                                         ROWS)
-            if HAS_DH:
-                dh_next = load_tile(DH, row_start + i + ROWS, end, M, N, cols, cmask, ROWS)
+            if PIPELINE:
+                x, dy, dh = x_next, dy_next, dh_next
+                # The next tile's loads first (a one-deep software pipeline, as in
+                # layer_norm).
+                x_next, dy_next, dh_next = load_operands(Hx, DY, DH, row_start + i + ROWS, end,
+                                                         M, N, cols, cmask, ROWS, HAS_DH)
+            else:
+                x, dy, dh = load_operands(Hx, DY, DH, row_start + i, end, M, N, cols, cmask,
+                                          ROWS, HAS_DH)
+            x = x.to(tl.float32)
+            dy = dy.to(tl.float32)
+            dh = dh.to(tl.float32)
             rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = x * rstd
             wdy = w * dy
@@ -176,5 +179,5 @@ def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None, config=None):
     _rms_bwd_kernel[(P,)](
         dy, dh if dh is not None else dy, h, weight, rstd, dx, dx2 if two else dx, dw_part, M, N,
         rows_per_prog, HAS_DH=dh is not None, HAS_DX2=two, BLOCK=BLOCK, ROWS=ROWS,
-        SINGLE=single, num_warps=warps)
+        SINGLE=single, PIPELINE=bwd_pipeline(ROWS, BLOCK), num_warps=warps)
     return dx, dx2, dw_part.sum(0).to(weight.dtype)
