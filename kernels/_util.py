@@ -146,3 +146,94 @@ def bwd_shape(block: int, single: bool, config=None):
         return rows, warps, per_sm
     rows = bwd_rows(block) if single else 1
     return rows, row_warps(rows * block), 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Register caps. An SM holds as many blocks of a kernel at once as its registers, shared
+# memory and warp slots all allow; registers go per warp in units of 256 (8 a thread). A
+# kernel a few registers over a boundary loses a whole block per SM, which no spill count
+# shows: the 16-bit D 128 attention forward went from 128 to 130 registers (an output-stride
+# change), from two blocks an SM to one, and from 1.02x to 0.85x SDPA-flash on an H100.
+# capped_launch gives such a kernel ptxas's register limit (Triton's ``maxnreg``) at the
+# boundary below, where shared memory and warps leave room for one more block, and keeps it
+# only where ptxas compiles it without spilling. A cap changes register allocation, never the
+# instructions' arithmetic: results are the same bits. MINIGPT_REG_CAP=0 turns it off (for
+# benchmarks/bench_reg_cap.py, which measures what it buys).
+# ---------------------------------------------------------------------------------------------
+REG_CAP = os.environ.get("MINIGPT_REG_CAP", "1") != "0"
+RESERVED_SMEM_PER_BLOCK = 1024  # the CUDA runtime's own share of each block's shared memory
+_caps: dict = {}
+
+
+def sm_limits(device: torch.device):
+    """(registers, shared memory bytes, threads) one SM holds, or None where torch does not
+    report them (then nothing is capped)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    p = torch.cuda.get_device_properties(index)
+    limits = tuple(getattr(p, name, 0) for name in (
+        "regs_per_multiprocessor", "shared_memory_per_multiprocessor",
+        "max_threads_per_multi_processor"))
+    return limits if all(limits) else None
+
+
+def blocks_per_sm(regs: int, warps: int, shared: int, limits) -> int:
+    """How many blocks of a kernel (``regs`` registers a thread, ``warps`` warps, ``shared``
+    bytes of shared memory) one SM with ``limits`` (sm_limits) holds at once."""
+    sm_regs, sm_smem, sm_threads = limits
+    per_warp = cdiv(regs * 32, 256) * 256
+    return min(sm_regs // (per_warp * warps), sm_smem // (shared + RESERVED_SMEM_PER_BLOCK),
+               sm_threads // (32 * warps))
+
+
+def kernel_resources(compiled):
+    """(registers a thread, bytes spilled) of a compiled Triton kernel: known once its binary
+    is loaded. tests/test_triton_compile.py, which compiles without a GPU, reads them from
+    ptxas's log instead."""
+    compiled._init_handles()
+    return compiled.n_regs, compiled.n_spills
+
+
+def _decide_cap(kernel, grid, args, kwargs, device):
+    limits = sm_limits(device)
+    if limits is None:
+        return None
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    regs, _ = kernel_resources(compiled)
+    warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
+    have = blocks_per_sm(regs, warps, shared, limits)
+    want = have + 1
+    if blocks_per_sm(8, warps, shared, limits) < want:
+        return None  # shared memory or warp slots bind, not registers
+    cap = min(255, limits[0] // (want * warps * 32) // 8 * 8)
+    if cap < 32 or cap >= regs:
+        return None
+    capped = kernel.warmup(*args, grid=grid, maxnreg=cap, **kwargs)
+    regs_c, spills = kernel_resources(capped)
+    if spills or blocks_per_sm(regs_c, warps, shared, limits) < want:
+        return None
+    return cap
+
+
+def _int_specialization(kernel, args):
+    """How Triton specializes ``args``' integers (== 1, divisible by 16; not the
+    do_not_specialize ones, e.g. a dropout seed): these change the compiled code (an MHA
+    kernel's heads ratio of 1 drops its GQA loop, and 24 of its registers)."""
+    return tuple(a == 1 or (a % 16 == 0) * 2 for p, a in zip(kernel.params, args)
+                 if a.__class__ is int and not p.do_not_specialize)
+
+
+def capped_launch(kernel, grid, key, device, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, with a register cap where one wins a block per SM
+    without spilling (see above). The decision is made once per ``key`` and specialization of
+    the integer arguments, before the first launch (two compiles), so every launch under them
+    runs the same binary. ``key`` must name what else shapes the kernel's register use: its
+    constexprs, num_warps, num_stages and element types. A launch specialized otherwise under
+    the same key (a misaligned pointer) reuses its decision, which then costs at most speed."""
+    if REG_CAP and not interpreting():
+        key = (key, _int_specialization(kernel, args))
+        cap = _caps.get(key, _caps)
+        if cap is _caps:
+            cap = _caps[key] = _decide_cap(kernel, grid, args, kwargs, device)
+        if cap is not None:
+            return kernel[grid](*args, maxnreg=cap, **kwargs)
+    return kernel[grid](*args, **kwargs)

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._util import cdiv, interpreting, next_pow2, num_programs, tuned_table
+from minigpt.kernels._util import (capped_launch, cdiv, interpreting, next_pow2, num_programs,
+                                   tuned_table)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -601,12 +602,15 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     BM, BN, warps, stages = config or launch_tiles("fwd", q.dtype, BD, causal, q.device,
                                                    dropout, T, B * H)
     grid = (cdiv(T, BM), B * H)
-    _attn_fwd_kernel[grid](
+    dot = _dot_mode(q.dtype)
+    capped_launch(
+        _attn_fwd_kernel, grid, ("fwd", q.dtype, D % 16, BM, BN, BD, warps, stages, causal, dot,
+                                 dropout), q.device,
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
         out.stride(2), H, T, S, D, H // Hkv,
         scale * LOG2E, seed, p, drop_scale, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-        DOT=_dot_mode(q.dtype), DROPOUT=dropout, num_warps=warps, num_stages=stages)
+        DOT=dot, DROPOUT=dropout, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -646,8 +650,10 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     atomic = atomic_dq(dkdv_tiles)
     # The atomic dQ's fp32 sum: (B, H, T, D) contiguous, zeroed (dk stands in when unused).
     dqa = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device) if atomic else dk
-    _bwd_dkdv_kernel[(cdiv(S, bn), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, dqa, *strides, dk.stride(0), dk.stride(1),
+    capped_launch(
+        _bwd_dkdv_kernel, (cdiv(S, bn), B * Hkv), ("dkdv", q.dtype, D % 16, bm, bn, BD, warps,
+                                                   stages, causal, dot, drop[3], atomic),
+        q.device, q, k, v, do, lse, delta, dk, dv, dqa, *strides, dk.stride(0), dk.stride(1),
         dk.stride(2), H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], ATOMIC_DQ=atomic, num_warps=warps, num_stages=stages)
@@ -656,8 +662,10 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
         return dq, dk, dv
     bm, bn, warps, stages = dq_config or launch_tiles("dq", q.dtype, BD, causal, q.device,
                                                       drop[3], T, B * H)
-    _bwd_dq_kernel[(cdiv(T, bm), B * H)](
-        q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+    capped_launch(
+        _bwd_dq_kernel, (cdiv(T, bm), B * H), ("dq", q.dtype, D % 16, bm, bn, BD, warps, stages,
+                                               causal, dot, drop[3]),
+        q.device, q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         H, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
