@@ -76,9 +76,20 @@ def row_warps(block: int) -> int:
 BWD_TILE = 4096
 
 
+# The rule's tiles are half of BWD_TILE, 16 values a thread: on the H100 the sweep
+# (benchmarks/results/sweep_norm_bwd_cuda-h100.md, 45 shapes each) ranked the former rule's
+# 4096-value tiles at 8 values a thread and 4 programs per SM last but a few at both widths it
+# measured, 1.55x (GPT-2's 16384 x 768 with a fp32 residual) and 4.05x (4096 x 1024 bf16)
+# slower than the best; (2 rows, 4 warps, 2 per SM), what this rule gives rows of 1024, was
+# first and second. 16 warps of 8 values also take 90-130 registers a thread: one program an
+# SM, where the rule asked for four.
+BWD_RULE_TILE = 2048
+BWD_VALUES_PER_THREAD = 16
+
+
 def bwd_rows(block: int) -> int:
     """Rows per step of the backward's walk for rows held in one ``block``."""
-    return max(1, min(16, BWD_TILE // block))
+    return max(1, min(16, BWD_RULE_TILE // block))
 
 
 def bwd_pipeline(rows: int, block: int) -> bool:
@@ -137,15 +148,20 @@ def tuned_table(path: str, cache: dict, device: torch.device, field: str) -> dic
 def bwd_shape(block: int, single: bool, config=None):
     """(ROWS, num_warps, programs per SM) of a norm backward: ``config`` when given (the
     sweep's candidates, benchmarks/sweep_norm_bwd.py), else the default rule: tiles of up to
-    BWD_TILE values, 8 values a thread (row_warps), 4 programs per SM."""
+    BWD_RULE_TILE values (whole rows), BWD_VALUES_PER_THREAD values a thread, 2 programs per
+    SM (more where they are of one or two warps); a row wider than one block streams, one
+    row at a time, at 16 warps and 4 programs per SM."""
     if config is not None:
         rows, warps, per_sm = config
         if rows < 1 or (rows & (rows - 1)) or (not single and rows != 1):
             raise ValueError(f"ROWS must be a power of two (1 for rows wider than one block), "
                              f"got {rows}")
         return rows, warps, per_sm
-    rows = bwd_rows(block) if single else 1
-    return rows, row_warps(rows * block), 4
+    if not single:
+        return 1, row_warps(block), 4
+    rows = bwd_rows(block)
+    warps = min(16, max(1, rows * block // (32 * BWD_VALUES_PER_THREAD)))
+    return rows, warps, max(2, 8 // warps)
 
 
 # ---------------------------------------------------------------------------------------------
