@@ -218,8 +218,14 @@ ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float*
 // moves 32 KB through HBM, x in and y out, and would re-read 64 KB of w and b from L2), and
 // each row's packs are loaded while the previous row is reduced and written, so the loads stay
 // in flight across the reductions' barriers.
-template <typename T, int VPT, bool RES>
-__global__ void __launch_bounds__(1024)
+//
+// MIN_BLOCKS 3 bounds the block to 512 threads and 40 registers a thread, so that three blocks
+// share an SM: a bf16 row of 8192 without a residual took 50 registers at 512 threads, two
+// blocks an SM. Triton's forward of the same rows (40 registers, three blocks an SM, one row
+// each) reached 99% of the H100's copy bandwidth, this kernel's predecessors 81%. With a
+// residual, 40 registers spill (144 bytes): those keep the 1024-thread bound.
+template <typename T, int VPT, bool RES, int MIN_BLOCKS>
+__global__ void __launch_bounds__(MIN_BLOCKS == 1 ? 1024 : 512, MIN_BLOCKS)
 ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
                       const float* __restrict__ w, const float* __restrict__ b,
                       T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean_out,
@@ -415,7 +421,10 @@ bool fwd_persist(int threads, const void* x, const void* r, const float* w, cons
                  void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps,
                  cudaStream_t s) {
   if constexpr (sizeof(T) == 2 && VPT * Pack<T>::kN <= 16) {
-    const auto kernel = ln_fwd_persist_kernel<T, VPT, RES>;
+    auto kernel = ln_fwd_persist_kernel<T, VPT, RES, 1>;
+    if constexpr (!RES) {
+      if (threads <= 512) kernel = ln_fwd_persist_kernel<T, VPT, RES, 3>;
+    }
     const size_t smem = (b ? 2 : 1) * (size_t)N * sizeof(float);
     int dev = 0, sms = 0, optin = 0, per_sm = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
