@@ -1,6 +1,7 @@
 import functools
 import json
 import os
+import warnings
 
 import torch
 
@@ -205,6 +206,8 @@ def kernel_resources(compiled):
     """(registers a thread, bytes spilled) of a compiled Triton kernel: known once its binary
     is loaded. tests/test_triton_compile.py, which compiles without a GPU, reads them from
     ptxas's log instead."""
+    if hasattr(compiled, "result"):  # Triton's asynchronous compile mode hands out a future
+        compiled = compiled.result()
     compiled._init_handles()
     return compiled.n_regs, compiled.n_spills
 
@@ -249,7 +252,12 @@ def capped_launch(kernel, grid, key, device, *args, **kwargs):
         key = (key, _int_specialization(kernel, args))
         cap = _caps.get(key, _caps)
         if cap is _caps:
-            cap = _caps[key] = _decide_cap(kernel, grid, args, kwargs, device)
+            try:
+                cap = _decide_cap(kernel, grid, args, kwargs, device)
+            except Exception as e:  # a speed decision: never the reason a launch fails
+                warnings.warn(f"{kernel.__name__}: no register cap ({type(e).__name__}: {e})")
+                cap = None
+            _caps[key] = cap
         if cap is not None:
             return kernel[grid](*args, maxnreg=cap, **kwargs)
     return kernel[grid](*args, **kwargs)

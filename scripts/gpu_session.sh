@@ -126,8 +126,8 @@ stage_quicktest() {
         -p no:cacheprovider $xd --junitxml="$LOGS/pytest_quick.xml" \
         tests/test_graph.py tests/test_no_host_sync.py tests/test_cross_entropy.py \
         tests/test_attention.py tests/test_attention_tiles.py tests/test_layer_norm.py \
-        tests/test_rms_norm.py tests/test_extension_errors.py \
-        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles or (cuda-cuda and attention) or cpp_error}"
+        tests/test_rms_norm.py tests/test_extension_errors.py tests/test_reg_cap.py \
+        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles or (cuda-cuda and attention) or cpp_error or on_gpu}"
 }
 
 stage_tune() {

@@ -30,6 +30,7 @@ class FakeKernel:
     """A JITFunction's surface that capped_launch uses: params, warmup (a compile) and
     kernel[grid](...) (a launch). ``regs``: maxnreg (None uncapped) -> (registers, spills)
     ptxas would give."""
+    __name__ = "fake_kernel"
 
     def __init__(self, regs, warps, shared):
         self.regs, self.warps, self.shared = regs, warps, shared
@@ -118,3 +119,35 @@ def test_off_unknown_or_interpreted_launches_plainly(gpu):
     gpu.setattr(_util, "interpreting", lambda: True)
     launch(k)
     assert k.compiles == [] and k.launches == [None, None, None]
+
+
+def test_failed_decision_warns_and_launches_plainly(gpu):
+    k = FakeKernel({None: (130, 0), 128: (128, 0)}, warps=8, shared=114688)
+    gpu.setattr(_util, "kernel_resources", lambda compiled: 1 / 0)
+    with pytest.warns(UserWarning, match="no register cap.*ZeroDivisionError"):
+        launch(k)
+    assert k.launches == [None]
+    launch(k)  # decided (no cap) once: no second warning, no more compiles
+    assert k.compiles == [None] and k.launches == [None, None]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiles and "
+                    "loads real kernels (tests/test_triton_compile.py checks the caps for "
+                    "sm_90 without one)")
+def test_capped_attention_on_gpu_same_bits(monkeypatch):
+    """On a GPU: the D 128 forward at T 512 (two blocks an SM at 128 registers, one at 130)
+    launches capped, the capped kernel does not spill, and it computes the same bits as the
+    uncapped one."""
+    from minigpt.kernels import attention as attn
+
+    monkeypatch.setattr(_util, "_caps", {})
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 512, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    monkeypatch.setattr(_util, "REG_CAP", False)
+    plain, plain_lse = attn.attention_fwd(q, k, v, True, 128 ** -0.5)
+    monkeypatch.setattr(_util, "REG_CAP", True)
+    capped, capped_lse = attn.attention_fwd(q, k, v, True, 128 ** -0.5)
+    fwd = {key: cap for key, cap in _util._caps.items() if key[0][0] == "fwd"}
+    assert list(fwd.values()) == [128], fwd
+    assert torch.equal(plain, capped) and torch.equal(plain_lse, capped_lse)
