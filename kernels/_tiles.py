@@ -38,3 +38,32 @@ def load_operands(Hx, DY, DH, row0, end, M, N, cols, cmask, ROWS: tl.constexpr,
     else:
         dh = tl.zeros_like(dy)
     return x, dy, dh
+
+
+@triton.jit
+def walk_start(Hx, DY, DH, row0, end, M, N, cols, cmask, ROWS: tl.constexpr,
+               HAS_DH: tl.constexpr, PIPELINE: tl.constexpr):
+    """What a backward's walk over its tiles carries into its first step (walk_step): with
+    PIPELINE the first tile's operands, loaded ahead; else placeholders nothing reads."""
+    if PIPELINE:
+        x, dy, dh = load_operands(Hx, DY, DH, row0, end, M, N, cols, cmask, ROWS, HAS_DH)
+    else:
+        x, dy, dh = row0, row0, row0
+    return x, dy, dh
+
+
+@triton.jit
+def walk_step(Hx, DY, DH, x_ahead, dy_ahead, dh_ahead, row0, end, M, N, cols, cmask,
+              ROWS: tl.constexpr, HAS_DH: tl.constexpr, PIPELINE: tl.constexpr):
+    """The tile at row0: its h, dy and dh in fp32, then what the next step gets. With PIPELINE
+    the tile was loaded a step ahead and the next one's loads leave now, before this tile's
+    reductions wait on each other, so the memory system has work during them (a one-deep
+    software pipeline; _util.bwd_pipeline says where)."""
+    if PIPELINE:
+        x, dy, dh = x_ahead, dy_ahead, dh_ahead
+        x_ahead, dy_ahead, dh_ahead = load_operands(Hx, DY, DH, row0 + ROWS, end, M, N, cols,
+                                                    cmask, ROWS, HAS_DH)
+    else:
+        x, dy, dh = load_operands(Hx, DY, DH, row0, end, M, N, cols, cmask, ROWS, HAS_DH)
+    return (x.to(tl.float32), dy.to(tl.float32), dh.to(tl.float32), x_ahead, dy_ahead,
+            dh_ahead)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minigpt.kernels._tiles import load_operands, row_tile
+from minigpt.kernels._tiles import row_tile, walk_start, walk_step
 from minigpt.kernels._util import (bwd_pipeline, bwd_programs, bwd_shape, row_block, row_warps,
                                    tuned_bwd_shape)
 
@@ -80,24 +80,14 @@ def _rms_bwd_kernel(DY, DH, Hx, W, Rstd, DX, DX2, DW, M, N, rows_per_prog,
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         end = row_start + rows_per_prog
-        if PIPELINE:
-            x_next, dy_next, dh_next = load_operands(Hx, DY, DH, row_start, end, M, N, cols,
-                                                     cmask, ROWS, HAS_DH)
+        x_ahead, dy_ahead, dh_ahead = walk_start(Hx, DY, DH, row_start, end, M, N, cols, cmask,
+                                                 ROWS, HAS_DH, PIPELINE)
         for i in range(0, rows_per_prog, ROWS):
             rows, off, mask = row_tile(row_start + i, end, M, N, cols, cmask, ROWS)
             valid = rows < M
-            if PIPELINE:
-                x, dy, dh = x_next, dy_next, dh_next
-                # The next tile's loads first (a one-deep software pipeline, as in
-                # layer_norm).
-                x_next, dy_next, dh_next = load_operands(Hx, DY, DH, row_start + i + ROWS, end,
-                                                         M, N, cols, cmask, ROWS, HAS_DH)
-            else:
-                x, dy, dh = load_operands(Hx, DY, DH, row_start + i, end, M, N, cols, cmask,
-                                          ROWS, HAS_DH)
-            x = x.to(tl.float32)
-            dy = dy.to(tl.float32)
-            dh = dh.to(tl.float32)
+            x, dy, dh, x_ahead, dy_ahead, dh_ahead = walk_step(
+                Hx, DY, DH, x_ahead, dy_ahead, dh_ahead, row_start + i, end, M, N, cols, cmask,
+                ROWS, HAS_DH, PIPELINE)
             rstd = tl.load(Rstd + rows, mask=valid, other=0.0)[:, None]
             xhat = x * rstd
             wdy = w * dy
