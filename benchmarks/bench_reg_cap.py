@@ -78,8 +78,7 @@ def bench_shape(device, B, Hh, T, D, rounds):
     def recording(kernel, grid, key, device_, *args, **kwargs):
         out = launch(kernel, grid, key, device_, *args, **kwargs)
         if _util.REG_CAP and not _util.interpreting():
-            caps[kernel.__name__] = _util._caps.get(
-                (key, _util._int_specialization(kernel, args)))
+            caps[kernel.__name__] = _util._caps.get(_util.cap_key(kernel, key, device_, args))
         return out
 
     samples = {True: defaultdict(list), False: defaultdict(list)}

@@ -241,15 +241,22 @@ def _int_specialization(kernel, args):
                  if a.__class__ is int and not p.do_not_specialize)
 
 
+def cap_key(kernel, key, device, args):
+    """Where capped_launch keeps a decision: the launcher's ``key``, the GPU, and how Triton
+    specializes the integer arguments."""
+    return key, device.index, _int_specialization(kernel, args)
+
+
 def capped_launch(kernel, grid, key, device, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, with a register cap where one wins a block per SM
-    without spilling (see above). The decision is made once per ``key`` and specialization of
-    the integer arguments, before the first launch (two compiles), so every launch under them
-    runs the same binary. ``key`` must name what else shapes the kernel's register use: its
-    constexprs, num_warps, num_stages and element types. A launch specialized otherwise under
-    the same key (a misaligned pointer) reuses its decision, which then costs at most speed."""
+    without spilling (see above). The decision is made once per ``key``, GPU and specialization
+    of the integer arguments (cap_key), before the first launch (two compiles), so every
+    launch under them runs the same binary. ``key`` must name what else shapes the kernel's
+    register use: its constexprs, num_warps, num_stages and element types. A launch
+    specialized otherwise under the same key (a misaligned pointer) reuses its decision, which
+    then costs at most speed."""
     if REG_CAP and not interpreting():
-        key = (key, _int_specialization(kernel, args))
+        key = cap_key(kernel, key, device, args)
         cap = _caps.get(key, _caps)
         if cap is _caps:
             try:
