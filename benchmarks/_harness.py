@@ -150,6 +150,20 @@ def device_us(events, device_type) -> float:
     return sum(e.time_range.elapsed_us() for e in events if e.device_type == device_type)
 
 
+def profiled_events(fn: Callable, device: torch.device, iters: int):
+    """torch.profiler's events of ``iters`` calls of ``fn`` after one untimed call, the device
+    synchronized before and after."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync(device)
+    return prof.events()
+
+
 def kernel_ms(fns: Dict[str, Callable], device: torch.device, iters: int = 10
               ) -> Dict[str, Optional[float]]:
     """{name: GPU time per call in ms}: the summed durations of what one call runs on the GPU
@@ -160,18 +174,11 @@ def kernel_ms(fns: Dict[str, Callable], device: torch.device, iters: int = 10
     if device.type != "cuda":
         return {}
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     out: Dict[str, Optional[float]] = {}
     for name, fn in fns.items():
         try:
-            fn()
-            sync(device)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(iters):
-                    fn()
-                sync(device)
-            us = device_us(prof.events(), DeviceType.CUDA)
+            us = device_us(profiled_events(fn, device, iters), DeviceType.CUDA)
             out[name] = us / iters / 1e3 if us > 0 else None
         except Exception as e:  # an extra column: never the reason a benchmark run fails
             print(f"  (kernel time of {name} not measured: {type(e).__name__}: {e})", flush=True)

@@ -47,16 +47,9 @@ COLUMNS = ["shape", "kernel", "cap", "uncapped us", "capped us", "x uncapped"]
 def per_kernel_us(fn, device, iters=10):
     """{kernel name: GPU us per call} of what ``fn`` runs."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    H.sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        H.sync(device)
     out = defaultdict(float)
-    for e in prof.events():
+    for e in H.profiled_events(fn, device, iters):
         if e.device_type == DeviceType.CUDA:
             out[e.name] += e.time_range.elapsed_us() / iters
     return out
