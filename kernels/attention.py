@@ -604,7 +604,7 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     grid = (cdiv(T, BM), B * H)
     dot = _dot_mode(q.dtype)
     capped_launch(
-        _attn_fwd_kernel, grid, ("fwd", q.dtype, D % 16, BM, BN, BD, warps, stages, causal, dot,
+        _attn_fwd_kernel, grid, ("fwd", q.dtype, BM, BN, BD, warps, stages, causal, dot,
                                  dropout), q.device,
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
@@ -651,8 +651,8 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     # The atomic dQ's fp32 sum: (B, H, T, D) contiguous, zeroed (dk stands in when unused).
     dqa = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device) if atomic else dk
     capped_launch(
-        _bwd_dkdv_kernel, (cdiv(S, bn), B * Hkv), ("dkdv", q.dtype, D % 16, bm, bn, BD, warps,
-                                                   stages, causal, dot, drop[3], atomic),
+        _bwd_dkdv_kernel, (cdiv(S, bn), B * Hkv), ("dkdv", q.dtype, bm, bn, BD, warps, stages,
+                                                   causal, dot, drop[3], atomic),
         q.device, q, k, v, do, lse, delta, dk, dv, dqa, *strides, dk.stride(0), dk.stride(1),
         dk.stride(2), H, Hkv, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
@@ -663,8 +663,8 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     bm, bn, warps, stages = dq_config or launch_tiles("dq", q.dtype, BD, causal, q.device,
                                                       drop[3], T, B * H)
     capped_launch(
-        _bwd_dq_kernel, (cdiv(T, bm), B * H), ("dq", q.dtype, D % 16, bm, bn, BD, warps, stages,
-                                               causal, dot, drop[3]),
+        _bwd_dq_kernel, (cdiv(T, bm), B * H), ("dq", q.dtype, bm, bn, BD, warps, stages, causal,
+                                               dot, drop[3]),
         q.device, q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         H, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
