@@ -11,6 +11,7 @@ variable ``MINIGPT_BACKEND`` names one. An explicit ``backend=`` argument wins o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -181,6 +182,36 @@ def _env_backend() -> str | None:
         return env.get(ENV_VAR)
     key = env.encodekey(ENV_VAR)
     return env.decodevalue(data[key]) if key in data else None
+
+
+def check_backend_name(backend, what: str = "backend") -> None:
+    """A clear error for a backend name that no op would take (None: the device's best)."""
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+        raise ValueError(f"{what}: unknown backend {backend!r}; choose one of {BACKENDS} "
+                         "(or None: the best one for the device)")
+
+
+@contextlib.contextmanager
+def backend_env(backend: str | None, none_unsets: bool = True):
+    """MINIGPT_BACKEND=backend for the block, restored after it. ``backend`` None unsets it
+    (the device's default), or with ``none_unsets=False`` leaves it as it is. The ops read it on
+    every call (torch.compile at trace time), so every call that should use it must run
+    inside the block."""
+    if backend is None and not none_unsets:
+        yield
+        return
+    old = os.environ.get(ENV_VAR)
+    if backend is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None,

@@ -51,6 +51,7 @@ import torch
 
 import minigpt  # noqa: F401  (settles TRITON_INTERPRET before triton is imported)
 from minigpt import _backend
+from minigpt._backend import backend_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
@@ -234,25 +235,6 @@ def cpu_threads(threads: Optional[int]):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-@contextlib.contextmanager
-def backend_env(backend: Optional[str]):
-    """MINIGPT_BACKEND=backend (None: unset, i.e. the device's default) for the block. The
-    model's ops read it on every call (and torch.compile at trace time), so a variant's calls
-    must all run inside its own setting."""
-    old = os.environ.get(_backend.ENV_VAR)
-    if backend is None:
-        os.environ.pop(_backend.ENV_VAR, None)
-    else:
-        os.environ[_backend.ENV_VAR] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(_backend.ENV_VAR, None)
-        else:
-            os.environ[_backend.ENV_VAR] = old
 
 
 def default_backend(device: torch.device, dtype: torch.dtype) -> str:

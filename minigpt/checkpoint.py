@@ -96,7 +96,20 @@ def save_checkpoint(run_dir, model: GPT, tokenizer: CharTokenizer, train_state: 
                     optimizer: Optional[torch.optim.Optimizer] = None, _fail_after=None) -> Path:
     """Write ``run_dir/checkpoint`` atomically; returns its path. ``_fail_after`` (tests)
     raises after the named stage to simulate a crash."""
+    # Checked before anything is written: a save that would not load back must not replace
+    # the checkpoint that does.
+    if not isinstance(model, GPT):
+        raise TypeError(f"save_checkpoint: model must be a minigpt GPT, got {type(model).__name__}")
+    if not isinstance(tokenizer, CharTokenizer):
+        raise TypeError("save_checkpoint: MiniGPT checkpoints hold a character tokenizer "
+                        f"(CharTokenizer), got {type(tokenizer).__name__}")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"save_checkpoint: the tokenizer has {tokenizer.vocab_size} characters "
+                         f"but the model's vocab_size is {model.config.vocab_size}")
     run_dir = Path(run_dir)
+    problem = run_dir_problem(run_dir)
+    if problem:
+        raise ValueError(f"save_checkpoint: {problem}")
     run_dir.mkdir(parents=True, exist_ok=True)
     final, old = run_dir / CKPT, run_dir / f"{CKPT}.old"
     tmp = run_dir / f".{CKPT}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -131,6 +144,37 @@ def save_checkpoint(run_dir, model: GPT, tokenizer: CharTokenizer, train_state: 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def run_dir_problem(path) -> Optional[str]:
+    """Why ``path`` cannot hold a run's ``checkpoint/``, or None. A folder with a config.json
+    of its own (a checkpoint folder, a Hugging Face export) would shadow it: ``resolve`` reads
+    the folder's own config.json first."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file; a run's folder is needed"
+    if (path / CONFIG_FILE).exists():
+        what = ("a checkpoint folder itself" if path.name in (CKPT, f"{CKPT}.old")
+                or (path / MODEL_FILE).exists() else "a folder with its own config.json")
+        return (f"{path} is {what}, not a run folder (the folder that holds {CKPT}/); "
+                f"{'use ' + str(path.parent) if path.name == CKPT else 'choose another folder'}")
+    return None
+
+
+def existing_checkpoint(run_dir) -> Optional[str]:
+    """What a run folder already holds, in words ("a checkpoint (step 6)", "an unreadable
+    checkpoint ..."), or None. Anything at ``checkpoint/`` or ``checkpoint.old/`` counts: a
+    checkpoint that does not load is still one that a fresh save must not replace unasked."""
+    run_dir = Path(run_dir)
+    for cand in (run_dir / CKPT, run_dir / f"{CKPT}.old"):
+        if not cand.exists() and not cand.is_symlink():
+            continue
+        try:
+            cfg = read_config(cand)
+        except (ValueError, OSError) as e:
+            return f"an unreadable checkpoint at {cand} ({e})"
+        return f"a checkpoint (step {cfg.get('train', {}).get('step', '?')})"
+    return None
 
 
 # ---- loading ------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
+import uuid
 
 import torch
 
@@ -201,7 +203,16 @@ def load_hf(path: str, dtype=torch.float32, device="cpu"):
     ``export_hf`` of a character-level model."""
     config, sd = read_hf(path)
     model = model_from_state_dict(config, sd, dtype, device)
-    return model, load_tokenizer(path)
+    tok = load_tokenizer(path)
+    # Ids past the embedding would fail mid-generation; a character vocabulary (written with
+    # the model by export_hf) of another size belongs to another model.
+    from minigpt.tokenizer import CharTokenizer
+
+    n, v = (tok.vocab_size if tok is not None else 0), model.config.vocab_size
+    if n > v or (isinstance(tok, CharTokenizer) and n != v):
+        raise ValueError(f"{path}: the tokenizer has {n} tokens but the model's vocab_size is "
+                         f"{v}; the folder mixes files of different models")
+    return model, tok
 
 
 MINIGPT_TOKENIZER = "minigpt_tokenizer.json"
@@ -330,11 +341,17 @@ def llama_hf_config(config: GPTConfig, bos_id=None, eos_id=None, dtype="float32"
     }
 
 
-def export_hf(model: GPT, out_dir: str, tokenizer=None) -> str:
+def export_hf(model: GPT, out_dir: str, tokenizer=None, overwrite: bool = False) -> str:
     """Write ``model`` as a Hugging Face folder: GPT2LMHeadModel layout for the GPT family,
     LlamaForCausalLM for the Llama family. A BPETokenizer is saved as tokenizer.json; our
     CharTokenizer as both a transformers-readable tokenizer.json and, for the way back,
-    minigpt_tokenizer.json. Returns ``out_dir``."""
+    minigpt_tokenizer.json. Returns ``out_dir``.
+
+    The folder is written whole beside ``out_dir`` and then renamed into place, so no file of
+    an earlier export survives into this one (a stale minigpt_tokenizer.json would be loaded
+    with the new weights). A folder that exists and is not empty is replaced only with
+    ``overwrite``, and only when it is a model folder (it has a config.json) that is not a
+    MiniGPT training run."""
     if not isinstance(model, GPT):
         raise TypeError(f"export_hf: expected a minigpt GPT, got {type(model).__name__}")
     c = model.config
@@ -348,7 +365,64 @@ def export_hf(model: GPT, out_dir: str, tokenizer=None) -> str:
         raise ValueError(f"export_hf: no Hugging Face layout for pos={c.pos}, norm={c.norm}, "
                          f"mlp={c.mlp}; use GPT-2 (learned/layernorm/gelu) or Llama "
                          "(rope/rmsnorm/swiglu) switches")
-    os.makedirs(out_dir, exist_ok=True)
+    from minigpt.bpe import BPETokenizer
+    from minigpt.tokenizer import CharTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (BPETokenizer, CharTokenizer)):
+        raise TypeError(f"export_hf: cannot save a {type(tokenizer).__name__}")
+    _check_export_target(out_dir, overwrite)
+    final = os.path.abspath(out_dir)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{tag}")
+    os.mkdir(tmp)
+    try:
+        _write_hf_folder(model, tmp, tokenizer, gpt2)
+        old = None
+        if os.path.exists(final):
+            old = os.path.join(parent, f".{os.path.basename(final)}.old-{tag}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _check_export_target(out_dir, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"export_hf: {out_dir} is a file; name the folder to write")
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if not overwrite:
+        raise ValueError(f"export_hf: {out_dir} already exists and is not empty; replace it "
+                         "with overwrite=True (minigpt export --overwrite) or choose another "
+                         "folder")
+    from minigpt import checkpoint as ckpt
+
+    cfg = os.path.join(out_dir, "config.json")
+    if any(os.path.exists(os.path.join(out_dir, n)) for n in (ckpt.CKPT, f"{ckpt.CKPT}.old")):
+        raise ValueError(f"export_hf: {out_dir} holds a MiniGPT training run; not replacing it")
+    if not os.path.isfile(cfg):
+        raise ValueError(f"export_hf: {out_dir} is not a model folder (it has no config.json); "
+                         "not replacing it, choose another folder")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            fmt = json.load(f).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt == ckpt.FORMAT:
+        raise ValueError(f"export_hf: {out_dir} is a MiniGPT checkpoint; not replacing it")
+
+
+def _write_hf_folder(model: GPT, out_dir: str, tokenizer, gpt2: bool) -> None:
+    from minigpt.bpe import BPETokenizer
+    from minigpt.tokenizer import CharTokenizer
+
+    c = model.config
     bos = getattr(tokenizer, "bos_id", None)
     eos = getattr(tokenizer, "eos_id", None)
     dtype = _dtype_name(model)
@@ -365,9 +439,6 @@ def export_hf(model: GPT, out_dir: str, tokenizer=None) -> str:
     gen = {"bos_token_id": bos, "eos_token_id": stops[0] if len(stops) == 1 else stops or None}
     _write_json({k: v for k, v in gen.items() if v is not None},
                 os.path.join(out_dir, "generation_config.json"))
-    from minigpt.bpe import BPETokenizer
-    from minigpt.tokenizer import CharTokenizer
-
     if isinstance(tokenizer, BPETokenizer):
         tokenizer.save(out_dir)
     elif isinstance(tokenizer, CharTokenizer):
@@ -377,9 +448,6 @@ def export_hf(model: GPT, out_dir: str, tokenizer=None) -> str:
                      "clean_up_tokenization_spaces": False,
                      "model_max_length": model.config.block_size},
                     os.path.join(out_dir, "tokenizer_config.json"))
-    elif tokenizer is not None:
-        raise TypeError(f"export_hf: cannot save a {type(tokenizer).__name__}")
-    return out_dir
 
 
 # --- the Hub ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -34,9 +35,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"sample_next: logits must be a (batch, vocab) tensor, got "
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else logits!r}")
+    # NaN (or +inf) logits come from damaged weights or an overflow in a 16-bit dtype: argmax
+    # would quietly pick token 0 (often the end of text), multinomial fail with torch's words.
+    if bool(((logits != logits) | (logits == math.inf)).any()):
+        raise ValueError("sample_next: the logits hold NaN or inf (damaged weights, or values "
+                         "that overflow the model's dtype: try float32)")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # The best logit goes to 0 before the division: a tiny temperature then sends the others
+    # to -inf, not every logit to +-inf (whose softmax is NaN).
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -116,10 +125,13 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
     _check_args(max_new_tokens, temperature, top_k, top_p)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not isinstance(prompt, str):
+        raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
     if not prompt:
         raise ValueError("the prompt is empty; give at least one character (default: a newline)")
-    if backend is not None:
-        os.environ["MINIGPT_BACKEND"] = backend
+    from minigpt._backend import backend_env, check_backend_name
+
+    check_backend_name(backend)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -132,8 +144,11 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
 
         cpu_threads(threads)
     try:
-        return _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                       num_samples, device, stream, out)
+        # Only for this call: the ops read MINIGPT_BACKEND on every call, and a library call
+        # leaves the process as it found it.
+        with backend_env(backend, none_unsets=False):
+            return _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                           num_samples, device, stream, out)
     finally:
         torch.set_num_threads(before)
 
@@ -147,6 +162,11 @@ def _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
     if tok.unknown(prompt):
         bad = ", ".join(repr(c) for c in tok.unknown(prompt)[:20])
         raise ValueError(f"the prompt has characters outside the checkpoint's vocabulary: {bad}")
+    if len(prompt) > model.config.block_size:
+        # generate's window slides (as nanoGPT's does): said, not silent.
+        warnings.warn(f"the prompt is {len(prompt)} characters, longer than the model's context "
+                      f"of {model.config.block_size}: it is conditioned on the last "
+                      f"{model.config.block_size}", stacklevel=3)
     idx = torch.tensor([tok.encode(prompt)], device=device)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     texts = []

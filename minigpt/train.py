@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from minigpt import _backend
 from minigpt import checkpoint as ckpt
 from minigpt import data as data_mod
 from minigpt.model import GPT, GPTConfig
@@ -352,6 +353,11 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; --out names the run's directory")
+    # A checkpoint folder as --out would nest the next save inside it, where neither
+    # --resume nor sample would find it.
+    problem = ckpt.run_dir_problem(out_dir)
+    if problem:
+        raise ValueError(f"--out {problem}")
     resumed = None
     if resume:
         try:
@@ -370,15 +376,14 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
         merged["out_dir"] = cfg.out_dir
         cfg = TrainConfig(**{**dataclasses.asdict(cfg), **merged})
     cfg.check()
-    if cfg.backend is not None:
-        os.environ["MINIGPT_BACKEND"] = cfg.backend
 
     dist = _Dist(cfg.device)
     threads = torch.get_num_threads()
     if dist.device.type == "cpu":
         cpu_threads(cfg.threads)
     try:
-        return _train(cfg, dist, out_dir, resumed, overwrite, _stop_after)
+        with _backend.backend_env(cfg.backend, none_unsets=False):
+            return _train(cfg, dist, out_dir, resumed, overwrite, _stop_after)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         dist.close()
@@ -457,14 +462,10 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
     if not resumed and not overwrite:
         # Checked by every rank (no rank may go on to wait for one that stopped), after the
         # data and model are known to be good and before anything is written.
-        try:
-            prev = ckpt.read_config(out_dir)
-        except (FileNotFoundError, ValueError):
-            prev = None
+        prev = ckpt.existing_checkpoint(out_dir)
         if prev is not None:
-            raise ValueError(f"{out_dir} already holds a checkpoint (step "
-                             f"{prev.get('train', {}).get('step', '?')}); continue it with "
-                             "--resume, start over with --overwrite, or choose another --out")
+            raise ValueError(f"{out_dir} already holds {prev}; continue it with --resume, "
+                             "start over with --overwrite, or choose another --out")
     log = MetricsLog(out_dir, start_step if resumed else None) if dist.master else None
     if dist.master:
         n_params = raw_model.num_params()

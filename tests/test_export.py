@@ -189,12 +189,13 @@ def test_push_to_hub_bad_repo_id(tmp_path):
 
 def test_import_refuses_gelu_new(gpt_ckpt, tmp_path):
     _, model, tok = gpt_ckpt
-    hf.export_hf(model, str(tmp_path), tok)
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    out = tmp_path / "hf"
+    hf.export_hf(model, str(out), tok)
+    cfg = json.loads((out / "config.json").read_text())
     cfg["activation_function"] = "gelu_new"
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="gelu_new"):
-        minigpt.load(str(tmp_path))
+        minigpt.load(str(out))
 
 
 def test_import_bad_folders(tmp_path):
@@ -237,3 +238,78 @@ def test_export_out_that_is_a_file_is_a_clear_error(gpt_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("minigpt export: error:") and len(err.strip().splitlines()) == 1, err
     assert f.read_text() == "keep me"
+
+
+# ---- what export must never destroy --------------------------------------------------------
+
+def test_export_never_writes_into_or_over_its_source(gpt_ckpt, capsys):
+    """The checkpoint folder, its run folder, and folders around or inside either are refused,
+    with or without --overwrite; the source is untouched."""
+    run, _, _ = gpt_ckpt
+    before = {p.name: p.read_bytes() for p in (run / "checkpoint").iterdir()}
+    for src, out in ((run, run / "checkpoint"), (run / "checkpoint", run), (run, run / "hf"),
+                     (run, run.parent)):
+        for fmt in ("hf", "minigpt"):
+            for extra in ((), ("--overwrite",)):
+                assert main(["export", "--checkpoint", str(src), "--format", fmt, "--out",
+                             str(out), *extra]) == 1
+                assert "overwrite the source" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoint").iterdir()} == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+
+
+def test_export_replaces_only_when_asked_and_leaves_no_stale_file(gpt_ckpt, tmp_path, capsys):
+    run, model, tok = gpt_ckpt
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    assert (out / hf.MINIGPT_TOKENIZER).is_file()
+    # a Llama from a GGUF into the same folder: refused, then replaced whole with --overwrite
+    llama = GPT(GPTConfig.llama(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=16,
+                                vocab_size=41, intermediate_size=24))
+    with pytest.raises(ValueError, match="not empty"):
+        hf.export_hf(llama, str(out))
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 1
+    assert "already exists and is not empty" in capsys.readouterr().err
+    hf.export_hf(llama, str(out), overwrite=True)
+    # the char tokenizer of the first export would have been loaded with these weights
+    assert not (out / hf.MINIGPT_TOKENIZER).exists()
+    back, _ = minigpt.load(str(out))
+    assert back.config.vocab_size == 41 and back.config.pos == "rope"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders
+    # a folder that is not a model folder, or that holds a training run, is never replaced
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a model folder"):
+        hf.export_hf(model, str(notes), tok, overwrite=True)
+    with pytest.raises(ValueError, match="training run"):
+        hf.export_hf(model, str(run), tok, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+
+def test_import_never_replaces_a_run_unasked(gpt_ckpt, tmp_path, capsys):
+    run, model, tok = gpt_ckpt
+    out = tmp_path / "hf"
+    hf.export_hf(model, str(out), tok)
+    other = tmp_path / "other"
+    save_checkpoint(other, model, tok, {"step": 6})
+    before = (other / "checkpoint" / "config.json").read_text()
+    assert main(["export", "--checkpoint", str(out), "--format", "minigpt", "--out",
+                 str(other)]) == 1
+    assert "already holds a checkpoint (step 6)" in capsys.readouterr().err
+    assert (other / "checkpoint" / "config.json").read_text() == before
+    assert main(["export", "--checkpoint", str(out), "--format", "minigpt", "--out",
+                 str(other), "--overwrite"]) == 0
+    assert "imported_from" in load_checkpoint(other)["config"]["train"]
+
+
+def test_folder_mixing_a_tokenizer_of_another_model_is_refused(gpt_ckpt, tmp_path):
+    _, model, tok = gpt_ckpt
+    out = tmp_path / "hf"
+    hf.export_hf(model, str(out), tok)
+    # the character vocabulary one entry short: ids would silently decode to other characters
+    short = CharTokenizer(tok.chars[:-1])
+    short.save(str(out / hf.MINIGPT_TOKENIZER))
+    with pytest.raises(ValueError, match=f"tokenizer has {tok.vocab_size - 1} tokens but the "
+                                         f"model's vocab_size is {tok.vocab_size}"):
+        minigpt.load(str(out))

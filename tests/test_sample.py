@@ -174,3 +174,56 @@ def test_help(capsys):
             f"shakespeare_char {warm['shakespeare_char']}, baby {warm['baby']})") in helps["train"]
     assert f"AdamW beta1 (default: {TrainConfig.beta1})" in helps["train"]
     assert "greedy decoding with the KV cache" in helps["bench decode"]   # a description
+
+
+def test_tiny_temperature_samples_the_best_token():
+    """logits / 1e-40 overflowed every logit to +-inf, whose softmax is NaN; the best logit
+    now goes to 0 first, so a tiny temperature is greedy, as its limit is."""
+    from minigpt.sampling import sample_next
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 5
+    for t in (1e-40, 1e-45, 1e-30):
+        assert torch.equal(sample_next(logits, temperature=t, top_p=0.9), logits.argmax(-1))
+    # and an ordinary temperature still samples from softmax(logits / T): the empirical
+    # frequencies of a 3-token row match it
+    row = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
+    got = torch.bincount(sample_next(row, 0.7, generator=torch.Generator().manual_seed(1)),
+                         minlength=3).float() / 20000
+    torch.testing.assert_close(got, torch.softmax(row[0] / 0.7, -1), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nonfinite_logits_are_an_error_not_token_zero(bad, temperature):
+    from minigpt.sampling import sample_next
+
+    logits = torch.randn(2, 9)
+    logits[1, 4] = bad
+    with pytest.raises(ValueError, match="logits hold NaN or inf"):
+        sample_next(logits, temperature)
+    logits[1, 4] = float("-inf")  # a masked token is fine
+    assert sample_next(logits, temperature).shape == (2,)
+
+
+def test_sample_backend_is_for_the_call_only(run_dir, monkeypatch):
+    import os
+
+    monkeypatch.delenv("MINIGPT_BACKEND", raising=False)
+    out = io.StringIO()
+    a = sample_checkpoint(run_dir, "First", 8, temperature=0, backend="torch", out=out)
+    assert "MINIGPT_BACKEND" not in os.environ
+    assert sample_checkpoint(run_dir, "First", 8, temperature=0, out=out) == a
+    monkeypatch.setenv("MINIGPT_BACKEND", "cpu")
+    sample_checkpoint(run_dir, "First", 8, temperature=0, backend="torch", out=out)
+    assert os.environ["MINIGPT_BACKEND"] == "cpu"
+    with pytest.raises(ValueError, match="unknown backend 'xyz'"):
+        sample_checkpoint(run_dir, "First", 8, backend="xyz", out=out)
+    assert os.environ["MINIGPT_BACKEND"] == "cpu"
+
+
+def test_sample_says_when_the_prompt_is_longer_than_the_context(run_dir):
+    prompt = ("First Citizen: hear me speak. " * 3)[:70]
+    with pytest.warns(UserWarning, match="70 characters, longer than the model's context of 32"):
+        text = sample_checkpoint(run_dir, prompt, 4, temperature=0, out=io.StringIO())
+    assert text[0].startswith(prompt) and len(text[0]) == 74

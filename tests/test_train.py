@@ -339,6 +339,49 @@ def test_bad_input_gets_clear_errors_and_keeps_the_checkpoint(corpus, tmp_path, 
     assert tree_digest(out / "checkpoint") != before
 
 
+def test_fresh_run_never_replaces_an_unreadable_checkpoint(corpus, tmp_path, capsys):
+    """A checkpoint that no longer loads is still the user's: a fresh run refuses it as it
+    refuses a good one, and --out naming a checkpoint folder itself (the next save would nest
+    inside it, out of --resume's sight) or a folder with another config.json is refused."""
+    out = tmp_path / "run"
+    assert _train_cli(corpus, out) == 0
+    cfg = out / "checkpoint" / "config.json"
+    cfg.write_text(cfg.read_text()[:100])
+    before = tree_digest(out / "checkpoint")
+    capsys.readouterr()
+    assert _train_cli(corpus, out) == 1
+    err = capsys.readouterr().err
+    assert "already holds an unreadable checkpoint" in err and "--overwrite" in err, err
+    assert tree_digest(out / "checkpoint") == before
+    for extra in ((), ("--resume",), ("--overwrite",)):
+        assert _train_cli(corpus, out / "checkpoint", *extra) == 1
+        err = capsys.readouterr().err
+        assert "is a checkpoint folder itself, not a run folder" in err and str(out) in err, err
+        assert tree_digest(out / "checkpoint") == before
+    other = tmp_path / "hf"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert _train_cli(corpus, other, "--overwrite") == 1
+    assert "a folder with its own config.json" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+    assert _train_cli(corpus, out, "--overwrite") == 0  # asked for: replaced
+    assert ckpt.load_checkpoint(out)["config"]["train"]["step"] == 2
+
+
+def test_save_checkpoint_refuses_what_would_not_load_back(tmp_path):
+    tok = CharTokenizer.from_text("abcde")
+    ckpt.save_checkpoint(tmp_path, small_model(0), tok, {"step": 5})
+    before = tree_digest(tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match="tokenizer has 5 characters but the model's vocab_size is 7"):
+        ckpt.save_checkpoint(tmp_path, small_model(1, vocab_size=7), tok, {"step": 6})
+    with pytest.raises(TypeError, match="character tokenizer"):
+        ckpt.save_checkpoint(tmp_path, small_model(1), object(), {"step": 6})
+    with pytest.raises(ValueError, match="checkpoint folder itself"):
+        ckpt.save_checkpoint(tmp_path / "checkpoint", small_model(1), tok, {"step": 6})
+    assert tree_digest(tmp_path / "checkpoint") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
 def test_out_that_is_a_file_is_a_clear_error(corpus, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("keep me")
