@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import operator
 import os
 from typing import Iterable, Sequence
 
@@ -89,7 +90,10 @@ class BPETokenizer:
             if not sep:
                 raise ValueError(f"malformed BPE merge {m!r} in GGUF file")
             pairs.append((a, b))
-        tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+        try:
+            tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+        except Exception as e:  # tokenizers raises a bare Exception: a merge of unknown tokens
+            raise ValueError(f"GGUF tokenizer: the merges do not fit the vocabulary ({e})") from None
         tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
         tok.decoder = decoders.ByteLevel()
         special = [AddedToken(t, special=True, normalized=False)
@@ -119,7 +123,10 @@ class BPETokenizer:
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        tok = Tokenizer.from_file(tj)
+        try:
+            tok = Tokenizer.from_file(tj)
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise ValueError(f"{tj} is not a readable tokenizer.json ({e})") from None
         cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
         cfg.update({k: v for k, v in _read_json(os.path.join(path, "special_tokens_map.json")).items()
                     if k not in cfg})
@@ -139,6 +146,10 @@ class BPETokenizer:
             bos = model_cfg["bos_token_id"]
         gen = _read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
         stops = [gen] if isinstance(gen, int) else list(gen or [])
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.get_vocab_size()
+                   for i in stops):
+            raise ValueError(f"{os.path.join(path, 'generation_config.json')}: eos_token_id must "
+                             f"be token ids of the vocabulary, got {gen!r}")
         template = cfg.get("chat_template")
         if template is None and os.path.isfile(os.path.join(path, "chat_template.jinja")):
             with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
@@ -171,13 +182,26 @@ class BPETokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers' words for a str it cannot take (lone surrogates)
+            raise ValueError("the text is not valid Unicode (it holds lone surrogates, e.g. "
+                             "bytes a terminal could not decode)") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise TypeError(f"decode: ids must be a sequence of integers, got {ids!r:.80}") from None
+        n = self.tokenizer.get_vocab_size()
+        # tokenizers drops an id past the vocabulary without a word, and overflows on one < 0
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"decode: ids must be ints in [0, {n}), got {bad[:5]!r}")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token(self, i: int) -> str | None:
         return self.tokenizer.id_to_token(i)
@@ -190,10 +214,15 @@ class BPETokenizer:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"chat messages need 'role' and 'content', got {m!r}")
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.token(self.bos_id) if self.bos_id is not None else "",
-            eos_token=self.token(self.eos_id) if self.eos_id is not None else "")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.token(self.bos_id) if self.bos_id is not None else "",
+                eos_token=self.token(self.eos_id) if self.eos_id is not None else "")
+        except TemplateError as e:  # a broken template, or its own raise_exception
+            raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
@@ -281,5 +310,11 @@ def _compile_template(source: str):
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(obj).__name__}")
+    return obj

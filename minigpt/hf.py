@@ -34,9 +34,12 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(obj).__name__}")
+    return obj
 
 
 def is_hf_folder(path: str) -> bool:
@@ -154,6 +157,8 @@ def read_hf(path: str):
             raise ValueError(f"{where}: model_type {kind!r} is not supported (llama or gpt2)")
     except KeyError as e:
         raise ValueError(f"{where}: required key {e} is missing") from e
+    except (AttributeError, TypeError) as e:  # a value of the wrong JSON type
+        raise ValueError(f"{where}: malformed config ({e})") from e
     sd = _read_safetensors(path)
     if kind == "llama":
         from minigpt.model import llama_state_dict_to_minigpt

@@ -75,6 +75,9 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
+        if isinstance(ids, int):  # a 0-dim tensor's tolist(), or one id
+            raise TypeError(f"CharTokenizer.decode: ids must be a sequence of ids, got the "
+                            f"single id {ids!r} (wrap it in a list)")
         out = []
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.chars):

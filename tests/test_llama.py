@@ -7,6 +7,7 @@ transformers' tokenizer for the same GGUF. Nothing is downloaded."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -532,6 +533,55 @@ def test_bad_arguments(tiny):
         next(stream_generate(model, [1, 2], 3, top_p=1.5))
     r = _cli(["generate", "--model", path, "--prompt", "x", "--temperature", "-1"])
     assert r.returncode == 1 and "temperature" in r.stderr
+
+
+def test_damaged_tokenizer_files_are_clear_errors(tiny, tmp_path):
+    """What a damaged GGUF or Hugging Face folder holds for the tokenizer: a ValueError that
+    names the file or the problem (the CLI prints it on one line), never tokenizers' bare
+    Exception, an AttributeError or a Jinja traceback."""
+    path, _, _ = tiny
+    meta = dict(loaders.GGUFFile(path).meta)
+    bad = dict(meta, **{"tokenizer.ggml.merges": list(meta["tokenizer.ggml.merges"]) + ["zzzq r"]})
+    with pytest.raises(ValueError, match="merges do not fit the vocabulary"):
+        BPETokenizer.from_gguf_metadata(bad)
+    tok = BPETokenizer.from_gguf_metadata(meta)
+
+    def folder(name, file=None, text=None):
+        d = tmp_path / name
+        tok.save(str(d))
+        if file:
+            (d / file).write_text(text)
+        return str(d)
+
+    cases = [("tokenizer.json", "{not json", "tokenizer.json is not a readable"),
+             ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json must hold a JSON object"),
+             ("tokenizer_config.json", "{'a': 1}", "tokenizer_config.json is not valid JSON"),
+             ("generation_config.json", '{"eos_token_id": "abc"}', "eos_token_id must be token ids"),
+             ("generation_config.json", '{"eos_token_id": [2, 99999]}', "eos_token_id must be")]
+    for i, (file, text, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match):
+            BPETokenizer.from_dir(folder(f"d{i}", file, text))
+    broken = BPETokenizer.from_dir(folder("tpl"))
+    broken.chat_template = "{% for %}"
+    with pytest.raises(ValueError, match="chat template failed: TemplateSyntaxError"):
+        broken.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="ids must be ints in"):
+        tok.decode([5, -1])
+    with pytest.raises(ValueError, match=r"ids must be ints in \[0, 3"):
+        tok.decode([tok.vocab_size])
+    assert tok.decode(np.array([5, 6])) == tok.decode([5, 6])
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        tok.encode("caf\udce9")
+
+
+def test_malformed_hf_config_is_a_clear_error(tiny, tmp_path):
+    path, hf_dir, _ = tiny
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, rope_parameters="x")))
+    with pytest.raises(ValueError, match="config.json: malformed config"):
+        minigpt.load(str(d))
 
 
 def test_packaged_model_lookup(monkeypatch):
