@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -246,12 +247,15 @@ inline float exp_poly(float x) {
   return p * pow2n;
 }
 constexpr float kExpLo = -87.33654f, kExpHi = 88.37626f;
-// Below the range 0; exp_vec saturates above it at exp(88.38) instead of inf; exp_nonpos
-// takes x <= 0 (a value minus its row's max, as in softmax and cross-entropy): no upper clamp.
+// Below the range 0, above it +inf (SwiGLU's sigmoid 1 / (1 + exp(-g)) must reach 0: a
+// saturated exp(88.38) left silu(-3e38) at -1.25); exp_nonpos takes x <= 0 (a value minus its
+// row's max, as in softmax and cross-entropy): no upper clamp.
 #if defined(__AVX512F__)
 // AVX-512 vectorizes the `?:` with masked operations, a few % faster than the masks below.
 inline float exp_vec(float x) {
-  return x < kExpLo ? 0.0f : exp_poly(std::min(std::max(x, kExpLo), kExpHi));
+  return x < kExpLo ? 0.0f
+                    : x > kExpHi ? std::numeric_limits<float>::infinity()
+                                 : exp_poly(std::max(x, kExpLo));
 }
 inline float exp_nonpos(float x) { return x < kExpLo ? 0.0f : exp_poly(std::max(x, kExpLo)); }
 #else
@@ -264,9 +268,10 @@ inline float select_bits(uint32_t mask, float a, float b) {  // mask ? a : b, la
   return f32_from_bits((f32_bits(a) & mask) | (f32_bits(b) & ~mask));
 }
 inline float exp_vec(float x) {
-  const uint32_t below = all_ones_if(x < kExpLo);
-  const float xc = select_bits(all_ones_if(x > kExpHi), kExpHi, select_bits(below, kExpLo, x));
-  return select_bits(below, 0.0f, exp_poly(xc));
+  const uint32_t below = all_ones_if(x < kExpLo), above = all_ones_if(x > kExpHi);
+  const float xc = select_bits(above, kExpHi, select_bits(below, kExpLo, x));
+  return select_bits(above, std::numeric_limits<float>::infinity(),
+                     select_bits(below, 0.0f, exp_poly(xc)));
 }
 inline float exp_nonpos(float x) {
   const uint32_t below = all_ones_if(x < kExpLo);

@@ -96,7 +96,9 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
         e[j] = exp_acc<A>((load(z, j) * sg_l - m) * as_l);
         sum += e[j];
       }
-      const A inv = sum > 0 ? A(1) / sum : A(0);  // a row that keeps nothing is all zeros
+      // A row that keeps nothing (sum 0) is all zeros; a NaN or +inf in the row makes the
+      // sum NaN, and so the whole row, as in torch (a `sum > 0` test zeroed all but it).
+      const A inv = sum == A(0) ? A(0) : A(1) / sum;
       store_row_scaled(e, inv, yr, L);
       for (int64_t j = L; j < N_l; ++j) yr[j] = static_cast<T>(0);
     }

@@ -30,11 +30,13 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, i
     L = L < 0 ? 0 : (L > N ? N : L);
   }
   float m = -INFINITY, d = 0.f;
+  bool nan_seen = false;  // a NaN fails both tests below: it would drop out of the sums
   // Rounded products (__fmul_rn) in both passes: nvcc would fuse the second pass's
   // `x * scale - max` into an FMA, which skips the rounding the max was taken from, and at
   // |scale * x| ~ 1e10 the row's largest value got exp(+-1e3) (csrc/softmax.cpp had that bug).
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
     const float z = __fmul_rn(to_f(x[j]), scale);
+    nan_seen |= isnan(z);
     if (z > m) {
       d = d * __expf(m - z) + 1.f;  // m == -inf on the first element: d = 0 * 0 + 1
       m = z;
@@ -43,9 +45,9 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, i
     }
   }
   const float mx = block_max(m, shm);
-  const float part = (m == -INFINITY) ? 0.f : d * __expf(m - mx);
+  const float part = nan_seen ? NAN : (m == -INFINITY) ? 0.f : d * __expf(m - mx);
   const float sum = block_sum(part, shm);
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that keeps nothing is all zeros
+  const float inv = sum == 0.f ? 0.f : 1.f / sum;  // as in softmax.cpp: NaN stays NaN
   const float ref = (mx == -INFINITY) ? 0.f : mx;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
     const float v = j < L ? __expf(__fmul_rn(to_f(x[j]), scale) - ref) * inv : 0.f;
@@ -113,7 +115,7 @@ softmax_fwd_vec_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t N, fl
       d += v[k][i];
     }
   const float sum = block_sum(d, shm);
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a row that keeps nothing is all zeros
+  const float inv = sum == 0.f ? 0.f : 1.f / sum;  // as in softmax.cpp: NaN stays NaN
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;

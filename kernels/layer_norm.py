@@ -229,8 +229,10 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config
         EXACT_MUL=not interpreting(), num_warps=warps)
     sums = parts.sum(1)
     if weight.dtype != torch.float32:  # a 16-bit model's weights: their gradients as they are
+        # dbias stays fp32: the bias's own dtype is not known here (an fp32 bias beside a
+        # 16-bit weight got its gradient rounded to 16 bits); autograd casts it to the bias's.
         return (dx, dx2, sums[0].to(weight.dtype),
-                sums[1].to(weight.dtype) if has_bias else weight.new_empty(0))
+                sums[1].clone() if has_bias else weight.new_empty(0))
     # Separate storages: a custom op's outputs must not alias each other (torch.compile
     # refuses the graph otherwise), and db is only N floats.
     return dx, dx2, sums[0], (sums[1].clone() if has_bias else weight.new_empty(0))

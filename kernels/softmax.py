@@ -52,7 +52,7 @@ def _softmax_fwd_kernel(X, Y, N, T, scale, CAUSAL: tl.constexpr, BLOCK: tl.const
         m = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: exp(-inf) = 0, no NaN
         e = tl.exp((z - m) * a)
         d = tl.sum(e, axis=0)
-        inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
+        inv = tl.where(d == 0, 0.0, 1.0 / tl.where(d == 0, 1.0, d))  # NaN d: a NaN row
         tl.store(Y + cols, (e * inv).to(Y.dtype.element_ty), mask=cols < N)
     else:
         # Per-lane running max and sum; lanes are merged once at the end.
@@ -70,7 +70,7 @@ def _softmax_fwd_kernel(X, Y, N, T, scale, CAUSAL: tl.constexpr, BLOCK: tl.const
         m = tl.max(m_vec, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
         d = tl.sum(d_vec * tl.exp((m_vec - m) * a), axis=0)
-        inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
+        inv = tl.where(d == 0, 0.0, 1.0 / tl.where(d == 0, 1.0, d))  # NaN d: a NaN row
         for off in range(0, N, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             keep = cols < L

@@ -184,6 +184,23 @@ def _env_backend() -> str | None:
     return env.decodevalue(data[key]) if key in data else None
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """The device a command runs on: None or "auto" (CUDA when there is one), else "cpu",
+    "cuda" or "cuda:N"; a clear error for anything else (torch's own lists every device type
+    it knows) and for CUDA where there is none."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    return dev
+
+
 def check_backend_name(backend, what: str = "backend") -> None:
     """A clear error for a backend name that no op would take (None: the device's best)."""
     if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
@@ -236,6 +253,8 @@ def _resolve(op, backend, env, device, dtype, supported) -> str:
     if backend is None:
         if env:
             backend, source = env.strip().lower(), f"{ENV_VAR} environment variable"
+    elif isinstance(backend, str):
+        backend = backend.strip().lower()  # as the environment variable is read
     if backend is not None:
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"{op}: unknown backend {backend!r} (from the {source}); "

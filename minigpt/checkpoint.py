@@ -253,8 +253,10 @@ def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None,
         raise CheckpointError(f"config mismatch in {d}: the tokenizer has {tokenizer.vocab_size} "
                               f"characters but the model's vocab_size is {mcfg.vocab_size}")
     state = _load_tensors(d / MODEL_FILE, cfg.get("checkpoint_id"))
-    model = GPT(mcfg)
-    expected = model_state(model)
+    # The config is checked against the weights on the meta device first: a damaged config's
+    # sizes (block_size 10**7) are then an error, not hundreds of MB allocated before one.
+    with torch.device("meta"):
+        expected = model_state(GPT(mcfg))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -268,6 +270,7 @@ def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None,
         # a damaged file (safetensors has no checksum); loaded, they only sample garbage.
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             raise CheckpointError(f"{d / MODEL_FILE} is corrupt: {k} holds NaN or inf values")
+    model = GPT(mcfg)
     model.load_state_dict(state, strict=not mcfg.tie_embeddings)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()

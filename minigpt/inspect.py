@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from minigpt._backend import pick_device
 from minigpt.model import GPT, GPTConfig
 
 # ---- loading ------------------------------------------------------------------------------
@@ -35,13 +36,6 @@ def _is_checkpoint_dir(path) -> bool:
                               for d in (p, p / "checkpoint", p / "checkpoint.old"))
 
 
-def pick_device(name: Optional[str] = None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    return dev
 
 
 def _check_source(checkpoint, model):
@@ -641,7 +635,9 @@ def next_token_steps(model: GPT, tok, prompt: str, steps: int = 5, top: int = 5,
                          "leaves no room for a next token")
     steps = min(steps, block - len(ids))
     device = model.transformer.wte.weight.device
-    gen = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
+    from minigpt.sampling import seeded_generator
+
+    gen = seeded_generator(seed, device)
     stops = set(getattr(tok, "stop_ids", ()) or ())
     model.eval()
     cache = model.new_cache(1, max_seqlen=len(ids) + steps)

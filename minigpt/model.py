@@ -51,6 +51,9 @@ _POS = ("learned", "rope")
 _MLPS = ("gelu", "swiglu")
 
 
+MAX_BLOCK_SIZE = 1 << 20  # 1,048,576 positions: past every context length MiniGPT loads
+
+
 @dataclass
 class GPTConfig:
     n_layer: int = 4
@@ -78,6 +81,11 @@ class GPTConfig:
 
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             positive_int(name)
+        if self.block_size > MAX_BLOCK_SIZE:
+            # Position tables are built whole for the context: 10**12 positions failed in the
+            # allocator, with a byte count rather than the setting's name.
+            raise ValueError(f"GPTConfig: block_size {self.block_size:,} is beyond the "
+                             f"{MAX_BLOCK_SIZE:,} positions MiniGPT supports (a damaged config?)")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head "
                              f"({self.n_head})")

@@ -27,6 +27,17 @@ def _check_args(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
+def seeded_generator(seed, device) -> Optional[torch.Generator]:
+    """A torch.Generator on ``device`` seeded with ``seed`` (None: None). The seed must be an
+    integer in [0, 2**63): torch's own error for a larger one is "Overflow when unpacking
+    long long"."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,)."""
     # Public on its own: without these, top_k=0 or a 1-D row failed inside torch and a negative
@@ -79,8 +90,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         raise TypeError(f"generate: seed must be an int or None, got {seed!r}")
     if stream is not None and not callable(stream):
         raise TypeError(f"generate: stream must be a callable or None, got {stream!r}")
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(int(seed))
+    if generator is None:
+        generator = seeded_generator(seed, idx.device)
     block = model.config.block_size
     was_training = model.training
     model.eval()
@@ -119,24 +130,21 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
     """Load a `minigpt train` checkpoint and continue ``prompt``; prints each sample to ``out``
     (as it is generated when ``stream``) and returns them. ``threads``: CPU threads while it
     runs (default: see ``minigpt.train.cpu_threads``)."""
-    import os
     import sys
 
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    seeded_generator(seed, "cpu")  # checked before the (slow) load
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not isinstance(prompt, str):
         raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
     if not prompt:
         raise ValueError("the prompt is empty; give at least one character (default: a newline)")
-    from minigpt._backend import backend_env, check_backend_name
+    from minigpt._backend import backend_env, check_backend_name, pick_device
 
     check_backend_name(backend)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        # else torch's lazy CUDA init fails deep inside loading with an AssertionError
-        raise ValueError(f"--device {device}: no CUDA device is available here")
+    # else torch's lazy CUDA init fails deep inside loading with an AssertionError
+    device = pick_device(device)
     out = sys.stdout if out is None else out
     before = torch.get_num_threads()
     if str(device).startswith("cpu"):
@@ -168,7 +176,7 @@ def _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                       f"of {model.config.block_size}: it is conditioned on the last "
                       f"{model.config.block_size}", stacklevel=3)
     idx = torch.tensor([tok.encode(prompt)], device=device)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    generator = seeded_generator(seed, device)
     texts = []
     for i in range(num_samples):
         if i:

@@ -77,6 +77,10 @@ class TrainConfig:
     progress: bool = True
 
     def check(self):
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                or not 0 <= self.seed < 2 ** 63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
         def pos_int(name, allow_zero=False):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):

@@ -434,3 +434,38 @@ def test_attention_qkv_compiles_and_passes_opcheck(be, dev):
 def test_attention_qkv_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_head_dim_one_views_of_any_stride(be, dev):
+    """A head dim of 1 is contiguous to torch at any stride, so .contiguous() kept the view
+    and the C++ kernel refused it ("needs a unit stride"): q, k, v, dout and decode's q as
+    (..., 1) views with a stride of 5 or 2 must just work, forward and backward."""
+    q = torch.randn(1, 2, 1, 5, device=dev).transpose(-1, -2).requires_grad_()  # (1, 2, 5, 1)
+    k = torch.randn(1, 2, 3, 2, device=dev)[..., ::2].requires_grad_()          # (1, 2, 3, 1)
+    v = torch.randn(1, 2, 3, 1, device=dev).requires_grad_()
+    out = ops.attention(q, k, v, causal=False, backend=be)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=False)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    dout = torch.randn(1, 2, 1, 10, device=dev)[..., ::2].transpose(-1, -2)   # stride 2 on D
+    got = torch.autograd.grad(out, [q, k, v], dout)
+    want = torch.autograd.grad(ref, [q, k, v], dout.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-5, atol=1e-6)
+    qd = torch.randn(1, 2, 1, 2, device=dev)[..., ::2]
+    kc, vc = torch.randn(1, 2, 6, 1, device=dev), torch.randn(1, 2, 6, 1, device=dev)
+    lens = torch.tensor([4], device=dev)
+    torch.testing.assert_close(ops.decode_attention(qd, kc, vc, lens, backend=be),
+                               reference.decode_attention(qd, kc, vc, lens), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_decode_unchecked_int64_lengths_clamp_not_wrap(be, dev):
+    # check_lengths=False (or no_host_sync) lets an out-of-range length through; the kernels
+    # clamp it to the cache. An int64 2**32 + 2 was narrowed to int32 first, i.e. to 2.
+    q = torch.randn(2, 4, 1, 16, device=dev)
+    kc, vc = torch.randn(2, 2, 6, 16, device=dev), torch.randn(2, 2, 6, 16, device=dev)
+    lens = torch.tensor([2 ** 32 + 2, 3], device=dev)
+    got = ops.decode_attention(q, kc, vc, lens, check_lengths=False, backend=be)
+    want = reference.decode_attention(q, kc, vc, torch.tensor([6, 3], device=dev))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

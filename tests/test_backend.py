@@ -140,3 +140,12 @@ def test_compiling_a_triton_op_call_warns_nothing(fresh):
     torch._dynamo.reset()
     assert got == want == "triton"
     assert not [str(w.message) for w in caught if "Dynamo" in str(w.message)]
+
+
+def test_backend_argument_is_read_as_the_environment_variable_is(monkeypatch):
+    # MINIGPT_BACKEND=" CPU " always worked; the same name as an argument was refused.
+    monkeypatch.delenv("MINIGPT_BACKEND", raising=False)
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(ops.softmax(x, backend=" CPU "), ops.softmax(x, backend="cpu"),
+                               rtol=0, atol=0)
+    assert _backend.resolve("softmax", "Torch", torch.device("cpu")) == "torch"

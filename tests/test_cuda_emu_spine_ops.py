@@ -273,3 +273,16 @@ def test_softmax_cuda_emulated_neg_inf_rows(cuda_emu, dtype, N, causal):
     y, dx = _check_softmax(cuda_emu, dtype, x, causal, scale=1.0)
     assert (y[1] == 0).all() and (dx[1] == 0).all()
     assert y[2, 1] == 1 and (y[2, :1] == 0).all() and (y[2, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [40, 41], ids=["vec", "generic"])
+def test_softmax_cuda_emulated_nan_and_inf_rows(cuda_emu, dtype, N):
+    # A NaN or +inf input makes its whole row NaN, as in torch (the kernels zeroed the rest).
+    x = (torch.randn(3, N) * 3).to(dtype)
+    x[0, 5] = float("nan")
+    x[1, N - 1] = float("inf")
+    y = sm_fwd(cuda_emu, x, 1.0, False, 1)
+    assert torch.isnan(y[:2]).all()
+    torch.testing.assert_close(y[2].float(), torch.softmax(x[2].double(), -1).float(),
+                               rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)

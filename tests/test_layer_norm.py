@@ -329,3 +329,17 @@ def test_norm_bwd_tuned_table(tmp_path, monkeypatch):
     sweep.write_tuned([(key, (4, 16, 4), 0.1, 1.0, "16384x768")], str(table), "sm90", "H100",
                       "2026-11-27")
     assert key not in json.loads(table.read_text())["sm90"]
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+def test_fp32_bias_beside_a_16bit_weight_gets_an_fp32_gradient(be, dev):
+    # Triton returned dbias in the weight's dtype (its 16-bit model path): an fp32 bias got
+    # its gradient rounded to bf16 (-0.66796875 for -0.66918945...).
+    skip_if_triton_refused(be, torch.float32)
+    x = torch.randn(6, 33, device=dev)
+    w = torch.randn(33, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(33, device=dev, requires_grad=True)
+    ct = torch.randn(6, 33, device=dev)
+    (ops.layer_norm(x, w, b, backend=be) * ct).sum().backward()
+    assert b.grad.dtype == torch.float32 and w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(b.grad, ct.sum(0), rtol=1e-5, atol=1e-5)

@@ -690,3 +690,14 @@ def test_packed_model_equals_float_model(tiny_untied, monkeypatch):
         packed.lm_head.weight.mul_(-1)
         plain.lm_head.weight.mul_(-1)
         torch.testing.assert_close(packed(ids)[0], plain(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_refuses_system_without_chat_and_float_ids(tiny):
+    path, _, _ = tiny
+    r = _cli(["generate", "--model", path, "--prompt", "hi", "--system", "be brief"])
+    assert r.returncode == 1 and "--system is a chat message: use it with --chat" in r.stderr
+    model, _ = minigpt.load(path)
+    with pytest.raises(TypeError, match="integer token ids, got torch.float32"):
+        next(stream_generate(model, torch.tensor([[1.7, 2.2]]), 2, temperature=0))
+    with pytest.raises(ValueError, match="no tokens"):
+        next(stream_generate(model, [], 2, temperature=0))

@@ -227,3 +227,19 @@ def test_sample_says_when_the_prompt_is_longer_than_the_context(run_dir):
     with pytest.warns(UserWarning, match="70 characters, longer than the model's context of 32"):
         text = sample_checkpoint(run_dir, prompt, 4, temperature=0, out=io.StringIO())
     assert text[0].startswith(prompt) and len(text[0]) == 74
+
+
+def test_seed_and_device_arguments_are_clear_errors(run_dir, capsys):
+    from minigpt.sampling import seeded_generator
+
+    for bad in (2 ** 63, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+            seeded_generator(bad, "cpu")
+    assert seeded_generator(2 ** 63 - 1, "cpu").initial_seed() == 2 ** 63 - 1
+    assert main(["sample", "--checkpoint", str(run_dir), "--seed", str(10 ** 23),
+                 "--max-new-tokens", "2"]) == 1
+    assert "seed must be an integer" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(run_dir), "--device", "tpu",
+                 "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in err and len(err) < 200, err

@@ -112,17 +112,20 @@ def test_softmax_zero_scale_is_uniform_over_kept_columns(be, dev, n):
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
-def test_softmax_all_masked_row_is_zero_and_nan_propagates(be, dev):
-    # Every backend agrees on the edge cases: a row that is all -inf (an additive mask that
-    # hides everything) is zeros, not 0/0; a NaN input never comes out as a finite-looking row
-    # (the kernels keep the NaN at its position; the reference spreads it over the row).
-    x = torch.randn(3, 17, device=dev)
+@pytest.mark.parametrize("n", [17, 9000])
+def test_softmax_all_masked_row_is_zero_and_nan_propagates(be, dev, n):
+    # Every backend agrees with torch on the edge cases: a row that is all -inf (an additive
+    # mask that hides everything) is zeros, not 0/0; a NaN or +inf input makes its whole row
+    # NaN. The kernels once zeroed the rest of such a row (a `sum > 0` test on the NaN sum):
+    # a row of zeros and one NaN, which no longer sums to 1.
+    x = torch.randn(4, n, device=dev)
     x[0] = float("-inf")
     x[2, 5] = float("nan")
+    x[3, n - 2] = float("inf")
     y = ops.softmax(x, backend=be)
     assert (y[0] == 0).all()
     torch.testing.assert_close(y[1], reference.softmax(x[1:2])[0], rtol=1e-5, atol=1e-6)
-    assert torch.isnan(y[2]).any()
+    assert torch.isnan(y[2:]).all() and torch.isnan(reference.softmax(x[2:])).all()
 
 
 @pytest.mark.parametrize("be", ["torch", "cpu"])

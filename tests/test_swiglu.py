@@ -41,6 +41,27 @@ def test_swiglu_matches_reference(be, dev, dtype, shape):
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_extreme_gates_match_silu(be, dev, dtype):
+    """sigmoid(g) must reach 0 for g below exp's range: the C++ exp saturated at exp(88.4),
+    so silu(-3e38) came out as -1.25, not -0; g = -inf is NaN as in F.silu."""
+    g = torch.tensor([-float("inf"), -3e38, -1e30, -100.0, -88.0, 0.5, 100.0, 3e38], device=dev)
+    u = torch.tensor([1.0, 1.0, 1e8, 2.0, 3.0, 4.0, 5.0, 0.5], device=dev)
+    g, u = g.to(dtype).requires_grad_(), u.to(dtype).requires_grad_()
+    y = ops.swiglu(g, u, backend=be)
+    want = torch.nn.functional.silu(g.float()) * u.float()
+    torch.testing.assert_close(y.float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=0, equal_nan=True)
+    dy = torch.ones_like(y)
+    dg, du = torch.autograd.grad(y, [g, u], dy)
+    g32, u32 = g.detach().float().requires_grad_(), u.detach().float().requires_grad_()
+    wg, wu = torch.autograd.grad(torch.nn.functional.silu(g32) * u32, [g32, u32], dy.float())
+    for got, ref in ((dg, wg), (du, wu)):
+        torch.testing.assert_close(got.float(), ref, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-30, equal_nan=True)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_swiglu_noncontiguous(be, dev, dtype):
     _check(be, dev, dtype, (3, 130), noncontig=True)

@@ -382,6 +382,24 @@ def test_save_checkpoint_refuses_what_would_not_load_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
+def test_damaged_config_sizes_fail_before_allocating(tmp_path):
+    """A config.json whose block_size no longer fits the weights is an error found on the
+    meta device (10**7 positions allocated 610 MB before the shape error), and one beyond
+    MiniGPT's limit names the setting (10**12 failed in the allocator with a byte count)."""
+    tok = CharTokenizer.from_text("abcde")
+    ckpt.save_checkpoint(tmp_path, small_model(0), tok, {"step": 1})
+    cfg_path = tmp_path / "checkpoint" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for block, match in ((10 ** 6, "wpe.weight has shape"),
+                         (10 ** 12, "block_size 1,000,000,000,000 is beyond")):
+        cfg["model"]["block_size"] = block
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            ckpt.load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        make_config("seed", seed=2 ** 70).check()
+
+
 def test_out_that_is_a_file_is_a_clear_error(corpus, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("keep me")

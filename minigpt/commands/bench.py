@@ -91,8 +91,13 @@ def add_arguments(p):
 
 
 def run(args):
+    import os
+
     from minigpt import bench
 
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        # found before the benchmark runs, not when it writes its tables
+        raise ValueError(f"--out {args.out} is a file; --out names the results folder")
     if args.what == "train":
         res = bench.bench_train(args.config, steps=args.steps, batch_size=args.batch_size,
                                 grad_accum=args.grad_accum,

@@ -14,6 +14,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from minigpt._backend import pick_device
+
 NAME = "generate"
 HELP = "continue a prompt with a pretrained model (SmolLM2, a GGUF, a HF folder, a checkpoint)"
 
@@ -45,13 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message (with --chat)")
 
 
-def pick_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    return dev
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
@@ -95,7 +90,15 @@ def stream_generate(model, prompt_ids, max_new_tokens: int, temperature: float =
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     model.eval()
     device = model.transformer.wte.weight.device
-    idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    if isinstance(prompt_ids, torch.Tensor) and (prompt_ids.is_floating_point()
+                                                 or prompt_ids.is_complex()):
+        raise TypeError(f"prompt_ids must hold integer token ids, got {prompt_ids.dtype}")
+    idx = torch.as_tensor(prompt_ids, device=device)
+    if idx.numel() == 0:
+        raise ValueError("the prompt has no tokens")
+    if idx.is_floating_point() or idx.dtype == torch.bool:
+        raise TypeError(f"prompt_ids must hold integer token ids, got {idx.dtype}")
+    idx = idx.long()
     if idx.dim() == 1:
         idx = idx[None]
     if idx.dim() != 2 or idx.shape[1] == 0:
@@ -136,9 +139,9 @@ def stream_generate(model, prompt_ids, max_new_tokens: int, temperature: float =
 
 
 def make_generator(seed, device) -> Optional[torch.Generator]:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(int(seed))
+    from minigpt.sampling import seeded_generator
+
+    return seeded_generator(seed, device)
 
 
 def stream_text(model, tokenizer, ids, args, out=None, stats=None) -> str:
@@ -181,6 +184,8 @@ def load_for_args(args):
 
 
 def run(args) -> int:
+    if args.system is not None and not args.chat:
+        raise ValueError("--system is a chat message: use it with --chat")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_for_args(args)
     if args.chat and not getattr(tokenizer, "chat_template", None):

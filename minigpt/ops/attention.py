@@ -125,8 +125,7 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = _unit_last(dout)
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
     dq, dk, dv = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None
@@ -196,8 +195,7 @@ def _drop_backward(ctx, dout, _dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None, None
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = _unit_last(dout)
     bwd = bwd_op(ctx, _drop_bwd, _drop_bwd_impl)
     dq, dk, dv = bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.dropout_p, seed,
                            ctx.backend)
@@ -288,8 +286,7 @@ def _qkv_backward(ctx, dout, _dlse):
     qkv, out, lse, seed = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None, None
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = _unit_last(dout)
     bwd = bwd_op(ctx, _qkv_bwd, _qkv_bwd_impl)
     dqkv = bwd(dout, qkv, out, lse, *ctx.args, seed, ctx.backend)
     return dqkv, None, None, None, None, None, None, None
@@ -367,8 +364,14 @@ def _check_dropout(op, p):
 
 def _unit_last(t):
     # Kernels take any batch/head/sequence strides (a transpose of (B, T, H, D) is free) but
-    # need each head vector contiguous.
-    return t if t.stride(-1) == 1 else t.contiguous()
+    # need each head vector contiguous. A head dim of 1 counts as contiguous to torch at any
+    # stride (contiguous() is a no-op there): its one element is reached at offset 0, so the
+    # stride is restated as 1 in a view.
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.as_strided(t.shape, t.stride()[:-1] + (1,))
+    return t.contiguous()
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
@@ -520,6 +523,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
             lo, hi = min(lens), max(lens)
         else:
             lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()
+        if S_max == 0:
+            raise ValueError(f"{op}: the cache has no positions (k_cache's S_max is 0)")
         if lo < 1 or hi > S_max:
             raise ValueError(f"{op}: cache_seqlens must lie in [1, {S_max}] (the cache length), "
                              f"got values in [{lo}, {hi}]")
@@ -535,5 +540,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     # Forward only and no autograd recording here, so outside torch.compile the kernel is
     # called directly.
     decode = _decode if torch.compiler.is_compiling() else _decode_impl
+    if cache_seqlens.dtype == torch.int64:
+        # Clamped before the narrowing, which would wrap 2**32 + 2 to 2: the kernels clamp
+        # lengths to the cache, and unchecked ones (check_lengths=False, no_host_sync) must
+        # mean what the reference makes of them.
+        cache_seqlens = cache_seqlens.clamp(0, S_max)
     return decode(_unit_last(q), _unit_last(k_cache), _unit_last(v_cache),
                   cache_seqlens.to(torch.int32).contiguous(), scale, be)

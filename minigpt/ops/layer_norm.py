@@ -65,8 +65,8 @@ def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean:
               rstd: Tensor, has_bias: bool, backend: str,
               x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dx (M, N) in h's dtype (it is also d residual), dx in x's dtype when x is narrower
-    than h (a bf16 branch on an fp32 residual stream; else empty), dweight, dbias (empty if
-    no bias), both in weight's (accumulation) dtype."""
+    than h (a bf16 branch on an fp32 residual stream; else empty), dweight in weight's dtype,
+    dbias (empty if no bias) in fp32 for a 16-bit weight, else in weight's dtype."""
     return tuple(_kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype))
 
 
@@ -75,7 +75,8 @@ _bwd = torch.library.custom_op("minigpt::layer_norm_bwd", mutates_args=())(_bwd_
 
 @_bwd.register_fake
 def _(dy, dh, h, weight, mean, rstd, has_bias, backend, x_dtype):
-    db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
+    db_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+    db = torch.empty_like(weight, dtype=db_dtype) if has_bias else weight.new_empty(0)
     dx2 = torch.empty_like(h, dtype=x_dtype) if x_dtype != h.dtype else h.new_empty(0)
     return torch.empty_like(h), dx2, torch.empty_like(weight), db
 
