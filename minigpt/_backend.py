@@ -117,10 +117,16 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None
         if device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") == "1":
-                return None
-            return ("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
-                    "before importing triton/minigpt")
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return ("Triton runs on CPU tensors only in its interpreter: set "
+                        "TRITON_INTERPRET=1 before importing triton/minigpt")
+            import minigpt
+
+            if minigpt._TRITON_IMPORTED_FIRST:
+                return ("triton was imported (e.g. by transformers) before minigpt could switch "
+                        "on its CPU interpreter: import minigpt first, or set TRITON_INTERPRET=1 "
+                        "in the environment")
+            return None
         return f"Triton has no kernels for device {device.type!r}"
     if backend == "cpu":
         if device.type != "cpu":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import types
 import weakref
 from typing import Optional
 
@@ -45,7 +44,10 @@ _ATTR = "_minigpt_patch"  # on every patched module: the names bound in its __di
 
 
 def _bind(module, name, fn):
-    module.__dict__[name] = types.MethodType(fn, module)
+    # A partial of a module-level function, not a bound method: pickle stores a bound method
+    # as getattr(module, fn.__name__), which no module has, so torch.save of a patched model
+    # wrote a file that could not be loaded back.
+    module.__dict__[name] = functools.partial(fn, module)
     getattr(module, "__dict__").setdefault(_ATTR, []).append(name)
 
 
@@ -194,9 +196,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
 
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    extra = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values")
-             if name in fields}
+    extra = {name: getattr(outputs, name, None) for name in self._minigpt_cache_fields}
     out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                  attentions=outputs.attentions, **extra)
     if return_dict is False:
@@ -240,6 +240,13 @@ def apply_to_llama(model, rms_norm: bool = True, rope: bool = True, swiglu: bool
             m.__dict__["_minigpt_attention"] = attention
             _bind(m, "forward", _attention_forward)
         elif isinstance(m, ml.LlamaForCausalLM) and cross_entropy:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            # Which cache field this transformers' output has, found here: Dynamo cannot trace
+            # dataclasses.fields, and torch.compile(fullgraph=True) of the forward failed.
+            names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+            m.__dict__["_minigpt_cache_fields"] = tuple(
+                n for n in ("cache", "past_key_values") if n in names)
             _bind(m, "forward", _causal_lm_forward)
         else:
             continue
@@ -255,7 +262,8 @@ def revert(model):
             continue
         for name in names:
             m.__dict__.pop(name, None)
-        for attr in ("_minigpt_backend", "_minigpt_rope", "_minigpt_attention"):
+        for attr in ("_minigpt_backend", "_minigpt_rope", "_minigpt_attention",
+                     "_minigpt_cache_fields"):
             m.__dict__.pop(attr, None)
     return model
 

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -353,6 +354,7 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
     error). A fresh run refuses an ``out_dir`` that already holds a checkpoint unless
     ``overwrite``. ``_stop_after`` (tests) ends the loop after that many steps, as an interruption
     would, without the end-of-run extras."""
+    explicit_given = explicit is not None
     explicit = set(explicit or ())
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -371,6 +373,14 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
                                     "start the run without --resume") from None
         saved = resumed["config"].get("train", {}).get("hparams", {})
         merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cfg)}}
+        ignored = sorted(k for k, v in merged.items()
+                         if k not in explicit and k != "out_dir" and getattr(cfg, k) != v)
+        if ignored and not explicit_given:
+            # The CLI passes the options the user typed; a library caller who changed a value
+            # in the config without `explicit` would otherwise see it dropped without a word.
+            warnings.warn("train(resume=True) keeps the checkpoint's " + ", ".join(
+                f"{k}={merged[k]!r}" for k in ignored[:6]) + " over this config's values; pass "
+                "explicit={...} with the names to change", stacklevel=2)
         for k in explicit:
             if k in MODEL_KEYS and k in merged and merged[k] != getattr(cfg, k):
                 raise ValueError(f"--resume: the checkpoint in {out_dir} was trained with "

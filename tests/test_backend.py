@@ -149,3 +149,28 @@ def test_backend_argument_is_read_as_the_environment_variable_is(monkeypatch):
     torch.testing.assert_close(ops.softmax(x, backend=" CPU "), ops.softmax(x, backend="cpu"),
                                rtol=0, atol=0)
     assert _backend.resolve("softmax", "Torch", torch.device("cpu")) == "torch"
+
+
+def test_triton_imported_before_minigpt_is_a_clear_unavailable_backend():
+    # transformers imports triton; minigpt then sets TRITON_INTERPRET too late for triton's own
+    # @jit helpers, and a kernel failed with "Cannot call @triton.jit'd outside of the scope
+    # of a kernel". A fresh process, as a user's script would import them.
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "import triton, torch\n"
+            "import minigpt\n"
+            "from minigpt import ops, _backend\n"
+            "assert 'triton' not in _backend.available_backends('cpu')\n"
+            "try:\n"
+            "    ops.softmax(torch.randn(2, 3), backend='triton')\n"
+            "except _backend.BackendUnavailableError as e:\n"
+            "    print('ERR', e)\n"
+            "print(ops.softmax(torch.randn(2, 3)).shape)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "ERR" in r.stdout and "imported (e.g. by transformers) before minigpt" in r.stdout
+    assert "torch.Size([2, 3])" in r.stdout

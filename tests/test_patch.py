@@ -185,3 +185,29 @@ def test_bad_arguments():
         apply_to_llama(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
         apply_to_llama(_model(), backend="fast")
+
+
+def test_patched_model_pickles_and_compiles_fullgraph():
+    """torch.save of a patched model wrote a file that could not be loaded (a bound method
+    pickles as getattr(module, '_attention_forward')), and torch.compile(fullgraph=True) of
+    the patched causal-LM forward stopped at dataclasses.fields."""
+    import io
+
+    ref = _model()
+    model = apply_to_llama(copy.deepcopy(ref))
+    ids, labels = _batch()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert is_patched(back)
+    with torch.no_grad():
+        want = ref(ids, labels=labels)
+        got = back(ids, labels=labels)
+        torch.testing.assert_close(back.eval()(ids).logits, model.eval()(ids).logits,
+                                   rtol=0, atol=0)
+        _rel_close(got.loss, want.loss, "loss after torch.load")
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        _rel_close(compiled(ids, labels=labels).loss, want.loss, "compiled loss")
+    revert(back)
+    assert not is_patched(back)

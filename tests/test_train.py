@@ -88,6 +88,10 @@ def test_resume_after_a_crash_past_the_checkpoint(corpus, tmp_path):
     train(tiny(corpus, tmp_path / "c", max_iters=12), resume=True, explicit={"max_iters"})
     steps = [r["step"] for r in rows(tmp_path / "c", "train")]
     assert steps == list(range(1, 13))
+    # without `explicit`, a changed value is the checkpoint's again: said, not silent
+    with pytest.warns(UserWarning, match=r"keeps the checkpoint's max_iters=12 .*explicit="):
+        done = train(tiny(corpus, tmp_path / "c", max_iters=14), resume=True)
+    assert done["step"] == 12
 
 
 def test_loss_read_only_where_logged_and_divergence_caught_there(corpus, tmp_path,
