@@ -308,13 +308,9 @@ def _compile_template(source: str):
 
 
 def _read_json(path: str) -> dict:
+    """A folder's optional JSON file ({} when absent)."""
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object, not a {type(obj).__name__}")
-    return obj
+    from minigpt.hf import read_json_object
+
+    return read_json_object(path)

@@ -31,7 +31,8 @@ from minigpt.model import GPT, GPTConfig
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _read_json(path):
+def read_json_object(path):
+    """A JSON file that must hold an object; a ValueError naming the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
@@ -48,7 +49,7 @@ def is_hf_folder(path: str) -> bool:
     if not os.path.isfile(cfg):
         return False
     try:
-        return "model_type" in _read_json(cfg)
+        return "model_type" in read_json_object(cfg)
     except ValueError:
         return False
 
@@ -146,7 +147,7 @@ def read_hf(path: str):
     where = os.path.join(path, "config.json")
     if not os.path.isfile(where):
         raise FileNotFoundError(f"no config.json in {path}")
-    cfg = _read_json(where)
+    cfg = read_json_object(where)
     kind = cfg.get("model_type")
     try:
         if kind == "llama":
