@@ -93,7 +93,8 @@ class BPETokenizer:
         try:
             tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
         except Exception as e:  # tokenizers raises a bare Exception: a merge of unknown tokens
-            raise ValueError(f"GGUF tokenizer: the merges do not fit the vocabulary ({e})") from None
+            raise ValueError(f"GGUF tokenizer: the merges do not fit the vocabulary "
+                             f"({e})") from None
         tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
         tok.decoder = decoders.ByteLevel()
         special = [AddedToken(t, special=True, normalized=False)
@@ -195,7 +196,8 @@ class BPETokenizer:
         try:
             ids = [operator.index(i) for i in ids]
         except TypeError:
-            raise TypeError(f"decode: ids must be a sequence of integers, got {ids!r:.80}") from None
+            raise TypeError(f"decode: ids must be a sequence of integers, got "
+                            f"{ids!r:.80}") from None
         n = self.tokenizer.get_vocab_size()
         # tokenizers drops an id past the vocabulary without a word, and overflows on one < 0
         bad = [i for i in ids if not 0 <= i < n]

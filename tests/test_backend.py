@@ -174,3 +174,64 @@ def test_triton_imported_before_minigpt_is_a_clear_unavailable_backend():
     assert r.returncode == 0, r.stderr
     assert "ERR" in r.stdout and "imported (e.g. by transformers) before minigpt" in r.stdout
     assert "torch.Size([2, 3])" in r.stdout
+
+
+
+def _kernel_op_cases():
+    t = torch.randint(0, 7, (6,))
+    return {  # name: (input shapes, op on those inputs)
+        "softmax": ([(4, 7)], lambda be, x: ops.softmax(x, backend=be)),
+        "layer_norm": ([(4, 7), (7,), (7,)],
+                       lambda be, x, w, b: ops.layer_norm(x, w, b, backend=be)),
+        "rms_norm": ([(4, 7), (7,)], lambda be, x, w: ops.rms_norm(x, w, backend=be)),
+        "add_rms_norm": ([(4, 7), (7,), (4, 7)],
+                         lambda be, x, w, r: ops.rms_norm(x, w, residual=r, backend=be)[0]),
+        "swiglu": ([(4, 7), (4, 7)], lambda be, g, u: ops.swiglu(g, u, backend=be)),
+        "attention": ([(1, 2, 5, 8)] * 3, lambda be, q, k, v: ops.attention(q, k, v, backend=be)),
+        "cross_entropy": ([(6, 7)], lambda be, x: ops.cross_entropy(x, t, backend=be)),
+        "fused_linear_cross_entropy": ([(6, 5), (7, 5)], lambda be, h, w:
+                                       ops.fused_linear_cross_entropy(h, w, t, backend=be)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_kernel_op_cases()))
+def test_second_derivatives_refused_by_kernel_backends_not_silently_wrong(name):
+    """With create_graph=True the kernel backends' gradients came back as constants: a second
+    derivative silently dropped the op's own term (grad of (grad(op(x)) + 3x**2) * r came out
+    as 6xr). They now refuse create_graph; first derivatives match the reference."""
+    shapes, op = _kernel_op_cases()[name]
+    torch.manual_seed(0)
+    inputs = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    with pytest.raises(RuntimeError, match="first derivatives only.*backend='torch'"):
+        torch.autograd.grad((op("cpu", *inputs) ** 2).sum(), inputs, create_graph=True)
+    got = torch.autograd.grad((op("cpu", *inputs) ** 2).sum(), inputs)
+    want = torch.autograd.grad((op("torch", *inputs) ** 2).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_forward_mode_ad_is_refused_by_kernel_backends():
+    # The bare forward (no input requires grad) dropped a dual input's tangent silently.
+    import torch.autograd.forward_ad as fwAD
+
+    w = torch.randn(16)
+    with fwAD.dual_level():
+        d = fwAD.make_dual(torch.randn(3, 16), torch.randn(3, 16))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            ops.rms_norm(d, w, backend="cpu")
+        assert fwAD.unpack_dual(ops.rms_norm(d, w, backend="torch")).tangent is not None
+        plain = ops.rms_norm(torch.randn(3, 16), w, backend="cpu")  # no tangent: fine
+    assert plain.shape == (3, 16)
+
+
+def test_torch_func_transforms_are_refused_by_kernel_backends():
+    # grad/jacrev failed naming the internal _EagerRMSNorm ("must override setup_context"),
+    # vmap with "Cannot access data pointer"; the torch backend runs under them.
+    w = torch.randn(16)
+    f = {be: (lambda x, be=be: ops.rms_norm(x, w, backend=be).sum()) for be in ("cpu", "torch")}
+    x = torch.randn(3, 16)
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(NotImplementedError, match="torch.func transforms"):
+            transform(f["cpu"])(x)
+    torch.testing.assert_close(torch.func.grad(f["torch"])(x),
+                               torch.autograd.functional.jacobian(f["torch"], x))

@@ -639,3 +639,39 @@ def test_no_host_sync_out_of_range_target(be, dev, fused):
                 run(be, h, w)
         else:
             assert torch.isnan(run(be, h, w))
+
+
+@pytest.mark.parametrize("case", ["ce-leaf", "ce-product", "fused"])
+@pytest.mark.parametrize("deferred", [False, True], ids=["synced", "no_host_sync"])
+def test_repeated_backward_into_leaves_is_right_or_a_clear_error(case, deferred):
+    """backward hands out its stored gradient itself, and .backward() keeps it as a leaf's
+    .grad: the next accumulation writes over it. A third backward through the retained graph
+    failed with autograd's bare version-counter message, and under no_host_sync (where that
+    check is off) a third gave 4x. Now every result is right or the error says why; logits
+    that are not a leaf (h @ w.T) take every backward."""
+    import contextlib
+
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    logits = (h @ w.t()).detach().requires_grad_()
+    t = torch.randint(0, 20, (6,))
+    with ops.no_host_sync() if deferred else contextlib.nullcontext():
+        if case == "fused":
+            loss, leaves = ops.fused_linear_cross_entropy(h, w, t, backend="cpu"), [h, w]
+        elif case == "ce-leaf":
+            loss, leaves = ops.cross_entropy(logits, t, backend="cpu"), [logits]
+        else:
+            loss, leaves = ops.cross_entropy(h @ w.t(), t, backend="cpu"), [h, w]
+    ref = (reference.fused_linear_cross_entropy(h, w, t) if case != "ce-leaf"
+           else reference.cross_entropy(logits, t))
+    want = torch.autograd.grad(ref, leaves)
+    for n in (1, 2, 3):
+        try:
+            loss.backward(retain_graph=True)
+        except RuntimeError as e:
+            assert "hands out its stored gradient" in str(e) and n > 1, e
+            assert case != "ce-product"
+            return
+        for leaf, g in zip(leaves, want):
+            torch.testing.assert_close(leaf.grad, n * g, rtol=1e-5, atol=1e-6)
+    assert case == "ce-product", "a third backward into leaves cannot be right"

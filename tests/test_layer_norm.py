@@ -343,3 +343,29 @@ def test_fp32_bias_beside_a_16bit_weight_gets_an_fp32_gradient(be, dev):
     (ops.layer_norm(x, w, b, backend=be) * ct).sum().backward()
     assert b.grad.dtype == torch.float32 and w.grad.dtype == torch.bfloat16
     torch.testing.assert_close(b.grad, ct.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_fused_norm_leaf_gradients_are_their_own(be, dev, op):
+    """x and residual get the same gradient; as 3-D leaves their .grad were two views of one
+    buffer (the reshape's backward), so a second accumulation (micro-batch) added to both:
+    6 where 4 was right."""
+    skip_if_triton_refused(be, torch.float32)
+    w = torch.randn(4, device=dev)
+    grads = {}
+    for b in (be, "torch"):
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, 4, device=dev, requires_grad=True)
+        r = torch.randn(2, 3, 4, device=dev, requires_grad=True)
+        c = torch.randn(2, 3, 4, device=dev)
+        for _ in range(2):
+            if op == "layer_norm":
+                y, h = ops.layer_norm(x, w, None, residual=r, backend=b)
+            else:
+                y, h = ops.rms_norm(x, w, residual=r, backend=b)
+            ((h * 2).sum() + (y * c).sum()).backward()
+        assert x.grad.data_ptr() != r.grad.data_ptr()
+        grads[b] = (x.grad, r.grad)
+    for a, ref in zip(grads[be], grads["torch"]):
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)

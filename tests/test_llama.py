@@ -556,7 +556,8 @@ def test_damaged_tokenizer_files_are_clear_errors(tiny, tmp_path):
     cases = [("tokenizer.json", "{not json", "tokenizer.json is not a readable"),
              ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json must hold a JSON object"),
              ("tokenizer_config.json", "{'a': 1}", "tokenizer_config.json is not valid JSON"),
-             ("generation_config.json", '{"eos_token_id": "abc"}', "eos_token_id must be token ids"),
+             ("generation_config.json", '{"eos_token_id": "abc"}',
+              "eos_token_id must be token ids"),
              ("generation_config.json", '{"eos_token_id": [2, 99999]}', "eos_token_id must be")]
     for i, (file, text, match) in enumerate(cases):
         with pytest.raises(ValueError, match=match):

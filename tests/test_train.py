@@ -376,7 +376,8 @@ def test_save_checkpoint_refuses_what_would_not_load_back(tmp_path):
     tok = CharTokenizer.from_text("abcde")
     ckpt.save_checkpoint(tmp_path, small_model(0), tok, {"step": 5})
     before = tree_digest(tmp_path / "checkpoint")
-    with pytest.raises(ValueError, match="tokenizer has 5 characters but the model's vocab_size is 7"):
+    with pytest.raises(ValueError,
+                       match="tokenizer has 5 characters but the model's vocab_size is 7"):
         ckpt.save_checkpoint(tmp_path, small_model(1, vocab_size=7), tok, {"step": 6})
     with pytest.raises(TypeError, match="character tokenizer"):
         ckpt.save_checkpoint(tmp_path, small_model(1), object(), {"step": 6})

@@ -13,12 +13,21 @@ grad) even the autograd.Function is pure overhead: ``pick`` hands back the bare 
 SmolLM2 decode step makes ~150 op calls, so ~10 us per call is ~1.5 ms per token.
 """
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 
-def eager_function(name, forward, setup_context, backward, nondiff_outputs=()):
+def eager_function(name, forward, setup_context, backward, nondiff_outputs=(),
+                   differentiable_backward=False):
     """forward(*inputs) -> tuple of outputs; setup_context(ctx, inputs, output) and
     backward(ctx, *grads) as given to ``register_autograd``. ``nondiff_outputs``: indices of
-    outputs that are not differentiable (saved statistics)."""
+    outputs that are not differentiable (saved statistics).
+
+    A backward made of kernel calls records no graph of its own: with create_graph=True its
+    gradients came back as constants, and a second derivative silently lost this op's term
+    (torch's once_differentiable would not help: its error node hangs off detached copies,
+    so a derivative through the op's saved tensors still skips it). Such a backward refuses
+    create_graph. ``differentiable_backward``: the backward is itself made of differentiable
+    ops (rope's calls rope)."""
 
     def fwd(ctx, *inputs):
         ctx.minigpt_eager = True
@@ -27,8 +36,17 @@ def eager_function(name, forward, setup_context, backward, nondiff_outputs=()):
         ctx.mark_non_differentiable(*[out[i] for i in nondiff_outputs])
         return out
 
+    op = name.removeprefix("_Eager")
+
+    def once(ctx, *grads):
+        if torch.is_grad_enabled():  # backward(create_graph=True): grad mode is on here
+            raise RuntimeError(f"{op}: the kernel backends compute first derivatives only; "
+                               "for create_graph=True (second derivatives) use backend='torch'")
+        return backward(ctx, *grads)
+
+    bwd = backward if differentiable_backward else once
     return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+                {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
 def bwd_op(ctx, custom_op, impl):
@@ -55,17 +73,59 @@ else:
         return torch.compiler.is_compiling() or _TracingContext.try_get() is not None
 
 
+def leaf_backed(t) -> bool:
+    """``t``, or the tensor it is a view of, is a leaf that requires grad: backward's tensor
+    for it can become that leaf's ``.grad`` as is (autograd's AccumulateGrad keeps a gradient
+    no one else holds rather than copying it), views included. Under torch.compile every
+    graph input counts as a leaf here, intermediates do not."""
+    if t is None:
+        return False
+    base = t._base if t._base is not None else t
+    return base.is_leaf and base.requires_grad
+
+
+def x_grad(ctx, dx, dx_x):
+    """A fused norm's gradient for x: dx_x where x is narrower than h; else dx itself, which
+    is also the residual's, unless both are leaves (ctx.split_grads, from leaf_backed): their
+    .grad would then be two views of one buffer, and the next accumulation into either (a
+    second micro-batch) would add to both."""
+    if ctx.x_dtype != dx.dtype:
+        return dx_x
+    return dx.clone() if ctx.split_grads else dx
+
+
 def pick(custom_op, eager, forward, *inputs):
     """What to call for one op invocation: the custom op while torch.compile traces, the
     autograd.Function ``eager`` when some tensor in ``inputs`` needs a gradient, else the bare
     ``forward``."""
     if torch.compiler.is_compiling():
         return custom_op
+    if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): rare, checked fully
+        _refuse_dual(inputs)
+    if _functorch_level() is not None:  # ~0.1 us: under torch.func.grad / vmap / jacrev
+        raise NotImplementedError(
+            "minigpt's kernel backends do not run under torch.func transforms (grad, vmap, "
+            "jacrev, jvp): their autograd is a plain autograd.Function around kernels that "
+            "take real tensors; use backend='torch' (or MINIGPT_BACKEND=torch) there")
     if torch.is_grad_enabled():
         for t in inputs:
             if t is not None and t.requires_grad:
                 return eager.apply
     return forward
+
+
+# None outside torch.func transforms (present since torch 2.0; a stand-in where it is not).
+_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+
+
+def _refuse_dual(inputs):
+    # The kernels have no forward-mode (jvp) rule: the bare forward dropped a dual input's
+    # tangent without a word.
+    for t in inputs:
+        if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                "minigpt's kernel backends have no forward-mode AD (jvp) rule; use "
+                "backend='torch' (or MINIGPT_BACKEND=torch) for dual tensors")
 
 
 # Argument preparation without the no-op calls: ``t.to(dtype)`` and ``t.contiguous()`` on a

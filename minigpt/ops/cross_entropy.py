@@ -147,7 +147,53 @@ def _scale_plan(op: str, target: Tensor, V: int, ignore_index: int, reduction: s
             torch.ones((), dtype=acc, device=target.device))
 
 
-def _apply_pending(ctx, grads, factor: Tensor):
+_HANDED_OUT = (
+    "cross-entropy: backward hands out its stored gradient itself (it never holds a second "
+    "buffer of that size), and that tensor has changed since: accumulated into a leaf's .grad "
+    "by an earlier .backward() through this retained graph, or edited in place. Run backward "
+    "through the loss once per forward (torch.autograd.grad may be repeated), or use "
+    "backend='torch'")
+
+
+def _saved(ctx):
+    """ctx.saved_tensors, with autograd's version-check failure explained (see _HANDED_OUT)."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if "modified by an inplace operation" in str(e):
+            raise RuntimeError(_HANDED_OUT) from e
+        raise
+
+
+# Backward nodes whose output is a view of their incoming gradient: what passes through them
+# to a leaf's AccumulateGrad arrives there as a view of the buffer backward handed out.
+_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                         "TransposeBackward0", "TransposeBackward1", "TBackward0",
+                         "PermuteBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                         "SqueezeBackward2", "UnsqueezeBackward0", "AliasBackward0"})
+
+
+def _kept_as_leaf_grad(ctx, inputs) -> bool:
+    """Whether this backward's gradient for one of ``inputs`` (indices) will be stored as a
+    leaf's .grad as it is (autograd keeps a gradient no one else holds rather than copying it),
+    so that the next accumulation into that .grad writes over the stored buffer. False under
+    torch.autograd.grad (the gradient is captured, not stored) and for non-leaf inputs."""
+    nexts = getattr(ctx, "next_functions", ())
+    for i in inputs:
+        node = nexts[i][0] if i < len(nexts) else None
+        while node is not None and type(node).__name__ in _VIEW_NODES:
+            node = node.next_functions[0][0] if node.next_functions else None
+        if node is None or type(node).__name__ != "AccumulateGrad":
+            continue
+        try:
+            if torch._C._will_engine_execute_node(node):
+                return True
+        except RuntimeError:  # "... currently running autograd.grad()": captured, not stored
+            pass
+    return False
+
+
+def _apply_pending(ctx, grads, factor: Tensor, inputs=(0,)):
     """Stored gradients times a 0-dim ``factor`` (dloss times the pending scale), with no host
     sync: the deferred path of backward (``defer_scale``). In place, so no second buffer of the
     gradients' size; a second backward through a retained graph finds them already scaled by
@@ -159,7 +205,13 @@ def _apply_pending(ctx, grads, factor: Tensor):
         ctx.minigpt_applied = factor
         # Through .data: the in-place scaling is accounted for here, and autograd's version
         # check would otherwise refuse the saved tensors to a second backward.
+        # Handed to a leaf's .grad (a .backward() into leaf tensors), the stored gradients are
+        # that .grad from now on, and the next accumulation changes them behind this .data
+        # (which autograd's version check does not see): a later backward must not read them.
+        ctx.minigpt_spent = _kept_as_leaf_grad(ctx, inputs)
         return tuple(g.data.mul_(factor) for g in grads)
+    if ctx.minigpt_spent:
+        raise RuntimeError(_HANDED_OUT)
     if bool(prev == 0):
         raise RuntimeError("cross-entropy backward ran twice through a retained graph whose first "
                            "call had a zero incoming gradient: its stored gradients were scaled "
@@ -268,7 +320,7 @@ def _ce_backward(ctx, dloss, _dgrad, _dpending):
     if not ctx.compute_grad:
         raise RuntimeError("cross_entropy: the forward ran without a gradient buffer (grad mode "
                            "was off or logits did not require grad)")
-    grad, pending = ctx.saved_tensors
+    grad, pending = _saved(ctx)
     if dloss is None:
         return (None,) * 8
     if ctx.reduction == "none":
@@ -515,12 +567,14 @@ def _flce_backward(ctx, dloss, _ddh, _ddw, _ddb, _dpending):
         bwd = bwd_op(ctx, _flce_bwd, _flce_bwd_impl)
         dh, dw, db = bwd(dloss.contiguous(), hidden, weight, target, bias, *ctx.args)
     elif ctx.defer:
-        *grads, pending = ctx.saved_tensors
+        *grads, pending = _saved(ctx)
         wanted = [g for g, n in zip(grads, ctx.need) if n]
-        scaled = iter(_apply_pending(ctx, wanted, dloss * pending))
+        # input positions of hidden, weight and bias
+        where = [i for i, n in zip((0, 1, 3), ctx.need) if n]
+        scaled = iter(_apply_pending(ctx, wanted, dloss * pending, where))
         dh, dw, db = (next(scaled) if n else g for g, n in zip(grads, ctx.need))
     else:
-        dh, dw, db = (_scaled(g, dloss) for g in ctx.saved_tensors[:3])
+        dh, dw, db = (_scaled(g, dloss) for g in _saved(ctx)[:3])
     return (dh if ndh else None, dw if ndw else None, None, db if ndb else None,
             None, None, None, None, None, None, None, None, None)
 

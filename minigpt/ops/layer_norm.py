@@ -15,7 +15,8 @@ from torch import Tensor
 from minigpt import _backend, reference
 from minigpt.ops import _checks
 from minigpt.ops._eager import (bwd_op, cast_output, eager_function, h_dtype, kernel_inputs,
-                                norm_dtypes, norm_param, pick, rows, shaped)
+                                leaf_backed, norm_dtypes, norm_param, pick, rows, shaped,
+                                x_grad)
 
 OP = "layer_norm"
 
@@ -42,10 +43,11 @@ def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype):
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-              eps: float, backend: str,
-              out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              eps: float, backend: str, out_dtype: Optional[torch.dtype] = None,
+              split_grads: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y (in out_dtype, or h's), h (empty without residual),
-    mean, rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x)."""
+    mean, rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x). ``split_grads``:
+    backward gives x and residual gradients of their own (_eager.x_grad)."""
     return tuple(_kernel_fwd(backend, x, weight, bias, residual, eps, out_dtype))
 
 
@@ -53,7 +55,7 @@ _fwd = torch.library.custom_op("minigpt::layer_norm_fwd", mutates_args=())(_fwd_
 
 
 @_fwd.register_fake
-def _(x, weight, bias, residual, eps, backend, out_dtype=None):
+def _(x, weight, bias, residual, eps, backend, out_dtype=None, split_grads=False):
     M = x.shape[0]
     hd = h_dtype(x, residual)
     h = x.new_empty(x.shape, dtype=hd) if residual is not None else x.new_empty(0)
@@ -82,7 +84,7 @@ def _(dy, dh, h, weight, mean, rstd, has_bias, backend, x_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps, backend, _ = inputs
+    x, weight, bias, residual, eps, backend, _, split_grads = inputs
     y, h, mean, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
     # No zero gradients made for mean and rstd (statistics) or an unused output: one fill
@@ -93,12 +95,13 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
     ctx.backend = backend
+    ctx.split_grads = split_grads
 
 
 def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     if dy is None and dh is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     if dy is None:  # only h was used: its gradient still passes through the add
         dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
@@ -107,8 +110,10 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
                            ctx.backend, ctx.x_dtype)
     # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) comes in its
     # own dtype from the same kernel (Triton) where they differ.
-    return (dx_x if ctx.x_dtype != dx.dtype else dx, dw,
-            db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None, None)
+    return (x_grad(ctx, dx, dx_x), dw,
+            db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None, None,
+            None)
+
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -133,6 +138,12 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     (and reads the gradient in that dtype too).
     ``backend``: "triton", "cuda", "cpu", "torch" or None (best for the device, or
     ``$MINIGPT_BACKEND``).
+
+    The kernel backends compute first derivatives only (create_graph=True is refused; the
+    torch backend differentiates twice), and fused, ``h`` is an output beside ``y``, not its
+    input: a hook or ``retain_grad`` on ``h`` sees only the gradient reaching ``h`` itself,
+    not the part through ``y``, which the backward adds internally. x's and residual's
+    gradients are those of ``x + residual`` either way.
     """
     _checks.tensor(OP, "x", x)
     _checks.tensor(OP, "weight", weight)
@@ -166,7 +177,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     w = norm_param(weight, acc, be)
     b = norm_param(bias, acc, be) if bias is not None else None
     fwd = pick(_fwd, _EagerLayerNorm, _fwd_impl, x2, w, b, r2)
-    y, h, _, _ = fwd(x2, w, b, r2, float(eps), be, out_dtype)
+    split = residual is not None and leaf_backed(x) and leaf_backed(residual)
+    y, h, _, _ = fwd(x2, w, b, r2, float(eps), be, out_dtype, split)
     if residual is None:
         return shaped(y, shape)
     return shaped(y, shape), shaped(h, shape)

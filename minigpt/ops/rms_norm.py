@@ -15,7 +15,8 @@ from torch import Tensor
 from minigpt import _backend, reference
 from minigpt.ops import _checks
 from minigpt.ops._eager import (bwd_op, cast_output, eager_function, h_dtype, kernel_inputs,
-                                norm_dtypes, norm_param, pick, rows, shaped)
+                                leaf_backed, norm_dtypes, norm_param, pick, rows, shaped,
+                                x_grad)
 
 OP = "rms_norm"
 
@@ -41,10 +42,11 @@ def _kernel_bwd(backend, dy, dh, h, weight, rstd, x_dtype):
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
-              backend: str,
-              out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+              backend: str, out_dtype: Optional[torch.dtype] = None,
+              split_grads: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y (in out_dtype, or h's), h (empty without residual),
-    rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x)."""
+    rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x). ``split_grads``: see
+    _eager.x_grad."""
     return tuple(_kernel_fwd(backend, x, weight, residual, eps, out_dtype))
 
 
@@ -52,7 +54,7 @@ _fwd = torch.library.custom_op("minigpt::rms_norm_fwd", mutates_args=())(_fwd_im
 
 
 @_fwd.register_fake
-def _(x, weight, residual, eps, backend, out_dtype=None):
+def _(x, weight, residual, eps, backend, out_dtype=None, split_grads=False):
     hd = h_dtype(x, residual)
     h = x.new_empty(x.shape, dtype=hd) if residual is not None else x.new_empty(0)
     rstd = x.new_empty(x.shape[0], dtype=torch.float64 if hd == torch.float64 else torch.float32)
@@ -76,7 +78,7 @@ def _(dy, dh, h, weight, rstd, backend, x_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, eps, backend, _ = inputs
+    x, weight, residual, eps, backend, _, split_grads = inputs
     y, h, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
     ctx.set_materialize_grads(False)  # no zero gradient made for rstd (see layer_norm)
@@ -84,12 +86,13 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
     ctx.backend = backend
+    ctx.split_grads = split_grads
 
 
 def _backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     if dy is None and dh is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     if dy is None:  # only h was used: its gradient still passes through the add
         dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
@@ -97,8 +100,8 @@ def _backward(ctx, dy, dh, _drstd):
     dx, dx_x, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend, ctx.x_dtype)
     # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) comes in its
     # own dtype from the same kernel (Triton) where they differ.
-    return (dx_x if ctx.x_dtype != dx.dtype else dx, dw, (dx if ctx.has_residual else None),
-            None, None, None)
+    return (x_grad(ctx, dx, dx_x), dw, (dx if ctx.has_residual else None),
+            None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -116,7 +119,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     two, as the unfused add would be) and returns ``(rms_norm(h), h)`` from one pass over memory
     (the pre-norm transformer's "add & norm"); ``residual`` may be wider than ``x`` (a bf16
     branch added to an fp32 residual stream under autocast), and the output then takes h's
-    dtype. ``out_dtype``: the normalized output's dtype instead (see ``layer_norm``).
+    dtype. ``out_dtype``: the normalized output's dtype instead (see ``layer_norm``, also for
+    second derivatives and hooks on ``h``).
     ``backend``: "triton", "cuda", "cpu", "torch" or None (best for the device, or
     ``$MINIGPT_BACKEND``).
     """
@@ -148,7 +152,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     acc = torch.float64 if hd == torch.float64 else torch.float32
     w = norm_param(weight, acc, be)
     fwd = pick(_fwd, _EagerRMSNorm, _fwd_impl, x2, w, r2)
-    y, h, _ = fwd(x2, w, r2, float(eps), be, out_dtype)
+    split = residual is not None and leaf_backed(x) and leaf_backed(residual)
+    y, h, _ = fwd(x2, w, r2, float(eps), be, out_dtype, split)
     if residual is None:
         return shaped(y, shape)
     return shaped(y, shape), shaped(h, shape)

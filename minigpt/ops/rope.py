@@ -58,7 +58,8 @@ def _backward(ctx, dq, dk):
 
 _rope.register_autograd(_backward, setup_context=_setup_context)
 # Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
-_EagerRope = eager_function("_EagerRope", _rope_impl, _setup_context, _backward)
+_EagerRope = eager_function("_EagerRope", _rope_impl, _setup_context, _backward,
+                            differentiable_backward=True)
 
 
 def _check(q, k, cos, sin, position_ids):
