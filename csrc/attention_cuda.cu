@@ -1,8 +1,8 @@
 // Flash attention CUDA kernels (forward, backward, flash-decoding) and their extern "C"
 // launchers, in two families:
 // - Tensor cores, for bf16/fp16 with D <= 128 on sm_80 and later: FlashAttention-2's forward
-//   and atomic-free backward on mma.sync (attn_fwd_mma_kernel, attn_dq_mma_kernel,
-//   attn_dkdv_mma_kernel, below).
+//   and atomic-free backward on mma.sync, fragments through ldmatrix, tiles double-buffered
+//   with cp.async (attn_fwd_mma_kernel, attn_dq_mma_kernel, attn_dkdv_mma_kernel, below).
 // - CUDA cores, for everything else (fp32, D up to 256): simple and exact rather than fast,
 //   fp32 math, tiles staged in shared memory as fp32. For scores a lane owns one key (or one
 //   query) of a 32-wide tile and computes its dot product over the head dimension alone; for
@@ -122,13 +122,18 @@ attn_fwd_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
   }
 }
 
-// ---- tensor-core forward (16-bit q/k/v, D <= 128) -------------------------------------------------
-// FlashAttention-2's forward on mma.sync.m16n8k16 (fp32 accumulation): a block of MMA_WARPS
-// warps owns MMA_BM queries, 16 rows a warp, and walks MMA_BN-key tiles of K and V staged in
-// shared memory as loaded (16-bit). S = Q K^T and O += P V are tensor-core products on register
-// fragments; the online softmax runs on S's accumulator fragment, whose layout is P's A-operand
-// layout for the P V product, so P never goes through shared memory. The head dimension is
-// padded with zeros to DP (32, 64, 96 or 128) in shared memory.
+// ---- tensor-core kernels (16-bit q/k/v, D <= 128) ---------------------------------------------
+// FlashAttention-2 on mma.sync.m16n8k16 (fp32 accumulation). A block of MMA_WARPS warps, 16
+// rows a warp, walks tiles staged in shared memory as loaded (16-bit), the head dimension
+// padded with zeros to DP (32, 64, 96 or 128) and rows to a pitch of DP + 8 elements (+16
+// bytes: the 8 rows an ldmatrix reads start in different banks). The walk is double-buffered:
+// the next tile's cp.async copies are issued before the current tile's products, and one
+// __syncthreads a tile both publishes the copies and frees the buffer they overwrite.
+// Operand fragments come from the staged tiles through ldmatrix (.trans where the k dimension
+// runs down the rows), four 8x8 matrices an instruction. The score-shaped accumulators (S, and
+// in the backward dP, S^T, dP^T) are laid out as the A operand of the next product, so P and dS
+// never go through shared memory. Masks are applied only on tiles that cross the causal
+// diagonal or the end of the keys.
 constexpr int MMA_BM = 64, MMA_BN = 64, MMA_WARPS = 4;
 
 // c += A (16 x 16, row-major) * B (16 x 8, column-major), fp32 accumulate. Fragments as the PTX
@@ -180,19 +185,51 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 #endif
 }
 
+// Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix.x4), one register each:
+// lane l passes the address of row l % 8 of matrix l / 8 (16-byte aligned) and receives, of
+// matrix m, in r[m] the elements 2 (l % 4) and 2 (l % 4) + 1 of row l / 4; with TRANS, those of
+// column l / 4 in rows 2 (l % 4) and 2 (l % 4) + 1. Those are mma_16816's fragment layouts:
+// an A fragment is four matrices, a B fragment two (TRANS where B's k runs down the rows).
+// Off the GPU: the same from each row's address, taken from its lane by a shuffle.
+template <bool TRANS, typename T>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const T* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const uint4 probe = *reinterpret_cast<const uint4*>(p);  // the alignment the hardware needs
+  (void)probe;
+  const unsigned long long mine = (unsigned long long)(uintptr_t)p;
+  for (int m = 0; m < 4; ++m) {
+    if constexpr (TRANS) {
+      const T* r0 = (const T*)(uintptr_t)__shfl_sync(FULL, mine, m * 8 + 2 * t);
+      const T* r1 = (const T*)(uintptr_t)__shfl_sync(FULL, mine, m * 8 + 2 * t + 1);
+      r[m] = bits16(r0[g]) | (bits16(r1[g]) << 16);
+    } else {
+      const T* row = (const T*)(uintptr_t)__shfl_sync(FULL, mine, m * 8 + g);
+      r[m] = *reinterpret_cast<const uint32_t*>(row + 2 * t);
+    }
+  }
+#endif
+}
+
 // Two values as one 32-bit register of 16-bit elements, `lo` in the low half.
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return bits16(from_f<T>(lo)) | (bits16(from_f<T>(hi)) << 16);
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t ld32(const T* p) {  // two adjacent elements (4-byte aligned)
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
 // Rows row0 .. row0 + ROWS - 1 of a (L, D) matrix with row stride `ld` (elements) into shared
-// memory rows of pitch DP + 8, zeros past L and past D. vec: rows and D whole 16-byte packs.
+// memory rows of pitch DP + 8, zeros past L and past D. vec (rows and D whole 16-byte packs):
+// cp.async copies the caller commits and waits for; else plain loads and stores.
 template <typename T, int DP, int ROWS>
 __device__ __forceinline__ void mma_stage(T* dst, const T* __restrict__ src, int64_t ld,
                                           int64_t row0, int64_t L, int D, bool vec) {
@@ -201,9 +238,9 @@ __device__ __forceinline__ void mma_stage(T* dst, const T* __restrict__ src, int
     constexpr int CH = DP / 8;  // 16-byte chunks a row
     for (int idx = threadIdx.x; idx < ROWS * CH; idx += blockDim.x) {
       const int r = idx / CH, c = (idx % CH) * 8;
-      uint4 u = make_uint4(0, 0, 0, 0);
-      if (row0 + r < L && c < D) u = *reinterpret_cast<const uint4*>(src + (row0 + r) * ld + c);
-      *reinterpret_cast<uint4*>(dst + r * LDS + c) = u;
+      T* d = dst + r * LDS + c;
+      if (row0 + r < L && c < D) cp_async16(d, src + (row0 + r) * ld + c);
+      else *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * DP; idx += blockDim.x) {
@@ -213,33 +250,44 @@ __device__ __forceinline__ void mma_stage(T* dst, const T* __restrict__ src, int
   }
 }
 
-// The A fragment (16 rows from `row`, k-step kk) of a staged tile with pitch LDS.
-template <typename T, int LDS>
-__device__ __forceinline__ void mma_a_frag(uint32_t (&a)[4], const T* tile, int row, int kk,
-                                           int tc) {
-  const T* p = tile + row * LDS + kk * 16 + 2 * tc;
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * LDS);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * LDS + 8);
+// This lane's place in a tensor-core block (MMA_WARPS warps of 16 rows each): its lane, gr =
+// lane / 4 and tc = lane % 4 as mma_16816's fragment layouts use them, and w0, its warp's
+// first row of the block (the lane's own rows are w0 + gr and w0 + gr + 8).
+struct MmaLane {
+  int lane, gr, tc, w0;
+};
+__device__ __forceinline__ MmaLane mma_lane() {
+  const int lane = threadIdx.x & 31;
+  return {lane, lane >> 2, lane & 3, (int)(threadIdx.x >> 5) * 16};
 }
 
-// B fragment of B[k][n] = tile[n][k] (a product with a staged tile transposed): adjacent k.
+// The A fragment of rows w0 .. w0 + 15, k-step kk, of a staged tile with pitch LDS: matrices
+// (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
 template <typename T, int LDS>
-__device__ __forceinline__ void mma_bt_frag(uint32_t (&b)[2], const T* tile, int n0, int kk,
-                                            int gr, int tc) {
-  const T* p = tile + (n0 + gr) * LDS + kk * 16 + 2 * tc;
-  b[0] = ld32(p);
-  b[1] = ld32(p + 8);
+__device__ __forceinline__ void mma_a_frag(uint32_t (&a)[4], const T* tile, int w0, int kk,
+                                           int lane) {
+  const int m = lane >> 3;
+  ldsm_x4<false>(a, tile + (w0 + (lane & 7) + (m & 1) * 8) * LDS + kk * 16 + (m >> 1) * 8);
 }
 
-// B fragment of B[k][n] = tile[k][n] (a staged tile as it is): k runs down rows.
+// B fragments of B[k][n] = tile[n][k] (a product with a staged tile transposed), k-step kk, for
+// the n-tiles n0 (b[0], b[1]) and n0 + 8 (b[2], b[3]): matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+// (n 8-15, k 0-7), (n 8-15, k 8-15).
 template <typename T, int LDS>
-__device__ __forceinline__ void mma_b_frag(uint32_t (&b)[2], const T* tile, int k0, int n0,
-                                           int gr, int tc) {
-  const T* p = tile + (k0 + 2 * tc) * LDS + n0 + gr;
-  b[0] = bits16(p[0]) | (bits16(p[LDS]) << 16);
-  b[1] = bits16(p[8 * LDS]) | (bits16(p[9 * LDS]) << 16);
+__device__ __forceinline__ void mma_bt_frag2(uint32_t (&b)[4], const T* tile, int n0, int kk,
+                                             int lane) {
+  const int m = lane >> 3;
+  ldsm_x4<false>(b, tile + (n0 + (lane & 7) + (m >> 1) * 8) * LDS + kk * 16 + (m & 1) * 8);
+}
+
+// B fragments of B[k][n] = tile[k][n] (a staged tile as it is: k runs down rows), rows k0 ..
+// k0 + 15, for the n-tiles n0 (b[0], b[1]) and n0 + 8 (b[2], b[3]): transposed matrices
+// (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+template <typename T, int LDS>
+__device__ __forceinline__ void mma_b_frag2(uint32_t (&b)[4], const T* tile, int k0, int n0,
+                                            int lane) {
+  const int m = lane >> 3;
+  ldsm_x4<true>(b, tile + (k0 + (lane & 7) + (m & 1) * 8) * LDS + n0 + (m >> 1) * 8);
 }
 
 // An accumulator pair of n-tiles (2 kj, 2 kj + 1) as the A fragment for k-step kj.
@@ -257,16 +305,45 @@ __device__ __forceinline__ void acc_as_a(uint32_t (&a)[4], const float (&lo)[4],
 // rows (the k dimension) and DT * 8 columns: O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
 template <typename T, int LDS, int NT, int DT>
 __device__ __forceinline__ void mma_acc_tile(float (&acc)[DT][4], const float (&sc)[NT][4],
-                                             const T* tile, int gr, int tc) {
+                                             const T* tile, int lane) {
 #pragma unroll
   for (int kj = 0; kj < NT / 2; ++kj) {
     uint32_t a[4];
     acc_as_a<T>(a, sc[2 * kj], sc[2 * kj + 1]);
 #pragma unroll
-    for (int d = 0; d < DT; ++d) {
-      uint32_t b[2];
-      mma_b_frag<T, LDS>(b, tile, kj * 16, d * 8, gr, tc);
-      mma_16816<T>(acc[d], a, b);
+    for (int d = 0; d < DT; d += 2) {
+      uint32_t b[4];
+      mma_b_frag2<T, LDS>(b, tile, kj * 16, d * 8, lane);
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_16816<T>(acc[d], a, b0);
+      mma_16816<T>(acc[d + 1], a, b1);
+    }
+  }
+}
+
+// c = A B^T for the warp's 16 rows (from w0) of staged tile A against the NT * 8 rows of staged
+// tile B, over KD k-steps; A's fragments from registers (af) or, with af null, from the tile.
+template <typename T, int LDS, int KD, int NT>
+__device__ __forceinline__ void mma_nt(float (&c)[NT][4], const uint32_t (*af)[4], const T* a,
+                                       int w0, const T* b, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < KD; ++kk) {
+    uint32_t fa[4];
+    if (af) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) fa[i] = af[kk][i];
+    } else {
+      mma_a_frag<T, LDS>(fa, a, w0, kk, lane);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t fb[4];
+      mma_bt_frag2<T, LDS>(fb, b, nt * 8, kk, lane);
+      const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
+      mma_16816<T>(c[nt], fa, b0);
+      mma_16816<T>(c[nt + 1], fa, b1);
     }
   }
 }
@@ -291,17 +368,6 @@ __device__ __forceinline__ void store_acc(T* __restrict__ out, const float (&acc
   }
 }
 
-// This lane's place in a tensor-core block (MMA_WARPS warps of 16 rows each): gr = lane / 4 and
-// tc = lane % 4 as mma_16816's fragment layouts use them, and row, the first of its two rows
-// of the block (row and row + 8).
-struct MmaLane {
-  int gr, tc, row;
-};
-__device__ __forceinline__ MmaLane mma_lane() {
-  const int lane = threadIdx.x & 31;
-  return {lane >> 2, lane & 3, (int)(threadIdx.x >> 5) * 16 + (lane >> 2)};
-}
-
 // A query block of the forward and dQ kernels (grid: B * Hq, then query blocks): its (batch,
 // head) row bh, batch, head, kv head, and first query.
 struct MmaQueryBlock {
@@ -312,57 +378,70 @@ __device__ __forceinline__ MmaQueryBlock mma_query_block(const MgAttnGeo& g) {
   return {bh, bh / g.Hq, h, h / (g.Hq / g.Hkv), (int64_t)blockIdx.y * MMA_BM};
 }
 
+// Whether queries i0 .. i0 + rows - 1 see every key of j0 .. j0 + cols - 1, so that the tile
+// needs no mask (rows past T are the zero rows of a partial block: computed, never stored).
+__device__ __forceinline__ bool tile_unmasked(const MgAttnGeo& g, int64_t i0, int rows,
+                                              int64_t j0, int cols) {
+  (void)rows;
+  return j0 + cols <= g.S && (!g.causal || j0 + cols - 1 <= i0 + g.S - g.T);
+}
+
+// Forward. Q's fragments stay in registers for the whole walk; Q is staged in the second
+// buffer's K slot, free until the first prefetch (the tiles and the query block are 64 rows).
 template <typename T, int DP>
 __global__ void __launch_bounds__(MMA_WARPS * 32)
 attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
                     const T* __restrict__ v, T* __restrict__ out, float* __restrict__ lse,
                     float qk_scale, int vec) {
-  constexpr int LDS = DP + 8;  // +16 bytes: a fragment's 8 rows start in different banks
+  static_assert(MMA_BM == MMA_BN, "Q is staged in a K buffer");
+  constexpr int LDS = DP + 8, TILE = MMA_BN * LDS;
   constexpr int KD = DP / 16, NT = MMA_BN / 8, DT = DP / 8;
   extern __shared__ uint4 mma_smem[];
-  T* Qs = reinterpret_cast<T*>(mma_smem);
-  T* Ks = Qs + MMA_BM * LDS;
-  T* Vs = Ks + MMA_BN * LDS;
-  const auto [gr, tc, r0] = mma_lane();  // this lane's rows of the block: r0 and r0 + 8
+  T* const buf = reinterpret_cast<T*>(mma_smem);  // K0, V0, K1, V1
+  const auto [lane, gr, tc, w0] = mma_lane();
   const auto [bh, b, h, hk, i0] = mma_query_block(g);
   const int D = (int)g.D;
-  mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
+  const T* kb = k + b * g.kb + hk * g.kh;
+  const T* vb = v + b * g.vb + hk * g.vh;
+  const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
+  mma_stage<T, DP, MMA_BM>(buf + 2 * TILE, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
+  mma_stage<T, DP, MMA_BN>(buf, kb, g.ks, 0, g.S, D, vec);
+  mma_stage<T, DP, MMA_BN>(buf + TILE, vb, g.vs, 0, g.S, D, vec);
+  cp_async_commit();
+  cp_async_wait_all();
   __syncthreads();
-  uint32_t qf[KD][4];  // Q's fragments stay in registers for the whole walk
+  uint32_t qf[KD][4];
 #pragma unroll
-  for (int kk = 0; kk < KD; ++kk) mma_a_frag<T, LDS>(qf[kk], Qs, r0, kk, tc);
+  for (int kk = 0; kk < KD; ++kk) mma_a_frag<T, LDS>(qf[kk], buf + 2 * TILE, w0, kk, lane);
   float o[DT][4];
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int64_t rows[2] = {i0 + r0, i0 + r0 + 8};
-  const T* kb = k + b * g.kb + hk * g.kh;
-  const T* vb = v + b * g.vb + hk * g.vh;
-  const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
-  for (int64_t j0 = 0; j0 < end; j0 += MMA_BN) {
-    __syncthreads();  // every warp is done with the previous tile
-    mma_stage<T, DP, MMA_BN>(Ks, kb, g.ks, j0, g.S, D, vec);
-    mma_stage<T, DP, MMA_BN>(Vs, vb, g.vs, j0, g.S, D, vec);
+  const int64_t rows[2] = {i0 + w0 + gr, i0 + w0 + gr + 8};
+  int cur = 0;
+  for (int64_t j0 = 0; j0 < end; j0 += MMA_BN, cur ^= 1) {
+    // Tile j0 has landed (the wait below, or before the loop); every warp is done with the
+    // previous tile (and, the first time, has its Q fragments), so its buffer takes the next.
     __syncthreads();
-    float s[NT][4];  // S = Q K^T
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < KD; ++kk) {
-        uint32_t bf[2];
-        mma_bt_frag<T, LDS>(bf, Ks, nt * 8, kk, gr, tc);
-        mma_16816<T>(s[nt], qf[kk], bf);
-      }
+    if (j0 + MMA_BN < end) {
+      T* nxt = buf + 2 * TILE * (cur ^ 1);
+      mma_stage<T, DP, MMA_BN>(nxt, kb, g.ks, j0 + MMA_BN, g.S, D, vec);
+      mma_stage<T, DP, MMA_BN>(nxt + TILE, vb, g.vs, j0 + MMA_BN, g.S, D, vec);
+      cp_async_commit();
     }
+    const T* Ks = buf + 2 * TILE * cur;
+    const T* Vs = Ks + TILE;
+    float s[NT][4];  // S = Q K^T
+    mma_nt<T, LDS, KD, NT>(s, qf, nullptr, w0, Ks, lane);
     // Online softmax in base 2 on the lane's two rows; a row's 4 lanes (same gr) share it.
     float mx[2] = {-INFINITY, -INFINITY};
+    const bool unmasked = tile_unmasked(g, i0, MMA_BM, j0, MMA_BN);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t j = j0 + nt * 8 + 2 * tc + (e & 1);
-        const float x = visible(rows[e >> 1], j, g) ? s[nt][e] * qk_scale : -INFINITY;
+        float x = s[nt][e] * qk_scale;
+        if (!unmasked && !visible(rows[e >> 1], j0 + nt * 8 + 2 * tc + (e & 1), g)) x = -INFINITY;
         s[nt][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
@@ -397,7 +476,8 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
       o[dt][2] *= alpha[1];
       o[dt][3] *= alpha[1];
     }
-    mma_acc_tile<T, LDS, NT, DT>(o, s, Vs, gr, tc);  // O += P V, P straight from S's registers
+    mma_acc_tile<T, LDS, NT, DT>(o, s, Vs, lane);  // O += P V, P straight from S's registers
+    cp_async_wait_all();  // the next tile's copies, in flight during this tile's products
   }
   const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
   store_acc<T, DT>(out + bh * g.T * g.D, o, rows, inv, g.T, D, tc);
@@ -413,37 +493,10 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
 // Each recomputes P = exp2(S * scale * log2 e - lse * log2 e) from the forward's logsumexp and
 // dS = P (dP - delta), delta = rowsum(dO o O) (attn_delta_kernel). The dK/dV kernel computes
 // S^T = K Q^T and dP^T = V dO^T, so that P^T and dS^T come out of the accumulators in the
-// layout of the A operand of dV += P^T dO and dK += dS^T Q, as P does in the forward.
-// Operands are read as fragments from the staged tiles (one k-step at a time), keeping
-// registers for the accumulators.
-
-// c1 = A1 B1^T and c2 = A2 B2^T, for the warp's 16 rows of staged tiles A1 and A2 (from
-// `row`) against the NT * 8 rows of staged tiles B1 and B2, over KD k-steps: the backward's two
-// score-shaped products (S and dP in the dQ kernel, S^T and dP^T in the dK/dV kernel), one
-// k-step of A fragments at a time.
-template <typename T, int LDS, int KD, int NT>
-__device__ __forceinline__ void mma_pair_nt(float (&c1)[NT][4], float (&c2)[NT][4], const T* a1,
-                                            const T* a2, int row, const T* b1, const T* b2,
-                                            int gr, int tc) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) c1[nt][e] = c2[nt][e] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < KD; ++kk) {
-    uint32_t fa1[4], fa2[4];
-    mma_a_frag<T, LDS>(fa1, a1, row, kk, tc);
-    mma_a_frag<T, LDS>(fa2, a2, row, kk, tc);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t fb1[2], fb2[2];
-      mma_bt_frag<T, LDS>(fb1, b1, nt * 8, kk, gr, tc);
-      mma_bt_frag<T, LDS>(fb2, b2, nt * 8, kk, gr, tc);
-      mma_16816<T>(c1[nt], fa1, fb1);
-      mma_16816<T>(c2[nt], fa2, fb2);
-    }
-  }
-}
+// layout of the A operand of dV += P^T dO and dK += dS^T Q, as P does in the forward. The
+// stationary operands (Q and dO; K and V) stay in shared memory and are read as fragments one
+// k-step at a time, keeping registers for the accumulators; the walked tiles are
+// double-buffered as in the forward.
 
 template <typename T, int DP>
 __global__ void __launch_bounds__(MMA_WARPS * 32)
@@ -451,18 +504,23 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
                    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                    const float* __restrict__ lse, const float* __restrict__ delta,
                    T* __restrict__ dq, float qk_scale, float scale, int vec) {
-  constexpr int LDS = DP + 8, KD = DP / 16, NT = MMA_BN / 8, DT = DP / 8;
+  constexpr int LDS = DP + 8, TILE = MMA_BN * LDS, KD = DP / 16, NT = MMA_BN / 8, DT = DP / 8;
   extern __shared__ uint4 mma_smem[];
   T* Qs = reinterpret_cast<T*>(mma_smem);
   T* dOs = Qs + MMA_BM * LDS;
-  T* Ks = dOs + MMA_BM * LDS;
-  T* Vs = Ks + MMA_BN * LDS;
-  const auto [gr, tc, r0] = mma_lane();
+  T* const buf = dOs + MMA_BM * LDS;  // K0, V0, K1, V1
+  const auto [lane, gr, tc, w0] = mma_lane();
   const auto [bh, b, h, hk, i0] = mma_query_block(g);
   const int D = (int)g.D;
+  const T* kb = k + b * g.kb + hk * g.kh;
+  const T* vb = v + b * g.vb + hk * g.vh;
+  const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
   mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
   mma_stage<T, DP, MMA_BM>(dOs, dout + b * db + h * dh, dt, i0, g.T, D, vec);
-  const int64_t rows[2] = {i0 + r0, i0 + r0 + 8};
+  mma_stage<T, DP, MMA_BN>(buf, kb, g.ks, 0, g.S, D, vec);
+  mma_stage<T, DP, MMA_BN>(buf + TILE, vb, g.vs, 0, g.S, D, vec);
+  cp_async_commit();
+  const int64_t rows[2] = {i0 + w0 + gr, i0 + w0 + gr + 8};
   float lse2[2], dl[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -472,29 +530,56 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
   float acc[DT][4];
 #pragma unroll
   for (int d = 0; d < DT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
-  const T* kb = k + b * g.kb + hk * g.kh;
-  const T* vb = v + b * g.vb + hk * g.vh;
-  const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
-  for (int64_t j0 = 0; j0 < end; j0 += MMA_BN) {
-    __syncthreads();
-    mma_stage<T, DP, MMA_BN>(Ks, kb, g.ks, j0, g.S, D, vec);
-    mma_stage<T, DP, MMA_BN>(Vs, vb, g.vs, j0, g.S, D, vec);
-    __syncthreads();
+  cp_async_wait_all();
+  int cur = 0;
+  for (int64_t j0 = 0; j0 < end; j0 += MMA_BN, cur ^= 1) {
+    __syncthreads();  // tile j0 has landed; every warp is done with the other buffer
+    if (j0 + MMA_BN < end) {
+      T* nxt = buf + 2 * TILE * (cur ^ 1);
+      mma_stage<T, DP, MMA_BN>(nxt, kb, g.ks, j0 + MMA_BN, g.S, D, vec);
+      mma_stage<T, DP, MMA_BN>(nxt + TILE, vb, g.vs, j0 + MMA_BN, g.S, D, vec);
+      cp_async_commit();
+    }
+    const T* Ks = buf + 2 * TILE * cur;
+    const T* Vs = Ks + TILE;
     float s[NT][4], dp[NT][4];
-    mma_pair_nt<T, LDS, KD, NT>(s, dp, Qs, dOs, r0, Ks, Vs, gr, tc);  // S = Q K^T, dP = dO V^T
+    mma_nt<T, LDS, KD, NT>(s, nullptr, Qs, w0, Ks, lane);    // S = Q K^T
+    mma_nt<T, LDS, KD, NT>(dp, nullptr, dOs, w0, Vs, lane);  // dP = dO V^T
+    const bool unmasked = tile_unmasked(g, i0, MMA_BM, j0, MMA_BN);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t j = j0 + nt * 8 + 2 * tc + (e & 1);
-        const float p = visible(rows[e >> 1], j, g) ? exp2f(s[nt][e] * qk_scale - lse2[e >> 1])
-                                                    : 0.f;
+        float p = exp2f(s[nt][e] * qk_scale - lse2[e >> 1]);
+        if (!unmasked && !visible(rows[e >> 1], j0 + nt * 8 + 2 * tc + (e & 1), g)) p = 0.f;
         s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);  // dS
       }
-    mma_acc_tile<T, LDS, NT, DT>(acc, s, Ks, gr, tc);  // dQ += dS K
+    mma_acc_tile<T, LDS, NT, DT>(acc, s, Ks, lane);  // dQ += dS K
+    cp_async_wait_all();
   }
   const float mul[2] = {scale, scale};
   store_acc<T, DT>(dq + bh * g.T * g.D, acc, rows, mul, g.T, D, tc);
+}
+
+// Query tile u of a dK/dV block's walk: the GQA group's query heads one after another, each
+// from the first query tile that sees the block's keys (i from `lo`, nq tiles of BQ).
+template <typename T, int DP, int BQ>
+__device__ __forceinline__ void dkdv_stage(T* Qs, T* dOs, float* lse2s, float* dls,
+                                           const MgAttnGeo& g, const T* __restrict__ q,
+                                           const T* __restrict__ dout, int64_t db, int64_t dh,
+                                           int64_t dt, const float* __restrict__ lse,
+                                           const float* __restrict__ delta, int64_t b,
+                                           int64_t hk, int64_t lo, int64_t nq, int64_t u,
+                                           bool vec) {
+  const int64_t rep = g.Hq / g.Hkv, h = hk * rep + u / nq, qh = b * g.Hq + h;
+  const int64_t i0 = lo + (u % nq) * BQ;
+  mma_stage<T, DP, BQ>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, (int)g.D, vec);
+  mma_stage<T, DP, BQ>(dOs, dout + b * db + h * dh, dt, i0, g.T, (int)g.D, vec);
+  for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+    const int64_t i = i0 + r;
+    lse2s[r] = i < g.T ? lse[qh * g.T + i] * LOG2EF : INFINITY;  // padded rows: P = 0
+    dls[r] = i < g.T ? delta[qh * g.T + i] : 0.f;
+  }
 }
 
 template <typename T, int DP, int BQ>
@@ -505,57 +590,74 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
                      const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
                      float qk_scale, float scale, int vec) {
   constexpr int LDS = DP + 8, KD = DP / 16, NT = BQ / 8, DT = DP / 8;
+  constexpr int QTILE = BQ * LDS;  // one buffer: Q, dO (16-bit), then lse2, delta (fp32)
+  constexpr int BUF = 2 * QTILE + 2 * BQ * (int)(sizeof(float) / sizeof(T));
   extern __shared__ uint4 mma_smem[];
   T* Ks = reinterpret_cast<T*>(mma_smem);
   T* Vs = Ks + MMA_BN * LDS;
-  T* Qs = Vs + MMA_BN * LDS;
-  T* dOs = Qs + BQ * LDS;
-  float* lse2s = reinterpret_cast<float*>(dOs + BQ * LDS);
-  float* dls = lse2s + BQ;
-  const auto [gr, tc, c0] = mma_lane();  // this lane's keys of the block: c0 and c0 + 8
+  T* const buf = Vs + MMA_BN * LDS;
+  const auto [lane, gr, tc, w0] = mma_lane();  // this lane's keys: w0 + gr and w0 + gr + 8
   const int D = (int)g.D;
   const int64_t bh = blockIdx.x, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
   const int64_t j0 = (int64_t)blockIdx.y * MMA_BN;
+  // The first query that sees key j0 is j0 - (S - T); it is < T as j0 < S.
+  const int64_t lo = g.causal ? max((int64_t)0, j0 - (g.S - g.T)) / BQ * BQ : 0;
+  const int64_t nq = (g.T - lo + BQ - 1) / BQ, tiles = rep * nq;
   mma_stage<T, DP, MMA_BN>(Ks, k + b * g.kb + hk * g.kh, g.ks, j0, g.S, D, vec);
   mma_stage<T, DP, MMA_BN>(Vs, v + b * g.vb + hk * g.vh, g.vs, j0, g.S, D, vec);
-  const int64_t keys[2] = {j0 + c0, j0 + c0 + 8};
+  auto bufs = [&](int c, T*& Qs, T*& dOs, float*& lse2s, float*& dls) {
+    Qs = buf + c * BUF;
+    dOs = Qs + QTILE;
+    lse2s = reinterpret_cast<float*>(dOs + QTILE);
+    dls = lse2s + BQ;
+  };
+  {
+    T *Qs, *dOs;
+    float *lse2s, *dls;
+    bufs(0, Qs, dOs, lse2s, dls);
+    dkdv_stage<T, DP, BQ>(Qs, dOs, lse2s, dls, g, q, dout, db, dh, dt, lse, delta, b, hk, lo,
+                          nq, 0, vec);
+  }
+  cp_async_commit();
+  const int64_t keys[2] = {j0 + w0 + gr, j0 + w0 + gr + 8};
   float adk[DT][4], adv[DT][4];
 #pragma unroll
   for (int d = 0; d < DT; ++d)
 #pragma unroll
     for (int e = 0; e < 4; ++e) adk[d][e] = adv[d][e] = 0.f;
-  // The first query that sees key j0 is j0 - (S - T).
-  const int64_t lo = g.causal ? max((int64_t)0, j0 - (g.S - g.T)) / BQ * BQ : 0;
-  for (int64_t gi = 0; gi < rep; ++gi) {
-    const int64_t h = hk * rep + gi, qh = b * g.Hq + h;
-    const T* qb = q + b * g.qb + h * g.qh;
-    const T* dob = dout + b * db + h * dh;
-    for (int64_t i0 = lo; i0 < g.T; i0 += BQ) {
-      __syncthreads();
-      mma_stage<T, DP, BQ>(Qs, qb, g.qt, i0, g.T, D, vec);
-      mma_stage<T, DP, BQ>(dOs, dob, dt, i0, g.T, D, vec);
-      for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
-        const int64_t i = i0 + r;
-        lse2s[r] = i < g.T ? lse[qh * g.T + i] * LOG2EF : INFINITY;  // padded rows: P = 0
-        dls[r] = i < g.T ? delta[qh * g.T + i] : 0.f;
-      }
-      __syncthreads();
-      // S^T = K Q^T, dP^T = V dO^T: rows this warp's keys, columns the tile's queries
-      float st[NT][4], dpt[NT][4];
-      mma_pair_nt<T, LDS, KD, NT>(st, dpt, Ks, Vs, c0, Qs, dOs, gr, tc);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qc = nt * 8 + 2 * tc + (e & 1);
-          const float p = visible(i0 + qc, keys[e >> 1], g)
-                              ? exp2f(st[nt][e] * qk_scale - lse2s[qc]) : 0.f;
-          st[nt][e] = p;                          // P^T
-          dpt[nt][e] = p * (dpt[nt][e] - dls[qc]);  // dS^T
-        }
-      mma_acc_tile<T, LDS, NT, DT>(adv, st, dOs, gr, tc);   // dV += P^T dO
-      mma_acc_tile<T, LDS, NT, DT>(adk, dpt, Qs, gr, tc);   // dK += dS^T Q
+  cp_async_wait_all();
+  for (int64_t u = 0; u < tiles; ++u) {
+    __syncthreads();  // tile u has landed; every warp is done with the other buffer
+    if (u + 1 < tiles) {
+      T *Qn, *dOn;
+      float *ln, *dn;
+      bufs((int)((u + 1) & 1), Qn, dOn, ln, dn);
+      dkdv_stage<T, DP, BQ>(Qn, dOn, ln, dn, g, q, dout, db, dh, dt, lse, delta, b, hk, lo, nq,
+                            u + 1, vec);
+      cp_async_commit();
     }
+    T *Qs, *dOs;
+    float *lse2s, *dls;
+    bufs((int)(u & 1), Qs, dOs, lse2s, dls);
+    const int64_t i0 = lo + (u % nq) * BQ;
+    // S^T = K Q^T, dP^T = V dO^T: rows this warp's keys, columns the tile's queries
+    float st[NT][4], dpt[NT][4];
+    mma_nt<T, LDS, KD, NT>(st, nullptr, Ks, w0, Qs, lane);
+    mma_nt<T, LDS, KD, NT>(dpt, nullptr, Vs, w0, dOs, lane);
+    const bool unmasked = tile_unmasked(g, i0, BQ, j0, MMA_BN);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = nt * 8 + 2 * tc + (e & 1);
+        float p = exp2f(st[nt][e] * qk_scale - lse2s[qc]);
+        if (!unmasked && !visible(i0 + qc, keys[e >> 1], g)) p = 0.f;
+        st[nt][e] = p;                            // P^T
+        dpt[nt][e] = p * (dpt[nt][e] - dls[qc]);  // dS^T
+      }
+    mma_acc_tile<T, LDS, NT, DT>(adv, st, dOs, lane);  // dV += P^T dO
+    mma_acc_tile<T, LDS, NT, DT>(adk, dpt, Qs, lane);  // dK += dS^T Q
+    cp_async_wait_all();
   }
   const float mk[2] = {scale, scale}, mv[2] = {1.f, 1.f};
   store_acc<T, DT>(dk + bh * g.S * g.D, adk, keys, mk, g.S, D, tc);
@@ -976,7 +1078,7 @@ void fwd_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v, voi
 template <typename T, int DP>
 void fwd_mma_dp(const MgAttnGeo& g, const void* q, const void* k, const void* v, void* out,
                 float* lse, float scale, bool vec, cudaStream_t s) {
-  const size_t smem = sizeof(T) * (MMA_BM + 2 * MMA_BN) * (DP + 8);
+  const size_t smem = sizeof(T) * 4 * MMA_BN * (DP + 8);  // K and V, double-buffered
   auto kern = attn_fwd_mma_kernel<T, DP>;
   if (allow_smem(kern, smem) != cudaSuccess) return;
   dim3 grid((unsigned)(g.B * g.Hq), (unsigned)((g.T + MMA_BM - 1) / MMA_BM));
@@ -990,14 +1092,14 @@ void bwd_mma_dp(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, in
                 const float* delta, void* dq, void* dk, void* dv, float scale, bool vec,
                 cudaStream_t s) {
   constexpr int BQ = DP <= 64 ? 64 : 32;  // dK/dV's query tile: its registers at D 128
-  const size_t smem_q = sizeof(T) * (2 * MMA_BM + 2 * MMA_BN) * (DP + 8);
+  const size_t smem_q = sizeof(T) * (2 * MMA_BM + 4 * MMA_BN) * (DP + 8);
   auto kq = attn_dq_mma_kernel<T, DP>;
   if (allow_smem(kq, smem_q) != cudaSuccess) return;
   dim3 gq((unsigned)(g.B * g.Hq), (unsigned)((g.T + MMA_BM - 1) / MMA_BM));
   kq<<<gq, MMA_WARPS * 32, smem_q, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q,
                                         (const T*)k, (const T*)v, lse, delta, (T*)dq,
                                         scale * LOG2EF, scale, vec ? 1 : 0);
-  const size_t smem_k = sizeof(T) * (2 * MMA_BN + 2 * BQ) * (DP + 8) + sizeof(float) * 2 * BQ;
+  const size_t smem_k = sizeof(T) * (2 * MMA_BN + 4 * BQ) * (DP + 8) + sizeof(float) * 4 * BQ;
   auto kk = attn_dkdv_mma_kernel<T, DP, BQ>;
   if (allow_smem(kk, smem_k) != cudaSuccess) return;
   dim3 gk((unsigned)(g.B * g.Hkv), (unsigned)((g.S + MMA_BN - 1) / MMA_BN));

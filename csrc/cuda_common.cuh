@@ -191,6 +191,42 @@ __device__ __forceinline__ void warps_sum_to_row(const float (&acc)[VPT][V], flo
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// ---- asynchronous copies, global to shared (cp.async, sm_80 on) ----------------------------
+// A kernel that walks tiles issues the next tile's copies, computes on the current one while
+// they are in flight, and only then waits: cp_async16 per 16-byte pack (both addresses
+// 16-byte aligned), cp_async_commit to close the batch, cp_async_wait_all for every batch this
+// thread issued; the __syncthreads after the wait makes all threads' copies visible to all.
+// Below sm_80 the copy is a plain load and store. The CPU emulator (tests/cuda_emu) lands a
+// copy only at its thread's wait, so a read that comes before the wait fails the tests there.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                   (unsigned)__cvta_generic_to_shared(dst)),
+               "l"(src)
+               : "memory");
+#elif defined(MINIGPT_CUDA_EMU)
+  ::emu::cp_async(dst, src, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(MINIGPT_CUDA_EMU)
+  ::emu::cp_async_commit();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#elif defined(MINIGPT_CUDA_EMU)
+  ::emu::cp_async_wait(0);
+#endif
+}
+
 // Threads and packs per thread (vpt, a power of two <= max_vpt) for a vectorized row kernel
 // over `packs` packs: about two packs a thread, at most max_threads threads. {0, 0} when the
 // row does not fit: the caller takes its generic kernel.

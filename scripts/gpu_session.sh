@@ -20,8 +20,9 @@
 # and commit what it brings.
 #
 # Stages: prepare (here), install, build, test, cudatest, quicktest, tune, sweep, ops, attention,
-# regcap, training_ops, generate (bench: those four), decode, train, train_graph, quality; lease15 = the open goals'
-# stages in one call (see there). Each stage has its own
+# attention_cuda, regcap, training_ops, generate (bench: ops attention training_ops generate),
+# decode, train, train_graph, quality; lease15 = the open goals' stages in one call (see
+# there). Each stage has its own
 # time limit so one slow stage cannot take the whole call; a stage that fails is reported and
 # the next one still runs; the exit code is the number of failed stages.
 set -uo pipefail
@@ -140,6 +141,12 @@ stage_ops() { $PY benchmarks/bench_ops.py --device cuda ${OPS_ARGS:-}; }
 # on the H100); with --write the winners go into kernels/norm_bwd_tuned.json.
 stage_sweep() { $PY benchmarks/sweep_norm_bwd.py ${SWEEP_ARGS:-}; }
 stage_attention() { $PY benchmarks/bench_attention.py --device cuda ${ATTENTION_ARGS:-}; }
+# The same bench once _C is built (after `wait` in lease15), for the CUDA backend's rows: its
+# tensor-core kernels (ldmatrix fragments, cp.async double-buffered tiles since 2026-11-27)
+# have not been timed on a GPU since that change.
+stage_attention_cuda() {
+    $PY benchmarks/bench_attention.py --device cuda ${ATTENTION_CUDA_ARGS:---quick --out benchmarks/results/quick/cuda_backend}
+}
 # The attention kernels' register caps (kernels/_util.py capped_launch) against plain launches,
 # per kernel, side by side: whether the block per SM a cap wins is worth its registers.
 stage_regcap() { $PY benchmarks/bench_reg_cap.py ${REGCAP_ARGS:-}; }
@@ -174,7 +181,7 @@ stage_quality() {
 if [ "${GPU_SESSION_INNER:-}" = 1 ]; then "stage_$1"; exit $?; fi  # one stage, under timeout
 
 LIMITS="prepare=300 install=120 build=420 test=540 cudatest=540 quicktest=300 tune=420 sweep=300
-ops=420 attention=420 regcap=120 training_ops=300 generate=300 decode=240 train=540 train_graph=240
+ops=420 attention=420 attention_cuda=420 regcap=120 training_ops=300 generate=300 decode=240 train=540 train_graph=240
 quality=540"
 # STAGE_LIMITS="cudatest=120 quality=250" overrides these (the last entry for a stage wins).
 LIMITS="$LIMITS ${STAGE_LIMITS:-}"
@@ -207,7 +214,7 @@ pack() {
 if [ "${1:-}" = lease15 ]; then
     [ "$DEADLINE" -gt 0 ] || DEADLINE=570
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=12}"
-    : "${STAGE_LIMITS:=train=190 quicktest=110 ops=60 tune=80 attention=60 regcap=45 train_graph=90 cudatest=230}"
+    : "${STAGE_LIMITS:=train=190 quicktest=110 ops=60 tune=80 attention=60 attention_cuda=60 regcap=45 train_graph=90 cudatest=230}"
     # The H100 run of 2026-11-26 (second session) wrote the D = 128 causal backward's "/short"
     # tiles at T = 512 (kernels/attention_tuned.json: 1.51x SDPA-flash by kernel time, from
     # 0.79x); the point left short is that length's forward (0.85x, from 1.02x before the
@@ -229,7 +236,7 @@ if [ "${1:-}" = lease15 ]; then
     # sits within run-to-run noise of the best variant (39.1-40.4% on 2026-11-26).
     : "${TRAIN_ARGS:=--config gpt2 --steps 10 --grad-accum 4 --profile --variants minigpt,eager,compile,minigpt-compile,minigpt-graph,minigpt-compile-graph}"
     export DEADLINE MAX_JOBS TEST_WORKERS STAGE_LIMITS OPS_ARGS TRAINING_OPS_ARGS GENERATE_ARGS \
-        TRAIN_ARGS TUNE_ARGS SWEEP_ARGS ATTENTION_ARGS REGCAP_ARGS
+        TRAIN_ARGS TUNE_ARGS SWEEP_ARGS ATTENTION_ARGS ATTENTION_CUDA_ARGS REGCAP_ARGS
     LIMITS="$LIMITS $STAGE_LIMITS"
     # GPT-2 first (#7's MFU; Triton is the GPU default, with the committed norm backward
     # shapes of kernels/norm_bwd_tuned.json), on a quiet host: its host time is part of what
@@ -243,12 +250,12 @@ if [ "${1:-}" = lease15 ]; then
     # of the graph variants. regcap (GPU kernel time too) measures the register caps the
     # attention kernels launch with since the third session of 2026-11-26 (no GPU): the D 128 forward
     # at T 512 and GPT-2's dK/dV win a block per SM each.
-    set -- install train +build tune attention regcap train_graph wait ops quicktest cudatest
+    set -- install train +build tune attention regcap train_graph wait attention_cuda ops quicktest cudatest
 fi
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
 for stage in "$@"; do  # refuse a misspelt stage before anything runs
     [ "$stage" = wait ] || [ -n "$(limit_of "${stage#+}")" ] || { echo "unknown stage" \
-        "'$stage' (prepare install build test cudatest quicktest tune sweep ops attention regcap training_ops" \
+        "'$stage' (prepare install build test cudatest quicktest tune sweep ops attention attention_cuda regcap training_ops" \
         "generate decode bench train train_graph quality, +stage, wait)"; exit 2; }
 done
 [ "$*" = prepare ] || install_carried

@@ -83,6 +83,38 @@ def test_missing_barrier_gives_wrong_results(cuda_emu, block):
     assert wrong.any()
 
 
+@pytest.mark.parametrize("mode", [0, 3], ids=["wait", "two-batches"])
+def test_cp_async_lands_at_the_wait(cuda_emu, mode):
+    f = _fn(cuda_emu, "emu_test_cp_async", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_int)
+    x = torch.randn(64, 4)
+    out = torch.zeros_like(x)
+    assert f(x.data_ptr(), out.data_ptr(), 64, mode) == 0, _message(cuda_emu)
+    assert torch.equal(out, x.flip(0))
+
+
+def test_cp_async_read_before_the_wait_is_stale(cuda_emu):
+    # A kernel that reads a cp.async destination before its wait reads what was there before
+    # (the emulator's NaN fill), so such a kernel fails its tests here.
+    f = _fn(cuda_emu, "emu_test_cp_async", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_int)
+    x = torch.randn(64, 4)
+    out = torch.zeros_like(x)
+    assert f(x.data_ptr(), out.data_ptr(), 64, 1) == 0, _message(cuda_emu)
+    # Block 0 runs its last warp first: threads 32-63 read the slots of threads 0-31, whose
+    # copies have not landed yet.
+    assert torch.isnan(out[32:]).all()
+
+
+def test_cp_async_never_waited_fails_the_launch(cuda_emu):
+    f = _fn(cuda_emu, "emu_test_cp_async", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_int)
+    x = torch.randn(64, 4)
+    out = torch.zeros_like(x)
+    assert f(x.data_ptr(), out.data_ptr(), 64, 2) != 0
+    assert "cp.async copies it never waited for" in _message(cuda_emu)
+
+
 def test_misaligned_vector_load_fails_the_launch(cuda_emu):
     f = _fn(cuda_emu, "emu_test_pack_load", ctypes.c_void_p, ctypes.c_void_p)
     x = torch.randn(16)

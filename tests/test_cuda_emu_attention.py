@@ -133,6 +133,9 @@ FWD_SHAPES = [
     # off 16-byte boundaries), over several 64-query blocks and 64-key tiles
     pytest.param(1, 4, 2, 70, 70, 20, "padded", id="T70-S70-D20-gqa2"),
     pytest.param(2, 2, 2, 65, 130, 64, "offset", id="T65-S130-D64-offset"),
+    # 16-bit, cp.async staging: both double buffers in turn over 5 key tiles, unmasked tiles
+    # below the diagonal, a partial last query block
+    pytest.param(1, 2, 1, 200, 260, 128, "contig", id="T200-S260-D128-gqa2"),
 ]
 
 
@@ -153,14 +156,15 @@ def test_forward(cuda_emu, dtype, Bn, Hq, Hkv, T, S, D, layout, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [16, 20, 48, 64, 80, 128, 256])
 def test_forward_kernel_choice(cuda_emu, dtype, D):
-    """16-bit inputs with D <= 128 take the tensor-core kernel (dynamic shared memory: the
-    64-query and two 64-key tiles, 16-bit, rows padded to DP + 8 with DP the next of 32, 64,
-    96, 128); fp32 and wider heads the CUDA-core one (fp32 tiles: 16 queries, 32 keys)."""
+    """16-bit inputs with D <= 128 take the tensor-core kernel (dynamic shared memory: two
+    buffers of a 64-key K and V tile, 16-bit, rows padded to DP + 8 with DP the next of 32,
+    64, 96, 128; the 64-query Q tile is staged in the second buffer); fp32 and wider heads the
+    CUDA-core one (fp32 tiles: 16 queries, 32 keys)."""
     q, k, v = _qkv(1, 2, 1, 9, 9, D, dtype, "contig")
     _fwd(cuda_emu, q, k, v, True, 0.3)
     if dtype != F32 and D <= 128:
         DP = next(p for p in (32, 64, 96, 128) if D <= p)
-        assert cuda_emu.last_launch() == (2, 2 * (64 + 2 * 64) * (DP + 8))
+        assert cuda_emu.last_launch() == (2, 2 * 4 * 64 * (DP + 8))
     else:
         assert cuda_emu.last_launch() == (2, 4 * (16 * D + 32 * (D + 1) + 32 * D))
 
@@ -233,6 +237,10 @@ BWD_SHAPES = [
     # 16-bit: the tensor-core kernels' element-wise staging, over several query and key tiles
     pytest.param(1, 4, 2, 70, 130, 20, "padded", True, id="T70-S130-D20-gqa2-causal"),
     pytest.param(2, 2, 2, 65, 65, 96, "offset", False, id="T65-S65-D96-offset-full"),
+    # 16-bit, cp.async staging: the dK/dV walk crosses from one query head of the group to the
+    # next (32-query tiles at D 128), the dQ walk over 4 key tiles
+    pytest.param(1, 4, 2, 200, 200, 128, "contig", True, id="T200-S200-D128-gqa2-causal"),
+    pytest.param(1, 2, 1, 130, 150, 64, "contig", False, id="T130-S150-D64-gqa2-full"),
 ]
 
 
@@ -265,8 +273,9 @@ def test_backward(cuda_emu, dtype, Bn, Hq, Hkv, T, S, D, layout, causal):
 @pytest.mark.parametrize("D", [16, 48, 80, 128, 256])
 def test_backward_kernel_choice(cuda_emu, dtype, D):
     """The backward's last launch is its dK/dV kernel: the tensor-core one for 16-bit inputs
-    with D <= 128 (64-key block; K, V and a query tile of 64 rows, 32 past D 64, in 16 bits
-    with rows of DP + 8, and the tile's lse and delta), else the CUDA-core one (32 keys, fp32)."""
+    with D <= 128 (64-key block; K, V and two buffers of a query tile of 64 rows, 32 past D 64:
+    Q and dO in 16 bits with rows of DP + 8, and the tile's lse and delta), else the CUDA-core
+    one (32 keys, fp32)."""
     q, k, v = _qkv(1, 2, 1, 9, 9, D, dtype, "contig")
     do = torch.randn_like(q)
     out, _ = _ref_grads(q, k, v, do, True, 0.3)
@@ -275,7 +284,7 @@ def test_backward_kernel_choice(cuda_emu, dtype, D):
     if dtype != F32 and D <= 128:
         DP = next(p for p in (32, 64, 96, 128) if D <= p)
         BQ = 64 if DP <= 64 else 32
-        assert cuda_emu.last_launch() == (1, 2 * (2 * 64 + 2 * BQ) * (DP + 8) + 4 * 2 * BQ)
+        assert cuda_emu.last_launch() == (1, 2 * (2 * 64 + 4 * BQ) * (DP + 8) + 4 * 4 * BQ)
     else:
         assert cuda_emu.last_launch() == (1, 4 * (2 * 32 * D + 2 * 32 * (D + 1) + 64))
 

@@ -56,6 +56,13 @@ namespace {
 
 enum State { kReady, kAtBlockBarrier, kAtShuffle, kAtWarpSync, kDone };
 
+// A cp.async copy in flight: its bytes (read at the issue) and the commit group it joins.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+  int size, group;
+};
+
 struct Fiber {
   void* sp = nullptr;
   State state = kReady;
@@ -63,6 +70,8 @@ struct Fiber {
   unsigned mask = 0;
   uint64_t bits = 0, result = 0;
   int src = 0;
+  std::vector<AsyncCopy> copies;  // issued, not yet waited for
+  int groups = 0;                 // commit groups closed so far
 };
 
 constexpr size_t kStack = 256 * 1024;  // kernels keep a few hundred bytes of locals; -O0 more
@@ -216,7 +225,18 @@ bool run_block(int n, bool last_warp_first) {
       done += fibers[i].state == kDone;
       at_block += fibers[i].state == kAtBlockBarrier;
     }
-    if (done == n) return true;
+    if (done == n) {
+      for (int i = 0; i < n; ++i)
+        if (!fibers[i].copies.empty()) {
+          fail(cudaErrorLaunchFailure,
+               "thread " + std::to_string(i) + " of block (" + std::to_string(blockIdx.x) + "," +
+                   std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ") returned with " +
+                   std::to_string(fibers[i].copies.size()) +
+                   " cp.async copies it never waited for (cp_async_wait)");
+          return false;
+        }
+      return true;
+    }
     if (at_block == 0 || at_block + done != n) {
       fail(cudaErrorLaunchFailure, describe_stall(n));
       return false;
@@ -322,6 +342,29 @@ uint64_t exchange(unsigned mask, uint64_t bits, int src, int line) {
   f.src = src;
   yield();
   return fibers[current].result;
+}
+
+void cp_async(void* dst, const void* src, int bytes) {
+  AsyncCopy c;
+  c.dst = dst;
+  c.size = bytes < 0 ? 0 : bytes > 16 ? 16 : bytes;
+  memcpy(c.bytes, src, c.size);
+  c.group = fibers[current].groups;  // the group the next commit closes
+  fibers[current].copies.push_back(c);
+}
+
+void cp_async_commit() { ++fibers[current].groups; }
+
+void cp_async_wait(int pending_groups) {
+  // Lands every copy of the groups older than the newest `pending_groups` committed ones.
+  Fiber& f = fibers[current];
+  const int upto = f.groups - pending_groups;
+  std::vector<AsyncCopy> keep;
+  for (const AsyncCopy& c : f.copies) {
+    if (c.group < upto) memcpy(c.dst, c.bytes, c.size);
+    else keep.push_back(c);
+  }
+  f.copies.swap(keep);
 }
 
 }  // namespace emu

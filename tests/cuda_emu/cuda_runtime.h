@@ -29,6 +29,9 @@
 // (__expf is expf here), timing.
 #pragma once
 
+// csrc/cuda_common.cuh takes the emulator's paths for what it models itself (cp.async).
+#define MINIGPT_CUDA_EMU 1
+
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -108,6 +111,14 @@ void sync_block(int line);
 void sync_warp(unsigned mask, int line);
 // Lane-to-lane exchange: hands `bits` in, returns the bits of lane `src` (of this warp).
 uint64_t exchange(unsigned mask, uint64_t bits, int src, int line);
+// cp.async (csrc/cuda_common.cuh's cp_async16 and friends): the copy is read at once but lands
+// in shared memory only when the issuing thread waits for its group, the latest moment the
+// hardware may complete it, so a thread that reads the destination before that wait (and the
+// __syncthreads after it) reads stale data and the tests fail. A block that ends with a copy
+// nobody waited for fails its launch.
+void cp_async(void* dst, const void* src, int bytes);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
 
 inline int linear_tid() {
   return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));

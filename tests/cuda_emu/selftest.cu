@@ -73,6 +73,38 @@ __global__ void exited_lane_kernel(float* out) {
 
 __global__ void noop_kernel() {}
 
+// A block-wide reverse staged with cp.async (4 floats a thread). mode 0: wait, barrier, read;
+// 1: barrier and read without the wait (stale: the initial NaN bytes in the emulator);
+// 2: never wait (the launch must fail); 3: two batches, waiting only for the first with one
+// still in flight, then reading the first.
+__global__ void cp_async_kernel(const float* in, float* out, int mode) {
+  extern __shared__ float4 s4[];
+  const int t = threadIdx.x, n = blockDim.x;
+  cp_async16(&s4[t], in + 4 * t);
+  cp_async_commit();
+  if (mode == 3) {
+    cp_async_wait_all();
+    cp_async16(&s4[n + t], in + 4 * t);
+    cp_async_commit();
+    __syncthreads();
+    const float4 v = s4[n - 1 - t];
+    out[4 * t] = v.x;
+    out[4 * t + 1] = v.y;
+    out[4 * t + 2] = v.z;
+    out[4 * t + 3] = v.w;
+    cp_async_wait_all();
+    return;
+  }
+  if (mode == 0) cp_async_wait_all();
+  __syncthreads();
+  const float4 v = s4[n - 1 - t];
+  out[4 * t] = v.x;
+  out[4 * t + 1] = v.y;
+  out[4 * t + 2] = v.z;
+  out[4 * t + 3] = v.w;
+  if (mode == 1) cp_async_wait_all();
+}
+
 // A 16-byte load from wherever `in` points: a fault on a GPU unless it is 16-byte aligned.
 __global__ void pack_load_kernel(const float* in, float* out) {
   float v[4];
@@ -147,5 +179,10 @@ extern "C" int emu_test_convert(const float* in, void* out, float* back, int64_t
 
 extern "C" int emu_test_pack_load(const float* in, float* out) {
   pack_load_kernel<<<1, 32>>>(in, out);
+  return (int)cudaGetLastError();
+}
+
+extern "C" int emu_test_cp_async(const float* in, float* out, int threads, int mode) {
+  cp_async_kernel<<<1, threads, 2 * threads * sizeof(float4)>>>(in, out, mode);
   return (int)cudaGetLastError();
 }
