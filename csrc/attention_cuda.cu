@@ -250,6 +250,17 @@ __device__ __forceinline__ void mma_stage(T* dst, const T* __restrict__ src, int
   }
 }
 
+// The K and V tiles of keys j0 .. j0 + MMA_BN - 1 into one buffer (K, then V, a tile of
+// MMA_BN rows each), as one cp.async batch.
+template <typename T, int DP>
+__device__ __forceinline__ void stage_kv(T* dst, const T* __restrict__ kb,
+                                         const T* __restrict__ vb, const MgAttnGeo& g,
+                                         int64_t j0, bool vec) {
+  mma_stage<T, DP, MMA_BN>(dst, kb, g.ks, j0, g.S, (int)g.D, vec);
+  mma_stage<T, DP, MMA_BN>(dst + MMA_BN * (DP + 8), vb, g.vs, j0, g.S, (int)g.D, vec);
+  cp_async_commit();
+}
+
 // This lane's place in a tensor-core block (MMA_WARPS warps of 16 rows each): its lane, gr =
 // lane / 4 and tc = lane % 4 as mma_16816's fragment layouts use them, and w0, its warp's
 // first row of the block (the lane's own rows are w0 + gr and w0 + gr + 8).
@@ -405,9 +416,7 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
   const T* vb = v + b * g.vb + hk * g.vh;
   const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
   mma_stage<T, DP, MMA_BM>(buf + 2 * TILE, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
-  mma_stage<T, DP, MMA_BN>(buf, kb, g.ks, 0, g.S, D, vec);
-  mma_stage<T, DP, MMA_BN>(buf + TILE, vb, g.vs, 0, g.S, D, vec);
-  cp_async_commit();
+  stage_kv<T, DP>(buf, kb, vb, g, 0, vec);
   cp_async_wait_all();
   __syncthreads();
   uint32_t qf[KD][4];
@@ -423,12 +432,7 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
     // Tile j0 has landed (the wait below, or before the loop); every warp is done with the
     // previous tile (and, the first time, has its Q fragments), so its buffer takes the next.
     __syncthreads();
-    if (j0 + MMA_BN < end) {
-      T* nxt = buf + 2 * TILE * (cur ^ 1);
-      mma_stage<T, DP, MMA_BN>(nxt, kb, g.ks, j0 + MMA_BN, g.S, D, vec);
-      mma_stage<T, DP, MMA_BN>(nxt + TILE, vb, g.vs, j0 + MMA_BN, g.S, D, vec);
-      cp_async_commit();
-    }
+    if (j0 + MMA_BN < end) stage_kv<T, DP>(buf + 2 * TILE * (cur ^ 1), kb, vb, g, j0 + MMA_BN, vec);
     const T* Ks = buf + 2 * TILE * cur;
     const T* Vs = Ks + TILE;
     float s[NT][4];  // S = Q K^T
@@ -517,9 +521,7 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
   const int64_t end = g.causal ? min(g.S, i0 + MMA_BM + g.S - g.T) : g.S;
   mma_stage<T, DP, MMA_BM>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, D, vec);
   mma_stage<T, DP, MMA_BM>(dOs, dout + b * db + h * dh, dt, i0, g.T, D, vec);
-  mma_stage<T, DP, MMA_BN>(buf, kb, g.ks, 0, g.S, D, vec);
-  mma_stage<T, DP, MMA_BN>(buf + TILE, vb, g.vs, 0, g.S, D, vec);
-  cp_async_commit();
+  stage_kv<T, DP>(buf, kb, vb, g, 0, vec);  // one batch with Q and dO
   const int64_t rows[2] = {i0 + w0 + gr, i0 + w0 + gr + 8};
   float lse2[2], dl[2];
 #pragma unroll
@@ -534,12 +536,7 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
   int cur = 0;
   for (int64_t j0 = 0; j0 < end; j0 += MMA_BN, cur ^= 1) {
     __syncthreads();  // tile j0 has landed; every warp is done with the other buffer
-    if (j0 + MMA_BN < end) {
-      T* nxt = buf + 2 * TILE * (cur ^ 1);
-      mma_stage<T, DP, MMA_BN>(nxt, kb, g.ks, j0 + MMA_BN, g.S, D, vec);
-      mma_stage<T, DP, MMA_BN>(nxt + TILE, vb, g.vs, j0 + MMA_BN, g.S, D, vec);
-      cp_async_commit();
-    }
+    if (j0 + MMA_BN < end) stage_kv<T, DP>(buf + 2 * TILE * (cur ^ 1), kb, vb, g, j0 + MMA_BN, vec);
     const T* Ks = buf + 2 * TILE * cur;
     const T* Vs = Ks + TILE;
     float s[NT][4], dp[NT][4];

@@ -229,9 +229,9 @@ bool run_block(int n, bool last_warp_first) {
       for (int i = 0; i < n; ++i)
         if (!fibers[i].copies.empty()) {
           fail(cudaErrorLaunchFailure,
-               "thread " + std::to_string(i) + " of block (" + std::to_string(blockIdx.x) + "," +
-                   std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ") returned with " +
-                   std::to_string(fibers[i].copies.size()) +
+               "thread " + std::to_string(i) + " of block (" + std::to_string(blockIdx.x) +
+                   "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) +
+                   ") returned with " + std::to_string(fibers[i].copies.size()) +
                    " cp.async copies it never waited for (cp_async_wait)");
           return false;
         }

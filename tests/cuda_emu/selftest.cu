@@ -75,34 +75,25 @@ __global__ void noop_kernel() {}
 
 // A block-wide reverse staged with cp.async (4 floats a thread). mode 0: wait, barrier, read;
 // 1: barrier and read without the wait (stale: the initial NaN bytes in the emulator);
-// 2: never wait (the launch must fail); 3: two batches, waiting only for the first with one
-// still in flight, then reading the first.
+// 2: never wait (the launch must fail); 3: a second batch still in flight (not waited for)
+// when the first, waited for, is read.
 __global__ void cp_async_kernel(const float* in, float* out, int mode) {
   extern __shared__ float4 s4[];
   const int t = threadIdx.x, n = blockDim.x;
   cp_async16(&s4[t], in + 4 * t);
   cp_async_commit();
+  if (mode == 0 || mode == 3) cp_async_wait_all();
   if (mode == 3) {
-    cp_async_wait_all();
     cp_async16(&s4[n + t], in + 4 * t);
     cp_async_commit();
-    __syncthreads();
-    const float4 v = s4[n - 1 - t];
-    out[4 * t] = v.x;
-    out[4 * t + 1] = v.y;
-    out[4 * t + 2] = v.z;
-    out[4 * t + 3] = v.w;
-    cp_async_wait_all();
-    return;
   }
-  if (mode == 0) cp_async_wait_all();
   __syncthreads();
   const float4 v = s4[n - 1 - t];
   out[4 * t] = v.x;
   out[4 * t + 1] = v.y;
   out[4 * t + 2] = v.z;
   out[4 * t + 3] = v.w;
-  if (mode == 1) cp_async_wait_all();
+  if (mode == 1 || mode == 3) cp_async_wait_all();
 }
 
 // A 16-byte load from wherever `in` points: a fault on a GPU unless it is 16-byte aligned.
