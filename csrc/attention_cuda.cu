@@ -380,13 +380,16 @@ __device__ __forceinline__ void store_acc(T* __restrict__ out, const float (&acc
 }
 
 // A query block of the forward and dQ kernels (grid: B * Hq, then query blocks): its (batch,
-// head) row bh, batch, head, kv head, and first query.
+// head) row bh, batch, head, kv head, and first query. Causal, the last query blocks walk the
+// most keys: they take the first block indices, so that they start in the first wave rather
+// than leave a tail of long blocks at the end.
 struct MmaQueryBlock {
   int64_t bh, b, h, hk, i0;
 };
 __device__ __forceinline__ MmaQueryBlock mma_query_block(const MgAttnGeo& g) {
   const int64_t bh = blockIdx.x, h = bh % g.Hq;
-  return {bh, bh / g.Hq, h, h / (g.Hq / g.Hkv), (int64_t)blockIdx.y * MMA_BM};
+  const int64_t qb = g.causal ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+  return {bh, bh / g.Hq, h, h / (g.Hq / g.Hkv), qb * MMA_BM};
 }
 
 // Whether queries i0 .. i0 + rows - 1 see every key of j0 .. j0 + cols - 1, so that the tile
