@@ -39,6 +39,14 @@ inline int dtype_code(const at::Tensor& t) {
   return -1;
 }
 
+// The norm kernels take weights in the accumulation dtype; the CUDA ones also in the dtype of
+// 16-bit rows (a bf16 model's parameters, read without a cast kernel per call).
+inline bool weight_dtype_ok(const at::Tensor& w, const at::Tensor& x, at::ScalarType acc) {
+  if (w.scalar_type() == acc) return true;
+  const auto t = x.scalar_type();
+  return x.is_cuda() && w.scalar_type() == t && (t == at::kHalf || t == at::kBFloat16);
+}
+
 inline void check_2d_contig(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, "minigpt: ", name, " must be 2-D (rows, N), got ", t.dim(), "-D");
   TORCH_CHECK(t.is_contiguous(), "minigpt: ", name, " must be contiguous");

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include <initializer_list>
+#include <type_traits>
 
 namespace minigpt_cuda {
 
@@ -166,6 +167,18 @@ __device__ __forceinline__ const T* at16(const T* p, int64_t n) {
   return reinterpret_cast<const T*>(reinterpret_cast<const uint4*>(p) + n);
 }
 
+// The V weights (of a norm) that go with pack q of a row, as floats: fp32 ones as float4s,
+// 16-bit ones (V = 8 then: the rows are 16-bit too) as one pack.
+template <int V, typename W>
+__device__ __forceinline__ void load_w(const W* __restrict__ w, int64_t q, float* v) {
+  if constexpr (std::is_same<W, float>::value) {
+    load_f32<V>(at16(w, q * V / 4), v);
+  } else {
+    static_assert(V == Pack<W>::kN, "16-bit weights go with 16-bit rows");
+    load_pack(at16(w, q), v);
+  }
+}
+
 // The row-per-warp backward kernels' end: each warp holds partial column sums acc for the
 // packs it owns (pack k * 32 + lane, k < VPT); they meet in shared memory `part` (warps x N
 // floats) and the block writes their sum to out[0, N).
@@ -254,6 +267,29 @@ RowShape vec_shape(int64_t N, int max_threads, int max_values,
   return row_shape(N / V, max_threads, max_values / V);
 }
 
+// A 16-bit T's dtype code (kF32 for float).
+template <typename T>
+constexpr int code_of() {
+  return std::is_same<T, __half>::value ? kF16 : std::is_same<T, __nv_bfloat16>::value ? kBF16
+                                                                                       : kF32;
+}
+
+// The norms' weight type W for rows of T and the weights' dtype code: fp32, or T itself for
+// 16-bit rows. Calls f(const W* tag) (a null pointer: its type carries W) and returns the
+// launch's error, or cudaErrorInvalidValue for any other pair.
+template <typename T, typename F>
+int with_weight_type(int wdtype, F&& f) {
+  if (wdtype == kF32) {
+    f(static_cast<const float*>(nullptr));
+  } else if constexpr (sizeof(T) == 2) {
+    if (wdtype != code_of<T>()) return (int)cudaErrorInvalidValue;
+    f(static_cast<const T*>(nullptr));
+  } else {
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
 }  // namespace minigpt_cuda
 
 // Call F<T>(args...) with T the element type for a dtype code.
@@ -262,5 +298,14 @@ RowShape vec_shape(int64_t N, int max_threads, int max_values,
     case minigpt_cuda::kF32: F<float>(__VA_ARGS__); break;                     \
     case minigpt_cuda::kF16: F<__half>(__VA_ARGS__); break;                    \
     case minigpt_cuda::kBF16: F<__nv_bfloat16>(__VA_ARGS__); break;            \
+    default: return (int)cudaErrorInvalidValue;                                \
+  }
+
+// Return F<T>(args...) with T the element type for a dtype code.
+#define MINIGPT_DISPATCH_DTYPE_RET(code, F, ...)                               \
+  switch (code) {                                                              \
+    case minigpt_cuda::kF32: return F<float>(__VA_ARGS__);                     \
+    case minigpt_cuda::kF16: return F<__half>(__VA_ARGS__);                    \
+    case minigpt_cuda::kBF16: return F<__nv_bfloat16>(__VA_ARGS__);            \
     default: return (int)cudaErrorInvalidValue;                                \
   }

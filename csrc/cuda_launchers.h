@@ -7,15 +7,16 @@ typedef struct CUstream_st* cudaStream_t;
 
 extern "C" {
 
-// layer_norm_cuda.cu: x, r, y, h (M, N) in `dtype`; w, b (N,) fp32; mean, rstd (M,) fp32.
-int minigpt_layer_norm_fwd_cuda(const void* x, const void* r, const float* w, const float* b,
+// layer_norm_cuda.cu: x, r, y, h (M, N) in `dtype`; w, b (N,) in `wdtype`: fp32, or `dtype`
+// when that is 16-bit; mean, rstd (M,) fp32.
+int minigpt_layer_norm_fwd_cuda(const void* x, const void* r, const void* w, const void* b,
                                 void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N,
-                                float eps, int dtype, cudaStream_t stream);
+                                float eps, int dtype, int wdtype, cudaStream_t stream);
 // dw_part/db_part (P, N) fp32 partial sums, one row per block of rows (reduced by the caller).
-int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h, const float* w,
+int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h, const void* w,
                                 const float* mean, const float* rstd, void* dx, float* dw_part,
                                 float* db_part, int64_t M, int64_t N, int64_t P, int dtype,
-                                cudaStream_t stream);
+                                int wdtype, cudaStream_t stream);
 
 // softmax_cuda.cu: x, y, dy, dx (M, N) in `dtype`; causal rows are (M / T) blocks of (T, N).
 int minigpt_softmax_fwd_cuda(const void* x, void* y, int64_t M, int64_t N, float scale,
@@ -23,14 +24,15 @@ int minigpt_softmax_fwd_cuda(const void* x, void* y, int64_t M, int64_t N, float
 int minigpt_softmax_bwd_cuda(const void* dy, const void* y, void* dx, int64_t M, int64_t N,
                              float scale, int dtype, cudaStream_t stream);
 
-// rms_norm_cuda.cu: x, r, y, h (M, N) in `dtype`; w (N,) fp32; rstd (M,) fp32; dw_part (P, N) fp32
-// partial sums, one row per block of rows (reduced by the caller).
-int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const float* w, void* y, void* h,
+// rms_norm_cuda.cu: x, r, y, h (M, N) in `dtype`; w (N,) in `wdtype` (fp32, or `dtype` when that
+// is 16-bit); rstd (M,) fp32; dw_part (P, N) fp32 partial sums, one row per block of rows
+// (reduced by the caller).
+int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const void* w, void* y, void* h,
                               float* rstd, int64_t M, int64_t N, float eps, int dtype,
-                              cudaStream_t stream);
-int minigpt_rms_norm_bwd_cuda(const void* dy, const void* dh, const void* h, const float* w,
+                              int wdtype, cudaStream_t stream);
+int minigpt_rms_norm_bwd_cuda(const void* dy, const void* dh, const void* h, const void* w,
                               const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N,
-                              int64_t P, int dtype, cudaStream_t stream);
+                              int64_t P, int dtype, int wdtype, cudaStream_t stream);
 
 // rope_cuda.cu: q (B, Hq, T, D), k (B, Hk, T, D) in `dtype` read through strides (unit last
 // stride); qo, ko contiguous; cos/sin fp32 rows of D at b * cos_bstride + t * D, or, with pos

@@ -169,11 +169,12 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& w,
   const int64_t M = x.size(0), N = x.size(1);
   TORCH_CHECK(N > 0, "minigpt: layer_norm needs a non-empty last dimension");
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == N && w.scalar_type() == acc && w.is_contiguous() &&
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == N && weight_dtype_ok(w, x, acc) && w.is_contiguous() &&
                   w.device() == x.device(),
-              "minigpt: layer_norm weight must be a contiguous (N,) tensor in the accumulation dtype");
-  if (b) TORCH_CHECK(b->sizes() == w.sizes() && b->scalar_type() == acc && b->is_contiguous() &&
-                         b->device() == x.device(),
+              "minigpt: layer_norm weight must be a contiguous (N,) tensor in the accumulation "
+              "dtype (on CUDA also in a 16-bit x's dtype), got ", w.scalar_type());
+  if (b) TORCH_CHECK(b->sizes() == w.sizes() && b->scalar_type() == w.scalar_type() &&
+                         b->is_contiguous() && b->device() == x.device(),
                      "minigpt: layer_norm bias must match weight");
   if (r) check_like(*r, x, "residual");
   auto y = at::empty_like(x);
@@ -184,11 +185,11 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& w,
 #ifdef WITH_CUDA
     c10::cuda::CUDAGuard guard(x.device());
     MINIGPT_CUDA_CHECK(minigpt_layer_norm_fwd_cuda(
-                           x.data_ptr(), r ? r->data_ptr() : nullptr, w.data_ptr<float>(),
-                           b ? b->data_ptr<float>() : nullptr, y.data_ptr(),
+                           x.data_ptr(), r ? r->data_ptr() : nullptr, w.data_ptr(),
+                           b ? b->data_ptr() : nullptr, y.data_ptr(),
                            r ? h.data_ptr() : nullptr, mean.data_ptr<float>(),
                            rstd.data_ptr<float>(), M, N, static_cast<float>(eps), dtype_code(x),
-                           c10::cuda::getCurrentCUDAStream()),
+                           dtype_code(w), c10::cuda::getCurrentCUDAStream()),
                        "layer_norm_fwd");
 #else
     TORCH_CHECK(false, "minigpt._C was built without CUDA");
@@ -213,8 +214,9 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional
   TORCH_CHECK(mean.numel() == M && rstd.numel() == M && mean.scalar_type() == acc &&
                   rstd.scalar_type() == acc,
               "minigpt: layer_norm_bwd got statistics that do not match the input");
-  TORCH_CHECK(w.numel() == N && w.scalar_type() == acc && w.is_contiguous(),
-              "minigpt: layer_norm_bwd weight must be (N,) in the accumulation dtype");
+  TORCH_CHECK(w.numel() == N && weight_dtype_ok(w, h, acc) && w.is_contiguous(),
+              "minigpt: layer_norm_bwd weight must be (N,) in the accumulation dtype (on CUDA "
+              "also in a 16-bit h's dtype), got ", w.scalar_type());
   auto dx = at::empty_like(h);
   const int64_t P = row_blocks(M, h.device());
   auto opts = h.options().dtype(acc);
@@ -225,10 +227,10 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional
     c10::cuda::CUDAGuard guard(h.device());
     MINIGPT_CUDA_CHECK(minigpt_layer_norm_bwd_cuda(
                            dy.data_ptr(), dh ? dh->data_ptr() : nullptr, h.data_ptr(),
-                           w.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                           w.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
                            dx.data_ptr(), dw_part.data_ptr<float>(),
                            has_bias ? db_part.data_ptr<float>() : nullptr, M, N, P,
-                           dtype_code(h), c10::cuda::getCurrentCUDAStream()),
+                           dtype_code(h), dtype_code(w), c10::cuda::getCurrentCUDAStream()),
                        "layer_norm_bwd");
 #endif
   } else {
@@ -236,8 +238,9 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional
       ln_bwd_cpu<scalar_t>(dy, dh, h, w, mean, rstd, dx, dw_part, db_part, has_bias);
     });
   }
-  auto dw = dw_part.sum(0);
-  auto db = has_bias ? db_part.sum(0) : w.new_empty({0});
+  // dweight in the weight's dtype; dbias stays fp32 (as Triton's: the fake of layer_norm_bwd).
+  auto dw = dw_part.sum(0).to(w.scalar_type());
+  auto db = has_bias ? db_part.sum(0) : dw_part.new_empty({0});
   return {dx, dw, db};
 }
 

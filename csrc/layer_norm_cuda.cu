@@ -9,6 +9,9 @@
 // sums the P partial rows. A vectorized row of at most 128 packs (fp32 512 wide, fp16/bf16
 // 1024) takes a third version: one warp per row, 8 rows of the slice at a time, the warps'
 // sums added in shared memory at the end.
+// Weight and bias (W) are fp32, or for 16-bit rows also in the rows' own dtype (a bf16
+// model's parameters, read as they are instead of cast to fp32 by an extra kernel each call);
+// the math is fp32 either way.
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -16,9 +19,9 @@ using namespace minigpt_cuda;
 
 namespace {
 
-template <typename T>
+template <typename T, typename W>
 __global__ void ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
-                              const float* __restrict__ w, const float* __restrict__ b,
+                              const W* __restrict__ w, const W* __restrict__ b,
                               T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean_out,
                               float* __restrict__ rstd_out, int64_t N, float eps) {
   __shared__ float shm[32];
@@ -49,8 +52,8 @@ __global__ void ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
   }
   const float rstd = rsqrtf(block_sum(var, shm) / N + eps);
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    float v = (to_f(src[j]) - mean) * rstd * w[j];
-    if (b) v += b[j];
+    float v = (to_f(src[j]) - mean) * rstd * to_f(w[j]);
+    if (b) v += to_f(b[j]);
     y[j] = from_f<T>(v);
   }
   if (threadIdx.x == 0) {
@@ -59,9 +62,9 @@ __global__ void ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
-                              const T* __restrict__ h, const float* __restrict__ w,
+                              const T* __restrict__ h, const W* __restrict__ w,
                               const float* __restrict__ mean, const float* __restrict__ rstd,
                               T* __restrict__ dx, float* __restrict__ dw_part,
                               float* __restrict__ db_part, int64_t M, int64_t N,
@@ -87,7 +90,7 @@ __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh
       // subtraction as an FMA, so dx would subtract the rounded mean c2 from the exact
       // product. For N = 1 (dx = 0 exactly) that left the product's rounding error times
       // rstd (~316 at eps 1e-5): 2e-5 on an H200, where eager PyTorch gives 0.
-      const float wdy = __fmul_rn(w[j], g);
+      const float wdy = __fmul_rn(to_f(w[j]), g);
       c1 += xhat * wdy;
       c2 += wdy;
       dw[j] += g * xhat;
@@ -97,7 +100,7 @@ __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh
     c2 = block_sum(c2, shm) / N;
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       const float xhat = (to_f(xr[j]) - mu) * rs;
-      float v = (__fmul_rn(w[j], to_f(gr[j])) - (xhat * c1 + c2)) * rs;
+      float v = (__fmul_rn(to_f(w[j]), to_f(gr[j])) - (xhat * c1 + c2)) * rs;
       if (dh) v += to_f(dh[i * N + j]);
       dx[i * N + j] = from_f<T>(v);
     }
@@ -130,11 +133,11 @@ __device__ __forceinline__ void ln_fwd_load(const T* __restrict__ x, const T* __
   }
 }
 
-// One row from its loaded packs. w and b may point to global or (the persistent kernel) shared
-// memory.
-template <typename T, int VPT, bool RES>
-__device__ __forceinline__ void ln_fwd_row(const RowPacks<T, VPT, RES>& p, const float* w,
-                                           const float* b, T* __restrict__ y,
+// One row from its loaded packs. w and b may point to global or (the persistent kernel, as
+// fp32) shared memory.
+template <typename T, int VPT, bool RES, typename W>
+__device__ __forceinline__ void ln_fwd_row(const RowPacks<T, VPT, RES>& p, const W* w,
+                                           const W* b, T* __restrict__ y,
                                            T* __restrict__ h, float* __restrict__ mean_out,
                                            float* __restrict__ rstd_out, int64_t row, int64_t N,
                                            float eps, float* shm) {
@@ -183,12 +186,12 @@ __device__ __forceinline__ void ln_fwd_row(const RowPacks<T, VPT, RES>& p, const
     if (j >= N) continue;
     float v[V], wv[V], o[V];
     unpack<T>(hv[k], v);
-    load_f32<V>(w + j, wv);
+    load_w<V>(w, q, wv);
 #pragma unroll
     for (int i = 0; i < V; ++i) o[i] = (v[i] - mean) * rstd * wv[i];
     if (b) {
       float bv[V];
-      load_f32<V>(b + j, bv);
+      load_w<V>(b, q, bv);
 #pragma unroll
       for (int i = 0; i < V; ++i) o[i] += bv[i];
     }
@@ -200,10 +203,10 @@ __device__ __forceinline__ void ln_fwd_row(const RowPacks<T, VPT, RES>& p, const
   }
 }
 
-template <typename T, int VPT, bool RES>
+template <typename T, int VPT, bool RES, typename W>
 __global__ void __launch_bounds__(1024)
-ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
-                  const float* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
+ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const W* __restrict__ w,
+                  const W* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
                   float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t N,
                   float eps) {
   __shared__ float shm[32];
@@ -224,29 +227,37 @@ ln_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float*
 // blocks an SM. Triton's forward of the same rows (40 registers, three blocks an SM, one row
 // each) reached 99% of the H100's copy bandwidth, this kernel's predecessors 81%. With a
 // residual, 40 registers spill (144 bytes): those keep the 1024-thread bound.
-template <typename T, int VPT, bool RES, int MIN_BLOCKS>
+template <typename T, int VPT, bool RES, int MIN_BLOCKS, typename W>
 __global__ void __launch_bounds__(MIN_BLOCKS == 1 ? 1024 : 512, MIN_BLOCKS)
 ln_fwd_persist_kernel(const T* __restrict__ x, const T* __restrict__ r,
-                      const float* __restrict__ w, const float* __restrict__ b,
+                      const W* __restrict__ w, const W* __restrict__ b,
                       T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean_out,
                       float* __restrict__ rstd_out, int64_t M, int64_t N, float eps) {
   extern __shared__ float4 wb4[];  // w (N floats), then b (N floats) if there is one
   __shared__ float shm[32];
-  const float* sw = reinterpret_cast<const float*>(wb4);
-  const float* sb = sw + N;
+  float* const sw = reinterpret_cast<float*>(wb4);
+  float* const sb = sw + N;
   int64_t row = blockIdx.x;
   RowPacks<T, VPT, RES> cur;
   if (row < M) ln_fwd_load(x, r, row, N, cur);
-  for (int64_t j = threadIdx.x; j < N / 4; j += blockDim.x) {
-    wb4[j] = reinterpret_cast<const float4*>(w)[j];
-    if (b) wb4[N / 4 + j] = reinterpret_cast<const float4*>(b)[j];
+  if constexpr (std::is_same<W, float>::value) {
+    for (int64_t j = threadIdx.x; j < N / 4; j += blockDim.x) {
+      wb4[j] = reinterpret_cast<const float4*>(w)[j];
+      if (b) wb4[N / 4 + j] = reinterpret_cast<const float4*>(b)[j];
+    }
+  } else {  // 16-bit weights, as floats
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      sw[j] = to_f(w[j]);
+      if (b) sb[j] = to_f(b[j]);
+    }
   }
   __syncthreads();
   for (; row < M; row += gridDim.x) {
     const bool more = row + gridDim.x < M;
     RowPacks<T, VPT, RES> next;
     if (more) ln_fwd_load(x, r, row + gridDim.x, N, next);
-    ln_fwd_row(cur, sw, b ? sb : nullptr, y, h, mean_out, rstd_out, row, N, eps, shm);
+    ln_fwd_row(cur, (const float*)sw, b ? (const float*)sb : nullptr, y, h, mean_out,
+               rstd_out, row, N, eps, shm);
     if (more) cur = next;
   }
 }
@@ -272,10 +283,10 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
 // threads that share the row (a block or a warp). The row stays in registers as loaded bytes,
 // and x-hat and w*dy are computed again for dx: kept as floats they took bf16 rows of 8192 to
 // 167 registers a thread, one block an SM. Adds the row's dweight/dbias terms to dw, db.
-template <typename T, int VPT, typename Sum2>
+template <typename T, int VPT, typename W, typename Sum2>
 __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __restrict__ dy,
                                            const T* __restrict__ dh, T* __restrict__ dx,
-                                           const float* __restrict__ w, float mu, float rs,
+                                           const W* __restrict__ w, float mu, float rs,
                                            int64_t N, int64_t q0, int64_t stride,
                                            float (&dw)[VPT][Pack<T>::kN],
                                            float (&db)[VPT][Pack<T>::kN], Sum2 sum2) {
@@ -296,7 +307,7 @@ __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __r
     float hv[V], g[V], wv[V];
     unpack<T>(hr[k], hv);
     unpack<T>(gr[k], g);
-    load_f32<V>(at16(w, q * V / 4), wv);
+    load_w<V>(w, q, wv);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const float xhat = (hv[i] - mu) * rs;
@@ -317,7 +328,7 @@ __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __r
     float hv[V], g[V], wv[V], o[V];
     unpack<T>(hr[k], hv);
     unpack<T>(gr[k], g);
-    load_f32<V>(at16(w, q * V / 4), wv);
+    load_w<V>(w, q, wv);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const float xhat = (hv[i] - mu) * rs;
@@ -336,10 +347,10 @@ __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __r
 // Backward, vectorized: the thread's columns are the same packs in every row of the slice, a
 // block per row at a time. Two blocks an SM now (bf16 rows of 8192: 127 registers); fp32 rows
 // of 8 packs a thread keep one block (198 registers).
-template <typename T, int VPT>
+template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
-                  const float* __restrict__ w, const float* __restrict__ mean,
+                  const W* __restrict__ w, const float* __restrict__ mean,
                   const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
                   float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
@@ -354,8 +365,8 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t base = row * N;
-    ln_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w, mean[row],
-                       rstd[row], N, threadIdx.x, blockDim.x, dw, db, sum2);
+    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+                          mean[row], rstd[row], N, threadIdx.x, blockDim.x, dw, db, sum2);
   }
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
@@ -374,10 +385,10 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
 // LayerNorm backward, 16384 x 768 bf16: 78 us on an H200 in Triton's equivalent, ~5x the
 // bandwidth floor). Two blocks an SM (128 registers a thread). The warps' dweight/dbias sums
 // meet in shared memory at the end.
-template <typename T, int VPT>
+template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, 2)
 ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
-                   const float* __restrict__ w, const float* __restrict__ mean,
+                   const W* __restrict__ w, const float* __restrict__ mean,
                    const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
                    float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
@@ -393,37 +404,38 @@ ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
-    ln_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w, mean[row],
-                       rstd[row], N, lane, 32, dw, db, sum2);
+    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+                          mean[row], rstd[row], N, lane, 32, dw, db, sum2);
   }
   warps_sum_to_row(dw, part, dw_part + p * N, N);
   if (db_part) warps_sum_to_row(db, part, db_part + p * N, N);
 }
 
-template <typename T, int VPT>
-void fwd_vec(int threads, const void* x, const void* r, const float* w, const float* b, void* y,
+template <typename T, int VPT, typename W>
+void fwd_vec(int threads, const void* x, const void* r, const W* w, const W* b, void* y,
              void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 16) {  // the only instantiations vec_shape picks
     if (r)
-      ln_fwd_vec_kernel<T, VPT, true><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, b,
-                                                            (T*)y, (T*)h, mean, rstd, N, eps);
+      ln_fwd_vec_kernel<T, VPT, true, W><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, b,
+                                                               (T*)y, (T*)h, mean, rstd, N, eps);
     else
-      ln_fwd_vec_kernel<T, VPT, false><<<M, threads, 0, s>>>((const T*)x, nullptr, w, b, (T*)y,
-                                                             nullptr, mean, rstd, N, eps);
+      ln_fwd_vec_kernel<T, VPT, false, W><<<M, threads, 0, s>>>((const T*)x, nullptr, w, b,
+                                                                (T*)y, nullptr, mean, rstd, N,
+                                                                eps);
   }
 }
 
 // ln_fwd_persist_kernel where it applies and pays: 16-bit rows, w and b fit in shared memory,
 // and at least two rows per block (with fewer, one row a block fills the GPU as well, without
 // each block's load of w and b). Returns false to leave the row to the other kernels.
-template <typename T, int VPT, bool RES>
-bool fwd_persist(int threads, const void* x, const void* r, const float* w, const float* b,
-                 void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps,
+template <typename T, int VPT, bool RES, typename W>
+bool fwd_persist(int threads, const void* x, const void* r, const W* w, const W* b, void* y,
+                 void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps,
                  cudaStream_t s) {
   if constexpr (sizeof(T) == 2 && VPT * Pack<T>::kN <= 16) {
-    auto kernel = ln_fwd_persist_kernel<T, VPT, RES, 1>;
+    auto kernel = ln_fwd_persist_kernel<T, VPT, RES, 1, W>;
     if constexpr (!RES) {
-      if (threads <= 512) kernel = ln_fwd_persist_kernel<T, VPT, RES, 3>;
+      if (threads <= 512) kernel = ln_fwd_persist_kernel<T, VPT, RES, 3, W>;
     }
     const size_t smem = (b ? 2 : 1) * (size_t)N * sizeof(float);
     int dev = 0, sms = 0, optin = 0, per_sm = 0;
@@ -450,48 +462,49 @@ bool fwd_persist(int threads, const void* x, const void* r, const float* w, cons
   return false;
 }
 
-template <typename T>
-void launch_fwd(const void* x, const void* r, const float* w, const float* b, void* y, void* h,
+template <typename T, typename W>
+void launch_fwd(const void* x, const void* r, const W* w, const W* b, void* y, void* h,
                 float* mean, float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
   // 16 row values a thread at most: 1024 threads get 64 registers each (rows up to 16384).
   const RowShape sh = vec_shape<T>(N, 1024, 16, {x, r, w, b, y, h});
-  const auto persist = r ? (sh.vpt == 1 ? fwd_persist<T, 1, true> : fwd_persist<T, 2, true>)
-                         : (sh.vpt == 1 ? fwd_persist<T, 1, false> : fwd_persist<T, 2, false>);
+  const auto persist =
+      r ? (sh.vpt == 1 ? fwd_persist<T, 1, true, W> : fwd_persist<T, 2, true, W>)
+        : (sh.vpt == 1 ? fwd_persist<T, 1, false, W> : fwd_persist<T, 2, false, W>);
   if ((sh.vpt == 1 || sh.vpt == 2) &&
       persist(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s))
     return;
   switch (sh.vpt) {
-    case 1: fwd_vec<T, 1>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
-    case 2: fwd_vec<T, 2>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
-    case 4: fwd_vec<T, 4>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
+    case 1: fwd_vec<T, 1, W>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
+    case 2: fwd_vec<T, 2, W>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
+    case 4: fwd_vec<T, 4, W>(sh.threads, x, r, w, b, y, h, mean, rstd, M, N, eps, s); break;
     default:
-      ln_fwd_kernel<T><<<M, row_threads(N), 0, s>>>((const T*)x, (const T*)r, w, b, (T*)y,
-                                                    (T*)h, mean, rstd, N, eps);
+      ln_fwd_kernel<T, W><<<M, row_threads(N), 0, s>>>((const T*)x, (const T*)r, w, b, (T*)y,
+                                                       (T*)h, mean, rstd, N, eps);
   }
 }
 
-template <typename T, int VPT>
-void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const float* w,
+template <typename T, int VPT, typename W>
+void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const W* w,
              const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
              int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 32) {
-    ln_bwd_vec_kernel<T, VPT><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
-                                                    mean, rstd, (T*)dx, dw_part, db_part, M, N,
-                                                    rows_per);
+    ln_bwd_vec_kernel<T, VPT, W><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
+                                                       w, mean, rstd, (T*)dx, dw_part, db_part,
+                                                       M, N, rows_per);
   }
 }
 
-template <typename T, int VPT>
-void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const float* w,
+template <typename T, int VPT, typename W>
+void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const W* w,
               const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
               int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
-  ln_bwd_warp_kernel<T, VPT><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
-                                                  mean, rstd, (T*)dx, dw_part, db_part, M, N,
-                                                  rows_per);
+  ln_bwd_warp_kernel<T, VPT, W><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h,
+                                                     w, mean, rstd, (T*)dx, dw_part, db_part, M,
+                                                     N, rows_per);
 }
 
-template <typename T>
-void launch_bwd(const void* dy, const void* dh, const void* h, const float* w, const float* mean,
+template <typename T, typename W>
+void launch_bwd(const void* dy, const void* dh, const void* h, const W* w, const float* mean,
                 const float* rstd, void* dx, float* dw_part, float* db_part, int64_t M, int64_t N,
                 int64_t P, cudaStream_t s) {
   const int64_t rows_per = (M + P - 1) / P;
@@ -500,12 +513,12 @@ void launch_bwd(const void* dy, const void* dh, const void* h, const float* w, c
   if (ws.vpt) {
     const size_t smem = 8 * N * sizeof(float);
     switch (ws.vpt) {
-      case 1: bwd_warp<T, 1>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
-                             rows_per, s); return;
-      case 2: bwd_warp<T, 2>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
-                             rows_per, s); return;
-      default: bwd_warp<T, 4>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
-                              rows_per, s); return;
+      case 1: bwd_warp<T, 1, W>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                                rows_per, s); return;
+      case 2: bwd_warp<T, 2, W>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                                rows_per, s); return;
+      default: bwd_warp<T, 4, W>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                                 rows_per, s); return;
     }
   }
   // At most 256 threads, so that x-hat, w*dy and the two partial sums (4 x 32 values at
@@ -513,45 +526,65 @@ void launch_bwd(const void* dy, const void* dh, const void* h, const float* w, c
   const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dw_part, db_part});
   switch (sh.vpt) {
     case 1:
-      bwd_vec<T, 1>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
-                     rows_per, s);
+      bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                       rows_per, s);
       break;
     case 2:
-      bwd_vec<T, 2>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
-                     rows_per, s);
+      bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                       rows_per, s);
       break;
     case 4:
-      bwd_vec<T, 4>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
-                     rows_per, s);
+      bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                       rows_per, s);
       break;
     case 8:
-      bwd_vec<T, 8>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
-                     rows_per, s);
+      bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+                       rows_per, s);
       break;
     default:
-      ln_bwd_kernel<T><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
-                                                    mean, rstd, (T*)dx, dw_part, db_part, M, N,
-                                                    rows_per);
+      ln_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
+                                                       w, mean, rstd, (T*)dx, dw_part, db_part,
+                                                       M, N, rows_per);
   }
+}
+
+template <typename T>
+int fwd_entry(int wdtype, const void* x, const void* r, const void* w, const void* b, void* y,
+              void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps,
+              cudaStream_t s) {
+  return with_weight_type<T>(wdtype, [&](auto tag) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    launch_fwd<T, W>(x, r, (const W*)w, (const W*)b, y, h, mean, rstd, M, N, eps, s);
+  });
+}
+
+template <typename T>
+int bwd_entry(int wdtype, const void* dy, const void* dh, const void* h, const void* w,
+              const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
+              int64_t M, int64_t N, int64_t P, cudaStream_t s) {
+  return with_weight_type<T>(wdtype, [&](auto tag) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    launch_bwd<T, W>(dy, dh, h, (const W*)w, mean, rstd, dx, dw_part, db_part, M, N, P, s);
+  });
 }
 
 }  // namespace
 
-extern "C" int minigpt_layer_norm_fwd_cuda(const void* x, const void* r, const float* w,
-                                           const float* b, void* y, void* h, float* mean,
+extern "C" int minigpt_layer_norm_fwd_cuda(const void* x, const void* r, const void* w,
+                                           const void* b, void* y, void* h, float* mean,
                                            float* rstd, int64_t M, int64_t N, float eps, int dtype,
-                                           cudaStream_t stream) {
+                                           int wdtype, cudaStream_t stream) {
   if (M == 0) return 0;
-  MINIGPT_DISPATCH_DTYPE(dtype, launch_fwd, x, r, w, b, y, h, mean, rstd, M, N, eps, stream);
-  return (int)cudaGetLastError();
+  MINIGPT_DISPATCH_DTYPE_RET(dtype, fwd_entry, wdtype, x, r, w, b, y, h, mean, rstd, M, N, eps,
+                             stream);
 }
 
 extern "C" int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h,
-                                           const float* w, const float* mean, const float* rstd,
+                                           const void* w, const float* mean, const float* rstd,
                                            void* dx, float* dw_part, float* db_part, int64_t M,
-                                           int64_t N, int64_t P, int dtype, cudaStream_t stream) {
+                                           int64_t N, int64_t P, int dtype, int wdtype,
+                                           cudaStream_t stream) {
   if (M == 0) return 0;
-  MINIGPT_DISPATCH_DTYPE(dtype, launch_bwd, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N,
-                         P, stream);
-  return (int)cudaGetLastError();
+  MINIGPT_DISPATCH_DTYPE_RET(dtype, bwd_entry, wdtype, dy, dh, h, w, mean, rstd, dx, dw_part,
+                             db_part, M, N, P, stream);
 }

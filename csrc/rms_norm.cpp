@@ -117,9 +117,10 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w,
   const int64_t M = x.size(0), N = x.size(1);
   TORCH_CHECK(N > 0, "minigpt: rms_norm needs a non-empty last dimension");
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == N && w.scalar_type() == acc && w.is_contiguous() &&
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == N && weight_dtype_ok(w, x, acc) && w.is_contiguous() &&
                   w.device() == x.device(),
-              "minigpt: rms_norm weight must be a contiguous (N,) tensor in the accumulation dtype");
+              "minigpt: rms_norm weight must be a contiguous (N,) tensor in the accumulation "
+              "dtype (on CUDA also in a 16-bit x's dtype), got ", w.scalar_type());
   if (r) check_like(*r, x, "residual");
   auto y = at::empty_like(x);
   auto h = r ? at::empty_like(x) : x.new_empty({0});
@@ -128,11 +129,11 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w,
 #ifdef WITH_CUDA
     c10::cuda::CUDAGuard guard(x.device());
     MINIGPT_CUDA_CHECK(minigpt_rms_norm_fwd_cuda(x.data_ptr(), r ? r->data_ptr() : nullptr,
-                                                 w.data_ptr<float>(), y.data_ptr(),
+                                                 w.data_ptr(), y.data_ptr(),
                                                  r ? h.data_ptr() : nullptr,
                                                  rstd.data_ptr<float>(), M, N,
                                                  static_cast<float>(eps), dtype_code(x),
-                                                 c10::cuda::getCurrentCUDAStream()),
+                                                 dtype_code(w), c10::cuda::getCurrentCUDAStream()),
                        "rms_norm_fwd");
 #else
     TORCH_CHECK(false, "minigpt._C was built without CUDA");
@@ -155,8 +156,9 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<a
   const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(rstd.numel() == M && rstd.scalar_type() == acc && rstd.is_contiguous(),
               "minigpt: rms_norm_bwd got statistics that do not match the input");
-  TORCH_CHECK(w.numel() == N && w.scalar_type() == acc && w.is_contiguous(),
-              "minigpt: rms_norm_bwd weight must be (N,) in the accumulation dtype");
+  TORCH_CHECK(w.numel() == N && weight_dtype_ok(w, h, acc) && w.is_contiguous(),
+              "minigpt: rms_norm_bwd weight must be (N,) in the accumulation dtype (on CUDA also "
+              "in a 16-bit h's dtype), got ", w.scalar_type());
   auto dx = at::empty_like(h);
   const int64_t P = row_blocks(M, h.device());
   auto dw_part = at::empty({P, N}, h.options().dtype(acc));
@@ -164,17 +166,18 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<a
 #ifdef WITH_CUDA
     c10::cuda::CUDAGuard guard(h.device());
     MINIGPT_CUDA_CHECK(minigpt_rms_norm_bwd_cuda(dy.data_ptr(), dh ? dh->data_ptr() : nullptr,
-                                                 h.data_ptr(), w.data_ptr<float>(),
+                                                 h.data_ptr(), w.data_ptr(),
                                                  rstd.data_ptr<float>(), dx.data_ptr(),
                                                  dw_part.data_ptr<float>(), M, N, P,
-                                                 dtype_code(h), c10::cuda::getCurrentCUDAStream()),
+                                                 dtype_code(h), dtype_code(w),
+                                                 c10::cuda::getCurrentCUDAStream()),
                        "rms_norm_bwd");
 #endif
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "rms_norm_bwd",
                                     [&] { rms_bwd_cpu<scalar_t>(dy, dh, h, w, rstd, dx, dw_part); });
   }
-  return {dx, dw_part.sum(0)};
+  return {dx, dw_part.sum(0).to(w.scalar_type())};  // dweight in the weight's dtype
 }
 
 }  // namespace minigpt

@@ -10,6 +10,8 @@
 // P partial rows. A vectorized row of at most 128 packs (fp32 512 wide, fp16/bf16 1024) takes
 // a third version: one warp per row, 8 rows of the slice at a time, the warps' dweight sums
 // added in shared memory at the end.
+// The weight (W) is fp32, or for 16-bit rows also in the rows' own dtype (a bf16 model's
+// parameters, read as they are instead of cast to fp32 by an extra kernel each call).
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -17,9 +19,9 @@ using namespace minigpt_cuda;
 
 namespace {
 
-template <typename T>
+template <typename T, typename W>
 __global__ void rms_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
-                               const float* __restrict__ w, T* __restrict__ y, T* __restrict__ h,
+                               const W* __restrict__ w, T* __restrict__ y, T* __restrict__ h,
                                float* __restrict__ rstd_out, int64_t N, float eps) {
   __shared__ float shm[32];
   const int64_t row = blockIdx.x;
@@ -43,13 +45,13 @@ __global__ void rms_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r,
   }
   const float rstd = rsqrtf(block_sum(ss, shm) / N + eps);
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x)
-    y[j] = from_f<T>(to_f(src[j]) * rstd * w[j]);
+    y[j] = from_f<T>(to_f(src[j]) * rstd * to_f(w[j]));
   if (threadIdx.x == 0) rstd_out[row] = rstd;
 }
 
-template <typename T>
+template <typename T, typename W>
 __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
-                               const T* __restrict__ h, const float* __restrict__ w,
+                               const T* __restrict__ h, const W* __restrict__ w,
                                const float* __restrict__ rstd, T* __restrict__ dx,
                                float* __restrict__ dw_part, int64_t M, int64_t N,
                                int64_t rows_per) {
@@ -66,13 +68,13 @@ __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ d
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       const float g = to_f(gr[j]);
       const float xhat = to_f(xr[j]) * rs;
-      c1 += xhat * (w[j] * g);  // w*dy rounded first, as the vectorized kernel keeps it
+      c1 += xhat * (to_f(w[j]) * g);  // w*dy rounded first, as the vectorized kernel keeps it
       dw[j] += g * xhat;
     }
     c1 = block_sum(c1, shm) / N;
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
       const float xhat = to_f(xr[j]) * rs;
-      float v = (w[j] * to_f(gr[j]) - xhat * c1) * rs;
+      float v = (to_f(w[j]) * to_f(gr[j]) - xhat * c1) * rs;
       if (dh) v += to_f(dh[i * N + j]);
       dx[i * N + j] = from_f<T>(v);
     }
@@ -80,9 +82,9 @@ __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ d
 }
 
 // Forward, vectorized: thread t owns packs t, t + blockDim, ... (VPT of them) of the row.
-template <typename T, int VPT>
+template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(1024)
-rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float* __restrict__ w,
+rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const W* __restrict__ w,
                    T* __restrict__ y, T* __restrict__ h, float* __restrict__ rstd_out, int64_t N,
                    float eps) {
   constexpr int V = Pack<T>::kN;
@@ -117,7 +119,7 @@ rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float
     const int64_t q = (int64_t)k * blockDim.x + threadIdx.x, j = q * V;
     if (j >= N) continue;
     float wv[V], o[V];
-    load_f32<V>(at16(w, q * V / 4), wv);
+    load_w<V>(w, q, wv);
 #pragma unroll
     for (int i = 0; i < V; ++i) o[i] = v[k][i] * rstd * wv[i];
     store_pack(at16(y, q), o);
@@ -129,10 +131,10 @@ rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const float
 // layer_norm_cuda.cu): the thread's packs are q0, q0 + stride, ...; `sum` adds c1 over the
 // threads that share the row. The row stays in registers as loaded bytes, x-hat and w*dy
 // computed again for dx. Adds the row's dweight terms to dw.
-template <typename T, int VPT, typename Sum>
+template <typename T, int VPT, typename W, typename Sum>
 __device__ __forceinline__ void rms_bwd_row(const T* __restrict__ h, const T* __restrict__ dy,
                                             const T* __restrict__ dh, T* __restrict__ dx,
-                                            const float* __restrict__ w, float rs, int64_t N,
+                                            const W* __restrict__ w, float rs, int64_t N,
                                             int64_t q0, int64_t stride,
                                             float (&dw)[VPT][Pack<T>::kN], Sum sum) {
   constexpr int V = Pack<T>::kN;
@@ -152,7 +154,7 @@ __device__ __forceinline__ void rms_bwd_row(const T* __restrict__ h, const T* __
     float hv[V], g[V], wv[V];
     unpack<T>(hb[k], hv);
     unpack<T>(gb[k], g);
-    load_f32<V>(at16(w, q * V / 4), wv);
+    load_w<V>(w, q, wv);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const float xhat = hv[i] * rs;
@@ -168,7 +170,7 @@ __device__ __forceinline__ void rms_bwd_row(const T* __restrict__ h, const T* __
     float hv[V], g[V], wv[V], o[V];
     unpack<T>(hb[k], hv);
     unpack<T>(gb[k], g);
-    load_f32<V>(at16(w, q * V / 4), wv);
+    load_w<V>(w, q, wv);
 #pragma unroll
     for (int i = 0; i < V; ++i) o[i] = (wv[i] * g[i] - hv[i] * rs * c1) * rs;
     if (dh) {
@@ -185,10 +187,10 @@ __device__ __forceinline__ void rms_bwd_row(const T* __restrict__ h, const T* __
 // its dweight sums stay in registers until the slice is done. Two blocks an SM (128 registers
 // a thread at most) except for fp32 rows of 8 packs a thread, which need 168: with only the
 // 256-thread bound ptxas had chosen 64 registers for 16 values a thread and spilled.
-template <typename T, int VPT>
+template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
-                   const float* __restrict__ w, const float* __restrict__ rstd,
+                   const W* __restrict__ w, const float* __restrict__ rstd,
                    T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
                    int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
@@ -204,7 +206,7 @@ rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t base = row * N;
-    rms_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+    rms_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
                         rstd[row], N, threadIdx.x, blockDim.x, dw, sum);
   }
   // Blocks without rows store zeros: the caller sums all P partial rows.
@@ -218,10 +220,10 @@ rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
 
 // Backward, one warp per row for rows of at most 32 * 4 packs: see ln_bwd_warp_kernel in
 // layer_norm_cuda.cu (the same walk and end, without the mean and the bias).
-template <typename T, int VPT>
+template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, 2)
 rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
-                    const float* __restrict__ w, const float* __restrict__ rstd,
+                    const W* __restrict__ w, const float* __restrict__ rstd,
                     T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
                     int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
@@ -237,97 +239,120 @@ rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T*
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
-    rms_bwd_row<T, VPT>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+    rms_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
                         rstd[row], N, lane, 32, dw, sum);
   }
   warps_sum_to_row(dw, part, dw_part + p * N, N);
 }
 
-template <typename T, int VPT>
-void fwd_vec(int threads, const void* x, const void* r, const float* w, void* y, void* h,
+template <typename T, int VPT, typename W>
+void fwd_vec(int threads, const void* x, const void* r, const W* w, void* y, void* h,
              float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 16) {  // the only instantiations vec_shape picks
-    rms_fwd_vec_kernel<T, VPT><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, (T*)y, (T*)h,
-                                                     rstd, N, eps);
+    rms_fwd_vec_kernel<T, VPT, W><<<M, threads, 0, s>>>((const T*)x, (const T*)r, w, (T*)y,
+                                                        (T*)h, rstd, N, eps);
   }
 }
 
-template <typename T>
-void launch_fwd(const void* x, const void* r, const float* w, void* y, void* h, float* rstd,
+template <typename T, typename W>
+void launch_fwd(const void* x, const void* r, const W* w, void* y, void* h, float* rstd,
                 int64_t M, int64_t N, float eps, cudaStream_t s) {
   // 16 row values a thread at most: 1024 threads get 64 registers each (rows up to 16384).
   const RowShape sh = vec_shape<T>(N, 1024, 16, {x, r, w, y, h});
   switch (sh.vpt) {
-    case 1: fwd_vec<T, 1>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
-    case 2: fwd_vec<T, 2>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
-    case 4: fwd_vec<T, 4>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
+    case 1: fwd_vec<T, 1, W>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
+    case 2: fwd_vec<T, 2, W>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
+    case 4: fwd_vec<T, 4, W>(sh.threads, x, r, w, y, h, rstd, M, N, eps, s); break;
     default:
-      rms_fwd_kernel<T><<<M, row_threads(N), 0, s>>>((const T*)x, (const T*)r, w, (T*)y, (T*)h,
-                                                     rstd, N, eps);
+      rms_fwd_kernel<T, W><<<M, row_threads(N), 0, s>>>((const T*)x, (const T*)r, w, (T*)y,
+                                                        (T*)h, rstd, N, eps);
   }
 }
 
-template <typename T, int VPT>
-void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const float* w,
+template <typename T, int VPT, typename W>
+void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const W* w,
              const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
              int64_t rows_per, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 32) {
-    rms_bwd_vec_kernel<T, VPT><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
-                                                     rstd, (T*)dx, dw_part, M, N, rows_per);
+    rms_bwd_vec_kernel<T, VPT, W><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh,
+                                                        (const T*)h, w, rstd, (T*)dx, dw_part,
+                                                        M, N, rows_per);
   }
 }
 
-template <typename T, int VPT>
-void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const float* w,
+template <typename T, int VPT, typename W>
+void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const W* w,
               const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
               int64_t rows_per, cudaStream_t s) {
-  rms_bwd_warp_kernel<T, VPT><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
-                                                   rstd, (T*)dx, dw_part, M, N, rows_per);
+  rms_bwd_warp_kernel<T, VPT, W><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h,
+                                                      w, rstd, (T*)dx, dw_part, M, N, rows_per);
 }
 
-template <typename T>
-void launch_bwd(const void* dy, const void* dh, const void* h, const float* w, const float* rstd,
+template <typename T, typename W>
+void launch_bwd(const void* dy, const void* dh, const void* h, const W* w, const float* rstd,
                 void* dx, float* dw_part, int64_t M, int64_t N, int64_t P, cudaStream_t s) {
   const int64_t rows_per = (M + P - 1) / P;
   // Narrow rows: a warp each, 8 warps a block (shared memory: 8 x N floats, 32 KiB at most).
   const RowShape ws = vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dw_part});
   if (ws.vpt) {
     const size_t smem = 8 * N * sizeof(float);
-    switch (ws.vpt) {
-      case 1: bwd_warp<T, 1>(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); return;
-      case 2: bwd_warp<T, 2>(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); return;
-      default: bwd_warp<T, 4>(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); return;
-    }
+    const auto warp = ws.vpt == 1 ? bwd_warp<T, 1, W> : ws.vpt == 2 ? bwd_warp<T, 2, W>
+                                                                    : bwd_warp<T, 4, W>;
+    warp(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+    return;
   }
   // At most 256 threads, so that x-hat, w*dy and the dweight sums (3 x 32 values at most) stay
   // in registers; rows up to 8192.
   const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dw_part});
   switch (sh.vpt) {
-    case 1: bwd_vec<T, 1>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
-    case 2: bwd_vec<T, 2>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
-    case 4: bwd_vec<T, 4>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
-    case 8: bwd_vec<T, 8>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s); break;
+    case 1: bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+      break;
+    case 2: bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+      break;
+    case 4: bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+      break;
+    case 8: bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+      break;
     default:
-      rms_bwd_kernel<T><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
-                                                     rstd, (T*)dx, dw_part, M, N, rows_per);
+      rms_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
+                                                        w, rstd, (T*)dx, dw_part, M, N,
+                                                        rows_per);
   }
+}
+
+template <typename T>
+int fwd_entry(int wdtype, const void* x, const void* r, const void* w, void* y, void* h,
+              float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
+  return with_weight_type<T>(wdtype, [&](auto tag) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    launch_fwd<T, W>(x, r, (const W*)w, y, h, rstd, M, N, eps, s);
+  });
+}
+
+template <typename T>
+int bwd_entry(int wdtype, const void* dy, const void* dh, const void* h, const void* w,
+              const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
+              cudaStream_t s) {
+  return with_weight_type<T>(wdtype, [&](auto tag) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    launch_bwd<T, W>(dy, dh, h, (const W*)w, rstd, dx, dw_part, M, N, P, s);
+  });
 }
 
 }  // namespace
 
-extern "C" int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const float* w, void* y,
+extern "C" int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const void* w, void* y,
                                          void* h, float* rstd, int64_t M, int64_t N, float eps,
-                                         int dtype, cudaStream_t stream) {
+                                         int dtype, int wdtype, cudaStream_t stream) {
   if (M == 0) return 0;
-  MINIGPT_DISPATCH_DTYPE(dtype, launch_fwd, x, r, w, y, h, rstd, M, N, eps, stream);
-  return (int)cudaGetLastError();
+  MINIGPT_DISPATCH_DTYPE_RET(dtype, fwd_entry, wdtype, x, r, w, y, h, rstd, M, N, eps, stream);
 }
 
 extern "C" int minigpt_rms_norm_bwd_cuda(const void* dy, const void* dh, const void* h,
-                                         const float* w, const float* rstd, void* dx,
+                                         const void* w, const float* rstd, void* dx,
                                          float* dw_part, int64_t M, int64_t N, int64_t P,
-                                         int dtype, cudaStream_t stream) {
+                                         int dtype, int wdtype, cudaStream_t stream) {
   if (M == 0) return 0;
-  MINIGPT_DISPATCH_DTYPE(dtype, launch_bwd, dy, dh, h, w, rstd, dx, dw_part, M, N, P, stream);
-  return (int)cudaGetLastError();
+  MINIGPT_DISPATCH_DTYPE_RET(dtype, bwd_entry, wdtype, dy, dh, h, w, rstd, dx, dw_part, M, N, P,
+                             stream);
 }

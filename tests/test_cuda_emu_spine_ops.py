@@ -25,7 +25,7 @@ def ln_fwd(emu, x, w, b, r, eps=1e-5):
     rstd = B.guarded_empty((M,), torch.float32)
     emu.call("minigpt_layer_norm_fwd_cuda", B.guarded(x), None if r is None else B.guarded(r),
              B.guarded(w), None if b is None else B.guarded(b), y, h, mean, rstd, M, N, eps,
-             B.DTYPE_CODES[x.dtype], None)
+             B.DTYPE_CODES[x.dtype], B.DTYPE_CODES[w.dtype], None)
     B.check_guards(*(t for t in (y, h, mean, rstd) if t is not None))
     return y, (h if r is not None else x), mean, rstd
 
@@ -37,7 +37,7 @@ def ln_bwd(emu, dy, dh, h, w, mean, rstd, has_bias, P):
     db_part = B.guarded_empty((P, N), torch.float32) if has_bias else None
     emu.call("minigpt_layer_norm_bwd_cuda", B.guarded(dy), None if dh is None else B.guarded(dh),
              B.guarded(h), B.guarded(w), B.guarded(mean), B.guarded(rstd), dx, dw_part,
-             db_part, M, N, P, B.DTYPE_CODES[h.dtype], None)
+             db_part, M, N, P, B.DTYPE_CODES[h.dtype], B.DTYPE_CODES[w.dtype], None)
     B.check_guards(*(t for t in (dx, dw_part, db_part) if t is not None))
     return dx, dw_part.sum(0), (db_part.sum(0) if has_bias else None)
 
@@ -116,11 +116,12 @@ def test_layer_norm_cuda_emulated_persistent_forward(cuda_emu, dtype, M, N, bias
     assert cuda_emu.last_launch() == (2 * grid - 1, 0)
 
 
-def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None, P=None):
+def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None, P=None,
+                      wdtype=torch.float32):
     x = torch.randn(M, N).to(dtype)
     r = torch.randn(M, N).to(dtype) if residual else None
-    w = torch.randn(N)
-    b = torch.randn(N) if bias else None
+    w = torch.randn(N).to(wdtype)
+    b = torch.randn(N).to(wdtype) if bias else None
     gy = torch.randn(M, N).to(dtype)
     gh = torch.randn(M, N).to(dtype) if residual else None
 
@@ -161,6 +162,31 @@ def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None, P=
         assert_close(db, g64["b"], glo["b"].float(), torch.float32, "db",
                      floor=1e-5 if dtype == torch.float32 else 2e-3)
     torch.testing.assert_close(mean, h.float().mean(-1), atol=1e-5, rtol=1e-5)
+
+
+# 16-bit rows with weights in their own dtype (a bf16 model's LayerNorm), read as they are
+# (W = T in csrc/layer_norm_cuda.cu): the generic, vectorized, warp-per-row backward and
+# persistent forward kernels.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,N,P", [(3, 7, None), (2, 1000, None), (5, 4096, None),
+                                   (3, 8192, None), (37, 64, 2), (151, 1000, 4)],
+                         ids=["generic", "vec-1000", "vec-4096", "vec-8192", "warp-64",
+                              "persistent-1000"])
+@pytest.mark.parametrize("residual,bias", [(False, True), (True, True), (True, False)],
+                         ids=["plain", "residual-bias", "residual-nobias"])
+def test_layer_norm_cuda_emulated_16bit_weights(cuda_emu, dtype, M, N, P, residual, bias):
+    _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, P=P, wdtype=dtype)
+
+
+@pytest.mark.parametrize("xdtype,wdtype", [(torch.float32, torch.bfloat16),
+                                           (torch.bfloat16, torch.float16)], ids=str)
+def test_layer_norm_cuda_refuses_other_weight_dtypes(cuda_emu, xdtype, wdtype):
+    x, w = torch.randn(4, 64).to(xdtype), torch.randn(64).to(wdtype)
+    with pytest.raises(RuntimeError, match="error 1"):  # cudaErrorInvalidValue
+        ln_fwd(cuda_emu, x, w, None, None)
+    mean, rstd = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match="error 1"):
+        ln_bwd(cuda_emu, x, None, x, w, mean, rstd, False, 2)
 
 
 def _spread(grads, *ins):

@@ -40,7 +40,8 @@ def rms_fwd(emu, x, w, r, eps):
     h = B.guarded_empty((M, N), x.dtype) if r is not None else None
     rstd = B.guarded_empty((M,), torch.float32)
     emu.call("minigpt_rms_norm_fwd_cuda", B.guarded(x), None if r is None else B.guarded(r),
-             B.guarded(w), y, h, rstd, M, N, eps, B.DTYPE_CODES[x.dtype], None)
+             B.guarded(w), y, h, rstd, M, N, eps, B.DTYPE_CODES[x.dtype], B.DTYPE_CODES[w.dtype],
+             None)
     B.check_guards(*(t for t in (y, h, rstd) if t is not None))
     return y, h, rstd
 
@@ -52,7 +53,7 @@ def rms_bwd(emu, dy, dh, h, w, rstd, P):
     dw_part = B.guarded_empty((P, N), torch.float32)
     emu.call("minigpt_rms_norm_bwd_cuda", B.guarded(dy), None if dh is None else B.guarded(dh),
              B.guarded(h), B.guarded(w), B.guarded(rstd), dx, dw_part, M, N, P,
-             B.DTYPE_CODES[h.dtype], None)
+             B.DTYPE_CODES[h.dtype], B.DTYPE_CODES[w.dtype], None)
     B.check_guards(dx, dw_part)
     assert torch.isfinite(dw_part).all()  # every partial row is written, empty blocks as zeros
     return dx, dw_part.sum(0)
@@ -67,11 +68,12 @@ def _offset_by_one(t):
     return out
 
 
-def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6, misaligned=None):
+def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6, misaligned=None, wdtype=torch.float32):
     residual, with_dh = mode in ("residual", "residual-dh"), mode == "residual-dh"
     x = torch.randn(M, N).to(dtype)
     r = torch.randn(M, N).to(dtype) if residual else None
-    w = torch.randn(N)  # ops/rms_norm.py hands the kernels the weight in fp32
+    # ops/rms_norm.py hands the kernels the weight in fp32, or in 16-bit rows' own dtype
+    w = torch.randn(N).to(wdtype)
     dy = torch.randn(M, N).to(dtype)
     dh = torch.randn(M, N).to(dtype) if with_dh else None
 
@@ -99,7 +101,7 @@ def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6, misaligned=None):
     rstd32 = (h if residual else x).float().pow(2).mean(-1).add(eps).rsqrt()
     assert_close(rstd, rstd64, rstd32, dtype, "rstd", floor=FLOOR[torch.float32])
     assert_close(dx, g64[0], glo[0], dtype, "dx")
-    assert_close(dw, g64[1], glo[1], dtype, "dweight")
+    assert_close(dw, g64[1], glo[1].float(), dtype, "dweight")
 
 
 # The vectorized kernels take rows of whole 16-byte packs (4 fp32 values, 8 fp16/bf16) with
@@ -160,6 +162,24 @@ def test_rms_norm_misaligned(cuda_emu, dtype, which, mode):
     # as h is x without a residual; residual: the forward; dy, dh: the backward); a vectorized
     # kernel given it fails the launch (the emulator's alignment check). 5 rows in 2 blocks.
     _check_rms(cuda_emu, dtype, 5, 1000, mode, 2, misaligned=which)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,N,P", [(5, 7, 3), (3, 1000, 3), (5, 4096, 3), (3, 8192, 2),
+                                   (37, 64, 2)],
+                         ids=["generic", "vec-1000", "vec-4096", "vec-8192", "warp-64"])
+@pytest.mark.parametrize("mode", ["plain", "residual-dh"])
+def test_rms_norm_16bit_weight(cuda_emu, dtype, M, N, P, mode):
+    # A bf16 model's RMSNorm: the weight in the rows' dtype, read as it is (W = T).
+    _check_rms(cuda_emu, dtype, M, N, mode, P, wdtype=dtype)
+
+
+def test_rms_norm_refuses_other_weight_dtypes(cuda_emu):
+    x, w = torch.randn(4, 64), torch.randn(64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="error 1"):  # cudaErrorInvalidValue
+        rms_fwd(cuda_emu, x, w, None, 1e-6)
+    with pytest.raises(RuntimeError, match="error 1"):
+        rms_bwd(cuda_emu, x, None, x, w, torch.ones(4), 2)
 
 
 # ---- RoPE -----------------------------------------------------------------------------------

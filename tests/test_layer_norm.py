@@ -89,7 +89,7 @@ def test_layer_norm_many_wide_rows(be, dev, dtype, residual):
                                              ((3,), 4097, False)], ids=str)
 def test_layer_norm_low_precision_weights(be, dev, wdtype, lead, N, residual):
     # A 16-bit model keeps 16-bit weight and bias: math in fp32 either way, their gradients
-    # back in their own dtype (Triton reads and writes them so; the C++/CUDA ops cast).
+    # back in their own dtype (Triton and CUDA read them as they are; the C++ ops cast).
     _check(be, dev, wdtype, lead, N, residual, bias=True, noncontig=False, wdtype=wdtype)
 
 
@@ -329,6 +329,22 @@ def test_norm_bwd_tuned_table(tmp_path, monkeypatch):
     sweep.write_tuned([(key, (4, 16, 4), 0.1, 1.0, "16384x768")], str(table), "sm90", "H100",
                       "2026-11-27")
     assert key not in json.loads(table.read_text())["sm90"]
+
+
+def test_cpp_kernels_take_16bit_weights_only_on_cuda():
+    # The C++ CPU kernels read fp32 weights (layer_norm casts others for them); the extension's
+    # own check names the dtype rather than reading bf16 bits as floats.
+    from minigpt import _backend
+    try:
+        C = _backend.extension()
+    except _backend.BackendUnavailableError as e:
+        pytest.skip(str(e))
+    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
+        C.layer_norm_fwd(x, w, None, None, 1e-5)
+    stats = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
+        C.layer_norm_bwd(x, None, x, w, stats, stats, False)
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())

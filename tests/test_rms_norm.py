@@ -82,8 +82,21 @@ def test_rms_norm_noncontiguous(be, dev, dtype):
                                              ((3,), 4097, False)], ids=str)
 def test_rms_norm_low_precision_weight(be, dev, wdtype, lead, N, residual):
     # A 16-bit model keeps a 16-bit weight: math in fp32 either way, the grad back in its own
-    # dtype (Triton reads and writes it so; the C++/CUDA ops cast).
+    # dtype (Triton and CUDA read it as it is; the C++ ops cast).
     _check(be, dev, wdtype, lead, N, residual=residual, noncontig=False, wdtype=wdtype)
+
+
+def test_cpp_kernels_take_16bit_weights_only_on_cuda():
+    from minigpt import _backend
+    try:
+        C = _backend.extension()
+    except _backend.BackendUnavailableError as e:
+        pytest.skip(str(e))
+    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
+        C.rms_norm_fwd(x, w, None, 1e-6)
+    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
+        C.rms_norm_bwd(x, None, x, w, torch.ones(3))
 
 
 @pytest.mark.parametrize("be", ["torch", "cpu"])

@@ -146,16 +146,24 @@ def as_acc(t, dtype):
     return t.to(dtype).contiguous()
 
 
-def norm_param(t, acc, backend):
-    """A norm's weight or bias as its ``backend``'s kernels take it. The C++ and CUDA kernels
-    take the accumulation dtype ``acc`` (fp32; fp64 for fp64 x): a bf16 parameter is cast to
-    it on every call (autograd casts the gradient back). Triton reads fp32, bf16 and fp16
+def norm_param(t, acc, backend, native=False):
+    """A norm's weight or bias as its ``backend``'s kernels take it. The C++ kernels take the
+    accumulation dtype ``acc`` (fp32; fp64 for fp64 x): a bf16 parameter is cast to it on
+    every call (autograd casts the gradient back). Triton reads fp32, bf16 and fp16
     parameters as they are, in fp32, and returns their gradients in their own dtype: no cast
-    kernels around a 16-bit model's norms."""
-    if backend == "triton" and acc == torch.float32 and t.dtype in (
+    kernels around a 16-bit model's norms. The CUDA kernels do that too where ``native``
+    (native_norm_params: the parameters in the rows' 16-bit dtype)."""
+    if (native or backend == "triton") and acc == torch.float32 and t.dtype in (
             torch.float32, torch.bfloat16, torch.float16):
         return t if t.is_contiguous() else t.contiguous()
     return as_acc(t, acc)
+
+
+def native_norm_params(backend, rows_dtype, *params):
+    """Whether the CUDA norm kernels read ``params`` (None: absent) as they are: 16-bit rows
+    and every parameter in their dtype. Else they are cast to fp32."""
+    return (backend == "cuda" and rows_dtype in (torch.bfloat16, torch.float16)
+            and all(p is None or p.dtype == rows_dtype for p in params))
 
 
 def shaped(t, shape):

@@ -15,8 +15,8 @@ from torch import Tensor
 from minigpt import _backend, reference
 from minigpt.ops import _checks
 from minigpt.ops._eager import (bwd_op, cast_output, eager_function, h_dtype, kernel_inputs,
-                                leaf_backed, norm_dtypes, norm_param, pick, rows, shaped,
-                                x_grad)
+                                leaf_backed, native_norm_params, norm_dtypes, norm_param, pick,
+                                rows, shaped, x_grad)
 
 OP = "layer_norm"
 
@@ -174,8 +174,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: fl
     # Parameters in fp32 math (fp64 for fp64 x): bf16 activations with fp32 master weights
     # lose nothing (norm_param: which backend casts them).
     acc = torch.float64 if hd == torch.float64 else torch.float32
-    w = norm_param(weight, acc, be)
-    b = norm_param(bias, acc, be) if bias is not None else None
+    native = native_norm_params(be, hd, weight, bias)
+    w = norm_param(weight, acc, be, native)
+    b = norm_param(bias, acc, be, native) if bias is not None else None
     fwd = pick(_fwd, _EagerLayerNorm, _fwd_impl, x2, w, b, r2)
     split = residual is not None and leaf_backed(x) and leaf_backed(residual)
     y, h, _, _ = fwd(x2, w, b, r2, float(eps), be, out_dtype, split)
