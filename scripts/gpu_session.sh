@@ -119,8 +119,9 @@ stage_quicktest() {
     # What changed since the last GPU run, on the GPU, before the whole suite: the training
     # step as one CUDA graph and without host syncs, the Triton kernels that changed
     # (attention's layout and atomic dQ, the norm backwards, the cross-entropy's deferred
-    # scale), the CUDA attention's tensor-core kernels (mma.sync: correct on the H100 at their
-    # first run), and whether a C++ error out of the _C built there still kills the process.
+    # scale), the CUDA attention's tensor-core kernels (ldmatrix and cp.async since
+    # 2026-11-27), the CUDA norms with 16-bit weights (new then too), and whether a C++ error
+    # out of the _C built there still kills the process.
     local xd=""
     $PY -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
     timeout -s INT -k 10 $((${STAGE_LIMIT_S:-300} - 12)) $PY -m pytest -q -rfE -m "not slow" \
@@ -128,7 +129,7 @@ stage_quicktest() {
         tests/test_graph.py tests/test_no_host_sync.py tests/test_cross_entropy.py \
         tests/test_attention.py tests/test_attention_tiles.py tests/test_layer_norm.py \
         tests/test_rms_norm.py tests/test_extension_errors.py tests/test_reg_cap.py \
-        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles or (cuda-cuda and attention) or cpp_error or on_gpu}"
+        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles or (cuda-cuda and attention) or (cuda-cuda and low_precision_weight) or cpp_error or on_gpu}"
 }
 
 stage_tune() {
