@@ -90,3 +90,18 @@ def check_only_h_used(norm, be, dev, bias):
     y, h = norm(x, w, b, residual=r, backend=be)
     (y.sum() * 0 + h.sum()).backward()  # both used; y's gradient is zeros, h's ones
     assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(r.grad, torch.ones_like(r))
+
+
+def check_cpp_refuses_16bit_weights(fwd, bwd):
+    """The C++ CPU kernels read fp32 weights (the ops cast others for them; only the CUDA
+    kernels read 16-bit ones): the extension's own check names the dtype rather than reading
+    bf16 bits as floats. ``fwd(C, x, w)``, ``bwd(C, x, w)`` call its entry points."""
+    from minigpt import _backend
+    try:
+        C = _backend.extension()
+    except _backend.BackendUnavailableError as e:
+        pytest.skip(str(e))
+    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+    for call in (fwd, bwd):
+        with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
+            call(C, x, w)

@@ -5,7 +5,8 @@ import torch
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
-from tests._norms import check_mixed_residual, check_only_h_used, check_out_dtype
+from tests._norms import (check_cpp_refuses_16bit_weights, check_mixed_residual, check_only_h_used,
+                          check_out_dtype)
 from tests._tol import assert_close, f64, make
 from tests.conftest import backend_device_pairs, skip_if_triton_refused
 
@@ -332,19 +333,10 @@ def test_norm_bwd_tuned_table(tmp_path, monkeypatch):
 
 
 def test_cpp_kernels_take_16bit_weights_only_on_cuda():
-    # The C++ CPU kernels read fp32 weights (layer_norm casts others for them); the extension's
-    # own check names the dtype rather than reading bf16 bits as floats.
-    from minigpt import _backend
-    try:
-        C = _backend.extension()
-    except _backend.BackendUnavailableError as e:
-        pytest.skip(str(e))
-    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
-        C.layer_norm_fwd(x, w, None, None, 1e-5)
     stats = torch.zeros(3)
-    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
-        C.layer_norm_bwd(x, None, x, w, stats, stats, False)
+    check_cpp_refuses_16bit_weights(
+        lambda C, x, w: C.layer_norm_fwd(x, w, None, None, 1e-5),
+        lambda C, x, w: C.layer_norm_bwd(x, None, x, w, stats, stats, False))
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())

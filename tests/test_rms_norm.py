@@ -5,7 +5,8 @@ import torch
 
 from minigpt import ops, reference
 from minigpt._backend import BackendUnavailableError
-from tests._norms import check_mixed_residual, check_only_h_used, check_out_dtype
+from tests._norms import (check_cpp_refuses_16bit_weights, check_mixed_residual, check_only_h_used,
+                          check_out_dtype)
 from tests._tol import assert_close, f64, make
 from tests.conftest import backend_device_pairs
 
@@ -87,16 +88,8 @@ def test_rms_norm_low_precision_weight(be, dev, wdtype, lead, N, residual):
 
 
 def test_cpp_kernels_take_16bit_weights_only_on_cuda():
-    from minigpt import _backend
-    try:
-        C = _backend.extension()
-    except _backend.BackendUnavailableError as e:
-        pytest.skip(str(e))
-    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
-        C.rms_norm_fwd(x, w, None, 1e-6)
-    with pytest.raises(RuntimeError, match="accumulation dtype.*BFloat16"):
-        C.rms_norm_bwd(x, None, x, w, torch.ones(3))
+    check_cpp_refuses_16bit_weights(lambda C, x, w: C.rms_norm_fwd(x, w, None, 1e-6),
+                                    lambda C, x, w: C.rms_norm_bwd(x, None, x, w, torch.ones(3)))
 
 
 @pytest.mark.parametrize("be", ["torch", "cpu"])
