@@ -561,18 +561,16 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
   store_acc<T, DT>(dq + bh * g.T * g.D, acc, rows, mul, g.T, D, tc);
 }
 
-// Query tile u of a dK/dV block's walk: the GQA group's query heads one after another, each
-// from the first query tile that sees the block's keys (i from `lo`, nq tiles of BQ).
+// The query tile i0 .. i0 + BQ - 1 of query head h for a dK/dV block: Q, dO, and the rows'
+// lse (base 2) and delta.
 template <typename T, int DP, int BQ>
 __device__ __forceinline__ void dkdv_stage(T* Qs, T* dOs, float* lse2s, float* dls,
                                            const MgAttnGeo& g, const T* __restrict__ q,
                                            const T* __restrict__ dout, int64_t db, int64_t dh,
                                            int64_t dt, const float* __restrict__ lse,
                                            const float* __restrict__ delta, int64_t b,
-                                           int64_t hk, int64_t lo, int64_t nq, int64_t u,
-                                           bool vec) {
-  const int64_t rep = g.Hq / g.Hkv, h = hk * rep + u / nq, qh = b * g.Hq + h;
-  const int64_t i0 = lo + (u % nq) * BQ;
+                                           int64_t h, int64_t i0, bool vec) {
+  const int64_t qh = b * g.Hq + h;
   mma_stage<T, DP, BQ>(Qs, q + b * g.qb + h * g.qh, g.qt, i0, g.T, (int)g.D, vec);
   mma_stage<T, DP, BQ>(dOs, dout + b * db + h * dh, dt, i0, g.T, (int)g.D, vec);
   for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
@@ -602,7 +600,8 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
   const int64_t j0 = (int64_t)blockIdx.y * MMA_BN;
   // The first query that sees key j0 is j0 - (S - T); it is < T as j0 < S.
   const int64_t lo = g.causal ? max((int64_t)0, j0 - (g.S - g.T)) / BQ * BQ : 0;
-  const int64_t nq = (g.T - lo + BQ - 1) / BQ, tiles = rep * nq;
+  // The walk: the GQA group's query heads one after another, each from query tile `lo`.
+  const int64_t tiles = rep * ((g.T - lo + BQ - 1) / BQ);
   mma_stage<T, DP, MMA_BN>(Ks, k + b * g.kb + hk * g.kh, g.ks, j0, g.S, D, vec);
   mma_stage<T, DP, MMA_BN>(Vs, v + b * g.vb + hk * g.vh, g.vs, j0, g.S, D, vec);
   auto bufs = [&](int c, T*& Qs, T*& dOs, float*& lse2s, float*& dls) {
@@ -615,8 +614,8 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
     T *Qs, *dOs;
     float *lse2s, *dls;
     bufs(0, Qs, dOs, lse2s, dls);
-    dkdv_stage<T, DP, BQ>(Qs, dOs, lse2s, dls, g, q, dout, db, dh, dt, lse, delta, b, hk, lo,
-                          nq, 0, vec);
+    dkdv_stage<T, DP, BQ>(Qs, dOs, lse2s, dls, g, q, dout, db, dh, dt, lse, delta, b,
+                          hk * rep, lo, vec);
   }
   cp_async_commit();
   const int64_t keys[2] = {j0 + w0 + gr, j0 + w0 + gr + 8};
@@ -626,20 +625,25 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
 #pragma unroll
     for (int e = 0; e < 4; ++e) adk[d][e] = adv[d][e] = 0.f;
   cp_async_wait_all();
-  for (int64_t u = 0; u < tiles; ++u) {
+  // i0: this tile's first query; nh, ni: the next tile's query head and first query
+  int64_t i0 = lo, nh = hk * rep, ni = lo;
+  for (int64_t u = 0; u < tiles; ++u, i0 = ni) {
     __syncthreads();  // tile u has landed; every warp is done with the other buffer
+    ni += BQ;
+    if (ni >= g.T) {
+      ni = lo;
+      ++nh;
+    }
     if (u + 1 < tiles) {
       T *Qn, *dOn;
       float *ln, *dn;
       bufs((int)((u + 1) & 1), Qn, dOn, ln, dn);
-      dkdv_stage<T, DP, BQ>(Qn, dOn, ln, dn, g, q, dout, db, dh, dt, lse, delta, b, hk, lo, nq,
-                            u + 1, vec);
+      dkdv_stage<T, DP, BQ>(Qn, dOn, ln, dn, g, q, dout, db, dh, dt, lse, delta, b, nh, ni, vec);
       cp_async_commit();
     }
     T *Qs, *dOs;
     float *lse2s, *dls;
     bufs((int)(u & 1), Qs, dOs, lse2s, dls);
-    const int64_t i0 = lo + (u % nq) * BQ;
     // S^T = K Q^T, dP^T = V dO^T: rows this warp's keys, columns the tile's queries
     float st[NT][4], dpt[NT][4];
     mma_nt<T, LDS, KD, NT>(st, nullptr, Ks, w0, Qs, lane);
