@@ -275,15 +275,20 @@ constexpr int code_of() {
 }
 
 // The norms' weight type W for rows of T and the weights' dtype code: fp32, or T itself for
-// 16-bit rows. Calls f(const W* tag) (a null pointer: its type carries W) and returns the
-// launch's error, or cudaErrorInvalidValue for any other pair.
+// 16-bit rows. Calls f(TypeTag<W>{}) (f reads W as `typename decltype(tag)::type`) and returns
+// the launch's error, or cudaErrorInvalidValue for any other pair.
+template <typename W>
+struct TypeTag {
+  using type = W;
+};
+
 template <typename T, typename F>
 int with_weight_type(int wdtype, F&& f) {
   if (wdtype == kF32) {
-    f(static_cast<const float*>(nullptr));
+    f(TypeTag<float>{});
   } else if constexpr (sizeof(T) == 2) {
     if (wdtype != code_of<T>()) return (int)cudaErrorInvalidValue;
-    f(static_cast<const T*>(nullptr));
+    f(TypeTag<T>{});
   } else {
     return (int)cudaErrorInvalidValue;
   }

@@ -553,7 +553,7 @@ int fwd_entry(int wdtype, const void* x, const void* r, const void* w, const voi
               void* h, float* mean, float* rstd, int64_t M, int64_t N, float eps,
               cudaStream_t s) {
   return with_weight_type<T>(wdtype, [&](auto tag) {
-    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    using W = typename decltype(tag)::type;
     launch_fwd<T, W>(x, r, (const W*)w, (const W*)b, y, h, mean, rstd, M, N, eps, s);
   });
 }
@@ -563,7 +563,7 @@ int bwd_entry(int wdtype, const void* dy, const void* dh, const void* h, const v
               const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
               int64_t M, int64_t N, int64_t P, cudaStream_t s) {
   return with_weight_type<T>(wdtype, [&](auto tag) {
-    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    using W = typename decltype(tag)::type;
     launch_bwd<T, W>(dy, dh, h, (const W*)w, mean, rstd, dx, dw_part, db_part, M, N, P, s);
   });
 }

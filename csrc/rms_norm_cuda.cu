@@ -324,7 +324,7 @@ template <typename T>
 int fwd_entry(int wdtype, const void* x, const void* r, const void* w, void* y, void* h,
               float* rstd, int64_t M, int64_t N, float eps, cudaStream_t s) {
   return with_weight_type<T>(wdtype, [&](auto tag) {
-    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    using W = typename decltype(tag)::type;
     launch_fwd<T, W>(x, r, (const W*)w, y, h, rstd, M, N, eps, s);
   });
 }
@@ -334,7 +334,7 @@ int bwd_entry(int wdtype, const void* dy, const void* dh, const void* h, const v
               const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
               cudaStream_t s) {
   return with_weight_type<T>(wdtype, [&](auto tag) {
-    using W = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+    using W = typename decltype(tag)::type;
     launch_bwd<T, W>(dy, dh, h, (const W*)w, rstd, dx, dw_part, M, N, P, s);
   });
 }
