@@ -392,11 +392,11 @@ __device__ __forceinline__ MmaQueryBlock mma_query_block(const MgAttnGeo& g) {
   return {bh, bh / g.Hq, h, h / (g.Hq / g.Hkv), qb * MMA_BM};
 }
 
-// Whether queries i0 .. i0 + rows - 1 see every key of j0 .. j0 + cols - 1, so that the tile
-// needs no mask (rows past T are the zero rows of a partial block: computed, never stored).
-__device__ __forceinline__ bool tile_unmasked(const MgAttnGeo& g, int64_t i0, int rows,
-                                              int64_t j0, int cols) {
-  (void)rows;
+// Whether a tile of queries from i0 sees every key of j0 .. j0 + cols - 1, so that it needs no
+// mask: its first query does (later ones see more; rows past T are the zero rows of a partial
+// block: computed, never stored).
+__device__ __forceinline__ bool tile_unmasked(const MgAttnGeo& g, int64_t i0, int64_t j0,
+                                              int cols) {
   return j0 + cols <= g.S && (!g.causal || j0 + cols - 1 <= i0 + g.S - g.T);
 }
 
@@ -442,7 +442,7 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
     mma_nt<T, LDS, KD, NT>(s, qf, nullptr, w0, Ks, lane);
     // Online softmax in base 2 on the lane's two rows; a row's 4 lanes (same gr) share it.
     float mx[2] = {-INFINITY, -INFINITY};
-    const bool unmasked = tile_unmasked(g, i0, MMA_BM, j0, MMA_BN);
+    const bool unmasked = tile_unmasked(g, i0, j0, MMA_BN);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -545,7 +545,7 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
     float s[NT][4], dp[NT][4];
     mma_nt<T, LDS, KD, NT>(s, nullptr, Qs, w0, Ks, lane);    // S = Q K^T
     mma_nt<T, LDS, KD, NT>(dp, nullptr, dOs, w0, Vs, lane);  // dP = dO V^T
-    const bool unmasked = tile_unmasked(g, i0, MMA_BM, j0, MMA_BN);
+    const bool unmasked = tile_unmasked(g, i0, j0, MMA_BN);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -648,7 +648,7 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
     float st[NT][4], dpt[NT][4];
     mma_nt<T, LDS, KD, NT>(st, nullptr, Ks, w0, Qs, lane);
     mma_nt<T, LDS, KD, NT>(dpt, nullptr, Vs, w0, dOs, lane);
-    const bool unmasked = tile_unmasked(g, i0, BQ, j0, MMA_BN);
+    const bool unmasked = tile_unmasked(g, i0, j0, MMA_BN);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
