@@ -11,15 +11,21 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float sigmoidf_(float g) { return 1.f / (1.f + __expf(-g)); }
+// silu(g) = g / (1 + exp(-g)), not g * sigmoid(g): for g near -88 sigmoid(g) is subnormal and
+// --use_fast_math flushes it to zero, while g / (1 + exp(-g)) stays normal down to g = -88.7.
+// IEEE division (__fdiv_rn): fast-math's approximate division returns 0 for divisors over
+// 2^126, which 1 + exp(88) is. g = -inf gives NaN, as F.silu does.
+__device__ __forceinline__ float silu_f(float g, float e) { return __fdiv_rn(g, 1.f + e); }
 
-__device__ __forceinline__ float swiglu_f(float g, float u) { return g * sigmoidf_(g) * u; }
+__device__ __forceinline__ float swiglu_f(float g, float u) { return silu_f(g, __expf(-g)) * u; }
 
-// d/dgate and d/dup of silu(g) * u times d.
+// d/dgate and d/dup of silu(g) * u times d. silu'(g) = sig + silu * (1 - sig): the subnormal
+// sig drops out where silu carries the value.
 __device__ __forceinline__ void swiglu_b(float d, float g, float u, float& dg, float& du) {
-  const float sig = sigmoidf_(g);
-  dg = d * u * sig * (1.f + g * (1.f - sig));
-  du = d * g * sig;
+  const float e = __expf(-g);
+  const float sig = __fdiv_rn(1.f, 1.f + e), s = silu_f(g, e);
+  dg = d * u * (sig + s * (1.f - sig));
+  du = d * s;
 }
 
 // Scalar, any alignment: elements [start, n) in a grid-stride loop (start > 0 for the tail the

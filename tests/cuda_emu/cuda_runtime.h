@@ -256,6 +256,7 @@ inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 // A rounded product the compiler may not fuse into a later add (g++ here emits no FMA anyway).
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline float __int_as_float(int v) {
   float f;
