@@ -13,10 +13,12 @@ int minigpt_layer_norm_fwd_cuda(const void* x, const void* r, const void* w, con
                                 void* y, void* h, float* mean, float* rstd, int64_t M, int64_t N,
                                 float eps, int dtype, int wdtype, cudaStream_t stream);
 // dw_part/db_part (P, N) fp32 partial sums, one row per block of rows (reduced by the caller).
+// dx2: null, or a second buffer that gets dx too (x's and the residual's gradients as separate
+// tensors: one more store instead of a copy afterwards).
 int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h, const void* w,
-                                const float* mean, const float* rstd, void* dx, float* dw_part,
-                                float* db_part, int64_t M, int64_t N, int64_t P, int dtype,
-                                int wdtype, cudaStream_t stream);
+                                const float* mean, const float* rstd, void* dx, void* dx2,
+                                float* dw_part, float* db_part, int64_t M, int64_t N, int64_t P,
+                                int dtype, int wdtype, cudaStream_t stream);
 
 // softmax_cuda.cu: x, y, dy, dx (M, N) in `dtype`; causal rows are (M / T) blocks of (T, N).
 int minigpt_softmax_fwd_cuda(const void* x, void* y, int64_t M, int64_t N, float scale,
@@ -30,9 +32,10 @@ int minigpt_softmax_bwd_cuda(const void* dy, const void* y, void* dx, int64_t M,
 int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const void* w, void* y, void* h,
                               float* rstd, int64_t M, int64_t N, float eps, int dtype,
                               int wdtype, cudaStream_t stream);
+// dx2: null, or a second buffer that gets dx too (as in layer_norm).
 int minigpt_rms_norm_bwd_cuda(const void* dy, const void* dh, const void* h, const void* w,
-                              const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N,
-                              int64_t P, int dtype, int wdtype, cudaStream_t stream);
+                              const float* rstd, void* dx, void* dx2, float* dw_part, int64_t M,
+                              int64_t N, int64_t P, int dtype, int wdtype, cudaStream_t stream);
 
 // rope_cuda.cu: q (B, Hq, T, D), k (B, Hk, T, D) in `dtype` read through strides (unit last
 // stride); qo, ko contiguous; cos/sin fp32 rows of D at b * cos_bstride + t * D, or, with pos

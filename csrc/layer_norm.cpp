@@ -4,6 +4,7 @@
 #include "common.h"
 #include "cpu_convert.h"
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #ifdef WITH_CUDA
@@ -78,7 +79,8 @@ void ln_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& r, const a
 template <typename T>
 void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
                 const at::Tensor& w, const at::Tensor& mean, const at::Tensor& rstd,
-                at::Tensor& dx, at::Tensor& dw_part, at::Tensor& db_part, bool has_bias) {
+                at::Tensor& dx, at::Tensor& dx2, at::Tensor& dw_part, at::Tensor& db_part,
+                bool has_bias) {
   using A = acc_t<T>;
   const int64_t M = h.size(0), N = h.size(1);
   const int64_t P = dw_part.size(0);
@@ -88,6 +90,7 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
   const A* mp = mean.data_ptr<A>();
   const A* sp = rstd.data_ptr<A>();
   T* dxp = dx.data_ptr<T>();
+  T* dx2p = dx2.numel() ? dx2.data_ptr<T>() : nullptr;
   A* dwp = dw_part.data_ptr<A>();
   A* dbp = has_bias ? db_part.data_ptr<A>() : nullptr;
   const int64_t rows_per = (M + P - 1) / P;
@@ -155,6 +158,7 @@ void ln_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const
           }
         }
         flush_row(o, out, N);
+        if (dx2p) std::copy(out, out + N, dx2p + i * N);  // while the row is in L1
       }
     }
   });
@@ -205,7 +209,7 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& w,
 std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
                                        const at::Tensor& h, const at::Tensor& w,
                                        const at::Tensor& mean, const at::Tensor& rstd,
-                                       bool has_bias) {
+                                       bool has_bias, bool split) {
   check_2d_contig(h, "h");
   check_like(dy, h, "grad_output");
   if (dh) check_like(*dh, h, "grad_h");
@@ -218,6 +222,9 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional
               "minigpt: layer_norm_bwd weight must be (N,) in the accumulation dtype (on CUDA "
               "also in a 16-bit h's dtype), got ", w.scalar_type());
   auto dx = at::empty_like(h);
+  // split: dx once more in a buffer of its own, for x beside the residual when both are
+  // leaves (their .grad must not share storage); one more store, not a copy afterwards.
+  auto dx2 = split ? at::empty_like(h) : h.new_empty({0});
   const int64_t P = row_blocks(M, h.device());
   auto opts = h.options().dtype(acc);
   auto dw_part = at::empty({P, N}, opts);
@@ -228,20 +235,21 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional
     MINIGPT_CUDA_CHECK(minigpt_layer_norm_bwd_cuda(
                            dy.data_ptr(), dh ? dh->data_ptr() : nullptr, h.data_ptr(),
                            w.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                           dx.data_ptr(), dw_part.data_ptr<float>(),
+                           dx.data_ptr(), split ? dx2.data_ptr() : nullptr,
+                           dw_part.data_ptr<float>(),
                            has_bias ? db_part.data_ptr<float>() : nullptr, M, N, P,
                            dtype_code(h), dtype_code(w), c10::cuda::getCurrentCUDAStream()),
                        "layer_norm_bwd");
 #endif
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "layer_norm_bwd", [&] {
-      ln_bwd_cpu<scalar_t>(dy, dh, h, w, mean, rstd, dx, dw_part, db_part, has_bias);
+      ln_bwd_cpu<scalar_t>(dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, has_bias);
     });
   }
   // dweight in the weight's dtype; dbias stays fp32 (as Triton's: the fake of layer_norm_bwd).
   auto dw = dw_part.sum(0).to(w.scalar_type());
   auto db = has_bias ? db_part.sum(0) : dw_part.new_empty({0});
-  return {dx, dw, db};
+  return {dx, dw, db, dx2};
 }
 
 }  // namespace minigpt

@@ -66,7 +66,7 @@ template <typename T, typename W>
 __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
                               const T* __restrict__ h, const W* __restrict__ w,
                               const float* __restrict__ mean, const float* __restrict__ rstd,
-                              T* __restrict__ dx, float* __restrict__ dw_part,
+                              T* __restrict__ dx, T* __restrict__ dx2, float* __restrict__ dw_part,
                               float* __restrict__ db_part, int64_t M, int64_t N,
                               int64_t rows_per) {
   __shared__ float shm[32];
@@ -103,6 +103,7 @@ __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh
       float v = (__fmul_rn(to_f(w[j]), to_f(gr[j])) - (xhat * c1 + c2)) * rs;
       if (dh) v += to_f(dh[i * N + j]);
       dx[i * N + j] = from_f<T>(v);
+      if (dx2) dx2[i * N + j] = from_f<T>(v);
     }
   }
 }
@@ -286,6 +287,7 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
 template <typename T, int VPT, typename W, typename Sum2>
 __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __restrict__ dy,
                                            const T* __restrict__ dh, T* __restrict__ dx,
+                                           T* __restrict__ dx2,
                                            const W* __restrict__ w, float mu, float rs,
                                            int64_t N, int64_t q0, int64_t stride,
                                            float (&dw)[VPT][Pack<T>::kN],
@@ -341,6 +343,7 @@ __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __r
       for (int i = 0; i < V; ++i) o[i] += d[i];
     }
     store_pack(at16(dx, q), o);
+    if (dx2) store_pack(at16(dx2, q), o);  // x's own gradient buffer (split_grads)
   }
 }
 
@@ -351,7 +354,8 @@ template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                   const W* __restrict__ w, const float* __restrict__ mean,
-                  const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
+                  const float* __restrict__ rstd, T* __restrict__ dx, T* __restrict__ dx2,
+                  float* __restrict__ dw_part,
                   float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
   __shared__ float shm[64];
@@ -365,7 +369,8 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t base = row * N;
-    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base,
+                          dx2 ? dx2 + base : nullptr, w,
                           mean[row], rstd[row], N, threadIdx.x, blockDim.x, dw, db, sum2);
   }
 #pragma unroll
@@ -389,7 +394,8 @@ template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, 2)
 ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                    const W* __restrict__ w, const float* __restrict__ mean,
-                   const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_part,
+                   const float* __restrict__ rstd, T* __restrict__ dx, T* __restrict__ dx2,
+                   float* __restrict__ dw_part,
                    float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
   extern __shared__ float part[];  // warps x N
@@ -404,7 +410,8 @@ ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
-    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base,
+                          dx2 ? dx2 + base : nullptr, w,
                           mean[row], rstd[row], N, lane, 32, dw, db, sum2);
   }
   warps_sum_to_row(dw, part, dw_part + p * N, N);
@@ -485,65 +492,72 @@ void launch_fwd(const void* x, const void* r, const W* w, const W* b, void* y, v
 
 template <typename T, int VPT, typename W>
 void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const W* w,
-             const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
+             const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
+             float* db_part,
              int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 32) {
     ln_bwd_vec_kernel<T, VPT, W><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
-                                                       w, mean, rstd, (T*)dx, dw_part, db_part,
+                                                       w, mean, rstd, (T*)dx, (T*)dx2, dw_part,
+                                                       db_part,
                                                        M, N, rows_per);
   }
 }
 
 template <typename T, int VPT, typename W>
 void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const W* w,
-              const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
+              const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
+              float* db_part,
               int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
   ln_bwd_warp_kernel<T, VPT, W><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h,
-                                                     w, mean, rstd, (T*)dx, dw_part, db_part, M,
+                                                     w, mean, rstd, (T*)dx, (T*)dx2, dw_part,
+                                                     db_part, M,
                                                      N, rows_per);
 }
 
 template <typename T, typename W>
 void launch_bwd(const void* dy, const void* dh, const void* h, const W* w, const float* mean,
-                const float* rstd, void* dx, float* dw_part, float* db_part, int64_t M, int64_t N,
+                const float* rstd, void* dx, void* dx2, float* dw_part, float* db_part, int64_t M,
+                int64_t N,
                 int64_t P, cudaStream_t s) {
   const int64_t rows_per = (M + P - 1) / P;
   // Narrow rows: a warp each, 8 warps a block (shared memory: 8 x N floats, 32 KiB at most).
-  const RowShape ws = vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dw_part, db_part});
+  const RowShape ws = vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dx2, dw_part,
+                                                            db_part});
   if (ws.vpt) {
     const size_t smem = 8 * N * sizeof(float);
     switch (ws.vpt) {
-      case 1: bwd_warp<T, 1, W>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+      case 1: bwd_warp<T, 1, W>(smem, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
                                 rows_per, s); return;
-      case 2: bwd_warp<T, 2, W>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+      case 2: bwd_warp<T, 2, W>(smem, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
                                 rows_per, s); return;
-      default: bwd_warp<T, 4, W>(smem, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+      default: bwd_warp<T, 4, W>(smem, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
                                  rows_per, s); return;
     }
   }
   // At most 256 threads, so that x-hat, w*dy and the two partial sums (4 x 32 values at
   // most) stay in registers; rows up to 8192.
-  const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dw_part, db_part});
+  const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dx2, dw_part, db_part});
   switch (sh.vpt) {
     case 1:
-      bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+      bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
                        rows_per, s);
       break;
     case 2:
-      bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+      bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
                        rows_per, s);
       break;
     case 4:
-      bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+      bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
                        rows_per, s);
       break;
     case 8:
-      bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dw_part, db_part, M, N, P,
+      bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
                        rows_per, s);
       break;
     default:
       ln_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
-                                                       w, mean, rstd, (T*)dx, dw_part, db_part,
+                                                       w, mean, rstd, (T*)dx, (T*)dx2, dw_part,
+                                                       db_part,
                                                        M, N, rows_per);
   }
 }
@@ -560,11 +574,12 @@ int fwd_entry(int wdtype, const void* x, const void* r, const void* w, const voi
 
 template <typename T>
 int bwd_entry(int wdtype, const void* dy, const void* dh, const void* h, const void* w,
-              const float* mean, const float* rstd, void* dx, float* dw_part, float* db_part,
+              const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
+              float* db_part,
               int64_t M, int64_t N, int64_t P, cudaStream_t s) {
   return with_weight_type<T>(wdtype, [&](auto tag) {
     using W = typename decltype(tag)::type;
-    launch_bwd<T, W>(dy, dh, h, (const W*)w, mean, rstd, dx, dw_part, db_part, M, N, P, s);
+    launch_bwd<T, W>(dy, dh, h, (const W*)w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P, s);
   });
 }
 
@@ -581,10 +596,11 @@ extern "C" int minigpt_layer_norm_fwd_cuda(const void* x, const void* r, const v
 
 extern "C" int minigpt_layer_norm_bwd_cuda(const void* dy, const void* dh, const void* h,
                                            const void* w, const float* mean, const float* rstd,
-                                           void* dx, float* dw_part, float* db_part, int64_t M,
+                                           void* dx, void* dx2, float* dw_part, float* db_part,
+                                           int64_t M,
                                            int64_t N, int64_t P, int dtype, int wdtype,
                                            cudaStream_t stream) {
   if (M == 0) return 0;
-  MINIGPT_DISPATCH_DTYPE_RET(dtype, bwd_entry, wdtype, dy, dh, h, w, mean, rstd, dx, dw_part,
+  MINIGPT_DISPATCH_DTYPE_RET(dtype, bwd_entry, wdtype, dy, dh, h, w, mean, rstd, dx, dx2, dw_part,
                              db_part, M, N, P, stream);
 }

@@ -15,7 +15,7 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& w,
 std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
                                        const at::Tensor& h, const at::Tensor& w,
                                        const at::Tensor& mean, const at::Tensor& rstd,
-                                       bool has_bias);
+                                       bool has_bias, bool split);
 
 // softmax.cpp -> y / dx. x is (M, N) rows; with `causal` they are (M / T) blocks of (T, N).
 at::Tensor softmax_fwd(const at::Tensor& x, double scale, bool causal, int64_t T);
@@ -26,7 +26,7 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w,
                                      const std::optional<at::Tensor>& r, double eps);
 std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
                                      const at::Tensor& h, const at::Tensor& w,
-                                     const at::Tensor& rstd);
+                                     const at::Tensor& rstd, bool split);
 
 // rope.cpp -> {q_rot, k_rot}; `inverse` rotates by -sin (the backward).
 std::vector<at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,

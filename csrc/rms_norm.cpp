@@ -7,6 +7,7 @@
 #include "cuda_launchers.h"
 #endif
 
+#include <algorithm>
 #include <cmath>
 
 namespace minigpt {
@@ -58,7 +59,7 @@ void rms_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& r, const 
 template <typename T>
 void rms_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
                  const at::Tensor& w, const at::Tensor& rstd, at::Tensor& dx,
-                 at::Tensor& dw_part) {
+                 at::Tensor& dx2, at::Tensor& dw_part) {
   using A = acc_t<T>;
   const int64_t M = h.size(0), N = h.size(1);
   const int64_t P = dw_part.size(0);
@@ -67,6 +68,7 @@ void rms_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, cons
   const T* hp = h.data_ptr<T>();
   const A* sp = rstd.data_ptr<A>();
   T* dxp = dx.data_ptr<T>();
+  T* dx2p = dx2.numel() ? dx2.data_ptr<T>() : nullptr;
   A* dwp = dw_part.data_ptr<A>();
   const int64_t rows_per = (M + P - 1) / P;
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
@@ -104,6 +106,7 @@ void rms_bwd_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dh, cons
           for (int64_t j = 0; j < N; ++j) store(o, j, (wdy[j] - xhat[j] * c1) * rs);
         }
         flush_row(o, out, N);
+        if (dx2p) std::copy(out, out + N, dx2p + i * N);  // while the row is in L1
       }
     }
   });
@@ -148,7 +151,7 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w,
 
 std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh,
                                      const at::Tensor& h, const at::Tensor& w,
-                                     const at::Tensor& rstd) {
+                                     const at::Tensor& rstd, bool split) {
   check_2d_contig(h, "h");
   check_like(dy, h, "grad_output");
   if (dh) check_like(*dh, h, "grad_h");
@@ -160,6 +163,7 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<a
               "minigpt: rms_norm_bwd weight must be (N,) in the accumulation dtype (on CUDA also "
               "in a 16-bit h's dtype), got ", w.scalar_type());
   auto dx = at::empty_like(h);
+  auto dx2 = split ? at::empty_like(h) : h.new_empty({0});  // see layer_norm_bwd
   const int64_t P = row_blocks(M, h.device());
   auto dw_part = at::empty({P, N}, h.options().dtype(acc));
   if (h.is_cuda()) {
@@ -168,6 +172,7 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<a
     MINIGPT_CUDA_CHECK(minigpt_rms_norm_bwd_cuda(dy.data_ptr(), dh ? dh->data_ptr() : nullptr,
                                                  h.data_ptr(), w.data_ptr(),
                                                  rstd.data_ptr<float>(), dx.data_ptr(),
+                                                 split ? dx2.data_ptr() : nullptr,
                                                  dw_part.data_ptr<float>(), M, N, P,
                                                  dtype_code(h), dtype_code(w),
                                                  c10::cuda::getCurrentCUDAStream()),
@@ -175,9 +180,9 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const std::optional<a
 #endif
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "rms_norm_bwd",
-                                    [&] { rms_bwd_cpu<scalar_t>(dy, dh, h, w, rstd, dx, dw_part); });
+                                    [&] { rms_bwd_cpu<scalar_t>(dy, dh, h, w, rstd, dx, dx2, dw_part); });
   }
-  return {dx, dw_part.sum(0).to(w.scalar_type())};  // dweight in the weight's dtype
+  return {dx, dw_part.sum(0).to(w.scalar_type()), dx2};  // dweight in the weight's dtype
 }
 
 }  // namespace minigpt

@@ -53,6 +53,7 @@ template <typename T, typename W>
 __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
                                const T* __restrict__ h, const W* __restrict__ w,
                                const float* __restrict__ rstd, T* __restrict__ dx,
+                               T* __restrict__ dx2,
                                float* __restrict__ dw_part, int64_t M, int64_t N,
                                int64_t rows_per) {
   __shared__ float shm[32];
@@ -77,6 +78,7 @@ __global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ d
       float v = (to_f(w[j]) * to_f(gr[j]) - xhat * c1) * rs;
       if (dh) v += to_f(dh[i * N + j]);
       dx[i * N + j] = from_f<T>(v);
+      if (dx2) dx2[i * N + j] = from_f<T>(v);
     }
   }
 }
@@ -134,6 +136,7 @@ rms_fwd_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, const W* __
 template <typename T, int VPT, typename W, typename Sum>
 __device__ __forceinline__ void rms_bwd_row(const T* __restrict__ h, const T* __restrict__ dy,
                                             const T* __restrict__ dh, T* __restrict__ dx,
+                                            T* __restrict__ dx2,
                                             const W* __restrict__ w, float rs, int64_t N,
                                             int64_t q0, int64_t stride,
                                             float (&dw)[VPT][Pack<T>::kN], Sum sum) {
@@ -180,6 +183,7 @@ __device__ __forceinline__ void rms_bwd_row(const T* __restrict__ h, const T* __
       for (int i = 0; i < V; ++i) o[i] += d[i];
     }
     store_pack(at16(dx, q), o);
+    if (dx2) store_pack(at16(dx2, q), o);  // x's own gradient buffer (split_grads)
   }
 }
 
@@ -191,7 +195,8 @@ template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                    const W* __restrict__ w, const float* __restrict__ rstd,
-                   T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
+                   T* __restrict__ dx, T* __restrict__ dx2, float* __restrict__ dw_part, int64_t M,
+                   int64_t N,
                    int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
   __shared__ float shm[32];
@@ -206,7 +211,8 @@ rms_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t base = row * N;
-    rms_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+    rms_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base,
+                           dx2 ? dx2 + base : nullptr, w,
                         rstd[row], N, threadIdx.x, blockDim.x, dw, sum);
   }
   // Blocks without rows store zeros: the caller sums all P partial rows.
@@ -224,7 +230,8 @@ template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, 2)
 rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
                     const W* __restrict__ w, const float* __restrict__ rstd,
-                    T* __restrict__ dx, float* __restrict__ dw_part, int64_t M, int64_t N,
+                    T* __restrict__ dx, T* __restrict__ dx2, float* __restrict__ dw_part,
+                    int64_t M, int64_t N,
                     int64_t rows_per) {
   constexpr int V = Pack<T>::kN;
   extern __shared__ float part[];  // warps x N
@@ -239,7 +246,8 @@ rms_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T*
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
-    rms_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base, w,
+    rms_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base,
+                           dx2 ? dx2 + base : nullptr, w,
                         rstd[row], N, lane, 32, dw, sum);
   }
   warps_sum_to_row(dw, part, dw_part + p * N, N);
@@ -271,51 +279,60 @@ void launch_fwd(const void* x, const void* r, const W* w, void* y, void* h, floa
 
 template <typename T, int VPT, typename W>
 void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const W* w,
-             const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
+             const float* rstd, void* dx, void* dx2, float* dw_part, int64_t M, int64_t N,
+             int64_t P,
              int64_t rows_per, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 32) {
     rms_bwd_vec_kernel<T, VPT, W><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh,
-                                                        (const T*)h, w, rstd, (T*)dx, dw_part,
+                                                        (const T*)h, w, rstd, (T*)dx, (T*)dx2,
+                                                        dw_part,
                                                         M, N, rows_per);
   }
 }
 
 template <typename T, int VPT, typename W>
 void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const W* w,
-              const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
+              const float* rstd, void* dx, void* dx2, float* dw_part, int64_t M, int64_t N,
+              int64_t P,
               int64_t rows_per, cudaStream_t s) {
   rms_bwd_warp_kernel<T, VPT, W><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h,
-                                                      w, rstd, (T*)dx, dw_part, M, N, rows_per);
+                                                      w, rstd, (T*)dx, (T*)dx2, dw_part, M, N,
+                                                      rows_per);
 }
 
 template <typename T, typename W>
 void launch_bwd(const void* dy, const void* dh, const void* h, const W* w, const float* rstd,
-                void* dx, float* dw_part, int64_t M, int64_t N, int64_t P, cudaStream_t s) {
+                void* dx, void* dx2, float* dw_part, int64_t M, int64_t N, int64_t P,
+                cudaStream_t s) {
   const int64_t rows_per = (M + P - 1) / P;
   // Narrow rows: a warp each, 8 warps a block (shared memory: 8 x N floats, 32 KiB at most).
-  const RowShape ws = vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dw_part});
+  const RowShape ws = vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dx2, dw_part});
   if (ws.vpt) {
     const size_t smem = 8 * N * sizeof(float);
     const auto warp = ws.vpt == 1 ? bwd_warp<T, 1, W> : ws.vpt == 2 ? bwd_warp<T, 2, W>
                                                                     : bwd_warp<T, 4, W>;
-    warp(smem, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+    warp(smem, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per, s);
     return;
   }
   // At most 256 threads, so that x-hat, w*dy and the dweight sums (3 x 32 values at most) stay
   // in registers; rows up to 8192.
-  const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dw_part});
+  const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dx2, dw_part});
   switch (sh.vpt) {
-    case 1: bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+    case 1: bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
+                             s);
       break;
-    case 2: bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+    case 2: bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
+                             s);
       break;
-    case 4: bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+    case 4: bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
+                             s);
       break;
-    case 8: bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, rstd, dx, dw_part, M, N, P, rows_per, s);
+    case 8: bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
+                             s);
       break;
     default:
       rms_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
-                                                        w, rstd, (T*)dx, dw_part, M, N,
+                                                        w, rstd, (T*)dx, (T*)dx2, dw_part, M, N,
                                                         rows_per);
   }
 }
@@ -331,11 +348,12 @@ int fwd_entry(int wdtype, const void* x, const void* r, const void* w, void* y, 
 
 template <typename T>
 int bwd_entry(int wdtype, const void* dy, const void* dh, const void* h, const void* w,
-              const float* rstd, void* dx, float* dw_part, int64_t M, int64_t N, int64_t P,
+              const float* rstd, void* dx, void* dx2, float* dw_part, int64_t M, int64_t N,
+              int64_t P,
               cudaStream_t s) {
   return with_weight_type<T>(wdtype, [&](auto tag) {
     using W = typename decltype(tag)::type;
-    launch_bwd<T, W>(dy, dh, h, (const W*)w, rstd, dx, dw_part, M, N, P, s);
+    launch_bwd<T, W>(dy, dh, h, (const W*)w, rstd, dx, dx2, dw_part, M, N, P, s);
   });
 }
 
@@ -349,10 +367,11 @@ extern "C" int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const voi
 }
 
 extern "C" int minigpt_rms_norm_bwd_cuda(const void* dy, const void* dh, const void* h,
-                                         const void* w, const float* rstd, void* dx,
+                                         const void* w, const float* rstd, void* dx, void* dx2,
                                          float* dw_part, int64_t M, int64_t N, int64_t P,
                                          int dtype, int wdtype, cudaStream_t stream) {
   if (M == 0) return 0;
-  MINIGPT_DISPATCH_DTYPE_RET(dtype, bwd_entry, wdtype, dy, dh, h, w, rstd, dx, dw_part, M, N, P,
+  MINIGPT_DISPATCH_DTYPE_RET(dtype, bwd_entry, wdtype, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N,
+                             P,
                              stream);
 }

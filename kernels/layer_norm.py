@@ -98,7 +98,8 @@ def _ln_bwd_kernel(DY, DH, Hx, W, Mean, Rstd, DX, DX2, DW, DB, M, N, rows_per_pr
                    BLOCK: tl.constexpr, ROWS: tl.constexpr, SINGLE: tl.constexpr,
                    PIPELINE: tl.constexpr, EXACT_MUL: tl.constexpr):
     # DX2 (HAS_DX2): dx once more in DX2's dtype, for a branch x narrower than h (autocast:
-    # bf16 x, fp32 residual stream); a separate cast kernel would read the fp32 dx back.
+    # bf16 x, fp32 residual stream), or in h's dtype for x and a residual that both need a
+    # .grad of their own; a separate cast or copy kernel would read dx back.
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
     # The last program's slice may run past M: those rows are masked off rather than given a
@@ -204,14 +205,17 @@ def layer_norm_fwd(x, weight, bias, residual, eps, out_dtype=None):
     return y, h, mean, rstd
 
 
-def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config=None):
+def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config=None, split=False):
     """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
-    given and differs from h's), dweight, dbias (summed in fp32, in weight's dtype; dbias
-    empty if no bias)."""
+    given and differs from h's, or ``split``), dweight, dbias (summed in fp32, in weight's
+    dtype; dbias empty if no bias)."""
     M, N = h.shape
     dx = torch.empty_like(h)
-    two = x_dtype is not None and x_dtype != h.dtype
-    dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
+    # dx2: x's gradient in a buffer of its own, written by the same kernel: in x's dtype where
+    # that is narrower than h's, or (split) a second copy for x beside a residual that is a
+    # leaf too (_eager.x_grad).
+    two = split or (x_dtype is not None and x_dtype != h.dtype)
+    dx2 = torch.empty_like(h, dtype=x_dtype or h.dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
     # config: (ROWS, num_warps, programs per SM) in place of the measured one for this GPU
     # (norm_bwd_tuned.json), else bwd_shape's rule.

@@ -152,13 +152,16 @@ def rms_norm_fwd(x, weight, residual, eps, out_dtype=None):
     return y, h, rstd
 
 
-def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None, config=None):
+def rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype=None, config=None, split=False):
     """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
-    given and differs from h's), dweight (summed in fp32, in weight's dtype)."""
+    given and differs from h's, or ``split``), dweight (summed in fp32, in weight's dtype)."""
     M, N = h.shape
     dx = torch.empty_like(h)
-    two = x_dtype is not None and x_dtype != h.dtype
-    dx2 = torch.empty_like(h, dtype=x_dtype) if two else h.new_empty(0)
+    # dx2: x's gradient in a buffer of its own, written by the same kernel: in x's dtype where
+    # that is narrower than h's, or (split) a second copy for x beside a residual that is a
+    # leaf too (_eager.x_grad).
+    two = split or (x_dtype is not None and x_dtype != h.dtype)
+    dx2 = torch.empty_like(h, dtype=x_dtype or h.dtype) if two else h.new_empty(0)
     BLOCK, single = row_block(N)
     # config: (ROWS, num_warps, programs per SM) in place of the measured one for this GPU
     # (norm_bwd_tuned.json), else bwd_shape's rule.

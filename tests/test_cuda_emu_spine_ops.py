@@ -30,15 +30,20 @@ def ln_fwd(emu, x, w, b, r, eps=1e-5):
     return y, (h if r is not None else x), mean, rstd
 
 
-def ln_bwd(emu, dy, dh, h, w, mean, rstd, has_bias, P):
+def ln_bwd(emu, dy, dh, h, w, mean, rstd, has_bias, P, split=False):
+    """``split``: the kernel writes dx a second time, into x's own buffer (ops/layer_norm.py
+    when x and the residual are both leaves); it must hold the same bits."""
     M, N = h.shape
     dx = B.guarded_empty((M, N), h.dtype)
+    dx2 = B.guarded_empty((M, N), h.dtype) if split else None
     dw_part = B.guarded_empty((P, N), torch.float32)
     db_part = B.guarded_empty((P, N), torch.float32) if has_bias else None
     emu.call("minigpt_layer_norm_bwd_cuda", B.guarded(dy), None if dh is None else B.guarded(dh),
-             B.guarded(h), B.guarded(w), B.guarded(mean), B.guarded(rstd), dx, dw_part,
+             B.guarded(h), B.guarded(w), B.guarded(mean), B.guarded(rstd), dx, dx2, dw_part,
              db_part, M, N, P, B.DTYPE_CODES[h.dtype], B.DTYPE_CODES[w.dtype], None)
-    B.check_guards(*(t for t in (dx, dw_part, db_part) if t is not None))
+    B.check_guards(*(t for t in (dx, dx2, dw_part, db_part) if t is not None))
+    if split:
+        assert torch.equal(dx2, dx), "the second dx differs from the first"
     return dx, dw_part.sum(0), (db_part.sum(0) if has_bias else None)
 
 
@@ -133,7 +138,7 @@ def _check_layer_norm(cuda_emu, dtype, M, N, residual, bias, misaligned=None, P=
     y, h, mean, rstd = ln_fwd(cuda_emu, xin, w, b, rin)
     if P is None:
         P = _p_rows(M) if M < 3 else 2  # also several rows per block (M=5 -> 3 rows, then 2)
-    dx, dw, db = ln_bwd(cuda_emu, gy, gh, h, w, mean, rstd, bias, P)
+    dx, dw, db = ln_bwd(cuda_emu, gy, gh, h, w, mean, rstd, bias, P, split=residual)
 
     def run(xx, rr, ww, bb):
         ins = [t for t in (xx, rr, ww, bb) if t is not None]

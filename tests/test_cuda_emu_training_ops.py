@@ -46,15 +46,19 @@ def rms_fwd(emu, x, w, r, eps):
     return y, h, rstd
 
 
-def rms_bwd(emu, dy, dh, h, w, rstd, P):
-    """csrc/rms_norm.cpp rms_norm_bwd: dx, and the P partial dweight rows summed."""
+def rms_bwd(emu, dy, dh, h, w, rstd, P, split=False):
+    """csrc/rms_norm.cpp rms_norm_bwd: dx, and the P partial dweight rows summed. ``split``:
+    dx written twice (see test_cuda_emu_spine_ops.ln_bwd), the same bits both times."""
     M, N = h.shape
     dx = B.guarded_empty((M, N), h.dtype)
+    dx2 = B.guarded_empty((M, N), h.dtype) if split else None
     dw_part = B.guarded_empty((P, N), torch.float32)
     emu.call("minigpt_rms_norm_bwd_cuda", B.guarded(dy), None if dh is None else B.guarded(dh),
-             B.guarded(h), B.guarded(w), B.guarded(rstd), dx, dw_part, M, N, P,
+             B.guarded(h), B.guarded(w), B.guarded(rstd), dx, dx2, dw_part, M, N, P,
              B.DTYPE_CODES[h.dtype], B.DTYPE_CODES[w.dtype], None)
-    B.check_guards(dx, dw_part)
+    B.check_guards(*(t for t in (dx, dx2, dw_part) if t is not None))
+    if split:
+        assert torch.equal(dx2, dx), "the second dx differs from the first"
     assert torch.isfinite(dw_part).all()  # every partial row is written, empty blocks as zeros
     return dx, dw_part.sum(0)
 
@@ -84,7 +88,8 @@ def _check_rms(emu, dtype, M, N, mode, P, eps=1e-6, misaligned=None, wdtype=torc
     # ops/rms_norm.py saves h with a residual, else x (as handed to the forward); the gradient
     # of h only when it is used.
     saved = h if residual else moved(x, "x")
-    dx, dw = rms_bwd(emu, moved(dy, "dy"), moved(dh, "dh"), saved, moved(w, "w"), rstd, P)
+    dx, dw = rms_bwd(emu, moved(dy, "dy"), moved(dh, "dh"), saved, moved(w, "w"), rstd, P,
+                     split=residual)
 
     def ref(xx, ww, *rr):
         return R.rms_norm(xx, ww, eps, rr[0] if rr else None)

@@ -89,7 +89,7 @@ def test_rms_norm_low_precision_weight(be, dev, wdtype, lead, N, residual):
 
 def test_cpp_kernels_take_16bit_weights_only_on_cuda():
     check_cpp_refuses_16bit_weights(lambda C, x, w: C.rms_norm_fwd(x, w, None, 1e-6),
-                                    lambda C, x, w: C.rms_norm_bwd(x, None, x, w, torch.ones(3)))
+                                    lambda C, x, w: C.rms_norm_bwd(x, None, x, w, torch.ones(3), False))
 
 
 @pytest.mark.parametrize("be", ["torch", "cpu"])
@@ -190,7 +190,7 @@ def test_rms_norm_extension_guards():
         C.rms_norm_fwd(x, w, torch.randn(4, 9), 1e-6)
     y, h, rstd = C.rms_norm_fwd(x, w, None, 1e-6)
     with pytest.raises(RuntimeError, match="statistics"):
-        C.rms_norm_bwd(torch.randn(4, 8), None, x, w, rstd[:3])
+        C.rms_norm_bwd(torch.randn(4, 8), None, x, w, rstd[:3], False)
 
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs())

@@ -85,13 +85,13 @@ def leaf_backed(t) -> bool:
 
 
 def x_grad(ctx, dx, dx_x):
-    """A fused norm's gradient for x: dx_x where x is narrower than h; else dx itself, which
-    is also the residual's, unless both are leaves (ctx.split_grads, from leaf_backed): their
-    .grad would then be two views of one buffer, and the next accumulation into either (a
-    second micro-batch) would add to both."""
-    if ctx.x_dtype != dx.dtype:
-        return dx_x
-    return dx.clone() if ctx.split_grads else dx
+    """A fused norm's gradient for x: dx itself, which is also the residual's, unless x is
+    narrower than h or both are leaves (ctx.split_grads, from leaf_backed): their .grad would
+    then be two views of one buffer, and the next accumulation into either (a second
+    micro-batch) would add to both. In those cases the backward kernel wrote x's gradient
+    into a tensor of its own, dx_x (one more store in the kernel: a clone here read dx back
+    and wrote it again, +20% on a 16384 x 8192 add + LayerNorm backward on the H100)."""
+    return dx_x if (ctx.x_dtype != dx.dtype or ctx.split_grads) else dx
 
 
 def pick(custom_op, eager, forward, *inputs):

@@ -30,16 +30,18 @@ def _kernel_fwd(backend, x, weight, bias, residual, eps, out_dtype):
     return (y if out_dtype is None else y.to(out_dtype)), h, mean, rstd
 
 
-def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype):
-    """-> dx (h's dtype), dx in x_dtype where that differs (else empty), dweight, dbias."""
+def _kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype, split):
+    """-> dx (h's dtype), x's gradient as a tensor of its own where x_dtype differs or
+    ``split`` (else empty), dweight, dbias."""
     if backend == "triton":
         from minigpt.kernels import layer_norm as k
 
-        return k.layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype)
+        return k.layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype, split=split)
     # The C++/CUDA kernels take dy in h's dtype (an out_dtype output's gradient is not).
-    dx, dw, db = _backend.extension().layer_norm_bwd(dy.to(h.dtype), dh, h, weight, mean, rstd,
-                                                     has_bias)
-    return dx, (dx.to(x_dtype) if x_dtype != h.dtype else h.new_empty(0)), dw, db
+    narrow = x_dtype != h.dtype  # the cast below is x's own tensor already
+    dx, dw, db, dx2 = _backend.extension().layer_norm_bwd(dy.to(h.dtype), dh, h, weight, mean,
+                                                          rstd, has_bias, split and not narrow)
+    return dx, (dx.to(x_dtype) if narrow else dx2), dw, db
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -64,22 +66,24 @@ def _(x, weight, bias, residual, eps, backend, out_dtype=None, split_grads=False
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, mean: Tensor,
-              rstd: Tensor, has_bias: bool, backend: str,
-              x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dx (M, N) in h's dtype (it is also d residual), dx in x's dtype when x is narrower
-    than h (a bf16 branch on an fp32 residual stream; else empty), dweight in weight's dtype,
+              rstd: Tensor, has_bias: bool, backend: str, x_dtype: torch.dtype,
+              split: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dx (M, N) in h's dtype (it is also d residual), x's own gradient where it needs one
+    (else empty): in x's dtype when x is narrower than h (a bf16 branch on an fp32 residual
+    stream), or a second copy with ``split`` (_eager.x_grad); dweight in weight's dtype,
     dbias (empty if no bias) in fp32 for a 16-bit weight, else in weight's dtype."""
-    return tuple(_kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype))
+    return tuple(_kernel_bwd(backend, dy, dh, h, weight, mean, rstd, has_bias, x_dtype, split))
 
 
 _bwd = torch.library.custom_op("minigpt::layer_norm_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
-def _(dy, dh, h, weight, mean, rstd, has_bias, backend, x_dtype):
+def _(dy, dh, h, weight, mean, rstd, has_bias, backend, x_dtype, split=False):
     db_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
     db = torch.empty_like(weight, dtype=db_dtype) if has_bias else weight.new_empty(0)
-    dx2 = torch.empty_like(h, dtype=x_dtype) if x_dtype != h.dtype else h.new_empty(0)
+    own = x_dtype != h.dtype or split
+    dx2 = torch.empty_like(h, dtype=x_dtype) if own else h.new_empty(0)
     return torch.empty_like(h), dx2, torch.empty_like(weight), db
 
 
@@ -107,9 +111,9 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
     dx, dx_x, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias,
-                           ctx.backend, ctx.x_dtype)
-    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) comes in its
-    # own dtype from the same kernel (Triton) where they differ.
+                           ctx.backend, ctx.x_dtype, ctx.split_grads)
+    # dx is in h's dtype, the residual's gradient as is; x's comes from the same kernel as a
+    # tensor of its own where it needs one (a narrower branch, or split_grads).
     return (x_grad(ctx, dx, dx_x), dw,
             db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None, None,
             None)

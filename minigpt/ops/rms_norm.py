@@ -30,15 +30,18 @@ def _kernel_fwd(backend, x, weight, residual, eps, out_dtype):
     return (y if out_dtype is None else y.to(out_dtype)), h, rstd
 
 
-def _kernel_bwd(backend, dy, dh, h, weight, rstd, x_dtype):
-    """-> dx (h's dtype), dx in x_dtype where that differs (else empty), dweight."""
+def _kernel_bwd(backend, dy, dh, h, weight, rstd, x_dtype, split):
+    """-> dx (h's dtype), x's gradient as a tensor of its own where x_dtype differs or
+    ``split`` (else empty), dweight."""
     if backend == "triton":
         from minigpt.kernels import rms_norm as k
 
-        return k.rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype)
+        return k.rms_norm_bwd(dy, dh, h, weight, rstd, x_dtype, split=split)
     # The C++/CUDA kernels take dy in h's dtype (an out_dtype output's gradient is not).
-    dx, dw = _backend.extension().rms_norm_bwd(dy.to(h.dtype), dh, h, weight, rstd)
-    return dx, (dx.to(x_dtype) if x_dtype != h.dtype else h.new_empty(0)), dw
+    narrow = x_dtype != h.dtype  # the cast below is x's own tensor already
+    dx, dw, dx2 = _backend.extension().rms_norm_bwd(dy.to(h.dtype), dh, h, weight, rstd,
+                                                    split and not narrow)
+    return dx, (dx.to(x_dtype) if narrow else dx2), dw
 
 
 def _fwd_impl(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
@@ -62,18 +65,21 @@ def _(x, weight, residual, eps, backend, out_dtype=None, split_grads=False):
 
 
 def _bwd_impl(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tensor, rstd: Tensor,
-              backend: str, x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dx (M, N) in h's dtype (it is also d residual), dx in x's dtype when x is narrower
-    than h (else empty), dweight in weight's (accumulation) dtype."""
-    return tuple(_kernel_bwd(backend, dy, dh, h, weight, rstd, x_dtype))
+              backend: str, x_dtype: torch.dtype,
+              split: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx (M, N) in h's dtype (it is also d residual), x's own gradient where it needs one
+    (in x's dtype when x is narrower than h, or a second copy with ``split``; else empty),
+    dweight in weight's (accumulation) dtype."""
+    return tuple(_kernel_bwd(backend, dy, dh, h, weight, rstd, x_dtype, split))
 
 
 _bwd = torch.library.custom_op("minigpt::rms_norm_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
-def _(dy, dh, h, weight, rstd, backend, x_dtype):
-    dx2 = torch.empty_like(h, dtype=x_dtype) if x_dtype != h.dtype else h.new_empty(0)
+def _(dy, dh, h, weight, rstd, backend, x_dtype, split=False):
+    own = x_dtype != h.dtype or split
+    dx2 = torch.empty_like(h, dtype=x_dtype) if own else h.new_empty(0)
     return torch.empty_like(h), dx2, torch.empty_like(weight)
 
 
@@ -97,9 +103,10 @@ def _backward(ctx, dy, dh, _drstd):
         dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
-    dx, dx_x, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend, ctx.x_dtype)
-    # dx is in h's dtype, the residual's gradient as is; x's (a narrower branch) comes in its
-    # own dtype from the same kernel (Triton) where they differ.
+    dx, dx_x, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend, ctx.x_dtype,
+                       ctx.split_grads)
+    # dx is in h's dtype, the residual's gradient as is; x's comes from the same kernel as a
+    # tensor of its own where it needs one (a narrower branch, or split_grads).
     return (x_grad(ctx, dx, dx_x), dw, (dx if ctx.has_residual else None),
             None, None, None, None)
 
