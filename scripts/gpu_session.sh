@@ -116,20 +116,18 @@ stage_cudatest() {
 }
 
 stage_quicktest() {
-    # What changed since the last GPU run, on the GPU, before the whole suite: the training
-    # step as one CUDA graph and without host syncs, the Triton kernels that changed
-    # (attention's layout and atomic dQ, the norm backwards, the cross-entropy's deferred
-    # scale), the CUDA attention's tensor-core kernels (ldmatrix and cp.async since
-    # 2026-11-27), the CUDA norms with 16-bit weights (new then too), and whether a C++ error
-    # out of the _C built there still kills the process.
+    # What changed since the last GPU run (2026-11-27), on the GPU, before the whole suite:
+    # the fused norms' backward writing x's leaf gradient itself (Triton, CUDA, C++), the CUDA
+    # norms as a whole, the CUDA swiglu at extreme gates (silu by IEEE division), the
+    # register-cap test with its pinned tiles, and whether a C++ error out of the _C built
+    # there still kills the process.
     local xd=""
     $PY -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
     timeout -s INT -k 10 $((${STAGE_LIMIT_S:-300} - 12)) $PY -m pytest -q -rfE -m "not slow" \
         -p no:cacheprovider $xd --junitxml="$LOGS/pytest_quick.xml" \
-        tests/test_graph.py tests/test_no_host_sync.py tests/test_cross_entropy.py \
-        tests/test_attention.py tests/test_attention_tiles.py tests/test_layer_norm.py \
-        tests/test_rms_norm.py tests/test_extension_errors.py tests/test_reg_cap.py \
-        -k "${QUICKTEST_K:-test_graph or host_sync or triton-cuda or atomic or unequal_tiles or (cuda-cuda and attention) or (cuda-cuda and low_precision_weight) or cpp_error or on_gpu}"
+        tests/test_layer_norm.py tests/test_rms_norm.py tests/test_swiglu.py \
+        tests/test_extension_errors.py tests/test_reg_cap.py \
+        -k "${QUICKTEST_K:-leaf or extreme_gates or on_gpu or cpp_error or (cuda-cuda and (layer_norm or rms))}"
 }
 
 stage_tune() {
@@ -206,52 +204,41 @@ pack() {
 # `+stage` runs in the background (for a stage whose timing does not matter, beside a CPU-bound
 # one); `wait` waits for every background stage.
 # `lease15`: the open goals' checklist as one call that fits a 15-minute lease (the machine
-# started in ~30 s; timeout_s 600). Stage seconds on an H100, 2026-11-26: install 11, build
-# 121, train (gpt2, 4 variants, profiled) 76, attention 67, ops 39, training_ops 42, generate
-# 30, decode 34, quality 269 (background); cudatest part 1 (CUDA backend) ~40, part 2 (Triton)
-# ~75, part 3 (the rest, 12 workers) over 120. quality, training_ops, generate and decode
-# measured goals that are met (#4, #6, #5): they are stages of their own now, not in lease15.
-# Each variable below can be overridden.
+# started in ~30 s; timeout_s 600). Stage seconds on an H100, 2026-11-27: install 11, build
+# 153 (in the background), train (six variants, profiled) 139, tune 53, attention 51, regcap
+# 14, train_graph 35, attention_cuda 24, ops (two ops) 38, quicktest over 105, cudatest part 1
+# (CUDA backend) ~37, part 2 (Triton) over 45. The goals met by then (#3's attention, #7's
+# MFU; #4, #6, #5 before) have stages of their own, out of lease15: tune, attention, regcap,
+# train_graph, training_ops, generate, decode, quality. Each variable below can be overridden.
 if [ "${1:-}" = lease15 ]; then
     [ "$DEADLINE" -gt 0 ] || DEADLINE=570
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=12}"
-    : "${STAGE_LIMITS:=train=190 quicktest=110 ops=60 tune=80 attention=60 attention_cuda=60 regcap=45 train_graph=90 cudatest=230}"
-    # The H100 run of 2026-11-26 (second session) wrote the D = 128 causal backward's "/short"
-    # tiles at T = 512 (kernels/attention_tuned.json: 1.51x SDPA-flash by kernel time, from
-    # 0.79x); the point left short is that length's forward (0.85x, from 1.02x before the
-    # outputs took the (B, T, H, D) layout). Tuning it by kernel time writes its "/short" entry.
-    : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels fwd --seqlen 512 --kernel-time --budget 0.3}"
-    # The quick runs write under benchmarks/results/quick/, beside (not over) the full tables.
-    : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --ops layer_norm,add_layer_norm --out benchmarks/results/quick}"
-    # T 512 and 2048 at D 64 and 128 against SDPA, with whatever tune just wrote.
+    : "${STAGE_LIMITS:=sweep=90 train=150 ops=75 attention_cuda=45 quicktest=110 cudatest=300}"
+    # #2: the row ops with and without _C's rows, every op (softmax was last measured in the
+    # first session); the add + LayerNorm backward writes x's leaf gradient itself since
+    # 2026-11-27 (Triton measured; CUDA not yet).
+    : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --out benchmarks/results/quick}"
+    # The norm backward's launch shapes at the widths without a tuned entry: 8192 (the #2
+    # bench's large rows, 0.565 ms with the rule against 0.493 with the former one) and
+    # SmolLM2's RMSNorm at 576. Triton only: runs while _C builds.
+    : "${SWEEP_ARGS:=--shapes ln-16384x8192,smollm2-rms --budget 0.1 --write}"
+    # The plain minigpt variants' host time (259 and 218 ms steps on 2026-11-27, 220 and 185
+    # the day before, not traced) and the best variant's MFU once more.
+    : "${TRAIN_ARGS:=--config gpt2 --steps 10 --grad-accum 4 --profile --variants minigpt,eager,compile,minigpt-compile,minigpt-compile-graph}"
     : "${ATTENTION_ARGS:=--quick --out benchmarks/results/quick}"
-    : "${SWEEP_ARGS:=--shapes gpt2-ln,ln-4096x1024 --budget 0.1 --write}"
-    # The goal shapes (T 512 at D 64 and 128, GPT-2's step) with and without register caps.
+    : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels fwd --seqlen 512 --kernel-time --budget 0.3}"
     : "${REGCAP_ARGS:=--quick}"
     : "${TRAINING_OPS_ARGS:=--ops rms_norm,fused_linear_cross_entropy --budget 0.5}"
     : "${GENERATE_ARGS:=--reps 2}"
-    # Six variants: compile-graph (the reference in a CUDA graph) would add a third compile
-    # (~30 s) and ~17 GB of graph pool; the goals compare with eager and plain compile. Four
-    # micro-batches of 16 x 1024 a step (nanoGPT's GPT-2 run takes 40 of 12 x 1024), so AdamW
-    # and clipping are spread over 64k tokens, as in training. Ten timed steps: the MFU goal
-    # sits within run-to-run noise of the best variant (39.1-40.4% on 2026-11-26).
-    : "${TRAIN_ARGS:=--config gpt2 --steps 10 --grad-accum 4 --profile --variants minigpt,eager,compile,minigpt-compile,minigpt-graph,minigpt-compile-graph}"
     export DEADLINE MAX_JOBS TEST_WORKERS STAGE_LIMITS OPS_ARGS TRAINING_OPS_ARGS GENERATE_ARGS \
         TRAIN_ARGS TUNE_ARGS SWEEP_ARGS ATTENTION_ARGS ATTENTION_CUDA_ARGS REGCAP_ARGS
     LIMITS="$LIMITS $STAGE_LIMITS"
-    # GPT-2 first (#7's MFU; Triton is the GPU default, with the committed norm backward
-    # shapes of kernels/norm_bwd_tuned.json), on a quiet host: its host time is part of what
-    # it measures. Then the T = 512 forward tuning (#3) and the attention bench at T 512 and
-    # 2048 with what it wrote, while `build` compiles _C in the background (niced; their
-    # verdicts are on GPU kernel time, which host load does not change; the attention bench
-    # has no CUDA-backend rows then); then the LayerNorm rows (#2: the CUDA bf16 forward), the
-    # tests of what changed since the last GPU run (quicktest), and the whole suite in what
-    # is left. The sweep stage is out: its shapes are committed. train_graph fills the rest of
-    # the build's time (~160 s against ~75 s of tune and attention) with a second measurement
-    # of the graph variants. regcap (GPU kernel time too) measures the register caps the
-    # attention kernels launch with since the third session of 2026-11-26 (no GPU): the D 128 forward
-    # at T 512 and GPT-2's dK/dV win a block per SM each.
-    set -- install train +build tune attention regcap train_graph wait attention_cuda ops quicktest cudatest
+    # The sweep (Triton, GPU kernel time) while `build` compiles _C in the background (niced);
+    # then GPT-2 on a host that is quiet again, since its host time is part of what it
+    # measures; then everything that needs _C: the row ops (#2), the CUDA attention's rows, the
+    # tests of what changed since the last GPU run (quicktest), and the whole suite in what is
+    # left.
+    set -- install +build sweep wait train ops attention_cuda quicktest cudatest
 fi
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
 for stage in "$@"; do  # refuse a misspelt stage before anything runs
