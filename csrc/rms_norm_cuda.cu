@@ -317,24 +317,17 @@ void launch_bwd(const void* dy, const void* dh, const void* h, const W* w, const
   // At most 256 threads, so that x-hat, w*dy and the dweight sums (3 x 32 values at most) stay
   // in registers; rows up to 8192.
   const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dx2, dw_part});
-  switch (sh.vpt) {
-    case 1: bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
-                             s);
-      break;
-    case 2: bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
-                             s);
-      break;
-    case 4: bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
-                             s);
-      break;
-    case 8: bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per,
-                             s);
-      break;
-    default:
-      rms_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
-                                                        w, rstd, (T*)dx, (T*)dx2, dw_part, M, N,
-                                                        rows_per);
+  if (sh.vpt) {  // 1, 2, 4 or 8 packs a thread
+    const auto vec = sh.vpt == 1   ? bwd_vec<T, 1, W>
+                     : sh.vpt == 2 ? bwd_vec<T, 2, W>
+                     : sh.vpt == 4 ? bwd_vec<T, 4, W>
+                                   : bwd_vec<T, 8, W>;
+    vec(sh.threads, dy, dh, h, w, rstd, dx, dx2, dw_part, M, N, P, rows_per, s);
+    return;
   }
+  rms_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
+                                                    rstd, (T*)dx, (T*)dx2, dw_part, M, N,
+                                                    rows_per);
 }
 
 template <typename T>
