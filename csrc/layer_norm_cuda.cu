@@ -510,73 +510,52 @@ void launch_fwd(const void* x, const void* r, const W* w, const W* b, void* y, v
 template <typename T, int VPT, typename W>
 void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const W* w,
              const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
-             float* db_part,
-             int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
+             float* db_part, int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
   if constexpr (VPT * Pack<T>::kN <= 32) {
     ln_bwd_vec_kernel<T, VPT, W><<<P, threads, 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
                                                        w, mean, rstd, (T*)dx, (T*)dx2, dw_part,
-                                                       db_part,
-                                                       M, N, rows_per);
+                                                       db_part, M, N, rows_per);
   }
 }
 
 template <typename T, int VPT, typename W>
 void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const W* w,
               const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
-              float* db_part,
-              int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
+              float* db_part, int64_t M, int64_t N, int64_t P, int64_t rows_per, cudaStream_t s) {
   ln_bwd_warp_kernel<T, VPT, W><<<P, 256, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h,
                                                      w, mean, rstd, (T*)dx, (T*)dx2, dw_part,
-                                                     db_part, M,
-                                                     N, rows_per);
+                                                     db_part, M, N, rows_per);
 }
 
 template <typename T, typename W>
 void launch_bwd(const void* dy, const void* dh, const void* h, const W* w, const float* mean,
                 const float* rstd, void* dx, void* dx2, float* dw_part, float* db_part, int64_t M,
-                int64_t N,
-                int64_t P, cudaStream_t s) {
+                int64_t N, int64_t P, cudaStream_t s) {
   const int64_t rows_per = (M + P - 1) / P;
   // Narrow rows: a warp each, 8 warps a block (shared memory: 8 x N floats, 32 KiB at most).
-  const RowShape ws = vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dx2, dw_part,
-                                                            db_part});
+  const RowShape ws =
+      vec_shape<T>(N, 32, 4 * Pack<T>::kN, {dy, dh, h, w, dx, dx2, dw_part, db_part});
   if (ws.vpt) {
     const size_t smem = 8 * N * sizeof(float);
-    switch (ws.vpt) {
-      case 1: bwd_warp<T, 1, W>(smem, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
-                                rows_per, s); return;
-      case 2: bwd_warp<T, 2, W>(smem, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
-                                rows_per, s); return;
-      default: bwd_warp<T, 4, W>(smem, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
-                                 rows_per, s); return;
-    }
+    const auto warp = ws.vpt == 1 ? bwd_warp<T, 1, W> : ws.vpt == 2 ? bwd_warp<T, 2, W>
+                                                                    : bwd_warp<T, 4, W>;
+    warp(smem, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P, rows_per, s);
+    return;
   }
   // At most 256 threads, so that x-hat, w*dy and the two partial sums (4 x 32 values at
   // most) stay in registers; rows up to 8192.
   const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dx2, dw_part, db_part});
-  switch (sh.vpt) {
-    case 1:
-      bwd_vec<T, 1, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
-                       rows_per, s);
-      break;
-    case 2:
-      bwd_vec<T, 2, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
-                       rows_per, s);
-      break;
-    case 4:
-      bwd_vec<T, 4, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
-                       rows_per, s);
-      break;
-    case 8:
-      bwd_vec<T, 8, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P,
-                       rows_per, s);
-      break;
-    default:
-      ln_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h,
-                                                       w, mean, rstd, (T*)dx, (T*)dx2, dw_part,
-                                                       db_part,
-                                                       M, N, rows_per);
+  if (sh.vpt) {  // 1, 2, 4 or 8 packs a thread
+    const auto vec = sh.vpt == 1   ? bwd_vec<T, 1, W>
+                     : sh.vpt == 2 ? bwd_vec<T, 2, W>
+                     : sh.vpt == 4 ? bwd_vec<T, 4, W>
+                                   : bwd_vec<T, 8, W>;
+    vec(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2, dw_part, db_part, M, N, P, rows_per, s);
+    return;
   }
+  ln_bwd_kernel<T, W><<<P, row_threads(N), 0, s>>>((const T*)dy, (const T*)dh, (const T*)h, w,
+                                                   mean, rstd, (T*)dx, (T*)dx2, dw_part, db_part,
+                                                   M, N, rows_per);
 }
 
 template <typename T>
