@@ -104,6 +104,14 @@ def bwd_pipeline(rows: int, block: int) -> bool:
     return rows * block <= BWD_TILE
 
 
+def x_grad_buffer(h, x_dtype, split: bool):
+    """(whether, buffer) for a norm backward's second dx, x's gradient in a tensor of its own
+    written by the same kernel: in x's dtype where that is narrower than h's, or (``split``)
+    a copy for x beside a residual that is a leaf too (ops/_eager.x_grad); else empty."""
+    two = split or (x_dtype is not None and x_dtype != h.dtype)
+    return two, (torch.empty_like(h, dtype=x_dtype or h.dtype) if two else h.new_empty(0))
+
+
 def bwd_programs(device: torch.device, M: int, rows: int, per_sm: int = 4):
     """(programs, rows per program) for the backward over M rows walked ``rows`` at a time: a
     few programs per SM (num_programs), each with a multiple of ``rows`` rows."""

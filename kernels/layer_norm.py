@@ -16,7 +16,7 @@ from triton.language.extra import libdevice
 
 from minigpt.kernels._tiles import row_tile, walk_start, walk_step
 from minigpt.kernels._util import (bwd_pipeline, bwd_programs, bwd_shape, interpreting,
-                                   row_block, row_warps, tuned_bwd_shape)
+                                   row_block, row_warps, tuned_bwd_shape, x_grad_buffer)
 
 
 @triton.jit
@@ -205,17 +205,14 @@ def layer_norm_fwd(x, weight, bias, residual, eps, out_dtype=None):
     return y, h, mean, rstd
 
 
-def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config=None, split=False):
+def layer_norm_bwd(dy, dh, h, weight, mean, rstd, has_bias, x_dtype=None, config=None,
+                   split=False):
     """dy, dh, h: (M, N). -> dx (h's dtype), dx2 (dx in ``x_dtype``; empty unless x_dtype is
     given and differs from h's, or ``split``), dweight, dbias (summed in fp32, in weight's
     dtype; dbias empty if no bias)."""
     M, N = h.shape
     dx = torch.empty_like(h)
-    # dx2: x's gradient in a buffer of its own, written by the same kernel: in x's dtype where
-    # that is narrower than h's, or (split) a second copy for x beside a residual that is a
-    # leaf too (_eager.x_grad).
-    two = split or (x_dtype is not None and x_dtype != h.dtype)
-    dx2 = torch.empty_like(h, dtype=x_dtype or h.dtype) if two else h.new_empty(0)
+    two, dx2 = x_grad_buffer(h, x_dtype, split)
     BLOCK, single = row_block(N)
     # config: (ROWS, num_warps, programs per SM) in place of the measured one for this GPU
     # (norm_bwd_tuned.json), else bwd_shape's rule.

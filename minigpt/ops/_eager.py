@@ -94,6 +94,13 @@ def x_grad(ctx, dx, dx_x):
     return dx_x if (ctx.x_dtype != dx.dtype or ctx.split_grads) else dx
 
 
+def x_grad_fake(h, x_dtype, split):
+    """The fused norm backward's x gradient buffer (dx_x of x_grad) as the kernels return it:
+    in x's dtype where that is narrower than h's or with ``split``, else empty."""
+    own = x_dtype != h.dtype or split
+    return torch.empty_like(h, dtype=x_dtype) if own else h.new_empty(0)
+
+
 def pick(custom_op, eager, forward, *inputs):
     """What to call for one op invocation: the custom op while torch.compile traces, the
     autograd.Function ``eager`` when some tensor in ``inputs`` needs a gradient, else the bare

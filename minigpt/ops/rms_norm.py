@@ -16,7 +16,7 @@ from minigpt import _backend, reference
 from minigpt.ops import _checks
 from minigpt.ops._eager import (bwd_op, cast_output, eager_function, h_dtype, kernel_inputs,
                                 leaf_backed, native_norm_params, norm_dtypes, norm_param, pick,
-                                rows, shaped, x_grad)
+                                rows, shaped, x_grad, x_grad_fake)
 
 OP = "rms_norm"
 
@@ -78,9 +78,7 @@ _bwd = torch.library.custom_op("minigpt::rms_norm_bwd", mutates_args=())(_bwd_im
 
 @_bwd.register_fake
 def _(dy, dh, h, weight, rstd, backend, x_dtype, split=False):
-    own = x_dtype != h.dtype or split
-    dx2 = torch.empty_like(h, dtype=x_dtype) if own else h.new_empty(0)
-    return torch.empty_like(h), dx2, torch.empty_like(weight)
+    return torch.empty_like(h), x_grad_fake(h, x_dtype, split), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
