@@ -329,12 +329,16 @@ def accumulated_step(model, params, optimizer, xs, ys, autocast, grad_clip: floa
     """One optimizer step over the micro-batches ``xs``, ``ys`` (K, B, T): each one's loss / K
     backward (the gradients add up to the mean loss's), clipping ``params`` to ``grad_clip``
     (0: none), ``optimizer.step()``. Returns the mean loss as a tensor, with no host sync: the
-    body of a step captured as a CUDA graph (minigpt/graph.py) and of ``bench train``."""
+    body of a step captured as a CUDA graph (minigpt/graph.py) and of ``bench train``. Like
+    ``train``, it takes the batches as in range and runs the model in ``no_host_sync``: the
+    token-id and target checks would read them on the host, two syncs per micro-batch on a GPU
+    (``bench train``'s plain variants paid them, the compiled and graphed ones did not)."""
     total = 0.0
     for x, y in zip(xs, ys):
-        with autocast():
-            _, loss = model(x, y)
-        (loss / len(xs)).backward()
+        with no_host_sync():
+            with autocast():
+                _, loss = model(x, y)
+            (loss / len(xs)).backward()
         total = total + loss.detach().float() / len(xs)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
