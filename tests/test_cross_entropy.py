@@ -603,6 +603,43 @@ def test_no_host_sync_all_ignored(be, dev, fused):
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_defer_scale_rule():
+    # With host checks on, the CPU takes the synced path (a read is free there, and backward
+    # skips the scaling pass for dloss 1); any other device defers, so its backward does not
+    # ask the host whether dloss is 1 (test_backward_reads_nothing_on_gpu).
+    cpu, meta = torch.empty(3), torch.empty(3, device="meta")
+    assert not ce_mod._defer_scale(cpu)
+    assert ce_mod._defer_scale(meta)
+    with ops.no_host_sync():
+        assert ce_mod._defer_scale(cpu)
+
+
+_GPU_PAIRS = [p for p in backend_device_pairs(("triton", "cuda")) if p.values[1] == "cuda"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the sync is the GPU's")
+@pytest.mark.parametrize("be,dev", _GPU_PAIRS)
+@pytest.mark.parametrize("fused", [False, True], ids=["ce", "fused"])
+@pytest.mark.parametrize("dloss", [1.0, 0.25], ids=["dloss1", "accum"])
+def test_backward_reads_nothing_on_gpu(be, dev, fused, dloss):
+    # Host checks on: the forward reads the targets once (the range check); the backward then
+    # reads nothing. It asked whether dloss == 1 (a sync mid-step), and for a loss / K of
+    # gradient accumulation multiplied into a second buffer.
+    h, w, t, run = _deferred_case(fused, be, dev, torch.float32, "mean")
+    h64, w64 = f64(h), f64(w)
+    out = run(be, h, w)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad(out * dloss, [h, w])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    grads64 = torch.autograd.grad(run("torch", h64, w64) * dloss, [h64, w64])
+    grads_lp = torch.autograd.grad(run("torch", h, w) * dloss, [h, w])
+    for name, g, g_lp, g64 in zip(("dhidden", "dweight"), grads, grads_lp, grads64):
+        _grad_close(g, g64, g_lp, torch.float32, name)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["ce", "fused"])
 def test_no_host_sync_backward_twice_with_retained_graph(fused):
     # The deferred scale is applied to the stored gradients in place: a second backward through

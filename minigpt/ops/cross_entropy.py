@@ -118,6 +118,18 @@ def _scaled(g: Tensor, dloss: Tensor) -> Tensor:
     return g * dloss  # a 0-dim dloss keeps g's dtype
 
 
+def _defer_scale(t: Tensor) -> bool:
+    """Whether the mean's 1 / n_valid stays on the device (``defer_scale``): always where host
+    checks may not run, and on a GPU with them too. There the synced path's backward asks
+    whether dloss is 1 (``_scaled``): a second sync per loss, in the middle of the step, that
+    empties the launch queue; and under gradient accumulation (dloss = 1 / K) it multiplies
+    out of place into a second buffer of the gradients' size. Deferred, backward scales the
+    stored gradients in place, one pass with no sync, the code that torch.compile and a CUDA
+    graph run. On the CPU a read costs nothing, and the synced path spares that pass for the
+    usual dloss of 1."""
+    return t.device.type != "cpu" or not _checks.host_checks(t)
+
+
 def _valid_count(target: Tensor, ignore_index: int) -> Tensor:
     """The number of non-ignored targets as a 0-dim tensor on target's device: no sync."""
     return (target != ignore_index).sum()
@@ -376,7 +388,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     fwd = pick(_ce_fwd, _EagerCE, _ce_fwd_impl, x2)
     loss, _, _ = fwd(x2, t2, int(ignore_index), reduction, float(label_smoothing), compute_grad,
-                     be, not _checks.host_checks(x2))
+                     be, _defer_scale(x2))
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -665,5 +677,5 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     loss = fwd(h2, w, t2, bias, int(ignore_index), reduction, int(chunk),
                grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
                grad_on and bias is not None and bias.requires_grad, be, cast_to,
-               not _checks.host_checks(h2))[0]
+               _defer_scale(h2))[0]
     return loss.reshape(target.shape) if reduction == "none" else loss
