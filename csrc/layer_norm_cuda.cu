@@ -2,7 +2,8 @@
 // Two versions of each kernel. The vectorized ones (rows of whole 16-byte packs, aligned, up to
 // 32 values a thread) hold the row in registers: the forward reads x (and r) once, takes the
 // mean and then the variance around it from registers, and writes y; the backward keeps
-// x-hat and w*dy between its two reductions and its dweight/dbias sums in registers. The
+// x-hat and w*dy between its two reductions, and its dweight/dbias sums in registers (in
+// shared memory for fp32 rows of 4097 to 8192, which fill the registers otherwise). The
 // generic ones take any N: one block per row, passes re-reading the row from L1/L2.
 // Backward, all: P blocks, each owning a contiguous slice of rows; every thread owns a fixed
 // set of columns, so its share of the dweight/dbias partial row needs no atomics; the caller
@@ -12,6 +13,9 @@
 // Weight and bias (W) are fp32, or for 16-bit rows also in the rows' own dtype (a bf16
 // model's parameters, read as they are instead of cast to fp32 by an extra kernel each call);
 // the math is fp32 either way.
+#include <stdlib.h>
+#include <string.h>
+
 #include "cuda_common.cuh"
 #include "cuda_launchers.h"  // the definitions below must match these declarations
 
@@ -279,34 +283,34 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
   return make_float2(warp_sum(a), warp_sum(b));
 }
 
-// One row of the vectorized backward, shared by the two kernels below. The thread's packs
-// are q0, q0 + stride, ... (VPT of them, those inside the row); `sum2` adds (c1, c2) over the
-// threads that share the row (a block or a warp). The row stays in registers as loaded bytes,
-// and x-hat and w*dy are computed again for dx: kept as floats they took bf16 rows of 8192 to
-// 167 registers a thread, one block an SM. Adds the row's dweight/dbias terms to dw, db.
-// kPrefetchDh: where the kernel already runs one block an SM (fp32 rows of 8 packs a thread,
-// 198 registers), the residual's gradient is loaded with the row, so that its latency falls
-// in the row's reductions and not after them; there the row's wait for dh came once per row
-// with only 8 warps an SM to cover it (CUDA add + LayerNorm fp32 fwd+bwd at 16384 x 8192:
-// 1.75 ms against Triton's 1.55 on an H100). Elsewhere the 4 registers a pack would cost a
-// block an SM.
+// One row of the vectorized backward, shared by the three kernels below. The thread's packs
+// are q0, q0 + stride, ... (VPT of them, those inside the row; I: their index type, 32-bit
+// where that spares the registers); `sum2` adds (c1, c2) over the threads that share the row
+// (a block or a warp). The row stays in registers as loaded bytes, and x-hat and w*dy are
+// computed again for dx: kept as floats they took bf16 rows of 8192 to 167 registers a
+// thread, one block an SM. Hands the row's dweight/dbias terms of pack k to acc(k, q, dy *
+// x-hat, dy).
+// kPrefetchDh (kPre): where the register kernel runs one block an SM (fp32 rows of 8 packs a
+// thread, 218 registers; MINIGPT_CUDA_LN_BWD_SUMS=registers), the residual's gradient is
+// loaded with the row, so that its latency falls in the row's reductions and not after them;
+// there the row's wait for dh came once per row with only 8 warps an SM to cover it (CUDA add
+// + LayerNorm fp32 fwd+bwd at 16384 x 8192: 1.75 ms against Triton's 1.55 on an H100).
+// Elsewhere the 4 registers a pack would cost a block an SM.
 template <typename T, int VPT>
 constexpr bool kPrefetchDh = sizeof(T) == 4 && VPT > 4;
 
-template <typename T, int VPT, typename W, typename Sum2>
+template <typename T, int VPT, bool kPre, typename W, typename I, typename Acc, typename Sum2>
 __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __restrict__ dy,
                                            const T* __restrict__ dh, T* __restrict__ dx,
                                            T* __restrict__ dx2,
                                            const W* __restrict__ w, float mu, float rs,
-                                           int64_t N, int64_t q0, int64_t stride,
-                                           float (&dw)[VPT][Pack<T>::kN],
-                                           float (&db)[VPT][Pack<T>::kN], Sum2 sum2) {
+                                           int64_t N, I q0, I stride, Acc acc,
+                                           Sum2 sum2) {
   constexpr int V = Pack<T>::kN;
-  constexpr bool kPre = kPrefetchDh<T, VPT>;
   uint4 hr[VPT], gr[VPT], dr[kPre ? VPT : 1];
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t q = q0 + k * stride;
+    const I q = q0 + k * stride;
     if (q * V >= N) continue;
     hr[k] = load_raw(at16(h, q));
     gr[k] = load_raw(at16(dy, q));
@@ -317,9 +321,9 @@ __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __r
   float c1 = 0.f, c2 = 0.f;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t q = q0 + k * stride;
+    const I q = q0 + k * stride;
     if (q * V >= N) continue;
-    float hv[V], g[V], wv[V];
+    float hv[V], g[V], wv[V], gx[V];
     unpack<T>(hr[k], hv);
     unpack<T>(gr[k], g);
     load_w<V>(w, q, wv);
@@ -329,16 +333,16 @@ __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __r
       const float wg = __fmul_rn(wv[i], g[i]);  // not fused into dx's subtraction: see bwd
       c1 += xhat * wg;
       c2 += wg;
-      dw[k][i] += g[i] * xhat;
-      db[k][i] += g[i];
+      gx[i] = g[i] * xhat;
     }
+    acc(k, q, gx, g);  // the dweight, dbias terms
   }
   const float2 c = sum2(c1, c2);
   c1 = c.x / N;
   c2 = c.y / N;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
-    const int64_t q = q0 + k * stride;
+    const I q = q0 + k * stride;
     if (q * V >= N) continue;
     float hv[V], g[V], wv[V], o[V];
     unpack<T>(hr[k], hv);
@@ -364,9 +368,21 @@ __device__ __forceinline__ void ln_bwd_row(const T* __restrict__ h, const T* __r
   }
 }
 
+// ln_bwd_row's `acc` for the thread's dweight/dbias sums in registers (pack k of VPT).
+template <int VPT, int V>
+__device__ __forceinline__ auto reg_sums(float (&dw)[VPT][V], float (&db)[VPT][V]) {
+  return [&dw, &db](int k, int64_t, const float* gx, const float* g) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      dw[k][i] += gx[i];
+      db[k][i] += g[i];
+    }
+  };
+}
+
 // Backward, vectorized: the thread's columns are the same packs in every row of the slice, a
 // block per row at a time. Two blocks an SM now (bf16 rows of 8192: 127 registers); fp32 rows
-// of 8 packs a thread keep one block (198 registers).
+// of 8 packs a thread keep one block (218 registers), and take ln_bwd_vec_smem_kernel instead.
 template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
@@ -386,9 +402,10 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t base = row * N;
-    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base,
-                          dx2 ? dx2 + base : nullptr, w,
-                          mean[row], rstd[row], N, threadIdx.x, blockDim.x, dw, db, sum2);
+    ln_bwd_row<T, VPT, kPrefetchDh<T, VPT>, W>(h + base, dy + base, dh ? dh + base : nullptr,
+                                               dx + base, dx2 ? dx2 + base : nullptr, w,
+                                               mean[row], rstd[row], N, (int64_t)threadIdx.x,
+                                               (int64_t)blockDim.x, reg_sums(dw, db), sum2);
   }
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
@@ -396,6 +413,77 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
     if (j >= N) continue;
     store_f32<V>(at16(dw_part + p * N, q * V / 4), dw[k]);
     if (db_part) store_f32<V>(at16(db_part + p * N, q * V / 4), db[k]);
+  }
+}
+
+// Backward, vectorized, with the dweight/dbias sums in shared memory: fp32 rows of 8 packs a
+// thread (4097 to 8192 values). In registers those sums are 64 of ln_bwd_vec_kernel's 218 a
+// thread there, which leave it one block (8 warps) an SM and so one row in flight: the SM's
+// loads stop while that row's sums cross the block's barriers and its dx is written (CUDA add
+// + LayerNorm fp32 fwd+bwd at 16384 x 8192 on an H100: 1.75 ms against Triton's 1.55, before
+// x's leaf gradient). Here each thread adds its packs' terms to its own slots of shared memory
+// (N floats for dweight, N for dbias: 64 KiB at 8192), no other thread touches them and no
+// barrier guards them, and at most 128 registers: two blocks an SM, one block's loads in
+// flight while the other reduces. No dh prefetch: its 32 registers would not fit.
+template <typename T, int VPT, bool BIAS, typename W>
+__global__ void __launch_bounds__(256, 2)
+ln_bwd_vec_smem_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
+                       const T* __restrict__ h, const W* __restrict__ w,
+                       const float* __restrict__ mean, const float* __restrict__ rstd,
+                       T* __restrict__ dx, T* __restrict__ dx2, float* __restrict__ dw_part,
+                       float* __restrict__ db_part, int64_t M, int64_t N, int64_t rows_per) {
+  constexpr int V = Pack<T>::kN;
+  static_assert(V % 4 == 0, "a pack's sums are whole float4s");
+  extern __shared__ float sums[];  // dweight's N, then dbias's N (with a bias)
+  __shared__ float shm[64];
+  float4* dw_s = reinterpret_cast<float4*>(sums);
+  float4* db_s = reinterpret_cast<float4*>(sums + N);
+  constexpr bool bias = BIAS;
+  const int64_t p = blockIdx.x;
+  const auto mine = [&](int k) { return (int64_t)k * blockDim.x + threadIdx.x; };
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = mine(k);
+    if (q * V >= N) continue;
+#pragma unroll
+    for (int u = 0; u < V / 4; ++u) {
+      dw_s[q * (V / 4) + u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (bias) db_s[q * (V / 4) + u] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  const auto add4 = [](float4* at, const float* v) {
+    float4 a = *at;
+    a.x += v[0];
+    a.y += v[1];
+    a.z += v[2];
+    a.w += v[3];
+    *at = a;
+  };
+  const auto acc = [&](int, int64_t q, const float* gx, const float* g) {
+#pragma unroll
+    for (int u = 0; u < V / 4; ++u) {
+      add4(dw_s + q * (V / 4) + u, gx + 4 * u);
+      if (bias) add4(db_s + q * (V / 4) + u, g + 4 * u);
+    }
+  };
+  const auto sum2 = [&](float a, float b) { return block_sum2(a, b, shm); };
+  const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t base = row * N;
+    ln_bwd_row<T, VPT, false, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base,
+                                 dx2 ? dx2 + base : nullptr, w, mean[row], rstd[row], N,
+                                 (int)threadIdx.x, (int)blockDim.x, acc, sum2);
+  }
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t q = mine(k);
+    if (q * V >= N) continue;
+#pragma unroll
+    for (int u = 0; u < V / 4; ++u) {
+      const int64_t i = q * (V / 4) + u;
+      reinterpret_cast<float4*>(dw_part + p * N)[i] = dw_s[i];
+      if (bias) reinterpret_cast<float4*>(db_part + p * N)[i] = db_s[i];
+    }
   }
 }
 
@@ -427,9 +515,10 @@ ln_bwd_warp_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* 
   const int64_t r0 = p * rows_per, r1 = min(M, r0 + rows_per);
   for (int64_t row = r0 + warp; row < r1; row += nwarps) {
     const int64_t base = row * N;
-    ln_bwd_row<T, VPT, W>(h + base, dy + base, dh ? dh + base : nullptr, dx + base,
-                          dx2 ? dx2 + base : nullptr, w,
-                          mean[row], rstd[row], N, lane, 32, dw, db, sum2);
+    ln_bwd_row<T, VPT, kPrefetchDh<T, VPT>, W>(h + base, dy + base, dh ? dh + base : nullptr,
+                                               dx + base, dx2 ? dx2 + base : nullptr, w,
+                                               mean[row], rstd[row], N, (int64_t)lane,
+                                               (int64_t)32, reg_sums(dw, db), sum2);
   }
   warps_sum_to_row(dw, part, dw_part + p * N, N);
   if (db_part) warps_sum_to_row(db, part, db_part + p * N, N);
@@ -518,6 +607,34 @@ void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const W
   }
 }
 
+// ln_bwd_vec_smem_kernel where it applies (fp32 rows of 8 packs a thread: kPrefetchDh's rows,
+// where the register kernel runs one block an SM); false leaves the row to the register kernel,
+// also where the shared memory cannot be had. MINIGPT_CUDA_LN_BWD_SUMS=registers picks the
+// register kernel there too, for timing the two side by side.
+template <typename T, int VPT, typename W>
+bool bwd_vec_smem(int threads, const void* dy, const void* dh, const void* h, const W* w,
+                  const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
+                  float* db_part, int64_t M, int64_t N, int64_t P, int64_t rows_per,
+                  cudaStream_t s) {
+  if constexpr (kPrefetchDh<T, VPT> && VPT * Pack<T>::kN <= 32) {
+    const char* pick = getenv("MINIGPT_CUDA_LN_BWD_SUMS");
+    if (pick && strcmp(pick, "registers") == 0) return false;
+    const auto kernel = db_part ? ln_bwd_vec_smem_kernel<T, VPT, true, W>
+                                : ln_bwd_vec_smem_kernel<T, VPT, false, W>;
+    const size_t smem = (db_part ? 2 : 1) * (size_t)N * sizeof(float);
+    if (smem > 48 * 1024 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+            cudaSuccess) {
+      (void)cudaGetLastError();  // a refused attribute must not fail the fallback's launch
+      return false;
+    }
+    kernel<<<P, threads, smem, s>>>((const T*)dy, (const T*)dh, (const T*)h, w, mean, rstd,
+                                    (T*)dx, (T*)dx2, dw_part, db_part, M, N, rows_per);
+    return true;
+  }
+  return false;
+}
+
 template <typename T, int VPT, typename W>
 void bwd_warp(size_t smem, const void* dy, const void* dh, const void* h, const W* w,
               const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
@@ -545,6 +662,9 @@ void launch_bwd(const void* dy, const void* dh, const void* h, const W* w, const
   // At most 256 threads, so that x-hat, w*dy and the two partial sums (4 x 32 values at
   // most) stay in registers; rows up to 8192.
   const RowShape sh = vec_shape<T>(N, 256, 32, {dy, dh, h, w, dx, dx2, dw_part, db_part});
+  if (sh.vpt == 8 && bwd_vec_smem<T, 8, W>(sh.threads, dy, dh, h, w, mean, rstd, dx, dx2,
+                                            dw_part, db_part, M, N, P, rows_per, s))
+    return;
   if (sh.vpt) {  // 1, 2, 4 or 8 packs a thread
     const auto vec = sh.vpt == 1   ? bwd_vec<T, 1, W>
                      : sh.vpt == 2 ? bwd_vec<T, 2, W>
