@@ -385,6 +385,37 @@ def test_fused_norm_leaf_gradients_are_their_own(be, dev, op, dtype):
 
 @pytest.mark.parametrize("be,dev", backend_device_pairs(("triton", "cuda", "cpu")))
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_fused_norm_leaf_gradients_shared_where_not_both_stored(be, dev, op):
+    """x's own gradient buffer keeps two .grad from sharing memory. Where backward does not
+    store both (torch.autograd.grad captures them; backward(inputs=[x]) stores x's only), x
+    and the residual get the one dx, as eager x + residual gives them one tensor, and the
+    kernel skips its second store (a quarter of the H100's 16384 x 8192 add + LayerNorm
+    fwd+bwd)."""
+    skip_if_triton_refused(be, torch.float32)
+    w = torch.randn(16, device=dev)
+    cy, ch = (torch.randn(3, 5, 16, device=dev) for _ in range(2))
+
+    def run(b, x, r):
+        if op == "layer_norm":
+            y, h = ops.layer_norm(x, w, None, residual=r, backend=b)
+        else:
+            y, h = ops.rms_norm(x, w, residual=r, backend=b)
+        return (y * cy).sum() + (h * ch).sum()
+
+    x = torch.randn(3, 5, 16, device=dev, requires_grad=True)
+    r = torch.randn(3, 5, 16, device=dev, requires_grad=True)
+    want = torch.autograd.grad(run("torch", x, r), [x, r])[0]
+    loss = run(be, x, r)
+    gx, gr = torch.autograd.grad(loss, [x, r], retain_graph=True)
+    assert gx.data_ptr() == gr.data_ptr()
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+    loss.backward(inputs=[x])
+    assert r.grad is None
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs(("triton", "cuda", "cpu")))
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_fused_norm_leaf_gradient_is_written_not_cloned(be, dev, op):
     """x's own gradient beside a leaf residual comes from the backward kernel's second store:
     a clone of dx afterwards read the rows back and wrote them again (+25% on an H100's

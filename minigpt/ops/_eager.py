@@ -84,14 +84,63 @@ def leaf_backed(t) -> bool:
     return base.is_leaf and base.requires_grad
 
 
-def x_grad(ctx, dx, dx_x):
+# Backward nodes whose output is their incoming gradient or a view of it: what passes through
+# them to a leaf's AccumulateGrad arrives there as (a view of) the buffer a backward handed out.
+VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                        "TransposeBackward0", "TransposeBackward1", "TBackward0",
+                        "PermuteBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                        "SqueezeBackward2", "UnsqueezeBackward0", "AliasBackward0"})
+
+
+def leaf_node(ctx, i):
+    """The node that input ``i``'s gradient from this backward (``ctx``: an autograd.Function's
+    backward node) goes to, past view nodes: a leaf's AccumulateGrad, another node, or None."""
+    nexts = getattr(ctx, "next_functions", ())
+    node = nexts[i][0] if i < len(nexts) else None
+    while node is not None and type(node).__name__ in VIEW_NODES:
+        node = node.next_functions[0][0] if node.next_functions else None
+    return node
+
+
+def stored_as_grad(node):
+    """Whether the running backward will add to a leaf's .grad through AccumulateGrad
+    ``node``: False under torch.autograd.grad (which captures the gradient instead) or for a
+    leaf it leaves out (``backward(inputs=...)``)."""
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # "... currently running autograd.grad()": captured, not stored
+        return False
+
+
+def split_now(ctx, x_index, residual_index) -> bool:
+    """Whether a fused norm's backward must write x's gradient into a buffer of its own, apart
+    from the residual's (ctx.split_grads, set where both are leaves, leaf_backed): only where
+    this backward stores both into .grad. Under torch.autograd.grad, or where either one is
+    not stored, x and the residual get the same tensor, as eager ``x + residual`` gives them
+    (the second store is 25% of an H100's 16384 x 8192 add + LayerNorm fwd+bwd in bf16).
+    Where a path to a leaf is not plain views, or while torch.compile traces (the engine is
+    not running), it splits: a store too many rather than two .grad that share memory."""
+    if not ctx.split_grads:
+        return False
+    if not getattr(ctx, "minigpt_eager", False):
+        return True
+    for i in (x_index, residual_index):
+        node = leaf_node(ctx, i)
+        if node is not None and type(node).__name__ == "AccumulateGrad" and not stored_as_grad(
+                node):
+            return False
+    return True
+
+
+def x_grad(ctx, dx, dx_x, split):
     """A fused norm's gradient for x: dx itself, which is also the residual's, unless x is
-    narrower than h or both are leaves (ctx.split_grads, from leaf_backed): their .grad would
-    then be two views of one buffer, and the next accumulation into either (a second
-    micro-batch) would add to both. In those cases the backward kernel wrote x's gradient
-    into a tensor of its own, dx_x (one more store in the kernel: a clone here read dx back
-    and wrote it again: +25% on the H100's 16384 x 8192 add + LayerNorm fwd+bwd)."""
-    return dx_x if (ctx.x_dtype != dx.dtype or ctx.split_grads) else dx
+    narrower than h or both are leaves whose .grad this backward stores (``split``,
+    split_now): their .grad would then be two views of one buffer, and the next accumulation
+    into either (a second micro-batch) would add to both. In those cases the backward kernel
+    wrote x's gradient into a tensor of its own, dx_x (one more store in the kernel: a clone
+    here read dx back and wrote it again: +25% on the H100's 16384 x 8192 add + LayerNorm
+    fwd+bwd)."""
+    return dx_x if (ctx.x_dtype != dx.dtype or split) else dx
 
 
 def x_grad_fake(h, x_dtype, split):

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import bwd_op, eager_function, is_compiling, pick
+from minigpt.ops._eager import (bwd_op, eager_function, is_compiling, leaf_node, pick,
+                                stored_as_grad)
 
 OP = "cross_entropy"
 FOP = "fused_linear_cross_entropy"
@@ -177,31 +178,16 @@ def _saved(ctx):
         raise
 
 
-# Backward nodes whose output is a view of their incoming gradient: what passes through them
-# to a leaf's AccumulateGrad arrives there as a view of the buffer backward handed out.
-_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
-                         "TransposeBackward0", "TransposeBackward1", "TBackward0",
-                         "PermuteBackward0", "SqueezeBackward0", "SqueezeBackward1",
-                         "SqueezeBackward2", "UnsqueezeBackward0", "AliasBackward0"})
-
-
 def _kept_as_leaf_grad(ctx, inputs) -> bool:
     """Whether this backward's gradient for one of ``inputs`` (indices) will be stored as a
     leaf's .grad as it is (autograd keeps a gradient no one else holds rather than copying it),
     so that the next accumulation into that .grad writes over the stored buffer. False under
     torch.autograd.grad (the gradient is captured, not stored) and for non-leaf inputs."""
-    nexts = getattr(ctx, "next_functions", ())
     for i in inputs:
-        node = nexts[i][0] if i < len(nexts) else None
-        while node is not None and type(node).__name__ in _VIEW_NODES:
-            node = node.next_functions[0][0] if node.next_functions else None
-        if node is None or type(node).__name__ != "AccumulateGrad":
-            continue
-        try:
-            if torch._C._will_engine_execute_node(node):
-                return True
-        except RuntimeError:  # "... currently running autograd.grad()": captured, not stored
-            pass
+        node = leaf_node(ctx, i)
+        if (node is not None and type(node).__name__ == "AccumulateGrad"
+                and stored_as_grad(node)):
+            return True
     return False
 
 

@@ -16,7 +16,7 @@ from minigpt import _backend, reference
 from minigpt.ops import _checks
 from minigpt.ops._eager import (bwd_op, cast_output, eager_function, h_dtype, kernel_inputs,
                                 leaf_backed, native_norm_params, norm_dtypes, norm_param, pick,
-                                rows, shaped, x_grad, x_grad_fake)
+                                rows, shaped, split_now, x_grad, x_grad_fake)
 
 OP = "layer_norm"
 
@@ -49,7 +49,8 @@ def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optio
               split_grads: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y (in out_dtype, or h's), h (empty without residual),
     mean, rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x). ``split_grads``:
-    backward gives x and residual gradients of their own (_eager.x_grad)."""
+    x and residual are leaves: backward gives them gradients of their own where it stores both
+    as .grad (_eager.split_now)."""
     return tuple(_kernel_fwd(backend, x, weight, bias, residual, eps, out_dtype))
 
 
@@ -108,11 +109,12 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
         dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
+    split = split_now(ctx, 0, 3)  # inputs 0 and 3: x and residual
     dx, dx_x, dw, db = bwd(dy.contiguous(), dh, h, weight, mean, rstd, ctx.has_bias,
-                           ctx.backend, ctx.x_dtype, ctx.split_grads)
+                           ctx.backend, ctx.x_dtype, split)
     # dx is in h's dtype, the residual's gradient as is; x's comes from the same kernel as a
-    # tensor of its own where it needs one (a narrower branch, or split_grads).
-    return (x_grad(ctx, dx, dx_x), dw,
+    # tensor of its own where it needs one (a narrower branch, or both stored as .grad).
+    return (x_grad(ctx, dx, dx_x, split), dw,
             db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None, None,
             None)
 

@@ -16,7 +16,7 @@ from minigpt import _backend, reference
 from minigpt.ops import _checks
 from minigpt.ops._eager import (bwd_op, cast_output, eager_function, h_dtype, kernel_inputs,
                                 leaf_backed, native_norm_params, norm_dtypes, norm_param, pick,
-                                rows, shaped, x_grad, x_grad_fake)
+                                rows, shaped, split_now, x_grad, x_grad_fake)
 
 OP = "rms_norm"
 
@@ -49,7 +49,7 @@ def _fwd_impl(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
               split_grads: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual (M, N) contiguous -> y (in out_dtype, or h's), h (empty without residual),
     rstd (M,) in the accumulation dtype (fp32; fp64 for fp64 x). ``split_grads``: see
-    _eager.x_grad."""
+    _eager.split_now."""
     return tuple(_kernel_fwd(backend, x, weight, residual, eps, out_dtype))
 
 
@@ -101,11 +101,11 @@ def _backward(ctx, dy, dh, _drstd):
         dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
     bwd = bwd_op(ctx, _bwd, _bwd_impl)
-    dx, dx_x, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend, ctx.x_dtype,
-                       ctx.split_grads)
+    split = split_now(ctx, 0, 2)  # inputs 0 and 2: x and residual
+    dx, dx_x, dw = bwd(dy.contiguous(), dh, h, weight, rstd, ctx.backend, ctx.x_dtype, split)
     # dx is in h's dtype, the residual's gradient as is; x's comes from the same kernel as a
-    # tensor of its own where it needs one (a narrower branch, or split_grads).
-    return (x_grad(ctx, dx, dx_x), dw, (dx if ctx.has_residual else None),
+    # tensor of its own where it needs one (a narrower branch, or both stored as .grad).
+    return (x_grad(ctx, dx, dx_x, split), dw, (dx if ctx.has_residual else None),
             None, None, None, None)
 
 
