@@ -117,17 +117,20 @@ stage_cudatest() {
 
 stage_quicktest() {
     # What changed since the last GPU run (2026-11-27), on the GPU, before the whole suite:
-    # the fused norms' backward writing x's leaf gradient itself (Triton, CUDA, C++), the CUDA
-    # norms as a whole, the CUDA swiglu at extreme gates (silu by IEEE division), the
-    # register-cap test with its pinned tiles, and whether a C++ error out of the _C built
-    # there still kills the process.
+    # the fused norms' backward writing x's leaf gradient itself (Triton, CUDA, C++) and only
+    # where backward stores both, the CUDA norms as a whole (the LayerNorm backward's sums in
+    # shared memory), the CUDA swiglu at extreme gates (silu by IEEE division), the
+    # register-cap test with its pinned tiles, whether a C++ error out of the _C built there
+    # still kills the process, and the host syncs: cross-entropy's backward on a GPU reads
+    # nothing, nor does bench train's step body.
     local xd=""
     $PY -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
     timeout -s INT -k 10 $((${STAGE_LIMIT_S:-300} - 12)) $PY -m pytest -q -rfE -m "not slow" \
         -p no:cacheprovider $xd --junitxml="$LOGS/pytest_quick.xml" \
-        tests/test_layer_norm.py tests/test_rms_norm.py tests/test_swiglu.py \
-        tests/test_extension_errors.py tests/test_reg_cap.py \
-        -k "${QUICKTEST_K:-leaf or extreme_gates or on_gpu or cpp_error or (cuda-cuda and (layer_norm or rms))}"
+        tests/test_cross_entropy.py tests/test_no_host_sync.py tests/test_layer_norm.py \
+        tests/test_rms_norm.py tests/test_swiglu.py tests/test_extension_errors.py \
+        tests/test_reg_cap.py \
+        -k "${QUICKTEST_K:-leaf or shared_where or extreme_gates or on_gpu or cpp_error or host_sync or reads_nothing or accumulated or (cuda-cuda and (layer_norm or rms))}"
 }
 
 stage_tune() {
@@ -214,10 +217,12 @@ if [ "${1:-}" = lease15 ]; then
     [ "$DEADLINE" -gt 0 ] || DEADLINE=570
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=12}"
     : "${STAGE_LIMITS:=sweep=90 train=150 ops=75 attention_cuda=45 quicktest=110 cudatest=300}"
-    # #2: the row ops with and without _C's rows, every op (softmax was last measured in the
-    # first session); the add + LayerNorm backward writes x's leaf gradient itself since
-    # 2026-11-27 (Triton measured; CUDA not yet).
-    : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --out benchmarks/results/quick}"
+    # #2: the row ops with and without _C's rows, every op. Since the last GPU run: the bench's
+    # torch.autograd.grad no longer makes the fused norms write x's gradient twice (only
+    # .backward() into two leaves does), and the CUDA LayerNorm backward at fp32 rows of
+    # 4097-8192 keeps its dweight/dbias sums in shared memory, timed beside the register
+    # kernel it replaces (backend cuda-regsums).
+    : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --cuda-ln-sums --out benchmarks/results/quick}"
     # The norm backward's launch shapes at the widths without a tuned entry: 8192 (the #2
     # bench's large rows, 0.565 ms with the rule against 0.493 with the former one) and
     # SmolLM2's RMSNorm at 576. Triton only: runs while _C builds.
