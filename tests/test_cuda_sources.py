@@ -2,7 +2,9 @@
 CPU torch cannot link CUDA code): every .cu compiles with nvcc for Hopper, and the WITH_CUDA half
 of every .cpp compiles (syntax only) against torch's and CUDA's headers."""
 import glob
+import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -29,14 +31,90 @@ def test_object_files_do_not_collide():
     assert sorted(set(s for s in stems if stems.count(s) > 1)) == []
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+# setup.py's nvcc flags for the CUDAExtension: the registers below are the build's.
+NVCC_FLAGS = ["-O3", "--use_fast_math"]
+BASELINE_PATH = os.path.join(ROOT, "tests", "cuda_sm90_baseline.json")
+UPDATE_BASELINE = "MINIGPT_UPDATE_SM90_BASELINE"  # as tests/test_triton_compile.py's record
+
+
+def ptxas_table(stderr: str) -> dict:
+    """{kernel (demangled, without its arguments): {"regs", "stack", "spill_stores",
+    "spill_loads"}} from `nvcc -Xptxas -v` output."""
+    kernels, name = {}, None
+    for line in stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m[1]
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                      r"loads", line)
+        if m and name:
+            kernels[name] = {"stack": int(m[1]), "spill_stores": int(m[2]),
+                             "spill_loads": int(m[3])}
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            kernels[name]["regs"] = int(m[1])
+    names = subprocess.run([CXXFILT], input="\n".join(kernels), capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    out = {}
+    for mangled, pretty in zip(kernels, names):
+        pretty = pretty.replace("(anonymous namespace)::", "")
+        out[pretty[:pretty.index("(")] if "(" in pretty else pretty] = kernels[mangled]
+    return out
+
+
+def _worse(was: dict, now: dict) -> bool:
+    """More stack (spills, or an array the compiler moved to local memory) than the record,
+    past the slack tests/test_triton_compile.py allows."""
+    return now["stack"] > max(was["stack"] * 1.25, was["stack"] + 64)
+
+
+CXXFILT = shutil.which("c++filt")
+
+
+@pytest.mark.skipif(NVCC is None or CXXFILT is None,
+                    reason="nvcc (and binutils' c++filt) are not installed on this machine")
 @pytest.mark.parametrize("path", CU_FILES, ids=os.path.basename)
 def test_cu_compiles_for_sm90(path, tmp_path):
+    """Every .cu compiles for sm_90 with the build's flags, and no kernel of it grows its stack
+    against tests/cuda_sm90_baseline.json (a kernel per line: registers, stack, spills). A
+    kernel that spills, or keeps an array in local memory because an index is no longer a
+    constant after unrolling, passes every emulated test and runs at a fraction of its speed
+    on a GPU, which CI does not have. After a change that means it, rewrite the record with
+    MINIGPT_UPDATE_SM90_BASELINE=1 and read the diff (registers are there for it)."""
     out = tmp_path / (os.path.basename(path) + ".o")
-    proc = subprocess.run([NVCC, "-c", "-arch=sm_90", "-std=c++17", "-O2", "-Xcompiler", "-Wall",
-                           path, "-o", str(out)], capture_output=True, text=True)
+    proc = subprocess.run([NVCC, "-c", "-arch=sm_90", "-std=c++17", *NVCC_FLAGS, "-Xcompiler",
+                           "-Wall", "-Xptxas", "-v", path, "-o", str(out)], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, f"nvcc failed on {path}:\n{proc.stderr[-4000:]}"
     assert out.stat().st_size > 0
+    now = ptxas_table(proc.stderr)
+    assert now, f"no kernels in nvcc's -Xptxas -v output for {path}"
+    name = os.path.basename(path)
+    base = {}
+    if os.path.exists(BASELINE_PATH):
+        with open(BASELINE_PATH) as f:
+            base = json.load(f)
+    if os.environ.get(UPDATE_BASELINE) == "1":
+        base = {k: v for k, v in base.items() if not k.startswith(name + " | ")}
+        base.update({f"{name} | {k}": v for k, v in now.items()})
+        with open(BASELINE_PATH, "w") as f:  # a line a kernel: diffs name what moved
+            f.write("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+                                        for k, v in sorted(base.items())) + "\n}\n")
+        return
+    worse, new = [], []
+    for kernel, stats in sorted(now.items()):
+        was = base.get(f"{name} | {kernel}")
+        if was is None:
+            new.append(kernel)
+        elif _worse(was, stats):
+            worse.append(f"{kernel}: stack {was['stack']} -> {stats['stack']} bytes, spill "
+                         f"stores {was['spill_stores']} -> {stats['spill_stores']}, registers "
+                         f"{was['regs']} -> {stats['regs']}")
+    assert not worse, (f"{name}: kernels worse than tests/cuda_sm90_baseline.json (rewrite it "
+                       f"with {UPDATE_BASELINE}=1 if meant):\n" + "\n".join(worse))
+    assert not new, (f"{name}: kernels tests/cuda_sm90_baseline.json does not know (rewrite it "
+                     f"with {UPDATE_BASELINE}=1):\n" + "\n".join(new))
 
 
 CPP_FILES = [p for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
