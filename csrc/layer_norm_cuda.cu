@@ -440,17 +440,20 @@ ln_bwd_vec_smem_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
   float4* db_s = reinterpret_cast<float4*>(sums + N);
   constexpr bool bias = BIAS;
   const int64_t p = blockIdx.x;
-  const auto mine = [&](int k) { return (int64_t)k * blockDim.x + threadIdx.x; };
+  // f(i) for each float4 i of the sums that the thread's own packs cover
+  const auto own = [&](auto f) {
 #pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int64_t q = mine(k);
-    if (q * V >= N) continue;
+    for (int k = 0; k < VPT; ++k) {
+      const int64_t q = (int64_t)k * blockDim.x + threadIdx.x;
+      if (q * V >= N) continue;
 #pragma unroll
-    for (int u = 0; u < V / 4; ++u) {
-      dw_s[q * (V / 4) + u] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (bias) db_s[q * (V / 4) + u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int u = 0; u < V / 4; ++u) f(q * (V / 4) + u);
     }
-  }
+  };
+  own([&](int64_t i) {
+    dw_s[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (bias) db_s[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  });
   const auto add4 = [](float4* at, const float* v) {
     float4 a = *at;
     a.x += v[0];
@@ -474,17 +477,10 @@ ln_bwd_vec_smem_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
                                  dx2 ? dx2 + base : nullptr, w, mean[row], rstd[row], N,
                                  (int)threadIdx.x, (int)blockDim.x, acc, sum2);
   }
-#pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int64_t q = mine(k);
-    if (q * V >= N) continue;
-#pragma unroll
-    for (int u = 0; u < V / 4; ++u) {
-      const int64_t i = q * (V / 4) + u;
-      reinterpret_cast<float4*>(dw_part + p * N)[i] = dw_s[i];
-      if (bias) reinterpret_cast<float4*>(db_part + p * N)[i] = db_s[i];
-    }
-  }
+  own([&](int64_t i) {
+    reinterpret_cast<float4*>(dw_part + p * N)[i] = dw_s[i];
+    if (bias) reinterpret_cast<float4*>(db_part + p * N)[i] = db_s[i];
+  });
 }
 
 // Backward, one warp per row, for rows of at most 32 * 4 packs (1024 bf16/fp16 values, 512
