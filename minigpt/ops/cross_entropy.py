@@ -38,8 +38,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import (bwd_op, eager_function, is_compiling, leaf_node, pick,
-                                stored_as_grad)
+from minigpt.ops._eager import bwd_op, eager_function, is_compiling, leaf_grad_stored, pick
 
 OP = "cross_entropy"
 FOP = "fused_linear_cross_entropy"
@@ -183,12 +182,7 @@ def _kept_as_leaf_grad(ctx, inputs) -> bool:
     leaf's .grad as it is (autograd keeps a gradient no one else holds rather than copying it),
     so that the next accumulation into that .grad writes over the stored buffer. False under
     torch.autograd.grad (the gradient is captured, not stored) and for non-leaf inputs."""
-    for i in inputs:
-        node = leaf_node(ctx, i)
-        if (node is not None and type(node).__name__ == "AccumulateGrad"
-                and stored_as_grad(node)):
-            return True
-    return False
+    return any(leaf_grad_stored(ctx, i) for i in inputs)
 
 
 def _apply_pending(ctx, grads, factor: Tensor, inputs=(0,)):
