@@ -10,10 +10,13 @@ import subprocess
 
 import pytest
 
+from tests._baseline import UPDATE as UPDATE_BASELINE, stack_grew, write_record
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc")
                                 else None)
+CXXFILT = shutil.which("c++filt")
 
 
 def test_there_are_cuda_sources():
@@ -34,7 +37,6 @@ def test_object_files_do_not_collide():
 # setup.py's nvcc flags for the CUDAExtension: the registers below are the build's.
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 BASELINE_PATH = os.path.join(ROOT, "tests", "cuda_sm90_baseline.json")
-UPDATE_BASELINE = "MINIGPT_UPDATE_SM90_BASELINE"  # as tests/test_triton_compile.py's record
 
 
 def ptxas_table(stderr: str) -> dict:
@@ -59,17 +61,9 @@ def ptxas_table(stderr: str) -> dict:
     out = {}
     for mangled, pretty in zip(kernels, names):
         pretty = pretty.replace("(anonymous namespace)::", "")
-        out[pretty[:pretty.index("(")] if "(" in pretty else pretty] = kernels[mangled]
+        out[pretty[:pretty.index("(")] if "(" in pretty else pretty] = {
+            k: kernels[mangled][k] for k in ("regs", "spill_loads", "spill_stores", "stack")}
     return out
-
-
-def _worse(was: dict, now: dict) -> bool:
-    """More stack (spills, or an array the compiler moved to local memory) than the record,
-    past the slack tests/test_triton_compile.py allows."""
-    return now["stack"] > max(was["stack"] * 1.25, was["stack"] + 64)
-
-
-CXXFILT = shutil.which("c++filt")
 
 
 @pytest.mark.skipif(NVCC is None or CXXFILT is None,
@@ -98,16 +92,14 @@ def test_cu_compiles_for_sm90(path, tmp_path):
     if os.environ.get(UPDATE_BASELINE) == "1":
         base = {k: v for k, v in base.items() if not k.startswith(name + " | ")}
         base.update({f"{name} | {k}": v for k, v in now.items()})
-        with open(BASELINE_PATH, "w") as f:  # a line a kernel: diffs name what moved
-            f.write("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
-                                        for k, v in sorted(base.items())) + "\n}\n")
+        write_record(BASELINE_PATH, base)
         return
     worse, new = [], []
     for kernel, stats in sorted(now.items()):
         was = base.get(f"{name} | {kernel}")
         if was is None:
             new.append(kernel)
-        elif _worse(was, stats):
+        elif stack_grew(was["stack"], stats["stack"]):
             worse.append(f"{kernel}: stack {was['stack']} -> {stats['stack']} bytes, spill "
                          f"stores {was['spill_stores']} -> {stats['spill_stores']}, registers "
                          f"{was['regs']} -> {stats['regs']}")

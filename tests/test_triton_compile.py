@@ -37,6 +37,7 @@ import pytest
 # ~1 min on 2 cores, most of it ptxas on the fp32 attention
 pytestmark = [pytest.mark.slow]
 if __name__ != "__main__":  # the worker (below) runs as a script: no tests package, no skip
+    from tests._baseline import UPDATE as UPDATE_BASELINE, stack_grew, write_record
     from tests.conftest import skip_if_triton_refused
 
     pytestmark.append(skip_if_triton_refused)
@@ -537,7 +538,6 @@ def test_register_caps(compiled):
 
 
 BASELINE_PATH = os.path.join(ROOT, "tests", "sm90_baseline.json")
-UPDATE_BASELINE = "MINIGPT_UPDATE_SM90_BASELINE"
 
 
 def _baseline_key(group, r):
@@ -563,9 +563,7 @@ def test_sm90_baseline(compiled):
                 current[_baseline_key(g, r)] = {"regs": r["regs"], "blocks": occupancy(r)[0],
                                                 "stack": r.get("stack", 0)}
     if os.environ.get(UPDATE_BASELINE) == "1":
-        with open(BASELINE_PATH, "w") as f:  # a line a kernel: diffs name what moved
-            f.write("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}"
-                                        for k, v in sorted(current.items())) + "\n}\n")
+        write_record(BASELINE_PATH, current)
         return
     with open(BASELINE_PATH) as f:
         base = json.load(f)
@@ -574,8 +572,7 @@ def test_sm90_baseline(compiled):
         was = base.get(key)
         if was is None:
             new.append(key)
-        elif now["blocks"] < was["blocks"] or now["stack"] > max(was["stack"] * 1.25,
-                                                                 was["stack"] + 64):
+        elif now["blocks"] < was["blocks"] or stack_grew(was["stack"], now["stack"]):
             worse.append(f"{key}: blocks/SM {was['blocks']} -> {now['blocks']}, registers "
                          f"{was['regs']} -> {now['regs']}, stack {was['stack']} -> "
                          f"{now['stack']} bytes")
