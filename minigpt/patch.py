@@ -40,6 +40,19 @@ import torch.nn.functional as F
 
 from minigpt import ops as _ops
 
+# transformers is imported here, not inside the replacement forwards: ``transformers`` and
+# ``transformers.models.llama`` are lazy modules (transformers' _LazyModule), and Dynamo of
+# torch 2.11 (the GPU image's) refuses to import one inside a traced function ("Bad import
+# result"), so torch.compile(fullgraph=True) of a patched model failed there (2.13 allows it).
+try:
+    from transformers import modeling_utils as _modeling_utils
+    from transformers.cache_utils import Cache as _Cache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.models.llama import modeling_llama as _ml
+except ImportError as _e:  # apply_to_llama says what is missing
+    _ml = None
+    _IMPORT_ERROR = _e
+
 _ATTR = "_minigpt_patch"  # on every patched module: the names bound in its __dict__
 
 
@@ -79,6 +92,11 @@ def _mask_is_causal(mask: Optional[torch.Tensor], T: int, S: int) -> bool:
         return T == 1 or T == S
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (T, S):
         return False
+    if torch.compiler.is_compiling():
+        # Deciding needs the mask's values, which a traced graph does not have (Dynamo of
+        # torch 2.11 refused the bool() under fullgraph=True; transformers passes a mask
+        # there that 2.13 leaves out): transformers' own attention takes the mask as it is.
+        return False
     ref = _mask_memo["ref"]
     if ref is not None and ref() is mask:
         return _mask_memo["causal"]
@@ -90,19 +108,14 @@ def _mask_is_causal(mask: Optional[torch.Tensor], T: int, S: int) -> bool:
     return causal
 
 
-@functools.lru_cache(maxsize=None)
-def _legacy_cache_update() -> bool:
-    """True for transformers < 5, whose ``Cache.update(k, v, layer_idx, cache_kwargs)`` takes the
-    RoPE tables and ``cache_position`` in a dict (5.x: ``update(..., kwargs=...)``)."""
-    from transformers.cache_utils import Cache
-
-    return "cache_kwargs" in inspect.signature(Cache.update).parameters
+# True for transformers < 5, whose ``Cache.update(k, v, layer_idx, cache_kwargs)`` takes the
+# RoPE tables and ``cache_position`` in a dict (5.x: ``update(..., kwargs=...)``).
+_LEGACY_CACHE_UPDATE = (_ml is not None
+                        and "cache_kwargs" in inspect.signature(_Cache.update).parameters)
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                        cache=None, past_key_values=None, **kwargs):
-    from transformers.models.llama import modeling_llama as ml
-
     be = self._minigpt_backend
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -114,11 +127,11 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     if self._minigpt_rope:
         q, k = _ops.rope(q, k, cos, sin, backend=be)
     else:
-        q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = _ml.apply_rotary_pos_emb(q, k, cos, sin)
 
     # transformers < 5 calls the cache past_key_values and takes cache_position as a parameter
     # of its own (so it never reaches the attention function).
-    legacy = _legacy_cache_update()
+    legacy = _LEGACY_CACHE_UPDATE
     cache_position = kwargs.pop("cache_position", None) if legacy else None
     cache = cache if cache is not None else past_key_values
     if cache is not None:
@@ -135,10 +148,10 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         weights = None
     else:
         impl = self.config._attn_implementation
-        table = ml.ALL_ATTENTION_FUNCTIONS
-        fn = (table.get_interface(impl, ml.eager_attention_forward)
+        table = _ml.ALL_ATTENTION_FUNCTIONS
+        fn = (table.get_interface(impl, _ml.eager_attention_forward)
               if hasattr(table, "get_interface") else
-              ml.eager_attention_forward if impl == "eager" else table[impl])
+              _ml.eager_attention_forward if impl == "eager" else table[impl])
         out, weights = fn(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling,
                           **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
@@ -146,11 +159,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
 
 def _keep(hidden, logits_to_keep):
-    from transformers import modeling_utils
-
     # transformers 5 also takes per-sample 2-D positions or a mask (slice_logits_to_keep).
-    if hasattr(modeling_utils, "slice_logits_to_keep"):
-        return modeling_utils.slice_logits_to_keep(hidden, logits_to_keep)
+    if hasattr(_modeling_utils, "slice_logits_to_keep"):
+        return _modeling_utils.slice_logits_to_keep(hidden, logits_to_keep)
     if isinstance(logits_to_keep, int):
         return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
     return hidden[:, logits_to_keep, :]
@@ -159,8 +170,6 @@ def _keep(hidden, logits_to_keep):
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
                        inputs_embeds=None, labels=None, logits_to_keep=0, skip_logits=None,
                        **kwargs):
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     be = self._minigpt_backend
     return_dict = kwargs.pop("return_dict", None)
     shift_labels = kwargs.pop("shift_labels", None)
@@ -215,8 +224,9 @@ def apply_to_llama(model, rms_norm: bool = True, rope: bool = True, swiglu: bool
     minigpt.ops, in place, on this instance only; returns the model. ``backend`` is passed to
     every op ("triton", "cuda", "cpu", "torch", or None for the best per device). Calling it
     again re-patches from scratch; ``revert(model)`` undoes it."""
-    from transformers.models.llama import modeling_llama as ml
-
+    if _ml is None:
+        raise ImportError(f"apply_to_llama needs transformers ({_IMPORT_ERROR})")
+    ml = _ml
     if not isinstance(model, ml.LlamaPreTrainedModel):
         raise TypeError(f"apply_to_llama: expected a transformers Llama model "
                         f"(LlamaForCausalLM or LlamaModel), got {type(model).__name__}")
@@ -240,8 +250,6 @@ def apply_to_llama(model, rms_norm: bool = True, rope: bool = True, swiglu: bool
             m.__dict__["_minigpt_attention"] = attention
             _bind(m, "forward", _attention_forward)
         elif isinstance(m, ml.LlamaForCausalLM) and cross_entropy:
-            from transformers.modeling_outputs import CausalLMOutputWithPast
-
             # Which cache field this transformers' output has, found here: Dynamo cannot trace
             # dataclasses.fields, and torch.compile(fullgraph=True) of the forward failed.
             names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
