@@ -617,7 +617,7 @@ def next_token_steps(model: GPT, tok, prompt: str, steps: int = 5, top: int = 5,
     pass) and record, at each step, the ``top`` most likely next tokens with their
     probabilities: softmax(logits / temperature) (plain softmax for temperature 0, which then
     picks the most likely). The pick itself is ``sampling.sample_next``."""
-    from minigpt.sampling import sample_next
+    from minigpt.sampling import sample_next, tempered
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -646,7 +646,7 @@ def next_token_steps(model: GPT, tok, prompt: str, steps: int = 5, top: int = 5,
     top = min(top, model.config.vocab_size)
     for s in range(steps):
         last = logits[:, -1, :].float()
-        probs = torch.softmax(last / temperature if temperature > 0 else last, dim=-1)[0]
+        probs = torch.softmax(tempered(last, temperature) if temperature > 0 else last, dim=-1)[0]
         p, i = torch.topk(probs, top)
         nxt = int(sample_next(last, temperature, None, top_p, gen)[0])
         rank = int((probs > probs[nxt]).sum()) + 1

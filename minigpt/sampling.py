@@ -38,6 +38,20 @@ def seeded_generator(seed, device) -> Optional[torch.Generator]:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def tempered(logits, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` (temperature > 0) in float32, shifted so the best logit is 0:
+    a tiny temperature then sends the others to -inf, not every logit to +-inf (whose softmax
+    is NaN). Below float32's smallest normal number (1.2e-38) only greedy's limit is left: the
+    best logits 0, the others -inf. (Divided, such a temperature is a float32 subnormal, which
+    flush-to-zero makes 0, and 0 / 0 is NaN; a process has flush-to-zero on once it loads code
+    built with -ffast-math, as torch 2.5's Inductor CPU kernels are.)"""
+    logits = logits.float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    if temperature < torch.finfo(torch.float32).tiny:
+        return torch.zeros_like(shifted).masked_fill(shifted < 0, float("-inf"))
+    return shifted / temperature
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,)."""
     # Public on its own: without these, top_k=0 or a 1-D row failed inside torch and a negative
@@ -53,10 +67,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
                          "that overflow the model's dtype: try float32)")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    # The best logit goes to 0 before the division: a tiny temperature then sends the others
-    # to -inf, not every logit to +-inf (whose softmax is NaN).
-    logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    logits = tempered(logits, temperature)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

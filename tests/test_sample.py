@@ -176,15 +176,32 @@ def test_help(capsys):
     assert "greedy decoding with the KV cache" in helps["bench decode"]   # a description
 
 
-def test_tiny_temperature_samples_the_best_token():
+@pytest.mark.parametrize("flush_to_zero", [False, True], ids=["ieee", "ftz"])
+def test_tiny_temperature_samples_the_best_token(flush_to_zero):
     """logits / 1e-40 overflowed every logit to +-inf, whose softmax is NaN; the best logit
-    now goes to 0 first, so a tiny temperature is greedy, as its limit is."""
-    from minigpt.sampling import sample_next
+    now goes to 0 first, so a tiny temperature is greedy, as its limit is. With flush-to-zero
+    on (torch 2.5's Inductor turns it on for the process), 1e-40 is a subnormal that the
+    division reads as 0, and the best logit became 0 / 0 = NaN; below float32's smallest
+    normal the sampler is greedy outright."""
+    from minigpt.sampling import sample_next, tempered
 
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 5
-    for t in (1e-40, 1e-45, 1e-30):
-        assert torch.equal(sample_next(logits, temperature=t, top_p=0.9), logits.argmax(-1))
+    tied = logits.clone()
+    tied[1, 7] = tied[1].max()  # both best tokens stay in the limit
+    if flush_to_zero and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals to zero")
+    try:
+        for t in (1e-40, 1e-45, 1e-30, 1e-38):
+            assert torch.equal(sample_next(logits, temperature=t, top_p=0.9), logits.argmax(-1))
+            scaled = tempered(tied, t)
+            best = tied == tied.amax(-1, keepdim=True)
+            assert not scaled.isnan().any()
+            assert (scaled[best] == 0).all() and (scaled[~best] < -1e29).all()
+            if t < 1e-38:
+                assert (scaled[~best] == float("-inf")).all()
+    finally:
+        torch.set_flush_denormal(False)
     # and an ordinary temperature still samples from softmax(logits / T): the empirical
     # frequencies of a 3-token row match it
     row = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
