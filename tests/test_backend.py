@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minigpt import _backend, ops
+from tests.conftest import skip_if_triton_refused
 
 triton = pytest.importorskip("triton")
 
@@ -114,6 +115,7 @@ def test_host_int_helpers_match_triton():
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
 
 
+@skip_if_triton_refused  # it compiles a call that resolves to Triton
 def test_compiling_a_triton_op_call_warns_nothing(fresh):
     """torch.compile traces our dispatch: an lru_cache on its Triton check made Dynamo warn
     ("a call to a functools.lru_cache-wrapped function") at compiles of code that asks for the
@@ -151,6 +153,7 @@ def test_backend_argument_is_read_as_the_environment_variable_is(monkeypatch):
     assert _backend.resolve("softmax", "Torch", torch.device("cpu")) == "torch"
 
 
+@skip_if_triton_refused  # an older Triton is refused for its version before import order
 def test_triton_imported_before_minigpt_is_a_clear_unavailable_backend():
     # transformers imports triton; minigpt then sets TRITON_INTERPRET too late for triton's own
     # @jit helpers, and a kernel failed with "Cannot call @triton.jit'd outside of the scope
