@@ -20,7 +20,10 @@ The replacement forwards mirror transformers' Llama code (5.x, and 4.57 where it
 * ``LlamaMLP``      -> ``down_proj(ops.swiglu(gate_proj(x), up_proj(x)))`` (silu models only).
 * ``LlamaAttention``-> projections, ``ops.rope`` on q and k, then ``ops.attention(causal=True)``
   whenever the mask is purely causal (no padding); a padding mask, attention dropout or
-  ``output_attentions`` fall back to transformers' own attention function for that call.
+  ``output_attentions`` fall back to transformers' own attention function for that call, as
+  does a mask tensor under torch.compile (its values are not known while tracing).
+  transformers 5 leaves the mask out of a compiled SDPA model on torch 2.13, so ours runs
+  there; on torch 2.11 it passes a 4-D causal mask, and the compiled model runs its SDPA.
 * ``LlamaForCausalLM`` -> in training with labels, the loss comes from
   ``ops.fused_linear_cross_entropy`` on the last hidden states, so the (tokens, vocab) logits are
   never formed and ``output.logits`` is None (pass ``skip_logits=False`` to get them); otherwise
