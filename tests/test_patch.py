@@ -249,3 +249,20 @@ def test_mask_check_under_compile_falls_back():
     fn = torch.compile(lambda x: x * 2 if _mask_is_causal(None, T, S) else x - 1,
                        fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x), x * 2)
+
+
+def test_without_transformers_import_works_and_apply_says_what_is_missing():
+    """minigpt.patch imports transformers at module level now (see the test above): without
+    it the module still imports, and apply_to_llama raises ImportError naming transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import minigpt.patch as P\n"
+            "try:\n"
+            "    P.apply_to_llama(object())\n"
+            "except ImportError as e:\n"
+            "    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ERR apply_to_llama needs transformers"), r.stdout
