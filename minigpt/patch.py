@@ -229,8 +229,7 @@ def apply_to_llama(model, rms_norm: bool = True, rope: bool = True, swiglu: bool
     again re-patches from scratch; ``revert(model)`` undoes it."""
     if _ml is None:
         raise ImportError(f"apply_to_llama needs transformers ({_IMPORT_ERROR})")
-    ml = _ml
-    if not isinstance(model, ml.LlamaPreTrainedModel):
+    if not isinstance(model, _ml.LlamaPreTrainedModel):
         raise TypeError(f"apply_to_llama: expected a transformers Llama model "
                         f"(LlamaForCausalLM or LlamaModel), got {type(model).__name__}")
     if backend is not None:
@@ -241,18 +240,18 @@ def apply_to_llama(model, rms_norm: bool = True, rope: bool = True, swiglu: bool
                              f"{_backend.BACKENDS}")
     revert(model)
     for m in model.modules():
-        if isinstance(m, ml.LlamaRMSNorm) and rms_norm:
+        if isinstance(m, _ml.LlamaRMSNorm) and rms_norm:
             _bind(m, "forward", _rms_norm_forward)
-        elif isinstance(m, ml.LlamaMLP) and swiglu:
+        elif isinstance(m, _ml.LlamaMLP) and swiglu:
             if not isinstance(m.act_fn, torch.nn.SiLU) and model.config.hidden_act not in (
                     "silu", "swish"):
                 continue  # swiglu is silu(gate) * up only; other activations stay as they are
             _bind(m, "forward", _mlp_forward)
-        elif isinstance(m, ml.LlamaAttention) and (rope or attention):
+        elif isinstance(m, _ml.LlamaAttention) and (rope or attention):
             m.__dict__["_minigpt_rope"] = rope
             m.__dict__["_minigpt_attention"] = attention
             _bind(m, "forward", _attention_forward)
-        elif isinstance(m, ml.LlamaForCausalLM) and cross_entropy:
+        elif isinstance(m, _ml.LlamaForCausalLM) and cross_entropy:
             # Which cache field this transformers' output has, found here: Dynamo cannot trace
             # dataclasses.fields, and torch.compile(fullgraph=True) of the forward failed.
             names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
