@@ -332,6 +332,8 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
               w.sizes(), ", expected (", N, ", ", K / kBlock * bs, ") for K = ", K);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  // A sum over no terms: qmm's tiling divides by the row's byte count, which K = 0 makes zero.
+  if (K == 0) return y.zero_();
   if (qtype == kQ8_0)
     qmm<kQ8_0>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
   else

@@ -11,12 +11,14 @@ the summation order differs from ``F.linear``.
 ``PackedLinear.forward`` then uses them for inputs of at most ``MAX_ROWS`` rows on CPU in
 float32 (decoding, short prompts) and the ordinary float32 matmul otherwise (long prompts,
 training, GPUs, other dtypes). The float32 weight stays the parameter: state dicts, export
-and training see nothing different, and a weight changed in place (training) drops its stale
-packed copy.
+and training see nothing different, and a weight changed in place (training) or replaced
+(``load_state_dict``, a new Parameter) drops its stale packed copy. Only a write into
+``weight.data`` itself goes unseen; call ``drop_packed()`` after one.
 """
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn as nn
@@ -80,7 +82,34 @@ class PackedLinear(nn.Linear):
     def set_packed(self, packed: torch.Tensor, qtype: int):
         self.register_buffer("packed", packed.contiguous(), persistent=False)
         self.qtype = qtype
-        self._weight_version = self.weight._version
+        self._packed_for = self._weight_key()
+
+    def _weight_key(self):
+        # Which weight the bytes were taken from. The version counter alone missed a weight
+        # replaced whole (load_state_dict(assign=True), a new Parameter: version 0 again) or
+        # given new storage (weight.data = ..., module.half().float()); a weakref, so a
+        # replaced weight is not kept alive by this.
+        w = self.weight
+        return weakref.ref(w), w.data_ptr(), w._version
+
+    def __getstate__(self):
+        # A weakref neither pickles nor deep-copies to the copy's own weight: the copy (which
+        # holds its packed bytes and weight together) takes a fresh key in __setstate__.
+        state = super().__getstate__().copy()
+        state.pop("_packed_for", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if getattr(self, "packed", None) is not None:
+            self._packed_for = self._weight_key()
+
+    def drop_packed(self):
+        """Forget the packed copy; from now on the float32 weight is used for every input.
+        Needed only after writing into ``weight.data`` in place, the one change autograd's
+        version counter does not see."""
+        if getattr(self, "packed", None) is not None:
+            del self.packed
 
     def forward(self, x):
         p = getattr(self, "packed", None)
@@ -89,9 +118,11 @@ class PackedLinear(nn.Linear):
                 and x.device.type == "cpu" and p.device.type == "cpu" and 0 < rows <= MAX_ROWS
                 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
                 and kernel_available()):
-            if self.weight._version != self._weight_version:  # trained since: stale copy
-                del self.packed
-                return F.linear(x, self.weight)
+            ref, ptr, version = self._packed_for
+            w = self.weight
+            if ref() is not w or w.data_ptr() != ptr or w._version != version:
+                self.drop_packed()  # trained or replaced since: a stale copy
+                return F.linear(x, w)
             # Straight to the kernel: shapes were checked when the bytes were attached, and a
             # decode step makes ~150 of these calls, so per-call Python checks add up.
             y = _backend._ext().quant_matmul(x.reshape(rows, x.shape[-1]).contiguous(), p,

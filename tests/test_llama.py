@@ -651,6 +651,58 @@ def test_quant_matmul_bad_input():
         quant.quant_matmul(torch.randn(2, 32, dtype=torch.float64), p, int(Q.Q8_0), 4)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_quant_matmul_of_no_columns_is_zeros(backend):
+    # K = 0 passes the multiple-of-32 check; the C++ kernel's tiling divided by zero (SIGFPE)
+    x = torch.randn(3, 0)
+    y = quant.quant_matmul(x, torch.zeros(5, 0, dtype=torch.uint8), int(Q.Q8_0), 5,
+                           backend=backend)
+    assert torch.equal(y, torch.zeros(3, 5))
+
+
+def _replace_by_assign(m, w):
+    sd = m.state_dict()
+    sd["lm_head.weight"] = w
+    m.load_state_dict(sd, assign=True)
+
+
+def _replace_by_parameter(m, w):
+    m.lm_head.weight = torch.nn.Parameter(w)
+
+
+def _replace_data(m, w):
+    m.lm_head.weight.data = w
+
+
+def _roundtrip_half(m, w):
+    with torch.no_grad():
+        m.lm_head.weight.copy_(w)   # seen by the version counter
+    m.half().float()                 # new storage for every weight
+
+
+@pytest.mark.parametrize("replace", [_replace_by_assign, _replace_by_parameter, _replace_data,
+                                     _roundtrip_half])
+def test_packed_layer_follows_a_replaced_weight(tiny_untied, replace):
+    path, _, _ = tiny_untied
+    packed, _ = minigpt.load(path)
+    plain, _ = minigpt.load(path, packed=False)
+    assert type(packed.lm_head).__name__ == "PackedLinear"
+    w = -1.5 * plain.lm_head.weight.detach().clone()
+    replace(packed, w.clone())
+    replace(plain, w.clone())
+    ids = _prompts(packed.config.vocab_size)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids)[0], plain(ids)[0], atol=1e-5, rtol=1e-5)
+    # ... while an untouched copy of the model (deepcopy re-keys its own bytes) keeps them
+    import copy
+
+    fresh, _ = minigpt.load(path)
+    twin = copy.deepcopy(fresh)
+    with torch.no_grad():
+        twin(ids)
+    assert getattr(twin.lm_head, "packed", None) is not None
+
+
 def test_packed_model_equals_float_model(tiny_untied, monkeypatch):
     path, _, hf = tiny_untied
     packed, _ = minigpt.load(path)                # packed by default on CPU in fp32
