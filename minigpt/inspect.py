@@ -30,12 +30,23 @@ from minigpt.model import GPT, GPTConfig
 
 
 def _is_checkpoint_dir(path) -> bool:
+    """Whether ``path`` is a ``minigpt train`` checkpoint (or a run folder holding one), decided
+    as ``minigpt.load`` decides it. The files alone tell nothing: every single-file Hugging Face
+    folder, ``minigpt export``'s included, also holds config.json, tokenizer.json and
+    model.safetensors, and read as a checkpoint it failed on its config."""
+    from minigpt import checkpoint, hf
+
     p = Path(path)
-    return p.is_dir() and any((d / "config.json").is_file() and (d / "tokenizer.json").is_file()
-                              and (d / "model.safetensors").is_file()
-                              for d in (p, p / "checkpoint", p / "checkpoint.old"))
-
-
+    if not p.is_dir() or hf.is_hf_folder(str(p)):
+        return False
+    for d in (p, p / checkpoint.CKPT, p / f"{checkpoint.CKPT}.old"):
+        cfg = d / checkpoint.CONFIG_FILE
+        if cfg.is_file():   # the one checkpoint.resolve would read
+            try:
+                return hf.read_json_object(str(cfg)).get("format") == checkpoint.FORMAT
+            except (ValueError, OSError):  # unreadable: minigpt.load names the problem
+                return False
+    return False
 
 
 def _check_source(checkpoint, model):

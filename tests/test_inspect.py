@@ -391,6 +391,48 @@ def test_next_token_cli(ckpts, capsys):
         assert rc == 1 and msg in err, (bad, err)
 
 
+# ---- a Hugging Face folder -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_exported_hf_folder_reads_as_the_model_it_came_from(ckpts, kind, tmp_path, capsys):
+    """`minigpt export` writes config.json + tokenizer.json + model.safetensors, the file names
+    of a checkpoint too; the folder was taken for one and every command failed on its config."""
+    from minigpt import hf
+
+    model, tok, _ = look.load_model(ckpts[kind])
+    out = tmp_path / "hf"
+    hf.export_hf(model, str(out), tok)
+
+    def without_source(text):   # the header and file lines name where it came from
+        return [ln for ln in text.splitlines() if not ln.startswith(("# ", "file: "))]
+
+    for argv in (["inspect"], ["tokenize", PROMPT],
+                 ["next-token", "--prompt", "The ", "--steps", 3, "--device", "cpu"],
+                 ["attention", "--prompt", PROMPT, "--out", tmp_path / "a.png", "--device", "cpu"]):
+        rc, want, err = _run(capsys, argv[0], "--checkpoint", ckpts[kind], *argv[1:])
+        assert rc == 0, err
+        rc, got, err = _run(capsys, argv[0], "--model", out, *argv[1:])
+        assert rc == 0, (argv[0], err)
+        assert without_source(got) == without_source(want), argv[0]
+    assert not look._is_checkpoint_dir(out)
+    assert look._is_checkpoint_dir(ckpts[kind])
+    assert look._is_checkpoint_dir(ckpts[kind] / "checkpoint")
+    # the numbers behind the reports: the checkpoint's own
+    m2, tok2, label = look.load_model(model=out)
+    assert label == f"model {out}" and tok2.chars == tok.chars
+    assert look.load_tokenizer(model=out).chars == tok.chars
+    for layer in range(model.config.n_layer):
+        torch.testing.assert_close(look.attention_maps(m2, tok2, PROMPT, layer=layer).weights,
+                                   look.attention_maps(model, tok, PROMPT, layer=layer).weights,
+                                   rtol=0, atol=1e-6)
+    a = look.next_token_steps(m2, tok2, "The ", steps=4, temperature=0)
+    b = look.next_token_steps(model, tok, "The ", steps=4, temperature=0)
+    assert [s.chosen for s in a] == [s.chosen for s in b]
+    for sa, sb in zip(a, b):
+        np.testing.assert_allclose([c[2] for c in sa.candidates], [c[2] for c in sb.candidates],
+                                   rtol=0, atol=1e-6)
+
+
 # ---- SmolLM2 ---------------------------------------------------------------------------------
 
 @needs_smollm2
