@@ -226,6 +226,14 @@ class BPETokenizer:
         except TemplateError as e:  # a broken template, or its own raise_exception
             raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of the conversation rendered by the chat template. No BOS is added on
+        top (``add_bos``): a template that wants one writes ``{{ bos_token }}`` itself, and
+        adding another gave Llama 3 style checkpoints two. transformers' apply_chat_template
+        encodes the rendered text the same way (add_special_tokens=False)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt),
+                           add_bos=False)
+
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
 

@@ -1,9 +1,16 @@
-"""CharTokenizer: vocabulary from a corpus, round trips, unknown characters, saving."""
+"""CharTokenizer: vocabulary from a corpus, round trips, unknown characters, saving.
+BPETokenizer: how it is built from a GGUF's metadata or a Hugging Face folder and how it
+encodes chats, against transformers' tokenizer for the same files."""
 import json
+import os
 
 import pytest
+import torch
 
+from minigpt.bpe import BPETokenizer
 from minigpt.tokenizer import CharTokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def test_vocab_is_sorted_unique_and_roundtrips():
@@ -68,3 +75,84 @@ def test_bad_inputs(tmp_path):
     bad.write_text(json.dumps({"format": "something-else", "chars": ["a"]}))
     with pytest.raises(ValueError, match="not a MiniGPT character tokenizer"):
         CharTokenizer.load(bad)
+
+
+# ---- BPETokenizer ------------------------------------------------------------------------------
+
+SPECIALS = ["<|begin_of_text|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BOS, EOS = 0, 3   # <|begin_of_text|>, <|im_end|>
+# ChatML behind a {{ bos_token }}, as Llama 3's template starts
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def bpe_meta():
+    """A GGUF's tokenizer.ggml.* metadata for a byte-level BPE the tokenizers library learns
+    here on a small corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The capital of France is Paris. Hello there, how are you?\n" * 20],
+                            trainer)
+    model = json.loads(tok.to_str())["model"]
+    tokens = [None] * len(model["vocab"])
+    for t, i in model["vocab"].items():
+        tokens[i] = t
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m)
+                                      for m in model["merges"]],
+            "tokenizer.ggml.token_type": [3 if t in SPECIALS else 1 for t in tokens],
+            "tokenizer.ggml.bos_token_id": BOS, "tokenizer.ggml.eos_token_id": EOS,
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": BOS_TEMPLATE}
+
+
+def _ids(x):
+    # transformers 5's apply_chat_template(tokenize=True) returns a BatchEncoding, 4.x a list
+    return list(x["input_ids"] if hasattr(x, "keys") else x)
+
+
+def test_chat_ids_have_the_templates_bos_only(bpe_meta, tmp_path, monkeypatch):
+    """add_bos and a template that writes {{ bos_token }} (Llama 3): chat and generate --chat
+    encoded the rendered text with encode(), which put a second BOS in front."""
+    transformers = pytest.importorskip("transformers")
+    from minigpt.commands import generate
+    from minigpt.commands.chat import _fit
+    from minigpt.model import GPT, GPTConfig
+
+    tok = BPETokenizer.from_gguf_metadata(bpe_meta)
+    assert tok.add_bos and tok.encode("Hello")[0] == BOS
+    plain = dict(bpe_meta, **{"tokenizer.chat_template": BOS_TEMPLATE.replace(
+        "{{ bos_token }}", "")})
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "The capital of France is"}]
+    for meta in (bpe_meta, plain):
+        ours = BPETokenizer.from_gguf_metadata(meta)
+        d = tmp_path / str(len(meta["tokenizer.chat_template"]))
+        ours.save(str(d))
+        ref = transformers.AutoTokenizer.from_pretrained(str(d))
+        for gen in (True, False):
+            want = _ids(ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen))
+            assert ours.encode_chat(msgs, add_generation_prompt=gen) == want
+        want = _ids(ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True))
+        # one BOS where the template writes it, none where it does not
+        assert want[:2].count(BOS) == (meta is bpe_meta) and BOS not in want[1:]
+        assert _fit(ours, msgs, 1000, 10) == (want, msgs)
+
+        # generate --chat: the ids handed to the model
+        seen = {}
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64,
+                              vocab_size=ours.vocab_size))
+        monkeypatch.setattr(generate, "load_for_args", lambda args: (model, ours))
+        monkeypatch.setattr(generate, "stream_text",
+                            lambda model, tok, ids, args, **kw: seen.setdefault("ids", ids))
+        args = generate.argparse.Namespace(
+            prompt=msgs[1]["content"], system=msgs[0]["content"], chat=True, model="tiny",
+            max_new_tokens=2, stats=False)
+        assert generate.run(args) == 0
+        assert seen["ids"] == want

@@ -25,7 +25,7 @@ def _fit(tokenizer, messages, context, reserve):
     prompt leaves ``reserve`` tokens of room for the reply."""
     msgs = list(messages)
     while True:
-        ids = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        ids = tokenizer.encode_chat(msgs, add_generation_prompt=True)
         if len(ids) + reserve <= context:
             return ids, msgs
         first = 1 if msgs and msgs[0]["role"] == "system" else 0

@@ -194,8 +194,7 @@ def run(args) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
     else:
         ids = tokenizer.encode(prompt)
     if not ids:
