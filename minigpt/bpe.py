@@ -155,9 +155,16 @@ class BPETokenizer:
         if template is None and os.path.isfile(os.path.join(path, "chat_template.jinja")):
             with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
                 template = f.read()
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None:
+            # Llama 3's folders say nothing in tokenizer_config.json: tokenizer.json's
+            # post-processor (TemplateProcessing "<|begin_of_text|> $A") adds the BOS, and
+            # transformers' tokenizer with it. Asked around an empty text, it names just what it
+            # adds; an EOS after the text is left out, as a prompt to continue must not end in one.
+            added = tok.encode("", add_special_tokens=True).ids
+            add_bos = bos is not None and added[:1] == [bos]
         return cls(tok, bos_id=bos, eos_id=eos, pad_id=tid("pad_token"), unk_id=tid("unk_token"),
-                   add_bos=cfg.get("add_bos_token", False), chat_template=template,
-                   stop_ids=stops)
+                   add_bos=add_bos, chat_template=template, stop_ids=stops)
 
     def save(self, path: str) -> None:
         """Write tokenizer.json + tokenizer_config.json so transformers' AutoTokenizer (and

@@ -156,3 +156,31 @@ def test_chat_ids_have_the_templates_bos_only(bpe_meta, tmp_path, monkeypatch):
             max_new_tokens=2, stats=False)
         assert generate.run(args) == 0
         assert seen["ids"] == want
+
+
+def test_from_dir_takes_the_bos_its_post_processor_adds(bpe_meta, tmp_path):
+    """Llama 3's folders add the BOS through tokenizer.json's post-processor, with no
+    add_bos_token in tokenizer_config.json; from_dir read that as no BOS."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import processors
+
+    bos = bpe_meta["tokenizer.ggml.tokens"][BOS]
+    texts = ["The capital of France is", "", " Hello there\n", "<|im_start|>user"]
+    for post, adds in ((processors.TemplateProcessing(single=f"{bos} $A",
+                                                      special_tokens=[(bos, BOS)]), True),
+                       (processors.ByteLevel(trim_offsets=False), False), (None, False)):
+        tok = BPETokenizer.from_gguf_metadata(bpe_meta)
+        if post is not None:
+            tok.tokenizer.post_processor = post
+        d = tmp_path / str(adds) / str(post is None)
+        tok.save(str(d))
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        del cfg["add_bos_token"]
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        ours = BPETokenizer.from_dir(str(d))
+        ref = transformers.AutoTokenizer.from_pretrained(str(d))
+        assert ours.add_bos is adds and ours.bos_id == BOS
+        for text in texts:
+            want = ref(text)["input_ids"]
+            assert ours.encode(text) == want, (post, text)
+            assert (want[:1] == [BOS]) is adds
