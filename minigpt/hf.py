@@ -54,22 +54,108 @@ def is_hf_folder(path: str) -> bool:
         return False
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def _read_safetensors(path: str) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, INDEX_FILE)
+    weight_map = None
+    if os.path.isfile(index):
+        # A sharded folder names its shards: any other *.safetensors there (a stray copy, an
+        # older shard) is not part of the model.
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files")
+        files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{index} names the shard {f}, which is missing")
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         bins = glob.glob(os.path.join(path, "*.bin"))
         hint = " (only PyTorch .bin files, which are not read: re-save with safetensors)" if bins else ""
         raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
-    sd = {}
+    sd, origin = {}, {}
     for f in files:
         try:
-            sd.update(load_file(f))
+            part = load_file(f)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
+        for k in part:
+            # Which copy would win depended on the files' sort order.
+            if k in origin:
+                raise ValueError(f"{path}: tensor {k!r} is in both {origin[k]} and "
+                                 f"{os.path.basename(f)}; remove the file that does not belong")
+            origin[k] = os.path.basename(f)
+        sd.update(part)
+    if weight_map is not None and set(sd) != set(weight_map):
+        missing = sorted(set(weight_map) - set(sd))
+        extra = sorted(set(sd) - set(weight_map))
+        raise ValueError(f"{index} does not match its shards (missing {missing[:5]}, "
+                         f"not in the index {extra[:5]})")
     return sd
+
+
+def _check_tensors(sd: dict, path: str) -> None:
+    """Floating point and finite, as a model's weights are: an integer tensor would have been
+    cast without a word, and NaN only shows as garbage text (GGUFs and our checkpoints are
+    held to the same)."""
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise ValueError(f"{path}: tensor {k!r} has dtype {v.dtype}; weights must be "
+                             "floating point")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k!r} holds NaN or inf values (a damaged file?)")
+
+
+def _check_head_tie(sd: dict, head: str, embedding: str, path: str) -> None:
+    """A tied model takes its head from the embedding; a different head in the file would be
+    dropped without a word."""
+    if head in sd and not torch.equal(sd[head], sd[embedding]):
+        raise ValueError(f"{path}: config.json ties the head to the embedding "
+                         f"(tie_word_embeddings), but the weights hold a different {head!r}; "
+                         "fix tie_word_embeddings or the weights")
+
+
+def llama_hf_shapes(config: GPTConfig) -> dict:
+    """Every tensor of a LlamaForCausalLM with ``config``: name -> shape."""
+    C, D, I, V = config.n_embd, config.head_dim, config.intermediate_size, config.vocab_size
+    Hq, Hkv = config.n_head, config.n_kv_head
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    per_layer = {"input_layernorm": (C,), "post_attention_layernorm": (C,),
+                 "self_attn.q_proj": (Hq * D, C), "self_attn.k_proj": (Hkv * D, C),
+                 "self_attn.v_proj": (Hkv * D, C), "self_attn.o_proj": (C, Hq * D),
+                 "mlp.gate_proj": (I, C), "mlp.up_proj": (I, C), "mlp.down_proj": (C, I)}
+    for i in range(config.n_layer):
+        for name, shape in per_layer.items():
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+    return shapes
+
+
+def _check_llama_tensors(sd: dict, config: GPTConfig, path: str) -> None:
+    """The folder's tensors are exactly the config's, each of its shape. Converting without
+    this dropped what it did not ask for (layers past num_hidden_layers, a q_proj bias) and
+    took q|k|v by their sum of rows."""
+    want = llama_hf_shapes(config)
+    have = {k for k in sd if not k.endswith("rotary_emb.inv_freq")}  # recomputed buffers
+    if config.tie_embeddings and "model.embed_tokens.weight" in sd:
+        _check_head_tie(sd, "lm_head.weight", "model.embed_tokens.weight", path)
+        have.discard("lm_head.weight")
+    missing, extra = sorted(set(want) - have), sorted(have - set(want))
+    if missing or extra:
+        raise ValueError(f"{path}: the weights do not fit config.json's {config.n_layer}-layer "
+                         f"llama (missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, config.json "
+                             f"implies {shape}")
 
 
 def _get(cfg, *keys, default=None):
@@ -127,7 +213,7 @@ def gpt2_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
         intermediate_size=cfg.get("n_inner") or 4 * n_embd)
 
 
-def gpt2_state_dict_to_minigpt(sd: dict, config: GPTConfig) -> dict:
+def gpt2_state_dict_to_minigpt(sd: dict, config: GPTConfig, where: str = "GPT-2 weights") -> dict:
     """GPT2LMHeadModel names -> ours (same names, Conv1D weights transposed, no mask buffers)."""
     out = {}
     for k, v in sd.items():
@@ -138,6 +224,10 @@ def gpt2_state_dict_to_minigpt(sd: dict, config: GPTConfig) -> dict:
         if k.endswith(_CONV1D):
             v = v.t()
         out[k] = v.contiguous()
+    if "transformer.wte.weight" not in out:
+        raise ValueError(f"{where}: weight 'transformer.wte.weight' (the token embedding) is "
+                         "missing")
+    _check_head_tie(out, "lm_head.weight", "transformer.wte.weight", where)
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
@@ -161,17 +251,16 @@ def read_hf(path: str):
     except (AttributeError, TypeError) as e:  # a value of the wrong JSON type
         raise ValueError(f"{where}: malformed config ({e})") from e
     sd = _read_safetensors(path)
+    _check_tensors(sd, path)
     if kind == "llama":
         from minigpt.model import llama_state_dict_to_minigpt
 
-        try:
-            ours = llama_state_dict_to_minigpt(sd, config)
-        except KeyError as e:
-            raise ValueError(f"{path}: weight {e} is missing") from e
+        _check_llama_tensors(sd, config, path)
+        ours = llama_state_dict_to_minigpt(sd, config)
         if config.tie_embeddings:
             ours["lm_head.weight"] = ours["transformer.wte.weight"]
     else:
-        ours = gpt2_state_dict_to_minigpt(sd, config)
+        ours = gpt2_state_dict_to_minigpt(sd, config, path)
     return config, ours
 
 

@@ -75,7 +75,9 @@ def load(name_or_path, dtype=torch.float32, device="cpu", packed=None):
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     name = os.fspath(name_or_path)
-    if name.lower() in PACKAGED:
+    # A file or folder of that name comes first, as in transformers' from_pretrained: a user
+    # who exported to ./smollm2 means that folder, not the packaged model.
+    if name.lower() in PACKAGED and not os.path.exists(name):
         return load_gguf(packaged_path(name.lower()), dtype, device, packed)
     if os.path.isdir(name):
         from minigpt import hf
@@ -157,6 +159,15 @@ def _meta_int(g: GGUFFile, key: str, default=None) -> int:
     return int(v)
 
 
+def _meta_float(g: GGUFFile, key: str, default: float) -> float:
+    v = g.meta.get(key, default)
+    if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+            or not 0 < float(v) < float("inf")):
+        raise ValueError(f"{g.path}: metadata {key!r} must be a finite positive number, "
+                         f"got {v!r}")
+    return float(v)
+
+
 def gguf_config(g: GGUFFile) -> GPTConfig:
     """GPTConfig from a llama GGUF's metadata."""
     arch = g.architecture
@@ -172,27 +183,32 @@ def gguf_config(g: GGUFFile) -> GPTConfig:
                          f"{n_head}")
     head_dim = n_embd // n_head
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        if a + key in g.meta and int(g.meta[a + key]) != head_dim:
+        if a + key in g.meta and _meta_int(g, a + key) != head_dim:
             raise ValueError(f"{g.path}: {a + key} = {g.meta[a + key]} differs from the head size "
                              f"{head_dim}; partial rotary / odd head sizes are not supported")
     scaling = g.meta.get(a + "rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in g.tensors:
         raise ValueError(f"{g.path}: RoPE scaling ({scaling!r}) is not supported")
+    # llama.cpp reads a factor without a type as linear scaling; ignoring it would rotate
+    # every position by the wrong angle.
+    factor = g.meta.get(a + "rope.scaling.factor")
+    if a + "rope.scaling.type" not in g.meta and factor is not None and factor not in (0, 1):
+        raise ValueError(f"{g.path}: RoPE scaling (factor {factor!r}) is not supported")
     if "token_embd.weight" not in g.tensors:
         raise ValueError(f"{g.path}: tensor 'token_embd.weight' is missing")
     vocab = int(g.tensors["token_embd.weight"].shape[1])
-    if a + "vocab_size" in g.meta and int(g.meta[a + "vocab_size"]) != vocab:
+    if a + "vocab_size" in g.meta and _meta_int(g, a + "vocab_size") != vocab:
         raise ValueError(f"{g.path}: llama.vocab_size {g.meta[a + 'vocab_size']} disagrees with "
                          f"token_embd ({vocab} rows)")
+    n_layer, block_size = _meta_int(g, a + "block_count"), _meta_int(g, a + "context_length")
+    intermediate = _meta_int(g, a + "feed_forward_length")
+    norm_eps = _meta_float(g, a + "attention.layer_norm_rms_epsilon", 1e-5)
+    rope_base = _meta_float(g, a + "rope.freq_base", 10000.0)
     try:
         return GPTConfig.llama(
-            n_layer=_meta_int(g, a + "block_count"),
-            n_head=n_head, n_kv_head=n_kv, n_embd=n_embd,
-            block_size=_meta_int(g, a + "context_length"),
-            vocab_size=vocab,
-            intermediate_size=_meta_int(g, a + "feed_forward_length"),
-            norm_eps=float(g.meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_base=float(g.meta.get(a + "rope.freq_base", 10000.0)),
+            n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd,
+            block_size=block_size, vocab_size=vocab, intermediate_size=intermediate,
+            norm_eps=norm_eps, rope_base=rope_base,
             tie_embeddings="output.weight" not in g.tensors,
         )
     except ValueError as e:
@@ -231,25 +247,24 @@ _GGUF_BLOCK = {
 
 def gguf_llama_state_dict(g: GGUFFile, config: GPTConfig, dtype=torch.float32) -> dict:
     """Dequantized tensors under Hugging Face LlamaForCausalLM names and layout."""
-    C, D = config.n_embd, config.head_dim
-    I, V = config.intermediate_size, config.vocab_size
+    from minigpt.hf import llama_hf_shapes
+
     Hq, Hkv = config.n_head, config.n_kv_head
-    expect = {"token_embd.weight": ("model.embed_tokens.weight", (V, C)),
-              "output_norm.weight": ("model.norm.weight", (C,))}
+    shapes = llama_hf_shapes(config)
+    expect = {"token_embd.weight": "model.embed_tokens.weight",
+              "output_norm.weight": "model.norm.weight"}
     if not config.tie_embeddings:
-        expect["output.weight"] = ("lm_head.weight", (V, C))
-    shapes = {"attn_norm": (C,), "ffn_norm": (C,), "attn_q": (Hq * D, C), "attn_k": (Hkv * D, C),
-              "attn_v": (Hkv * D, C), "attn_output": (C, Hq * D), "ffn_gate": (I, C),
-              "ffn_up": (I, C), "ffn_down": (C, I)}
+        expect["output.weight"] = "lm_head.weight"
     for i in range(config.n_layer):
         for short, hf_name in _GGUF_BLOCK.items():
-            expect[f"blk.{i}.{short}.weight"] = (f"model.layers.{i}.{hf_name}.weight", shapes[short])
+            expect[f"blk.{i}.{short}.weight"] = f"model.layers.{i}.{hf_name}.weight"
     extra = sorted(set(g.tensors) - set(expect))
     if extra:
         raise ValueError(f"{g.path}: unexpected tensors for a {config.n_layer}-layer llama: "
                          f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
     sd = {}
-    for name, (hf_name, shape) in expect.items():
+    for name, hf_name in expect.items():
+        shape = shapes[hf_name]
         t = g.tensor(name, torch.float32)
         if tuple(t.shape) != shape:
             raise ValueError(f"{g.path}: tensor {name!r} has shape {tuple(t.shape)}, expected "

@@ -24,6 +24,8 @@ import minigpt  # noqa: E402
 from minigpt import loaders  # noqa: E402
 from minigpt.bpe import BPETokenizer  # noqa: E402
 from minigpt.commands.generate import stream_generate  # noqa: E402
+from minigpt.hf import export_hf, gpt2_export_state_dict  # noqa: E402
+from minigpt.model import GPT, GPTConfig  # noqa: E402
 from tests._hf import gguf_decode_strips_space, gguf_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -110,7 +112,7 @@ def _quant_roundtrip(w: np.ndarray, qtype):
 
 
 def write_tiny_llama(tmp, tokens, merges, tie=True, n_kv_head=2, qtypes=None, arch="llama",
-                     seed=0, tensor_override=None):
+                     seed=0, tensor_override=None, extra_meta=None):
     """Write one random Llama as ``tmp/tiny.gguf`` and ``tmp/hf`` (the same function: the HF
     weights are what the GGUF's quantized bytes dequantize to). Returns (gguf path, hf dir)."""
     qtypes = dict(QTYPES, **(qtypes or {}))
@@ -173,6 +175,8 @@ def write_tiny_llama(tmp, tokens, merges, tie=True, n_kv_head=2, qtypes=None, ar
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
+    for key, (value, vtype, *sub) in (extra_meta or {}).items():
+        w.add_key_value(key, value, vtype, sub_type=sub[0] if sub else None)
     for name, (data, qt) in gg.items():
         w.add_tensor(name, data, raw_dtype=qt)
     w.write_header_to_file()
@@ -583,6 +587,138 @@ def test_malformed_hf_config_is_a_clear_error(tiny, tmp_path):
     (d / "config.json").write_text(json.dumps(dict(cfg, rope_parameters="x")))
     with pytest.raises(ValueError, match="config.json: malformed config"):
         minigpt.load(str(d))
+
+
+def _hf_copy(hf_dir, dst, **edits):
+    """A copy of an HF folder with its tensors edited: name -> tensor, or None to drop it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    for k, v in edits.items():
+        k = k.replace("__", ".")
+        if v is None:
+            sd.pop(k)
+        else:
+            sd[k] = v
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_hf_llama_weights_must_fit_the_config_exactly(tiny, tiny_untied, tmp_path):
+    _, hf_dir, _ = tiny
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(hf_dir, "model.safetensors"))
+    q = "model__layers__0__self_attn__q_proj__weight"
+    k = "model__layers__0__self_attn__k_proj__weight"
+    wq, wk = sd[q.replace("__", ".")], sd[k.replace("__", ".")]
+    assert wq.shape[0] != wk.shape[0]  # GQA: the swap below keeps q|k|v's sum of rows
+    cases = {
+        # rows swapped between q and k: the fused q|k|v had the right size
+        "qk": ({q: wk.clone(), k: wq.clone()}, "q_proj.weight' has shape"),
+        "qdim": ({q: wq[:, :-2].clone()}, "q_proj.weight' has shape"),
+        "bias": ({"model__layers__0__self_attn__q_proj__bias": torch.randn(wq.shape[0])},
+                 r"unexpected \['model.layers.0.self_attn.q_proj.bias'\]"),
+        "missing": ({"model__layers__1__mlp__up_proj__weight": None},
+                    r"missing \['model.layers.1.mlp.up_proj.weight'\]"),
+        # the config says tied, the file holds a head of its own
+        "head": ({"lm_head__weight": torch.randn_like(sd["model.embed_tokens.weight"])},
+                 "ties the head to the embedding.*lm_head.weight"),
+        "int": ({"model__norm__weight": torch.ones(wq.shape[1], dtype=torch.int32)},
+                "'model.norm.weight' has dtype torch.int32"),
+        "nan": ({"model__norm__weight": torch.full((wq.shape[1],), float("nan"))},
+                "'model.norm.weight' holds NaN"),
+    }
+    for name, (edits, match) in cases.items():
+        d = _hf_copy(hf_dir, tmp_path / name, **edits)
+        with pytest.raises(ValueError, match=match):
+            minigpt.load(str(d))
+    # a config of fewer layers than the file holds
+    d = tmp_path / "layers"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    with pytest.raises(ValueError, match=r"1-layer llama .*unexpected \['model.layers.1"):
+        minigpt.load(str(d))
+    # a tied head equal to the embedding is what tied files sometimes carry: accepted
+    d = _hf_copy(hf_dir, tmp_path / "samehead",
+                 lm_head__weight=sd["model.embed_tokens.weight"].clone())
+    ids = _prompts(len(sd["model.embed_tokens.weight"]))[0]
+    ref, _ = minigpt.load(hf_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(minigpt.load(str(d))[0](ids)[0], ref(ids)[0])
+
+
+def test_hf_stray_or_listed_shards(tiny, tmp_path):
+    _, hf_dir, _ = tiny
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(hf_dir, "model.safetensors"))
+    name = "model.norm.weight"
+    d = tmp_path / "stray"
+    shutil.copytree(hf_dir, d)
+    save_file({name: -sd[name]}, str(d / "z-old.safetensors"))
+    with pytest.raises(ValueError, match="'model.norm.weight' is in both model.safetensors and "
+                                         "z-old.safetensors"):
+        minigpt.load(str(d))
+    # with an index, only the shards it names are read, and they must hold what it lists
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in sd}}))
+    ref, _ = minigpt.load(hf_dir)
+    ids = _prompts(len(sd["model.embed_tokens.weight"]))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(minigpt.load(str(d))[0](ids)[0], ref(ids)[0])
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model.safetensors" for k in list(sd)[1:]}}))
+    with pytest.raises(ValueError, match="does not match its shards"):
+        minigpt.load(str(d))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001.safetensors" for k in sd}}))
+    with pytest.raises(FileNotFoundError, match="names the shard .*model-00001"):
+        minigpt.load(str(d))
+
+
+def test_hf_gpt2_without_embedding_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from minigpt.tokenizer import CharTokenizer
+
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=5))
+    export_hf(m, str(tmp_path / "g"), CharTokenizer.from_text("abcde"))
+    sd = gpt2_export_state_dict(m)
+    sd.pop("transformer.wte.weight")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "g" / "model.safetensors"))
+    with pytest.raises(ValueError, match="'transformer.wte.weight' .* is missing"):
+        minigpt.load(str(tmp_path / "g"))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    # llama.cpp reads a factor without a type as linear scaling
+    ("llama.rope.scaling.factor", (4.0, gguf.GGUFValueType.FLOAT32), "RoPE scaling.*4.0"),
+    ("llama.rope.freq_base", (float("inf"), gguf.GGUFValueType.FLOAT32),
+     "'llama.rope.freq_base' must be a finite positive number"),
+    ("llama.rope.dimension_count", ([16, 16], gguf.GGUFValueType.ARRAY,
+                                    gguf.GGUFValueType.UINT32),
+     "'llama.rope.dimension_count' must be a positive integer"),
+    ("llama.attention.layer_norm_rms_epsilon", ([1e-5], gguf.GGUFValueType.ARRAY,
+                                                gguf.GGUFValueType.FLOAT32),
+     "'llama.attention.layer_norm_rms_epsilon' must be a finite positive number"),
+], ids=["scaling-factor", "inf-base", "array-dim", "array-eps"])
+def test_bad_gguf_metadata_is_named(tmp_path, bpe, key, value, match):
+    path, _, _ = write_tiny_llama(str(tmp_path), *bpe, extra_meta={key: value})
+    with pytest.raises(ValueError, match=match):
+        minigpt.load(path)
+
+
+def test_a_folder_named_like_a_packaged_model_is_that_folder(tmp_path, monkeypatch):
+    from minigpt.tokenizer import CharTokenizer
+
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=5))
+    export_hf(m, str(tmp_path / "SmolLM2"), CharTokenizer.from_text("abcde"))
+    monkeypatch.chdir(tmp_path)
+    got, tok = minigpt.load("SmolLM2")
+    assert got.config.n_layer == 1 and tok.vocab_size == 5
 
 
 def test_packaged_model_lookup(monkeypatch):
