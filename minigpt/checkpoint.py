@@ -16,7 +16,9 @@ between the renames, ``checkpoint.old/``, which loading falls back to.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import uuid
@@ -173,7 +175,7 @@ def existing_checkpoint(run_dir) -> Optional[str]:
             cfg = read_config(cand)
         except (ValueError, OSError) as e:
             return f"an unreadable checkpoint at {cand} ({e})"
-        return f"a checkpoint (step {cfg.get('train', {}).get('step', '?')})"
+        return f"a checkpoint (step {cfg['train'].get('step', '?')})"
     return None
 
 
@@ -233,6 +235,22 @@ def read_config(path) -> dict:
         fmt = cfg.get("format") if isinstance(cfg, dict) else None
         raise CheckpointError(f"{d / CONFIG_FILE} is not a MiniGPT checkpoint config "
                               f"(format {fmt!r})")
+    # The sections' own types, so that a damaged file is named here rather than failing as an
+    # AttributeError wherever a section is first read ("train": null, a list for "model").
+    where = d / CONFIG_FILE
+    if not isinstance(cfg["model"], dict):
+        raise CheckpointError(f"{where}: 'model' must be an object, got {cfg['model']!r}")
+    train = cfg.setdefault("train", {})
+    if not isinstance(train, dict):
+        raise CheckpointError(f"{where}: 'train' must be an object, got {train!r}")
+    step = train.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{where}: train.step must be a non-negative integer, got {step!r}")
+    opt = cfg.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+                                and all(isinstance(g, dict) for g in opt["param_groups"])):
+        raise CheckpointError(f"{where}: 'optimizer' must be an object with a list of "
+                              "param_groups")
     return cfg
 
 
@@ -242,6 +260,12 @@ def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None,
     ``with_optimizer`` the optimizer tensors under 'optimizer_tensors')."""
     d = resolve(path)
     cfg = read_config(d)
+    # Every save writes every field (all of them predate the format); one left out would be
+    # filled with its default, a different model (rope_base, norm_eps) without a word.
+    missing = sorted({f.name for f in dataclasses.fields(GPTConfig)} - set(cfg["model"]))
+    if missing:
+        raise CheckpointError(f"{d / CONFIG_FILE}: bad model config: fields {missing} are "
+                              "missing")
     try:
         mcfg = GPTConfig.from_dict(cfg["model"])
     except (TypeError, ValueError) as e:
@@ -268,7 +292,10 @@ def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None,
                                   f"{tuple(state[k].shape)}, the config implies {tuple(t.shape)}")
         # Training stops at a non-finite loss before any later save, so NaN/inf weights mean
         # a damaged file (safetensors has no checksum); loaded, they only sample garbage.
-        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+        if not state[k].is_floating_point():  # a bool ln_f.weight loaded as all 1.0
+            raise CheckpointError(f"{d / MODEL_FILE} is corrupt: {k} has dtype {state[k].dtype}, "
+                                  "not floating point")
+        if not torch.isfinite(state[k]).all():
             raise CheckpointError(f"{d / MODEL_FILE} is corrupt: {k} holds NaN or inf values")
     model = GPT(mcfg)
     model.load_state_dict(state, strict=not mcfg.tie_embeddings)
@@ -282,16 +309,54 @@ def load_checkpoint(path, device="cpu", dtype: Optional[torch.dtype] = None,
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list):
-    """Load what optimizer_state saved back into ``optimizer``."""
-    state: dict = {}
-    for key, t in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = t
+    """Load what optimizer_state saved back into ``optimizer``, checked against its parameters
+    first: torch's load_state_dict takes moments of another shape or dtype (or none at all for
+    a parameter) without a word, and the resumed run then differs from the uninterrupted one or
+    fails at its first step."""
     current = optimizer.state_dict()
     if len(current["param_groups"]) != len(param_groups) or any(
-            len(a["params"]) != len(b["params"])
+            len(a["params"]) != len(b.get("params", ()))
             for a, b in zip(current["param_groups"], param_groups)):
         raise CheckpointError("the optimizer state in the checkpoint does not match the model's "
                               "parameters")
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in param_groups]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict = {}
+    for key, t in tensors.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+            raise CheckpointError(f"optimizer state: unexpected tensor {key!r} (expected "
+                                  "state.<parameter>.<name>)")
+        pid, name = int(parts[1]), parts[2]
+        if pid >= len(params):
+            raise CheckpointError(f"optimizer state: {key!r} is for parameter {pid}, but the "
+                                  f"model has {len(params)}")
+        p = params[pid]
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise CheckpointError(f"optimizer state: {key!r} must hold finite floating-point "
+                                  f"values (dtype {t.dtype})")
+        if t.dim() and tuple(t.shape) != tuple(p.shape):  # 0-dim: the step count
+            raise CheckpointError(f"optimizer state: {key!r} has shape {tuple(t.shape)}, its "
+                                  f"parameter {tuple(p.shape)}")
+        state.setdefault(pid, {})[name] = t
+    # Every parameter steps at every step, so a saved state covers all of them or none (a
+    # save before the first step); a gap would restart that parameter's moments at zero.
+    names = {frozenset(st) for st in state.values()}
+    if state and (len(state) != len(params) or len(names) != 1):
+        missing = sorted(set(range(len(params))) - set(state))
+        raise CheckpointError(f"optimizer state is incomplete: parameters {missing[:5]} have "
+                              "no state, or parameters hold different entries")
+    groups = []
+    for saved, now in zip(param_groups, current["param_groups"]):
+        absent = sorted(set(now) - set(saved))
+        if absent:
+            raise CheckpointError(f"optimizer state: param_groups lack {absent}")
+        betas = saved.get("betas")
+        if "betas" in now and not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                                   and all(isinstance(b, (int, float)) for b in betas)):
+            raise CheckpointError(f"optimizer state: betas must be two numbers, got {betas!r}")
+        for k in ("lr", "eps", "weight_decay"):
+            v = saved.get(k, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CheckpointError(f"optimizer state: {k} must be a finite number, got {v!r}")
+        groups.append(dict(saved, betas=tuple(betas)) if "betas" in now else dict(saved))
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -297,6 +297,78 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
         ckpt.load_checkpoint(d)
 
 
+def test_damaged_checkpoint_config_sections_are_named(tmp_path):
+    tok = CharTokenizer.from_text("abcde")
+    ckpt.save_checkpoint(tmp_path / "ok", small_model(), tok, {"step": 1})
+    edits = {
+        # a field left out was filled with its default: another model without a word
+        "fields": (lambda c: [c["model"].pop(k) for k in ("rope_base", "norm_eps")],
+                   r"fields \['norm_eps', 'rope_base'\] are missing"),
+        "train": (lambda c: c.update(train=None), "'train' must be an object"),
+        "model": (lambda c: c.update(model=[1]), "'model' must be an object"),
+        "step": (lambda c: c["train"].update(step="7"), "train.step must be a non-negative"),
+        "optimizer": (lambda c: c.update(optimizer=[]), "'optimizer' must be an object"),
+    }
+    for name, (edit, match) in edits.items():
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        f = tmp_path / name / "checkpoint" / "config.json"
+        cfg = json.loads(f.read_text())
+        edit(cfg)
+        f.write_text(json.dumps(cfg))
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            ckpt.load_checkpoint(tmp_path / name)
+        if name == "train":  # was AttributeError in the check run before a save
+            assert "unreadable checkpoint" in ckpt.existing_checkpoint(tmp_path / name)
+    # a weight of a non-float dtype was cast (a bool ln_f.weight loaded as all 1.0)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    shutil.copytree(tmp_path / "ok", tmp_path / "bool")
+    f = tmp_path / "bool" / "checkpoint" / "model.safetensors"
+    with safe_open(str(f), "pt") as sf:
+        meta, tensors = sf.metadata(), {k: sf.get_tensor(k) for k in sf.keys()}
+    tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"] > 0
+    save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(ckpt.CheckpointError, match="ln_f.weight has dtype torch.bool"):
+        ckpt.load_checkpoint(tmp_path / "bool")
+
+
+def test_restore_optimizer_refuses_damaged_state(tmp_path):
+    tok = CharTokenizer.from_text("abcde")
+    m = small_model()
+    opt = m.configure_optimizers(0.1, 1e-3)
+    m(torch.randint(0, 5, (2, 8)), torch.randint(0, 5, (2, 8)))[1].backward()
+    opt.step()
+    ckpt.save_checkpoint(tmp_path, m, tok, {"step": 1}, opt)
+    ck = ckpt.load_checkpoint(tmp_path, with_optimizer=True)
+    saved, groups = ck["optimizer_tensors"], ck["config"]["optimizer"]["param_groups"]
+    p0 = saved["state.0.exp_avg"]
+
+    def without(prefix):
+        return {k: v for k, v in saved.items() if not k.startswith(prefix)}
+
+    cases = [
+        (dict(saved, **{"state.0.exp_avg": torch.zeros(3)}), groups, "has shape \\(3,\\)"),
+        (dict(saved, **{"state.0.exp_avg": p0.to(torch.int32)}), groups, "floating-point"),
+        (dict(saved, **{"state.0.exp_avg": p0.clone().fill_(float("nan"))}), groups, "finite"),
+        (without("state.0."), groups, "incomplete: parameters \\[0\\]"),
+        (without("state.1.exp_avg_sq"), groups, "incomplete"),
+        (dict(saved, garbage=torch.zeros(1)), groups, "unexpected tensor 'garbage'"),
+        (dict(saved, **{"state.999.exp_avg": torch.zeros(1)}), groups, "parameter 999"),
+        (saved, [dict(g, lr=None) for g in groups], "lr must be a finite number"),
+        (saved, [{k: v for k, v in g.items() if k != "eps"} for g in groups], "lack \\['eps'\\]"),
+        (saved, [dict(g, betas=5) for g in groups], "betas must be two numbers"),
+    ]
+    for tensors, gs, match in cases:
+        opt2 = ck["model"].configure_optimizers(0.1, 1e-3)
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            ckpt.restore_optimizer(opt2, tensors, gs)
+        assert not opt2.state  # refused before anything was loaded
+    # state saved before the first step (none at all) is still a valid resume
+    opt2 = ck["model"].configure_optimizers(0.1, 1e-3)
+    ckpt.restore_optimizer(opt2, {}, groups)
+    assert not opt2.state
+
+
 # ---- bad input through the CLI ------------------------------------------------------------
 
 def _train_cli(corpus, out, *extra):
