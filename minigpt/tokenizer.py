@@ -8,6 +8,7 @@ it; the error tells the user to change the prompt (or retrain on a corpus that h
 from __future__ import annotations
 
 import json
+import operator
 import os
 from typing import Iterable
 
@@ -80,10 +81,18 @@ class CharTokenizer:
                             f"single id {ids!r} (wrap it in a list)")
         out = []
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.chars):
-                raise ValueError(f"CharTokenizer.decode: id {i!r} is outside the vocabulary "
+            # operator.index, as BPETokenizer.decode: a numpy integer or a 0-d tensor (a list of
+            # sampled ids) is an id too; a float or a bool is not.
+            try:
+                j = None if isinstance(i, bool) else operator.index(i)
+            except TypeError:
+                j = None
+            if j is None:
+                raise TypeError(f"CharTokenizer.decode: ids must be integers, got {i!r:.80}")
+            if not 0 <= j < len(self.chars):
+                raise ValueError(f"CharTokenizer.decode: id {j} is outside the vocabulary "
                                  f"(0..{len(self.chars) - 1})")
-            out.append(self.chars[i])
+            out.append(self.chars[j])
         return "".join(out)
 
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ encodes chats, against transformers' tokenizer for the same files."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,24 @@ def test_decode_rejects_out_of_range_ids():
         tok.decode([0, 3])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([-1])
+
+
+def test_decode_takes_numpy_and_tensor_ids():
+    """A list of numpy ints or of 0-d tensors (iterating an array or a tensor of sampled ids)
+    was refused as 'outside the vocabulary'."""
+    tok = CharTokenizer.from_text("hello wörld 🙂")
+    text = "hello 🙂 wörld"
+    ids = tok.encode(text)
+    for seq in (np.array(ids), list(np.array(ids)), list(np.array(ids, dtype=np.int32)),
+                torch.tensor(ids), list(torch.tensor(ids)), [np.uint8(i) for i in ids]):
+        assert tok.decode(seq) == text
+    with pytest.raises(ValueError, match=f"id {len(tok.chars)} is outside the vocabulary"):
+        tok.decode([np.int64(len(tok.chars))])
+    with pytest.raises(ValueError, match="id -1 is outside the vocabulary"):
+        tok.decode([torch.tensor(-1)])
+    for bad in (1.0, np.float32(1), torch.tensor(1.0), True, "1"):
+        with pytest.raises(TypeError, match="ids must be integers"):
+            tok.decode([0, bad])
 
 
 def test_save_load_roundtrip(tmp_path):
