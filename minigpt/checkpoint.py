@@ -55,6 +55,11 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
@@ -68,8 +73,7 @@ def _save_tensors(tensors: dict, path, metadata: dict):
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
               metadata=metadata)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    _fsync_file(path)
 
 
 def model_state(model: GPT) -> dict:
@@ -129,6 +133,7 @@ def save_checkpoint(run_dir, model: GPT, tokenizer: CharTokenizer, train_state: 
             _save_tensors(tensors, tmp / OPTIM_FILE, meta)
             cfg["optimizer"] = {"type": type(optimizer).__name__, "param_groups": groups}
         tokenizer.save(tmp / TOKENIZER_FILE)
+        _fsync_file(tmp / TOKENIZER_FILE)  # on disk before the swap, as the other files are
         _write_json(tmp / CONFIG_FILE, cfg)
         _fsync_dir(tmp)
         # Swap: the previous checkpoint is kept until the new one is in place.

@@ -144,6 +144,10 @@ def attach_packed(module: nn.Linear, packed: torch.Tensor, qtype: int) -> None:
     """Turn ``module`` into a PackedLinear holding ``packed`` (its weight, as GGUF blocks)."""
     if not isinstance(module, nn.Linear):
         raise TypeError(f"attach_packed: expected an nn.Linear, got {type(module).__name__}")
+    if qtype not in BLOCK_BYTES or packed.dtype != torch.uint8 or module.in_features % 32:
+        raise ValueError(f"attach_packed: needs uint8 Q8_0 ({Q8_0}) or Q4_1 ({Q4_1}) blocks of "
+                         f"a weight with a multiple of 32 columns, got type {qtype!r}, "
+                         f"{packed.dtype}, {module.in_features} columns")
     if tuple(packed.shape) != (module.out_features,
                                module.in_features // 32 * BLOCK_BYTES[qtype]):
         raise ValueError(f"attach_packed: packed {tuple(packed.shape)} does not fit a "

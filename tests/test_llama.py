@@ -796,6 +796,20 @@ def test_quant_matmul_of_no_columns_is_zeros(backend):
     assert torch.equal(y, torch.zeros(3, 5))
 
 
+def test_attach_packed_bad_input():
+    lin = torch.nn.Linear(64, 4, bias=False)
+    ok = torch.zeros(4, 2 * 34, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="type 5"):
+        quant.attach_packed(lin, ok, 5)
+    with pytest.raises(ValueError, match="torch.int8"):
+        quant.attach_packed(lin, ok.to(torch.int8), int(Q.Q8_0))
+    with pytest.raises(ValueError, match="40 columns"):
+        quant.attach_packed(torch.nn.Linear(40, 4, bias=False), ok, int(Q.Q8_0))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        quant.attach_packed(torch.nn.Identity(), ok, int(Q.Q8_0))
+    assert type(lin).__name__ == "Linear"
+
+
 def _replace_by_assign(m, w):
     sd = m.state_dict()
     sd["lm_head.weight"] = w
