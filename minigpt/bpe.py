@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import numbers
 import operator
 import os
 from typing import Iterable, Sequence
@@ -108,13 +109,15 @@ class BPETokenizer:
         if tok.get_vocab_size() != len(tokens):
             raise ValueError("GGUF tokenizer vocabulary has duplicate tokens")
         endoftext = vocab.get("<|endoftext|>")
-        return cls(tok,
-                   bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-                   eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-                   pad_id=meta.get("tokenizer.ggml.padding_token_id"),
-                   unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
-                   add_bos=meta.get("tokenizer.ggml.add_bos_token", False),
-                   chat_template=meta.get("tokenizer.chat_template"),
+        ids = {name: _gguf_token_id(meta, f"tokenizer.ggml.{key}_token_id", len(tokens))
+               for name, key in (("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding"),
+                                 ("unk_id", "unknown"))}
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
+        # bool("false") is True: a flag stored as a string would turn on what it turns off
+        if not isinstance(add_bos, bool):
+            raise ValueError(f"GGUF metadata 'tokenizer.ggml.add_bos_token' must be a boolean, "
+                             f"got {add_bos!r}")
+        return cls(tok, **ids, add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"),
                    stop_ids=[endoftext] if endoftext is not None else ())
 
     @classmethod
@@ -322,6 +325,18 @@ def _compile_template(source: str):
         env.globals["strftime_now"] = strftime_now
         _TEMPLATES[source] = env.from_string(source)
     return _TEMPLATES[source]
+
+
+def _gguf_token_id(meta: dict, key: str, n_tokens: int):
+    """``meta[key]`` as a token id of the vocabulary (None when absent). One past it was added
+    to every prompt (a BOS) and failed in the model; a string landed in the stop ids."""
+    v = meta.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < n_tokens:
+        raise ValueError(f"GGUF metadata {key!r} must be a token id in [0, {n_tokens}) (the "
+                         f"vocabulary), got {v!r}")
+    return int(v)
 
 
 def _read_json(path: str) -> dict:

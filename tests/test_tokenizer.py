@@ -203,3 +203,35 @@ def test_from_dir_takes_the_bos_its_post_processor_adds(bpe_meta, tmp_path):
             want = ref(text)["input_ids"]
             assert ours.encode(text) == want, (post, text)
             assert (want[:1] == [BOS]) is adds
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("bos_token_id", "VOCAB", r"'tokenizer.ggml.bos_token_id' must be a token id in \[0, N\)"),
+    ("eos_token_id", "2", r"'tokenizer.ggml.eos_token_id' must be a token id .* got '2'"),
+    ("eos_token_id", -1, r"'tokenizer.ggml.eos_token_id' must be a token id .* got -1"),
+    ("padding_token_id", 2.0, r"'tokenizer.ggml.padding_token_id' must be a token id"),
+    ("unknown_token_id", True, r"'tokenizer.ggml.unknown_token_id' must be a token id"),
+    ("add_bos_token", "false", r"'tokenizer.ggml.add_bos_token' must be a boolean, got 'false'"),
+    ("add_bos_token", 0, r"'tokenizer.ggml.add_bos_token' must be a boolean, got 0"),
+])
+def test_gguf_metadata_ids_and_flags_are_checked(bpe_meta, key, value, message):
+    """A BOS id past the vocabulary was put in front of every prompt, a string id landed in
+    the stop ids, and the string "false" turned add_bos on."""
+    n = len(bpe_meta["tokenizer.ggml.tokens"])
+    value = n if value == "VOCAB" else value   # one past the last id
+    with pytest.raises(ValueError, match=message.replace("N", str(n))):
+        BPETokenizer.from_gguf_metadata(dict(bpe_meta, **{"tokenizer.ggml." + key: value}))
+
+
+def test_gguf_metadata_ids_as_read(bpe_meta):
+    meta = dict(bpe_meta, **{"tokenizer.ggml.padding_token_id": np.uint32(1),
+                             "tokenizer.ggml.unknown_token_id":
+                                 len(bpe_meta["tokenizer.ggml.tokens"]) - 1,
+                             "tokenizer.ggml.add_bos_token": False})
+    tok = BPETokenizer.from_gguf_metadata(meta)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (BOS, EOS, 1, tok.vocab_size - 1)
+    assert type(tok.pad_id) is int and tok.stop_ids == {EOS, 1}   # <|endoftext|> is 1
+    assert tok.add_bos is False and tok.encode("The")[0] != BOS
+    del meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.add_bos_token"]
+    tok = BPETokenizer.from_gguf_metadata(meta)
+    assert tok.bos_id is None and tok.add_bos is False
