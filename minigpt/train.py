@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,12 +238,22 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dt
 
 class MetricsLog:
     """metrics.jsonl (every logged step and eval) and metrics.csv (evals), append-only; a
-    resumed run first drops the rows written after its checkpoint."""
+    resumed run first drops the rows written after its checkpoint, and those of another run.
+
+    An ``--overwrite`` run replaces the old checkpoint only at its first save, and so its
+    metrics (``pending``): until ``saved()`` they go to hidden files beside the old run's, so
+    that a resume of the old checkpoint after an early interruption finds the old rows, not the
+    new run's. Each row also names its run (``run``, the id the run's checkpoints carry), and a
+    resume keeps only its own run's."""
 
     CSV_FIELDS = ["step", "train_loss", "val_loss", "lr", "elapsed_s"]
 
-    def __init__(self, out_dir: Path, resume_step: Optional[int]):
-        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+    def __init__(self, out_dir: Path, resume_step: Optional[int], run_id: Optional[str] = None,
+                 pending: bool = False):
+        self.final = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        self.jsonl, self.csv = ((out_dir / f".{p.name}.new" for p in self.final) if pending
+                                else self.final)
+        self.run_id = run_id
         self.rows = []
         if resume_step is not None and self.jsonl.exists():
             with open(self.jsonl, encoding="utf-8") as f:
@@ -251,7 +262,11 @@ class MetricsLog:
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut off by a crash
-                    if row.get("step", 0) <= resume_step:
+                    if not isinstance(row, dict):
+                        continue
+                    # A checkpoint from before run ids (None) keeps its rows by step alone.
+                    ours = run_id is None or row.get("run") == run_id
+                    if ours and row.get("step", 0) <= resume_step:
                         self.rows.append(row)
         with open(self.jsonl, "w", encoding="utf-8") as f:
             for row in self.rows:
@@ -263,7 +278,16 @@ class MetricsLog:
                 if row.get("kind") == "eval":
                     w.writerow({k: row.get(k) for k in self.CSV_FIELDS})
 
+    def saved(self):
+        """A checkpoint of this run is in place: its metrics become the visible ones."""
+        if (self.jsonl, self.csv) != self.final:
+            for tmp, final in zip((self.jsonl, self.csv), self.final):
+                os.replace(tmp, final)
+            self.jsonl, self.csv = self.final
+
     def log(self, row: dict):
+        if self.run_id is not None:
+            row = dict(row, run=self.run_id)
         self.rows.append(row)
         with open(self.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -375,6 +399,12 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {out_dir} ({e}); "
                                     "start the run without --resume") from None
+        # Before the model's config is compared: an imported checkpoint (minigpt export
+        # --format minigpt) has none of a run's state, and that is what to say about it.
+        if (not resumed["config"].get("optimizer") or resumed.get("optimizer_tensors") is None
+                or "step" not in resumed["config"]["train"]):
+            raise ckpt.CheckpointError(f"--resume: {resumed['path']} has no optimizer state or "
+                                       "training step (not a training checkpoint)")
         saved = resumed["config"].get("train", {}).get("hparams", {})
         merged = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         ignored = sorted(k for k, v in merged.items()
@@ -394,6 +424,8 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
         merged["out_dir"] = cfg.out_dir
         cfg = TrainConfig(**{**dataclasses.asdict(cfg), **merged})
     cfg.check()
+    if cfg.data:  # saved with the run: --resume from another directory must find the same file
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
 
     dist = _Dist(cfg.device)
     threads = torch.get_num_threads()
@@ -443,17 +475,14 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
                                            device.type, capturable=cfg.cuda_graph)
     start_step, best_val = 0, float("inf")
     if resumed:
-        opt = resumed["config"].get("optimizer")
-        if not opt or resumed.get("optimizer_tensors") is None:
-            raise ckpt.CheckpointError(f"--resume: {resumed['path']} has no optimizer state "
-                                       "(not a training checkpoint)")
+        opt = resumed["config"]["optimizer"]
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         ckpt.restore_optimizer(optimizer, resumed["optimizer_tensors"], opt["param_groups"])
-        # The saved groups carry the saving run's capturable flag and a plain-number lr: this
-        # run's mode decides (a run may switch --cuda-graph on or off at a resume).
-        for group in optimizer.param_groups:
-            group["capturable"] = cfg.cuda_graph
-            if cfg.cuda_graph:
-                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device)
+        # Only the moments come from the checkpoint. The groups' settings are this run's
+        # (its --weight-decay and --beta1/2 on resume, its --cuda-graph's capturable flag and
+        # tensor lr); load_state_dict had put the saving run's back.
+        for group, settings in zip(optimizer.param_groups, fresh):
+            group.update(settings)
         if cfg.cuda_graph:  # a capturable AdamW counts its steps on the GPU
             for st in optimizer.state.values():
                 if torch.is_tensor(st.get("step")):
@@ -471,20 +500,24 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # The checkpoint's, or a fresh run's own (rank 0's is the one written).
+    run_id = resumed["config"]["train"].get("run_id") if resumed else uuid.uuid4().hex
+
     def train_state(step):
         return {"step": step, "best_val_loss": best_val if math.isfinite(best_val) else None,
                 "hparams": dataclasses.asdict(cfg),
+                "run_id": run_id,
                 "data": str(data_path), "data_sha256": digest, "world_size": dist.world,
                 "tokens_per_step": cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world}
 
-    if not resumed and not overwrite:
+    prev = None if resumed else ckpt.existing_checkpoint(out_dir)
+    if prev is not None and not overwrite:
         # Checked by every rank (no rank may go on to wait for one that stopped), after the
         # data and model are known to be good and before anything is written.
-        prev = ckpt.existing_checkpoint(out_dir)
-        if prev is not None:
-            raise ValueError(f"{out_dir} already holds {prev}; continue it with --resume, "
-                             "start over with --overwrite, or choose another --out")
-    log = MetricsLog(out_dir, start_step if resumed else None) if dist.master else None
+        raise ValueError(f"{out_dir} already holds {prev}; continue it with --resume, "
+                         "start over with --overwrite, or choose another --out")
+    log = (MetricsLog(out_dir, start_step if resumed else None, run_id,
+                      pending=prev is not None) if dist.master else None)
     if dist.master:
         n_params = raw_model.num_params()
         _print(f"minigpt train: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
@@ -509,6 +542,13 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
     def evaluate(step):
         nonlocal best_val
         losses = estimate_loss(raw_model, splits, cfg, device, amp_dtype)
+        # The training loss is read before the step's update, so a step that made the weights
+        # NaN shows first here; stopping before the log and the save keeps the last good
+        # checkpoint (and metrics.jsonl valid JSON).
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise RuntimeError(f"training diverged by step {step} (evaluation loss "
+                               f"{losses['train']} train, {losses['val']} val); try a smaller "
+                               "--lr")
         last.update(losses)
         best_val = min(best_val, losses["val"])
         row = {"kind": "eval", "step": step, "train_loss": losses["train"],
@@ -606,6 +646,7 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
                 evaluate(step)
             if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
                 ckpt.save_checkpoint(out_dir, raw_model, tokenizer, train_state(step), optimizer)
+                log.saved()
         if dist.ddp and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
             dist.barrier()  # ranks leave together; resumed ranks find the checkpoint complete
         if step_read == step:  # the next interval's clock starts after this step's eval and save

@@ -125,6 +125,105 @@ def test_loss_read_only_where_logged_and_divergence_caught_there(corpus, tmp_pat
     assert rows(tmp_path / "nan", "train") == []
 
 
+def test_resume_runs_with_the_optimizer_settings_given(corpus, tmp_path):
+    # load_state_dict had put the saving run's weight decay and betas back into the groups,
+    # while the new hparams were recorded as if they had run
+    train(tiny(corpus, tmp_path / "r", max_iters=10))
+    done = train(tiny(corpus, tmp_path / "r", max_iters=12, weight_decay=0.0, beta1=0.5,
+                      beta2=0.9), resume=True, explicit={"max_iters", "weight_decay", "beta1",
+                                                         "beta2"})
+    assert done["step"] == 12
+    cfg = ckpt.read_config(tmp_path / "r")
+    groups = cfg["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(g["betas"] == [0.5, 0.9] for g in groups)
+    # ... and the same run with the settings left alone keeps the saved ones
+    train(tiny(corpus, tmp_path / "s", max_iters=10))
+    train(tiny(corpus, tmp_path / "s", max_iters=12), resume=True, explicit={"max_iters"})
+    groups = ckpt.read_config(tmp_path / "s")["optimizer"]["param_groups"]
+    default = tiny(corpus, tmp_path / "s")
+    assert [g["weight_decay"] for g in groups] == [default.weight_decay, 0.0]
+    assert all(g["betas"] == [default.beta1, default.beta2] for g in groups)
+
+
+def test_nan_evaluation_stops_before_the_save(corpus, tmp_path, monkeypatch):
+    from minigpt import train as train_mod
+
+    real = train_mod.estimate_loss
+    evals = {"n": 0}
+
+    def nan_second_eval(*a, **k):
+        evals["n"] += 1
+        out = real(*a, **k)
+        return dict(out, val=float("nan")) if evals["n"] == 3 else out
+
+    monkeypatch.setattr(train_mod, "estimate_loss", nan_second_eval)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"diverged by step 20 \(evaluation loss"):
+        train(tiny(corpus, out))
+    assert ckpt.read_config(out)["train"]["step"] == 10     # the last good checkpoint kept
+    with open(out / "metrics.jsonl") as f:
+        assert all(math.isfinite(r.get("val_loss") or 0) for r in map(json.loads, f))
+
+
+def test_resume_finds_a_relative_data_path_from_elsewhere(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(corpus.parent)
+    train(tiny("corpus.txt", tmp_path / "r", max_iters=10))
+    assert ckpt.read_config(tmp_path / "r")["train"]["hparams"]["data"] == str(corpus)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train(tiny(corpus, tmp_path / "r", max_iters=12, data=None), resume=True,
+                 explicit={"max_iters"})["step"] == 12
+
+
+def test_overwrite_interrupted_before_its_first_save_leaves_the_old_run_whole(corpus,
+                                                                              tmp_path):
+    out = tmp_path / "run"
+    train(tiny(corpus, out, max_iters=10))
+    old = [r["loss"] for r in rows(out, "train")]
+    # the new run logs steps 1-4 and stops before its first checkpoint (10): the old one stays
+    train(tiny(corpus, out, max_iters=10, seed=8), overwrite=True, _stop_after=4)
+    assert ckpt.read_config(out)["train"]["step"] == 10
+    train(tiny(corpus, out, max_iters=12), resume=True, explicit={"max_iters"})
+    got = rows(out, "train")
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["loss"] for r in got][:10] == old       # the old run's rows, not the new one's
+    # run through, the new run's own rows replace them at its first save
+    new = train(tiny(corpus, out, max_iters=10, seed=8), overwrite=True)
+    got = rows(out, "train")
+    assert [r["step"] for r in got] == list(range(1, 11)) and got[-1]["loss"] == new["loss"]
+    assert [r["loss"] for r in got] != old and not list(out.glob(".metrics*"))
+
+
+def test_resume_of_an_imported_checkpoint_says_what_it_lacks(corpus, tmp_path):
+    train(tiny(corpus, tmp_path / "r", max_iters=10))
+    cfg_file = tmp_path / "r" / "checkpoint" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for damage in ("optimizer", "step"):
+        c = json.loads(json.dumps(cfg))
+        if damage == "optimizer":
+            c.pop("optimizer")
+        else:
+            c["train"].pop("step")
+        cfg_file.write_text(json.dumps(c))
+        with pytest.raises(ckpt.CheckpointError, match="no optimizer state or training step"):
+            train(tiny(corpus, tmp_path / "r", max_iters=12, n_embd=32), resume=True,
+                  explicit={"max_iters"})
+
+
+def test_resume_can_switch_progress_and_compile_back(corpus, tmp_path):
+    base = ["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--n-layer", "1",
+            "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+            "--eval-iters", "1", "--sample-tokens", "0", "--device", "cpu"]
+    assert main(base + ["--max-iters", "2", "--no-progress", "--compile"]) == 0
+    hp = ckpt.read_config(tmp_path / "r")["train"]["hparams"]
+    assert hp["progress"] is False and hp["compile"] is True
+    # the saved settings come back on resume unless switched off: there was no --no-compile
+    assert main(base + ["--max-iters", "3", "--resume", "--progress", "--no-compile"]) == 0
+    hp = ckpt.read_config(tmp_path / "r")["train"]["hparams"]
+    assert hp["progress"] is True and hp["compile"] is False
+
+
 def test_loss_decreases_metrics_and_plot_written(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--data", str(corpus), "--out", str(out), "--n-layer", "2", "--n-head",

@@ -82,15 +82,16 @@ def add_arguments(p):
     p.add_argument("--backend", default=None, choices=["triton", "cuda", "cpu", "torch"],
                    help="kernel backend for every op (sets MINIGPT_BACKEND; default: best "
                         "for the device)")
-    p.add_argument("--compile", action="store_true", default=None,
+    # --no-X forms too: a resumed run takes its saved settings unless told otherwise.
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: off)")
     p.add_argument("--cuda-graph", dest="cuda_graph", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="capture each training step (forward, backward, clipping, AdamW) as one "
                         "CUDA graph and replay it: no per-kernel launch cost on the host. CUDA "
                         "only; needs dropout 0, bfloat16 or float32, no DDP (default: off)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no tqdm progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bar (default: on)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a fresh run even though --out already holds a checkpoint "
                         "(replaced at the first checkpoint of the new run)")
