@@ -57,14 +57,22 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     # Public on its own: without these, top_k=0 or a 1-D row failed inside torch and a negative
     # temperature sampled the least likely tokens without a word.
     _check_args(0, temperature, top_k, top_p)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"sample_next: logits must be a (batch, vocab) tensor, got "
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else logits!r}")
-    # NaN (or +inf) logits come from damaged weights or an overflow in a 16-bit dtype: argmax
-    # would quietly pick token 0 (often the end of text), multinomial fail with torch's words.
-    if bool(((logits != logits) | (logits == math.inf)).any()):
+    # NaN (or +inf) logits come from damaged weights or an overflow in a 16-bit dtype, and a
+    # row all -inf (a mask that rules out every token) leaves nothing to choose: argmax would
+    # quietly pick token 0 (often the end of text), multinomial fail with torch's words. Both
+    # checks in one host sync: this runs once per generated token.
+    nonfinite, empty = torch.stack([((logits != logits) | (logits == math.inf)).any(),
+                                    (logits == -math.inf).all(dim=-1).any()]).tolist()
+    if nonfinite:
         raise ValueError("sample_next: the logits hold NaN or inf (damaged weights, or values "
                          "that overflow the model's dtype: try float32)")
+    if empty:
+        rows = (logits == -math.inf).all(dim=-1).nonzero()[:, 0].tolist()
+        raise ValueError(f"sample_next: every logit of row(s) {rows[:10]} is -inf: no token is "
+                         "left to choose (a mask that rules out the whole vocabulary?)")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = tempered(logits, temperature)

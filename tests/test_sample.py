@@ -223,6 +223,30 @@ def test_nonfinite_logits_are_an_error_not_token_zero(bad, temperature):
     assert sample_next(logits, temperature).shape == (2,)
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.8),
+                                dict(temperature=1.0, top_k=2, top_p=0.5)])
+def test_a_row_of_only_minus_inf_is_an_error_not_token_zero(kw):
+    """Every token masked out: greedy returned token 0 without a word, sampling failed with
+    torch's 'probability tensor contains either inf, nan or element < 0'."""
+    from minigpt.sampling import sample_next
+
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0], [-1.0, 0.5, 0.0, 1.0], [3.0, 0.0, 1.0, 2.0]])
+    logits[:, 0] = float("-inf")
+    logits[1] = float("-inf")
+    with pytest.raises(ValueError, match=r"every logit of row\(s\) \[1\] is -inf"):
+        sample_next(logits, **kw)
+    logits[1, 3] = -1e30   # one token left: that one
+    got = sample_next(logits, generator=torch.Generator().manual_seed(0), **kw)
+    assert got[1] == 3 and (got != 0).all()
+    if kw["temperature"] == 0:
+        assert got.tolist() == [2, 3, 3]
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=r"row\(s\) \[0, 1\] is -inf"):
+            sample_next(torch.full((2, 5), float("-inf"), dtype=half), **kw)
+    with pytest.raises(ValueError, match=r"must be a \(batch, vocab\) tensor, got \(2, 0\)"):
+        sample_next(torch.zeros(2, 0), **kw)
+
+
 def test_sample_backend_is_for_the_call_only(run_dir, monkeypatch):
     import os
 
