@@ -257,8 +257,9 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
 def _resolve(op, backend, env, device, dtype, supported) -> str:
     source = "backend argument"
     if backend is None:
-        if env:
-            backend, source = env.strip().lower(), f"{ENV_VAR} environment variable"
+        env = env.strip().lower() if env else env
+        if env:  # blank (e.g. MINIGPT_BACKEND=" ") counts as unset, as "" does
+            backend, source = env, f"{ENV_VAR} environment variable"
     elif isinstance(backend, str):
         backend = backend.strip().lower()  # as the environment variable is read
     if backend is not None:

@@ -469,3 +469,137 @@ def test_decode_unchecked_int64_lengths_clamp_not_wrap(be, dev):
     got = ops.decode_attention(q, kc, vc, lens, check_lengths=False, backend=be)
     want = reference.decode_attention(q, kc, vc, torch.tensor([6, 3], device=dev))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _garbage_past_lengths(kc, vc, lens):
+    """The caches with NaN, +inf and -inf written past each sequence's length (what a
+    torch.empty cache may hold), and with zeros there (nothing a correct op may read)."""
+    dirty, clean = (kc.clone(), vc.clone()), (kc.clone(), vc.clone())
+    for b, n in enumerate(lens.tolist()):
+        for t in clean:
+            t[b, :, n:] = 0.0
+        dirty[0][b, :, n:] = float("nan") if b % 2 else float("inf")
+        dirty[1][b, :, n:] = float("-inf") if b % 2 else float("nan")
+    return dirty, clean
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_decode_ignores_nan_and_inf_past_the_lengths(be, dev, requires_grad):
+    # The reference masked the scores to -inf but p @ v still computed 0 * inf = NaN: the
+    # torch backend, and every backend with autograd recording (it runs the reference then),
+    # returned all NaN for a cache with garbage past the length, where the kernels ignore it.
+    B, Hq, Hkv, S, D = 2, 4, 2, 9, 16
+    q = torch.randn(B, Hq, 1, D, device=dev)
+    kc, vc = torch.randn(B, Hkv, S, D, device=dev), torch.randn(B, Hkv, S, D, device=dev)
+    lens = torch.tensor([5, 2], device=dev)
+    (kd, vd), (k0, v0) = _garbage_past_lengths(kc, vc, lens)
+    q, kd, vd = (t.requires_grad_(requires_grad) for t in (q, kd, vd))
+    out = ops.decode_attention(q, kd, vd, lens, backend=be)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k0, v0))
+    want = _eager_decode(q64, k64, v64, lens, 1.0 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    if requires_grad:
+        g = torch.randn_like(want)
+        got = torch.autograd.grad(out, (q, kd, vd), g.float())
+        wants = torch.autograd.grad(want, (q64, k64, v64), g)
+        for name, a, b in zip(("dq", "dk", "dv"), got, wants):
+            assert torch.isfinite(a).all(), name
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_decode_gradcheck_with_garbage_past_the_lengths():
+    q = torch.randn(2, 2, 1, 5, dtype=torch.float64, requires_grad=True)
+    kc = torch.randn(2, 1, 4, 5, dtype=torch.float64)
+    vc = torch.randn(2, 1, 4, 5, dtype=torch.float64)
+    lens = torch.tensor([3, 1])
+    (kd, vd), _ = _garbage_past_lengths(kc, vc, lens)
+    kd.requires_grad_(), vd.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ops.decode_attention(a, b, c, lens, backend="cpu"), (q, kd, vd),
+        eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("be,dev", PAIRS)
+def test_decode_under_forward_ad_and_torch_func_runs_the_reference(be, dev):
+    # decode_attention called its kernel without the guards of the other ops: a dual q's
+    # tangent was dropped without a word on the kernel backends, and vmap / jvp failed inside
+    # the kernel ("Cannot access data pointer"). Like autograd, they now get the reference.
+    import torch.autograd.forward_ad as fwAD
+
+    B, Hq, Hkv, S, D = 2, 4, 2, 7, 16
+    q, tq = torch.randn(B, Hq, 1, D, device=dev), torch.randn(B, Hq, 1, D, device=dev)
+    kc, vc = torch.randn(B, Hkv, S, D, device=dev), torch.randn(B, Hkv, S, D, device=dev)
+    lens = torch.tensor([3, 7], device=dev)
+
+    def ref(q, kc=kc, vc=vc, lens=lens):
+        return _eager_decode(q.double(), kc.double(), vc.double(), lens, 1.0 / math.sqrt(D))
+
+    def op(q, kc=kc, vc=vc, lens=lens):
+        return ops.decode_attention(q, kc, vc, lens, backend=be)
+
+    want, want_t = torch.func.jvp(ref, (q,), (tq.double(),))
+    with fwAD.dual_level():
+        out, tangent = fwAD.unpack_dual(op(fwAD.make_dual(q, tq)))
+    assert tangent is not None
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tangent.double(), want_t, rtol=1e-5, atol=1e-5)
+
+    out, tangent = torch.func.jvp(op, (q,), (tq,))
+    torch.testing.assert_close(tangent.double(), want_t, rtol=1e-5, atol=1e-5)
+
+    g = torch.func.grad(lambda q: op(q).sum())(q)
+    torch.testing.assert_close(g.double(), torch.func.grad(lambda q: ref(q).sum())(q.double()),
+                               rtol=1e-5, atol=1e-5)
+
+    # vmap over everything, the lengths too (a batched tensor has no values to check).
+    qs, ks, vs = (torch.randn(3, *t.shape, device=dev) for t in (q, kc, vc))
+    ls = torch.tensor([[1, 7], [4, 2], [7, 7]], device=dev)
+    got = torch.func.vmap(op)(qs, ks, vs, ls)
+    torch.testing.assert_close(got.double(), torch.stack([ref(*a) for a in zip(qs, ks, vs, ls)]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_on_meta_tensors():
+    # host_checks said yes to meta tensors and the length check read them: torch's internal
+    # "Cannot copy out of meta tensor; no data!".
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.empty(2, 4, 1, 8, device="meta", dtype=dtype)
+        kc = torch.empty(2, 2, 6, 8, device="meta", dtype=dtype)
+        for lens_dtype in (torch.int64, torch.int32):
+            lens = torch.empty(2, device="meta", dtype=lens_dtype)
+            out = ops.decode_attention(q, kc, kc, lens)
+            assert out.is_meta and out.shape == (2, 4, 1, 8) and out.dtype == dtype
+
+
+@pytest.mark.parametrize("scale", [1e39, -3.5e38, 1e300])
+def test_scale_beyond_float32_is_refused(scale):
+    # Finite as a Python float, inf as the float32 every backend computes in for these dtypes:
+    # each backend gave its own mix of NaN and one-hot rows.
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (t.to(dtype) for t in (Q, K, V))
+        calls = [lambda: ops.attention(q, k, v, scale=scale),
+                 lambda: ops.attention_qkv(torch.randn(1, 5, 48).to(dtype), 1, scale=scale),
+                 lambda: ops.decode_attention(QD.to(dtype), KC.to(dtype), VC.to(dtype), LENS,
+                                              scale=scale)]
+        for be in _backend.available_backends("cpu"):
+            calls += [lambda be=be: ops.attention(q, k, v, scale=scale, backend=be),
+                      lambda be=be: ops.decode_attention(QD.to(dtype), KC.to(dtype),
+                                                         VC.to(dtype), LENS, scale=scale,
+                                                         backend=be)]
+        for call in calls:
+            with pytest.raises(ValueError, match="float32's largest"):
+                call()
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+def test_float64_takes_a_scale_beyond_float32(be):
+    # float64 inputs run in float64 with the scale as given on both backends that take them.
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    for scale in (1e39, -1e300):
+        out = ops.attention(q, k, v, causal=True, scale=scale, backend=be)
+        torch.testing.assert_close(out, _eager(q, k, v, True, scale), rtol=1e-10, atol=1e-12)
+        L = torch.tensor([3])
+        dec = ops.decode_attention(q[:, :, :1], k, v, L, scale=scale, backend=be)
+        torch.testing.assert_close(dec, _eager_decode(q[:, :, :1], k, v, L, scale), rtol=1e-10,
+                                   atol=1e-12)

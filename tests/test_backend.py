@@ -238,3 +238,18 @@ def test_torch_func_transforms_are_refused_by_kernel_backends():
             transform(f["cpu"])(x)
     torch.testing.assert_close(torch.func.grad(f["torch"])(x),
                                torch.autograd.functional.jacobian(f["torch"], x))
+
+
+@pytest.mark.parametrize("blank", [" ", "\t", " \n "])
+def test_blank_env_backend_counts_as_unset(fresh, blank):
+    # MINIGPT_BACKEND="" meant "unset" but " " was read as the backend '' and every op failed
+    # with "unknown backend ''".
+    fresh.delenv(_backend.ENV_VAR, raising=False)
+    dev = torch.device("cpu")
+    want = _backend.resolve("softmax", None, dev, torch.float32)
+    fresh.setenv(_backend.ENV_VAR, blank)
+    assert _backend.resolve("softmax", None, dev, torch.float32) == want
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1), rtol=1e-6, atol=1e-6)
+    fresh.setenv(_backend.ENV_VAR, " Torch ")  # a name is still read as before
+    assert _backend.resolve("softmax", None, dev, torch.float32) == "torch"

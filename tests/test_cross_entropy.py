@@ -712,3 +712,47 @@ def test_repeated_backward_into_leaves_is_right_or_a_clear_error(case, deferred)
         for leaf, g in zip(leaves, want):
             torch.testing.assert_close(leaf.grad, n * g, rtol=1e-5, atol=1e-6)
     assert case == "ce-product", "a third backward into leaves cannot be right"
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_meta_inputs_give_meta_losses(reduction, dtype):
+    # host_checks said yes to meta tensors and the target check read them: torch's internal
+    # "Cannot copy out of meta tensor; no data!"; the fused loss then failed in its chunk loop
+    # (torch.autocast("meta")). Shape inference now gives the loss's shape and dtype.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want = (2, 3) if reduction == "none" else ()
+    for t_dtype in (torch.int64, torch.int32):
+        t = _meta(2, 3, dtype=t_dtype)
+        for loss in (ops.cross_entropy(_meta(2, 3, 10, dtype=dtype), t, reduction=reduction),
+                     ops.fused_linear_cross_entropy(_meta(2, 3, 6, dtype=dtype),
+                                                    _meta(10, 6, dtype=dtype), t,
+                                                    bias=_meta(10, dtype=dtype),
+                                                    reduction=reduction)):
+            assert loss.is_meta and loss.shape == want and loss.dtype == acc
+    h = _meta(2, 3, 6, dtype=dtype).requires_grad_()
+    w = _meta(10, 6, dtype=dtype).requires_grad_()
+    loss = ops.fused_linear_cross_entropy(h, w, _meta(2, 3, dtype=torch.int64))
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert dh.is_meta and dh.shape == h.shape and dw.is_meta and dw.shape == w.shape
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt", "llama"])
+def test_model_built_on_meta_runs_forward_with_targets(llama):
+    # The training loss is fused_linear_cross_entropy: a GPT made under torch.device("meta")
+    # (to size it without memory) ran forward without targets but failed with them.
+    from minigpt.model import GPT, GPTConfig
+
+    extra = dict(norm="rmsnorm", pos="rope", mlp="swiglu", n_kv_head=1) if llama else {}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11,
+                              **extra))
+        idx = torch.zeros(2, 8, dtype=torch.long)
+        logits, loss = model(idx, idx)
+    assert logits is None and loss.is_meta and loss.shape == () and loss.dtype == torch.float32
+    logits, _ = model(idx)
+    assert logits.is_meta and logits.shape == (2, 8, 11)

@@ -215,3 +215,32 @@ def test_softmax_empty_batch():
 def test_softmax_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
+
+
+@pytest.mark.parametrize("be,dev", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [1e39, -3.5e38, 1e300])
+def test_softmax_scale_beyond_float32_is_refused(be, dev, dtype, scale):
+    # Finite as a Python float, inf as the float32 every backend computes in for these dtypes:
+    # the reference and the C++ kernel gave NaN rows, Triton one-hot rows.
+    x = torch.randn(2, 5, device=dev).to(dtype)
+    for causal in (False, True):
+        with pytest.raises(ValueError, match="float32's largest"):
+            ops.softmax(x, scale=scale, causal=causal, backend=be)
+    # A large scale that float32 holds is taken: one-hot on the row's max.
+    y = ops.softmax(x, scale=1e30, backend=be)
+    want = torch.nn.functional.one_hot(x.argmax(-1), 5).to(dtype)
+    assert torch.equal(y, want), y
+
+
+@pytest.mark.parametrize("be", ["torch", "cpu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_float64_takes_a_scale_beyond_float32(be, causal):
+    # float64 runs in float64 with the scale as given on both backends that take it.
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    for scale in (1e39, -1e300):
+        z = x * scale
+        if causal:
+            z = z.masked_fill(~causal_mask(4, 6, x.device), float("-inf"))
+        torch.testing.assert_close(ops.softmax(x, scale=scale, causal=causal, backend=be),
+                                   torch.softmax(z, -1), rtol=0, atol=1e-12)

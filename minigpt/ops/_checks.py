@@ -59,6 +59,20 @@ def eps(op: str, value):
     return float(value)
 
 
+def scale_range(op: str, value, dtype: torch.dtype):
+    """A finite ``scale`` that every backend can hold: all of them compute in float32 for
+    every input dtype but float64 (which only the reference and the C++ kernels take, both
+    computing in float64 with the scale as given). A Python float past float32's range became
+    inf there, and each backend made its own NaNs and one-hot rows of inf * x."""
+    if dtype == torch.float64:
+        return
+    limit = torch.finfo(torch.float32).max
+    if abs(value) > limit:
+        raise ValueError(f"{op}: |scale| must be at most {limit:.6g}, float32's largest value "
+                         f"(the backends take scale as a float32 for {dtype} inputs), got "
+                         f"{value!r}; float64 inputs take any finite scale")
+
+
 def out_dtype(op: str, value):
     if value is not None and value not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be None or a floating dtype (float32, float16, "
@@ -94,9 +108,22 @@ def no_host_sync():
 def host_checks(t: torch.Tensor) -> bool:
     """Whether a check that reads ``t``'s values on the host may run now: not while
     torch.compile traces, not while a CUDA graph is being captured, not inside
-    ``no_host_sync()``."""
+    ``no_host_sync()``, not for a tensor that has no values to read (a meta tensor, or one
+    that a torch.func transform wraps, as vmap's batched tensors)."""
     if torch.compiler.is_compiling():
         return False
     if getattr(_state, "depth", 0):
         return False
+    # Reading either failed with torch's internal "Cannot copy out of meta tensor" or
+    # "Cannot access data pointer", which named neither the op nor the cause.
+    if t.is_meta:
+        return False
+    if _functorch_level() is not None and _is_functorch_wrapped(t):
+        return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+# Both present since torch 2.0; stand-ins where they are not.
+_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
+                                lambda t: False)

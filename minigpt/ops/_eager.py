@@ -167,6 +167,19 @@ def pick(custom_op, eager, forward, *inputs):
 _functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
 
 
+def transformed(*inputs) -> bool:
+    """Whether this call runs under a torch.func transform or some tensor in ``inputs`` is a
+    forward-AD dual tensor: what no kernel can serve (they take real tensors and have no jvp
+    rule). ``pick`` refuses it; an op that runs its differentiable reference whenever a
+    derivative is wanted (decode_attention) runs it here too."""
+    if _functorch_level() is not None:
+        return True
+    if _forward_ad._current_level >= 0:
+        return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
+                   for t in inputs)
+    return False
+
+
 def _refuse_dual(inputs):
     # The kernels have no forward-mode (jvp) rule: the bare forward dropped a dual input's
     # tangent without a word.

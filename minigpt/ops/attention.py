@@ -31,7 +31,7 @@ from torch import Tensor
 
 from minigpt import _backend, reference
 from minigpt.ops import _checks
-from minigpt.ops._eager import bwd_op, eager_function, pick
+from minigpt.ops._eager import bwd_op, eager_function, pick, transformed
 
 OP = "attention"
 DECODE_OP = "decode_attention"
@@ -341,11 +341,12 @@ def _check_qkv(op, q, k, v):
                          f"number of key/value heads ({Hkv})")
 
 
-def _check_scale(op, scale, D):
+def _check_scale(op, scale, D, dtype):
     if scale is None:
         return 1.0 / math.sqrt(D)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    _checks.scale_range(op, scale, dtype)
     return float(scale)
 
 
@@ -397,7 +398,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optio
     if not isinstance(causal, bool):
         raise TypeError(f"{OP}: causal must be a bool, got {causal!r}")
     D = q.shape[-1]
-    scale = _check_scale(OP, scale, D)
+    scale = _check_scale(OP, scale, D, q.dtype)
     if dropout_p.__class__ is not float or dropout_p != 0.0:  # the default skips the checks
         dropout_p = _check_dropout(OP, dropout_p)
         if dropout_p > 0.0:
@@ -474,7 +475,7 @@ def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None,
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
     D = W // heads
-    scale = _check_scale(op, scale, D)
+    scale = _check_scale(op, scale, D, qkv.dtype)
     if dropout_p.__class__ is not float or dropout_p != 0.0:
         dropout_p = _check_dropout(op, dropout_p)
     be, seed = _pick_backend(op, backend, qkv.device, qkv.dtype, D, dropout_p)
@@ -496,8 +497,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
 
     q ``(B, Hq, 1, D)``; caches ``(B, Hkv, S_max, D)``; ``cache_seqlens`` an integer tensor
     ``(B,)``: sequence b attends to its first ``cache_seqlens[b]`` keys (1..S_max; the new
-    token's key and value already written). Forward only: with autograd recording it runs the
-    (differentiable) reference instead. ``check_lengths=False`` skips the range check of
+    token's key and value already written). Forward only: with autograd recording, under
+    forward-mode AD (a dual input) or a torch.func transform it runs the (differentiable)
+    reference instead. ``check_lengths=False`` skips the range check of
     ``cache_seqlens``, which on a GPU costs a host sync per call: for callers that keep the
     lengths themselves (``KVCache``); the kernels clamp them to the cache either way.
     """
@@ -528,18 +530,23 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
         if lo < 1 or hi > S_max:
             raise ValueError(f"{op}: cache_seqlens must lie in [1, {S_max}] (the cache length), "
                              f"got values in [{lo}, {hi}]")
-    scale = _check_scale(op, scale, D)
+    scale = _check_scale(op, scale, D, q.dtype)
     be = _backend.resolve(op, backend, q.device, q.dtype)
     if backend is None and be in ("triton", "cuda") and D > MAX_GPU_HEAD_DIM:
         be = "torch"
     _check_head_dim(op, be, D)
+    compiling = torch.compiler.is_compiling()
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k_cache, v_cache))
-    if be == "torch" or needs_grad or q.numel() == 0:
+    # The kernels are forward only: any derivative (autograd; forward-mode AD, whose tangent
+    # the kernel dropped without a word; torch.func's grad, vmap, jvp, which reached the
+    # kernel with wrapper tensors it cannot read) is the reference's, as documented.
+    if (be == "torch" or needs_grad or q.numel() == 0
+            or (not compiling and transformed(q, k_cache, v_cache))):
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
     # Forward only and no autograd recording here, so outside torch.compile the kernel is
     # called directly.
-    decode = _decode if torch.compiler.is_compiling() else _decode_impl
+    decode = _decode if compiling else _decode_impl
     if cache_seqlens.dtype == torch.int64:
         # Clamped before the narrowing, which would wrap 2**32 + 2 to 2: the kernels clamp
         # lengths to the cache, and unchecked ones (check_lengths=False, no_host_sync) must

@@ -641,7 +641,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
         raise ValueError(f"{FOP}: chunk_size must be a positive int, got {chunk_size!r}")
 
     be = _backend.resolve(FOP, backend, hidden.device, compute_dtype)
-    if target.numel() == 0:
+    # Meta tensors (shape inference, a model built on torch.device("meta")) have no values
+    # for the chunk loop, whose autocast guard does not take the meta device either; the
+    # reference gives the same shape and dtype.
+    if target.numel() == 0 or hidden.is_meta:
         # F.cross_entropy takes int64 targets only; int32 is documented here.
         hc, wc, bc = _compute_inputs(cast_to, hidden, weight, bias)
         return reference.fused_linear_cross_entropy(hc, wc, target.long(), bc, ignore_index,

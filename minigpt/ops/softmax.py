@@ -104,6 +104,7 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
                         f"{type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be finite, got {scale!r}")
+    _checks.scale_range(OP, scale, x.dtype)
     if not isinstance(causal, bool):
         raise TypeError(f"{OP}: causal must be True or False, got {causal!r}")
     if causal and x.dim() < 2:

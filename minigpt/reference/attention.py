@@ -41,10 +41,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None):
     S_max = k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     rep = Hq // k_cache.shape[1]
-    kf = acc(k_cache).repeat_interleave(rep, dim=1)
-    vf = acc(v_cache).repeat_interleave(rep, dim=1)
-    s = acc(q) @ kf.transpose(-1, -2) * scale  # (B, Hq, 1, S_max)
     valid = torch.arange(S_max, device=q.device)[None, :] < cache_seqlens.to(q.device)[:, None]
+    # Positions past a sequence's length hold whatever the cache buffer held (torch.empty: NaN
+    # or inf too). A -inf score alone does not hide them: p @ v computes 0 * inf = NaN there,
+    # and the backward's dq = ds @ k does the same with the keys. Zeroed, they are inert, as
+    # in the kernels, which never read past the length.
+    hide = ~valid[:, None, :, None]
+    kf = acc(k_cache).masked_fill(hide, 0.0).repeat_interleave(rep, dim=1)
+    vf = acc(v_cache).masked_fill(hide, 0.0).repeat_interleave(rep, dim=1)
+    s = acc(q) @ kf.transpose(-1, -2) * scale  # (B, Hq, 1, S_max)
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1)
     return (p @ vf).to(q.dtype)
