@@ -472,6 +472,11 @@ class GPT(nn.Module):
         if got != want:
             raise ValueError(f"GPT: the cache was made for another model: (layers, kv heads, "
                              f"head_dim) {got}, this model has {want}")
+        if cache.max_seqlen > c.block_size:
+            # Decoding past the context then failed in the position lookup (an IndexError).
+            raise ValueError(f"GPT: the cache was made for another model: it holds "
+                             f"{cache.max_seqlen} positions, this model's context is "
+                             f"{c.block_size}")
 
     def new_cache(self, batch_size: int, max_seqlen: Optional[int] = None) -> KVCache:
         """An empty KV cache on the model's device and in its dtype."""

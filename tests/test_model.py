@@ -226,6 +226,26 @@ def test_cache_that_does_not_fit():
             KVCache(m.config, **kw)
 
 
+@pytest.mark.parametrize("mk", [gpt_config, llama_config])
+@torch.no_grad()
+def test_cache_for_a_longer_context_is_refused(mk):
+    """A cache of a model of the same shape but a longer context passed the check, and decoding
+    past this model's context failed in the position lookup with torch's IndexError."""
+    m = make_model(mk(block_size=8))
+    idx = torch.randint(0, V, (1, 8))
+    cache = KVCache(mk(block_size=64), batch_size=1)
+    with pytest.raises(ValueError, match="holds 64 positions, this model's context is 8"):
+        m(idx, cache=cache)
+    assert cache.seqlens.tolist() == [0]
+    # up to the context it is this model's own
+    same = KVCache(mk(block_size=64), batch_size=1, max_seqlen=8)
+    out = torch.cat([m(idx[:, :5], cache=same)[0]] +
+                    [m(idx[:, t:t + 1], cache=same)[0] for t in range(5, 8)], dim=1)
+    torch.testing.assert_close(out, m(idx)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="capacity of 8"):
+        m(idx[:, :1], cache=same)
+
+
 # ---- KV cache -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mk", CONFIGS)
