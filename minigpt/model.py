@@ -241,6 +241,11 @@ class KVCache:
     def _update(self, layer: int, k, v):
         """Store this layer's new keys/values (B, Hkv, T, D); return what attention reads."""
         kc, vc = self.k[layer], self.v[layer]
+        if k.dtype != kc.dtype and torch.promote_types(k.dtype, kc.dtype) != kc.dtype:
+            # Stored, the keys would be rounded to the cache's dtype without a word.
+            raise ValueError(f"KVCache: the cache holds {kc.dtype} but the model's keys are "
+                             f"{k.dtype}; make it with model.new_cache() where it is used "
+                             "(inside autocast, or after a change of the model's dtype)")
         if self._decode:
             D = kc.shape[-1]
             kc.view(-1, D).index_copy_(0, self._slots, k.reshape(-1, D).to(kc.dtype))
@@ -292,6 +297,10 @@ class CausalSelfAttention(nn.Module):
                               dropout_p=self.attn_dropout if self.training else 0.0)
         else:
             k, v = cache._update(self.layer_idx, k, v)
+            if k.dtype != q.dtype:
+                # A wider cache than the keys (float32 made outside autocast, used under it)
+                # holds them exactly: attention runs in q's dtype, as it does without a cache.
+                k, v = k.to(q.dtype), v.to(q.dtype)
             if cache._decode:
                 # The cache keeps the lengths in range; checking them would cost a GPU a
                 # host sync in every layer.
@@ -479,9 +488,14 @@ class GPT(nn.Module):
                              f"{c.block_size}")
 
     def new_cache(self, batch_size: int, max_seqlen: Optional[int] = None) -> KVCache:
-        """An empty KV cache on the model's device and in its dtype."""
+        """An empty KV cache on the model's device, in the dtype of its keys and values: the
+        weights', or under autocast autocast's (the projections' output then, as in attention
+        without a cache)."""
         p = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, max_seqlen, device=p.device, dtype=p.dtype)
+        dtype, dev = p.dtype, p.device.type
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+        return KVCache(self.config, batch_size, max_seqlen, device=p.device, dtype=dtype)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

@@ -305,6 +305,42 @@ def test_cache_capacity_errors():
         KVCache(m.config, 1, max_seqlen=25)
 
 
+@pytest.mark.parametrize("mk", CONFIGS)
+@torch.no_grad()
+def test_cache_under_autocast_matches_no_cache(mk):
+    """Under autocast the projections return bf16 keys and values, and the cache was in the
+    weights' float32: every cached forward failed with 'k has dtype torch.float32 but q has
+    torch.bfloat16'. Attention runs in bf16 with a cache as it does without one."""
+    m = make_model(mk())
+    idx = torch.randint(0, V, (2, 20))
+
+    def cached(cache):
+        out = [m(idx[:, :7], cache=cache)[0], m(idx[:, 7:12], cache=cache)[0]]
+        out += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+        return torch.cat(out, dim=1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = m(idx)
+        cache = m.new_cache(2)
+        got = cached(cache)
+        assert cache.k[0].dtype == cache.v[-1].dtype == torch.bfloat16
+        # a float32 cache, made outside autocast: it holds the same bf16 keys exactly, so the
+        # same logits to the bit
+        assert torch.equal(cached(KVCache(m.config, 2)), got)
+        greedy = m.generate(idx[:, :5], 19, temperature=0)
+        assert torch.equal(greedy, m.generate(idx[:, :5], 19, temperature=0, use_cache=False))
+    assert got.dtype == full.dtype == torch.bfloat16
+    # other kernels (decode attention, a block after a prefix) in the same dtype: a step or
+    # two of bf16 apart (|logits| < 5 here, where a step is at most 1/32)
+    assert full.abs().max() < 5
+    torch.testing.assert_close(got.float(), full.float(), rtol=0, atol=0.05)
+    assert m.new_cache(2).k[0].dtype == torch.float32   # outside autocast: the weights' dtype
+    # the other way round a cache would round the keys: refused
+    with pytest.raises(ValueError, match="cache holds torch.bfloat16 but the model's keys are "
+                                         "torch.float32"):
+        m(idx[:, :3], cache=cache)
+
+
 @torch.no_grad()
 def test_decode_into_a_full_cache_is_an_error_not_a_silent_overwrite():
     m = make_model(gpt_config())
