@@ -159,6 +159,9 @@ class BPETokenizer:
             with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
                 template = f.read()
         add_bos = cfg.get("add_bos_token")
+        if add_bos is not None and not isinstance(add_bos, bool):  # "false" was truthy
+            raise ValueError(f"{os.path.join(path, 'tokenizer_config.json')}: add_bos_token must "
+                             f"be true or false, got {add_bos!r}")
         if add_bos is None:
             # Llama 3's folders say nothing in tokenizer_config.json: tokenizer.json's
             # post-processor (TemplateProcessing "<|begin_of_text|> $A") adds the BOS, and

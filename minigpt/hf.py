@@ -181,6 +181,9 @@ def llama_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
     if head_dim * n_head != n_embd:
         raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; "
                          "not supported")
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):  # the string "false" would tie
+        raise ValueError(f"{where}: tie_word_embeddings must be true or false, got {tie!r}")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ValueError(f"{where}: attention_bias / mlp_bias Llamas are not supported")
     return GPTConfig.llama(
@@ -189,7 +192,7 @@ def llama_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
         block_size=cfg.get("max_position_embeddings", 2048), vocab_size=cfg["vocab_size"],
         intermediate_size=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_base=float(_get(rope, "rope_theta", default=cfg.get("rope_theta", 10000.0))),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        tie_embeddings=tie)
 
 
 def gpt2_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
@@ -203,8 +206,9 @@ def gpt2_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
             raise ValueError(f"{where}: {flag}=true is not supported")
     if cfg.get("scale_attn_weights", True) is not True:
         raise ValueError(f"{where}: scale_attn_weights=false is not supported")
-    if not cfg.get("tie_word_embeddings", True):
-        raise ValueError(f"{where}: an untied GPT-2 head is not supported")
+    if cfg.get("tie_word_embeddings", True) is not True:
+        raise ValueError(f"{where}: an untied GPT-2 head is not supported (tie_word_embeddings "
+                         f"{cfg.get('tie_word_embeddings')!r})")
     n_embd = cfg["n_embd"]
     return GPTConfig(
         n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=n_embd,

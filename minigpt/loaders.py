@@ -285,7 +285,10 @@ def load_gguf(path, dtype=torch.float32, device="cpu", packed=None):
     dtype, device = parse_dtype(dtype), torch.device(device)
     g = GGUFFile(os.fspath(path))
     config = gguf_config(g)
-    tokenizer = BPETokenizer.from_gguf_metadata(g.meta)
+    try:
+        tokenizer = BPETokenizer.from_gguf_metadata(g.meta)
+    except ValueError as e:
+        raise ValueError(f"{g.path}: {e}") from None
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"{g.path}: tokenizer has {tokenizer.vocab_size} tokens but the "
                          f"embedding has {config.vocab_size} rows")

@@ -89,6 +89,10 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head "
                              f"({self.n_head})")
+        for name in ("bias", "tie_embeddings"):  # the string "false" from a JSON file is truthy
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig: {name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         positive_int("n_kv_head")
@@ -111,8 +115,10 @@ class GPTConfig:
             if self.head_dim % 2:
                 raise ValueError(f"GPTConfig: rotary embeddings need an even head_dim, got "
                                  f"{self.head_dim}")
-            if not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1:
-                raise ValueError(f"GPTConfig: rope_base must be > 1, got {self.rope_base!r}")
+            if (isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float))
+                    or not 1 < self.rope_base < math.inf):  # inf: every angle 0 but the first
+                raise ValueError(f"GPTConfig: rope_base must be a finite number > 1, got "
+                                 f"{self.rope_base!r}")
         if self.intermediate_size is None:
             if self.mlp == "gelu":
                 self.intermediate_size = 4 * self.n_embd

@@ -711,6 +711,27 @@ def test_bad_gguf_metadata_is_named(tmp_path, bpe, key, value, match):
         minigpt.load(path)
 
 
+def test_hf_config_tie_as_text_and_gguf_token_ids_name_their_file(tiny, tmp_path, bpe):
+    _, hf_dir, _ = tiny
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings="false")))
+    with pytest.raises(ValueError, match="tie_word_embeddings must be true or false"):
+        minigpt.load(str(d))
+    path, _, _ = write_tiny_llama(str(tmp_path), *bpe, extra_meta={
+        "tokenizer.ggml.eos_token_id": (10 ** 6, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(ValueError, match=r"tiny.gguf: .*'tokenizer.ggml.eos_token_id'"):
+        minigpt.load(path)
+
+
+def test_cli_generate_refuses_a_bad_seed_before_loading(tiny):
+    path, _, _ = tiny
+    r = _cli(["generate", "--model", path, "--prompt", "hello", "--seed", "-1"])
+    assert r.returncode == 1 and "seed must be an integer" in r.stderr
+    assert r.stdout == ""  # not after echoing the prompt
+
+
 def test_a_folder_named_like_a_packaged_model_is_that_folder(tmp_path, monkeypatch):
     from minigpt.tokenizer import CharTokenizer
 

@@ -171,6 +171,10 @@ def test_config_roundtrip_and_derived():
     (dict(norm_eps="1e-5"), "norm_eps"),
     (dict(norm_eps=float("inf")), "norm_eps"),
     (dict(pos="rope", rope_base="1e4"), "rope_base"),
+    (dict(pos="rope", rope_base=float("inf")), "rope_base must be a finite number"),
+    (dict(bias="false"), "bias must be true or false"),
+    (dict(tie_embeddings="false"), "tie_embeddings must be true or false"),
+    (dict(tie_embeddings=0), "tie_embeddings must be true or false"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):

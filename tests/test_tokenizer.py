@@ -205,6 +205,15 @@ def test_from_dir_takes_the_bos_its_post_processor_adds(bpe_meta, tmp_path):
             assert (want[:1] == [BOS]) is adds
 
 
+def test_from_dir_refuses_add_bos_token_as_text(bpe_meta, tmp_path):
+    tok = BPETokenizer.from_gguf_metadata(bpe_meta)
+    tok.save(str(tmp_path))
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(cfg, add_bos_token="false")))
+    with pytest.raises(ValueError, match="add_bos_token must be true or false, got 'false'"):
+        BPETokenizer.from_dir(str(tmp_path))
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("bos_token_id", "VOCAB", r"'tokenizer.ggml.bos_token_id' must be a token id in \[0, N\)"),
     ("eos_token_id", "2", r"'tokenizer.ggml.eos_token_id' must be a token id .* got '2'"),

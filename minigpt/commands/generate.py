@@ -176,6 +176,7 @@ def load_for_args(args):
 
     device = pick_device(args.device)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    make_generator(getattr(args, "seed", None), "cpu")  # a bad seed: said before the slow load
     model, tokenizer = minigpt.load(args.model, dtype=args.dtype, device=device)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or a MiniGPT tokenizer "
