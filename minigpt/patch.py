@@ -82,7 +82,10 @@ def _mlp_forward(self, x):
 
 
 # The decoder layers of one forward share a mask tensor: decide "purely causal?" once for it.
-_mask_memo: dict = {"ref": None, "causal": False}
+# One tuple (mask, its version, the answer), replaced whole: a mask refilled in place (one
+# buffer reused for each batch of packed documents) has a new version, and two threads never
+# pair one mask with the other's answer.
+_mask_memo: list = [(None, -1, False)]
 
 
 def _mask_is_causal(mask: Optional[torch.Tensor], T: int, S: int) -> bool:
@@ -100,14 +103,14 @@ def _mask_is_causal(mask: Optional[torch.Tensor], T: int, S: int) -> bool:
         # torch 2.11 refused the bool() under fullgraph=True; transformers passes a mask
         # there that 2.13 leaves out): transformers' own attention takes the mask as it is.
         return False
-    ref = _mask_memo["ref"]
-    if ref is not None and ref() is mask:
-        return _mask_memo["causal"]
+    ref, version, causal = _mask_memo[0]
+    if ref is not None and ref() is mask and version == mask._version:
+        return causal
     allowed = mask if mask.dtype == torch.bool else mask == 0  # additive masks: 0 = attend
     i = torch.arange(T, device=mask.device).unsqueeze(1)
     j = torch.arange(S, device=mask.device).unsqueeze(0)
     causal = bool((allowed == (j <= i + (S - T))).all())
-    _mask_memo["ref"], _mask_memo["causal"] = weakref.ref(mask), causal
+    _mask_memo[0] = (weakref.ref(mask), mask._version, causal)
     return causal
 
 
@@ -145,8 +148,14 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
 
     dropout = self.attention_dropout if self.training else 0.0
+    # transformers 5 makes a Llama bidirectional with model(..., is_causal=False) or
+    # config.is_causal = False: no mask then reaches us, only this flag, which transformers'
+    # attention functions read the same way.
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(self, "is_causal", True)
     if (self._minigpt_attention and dropout == 0.0 and not kwargs.get("output_attentions")
-            and _mask_is_causal(attention_mask, q.shape[2], k.shape[2])):
+            and is_causal and _mask_is_causal(attention_mask, q.shape[2], k.shape[2])):
         out = _ops.attention(q, k, v, causal=True, scale=self.scaling, backend=be).transpose(1, 2)
         weights = None
     else:

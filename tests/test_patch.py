@@ -146,6 +146,43 @@ def test_padding_mask_falls_back_and_matches(monkeypatch):
     assert spy.calls["attention"] == 2
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_bidirectional_llama_is_not_run_causal(attn_implementation):
+    # transformers 5: model(ids, is_causal=False) or config.is_causal = False; no mask reaches
+    # the attention then, and "no mask, T == S" had meant causal to the patch
+    ref = _model(attn_implementation)
+    patched = apply_to_llama(copy.deepcopy(ref))
+    ids, _ = _batch()
+    with torch.no_grad():
+        causal, bidir = ref(ids).logits, ref(ids, is_causal=False).logits
+        if torch.allclose(causal, bidir):
+            pytest.skip(f"transformers {transformers.__version__} has no bidirectional Llama")
+        _rel_close(patched(ids, is_causal=False).logits, bidir, "is_causal=False")
+        ref.config.is_causal = patched.config.is_causal = False
+        _rel_close(patched(ids).logits, ref(ids).logits, "config.is_causal=False")
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_mask_refilled_in_place_is_read_again(attn_implementation):
+    # one 4-D mask buffer reused for each batch (packed documents): the memo of "causal?" was
+    # keyed on the tensor alone and kept the first batch's answer
+    ref = _model(attn_implementation)
+    patched = apply_to_llama(copy.deepcopy(ref))
+    ids, _ = _batch()
+    T = ids.shape[1]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril().expand(2, 1, T, T)
+    # transformers' eager attention adds a 4-D mask to the scores: additive there, bool for SDPA
+    hidden = False if attn_implementation == "sdpa" else torch.finfo(torch.float32).min
+    mask = (allowed.clone() if attn_implementation == "sdpa" else
+            torch.zeros(2, 1, T, T).masked_fill(~allowed, hidden))
+    with torch.no_grad():
+        _rel_close(patched(ids, attention_mask=mask).logits,
+                   ref(ids, attention_mask=mask.clone()).logits, "causal mask")
+        mask[:, :, 8:, :8] = hidden  # two documents of 8 tokens, each causal on its own
+        _rel_close(patched(ids, attention_mask=mask).logits,
+                   ref(ids, attention_mask=mask.clone()).logits, "packed documents")
+
+
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_generate_with_cache_matches(attn_implementation, cache_implementation):
