@@ -394,7 +394,9 @@ def gpt2_hf_config(config: GPTConfig, bos_id=None, eos_id=None, dtype="float32")
         "n_head": config.n_head, "n_inner": config.intermediate_size,
         "activation_function": "gelu",
         "layer_norm_epsilon": config.norm_eps,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": 0.0,
+        # nanoGPT's dropout sits where GPT-2's three do, the attention probabilities included
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype,
@@ -435,6 +437,8 @@ def llama_hf_config(config: GPTConfig, bos_id=None, eos_id=None, dtype="float32"
         "rope_theta": config.rope_base,
         "rope_parameters": {"rope_theta": config.rope_base, "rope_type": "default"},
         "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+        # Llama has dropout only there; ours also drops on the residual branches and embedding
+        "attention_dropout": config.dropout,
         "tie_word_embeddings": config.tie_embeddings, "use_cache": True,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype,
     }

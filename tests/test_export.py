@@ -89,6 +89,18 @@ def test_gpt_import_back_is_identical(gpt_ckpt, tmp_path):
         assert m2.config.bias
 
 
+def test_export_carries_the_attention_dropout(tmp_path):
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=5, dropout=0.2))
+    hf.export_hf(gpt, str(tmp_path / "g"))
+    ref = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "g"))
+    assert ref.config.attn_pdrop == ref.config.resid_pdrop == 0.2
+    llama = GPT(GPTConfig.llama(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=5,
+                                dropout=0.2))
+    hf.export_hf(llama, str(tmp_path / "l"))
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "l"))
+    assert ref.config.attention_dropout == 0.2
+
+
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_llama_export_loads_in_llamaforcausallm(tmp_path, tie):
     cfg = GPTConfig.llama(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=24,
