@@ -120,6 +120,10 @@ class Splits:
 def split(ids: np.ndarray, block_size: int, val_fraction: float = VAL_FRACTION) -> Splits:
     """First 90% train, last 10% val (nanoGPT's split). Each side must hold at least one
     window of block_size + 1 tokens (inputs and shifted targets)."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (
+            0 < val_fraction < 1):
+        raise ValueError(f"split: val_fraction must be between 0 and 1 (exclusive), got "
+                         f"{val_fraction!r}")
     n = len(ids)
     if n == 0:
         raise ValueError("the corpus is empty")

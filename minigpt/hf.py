@@ -283,8 +283,7 @@ def model_from_state_dict(config: GPTConfig, sd: dict, dtype=torch.float32, devi
                               strict=True, assign=True)
     except RuntimeError as e:  # missing/unexpected keys or shape mismatches
         raise ValueError(f"weights do not fit the config: {e}") from e
-    if config.tie_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
+    # (a tied head is tied again by GPT's load_state_dict hook: assign=True had untied it)
     if config.pos == "rope":  # non-persistent buffers are still on meta: recompute them
         from minigpt.model import rope_tables
 

@@ -383,12 +383,25 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+            self.register_load_state_dict_post_hook(_retie_head)
 
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight") or name.endswith("down_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _apply(self, fn, recurse=True):
+        # The rope tables are buffers that no state dict restores: a round trip through a
+        # narrower dtype (.to(bfloat16).to(float32)) kept bf16's rounding in them. Rebuilt
+        # from the config, they are exact in whatever dtype and device the move gives.
+        out = super()._apply(fn, recurse)
+        if self.config.pos == "rope" and not self.rope_cos.is_meta:
+            cos, sin = rope_tables(self.config.block_size, self.config.head_dim,
+                                   self.config.rope_base)
+            kw = dict(device=self.rope_cos.device, dtype=self.rope_cos.dtype)
+            self.rope_cos, self.rope_sin = cos.to(**kw), sin.to(**kw)
+        return out
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -411,7 +424,8 @@ class GPT(nn.Module):
 
         With ``targets`` (B, T) the loss is the mean cross entropy, computed by
         ``ops.fused_linear_cross_entropy`` straight from the last hidden state, so the (B, T,
-        vocab) logits are never formed and ``logits`` is None. With ``cache`` the tokens
+        vocab) logits are never formed and ``logits`` is None. Targets of -100 are left out
+        (PyTorch's ``ignore_index``; nanoGPT's -1 is an out-of-range error here). With ``cache`` the tokens
         continue the cached sequences. ``only_last`` returns logits for the last position
         only (B, 1, vocab), all that sampling needs."""
         if not isinstance(idx, torch.Tensor):
@@ -541,6 +555,13 @@ class GPT(nn.Module):
 
 
 MiniGPT = GPT
+
+
+def _retie_head(model: "GPT", incompatible_keys) -> None:
+    """load_state_dict post-hook of a tied model: ``assign=True`` (the way to load into a model
+    built on the meta device) replaces the head's and the embedding's Parameter separately,
+    leaving two parameters over one storage that AdamW then stepped twice."""
+    model.lm_head.weight = model.transformer.wte.weight
 
 
 def rope_tables(n_positions: int, head_dim: int, base: float = 10000.0):

@@ -445,6 +445,46 @@ def test_sample_next_needs_a_batch_of_rows():
         sample_next(torch.randn(V), 1.0)
 
 
+@pytest.mark.parametrize("cfg", [gpt_config, lambda: llama_config(tie_embeddings=True)],
+                         ids=["gpt", "llama"])
+def test_a_tied_model_stays_tied_through_load_state_dict_assign(cfg):
+    # assign=True (loading into a model built on meta) replaced the two Parameters apart:
+    # two parameters over one storage, counted twice and stepped twice by AdamW
+    ref = make_model(cfg())
+    with torch.device("meta"):
+        m = GPT(cfg())
+    m.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    if m.config.pos == "rope":
+        m.to_empty(device="cpu")  # the tables are not in the state dict: rebuilt on the move
+        m.load_state_dict(ref.state_dict())
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert m.num_params() == ref.num_params()
+    ids = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids)[0], ref(ids)[0], rtol=0, atol=0)
+    opt, opt_ref = m.configure_optimizers(0.1, 1e-2), ref.configure_optimizers(0.1, 1e-2)
+    assert len([p for g in opt.param_groups for p in g["params"]]) == len(
+        [p for g in opt_ref.param_groups for p in g["params"]])
+    for model, o in ((m, opt), (ref, opt_ref)):
+        model(ids, ids)[1].backward()
+        o.step()
+    torch.testing.assert_close(m.transformer.wte.weight, ref.transformer.wte.weight)
+
+
+def test_rope_tables_come_back_exact_after_a_narrow_dtype():
+    ref = make_model(llama_config())
+    m = make_model(llama_config())
+    m.to(torch.bfloat16).to(torch.float32)
+    m.load_state_dict(ref.state_dict())   # every weight exact again; the tables are not in it
+    assert torch.equal(m.rope_cos, ref.rope_cos) and torch.equal(m.rope_sin, ref.rope_sin)
+    ids = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids)[0], ref(ids)[0], rtol=0, atol=0)
+    half = make_model(llama_config()).to(torch.bfloat16)
+    assert half.rope_cos.dtype == torch.bfloat16
+    assert torch.equal(half.rope_cos, ref.rope_cos.to(torch.bfloat16))
+
+
 def test_llama_state_dict_mapping():
     # A state dict in Hugging Face LlamaForCausalLM names, mapped back, rebuilds our model.
     m = make_model(llama_config())

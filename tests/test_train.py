@@ -601,6 +601,9 @@ def test_data_split_and_batches():
         data.split(ids, block_size=100)
     with pytest.raises(ValueError, match="empty"):
         data.split(ids[:0], block_size=4)
+    for bad in (0, 0.0, 1.0, -0.1):  # 0 had divided by zero in the error message itself
+        with pytest.raises(ValueError, match="val_fraction must be between 0 and 1"):
+            data.split(ids, block_size=16, val_fraction=bad)
 
 
 def test_default_corpus_is_deterministic_gutenberg_text(tmp_path, monkeypatch):
