@@ -17,7 +17,8 @@ decode  greedy decoding with the KV cache: tokens/s and the achieved GB/s of wha
 ops     merges the latest per-op results (benchmarks/bench_ops.py, bench_attention.py,
         bench_training_ops.py, bench_loss.py write ``<name>_<device>.csv`` into
         benchmarks/results/) into one table; ``--run`` first reruns each of those scripts with
-        a short setting (``QUICK_ARGS``: ``--quick`` or a small size).
+        a short setting (``QUICK_ARGS``: ``--quick`` or a small size), writing into ``--out``
+        when one is given (``--results`` overrides), so the committed full tables stay.
 
 Every command writes ``bench_<cmd>_<device tag>.csv`` (``# key: value`` header lines: device,
 date, versions), ``.md`` and ``.png`` into ``--out`` (default benchmarks/results/ of the
@@ -1106,8 +1107,10 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
               out: Optional[str] = None, sources=None, plot: bool = True,
               timeout_s: float = 900.0, tag: Optional[str] = None) -> dict:
     """Merge the per-op results into one table (after rerunning the scripts with --quick when
-    ``run``). ``tag``: merge the results of another device instead (the file-name tag, e.g.
-    "cuda-h100", of CSVs a GPU session brought back); the header is then theirs."""
+    ``run``). ``results``: where the per-op CSVs are read and the reruns write (default
+    benchmarks/results/; with ``run`` and ``out``, ``out``). ``tag``: merge the results of
+    another device instead (the file-name tag, e.g. "cuda-h100", of CSVs a GPU session brought
+    back); the header is then theirs."""
     if tag is not None:
         if run:
             raise ValueError("--tag merges results measured elsewhere; --run measures here")
@@ -1117,7 +1120,14 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
     sources = _parse_list("--sources", sources or list(OP_SOURCES), OP_SOURCES)
     H = harness()
     tag = tag or H.device_tag(dev)
-    results = Path(results) if results else DEFAULT_OUT
+    if results:
+        results = Path(results)
+    elif run and out:
+        # The reruns' short settings would overwrite the checkout's committed full tables:
+        # a run aimed elsewhere keeps them with its merged table, and merges those.
+        results = Path(out)
+    else:
+        results = DEFAULT_OUT
     out = Path(out) if out else DEFAULT_OUT
     ran = []
     if run:

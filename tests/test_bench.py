@@ -336,6 +336,30 @@ def test_ops_run_invokes_each_script_quick(monkeypatch, tmp_path):
         ("softmax", "7x1025", "cpu", 3.5)]
 
 
+def test_ops_run_with_out_keeps_the_committed_tables(monkeypatch, tmp_path):
+    """--run --out DIR without --results: the quick reruns write into DIR and the merge reads
+    them there, so they never replace benchmarks/results/' full tables."""
+    bench.harness()
+    scripts = tmp_path / "benchmarks"
+    scripts.mkdir()
+    out = tmp_path / "out"
+    (scripts / "bench_ops.py").write_text(
+        "import sys, os\n"
+        "a = sys.argv[1:]\n"
+        f"assert a[a.index('--out') + 1] == {str(out)!r}, a\n"
+        "with open(os.path.join(a[a.index('--out') + 1], 'ops_cpu.csv'), 'w') as f:\n"
+        "    f.write('# date: now\\nop,shape,dtype,backend,pass,ms,x eager\\n'\n"
+        "            'softmax,7x1025,fp32,cpu,fwd,0.25,3.5\\n')\n")
+    monkeypatch.setattr(bench, "BENCH_DIR", scripts)
+    monkeypatch.setattr(bench, "DEFAULT_OUT", tmp_path / "committed")
+    res = bench.bench_ops(run=True, device="cpu", out=str(out), sources="bench_ops",
+                          plot=False)
+    assert res["ran"] == ["bench_ops: exit 0"]
+    assert (out / "ops_cpu.csv").is_file() and not (tmp_path / "committed").exists()
+    assert res["paths"]["csv"] == str(out / "bench_ops_cpu.csv")
+    assert [r["op"] for r in _read_csv(res["paths"]["csv"])] == ["softmax"]
+
+
 def test_profile_categories():
     """The profile's categories, on kernel names from an H100 GPT-2 step (torch 2.11, our
     Triton kernels, cuBLAS's nvjet GEMMs, Inductor's fused kernels) and CPU op names."""

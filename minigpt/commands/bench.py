@@ -79,11 +79,13 @@ def add_arguments(p):
     o = add("ops", "merge the per-op benchmark results into one table")
     o.add_argument("--run", action="store_true",
                    help="first rerun each per-op script with --quick (else: read their latest "
-                        "CSVs)")
+                        "CSVs); they write into --results, else --out, else "
+                        "benchmarks/results/")
     o.add_argument("--sources", default=",".join(OP_SOURCES),
                    help="comma-separated subset of " + ", ".join(OP_SOURCES))
     o.add_argument("--results", default=None, metavar="DIR",
-                   help="where the per-op CSVs are (default: benchmarks/results/)")
+                   help="where the per-op CSVs are (default: benchmarks/results/, or --out "
+                        "with --run)")
     o.add_argument("--tag", default=None,
                    help="merge the results of another device, by their file-name tag (e.g. "
                         "cuda-h100 for the *_cuda-h100.csv a GPU session brought back)")
