@@ -579,13 +579,17 @@ def test_damaged_tokenizer_files_are_clear_errors(tiny, tmp_path):
         tok.encode("caf\udce9")
 
 
-def test_malformed_hf_config_is_a_clear_error(tiny, tmp_path):
+@pytest.mark.parametrize("edit,match", [
+    (dict(rope_parameters="x"), "config.json: malformed config"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),  # truthy
+], ids=["rope", "tie-as-text"])
+def test_malformed_hf_config_is_a_clear_error(tiny, tmp_path, edit, match):
     path, hf_dir, _ = tiny
     d = tmp_path / "hf"
     shutil.copytree(hf_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(cfg, rope_parameters="x")))
-    with pytest.raises(ValueError, match="config.json: malformed config"):
+    (d / "config.json").write_text(json.dumps(dict(cfg, **edit)))
+    with pytest.raises(ValueError, match=match):
         minigpt.load(str(d))
 
 
@@ -711,14 +715,7 @@ def test_bad_gguf_metadata_is_named(tmp_path, bpe, key, value, match):
         minigpt.load(path)
 
 
-def test_hf_config_tie_as_text_and_gguf_token_ids_name_their_file(tiny, tmp_path, bpe):
-    _, hf_dir, _ = tiny
-    d = tmp_path / "hf"
-    shutil.copytree(hf_dir, d)
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings="false")))
-    with pytest.raises(ValueError, match="tie_word_embeddings must be true or false"):
-        minigpt.load(str(d))
+def test_gguf_token_ids_name_their_file(tmp_path, bpe):
     path, _, _ = write_tiny_llama(str(tmp_path), *bpe, extra_meta={
         "tokenizer.ggml.eos_token_id": (10 ** 6, gguf.GGUFValueType.UINT32)})
     with pytest.raises(ValueError, match=r"tiny.gguf: .*'tokenizer.ggml.eos_token_id'"):
