@@ -119,10 +119,12 @@ def _time_once(fn: Callable, device: torch.device) -> float:
 
 def time_fns_stats(fns: Dict[str, Callable], device: torch.device, warmup: int = 3,
                    reps: Optional[int] = None, budget_s: float = 2.0,
-                   max_reps: int = 200) -> Dict[str, Dict[str, float]]:
-    """{name: {"median": ms, "min": ms, "reps": n}} of each function, timed round-robin (see
-    the module docstring). ``reps``: rounds to run; None picks as many as fit ``budget_s``
-    (between 5 and ``max_reps``) from the warm-up times."""
+                   max_reps: int = 200) -> Dict[str, dict]:
+    """{name: {"median": ms, "min": ms, "reps": n, "samples": [ms of each round]}} of each
+    function, timed round-robin (see the module docstring); the samples are in round order, so
+    two functions' i-th samples ran in the same round (for a difference of the two taken round
+    by round). ``reps``: rounds to run; None picks as many as fit ``budget_s`` (between 5 and
+    ``max_reps``) from the warm-up times."""
     warm = {}
     for name, fn in fns.items():
         for _ in range(max(warmup - 1, 0)):
@@ -140,7 +142,7 @@ def time_fns_stats(fns: Dict[str, Callable], device: torch.device, warmup: int =
         # and a fixed order would hand that to the same candidate every round.
         for name in names[r % len(names):] + names[:r % len(names)]:
             samples[name].append(_time_once(fns[name], device))
-    return {name: {"median": statistics.median(v), "min": min(v), "reps": len(v)}
+    return {name: {"median": statistics.median(v), "min": min(v), "reps": len(v), "samples": v}
             for name, v in samples.items()}
 
 

@@ -8,7 +8,8 @@ on the same weights, same machine, greedy, batch 1 and 8.
 
 Reported per (batch, implementation):
   * prefill tok/s = batch * prompt_len / time to the first new token (prompt forward + pick);
-  * decode tok/s  = batch * (new_tokens - 1) / (time for all new tokens - time to the first).
+  * decode tok/s  = batch * (new_tokens - 1) / (time for all new tokens - time to the first,
+    in the same round; median over the rounds), blank with a note where that is not positive.
 Both implementations are timed round-robin (benchmarks/_harness.py) so machine load hits them
 alike; every run's tokens are checked equal between the two (greedy, same weights), so the
 comparison is of the same work.
@@ -42,7 +43,8 @@ import torch  # noqa: E402
 import _harness as H  # noqa: E402
 
 import minigpt  # noqa: E402
-from minigpt.bench import SMOLLM2_RANDOM, random_prompts, smollm2_pair  # noqa: E402
+from minigpt.bench import (SMOLLM2_RANDOM, decode_not_measured, decode_split,  # noqa: E402
+                           random_prompts, smollm2_pair)
 from minigpt.loaders import parse_dtype  # noqa: E402
 
 TEXT = ("The history of computing is a story of people building tools to think faster. From the "
@@ -209,23 +211,29 @@ def main():
                "transformers first": lambda: hf_generate(theirs, idx, 1),
                "transformers all": lambda: hf_generate(theirs, idx, N),
                "prompt gemms": prompt_gemms(ours, B * P, B)}
-        ms = H.time_fns(fns, dev, warmup=1, reps=args.reps)
+        stats = H.time_fns_stats(fns, dev, warmup=1, reps=args.reps)
         for name in ("minigpt", "transformers"):
-            first, total = ms[f"{name} first"], ms[f"{name} all"]
-            decode_ms = max(total - first, 1e-9)
+            first, decode_ms = decode_split(stats, name)
+            measured = decode_ms is not None
             rows.append({"impl": name + (" +cudagraph" if name == "minigpt" and runner.graph
                                          else ""),
                          "batch": B, "prompt": P, "new": N,
                          "prefill tok/s": B * P / (first / 1e3),
-                         "decode tok/s": B * (N - 1) / (decode_ms / 1e3),
-                         "ms/step": decode_ms / (N - 1), "same tokens": same})
+                         "decode tok/s": B * (N - 1) / (decode_ms / 1e3) if measured else None,
+                         "ms/step": decode_ms / (N - 1) if measured else None,
+                         "same tokens": same,
+                         "note": None if measured else decode_not_measured(N)})
         o, t = rows[-2], rows[-1]
         o["prefill x"] = o["prefill tok/s"] / t["prefill tok/s"]
-        o["decode x"] = o["decode tok/s"] / t["decode tok/s"]
-        o["prefill x ceiling"] = ms["transformers first"] / ms["prompt gemms"]
-        H.print_table(rows[-2:], COLS)
+        if o["decode tok/s"] and t["decode tok/s"]:
+            o["decode x"] = o["decode tok/s"] / t["decode tok/s"]
+        gemms = stats["prompt gemms"]["median"]
+        o["prefill x ceiling"] = stats["transformers first"]["median"] / gemms
+        H.print_table(rows[-2:], H.columns_of(rows[-2:], COLS))
     notes = (f"Greedy decoding of {N} new tokens after a {P}-token prompt; prefill = time to the "
-             "first new token; decode = the remaining tokens. 'x' = MiniGPT / transformers "
+             "first new token; decode = the remaining tokens (a round's time for all less its "
+             "time for the first, median over the rounds; blank with a note where not "
+             "positive). 'x' = MiniGPT / transformers "
              "(> 1: MiniGPT faster). 'prefill x ceiling' = transformers' prefill time over the "
              "time of the prompt's matrix products alone (the model's Linear shapes as plain "
              "F.linear calls, timed in the same rounds): the most 'prefill x' can reach with "
@@ -252,7 +260,7 @@ def main():
 
 
 COLS = ["impl", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "ms/step",
-        "prefill x", "prefill x ceiling", "decode x", "same tokens"]
+        "prefill x", "prefill x ceiling", "decode x", "same tokens", "note"]
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,7 @@ import importlib.util
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -779,7 +780,7 @@ def _plot_train(rows, path: Path, title: str):
 # bench decode
 
 DECODE_COLUMNS = ["model", "impl", "backend", "dtype", "batch", "prompt", "new", "prefill tok/s",
-                  "decode tok/s", "ms/step", "GB/s", "x base", "same tokens"]
+                  "decode tok/s", "ms/step", "GB/s", "x base", "same tokens", "note"]
 
 
 def _param_bytes(model) -> int:
@@ -800,6 +801,25 @@ def decode_bytes_per_step(model, batch: int, prompt: int, new: int, cache_dtype)
     # decode step j (1..new-1) attends over prompt + j positions
     mean_pos = prompt + new / 2 if new > 1 else prompt
     return _param_bytes(model) + per_pos * mean_pos
+
+
+def decode_split(stats, name: str) -> tuple[float, Optional[float]]:
+    """(ms to the first new token, ms of the tokens after it) of ``name``, from
+    H.time_fns_stats of ``"<name> first"`` and ``"<name> all"``. The decode time is each
+    round's whole run less that same round's first token, then their median: two separate
+    medians can come from rounds under different load, and on a busy CPU their difference was
+    0 or negative (a decode of 3e9 tokens/s once clamped). None where even the round-by-round
+    median is not positive: the decode is lost in the noise, and no number is better than a
+    made-up one."""
+    first, whole = stats[f"{name} first"], stats[f"{name} all"]
+    decode = statistics.median([a - f for f, a in zip(first["samples"], whole["samples"])])
+    return first["median"], (decode if decode > 0 else None)
+
+
+def decode_not_measured(n_new: int) -> str:
+    """The note of a row whose decode time decode_split could not measure."""
+    return (f"decode not measured: the median round's {n_new} tokens took no longer than its "
+            "first; rerun with more --new-tokens or --reps, or on a quieter machine")
 
 
 class _GreedyRunner:
@@ -992,21 +1012,23 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
         for name, f in gens.items():
             fns[f"{name} first"] = (lambda f=f: f(idx, 1))
             fns[f"{name} all"] = (lambda f=f: f(idx, N))
-        ms = H.time_fns(fns, dev, warmup=1, reps=reps)
+        stats = H.time_fns_stats(fns, dev, warmup=1, reps=reps)
         nbytes = decode_bytes_per_step(net, B, P, N, dt)
         for name in gens:
-            first, total = ms[f"{name} first"], ms[f"{name} all"]
-            step_ms = max(total - first, 1e-6) / (N - 1)
+            first, decode = decode_split(stats, name)
+            step_ms = None if decode is None else decode / (N - 1)
             rows.append({"model": label, "impl": name, "backend": backends[name],
                          "dtype": H.dtype_name(dt), "batch": B, "prompt": P, "new": N,
                          "prefill tok/s": B * P / (first / 1e3),
-                         "decode tok/s": B / (step_ms / 1e3), "ms/step": step_ms,
-                         "GB/s": nbytes / (step_ms / 1e3) / 1e9,
-                         "same tokens": bool(torch.equal(outs[name], ref))})
+                         "decode tok/s": None if step_ms is None else B / (step_ms / 1e3),
+                         "ms/step": step_ms,
+                         "GB/s": None if step_ms is None else nbytes / (step_ms / 1e3) / 1e9,
+                         "same tokens": bool(torch.equal(outs[name], ref)),
+                         "note": None if step_ms is not None else decode_not_measured(N)})
         bms = next(r for r in rows[-len(gens):] if r["impl"] == base)["ms/step"]
         for r in rows[-len(gens):]:
-            r["x base"] = bms / r["ms/step"]
-        H.print_table(rows[-len(gens):], DECODE_COLUMNS)
+            r["x base"] = bms / r["ms/step"] if (bms and r["ms/step"]) else None
+        H.print_table(rows[-len(gens):], H.columns_of(rows[-len(gens):], DECODE_COLUMNS))
     out = Path(out) if out else DEFAULT_OUT
     header = _header(H, dev, extra)
     random_smollm2 = label == "smollm2-random"
@@ -1015,9 +1037,10 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
              "speed does not depend on the weight values).\n\n" if random_smollm2 else "")
     notes += (f"Greedy decoding, {N} new tokens after a {P}-token prompt. prefill tok/s = batch x "
              "prompt / time to the first new token; decode = the other tokens: ms/step = (time "
-             f"for all {N} - time for the first) / {N - 1}. GB/s = bytes one decode step must "
-             "read (every weight once + the keys/values of the filled positions, mean over the "
-             "steps) / ms/step: compare with the device's memory bandwidth. x base = the "
+             f"for all {N} - time for the first, in the same round; median over the rounds) / "
+             f"{N - 1}, blank with a note where that median is not positive. GB/s = bytes one "
+             "decode step must read (every weight once + the keys/values of the filled "
+             "positions, mean over the steps) / ms/step: compare with the device's memory bandwidth. x base = the "
              f"baseline's ms/step / ms/step (baseline: {base}). same tokens: the greedy tokens "
              f"equal the baseline's. Median of {reps} round-robin rounds.\n\nRerun: `minigpt bench "
              f"decode --model {model}" + (f" --config {config}" if model == "gpt" else "")
@@ -1042,7 +1065,9 @@ def _plot_decode(rows, path: Path, title: str):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for impl in dict.fromkeys(r["impl"] for r in rows):
-        sub = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["batch"])
+        # a row whose decode was not measured has no point
+        sub = sorted((r for r in rows if r["impl"] == impl and r["ms/step"] is not None),
+                     key=lambda r: r["batch"])
         bs = [r["batch"] for r in sub]
         axes[0].plot(bs, [r["decode tok/s"] for r in sub], marker="o", label=impl)
         axes[1].plot(bs, [r["GB/s"] for r in sub], marker="o", label=impl)
