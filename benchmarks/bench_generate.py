@@ -44,7 +44,7 @@ import _harness as H  # noqa: E402
 
 import minigpt  # noqa: E402
 from minigpt.bench import (SMOLLM2_RANDOM, decode_not_measured, decode_split,  # noqa: E402
-                           random_prompts, smollm2_pair)
+                           parse_device, random_prompts, smollm2_pair)
 from minigpt.loaders import parse_dtype  # noqa: E402
 
 TEXT = ("The history of computing is a story of people building tools to think faster. From the "
@@ -54,10 +54,15 @@ TEXT = ("The history of computing is a story of people building tools to think f
 
 
 def prompts(tok, batch, length):
-    ids = tok.encode(TEXT * 4)
-    rows = [ids[i * 3:i * 3 + length] for i in range(batch)]  # different text per row
-    assert all(len(r) == length for r in rows)
-    return torch.tensor(rows)
+    """(batch, length) token ids of TEXT, row i starting 3 tokens after row i - 1 (different
+    text per row), TEXT repeated as often as the last row needs."""
+    need = length + 3 * (batch - 1)
+    text = TEXT
+    ids = tok.encode(text)
+    while len(ids) < need:
+        text *= 2
+        ids = tok.encode(text)
+    return torch.tensor([ids[i * 3:i * 3 + length] for i in range(batch)])
 
 
 class Ours:
@@ -171,11 +176,22 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="--weights random: the init's seed")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
-
-    dev = torch.device(args.device)
+    # Refused here, not after the model loads (half a minute) or, for --new-tokens 1, after
+    # the timing: decode is the tokens after the first, so it needs two.
+    if args.new_tokens < 2:
+        ap.error(f"--new-tokens must be >= 2 (decode = the tokens after the first), got "
+                 f"{args.new_tokens}")
+    for opt, v in (("--prompt-len", args.prompt_len), ("--reps", args.reps),
+                   ("--threads", args.threads), ("--batch", min(args.batch))):
+        if v is not None and v < 1:
+            ap.error(f"{opt} must be a positive integer, got {v}")
+    try:
+        dev = parse_device(args.device)
+        dtype = parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    except ValueError as e:
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     import transformers
 
     try:

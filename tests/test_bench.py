@@ -6,6 +6,7 @@ for the tiny model, so it is exercised by the committed CPU results, not here.)"
 import csv
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -174,6 +175,37 @@ def test_decode_not_measured_is_blank_not_absurd(tmp_path, monkeypatch):
     assert float(rows["minigpt"]["decode tok/s"]) > 0 and "x base" not in rows["minigpt"]
     assert float(rows["eager"]["prefill tok/s"]) > 0
     assert _png_ok(res["paths"]["png"])
+
+
+def test_generate_prompts_repeat_the_text():
+    """bench_generate.py's prompts: as long as asked, TEXT repeated as needed (four copies,
+    ~217 SmolLM2 tokens, had failed --prompt-len 256 with a bare assert after the model
+    loaded), each row 3 tokens further into the text than the one before."""
+    gen = bench._load_script("bench_generate")
+
+    class Words:  # a token a word: ~45 tokens a copy of TEXT
+        def encode(self, text):
+            return [len(w) for w in text.split()]
+
+    x = gen.prompts(Words(), 8, 300)
+    assert x.shape == (8, 300)
+    assert torch.equal(x[1:, :-3], x[:-1, 3:])
+
+
+@pytest.mark.parametrize("script, argv, match", [
+    ("bench_generate", ["--new-tokens", "1"], "--new-tokens must be >= 2"),
+    ("bench_generate", ["--prompt-len", "0"], "--prompt-len must be a positive integer"),
+    ("bench_generate", ["--device", "tpu"], "--device must be"),
+])
+def test_bench_scripts_refuse_bad_options(script, argv, match, monkeypatch, capsys, tmp_path):
+    """A bad option is a usage error before anything loads or runs, not a traceback after."""
+    mod = bench._load_script(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
 def test_decode_bytes_per_step():
