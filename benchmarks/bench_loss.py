@@ -38,6 +38,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+OPS = {"fused": "fused_linear_cross_entropy", "ce": "cross_entropy"}
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -150,13 +151,20 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default=None)
-    p.add_argument("--ops", default="fused,ce", help="comma list from fused, ce")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {', '.join(OPS)}")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="loss", help="results file stem")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--op", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    ops = [o.strip() for o in a.ops.split(",") if o.strip()]
+    # Refused before any variant runs: the ops before a misspelt one would have run first
+    # (minutes at the default size) and then been lost with it.
+    unknown = [o for o in ops if o not in OPS]
+    if unknown or not ops:
+        p.error(f"--ops: unknown {unknown}; choose from {list(OPS)}" if unknown
+                else f"--ops: nothing given; choose from {list(OPS)}")
     if a.device is None:
         import torch
 
@@ -175,8 +183,8 @@ def main(argv=None):
                if _backend.is_available(be, dev) and not (be == "triton" and dev.type == "cpu")]
     header = H.env_header(dev)  # device, date, versions (and the load average on CPU)
     rows = []
-    for op in [o.strip() for o in a.ops.split(",") if o.strip()]:
-        name = {"fused": "fused_linear_cross_entropy", "ce": "cross_entropy"}[op]
+    for op in ops:
+        name = OPS[op]
         shape = (f"{a.tokens}x{a.hidden} -> {a.vocab}" if op == "fused"
                  else f"{a.tokens}x{a.vocab}")
         res = {impl: _run_variant(a, op, impl) for impl in ["eager", "compile"] + kernels}

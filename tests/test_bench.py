@@ -196,6 +196,8 @@ def test_generate_prompts_repeat_the_text():
     ("bench_generate", ["--new-tokens", "1"], "--new-tokens must be >= 2"),
     ("bench_generate", ["--prompt-len", "0"], "--prompt-len must be a positive integer"),
     ("bench_generate", ["--device", "tpu"], "--device must be"),
+    ("bench_loss", ["--ops", "ce,bogus"], "--ops: unknown ['bogus']"),
+    ("bench_loss", ["--ops", ","], "--ops: nothing given"),
 ])
 def test_bench_scripts_refuse_bad_options(script, argv, match, monkeypatch, capsys, tmp_path):
     """A bad option is a usage error before anything loads or runs, not a traceback after."""
