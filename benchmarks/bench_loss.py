@@ -150,7 +150,8 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="default: cuda where torch sees one, else cpu")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {', '.join(OPS)}")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="loss", help="results file stem")
@@ -169,6 +170,11 @@ def main(argv=None):
         import torch
 
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif a.device == "cuda" and not a.child:
+        import torch
+
+        if not torch.cuda.is_available():  # else every variant's process fails on its own
+            p.error("--device cuda: torch sees no CUDA device here")
     if a.child:
         return _child(a)
 

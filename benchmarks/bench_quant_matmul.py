@@ -128,11 +128,35 @@ def bench_m(M, calls, fp32_weights, rounds, g):
     return rows
 
 
+def _positive_ints(text):
+    """argparse type of --m: comma-separated positive integers."""
+    try:
+        ms = [int(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        ms = []
+    if not ms or min(ms) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {text!r}")
+    return ms
+
+
+def _positive_int(text):
+    """argparse type of --rounds: 0 rounds leave no sample to take a median of."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
+    return v
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="M = 1 and 8, fewer rounds")
-    ap.add_argument("--m", default=None, help="comma-separated rows of x (default 1,2,4,8,16)")
-    ap.add_argument("--rounds", type=int, default=None, help="decode steps timed per M")
+    ap.add_argument("--m", type=_positive_ints, default=None,
+                    help="comma-separated rows of x (default 1,2,4,8,16)")
+    ap.add_argument("--rounds", type=_positive_int, default=None,
+                    help="decode steps timed per M")
     ap.add_argument("--no-fp32", action="store_true", help="skip the float32 F.linear baseline")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -142,8 +166,7 @@ def main():
     if not quant.kernel_available():
         sys.exit("minigpt._C has no quant_matmul: build it with scripts/build_ext.sh")
     device = torch.device("cpu")
-    Ms = ([int(m) for m in args.m.split(",")] if args.m
-          else [1, 8] if args.quick else [1, 2, 4, 8, 16])
+    Ms = args.m or ([1, 8] if args.quick else [1, 2, 4, 8, 16])
     rounds = args.rounds or (10 if args.quick else 30)
     g = torch.Generator().manual_seed(0)
     calls = decode_calls(g)

@@ -198,6 +198,13 @@ def test_generate_prompts_repeat_the_text():
     ("bench_generate", ["--device", "tpu"], "--device must be"),
     ("bench_loss", ["--ops", "ce,bogus"], "--ops: unknown ['bogus']"),
     ("bench_loss", ["--ops", ","], "--ops: nothing given"),
+    ("bench_attention", ["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+    ("bench_quant_matmul", ["--m", "abc"], "argument --m: comma-separated positive integers"),
+    ("bench_quant_matmul", ["--rounds", "0"], "argument --rounds: a positive integer"),
+    ("bench_training_ops", ["--device", "tpu"], "argument --device: invalid choice"),
+    *[(s, ["--device", "cuda"], "--device cuda: torch sees no CUDA device here")
+      for s in ("bench_attention", "bench_training_ops", "bench_loss")
+      if not torch.cuda.is_available()],
 ])
 def test_bench_scripts_refuse_bad_options(script, argv, match, monkeypatch, capsys, tmp_path):
     """A bad option is a usage error before anything loads or runs, not a traceback after."""
