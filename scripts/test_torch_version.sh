@@ -38,7 +38,9 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
     export CUDA_HOME=/usr/local/cuda
 fi
 NVCC=${CUDA_HOME:+$CUDA_HOME/bin/}nvcc
-nvcc_cuda=$("$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+# No nvcc is the no-CUDA build below, not an error: under set -e and pipefail the pipeline's
+# exit status (127) would end the script here without a word.
+nvcc_cuda=$("$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\)\..*/\1/p') || nvcc_cuda=
 if [ -n "$torch_cuda" ] && [ "${torch_cuda%%.*}" = "$nvcc_cuda" ]; then
     # The pip CUDA toolkit's headers (cuBLAS and friends, which torch's CUDA headers include)
     # sit in the nvidia-* wheels, not in this machine's /usr/local/cuda.
