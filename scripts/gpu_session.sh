@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checklist of DEVELOPERS.md ("On a GPU session") as stages that fit the device tool's
-# limits: 10 minutes a command, 30 minutes of device time a session, a machine that starts
-# bare and goes back 30 s after a call, at most 8 files back from $OUT, 64 MiB carried.
+# limits: 10 minutes a command, 15 minutes of device time a session (start-up, idle and every
+# call counted), a machine that starts bare and goes back 30 s after a call, at most 8 files
+# back from $OUT, 64 MiB carried.
 #
 # Here, once per session (no GPU needed):
 #   bash scripts/gpu_session.sh prepare
@@ -12,19 +13,21 @@
 #   bash scripts/gpu_session.sh build tune ops attention          # tiles, then their benches
 #   bash scripts/gpu_session.sh build training_ops generate train # (bench = ops attention
 #   bash scripts/gpu_session.sh build quality                     #  training_ops generate)
-# Every call rebuilds (the machine keeps nothing). No stage has run on a GPU yet, so their
-# times are guesses: the last line of each call lists every stage's seconds; regroup the
-# later calls by them (each call must end inside 10 minutes, start-up and build included). Everything a stage writes under
-# benchmarks/results/, kernels/attention_tuned.json and the logs of each stage go into one
-# $OUT/gpu_results.tgz; unpack it here at the repository root (`tar xzf .../gpu_results.tgz`)
-# and commit what it brings.
+# A fresh machine starts bare: its first call runs install (and build, for _C) again. The
+# stages' seconds measured on an H100 are in DEVELOPERS.md ("On a GPU session") and above
+# `lease15` below; the last line of each call lists every stage's seconds: group the calls by
+# them (each call must end inside 10 minutes, start-up and build included). What the stages
+# write under benchmarks/results/, kernels/attention_tuned.json and norm_bwd_tuned.json,
+# quality.py's results and every stage's log go into one $OUT/gpu_results.tgz; unpack it in
+# a scratch folder and copy what is new into the checkout (DEVELOPERS.md says where), then
+# commit it.
 #
 # Stages: prepare (here), install, build, test, cudatest, quicktest, tune, sweep, ops, attention,
 # attention_cuda, regcap, training_ops, generate (bench: ops attention training_ops generate),
 # decode, train, train_graph, quality; lease15 = the open goals' stages in one call (see
-# there). Each stage has its own
-# time limit so one slow stage cannot take the whole call; a stage that fails is reported and
-# the next one still runs; the exit code is the number of failed stages.
+# there). Each stage has its own time limit so one slow stage cannot take the whole call; a
+# stage that fails is reported and the next one still runs; the exit code is the number of
+# failed stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
