@@ -307,7 +307,10 @@ def main():
     else:
         Ts = [256, 1024] if args.quick else [256, 512, 1024]
         lens = [256, 4096] if args.quick else [256, 1024, 4096, 16384]
-    print(H.header_markdown(H.env_header(device), "attention benchmark"))
+    # Taken once, at the start: write_results, given none, reads the date and load average
+    # when the run ends, minutes later.
+    header = H.env_header(device)
+    print(H.header_markdown(header, "attention benchmark"))
     rows = bench_attention(device, dtype, [64, 128], Ts, causal=True)
     rows += bench_attention(device, dtype, [128], [Ts[-1]], causal=False, passes=("fwd",))
     rows += bench_decode(device, dtype, lens, D=128 if device.type == "cuda" else 64)
@@ -328,9 +331,9 @@ def main():
         notes += "\n\nGoals (PASS/MISS on kernel time where measured):\n\n" + "\n".join(
             f"- {g}" for g in goals)
     paths = H.write_results(rows, "attention", device, args.out, title="attention benchmark",
-                            notes=notes, columns=COLUMNS)
+                            notes=notes, header=header, columns=COLUMNS)
     png = plot_attention(rows, os.path.splitext(paths["csv"])[0] + ".png",
-                         f"attention, {H.env_header(device)['device']}")
+                         f"attention, {header['device']}")
     print(f"wrote {paths['md']} and {paths['csv']}" + (f" and {png}" if png else ""))
 
 

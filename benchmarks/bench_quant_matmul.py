@@ -171,7 +171,10 @@ def main():
     g = torch.Generator().manual_seed(0)
     calls = decode_calls(g)
     fp32 = None if args.no_fp32 else [quant.dequantize(c[4], c[3], c[2]) for c in calls]
-    print(H.header_markdown(H.env_header(device), "quant_matmul benchmark"))
+    # Taken once, at the start: write_results, given none, reads the date and load average
+    # when the run ends, minutes later.
+    header = H.env_header(device)
+    print(H.header_markdown(header, "quant_matmul benchmark"))
     rows = []
     for M in Ms:
         part = bench_m(M, calls, fp32, rounds, g)
@@ -179,7 +182,8 @@ def main():
         rows += part
     notes = __doc__.split("\n\n", 2)[2].rsplit("\nWrites", 1)[0]
     paths = H.write_results(rows, "quant_matmul", device, args.out,
-                            title="quant_matmul benchmark", notes=notes, columns=COLUMNS)
+                            title="quant_matmul benchmark", notes=notes, header=header,
+                            columns=COLUMNS)
     print(f"wrote {paths['md']} and {paths['csv']}")
 
 

@@ -106,7 +106,10 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_reg_cap: needs a CUDA GPU (register caps are a GPU launch option)")
     device = torch.device("cuda")
-    print(H.header_markdown(H.env_header(device), "register caps"))
+    # Taken once, at the start: write_results, given none, reads the date and load average
+    # when the run ends, minutes later.
+    header = H.env_header(device)
+    print(H.header_markdown(header, "register caps"))
     rows = []
     for B, Hh, T, D in (QUICK if args.quick else SHAPES):
         new = bench_shape(device, B, Hh, T, D, args.rounds)
@@ -117,7 +120,7 @@ def main():
              "binaries. `cap`: the register cap capped_launch chose at this shape (blank: "
              "none, the same binary both ways). `x uncapped` > 1: the cap is faster.")
     paths = H.write_results(rows, "reg_cap", device, args.out, title="register caps",
-                            notes=notes, columns=COLUMNS)
+                            notes=notes, header=header, columns=COLUMNS)
     print(f"wrote {paths['md']} and {paths['csv']}")
 
 
