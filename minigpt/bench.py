@@ -315,6 +315,23 @@ TRAIN_COLUMNS = ["config", "variant", "backend", "dtype", "batch", "seq", "accum
                  "TFLOP/s", "MFU %"]
 
 
+def train_baseline(row: dict) -> str:
+    """The variant a bench train row's ratios are to: eager where it ran, else the first
+    variant of its config; the row's "x <baseline>" key names it."""
+    return next(k[2:] for k in row if k.startswith("x "))
+
+
+def train_columns(rows) -> List[str]:
+    """TRAIN_COLUMNS with the ratio columns named after the rows' baselines: "x eager" and
+    "mem x eager" as long as eager ran, "x minigpt" etc. for a config without it (a ratio to
+    another variant labelled "x eager" would read as one to eager)."""
+    bases = list(dict.fromkeys(train_baseline(r) for r in rows)) or ["eager"]
+    cols = []
+    for c in TRAIN_COLUMNS:
+        cols += [c.replace("eager", b) for b in bases] if c in ("x eager", "mem x eager") else [c]
+    return cols
+
+
 def flops_per_token(model, T: int) -> float:
     c = model.config
     return 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
@@ -521,12 +538,13 @@ def _bench_train(configs="seed", steps: int = 5, batch_size: Optional[int] = Non
                                                               else ""),
                 "dtype": dname, "batch": B, "seq": T, "accum": K, "params M": n_params / 1e6,
                 "loss@1": first_loss[v], "first step s": first_s[v], "step ms": ms[v],
-                "tokens/s": tps, "x eager": ms[base] / ms[v],
+                "tokens/s": tps, f"x {base}": ms[base] / ms[v],
                 "peak MB": None if peak_b[v] is None else peak_b[v] / 2**20,
-                "mem x eager": (peak_b[v] / peak_b[base]) if (peak_b[v] and peak_b[base]) else None,
+                f"mem x {base}": (peak_b[v] / peak_b[base]) if (peak_b[v] and peak_b[base])
+                else None,
                 "TFLOP/s": tflops, "MFU %": (100 * tflops / peak) if peak else None,
             })
-        H.print_table(rows[-len(cfg_variants):], TRAIN_COLUMNS)
+        H.print_table(rows[-len(cfg_variants):], train_columns(rows[-len(cfg_variants):]))
         mine = next((r for r in rows[-len(cfg_variants):] if r["variant"] == "minigpt"), None)
         want_profile = profile if profile is not None else (
             mine is not None and "eager" in runs and mine["x eager"] < _goal(dev, cfg_name)["eager"])
@@ -713,15 +731,21 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
         "round) after one warm-up step (`first step s`, which includes compilation). "
         "accum: micro-batches of batch x seq tokens per optimizer step (their gradients "
         "summed, then one clipping and AdamW step; tokens/s counts them all). "
-        "x eager = eager step ms / step ms (> 1: faster). loss@1: the first step's loss (the "
-        "variants must agree). peak MB = parameters + AdamW moments + the most one step adds "
-        "on top (CUDA: max_memory_allocated; CPU: rise of the peak resident set). "
+        "x eager = eager step ms / step ms (> 1: faster); mem x eager = peak MB / eager's. "
+        "loss@1: the first step's loss (the variants must agree). peak MB = parameters + AdamW "
+        "moments + the most one step adds on top (CUDA: max_memory_allocated; CPU: rise of the "
+        "peak resident set). "
         "TFLOP/s = model FLOPs per token (6N + 12*L*H*D*T, nanoGPT's estimate) x tokens/s; "
         "MFU = that over the peak in the header.\n\n"
         f"Rerun: `minigpt bench train --config {','.join(dict.fromkeys(r['config'] for r in rows))}"
         f" --steps {steps}" + (f" --grad-accum {rows[0]['accum']}" if rows[0]["accum"] > 1 else "")
         + "` (add `--device cuda` on a GPU; the batch sizes above are the "
         "defaults for this device, `--batch-size` overrides them).")
+    no_eager = {r["config"]: train_baseline(r) for r in rows if train_baseline(r) != "eager"}
+    if no_eager:
+        notes += ("\n\nWithout eager (not in --variants, or it failed), the ratios are to the "
+                  "config's first variant, in columns named after it: " + "; ".join(
+                      f"{c}: x {b}" for c, b in no_eager.items()) + ".")
     if goals:
         notes += "\n\nGoals:\n" + "\n".join(f"- {g}" for g in goals)
     if skipped:
@@ -729,7 +753,7 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
     paths = H.write_results(rows, "bench_train", dev, str(out),
                             title="minigpt bench train: our kernels vs eager PyTorch vs "
                                   "torch.compile", notes=notes, header=header,
-                            columns=TRAIN_COLUMNS)
+                            columns=train_columns(rows))
     tag = H.device_tag(dev)
     if profiles:
         p = out / f"bench_train_{tag}_profile.md"
@@ -738,7 +762,7 @@ def _write_train(H, rows, dev, out: Path, dname, peak, peak_note, steps, goals, 
                                               "(torch.profiler, one step: by category, then "
                                               "the top ops by self time)"))
             f.write("\nThe run these profiles come from (profiling ran after the timing):\n\n"
-                    + H.markdown_table(rows, TRAIN_COLUMNS) + "\n")
+                    + H.markdown_table(rows, train_columns(rows)) + "\n")
             for cfg, tables in profiles:
                 for v, table in tables.items():
                     f.write(f"\n## {cfg}: {v}\n\n{table}\n")
@@ -767,10 +791,11 @@ def _plot_train(rows, path: Path, title: str):
             bars = ax.bar(names, vals, color=[colors.get(n, "tab:green") for n in names])
             if key == "tokens/s":
                 for b, r in zip(bars, sub):
-                    ax.annotate(f"{r['x eager']:.2f}x", (b.get_x() + b.get_width() / 2,
-                                                        b.get_height()),
+                    x = r[f"x {train_baseline(r)}"]
+                    ax.annotate(f"{x:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
                                 ha="center", va="bottom", fontsize=8)
-                ax.set_title(f"{cfg} (B={sub[0]['batch']}, T={sub[0]['seq']})", fontsize=9)
+                ax.set_title(f"{cfg} (B={sub[0]['batch']}, T={sub[0]['seq']}; "
+                             f"x {train_baseline(sub[0])})", fontsize=9)
             ax.set_ylabel(label)
             ax.grid(axis="y", alpha=0.3)
     return _save_figure(plt, fig, path, "minigpt bench train", title)

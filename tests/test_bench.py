@@ -362,6 +362,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_train_without_eager_names_its_baseline(tmp_path):
+    """Without eager in --variants the ratios are to the first variant, and the columns say so
+    ("x eager" there had been a ratio to minigpt)."""
+    res = bench.bench_train("tiny", steps=1, device="cpu", variants="minigpt",
+                            out=str(tmp_path), profile=False)
+    rows = _read_csv(res["paths"]["csv"])
+    assert float(rows[0]["x minigpt"]) == 1.0 and not any("eager" in c for c in rows[0])
+    md = open(res["paths"]["md"]).read()
+    assert "| x minigpt |" in md and "tiny: x minigpt" in md
+    assert _png_ok(res["paths"]["png"])
+
+
 def test_cli_train_tiny(tmp_path, capsys):
     threads = torch.get_num_threads()
     rc = main(["bench", "train", "--config", "tiny", "--steps", "1", "--variants", "eager",
@@ -535,9 +547,10 @@ def test_train_leaves_out_a_variant_that_fails(tmp_path, monkeypatch):
     res = bench.bench_train("tiny", steps=1, device="cpu", variants="minigpt,eager",
                             out=str(tmp_path), plot=False)
     assert [r["variant"] for r in res["rows"]] == ["minigpt"]
-    assert res["rows"][0]["x eager"] == pytest.approx(1.0)  # its own baseline now
+    assert res["rows"][0]["x minigpt"] == pytest.approx(1.0)  # its own baseline now
     assert any("variant eager failed" in s and "no such kernel" in s for s in res["skipped"])
-    assert "variant eager failed" in open(res["paths"]["md"]).read()
+    md = open(res["paths"]["md"]).read()
+    assert "variant eager failed" in md and "tiny: x minigpt" in md
 
     def mine_fails(self):
         raise RuntimeError("broken kernel")

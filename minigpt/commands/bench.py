@@ -46,7 +46,9 @@ def add_arguments(p):
                    help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU")
     t.add_argument("--variants", default="auto",
                    help="comma-separated subset of " + ", ".join(VARIANTS) + "; auto: every "
-                        "one the device runs (the -graph ones, CUDA graphs, only on CUDA)")
+                        "one the device runs (the -graph ones, CUDA graphs, only on CUDA). "
+                        "Ratios are to eager; without it, to the first one named (columns "
+                        "'x <that variant>')")
     t.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s for MFU (default: data-sheet table for "
                         "H100/H200/A100, an estimate on CPU)")
