@@ -151,7 +151,7 @@ def _positive_int(text):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="M = 1 and 8, fewer rounds")
     ap.add_argument("--m", type=_positive_ints, default=None,
                     help="comma-separated rows of x (default 1,2,4,8,16)")

@@ -98,7 +98,7 @@ def bench_shape(device, B, Hh, T, D, rounds):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the goal shapes the caps change")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

@@ -149,7 +149,7 @@ def write_tuned(results, path, arch, device_name, date):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check-only", action="store_true",
                     help="check every candidate against the default, time nothing")
     ap.add_argument("--shapes", default=",".join(SHAPES),

@@ -3,9 +3,12 @@ and PNG are written with the expected columns, that the numbers are positive and
 the variants train the same model (equal first-step losses), and that bad options fail with a
 clear message. (The torch.compile variant takes about a minute to compile on this CPU even
 for the tiny model, so it is exercised by the committed CPU results, not here.)"""
+import ast
 import csv
+import glob
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -13,6 +16,8 @@ import torch
 
 from minigpt import bench
 from minigpt.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _read_csv(path):
@@ -215,6 +220,20 @@ def test_bench_scripts_refuse_bad_options(script, argv, match, monkeypatch, caps
     assert e.value.code == 2
     assert match in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted(
+    glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))
+    + glob.glob(os.path.join(ROOT, "scripts", "*.py"))), ids=os.path.basename)
+def test_script_help_descriptions_are_whole_sentences(path):
+    """A script's --help description taken from its docstring is a whole paragraph, not its
+    first line cut mid-sentence."""
+    src = open(path).read()
+    m = re.search(r"description=(__doc__\.split\([^)]*\)\[\d+\])", src)
+    if m is None:
+        pytest.skip("no description from the docstring")
+    text = eval(m.group(1), {"__doc__": ast.get_docstring(ast.parse(src), clean=False)})
+    assert text.rstrip().endswith("."), text
 
 
 def test_decode_bytes_per_step():
