@@ -345,16 +345,19 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_gro
         state.setdefault(pid, {})[name] = t
     # Every parameter steps at every step, so a saved state covers all of them or none (a
     # save before the first step); a gap would restart that parameter's moments at zero.
-    names = {frozenset(st) for st in state.values()}
-    if state and (len(state) != len(params) or len(names) != 1):
-        missing = sorted(set(range(len(params))) - set(state))
+    missing = sorted(set(range(len(params))) - set(state))
+    if state and missing:
         raise CheckpointError(f"optimizer state is incomplete: parameters {missing[:5]} have "
-                              "no state, or parameters hold different entries")
+                              "no state")
+    if len({frozenset(st) for st in state.values()}) > 1:
+        raise CheckpointError("optimizer state is damaged: the parameters hold different "
+                              "entries (" + ", ".join(sorted({k for st in state.values()
+                                                              for k in st})) + ")")
     groups = []
     for saved, now in zip(param_groups, current["param_groups"]):
-        absent = sorted(set(now) - set(saved))
-        if absent:
-            raise CheckpointError(f"optimizer state: param_groups lack {absent}")
+        # Settings a newer torch added (2.13's decoupled_weight_decay, absent from a 2.5 save)
+        # take this optimizer's values, as torch's own load_state_dict would.
+        saved = {**{k: v for k, v in now.items() if k != "params"}, **saved}
         betas = saved.get("betas")
         if "betas" in now and not (isinstance(betas, (list, tuple)) and len(betas) == 2
                                    and all(isinstance(b, (int, float)) for b in betas)):

@@ -204,6 +204,15 @@ class _Dist:
             import torch.distributed as dist
             dist.barrier()
 
+    def rank0_says(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (what only rank 0 found out, e.g. in evaluation)."""
+        if not self.ddp:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
     def close(self):
         if self.ddp:
             import torch.distributed as dist
@@ -384,6 +393,8 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
     would, without the end-of-run extras."""
     explicit_given = explicit is not None
     explicit = set(explicit or ())
+    if cfg.data:  # saved with the run: --resume from another directory must find the same file
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; --out names the run's directory")
@@ -424,8 +435,6 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
         merged["out_dir"] = cfg.out_dir
         cfg = TrainConfig(**{**dataclasses.asdict(cfg), **merged})
     cfg.check()
-    if cfg.data:  # saved with the run: --resume from another directory must find the same file
-        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
 
     dist = _Dist(cfg.device)
     threads = torch.get_num_threads()
@@ -539,16 +548,18 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
         bar = tqdm(total=cfg.max_iters, initial=start_step, desc="train", unit="step",
                    dynamic_ncols=True, file=sys.stderr)
 
-    def evaluate(step):
+    bad_eval = {}
+
+    def evaluate(step) -> bool:
+        """Evaluate and log; False (nothing logged) for a non-finite loss. The training loss
+        is read before the step's update, so a step that made the weights NaN shows first
+        here; the run then stops before the log and the save, keeping the last good
+        checkpoint (and metrics.jsonl valid JSON)."""
         nonlocal best_val
         losses = estimate_loss(raw_model, splits, cfg, device, amp_dtype)
-        # The training loss is read before the step's update, so a step that made the weights
-        # NaN shows first here; stopping before the log and the save keeps the last good
-        # checkpoint (and metrics.jsonl valid JSON).
         if not all(math.isfinite(v) for v in losses.values()):
-            raise RuntimeError(f"training diverged by step {step} (evaluation loss "
-                               f"{losses['train']} train, {losses['val']} val); try a smaller "
-                               "--lr")
+            bad_eval.update(losses)
+            return False
         last.update(losses)
         best_val = min(best_val, losses["val"])
         row = {"kind": "eval", "step": step, "train_loss": losses["train"],
@@ -557,6 +568,7 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
         log.log(row)
         msg = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         (bar.write(msg) if bar is not None else _print(msg))
+        return True
 
     def draw(g, step, micro):
         """Micro-batch ``micro`` of ``step``: the same one whenever that step runs (resume)."""
@@ -642,11 +654,15 @@ def _train(cfg: TrainConfig, dist: _Dist, out_dir: Path, resumed, overwrite, _st
                     bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                evaluate(step)
-            if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
-                ckpt.save_checkpoint(out_dir, raw_model, tokenizer, train_state(step), optimizer)
-                log.saved()
+        eval_step = step % cfg.eval_interval == 0 or step == cfg.max_iters
+        finite = evaluate(step) if eval_step and dist.master else True
+        if eval_step and not dist.rank0_says(finite):  # every rank stops, none waits for 0
+            raise RuntimeError(f"training diverged by step {step} (evaluation loss "
+                               f"{bad_eval.get('train')} train, {bad_eval.get('val')} val); "
+                               "try a smaller --lr")
+        if dist.master and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
+            ckpt.save_checkpoint(out_dir, raw_model, tokenizer, train_state(step), optimizer)
+            log.saved()
         if dist.ddp and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
             dist.barrier()  # ranks leave together; resumed ranks find the checkpoint complete
         if step_read == step:  # the next interval's clock starts after this step's eval and save

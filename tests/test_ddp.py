@@ -62,3 +62,41 @@ def test_two_cpu_ranks(tmp_path):
                         eval_interval=3))
     sd = single["model"].state_dict()
     assert any(not torch.equal(sd[k], w0[k]) for k in w0)
+
+
+def _nan_eval_worker(rank, world, port, corpus, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from minigpt import train as train_mod
+
+    real = train_mod.estimate_loss
+
+    def nan_at_step_3(model, splits, cfg, *a, **k):  # rank 0 alone evaluates
+        out = real(model, splits, cfg, *a, **k)
+        nan_at_step_3.calls += 1
+        return dict(out, val=float("nan")) if nan_at_step_3.calls == 2 else out
+
+    nan_at_step_3.calls = 0
+    train_mod.estimate_loss = nan_at_step_3
+    try:
+        train_mod.train(tiny(corpus, out, max_iters=6, ckpt_interval=3, eval_interval=3))
+        said = "finished"
+    except RuntimeError as e:
+        said = str(e)
+    with open(os.path.join(result_dir, f"said{rank}.txt"), "w") as f:
+        f.write(said)
+
+
+@pytest.mark.timeout(300)
+def test_a_nan_evaluation_stops_every_rank(tmp_path):
+    # Only rank 0 evaluates: when it alone stopped, rank 1 waited in the next collective
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text(), encoding="utf-8")
+    mp.start_processes(_nan_eval_worker,
+                       args=(2, _free_port(), str(corpus), str(tmp_path / "out"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        said = (tmp_path / f"said{rank}.txt").read_text()
+        assert said.startswith("training diverged by step 3 (evaluation loss"), (rank, said)
+    assert not (tmp_path / "out" / ckpt.CKPT).exists()  # step 3's save never happened
