@@ -255,7 +255,6 @@ def read_hf(path: str):
     except (AttributeError, TypeError) as e:  # a value of the wrong JSON type
         raise ValueError(f"{where}: malformed config ({e})") from e
     sd = _read_safetensors(path)
-    _check_tensors(sd, path)
     if kind == "llama":
         from minigpt.model import llama_state_dict_to_minigpt
 
@@ -265,6 +264,8 @@ def read_hf(path: str):
             ours["lm_head.weight"] = ours["transformer.wte.weight"]
     else:
         ours = gpt2_state_dict_to_minigpt(sd, config, path)
+    # On the weights taken: older GPT-2 files hold uint8/bool causal-mask buffers, dropped.
+    _check_tensors(ours, path)
     return config, ours
 
 

@@ -395,8 +395,12 @@ class GPT(nn.Module):
         # The rope tables are buffers that no state dict restores: a round trip through a
         # narrower dtype (.to(bfloat16).to(float32)) kept bf16's rounding in them. Rebuilt
         # from the config, they are exact in whatever dtype and device the move gives.
+        before = getattr(self, "rope_cos", None)
         out = super()._apply(fn, recurse)
-        if self.config.pos == "rope" and not self.rope_cos.is_meta:
+        # A move that changed nothing keeps the same tensors (a CUDA graph captured on them
+        # stays valid).
+        rope = self.config.pos == "rope"
+        if rope and self.rope_cos is not before and not self.rope_cos.is_meta:
             cos, sin = rope_tables(self.config.block_size, self.config.head_dim,
                                    self.config.rope_base)
             kw = dict(device=self.rope_cos.device, dtype=self.rope_cos.dtype)

@@ -103,14 +103,16 @@ def _mask_is_causal(mask: Optional[torch.Tensor], T: int, S: int) -> bool:
         # torch 2.11 refused the bool() under fullgraph=True; transformers passes a mask
         # there that 2.13 leaves out): transformers' own attention takes the mask as it is.
         return False
+    # Inference-mode tensors keep no version counter (and cannot be written outside it).
+    now = None if mask.is_inference() else mask._version
     ref, version, causal = _mask_memo[0]
-    if ref is not None and ref() is mask and version == mask._version:
+    if ref is not None and ref() is mask and version == now:
         return causal
     allowed = mask if mask.dtype == torch.bool else mask == 0  # additive masks: 0 = attend
     i = torch.arange(T, device=mask.device).unsqueeze(1)
     j = torch.arange(S, device=mask.device).unsqueeze(0)
     causal = bool((allowed == (j <= i + (S - T))).all())
-    _mask_memo[0] = (weakref.ref(mask), mask._version, causal)
+    _mask_memo[0] = (weakref.ref(mask), now, causal)
     return causal
 
 

@@ -62,14 +62,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else logits!r}")
     # NaN (or +inf) logits come from damaged weights or an overflow in a 16-bit dtype, and a
     # row all -inf (a mask that rules out every token) leaves nothing to choose: argmax would
-    # quietly pick token 0 (often the end of text), multinomial fail with torch's words. Both
-    # checks in one host sync: this runs once per generated token.
-    nonfinite, empty = torch.stack([((logits != logits) | (logits == math.inf)).any(),
-                                    (logits == -math.inf).all(dim=-1).any()]).tolist()
-    if nonfinite:
-        raise ValueError("sample_next: the logits hold NaN or inf (damaged weights, or values "
-                         "that overflow the model's dtype: try float32)")
-    if empty:
+    # quietly pick token 0 (often the end of text), multinomial fail with torch's words. A
+    # row's max is NaN, +inf or -inf in exactly these cases: one reduction and one host sync,
+    # as this runs once per generated token; which case it was is worked out only on failure.
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        if bool(((logits != logits) | (logits == math.inf)).any()):
+            raise ValueError("sample_next: the logits hold NaN or inf (damaged weights, or "
+                             "values that overflow the model's dtype: try float32)")
         rows = (logits == -math.inf).all(dim=-1).nonzero()[:, 0].tolist()
         raise ValueError(f"sample_next: every logit of row(s) {rows[:10]} is -inf: no token is "
                          "left to choose (a mask that rules out the whole vocabulary?)")

@@ -483,6 +483,10 @@ def test_rope_tables_come_back_exact_after_a_narrow_dtype():
     half = make_model(llama_config()).to(torch.bfloat16)
     assert half.rope_cos.dtype == torch.bfloat16
     assert torch.equal(half.rope_cos, ref.rope_cos.to(torch.bfloat16))
+    # a move that changes nothing keeps the very tensors (a captured CUDA graph reads them)
+    cos = ref.rope_cos
+    ref.to(torch.float32).to("cpu")
+    assert ref.rope_cos is cos
 
 
 def test_llama_state_dict_mapping():

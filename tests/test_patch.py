@@ -162,6 +162,23 @@ def test_bidirectional_llama_is_not_run_causal(attn_implementation):
         _rel_close(patched(ids).logits, ref(ids).logits, "config.is_causal=False")
 
 
+def test_padded_batch_under_inference_mode():
+    # transformers' pipelines run in inference mode, whose tensors have no version counter
+    ref = _model()
+    patched = apply_to_llama(copy.deepcopy(ref))
+    ids, _ = _batch()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.inference_mode():
+        for _ in range(2):  # the second call finds the memo
+            a = ref(ids, attention_mask=mask).logits
+            b = patched(ids, attention_mask=mask).logits
+            _rel_close(b[0], a[0], "logits row 0")
+            _rel_close(b[1, 5:], a[1, 5:], "logits row 1")
+        full = torch.ones_like(ids)
+        _rel_close(patched(ids, attention_mask=full).logits, ref(ids).logits, "unpadded")
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_a_mask_refilled_in_place_is_read_again(attn_implementation):
     # one 4-D mask buffer reused for each batch (packed documents): the memo of "causal?" was
