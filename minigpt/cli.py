@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -51,6 +52,15 @@ def main(argv=None) -> int:
         return 2
     try:
         rc = args._run(args)
+    except BrokenPipeError:
+        # The reader left early (`| head`): nothing to report. stdout goes to devnull so that
+        # Python's flush at exit does not fail on the closed pipe again (Python's docs' recipe).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+            pass
+        return 1
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         # Bad input and file-system trouble (a missing file, a path that is a file where a
         # folder is wanted, no permission) get one clear line, not a traceback.

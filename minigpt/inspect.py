@@ -55,9 +55,11 @@ def _check_source(checkpoint, model):
                          "(e.g. smollm2, a .gguf file, a Hugging Face folder)")
 
 
-def load_model(checkpoint=None, model=None, device="cpu", dtype=torch.float32):
+def load_model(checkpoint=None, model=None, device="cpu", dtype=torch.float32,
+               need_tokenizer=True):
     """-> (model in eval mode, tokenizer, label) from a ``minigpt train`` checkpoint directory
-    or a ``minigpt.load`` name/path (checkpoint wins when both are given)."""
+    or a ``minigpt.load`` name/path (checkpoint wins when both are given). A model without a
+    tokenizer is an error unless ``need_tokenizer`` is False (the tokenizer is then None)."""
     _check_source(checkpoint, model)
     if checkpoint is None and _is_checkpoint_dir(model):
         checkpoint = model
@@ -69,17 +71,21 @@ def load_model(checkpoint=None, model=None, device="cpu", dtype=torch.float32):
     import minigpt
 
     m, tok = minigpt.load(model, dtype=dtype, device=device)
-    if tok is None:
+    if tok is None and need_tokenizer:
         raise ValueError(f"{model} has no tokenizer; cannot turn text into tokens")
     return m.eval(), tok, f"model {model}"
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" + "s" * (n != 1)
 
 
 def _gguf_path(model) -> Optional[str]:
     from minigpt import loaders
 
     name = os.fspath(model)
-    if name.lower() in loaders.PACKAGED:
-        return loaders.packaged_path(name.lower())
+    if name.lower() in loaders.PACKAGED and not os.path.exists(name):  # as minigpt.load: a
+        return loaders.packaged_path(name.lower())                     # path of that name wins
     if os.path.isfile(name):
         return name
     return None
@@ -161,7 +167,7 @@ def load_info(checkpoint=None, model=None, dtype=torch.float32) -> ModelInfo:
                              f"model {model} ({os.path.basename(gguf)})", dtype,
                              os.path.basename(gguf),
                              os.path.getsize(gguf), types)
-    m, tok, label = load_model(checkpoint, model, "cpu", dtype)
+    m, tok, label = load_model(checkpoint, model, "cpu", dtype, need_tokenizer=False)
     file, types = None, {}
     if checkpoint is not None:
         from safetensors import safe_open
@@ -258,7 +264,7 @@ def param_table(model: GPT) -> str:
         share = 100 * n / total
         share = f"{share:.1f}%" if share >= 0.1 or n == 0 else "<0.1%"
         rows.append([part, f"{n:,}", share, per_layer, what[part]])
-    rows.append(["**total**", f"**{total:,}**", "100%", "", f"{c.n_layer} layers"])
+    rows.append(["**total**", f"**{total:,}**", "100%", "", _layers(c.n_layer)])
     return _markdown(["part", "parameters", "share", "per layer", "what"], rows, "lrrrl")
 
 
@@ -317,10 +323,11 @@ def inspect_report(info: ModelInfo) -> str:
                   "SwiGLU" if c.mlp == "swiglu" else "GELU",
                   "grouped-query attention" if c.n_kv_head < c.n_head else "multi-head attention"]))
     tok = info.tokenizer
-    tok_kind = "characters" if type(tok).__name__ == "CharTokenizer" else "byte-level BPE"
+    tok_kind = ("no tokenizer" if tok is None else
+                "characters" if type(tok).__name__ == "CharTokenizer" else "byte-level BPE")
     elt = torch.empty((), dtype=info.dtype).element_size()
     lines = [f"# {info.label}", "",
-             f"{family}; {c.n_layer} layers, {c.n_head} heads of {c.head_dim}, d_model "
+             f"{family}; {_layers(c.n_layer)}, {c.n_head} heads of {c.head_dim}, d_model "
              f"{c.n_embd}.",
              f"context length: {c.block_size:,} tokens; vocabulary: {c.vocab_size:,} tokens "
              f"({tok_kind})",
@@ -618,6 +625,7 @@ class Step:
     chosen_text: str
     chosen_prob: float
     chosen_rank: int             # 1 = the most likely
+    text: str = ""               # context + the chosen token, decoded together
 
 
 @torch.no_grad()
@@ -663,7 +671,10 @@ def next_token_steps(model: GPT, tok, prompt: str, steps: int = 5, top: int = 5,
         rank = int((probs > probs[nxt]).sum()) + 1
         out.append(Step(tok.decode(context), [(int(a), token_pieces(tok, [int(a)])[0], float(b))
                                               for a, b in zip(i.tolist(), p.tolist())],
-                        nxt, token_pieces(tok, [nxt])[0], float(probs[nxt]), rank))
+                        nxt, token_pieces(tok, [nxt])[0], float(probs[nxt]), rank,
+                        # decoded whole: a character of several byte tokens is only one once
+                        # all of them are there, never the context's U+FFFD plus a piece
+                        tok.decode(context + [nxt])))
         context.append(nxt)
         if nxt in stops or s + 1 == steps:
             break
@@ -686,7 +697,7 @@ def steps_report(steps: list, bar_width: int = 30) -> str:
                          f"(rank {st.chosen_rank})")
     if steps:
         last = steps[-1]
-        lines.append(f"text: {last.context + last.chosen_text!r}")
+        lines.append(f"text: {last.text!r}")
     return "\n".join(lines)
 
 

@@ -433,6 +433,58 @@ def test_exported_hf_folder_reads_as_the_model_it_came_from(ckpts, kind, tmp_pat
                                    rtol=0, atol=1e-6)
 
 
+def test_a_folder_named_like_a_packaged_model_is_read_as_that_folder(ckpts, tmp_path, capsys,
+                                                                     monkeypatch):
+    # inspect and tokenize had read the packaged SmolLM2 where minigpt.load takes the folder
+    from minigpt import hf
+
+    model, tok, _ = look.load_model(ckpts["gpt"])
+    hf.export_hf(model, str(tmp_path / "smollm2"), tok)
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, "inspect", "--model", "smollm2")
+    assert rc == 0, err
+    assert "2 layers" in out and "characters" in out
+    rc, out, err = _run(capsys, "tokenize", "--model", "smollm2", "The")
+    assert rc == 0, err
+    assert f"vocabulary {tok.vocab_size}: 3 tokens for 3 characters" in out
+
+
+def test_inspect_a_model_without_a_tokenizer(ckpts, tmp_path, capsys):
+    from minigpt import hf
+
+    model, _, _ = look.load_model(ckpts["llama"])
+    hf.export_hf(model, str(tmp_path / "bare"))          # no tokenizer written
+    rc, out, err = _run(capsys, "inspect", "--model", tmp_path / "bare")
+    assert rc == 0, err
+    assert "3 layers" in out and "no tokenizer" in out
+    rc, out, err = _run(capsys, "tokenize", "--model", tmp_path / "bare", "The")
+    assert rc == 1 and "has no tokenizer" in err
+
+
+def test_next_token_text_line_is_the_whole_decode(ckpts, capsys):
+    model, tok, _ = look.load_model(ckpts["gpt"])
+    steps = look.next_token_steps(model, tok, "The ", steps=4, temperature=0)
+    chosen = [st.chosen for st in steps]
+    for k, st in enumerate(steps):
+        assert st.text == tok.decode(tok.encode("The ") + chosen[:k + 1])
+    assert look.steps_report(steps).splitlines()[-1] == f"text: {steps[-1].text!r}"
+    # a character of several byte tokens: the context alone decodes to U+FFFD; the line
+    # must show the character the chosen token completes, not U+FFFD and a raw byte piece
+    partial = look.Step("cat \ufffd", [(7, "\u00be", 0.9)], 7, "\u00be", 0.9, 1, "cat \u9f8d")
+    assert look.steps_report([partial]).splitlines()[-1] == "text: 'cat \u9f8d'"
+
+
+def test_broken_pipe_is_a_quiet_exit(ckpts, capsys, monkeypatch):
+    import minigpt.commands.inspect as cmd
+
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cmd, "run", reader_left)
+    rc, out, err = _run(capsys, "inspect", "--checkpoint", ckpts["gpt"])
+    assert rc == 1 and err == ""
+
+
 # ---- SmolLM2 ---------------------------------------------------------------------------------
 
 @needs_smollm2

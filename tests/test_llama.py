@@ -468,6 +468,44 @@ def test_cli_chat_reads_stdin(tiny):
     assert lines[0] == tok.decode(want, skip_special_tokens=True)
 
 
+def test_cli_chat_drops_a_message_too_long_and_goes_on(tiny):
+    path, _, _ = tiny
+    args = ["chat", "--model", path, "--temperature", "0", "--max-new-tokens", "5",
+            "--device", "cpu"]
+    long = "The quick brown fox jumps over the lazy dog. " * 20  # > the context of 160
+    r = _cli(args, stdin=f"hello\n{long}\nhow are you\n")
+    assert r.returncode == 0, r.stderr
+    assert "does not fit the model's context" in r.stderr and "message dropped" in r.stderr
+    # the conversation went on as if the long message had not been sent
+    assert r.stdout == _cli(args, stdin="hello\nhow are you\n").stdout
+    assert r.stdout.count("\n") == 2
+
+
+@pytest.mark.parametrize("stops", [True, False], ids=["stop-token", "context-full"])
+def test_generate_says_the_context_is_full_only_when_it_was(tiny, stops, monkeypatch, capsys):
+    from minigpt.cli import main
+    from minigpt.commands import generate
+
+    path, _, _ = tiny
+    _, tok = minigpt.load(path)
+    eos, other = tok.eos_id, 5
+    assert other not in tok.stop_ids
+
+    def fake_generate(model, ids, n, *a, **k):  # a stop token at once, or tokens to the end
+        room = model.config.block_size - len(ids)
+        for i in range(min(n, room)):
+            yield torch.tensor([eos if stops and i == 3 else other])
+            if stops and i == 3:
+                return
+
+    monkeypatch.setattr(generate, "stream_generate", fake_generate)
+    rc = main(["generate", "--model", path, "--prompt", "hi", "--max-new-tokens", "1000",
+               "--temperature", "0", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert ("context of 160 tokens is full" in err) is not stops, err
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 def test_missing_file():
@@ -695,6 +733,15 @@ def test_hf_gpt2_without_embedding_is_a_clear_error(tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "g" / "model.safetensors"))
     with pytest.raises(ValueError, match="'transformer.wte.weight' .* is missing"):
         minigpt.load(str(tmp_path / "g"))
+    # older transformers saved GPT-2's causal-mask buffers (uint8 or bool): dropped, not
+    # refused as integer weights
+    sd = {k: v.contiguous() for k, v in gpt2_export_state_dict(m).items()}
+    sd["transformer.h.0.attn.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.uint8).tril()
+    sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(sd, str(tmp_path / "g" / "model.safetensors"))
+    ids = torch.randint(0, 5, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(minigpt.load(str(tmp_path / "g"))[0](ids)[0], m(ids)[0])
 
 
 @pytest.mark.parametrize("key,value,match", [

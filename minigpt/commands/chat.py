@@ -63,7 +63,12 @@ def run(args) -> int:
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
-        ids, messages = _fit(tokenizer, messages, context, reserve)
+        try:
+            ids, messages = _fit(tokenizer, messages, context, reserve)
+        except ValueError as e:  # this message alone is too long: the conversation goes on
+            messages.pop()
+            print(f"minigpt chat: {e}; message dropped", file=sys.stderr)
+            continue
         reply = stream_text(model, tokenizer, ids, args, stats=stats)
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -144,9 +144,10 @@ def make_generator(seed, device) -> Optional[torch.Generator]:
     return seeded_generator(seed, device)
 
 
-def stream_text(model, tokenizer, ids, args, out=None, stats=None) -> str:
+def stream_text(model, tokenizer, ids, args, out=None, stats=None, info=None) -> str:
     """Generate from ``ids`` (one sequence), writing text to ``out`` (default: the current
-    sys.stdout) as it comes; returns it."""
+    sys.stdout) as it comes; returns it. ``info`` (a dict) receives how it ended: ``tokens``
+    generated, and ``stopped`` (at a stop token)."""
     # Looked up per call, not bound as the default at import: a stdout replaced since then
     # (pytest's capture, a redirecting caller) would otherwise get nothing, or a closed file.
     out = sys.stdout if out is None else out
@@ -154,10 +155,14 @@ def stream_text(model, tokenizer, ids, args, out=None, stats=None) -> str:
     decoder = tokenizer.stream_decoder() if hasattr(tokenizer, "stream_decoder") else None
     gen = make_generator(args.seed, model.transformer.wte.weight.device)
     pieces = []
+    info = {} if info is None else info
+    info.update(tokens=0, stopped=False)
     for tok in stream_generate(model, ids, args.max_new_tokens, args.temperature, args.top_k,
                                args.top_p, gen, stop_ids, stats):
         t = int(tok[0])
+        info["tokens"] += 1
         if t in stop_ids:
+            info["stopped"] = True
             break
         piece = decoder.push(t) if decoder is not None else tokenizer.decode([t])
         pieces.append(piece)
@@ -207,10 +212,12 @@ def run(args) -> int:
     if not args.chat:
         sys.stdout.write(prompt)
     stats = Stats() if args.stats else None
-    stream_text(model, tokenizer, ids, args, stats=stats)
+    info = {}
+    stream_text(model, tokenizer, ids, args, stats=stats, info=info)
     sys.stdout.write("\n")
     room = model.config.block_size - len(ids)
-    if room < args.max_new_tokens:
+    # Only when the context did end it: a reply that stopped at its end token ended itself.
+    if room < args.max_new_tokens and info.get("tokens", 0) >= room and not info.get("stopped"):
         print(f"[stopped after at most {room} tokens: the model's context of "
               f"{model.config.block_size} tokens is full]", file=sys.stderr)
     if stats is not None:
