@@ -245,7 +245,7 @@ def main():
             o["decode x"] = o["decode tok/s"] / t["decode tok/s"]
         gemms = stats["prompt gemms"]["median"]
         o["prefill x ceiling"] = stats["transformers first"]["median"] / gemms
-        H.print_table(rows[-2:], H.columns_of(rows[-2:], COLS))
+        H.print_table(rows[-2:], COLS)  # all columns: the batches' tables line up
     notes = (f"Greedy decoding of {N} new tokens after a {P}-token prompt; prefill = time to the "
              "first new token; decode = the remaining tokens (a round's time for all less its "
              "time for the first, median over the rounds; blank with a note where not "

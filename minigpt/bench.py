@@ -843,8 +843,8 @@ def decode_split(stats, name: str) -> tuple[float, Optional[float]]:
 
 def decode_not_measured(n_new: int) -> str:
     """The note of a row whose decode time decode_split could not measure."""
-    return (f"decode not measured: the median round's {n_new} tokens took no longer than its "
-            "first; rerun with more --new-tokens or --reps, or on a quieter machine")
+    return (f"decode not measured: in the median round the {n_new} tokens took no longer than "
+            "the first alone; rerun with more --new-tokens or --reps, or on a quieter machine")
 
 
 class _GreedyRunner:
@@ -1053,6 +1053,8 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
         bms = next(r for r in rows[-len(gens):] if r["impl"] == base)["ms/step"]
         for r in rows[-len(gens):]:
             r["x base"] = bms / r["ms/step"] if (bms and r["ms/step"]) else None
+            if not bms and r["ms/step"] and r["note"] is None:
+                r["note"] = f"x base blank: the baseline's ({base}) decode was not measured"
         H.print_table(rows[-len(gens):], H.columns_of(rows[-len(gens):], DECODE_COLUMNS))
     out = Path(out) if out else DEFAULT_OUT
     header = _header(H, dev, extra)

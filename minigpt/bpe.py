@@ -13,6 +13,7 @@ import json
 import numbers
 import operator
 import os
+import warnings
 from typing import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -109,7 +110,8 @@ class BPETokenizer:
         if tok.get_vocab_size() != len(tokens):
             raise ValueError("GGUF tokenizer vocabulary has duplicate tokens")
         endoftext = vocab.get("<|endoftext|>")
-        ids = {name: _gguf_token_id(meta, f"tokenizer.ggml.{key}_token_id", len(tokens))
+        ids = {name: _gguf_token_id(meta, f"tokenizer.ggml.{key}_token_id", len(tokens),
+                                    used=name in ("bos_id", "eos_id"))
                for name, key in (("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding"),
                                  ("unk_id", "unknown"))}
         add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
@@ -131,6 +133,10 @@ class BPETokenizer:
             tok = Tokenizer.from_file(tj)
         except Exception as e:  # tokenizers raises a bare Exception
             raise ValueError(f"{tj} is not a readable tokenizer.json ({e})") from None
+        # Padding or truncation saved in the file would pad every prompt (and the BOS probe
+        # below) or cut it without a word; transformers turns both off for each call too.
+        tok.no_padding()
+        tok.no_truncation()
         cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
         cfg.update({k: v for k, v in _read_json(os.path.join(path, "special_tokens_map.json")).items()
                     if k not in cfg})
@@ -330,15 +336,24 @@ def _compile_template(source: str):
     return _TEMPLATES[source]
 
 
-def _gguf_token_id(meta: dict, key: str, n_tokens: int):
+def _gguf_token_id(meta: dict, key: str, n_tokens: int, used: bool = True):
     """``meta[key]`` as a token id of the vocabulary (None when absent). One past it was added
-    to every prompt (a BOS) and failed in the model; a string landed in the stop ids."""
+    to every prompt (a BOS) and failed in the model; a string landed in the stop ids. An id
+    that nothing here uses (``used`` False: padding, unknown) out of range is dropped with a
+    warning, as llama.cpp does, rather than making the whole model unloadable."""
     v = meta.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < n_tokens:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise ValueError(f"GGUF metadata {key!r} must be a token id in [0, {n_tokens}) (the "
                          f"vocabulary), got {v!r}")
+    if not 0 <= v < n_tokens:
+        if used:
+            raise ValueError(f"GGUF metadata {key!r} must be a token id in [0, {n_tokens}) "
+                             f"(the vocabulary), got {v!r}")
+        warnings.warn(f"GGUF metadata {key!r} = {v} is outside the vocabulary of {n_tokens} "
+                      "tokens; ignored", stacklevel=3)
+        return None
     return int(v)
 
 

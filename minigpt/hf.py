@@ -181,7 +181,7 @@ def llama_config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
     if head_dim * n_head != n_embd:
         raise ValueError(f"{where}: head_dim {head_dim} x {n_head} heads != hidden_size {n_embd}; "
                          "not supported")
-    tie = cfg.get("tie_word_embeddings", False)
+    tie = cfg.get("tie_word_embeddings") or False   # null: transformers' false
     if not isinstance(tie, bool):  # the string "false" would tie
         raise ValueError(f"{where}: tie_word_embeddings must be true or false, got {tie!r}")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):

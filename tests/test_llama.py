@@ -479,6 +479,9 @@ def test_cli_chat_drops_a_message_too_long_and_goes_on(tiny):
     # the conversation went on as if the long message had not been sent
     assert r.stdout == _cli(args, stdin="hello\nhow are you\n").stdout
     assert r.stdout.count("\n") == 2
+    # a system message that leaves no room for any message ends the chat, as before
+    r = _cli(args + ["--system", long], stdin="hello\nhow are you\n")
+    assert r.returncode == 1 and "the system message is" in r.stderr and r.stdout == ""
 
 
 @pytest.mark.parametrize("stops", [True, False], ids=["stop-token", "context-full"])
@@ -690,6 +693,18 @@ def test_hf_llama_weights_must_fit_the_config_exactly(tiny, tiny_untied, tmp_pat
     ref, _ = minigpt.load(hf_dir)
     with torch.no_grad():
         torch.testing.assert_close(minigpt.load(str(d))[0](ids)[0], ref(ids)[0])
+
+
+def test_hf_config_tie_null_is_untied(tiny_untied, tmp_path):
+    _, hf_dir, _ = tiny_untied
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=None)))
+    ids = _prompts(cfg["vocab_size"])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(minigpt.load(str(d))[0](ids)[0],
+                                   minigpt.load(hf_dir)[0](ids)[0], rtol=0, atol=0)
 
 
 def test_hf_stray_or_listed_shards(tiny, tmp_path):

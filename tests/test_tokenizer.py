@@ -205,6 +205,24 @@ def test_from_dir_takes_the_bos_its_post_processor_adds(bpe_meta, tmp_path):
             assert (want[:1] == [BOS]) is adds
 
 
+def test_from_dir_ignores_padding_and_truncation_saved_in_the_file(bpe_meta, tmp_path):
+    # a padding section made the BOS probe (and every prompt) come back padded: with left
+    # padding by the BOS id, add_bos came out on and "hi" was 8 ids
+    tok = BPETokenizer.from_gguf_metadata(bpe_meta)
+    tok.save(str(tmp_path))
+    want = BPETokenizer.from_dir(str(tmp_path))
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    tj["padding"] = {"strategy": {"Fixed": 8}, "direction": "Left", "pad_to_multiple_of": None,
+                     "pad_id": BOS, "pad_type_id": 0, "pad_token": tok.decode([BOS])}
+    tj["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst",
+                        "stride": 0}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    got = BPETokenizer.from_dir(str(tmp_path))
+    assert got.add_bos is want.add_bos
+    text = "The capital of France is"
+    assert got.encode(text) == want.encode(text) and len(got.encode(text)) > 2
+
+
 def test_from_dir_refuses_add_bos_token_as_text(bpe_meta, tmp_path):
     tok = BPETokenizer.from_gguf_metadata(bpe_meta)
     tok.save(str(tmp_path))
@@ -219,6 +237,7 @@ def test_from_dir_refuses_add_bos_token_as_text(bpe_meta, tmp_path):
     ("eos_token_id", "2", r"'tokenizer.ggml.eos_token_id' must be a token id .* got '2'"),
     ("eos_token_id", -1, r"'tokenizer.ggml.eos_token_id' must be a token id .* got -1"),
     ("padding_token_id", 2.0, r"'tokenizer.ggml.padding_token_id' must be a token id"),
+    ("eos_token_id", "VOCAB", r"'tokenizer.ggml.eos_token_id' must be a token id in \[0, N\)"),
     ("unknown_token_id", True, r"'tokenizer.ggml.unknown_token_id' must be a token id"),
     ("add_bos_token", "false", r"'tokenizer.ggml.add_bos_token' must be a boolean, got 'false'"),
     ("add_bos_token", 0, r"'tokenizer.ggml.add_bos_token' must be a boolean, got 0"),
@@ -230,6 +249,19 @@ def test_gguf_metadata_ids_and_flags_are_checked(bpe_meta, key, value, message):
     value = n if value == "VOCAB" else value   # one past the last id
     with pytest.raises(ValueError, match=message.replace("N", str(n))):
         BPETokenizer.from_gguf_metadata(dict(bpe_meta, **{"tokenizer.ggml." + key: value}))
+
+
+def test_gguf_unused_ids_out_of_range_are_dropped_with_a_warning(bpe_meta):
+    # llama.cpp warns and goes on; refusing made the whole model unloadable for ids that
+    # nothing here uses
+    n = len(bpe_meta["tokenizer.ggml.tokens"])
+    meta = dict(bpe_meta, **{"tokenizer.ggml.padding_token_id": n + 5,
+                             "tokenizer.ggml.unknown_token_id": n})
+    with pytest.warns(UserWarning) as said:
+        tok = BPETokenizer.from_gguf_metadata(meta)
+    assert sorted(str(w.message).split("'")[1] for w in said) == [
+        "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id"]
+    assert tok.pad_id is None and tok.unk_id is None and tok.eos_id == EOS
 
 
 def test_gguf_metadata_ids_as_read(bpe_meta):

@@ -20,6 +20,10 @@ def add_arguments(p):
                    help="system message (default: the chat template's own, if it has one)")
 
 
+class MessageTooLong(ValueError):
+    """The newest message alone does not fit the context: the chat drops it and goes on."""
+
+
 def _fit(tokenizer, messages, context, reserve):
     """Render the conversation; drop the oldest turns (never the system message) until the
     prompt leaves ``reserve`` tokens of room for the reply."""
@@ -30,8 +34,15 @@ def _fit(tokenizer, messages, context, reserve):
             return ids, msgs
         first = 1 if msgs and msgs[0]["role"] == "system" else 0
         if len(msgs) - first <= 1:
-            raise ValueError(f"the message is {len(ids)} tokens long; with room for a reply of "
-                             f"{reserve} tokens it does not fit the model's context of {context}")
+            if first:
+                alone = len(tokenizer.encode_chat(msgs[:1], add_generation_prompt=True))
+                if alone + reserve > context:  # no message could fit: not this message's fault
+                    raise ValueError(f"the system message is {alone} tokens long; with room for "
+                                     f"a reply of {reserve} tokens it leaves no room in the "
+                                     f"model's context of {context}")
+            raise MessageTooLong(f"the message is {len(ids)} tokens long; with room for a reply "
+                                 f"of {reserve} tokens it does not fit the model's context of "
+                                 f"{context}")
         del msgs[first:first + 2]   # the oldest user turn and its reply
 
 
@@ -65,7 +76,7 @@ def run(args) -> int:
         messages.append({"role": "user", "content": text})
         try:
             ids, messages = _fit(tokenizer, messages, context, reserve)
-        except ValueError as e:  # this message alone is too long: the conversation goes on
+        except MessageTooLong as e:  # this message alone is too long: the conversation goes on
             messages.pop()
             print(f"minigpt chat: {e}; message dropped", file=sys.stderr)
             continue
