@@ -33,6 +33,12 @@ def attention(q, k, v, causal=True, scale=None, dropout_p=0.0, seed=None):
     return (p @ vf).to(q.dtype)
 
 
+def _forward_ad_dual(t) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    return fwAD._current_level >= 0 and fwAD.unpack_dual(t).tangent is not None
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None):
     """One new query per sequence against its cache. q (B, Hq, 1, D); caches (B, Hkv, S_max, D);
     sequence b attends to its first ``cache_seqlens[b]`` keys (the new token's own key and value
@@ -45,9 +51,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None):
     # Positions past a sequence's length hold whatever the cache buffer held (torch.empty: NaN
     # or inf too). A -inf score alone does not hide them: p @ v computes 0 * inf = NaN there,
     # and the backward's dq = ds @ k does the same with the keys. Zeroed, they are inert, as
-    # in the kernels, which never read past the length.
+    # in the kernels, which never read past the length. The keys only where q's gradient is
+    # wanted (the scores' NaN is masked anyway): a decode step without autograd, the usual
+    # one, pays a pass over the values alone.
     hide = ~valid[:, None, :, None]
-    kf = acc(k_cache).masked_fill(hide, 0.0).repeat_interleave(rep, dim=1)
+    kf = acc(k_cache)
+    if q.requires_grad or _forward_ad_dual(q):
+        kf = kf.masked_fill(hide, 0.0)
+    kf = kf.repeat_interleave(rep, dim=1)
     vf = acc(v_cache).masked_fill(hide, 0.0).repeat_interleave(rep, dim=1)
     s = acc(q) @ kf.transpose(-1, -2) * scale  # (B, Hq, 1, S_max)
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
