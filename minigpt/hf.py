@@ -258,14 +258,16 @@ def read_hf(path: str):
     if kind == "llama":
         from minigpt.model import llama_state_dict_to_minigpt
 
+        _check_tensors(sd, path)
         _check_llama_tensors(sd, config, path)
         ours = llama_state_dict_to_minigpt(sd, config)
         if config.tie_embeddings:
             ours["lm_head.weight"] = ours["transformer.wte.weight"]
     else:
         ours = gpt2_state_dict_to_minigpt(sd, config, path)
-    # On the weights taken: older GPT-2 files hold uint8/bool causal-mask buffers, dropped.
-    _check_tensors(ours, path)
+        # After the conversion: older GPT-2 files hold uint8/bool causal-mask buffers, which
+        # it drops.
+        _check_tensors(ours, path)
     return config, ours
 
 

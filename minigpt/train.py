@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import gc
 import json
 import math
 import os
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -443,6 +445,15 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
     try:
         with _backend.backend_env(cfg.backend, none_unsets=False):
             return _train(cfg, dist, out_dir, resumed, overwrite, _stop_after)
+    except BaseException as e:
+        if dist.ddp:
+            # The traceback holds _train's frame and with it the DDP wrapper, whose reducer
+            # keeps the process group alive past dist.close(): gloo's threads were then torn
+            # down at interpreter exit, an abort ("terminate called without an active
+            # exception") after the error message. Returning frees them; an error must too.
+            traceback.clear_frames(e.__traceback__)
+            gc.collect()
+        raise
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         dist.close()
