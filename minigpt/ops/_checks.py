@@ -108,8 +108,8 @@ def no_host_sync():
 def host_checks(t: torch.Tensor) -> bool:
     """Whether a check that reads ``t``'s values on the host may run now: not while
     torch.compile traces, not while a CUDA graph is being captured, not inside
-    ``no_host_sync()``, not for a tensor that has no values to read (a meta tensor, or one
-    that a torch.func transform wraps, as vmap's batched tensors)."""
+    ``no_host_sync()``, not for a tensor that has no values to read (a meta tensor), not
+    under a torch.func transform (vmap's batched tensors have none either)."""
     if torch.compiler.is_compiling():
         return False
     if getattr(_state, "depth", 0):
@@ -118,12 +118,12 @@ def host_checks(t: torch.Tensor) -> bool:
     # "Cannot access data pointer", which named neither the op nor the cause.
     if t.is_meta:
         return False
-    if _functorch_level() is not None and _is_functorch_wrapped(t):
+    # Under any torch.func transform, not only for the tensors it wraps: torch 2.5 refused
+    # even a plain tensor's .tolist() inside jvp and grad ("Cannot access data pointer").
+    if _functorch_level() is not None:
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-# Both present since torch 2.0; stand-ins where they are not.
+# Present since torch 2.0; a stand-in where it is not.
 _functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
-_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
-                                lambda t: False)
