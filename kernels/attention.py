@@ -588,6 +588,24 @@ def heads_inner(B, H, T, D, dtype, device):
     return torch.empty((B, T, H, D), dtype=dtype, device=device).transpose(1, 2)
 
 
+def check_offsets_fit_int32(*tensors):
+    """The kernels add a position's offset (position x its stride) to a pointer in 32-bit
+    arithmetic (only the batch and head offsets are 64-bit): a tensor whose last position
+    lies 2**31 or more elements past its first, within one batch item and head, would wrap
+    and read or write elsewhere (a q of 262,144 positions at 8192 wide already does). Such
+    tensors are refused with a ValueError that names the way around it."""
+    for t in tensors:
+        if t is None or t.dim() != 4:
+            continue
+        span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+        if t.shape[2] and span >= 2 ** 31:
+            raise ValueError(
+                f"attention (triton): a tensor of shape {tuple(t.shape)} and strides "
+                f"{t.stride()} spans {span:,} elements within one batch item and head, past "
+                "the 2**31 the Triton kernels address; use backend='cuda' (64-bit offsets) or "
+                "split the sequence")
+
+
 def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     """q (B, Hq, T, D), k, v (B, Hkv, S, D), unit last stride -> out (heads_inner layout),
     lse fp32 (contiguous). ``config``: tiles to use instead of tiles("fwd", ...) (the tuner's
@@ -596,6 +614,7 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = heads_inner(B, H, T, D, q.dtype, q.device)
+    check_offsets_fit_int32(q, k, v, out)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     BD = _block_d(D)
     seed, p, drop_scale, dropout = _dropout_args(dropout_p, seed)
@@ -636,6 +655,7 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.stride(-1) != 1:
         out = out.contiguous()
+    check_offsets_fit_int32(q, k, v, do, out, dq, dk, dv)
     BD = _block_d(D)
     _bwd_preprocess_kernel[(cdiv(T, 64), B * H)](
         out, do, delta, H, T, D, out.stride(0), out.stride(1), out.stride(2), do.stride(0),
@@ -713,6 +733,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
     """q (B, Hq, 1, D), caches (B, Hkv, S_max, D), cache_seqlens (B,) int32 -> out."""
     B, H, _, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    check_offsets_fit_int32(k_cache, v_cache)
     rep = H // Hkv
     split_len, nsplit = decode_splits(B, Hkv, S_max, q.device)
     BH, BN, BD = decode_blocks(D, rep, split_len, q.dtype, q.device)

@@ -603,3 +603,25 @@ def test_float64_takes_a_scale_beyond_float32(be):
         dec = ops.decode_attention(q[:, :, :1], k, v, L, scale=scale, backend=be)
         torch.testing.assert_close(dec, _eager_decode(q[:, :, :1], k, v, L, scale), rtol=1e-10,
                                    atol=1e-12)
+
+
+@pytest.mark.skipif(not _backend.is_available("triton", "cpu") and not torch.cuda.is_available(),
+                    reason="needs Triton (the interpreter or a GPU)")
+def test_triton_refuses_positions_past_int32_offsets():
+    # The Triton kernels take a position's offset (position x stride) in 32-bit arithmetic: a
+    # q whose rows lie 2**31 elements apart in all (a view into a wide packed tensor, or
+    # 262,144 positions at 8192 wide) segfaulted in the interpreter and would read elsewhere
+    # on a GPU. Meta tensors: the check needs only shapes and strides.
+    from minigpt.kernels import attention as kern
+
+    T, D = 64, 16
+    W = 2 ** 31 // (T - 1) + 64
+    q = torch.empty_strided((1, 1, T, D), (T * W, T * W, W, 1), device="meta")
+    k = torch.empty(1, 1, 8, D, device="meta")
+    with pytest.raises(ValueError, match=r"spans 2,147,\d{3},\d{3} elements .* backend='cuda'"):
+        kern.attention_fwd(q, k, k, False, 0.25)
+    with pytest.raises(ValueError, match="past the 2\\*\\*31"):
+        kern.decode_attention_fwd(k[:, :, :1], q, q, torch.ones(1, dtype=torch.int32), 0.25)
+    ok = torch.empty_strided((1, 1, T, D), (T * (W - 128), 1, W - 128, 1), device="meta")
+    assert (T - 1) * ok.stride(2) + D - 1 < 2 ** 31
+    kern.check_offsets_fit_int32(ok, k)  # just inside: nothing to say
