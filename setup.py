@@ -9,6 +9,7 @@ the extension entirely (the triton and torch backends still work).
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -56,7 +57,10 @@ def extensions():
     # parallel` in ATen's headers, so without it every C++ kernel runs on one thread. Nothing
     # extra is linked: the GOMP_* calls bind to the libgomp torch already loaded (one runtime).
     cxx = ["-O3", "-fopenmp-simd", "-fopenmp"]
-    if os.environ.get("MINIGPT_NATIVE", "1") == "1":
+    # A wheel may be installed on another CPU (pip caches it, clusters share it): portable
+    # there, unless asked; the in-place and editable builds run where they are built.
+    wheel = "bdist_wheel" in sys.argv
+    if os.environ.get("MINIGPT_NATIVE", "0" if wheel else "1") == "1":
         # The extension is built on the machine that runs it; let the compiler use its vector
         # units for the row loops. MINIGPT_NATIVE=0 builds a portable binary.
         # 512-bit vectors where the CPU has them: GCC defaults to 256 bits even on AVX-512
@@ -97,7 +101,9 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.5", "numpy", "tqdm", "safetensors", "tokenizers", "matplotlib",
                       "gguf", "huggingface_hub"],
-    extras_require={"triton": ["triton>=3.6"],
+    # numpy < 2.4: the Triton 3.6 interpreter (the triton backend on a CPU) converts
+    # (1,)-shaped arrays with int(), an error since numpy 2.4
+    extras_require={"triton": ["triton>=3.6", "numpy<2.4"],
                     "test": ["pytest", "transformers", "accelerate", "pillow"]},
     entry_points={"console_scripts": ["minigpt=minigpt.cli:main"]},
 )

@@ -87,7 +87,24 @@ def _triton_status() -> str | None:
             _TRITON = triton_version_problem()
         except ImportError as e:
             _TRITON = f"triton is not installed ({e}); `pip install triton==3.6.0`"
+        except Exception as e:  # a broken install: the other backends must still work
+            _TRITON = (f"triton failed to import ({type(e).__name__}: {e}); reinstall it "
+                       "(`pip install --force-reinstall triton==3.6.0`)")
     return _TRITON
+
+
+def _numpy_problem() -> str | None:
+    """The Triton (<= 3.6) interpreter converts (1,)-shaped arrays with int(), which numpy
+    2.4 made an error: attention and cross-entropy then failed inside the interpreter while
+    softmax and the norms ran."""
+    import numpy
+    import triton
+
+    if (_version_tuple(triton.__version__) <= (3, 6)
+            and _version_tuple(numpy.__version__) >= (2, 4)):
+        return (f"the Triton interpreter needs numpy < 2.4 (numpy {numpy.__version__} is "
+                "installed): `pip install 'numpy<2.4'`")
+    return None
 
 
 def triton_version_problem() -> str | None:
@@ -117,9 +134,14 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None
         if device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1":
+            # Triton's own reading of the variable: 1, true, on or yes
+            if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in (
+                    "1", "true", "on", "yes"):
                 return ("Triton runs on CPU tensors only in its interpreter: set "
                         "TRITON_INTERPRET=1 before importing triton/minigpt")
+            np_problem = _numpy_problem()
+            if np_problem:
+                return np_problem
             import minigpt
 
             if minigpt._TRITON_IMPORTED_FIRST:
@@ -209,7 +231,8 @@ def pick_device(name: str | None = None) -> torch.device:
 
 def check_backend_name(backend, what: str = "backend") -> None:
     """A clear error for a backend name that no op would take (None: the device's best)."""
-    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+    if backend is not None and (not isinstance(backend, str)
+                                or backend.strip().lower() not in BACKENDS):
         raise ValueError(f"{what}: unknown backend {backend!r}; choose one of {BACKENDS} "
                          "(or None: the best one for the device)")
 

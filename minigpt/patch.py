@@ -246,9 +246,7 @@ def apply_to_llama(model, rms_norm: bool = True, rope: bool = True, swiglu: bool
     if backend is not None:
         from minigpt import _backend
 
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"apply_to_llama: unknown backend {backend!r}; choose one of "
-                             f"{_backend.BACKENDS}")
+        _backend.check_backend_name(backend, "apply_to_llama")  # " CPU " as the ops take it
     revert(model)
     for m in model.modules():
         if isinstance(m, _ml.LlamaRMSNorm) and rms_norm:

@@ -253,3 +253,48 @@ def test_blank_env_backend_counts_as_unset(fresh, blank):
     torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1), rtol=1e-6, atol=1e-6)
     fresh.setenv(_backend.ENV_VAR, " Torch ")  # a name is still read as before
     assert _backend.resolve("softmax", None, dev, torch.float32) == "torch"
+
+
+def test_triton_interpreter_refused_with_numpy_2_4(fresh):
+    # Triton 3.6's interpreter converts (1,)-shaped arrays with int(), an error since numpy
+    # 2.4: the backend was offered and attention / cross-entropy failed inside it
+    import numpy
+
+    fresh.setattr(triton, "__version__", "3.6.0")
+    fresh.setattr(numpy, "__version__", "2.4.1")
+    fresh.setenv("TRITON_INTERPRET", "1")
+    why = _backend._unavailable_reason("triton", torch.device("cpu"))
+    assert why is not None and "numpy < 2.4" in why and "2.4.1" in why
+    fresh.setattr(numpy, "__version__", "2.3.5")
+    _backend._RESOLVED.clear()
+    assert _backend._unavailable_reason("triton", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("value", ["true", "On", "yes"])
+def test_triton_interpret_read_as_triton_reads_it(fresh, value):
+    fresh.setenv("TRITON_INTERPRET", value)
+    assert _backend._unavailable_reason("triton", torch.device("cpu")) is None
+
+
+def test_a_broken_triton_install_leaves_the_other_backends(fresh):
+    import builtins
+
+    real = builtins.__import__
+
+    def broken(name, *a, **k):
+        if name == "triton":
+            raise RuntimeError("libtriton.so: undefined symbol")
+        return real(name, *a, **k)
+
+    fresh.setattr(builtins, "__import__", broken)
+    why = _backend._triton_status()
+    assert why.startswith("triton failed to import (RuntimeError: libtriton.so")
+    assert "triton" not in _backend.available_backends(torch.device("cpu"))
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(ops.softmax(x), torch.softmax(x, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_backend_names_checked_as_the_ops_take_them():
+    _backend.check_backend_name(" CPU ")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        _backend.check_backend_name("fast")

@@ -239,6 +239,7 @@ def test_bad_arguments():
         apply_to_llama(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="backend"):
         apply_to_llama(_model(), backend="fast")
+    assert is_patched(apply_to_llama(_model(), backend=" Torch "))  # as the ops take names
 
 
 def test_patched_model_pickles_and_compiles_fullgraph():
