@@ -90,6 +90,11 @@ def check_only_h_used(norm, be, dev, bias):
     y, h = norm(x, w, b, residual=r, backend=be)
     (y.sum() * 0 + h.sum()).backward()  # both used; y's gradient is zeros, h's ones
     assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(r.grad, torch.ones_like(r))
+    # Only the weight (and bias) need a gradient: h = x + residual needs none, as the
+    # reference's plain add (the kernel backends had tied h to the op's graph, and a backward
+    # through h alone gave the weight a zero .grad)
+    y, h = norm(x.detach(), w, b, residual=r.detach(), backend=be)
+    assert y.requires_grad and not h.requires_grad and h.grad_fn is None
 
 
 def check_cpp_refuses_16bit_weights(fwd, bwd):

@@ -17,10 +17,13 @@ import torch.autograd.forward_ad as _forward_ad
 
 
 def eager_function(name, forward, setup_context, backward, nondiff_outputs=(),
-                   differentiable_backward=False):
+                   differentiable_backward=False, nondiff_unless=None):
     """forward(*inputs) -> tuple of outputs; setup_context(ctx, inputs, output) and
     backward(ctx, *grads) as given to ``register_autograd``. ``nondiff_outputs``: indices of
-    outputs that are not differentiable (saved statistics).
+    outputs that are not differentiable (saved statistics). ``nondiff_unless``: {output index:
+    input indices}, an output that is differentiable only when one of those inputs needs a
+    gradient (the fused norms' h = x + residual: a weight that needs one had made h need one,
+    and a backward through h alone gave the weight a zero .grad instead of none).
 
     A backward made of kernel calls records no graph of its own: with create_graph=True its
     gradients came back as constants, and a second derivative silently lost this op's term
@@ -33,7 +36,12 @@ def eager_function(name, forward, setup_context, backward, nondiff_outputs=(),
         ctx.minigpt_eager = True
         out = forward(*inputs)
         setup_context(ctx, inputs, out)
-        ctx.mark_non_differentiable(*[out[i] for i in nondiff_outputs])
+        nondiff = [out[i] for i in nondiff_outputs]
+        for i, deps in (nondiff_unless or {}).items():
+            if (not any(ctx.needs_input_grad[j] for j in deps)
+                    and not any(out[i] is t for t in inputs)):
+                nondiff.append(out[i])
+        ctx.mark_non_differentiable(*nondiff)
         return out
 
     op = name.removeprefix("_Eager")

@@ -124,7 +124,7 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 # Eager mode skips the custom op's costly autograd wrapper (see _eager.py); mean and rstd are
 # saved statistics, not differentiable outputs.
 _EagerLayerNorm = eager_function("_EagerLayerNorm", _fwd_impl, _setup_context, _backward,
-                                 nondiff_outputs=(2, 3))
+                                 nondiff_outputs=(2, 3), nondiff_unless={1: (0, 3)})
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, eps: float = 1e-5,

@@ -112,7 +112,7 @@ def _backward(ctx, dy, dh, _drstd):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 # Eager mode skips the custom op's costly autograd wrapper (see _eager.py).
 _EagerRMSNorm = eager_function("_EagerRMSNorm", _fwd_impl, _setup_context, _backward,
-                               nondiff_outputs=(2,))
+                               nondiff_outputs=(2,), nondiff_unless={1: (0, 2)})
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None,
