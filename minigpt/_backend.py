@@ -132,7 +132,7 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if why:
             return why
         if device.type == "cuda":
-            return None
+            return None if torch.cuda.is_available() else "no CUDA device on this machine"
         if device.type == "cpu":
             # Triton's own reading of the variable: 1, true, on or yes
             if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in (

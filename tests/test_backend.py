@@ -298,3 +298,9 @@ def test_backend_names_checked_as_the_ops_take_them():
     _backend.check_backend_name(" CPU ")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         _backend.check_backend_name("fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA on a machine without it")
+def test_no_triton_on_cuda_without_cuda(fresh):
+    assert "triton" not in _backend.available_backends("cuda")
+    assert "no CUDA device" in _backend._unavailable_reason("triton", torch.device("cuda"))
