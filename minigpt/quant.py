@@ -87,10 +87,12 @@ class PackedLinear(nn.Linear):
     def _weight_key(self):
         # Which weight the bytes were taken from. The version counter alone missed a weight
         # replaced whole (load_state_dict(assign=True), a new Parameter: version 0 again) or
-        # given new storage (weight.data = ..., module.half().float()); a weakref, so a
-        # replaced weight is not kept alive by this.
+        # given new storage (weight.data = ..., module.half().float()). The Parameter by weak
+        # reference (a replaced one is not kept alive by this), its storage by a strong one:
+        # freed, the storage's address could come back for the new weight (.half().float()
+        # allocates the same size again), and the address alone would then match.
         w = self.weight
-        return weakref.ref(w), w.data_ptr(), w._version
+        return weakref.ref(w), w.detach(), w._version
 
     def __getstate__(self):
         # A weakref neither pickles nor deep-copies to the copy's own weight: the copy (which
@@ -110,6 +112,7 @@ class PackedLinear(nn.Linear):
         version counter does not see."""
         if getattr(self, "packed", None) is not None:
             del self.packed
+        self._packed_for = None  # nor the storage it was taken from
 
     def forward(self, x):
         p = getattr(self, "packed", None)
@@ -118,9 +121,9 @@ class PackedLinear(nn.Linear):
                 and x.device.type == "cpu" and p.device.type == "cpu" and 0 < rows <= MAX_ROWS
                 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
                 and kernel_available()):
-            ref, ptr, version = self._packed_for
+            ref, held, version = self._packed_for
             w = self.weight
-            if ref() is not w or w.data_ptr() != ptr or w._version != version:
+            if ref() is not w or w.data_ptr() != held.data_ptr() or w._version != version:
                 self.drop_packed()  # trained or replaced since: a stale copy
                 return F.linear(x, w)
             # Straight to the kernel: shapes were checked when the bytes were attached, and a
