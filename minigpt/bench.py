@@ -1067,8 +1067,8 @@ def _bench_decode(model: str = "gpt", config: str = "shakespeare_char", batches=
              f"for all {N} - time for the first, in the same round; median over the rounds) / "
              f"{N - 1}, blank with a note where that median is not positive. GB/s = bytes one "
              "decode step must read (every weight once + the keys/values of the filled "
-             "positions, mean over the steps) / ms/step: compare with the device's memory bandwidth. x base = the "
-             f"baseline's ms/step / ms/step (baseline: {base}). same tokens: the greedy tokens "
+             "positions, mean over the steps) / ms/step: compare with the device's memory "
+             f"bandwidth. x base = the baseline's ms/step / ms/step (baseline: {base}). same tokens: the greedy tokens "
              f"equal the baseline's. Median of {reps} round-robin rounds.\n\nRerun: `minigpt bench "
              f"decode --model {model}" + (f" --config {config}" if model == "gpt" else "")
              + (" --weights random" if random_smollm2 else "")

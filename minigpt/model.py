@@ -429,9 +429,9 @@ class GPT(nn.Module):
         With ``targets`` (B, T) the loss is the mean cross entropy, computed by
         ``ops.fused_linear_cross_entropy`` straight from the last hidden state, so the (B, T,
         vocab) logits are never formed and ``logits`` is None. Targets of -100 are left out
-        (PyTorch's ``ignore_index``; nanoGPT's -1 is an out-of-range error here). With ``cache`` the tokens
-        continue the cached sequences. ``only_last`` returns logits for the last position
-        only (B, 1, vocab), all that sampling needs."""
+        (PyTorch's ``ignore_index``; nanoGPT's -1 is an out-of-range error here). With
+        ``cache`` the tokens continue the cached sequences. ``only_last`` returns logits for
+        the last position only (B, 1, vocab), all that sampling needs."""
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"GPT: idx must be a tensor of token ids, got {type(idx).__name__}")
         if idx.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes

@@ -120,10 +120,10 @@ def host_checks(t: torch.Tensor) -> bool:
         return False
     # Under any torch.func transform, not only for the tensors it wraps: torch 2.5 refused
     # even a plain tensor's .tolist() inside jvp and grad ("Cannot access data pointer").
-    if _functorch_level() is not None:
+    if functorch_level() is not None:
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-# Present since torch 2.0; a stand-in where it is not.
-_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+# None outside torch.func transforms (present since torch 2.0; a stand-in where it is not).
+functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)

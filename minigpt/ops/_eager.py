@@ -15,6 +15,8 @@ SmolLM2 decode step makes ~150 op calls, so ~10 us per call is ~1.5 ms per token
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from minigpt.ops._checks import functorch_level as _functorch_level
+
 
 def eager_function(name, forward, setup_context, backward, nondiff_outputs=(),
                    differentiable_backward=False, nondiff_unless=None):
@@ -171,10 +173,6 @@ def pick(custom_op, eager, forward, *inputs):
     return forward
 
 
-# None outside torch.func transforms (present since torch 2.0; a stand-in where it is not).
-_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
-
-
 def transformed(*inputs) -> bool:
     """Whether this call runs under a torch.func transform or some tensor in ``inputs`` is a
     forward-AD dual tensor: what no kernel can serve (they take real tensors and have no jvp
@@ -182,20 +180,20 @@ def transformed(*inputs) -> bool:
     derivative is wanted (decode_attention) runs it here too."""
     if _functorch_level() is not None:
         return True
-    if _forward_ad._current_level >= 0:
-        return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
-                   for t in inputs)
-    return False
+    return _forward_ad._current_level >= 0 and _has_dual(inputs)
+
+
+def _has_dual(inputs) -> bool:
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in inputs)
 
 
 def _refuse_dual(inputs):
     # The kernels have no forward-mode (jvp) rule: the bare forward dropped a dual input's
     # tangent without a word.
-    for t in inputs:
-        if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(
-                "minigpt's kernel backends have no forward-mode AD (jvp) rule; use "
-                "backend='torch' (or MINIGPT_BACKEND=torch) for dual tensors")
+    if _has_dual(inputs):
+        raise NotImplementedError(
+            "minigpt's kernel backends have no forward-mode AD (jvp) rule; use "
+            "backend='torch' (or MINIGPT_BACKEND=torch) for dual tensors")
 
 
 # Argument preparation without the no-op calls: ``t.to(dtype)`` and ``t.contiguous()`` on a
