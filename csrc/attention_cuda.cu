@@ -38,6 +38,19 @@ __device__ __forceinline__ bool visible(int64_t i, int64_t j, const MgAttnGeo& g
   return i < g.T && j < g.S && (!g.causal || j <= i + g.S - g.T);
 }
 
+// The forward, dQ and dK/dV kernels' grid: (batch x head) row bh and sequence block blk
+// (queries; keys for dK/dV), in the order a (nbh, nblk) grid runs them, bh fastest, but all on
+// grid x: on grid y (at most 65535 blocks) the sequence blocks ran out at 1,048,560 queries of
+// 16 a block, and the launch failed; x takes 2^31 - 1 (checked by too_many_blocks).
+struct SeqBlock {
+  int64_t bh, blk, nblk;
+};
+__device__ __forceinline__ SeqBlock seq_block(int64_t nbh) {
+  const int64_t lin = blockIdx.x;
+  return {lin % nbh, lin / nbh, (int64_t)gridDim.x / nbh};
+}
+inline dim3 seq_grid(int64_t nbh, int64_t nblk) { return dim3((unsigned)(nbh * nblk)); }
+
 template <typename T, int NS>
 __global__ void __launch_bounds__(WARPS * 32)
 attn_fwd_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
@@ -49,8 +62,9 @@ attn_fwd_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
   float* ks = qs + BM * D;      // 32 x LD
   float* vs = ks + 32 * LD;     // 32 x D
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
-  const int64_t i0 = (int64_t)blockIdx.y * BM;
+  const SeqBlock sb = seq_block(g.B * g.Hq);
+  const int64_t bh = sb.bh, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
+  const int64_t i0 = sb.blk * BM;
   const T* qb = q + b * g.qb + h * g.qh;
   const T* kb = k + b * g.kb + hk * g.kh;
   const T* vb = v + b * g.vb + hk * g.vh;
@@ -379,7 +393,7 @@ __device__ __forceinline__ void store_acc(T* __restrict__ out, const float (&acc
   }
 }
 
-// A query block of the forward and dQ kernels (grid: B * Hq, then query blocks): its (batch,
+// A query block of the forward and dQ kernels (seq_grid: B * Hq, then query blocks): its (batch,
 // head) row bh, batch, head, kv head, and first query. Causal, the last query blocks walk the
 // most keys: they take the first block indices, so that they start in the first wave rather
 // than leave a tail of long blocks at the end.
@@ -387,8 +401,9 @@ struct MmaQueryBlock {
   int64_t bh, b, h, hk, i0;
 };
 __device__ __forceinline__ MmaQueryBlock mma_query_block(const MgAttnGeo& g) {
-  const int64_t bh = blockIdx.x, h = bh % g.Hq;
-  const int64_t qb = g.causal ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+  const SeqBlock sb = seq_block(g.B * g.Hq);
+  const int64_t bh = sb.bh, h = bh % g.Hq;
+  const int64_t qb = g.causal ? sb.nblk - 1 - sb.blk : sb.blk;
   return {bh, bh / g.Hq, h, h / (g.Hq / g.Hkv), qb * MMA_BM};
 }
 
@@ -596,8 +611,9 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
   T* const buf = Vs + MMA_BN * LDS;
   const auto [lane, gr, tc, w0] = mma_lane();  // this lane's keys: w0 + gr and w0 + gr + 8
   const int D = (int)g.D;
-  const int64_t bh = blockIdx.x, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
-  const int64_t j0 = (int64_t)blockIdx.y * MMA_BN;
+  const SeqBlock sb = seq_block(g.B * g.Hkv);
+  const int64_t bh = sb.bh, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
+  const int64_t j0 = sb.blk * MMA_BN;
   // The first query that sees key j0 is j0 - (S - T); it is < T as j0 < S.
   const int64_t lo = g.causal ? max((int64_t)0, j0 - (g.S - g.T)) / BQ * BQ : 0;
   // The walk: the GQA group's query heads one after another, each from query tile `lo`.
@@ -697,8 +713,9 @@ attn_dq_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh, 
   float* ks = dos + BM * D;    // 32 x LD
   float* vs = ks + 32 * LD;    // 32 x LD
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
-  const int64_t i0 = (int64_t)blockIdx.y * BM;
+  const SeqBlock sb = seq_block(g.B * g.Hq);
+  const int64_t bh = sb.bh, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
+  const int64_t i0 = sb.blk * BM;
   const T* qb = q + b * g.qb + h * g.qh;
   const T* dob = dout + b * db + h * dh;
   const T* kb = k + b * g.kb + hk * g.kh;
@@ -784,8 +801,9 @@ attn_dkdv_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh
   float* lse2s = dos + 32 * LD;  // 32
   float* dls = lse2s + 32;       // 32
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t bh = blockIdx.x, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
-  const int64_t j0 = (int64_t)blockIdx.y * 32;
+  const SeqBlock sb = seq_block(g.B * g.Hkv);
+  const int64_t bh = sb.bh, b = bh / g.Hkv, hk = bh % g.Hkv, rep = g.Hq / g.Hkv;
+  const int64_t j0 = sb.blk * 32;
   const T* kb = k + b * g.kb + hk * g.kh;
   const T* vb = v + b * g.vb + hk * g.vh;
   for (int idx = threadIdx.x; idx < 32 * D; idx += blockDim.x) {
@@ -1073,8 +1091,7 @@ void fwd_ns(const MgAttnGeo& g, const void* q, const void* k, const void* v, voi
   const size_t smem = sizeof(float) * (BM * g.D + 32 * (g.D + 1) + 32 * g.D);
   auto kern = attn_fwd_kernel<T, NS>;
   if (allow_smem(kern, smem) != cudaSuccess) return;
-  // (batch x head) on x, which allows 2^31 - 1 blocks; y (65535) only counts sequence blocks.
-  dim3 grid((unsigned)(g.B * g.Hq), (unsigned)((g.T + BM - 1) / BM));
+  const dim3 grid = seq_grid(g.B * g.Hq, (g.T + BM - 1) / BM);
   kern<<<grid, WARPS * 32, smem, s>>>(g, (const T*)q, (const T*)k, (const T*)v, (T*)out, lse,
                                       scale * LOG2EF);
 }
@@ -1085,7 +1102,7 @@ void fwd_mma_dp(const MgAttnGeo& g, const void* q, const void* k, const void* v,
   const size_t smem = sizeof(T) * 4 * MMA_BN * (DP + 8);  // K and V, double-buffered
   auto kern = attn_fwd_mma_kernel<T, DP>;
   if (allow_smem(kern, smem) != cudaSuccess) return;
-  dim3 grid((unsigned)(g.B * g.Hq), (unsigned)((g.T + MMA_BM - 1) / MMA_BM));
+  const dim3 grid = seq_grid(g.B * g.Hq, (g.T + MMA_BM - 1) / MMA_BM);
   kern<<<grid, MMA_WARPS * 32, smem, s>>>(g, (const T*)q, (const T*)k, (const T*)v, (T*)out,
                                           lse, scale * LOG2EF, vec ? 1 : 0);
 }
@@ -1099,14 +1116,14 @@ void bwd_mma_dp(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, in
   const size_t smem_q = sizeof(T) * (2 * MMA_BM + 4 * MMA_BN) * (DP + 8);
   auto kq = attn_dq_mma_kernel<T, DP>;
   if (allow_smem(kq, smem_q) != cudaSuccess) return;
-  dim3 gq((unsigned)(g.B * g.Hq), (unsigned)((g.T + MMA_BM - 1) / MMA_BM));
+  const dim3 gq = seq_grid(g.B * g.Hq, (g.T + MMA_BM - 1) / MMA_BM);
   kq<<<gq, MMA_WARPS * 32, smem_q, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q,
                                         (const T*)k, (const T*)v, lse, delta, (T*)dq,
                                         scale * LOG2EF, scale, vec ? 1 : 0);
   const size_t smem_k = sizeof(T) * (2 * MMA_BN + 4 * BQ) * (DP + 8) + sizeof(float) * 4 * BQ;
   auto kk = attn_dkdv_mma_kernel<T, DP, BQ>;
   if (allow_smem(kk, smem_k) != cudaSuccess) return;
-  dim3 gk((unsigned)(g.B * g.Hkv), (unsigned)((g.S + MMA_BN - 1) / MMA_BN));
+  const dim3 gk = seq_grid(g.B * g.Hkv, (g.S + MMA_BN - 1) / MMA_BN);
   kk<<<gk, MMA_WARPS * 32, smem_k, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q,
                                         (const T*)k, (const T*)v, lse, delta, (T*)dk, (T*)dv,
                                         scale * LOG2EF, scale, vec ? 1 : 0);
@@ -1179,13 +1196,13 @@ void bwd_ns(const MgAttnGeo& g, const void* dout, int64_t db, int64_t dh, int64_
   const size_t smem_q = sizeof(float) * (2 * BM * g.D + 2 * 32 * (g.D + 1));
   auto kq = attn_dq_kernel<T, NS>;
   if (allow_smem(kq, smem_q) != cudaSuccess) return;
-  dim3 gq((unsigned)(g.B * g.Hq), (unsigned)((g.T + BM - 1) / BM));
+  const dim3 gq = seq_grid(g.B * g.Hq, (g.T + BM - 1) / BM);
   kq<<<gq, WARPS * 32, smem_q, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q, (const T*)k,
                                     (const T*)v, lse, delta, (T*)dq, scale * LOG2EF, scale);
   const size_t smem_k = sizeof(float) * (2 * 32 * g.D + 2 * 32 * (g.D + 1) + 64);
   auto kk = attn_dkdv_kernel<T, NS>;
   if (allow_smem(kk, smem_k) != cudaSuccess) return;
-  dim3 gk((unsigned)(g.B * g.Hkv), (unsigned)((g.S + 31) / 32));
+  const dim3 gk = seq_grid(g.B * g.Hkv, (g.S + 31) / 32);
   kk<<<gk, WARPS * 32, smem_k, s>>>(g, (const T*)dout, db, dh, dt, (const T*)q, (const T*)k,
                                     (const T*)v, lse, delta, (T*)dk, (T*)dv, scale * LOG2EF);
 }
@@ -1278,6 +1295,14 @@ bool bad_geo(const MgAttnGeo& g) {
   return g.D < 1 || g.D > 256 || g.Hkv < 1 || g.Hq % g.Hkv != 0;
 }
 
+// Whether a forward or backward grid (seq_grid; the smallest sequence blocks: 16 queries, 32
+// keys) would pass grid x's 2^31 - 1 blocks: refused as the GPU would refuse the launch, rather
+// than cut short by the cast to unsigned.
+bool too_many_blocks(const MgAttnGeo& g) {
+  const int64_t lim = 2147483647;
+  return (g.T + BM - 1) / BM > lim / (g.B * g.Hq) || (g.S + 31) / 32 > lim / (g.B * g.Hkv);
+}
+
 }  // namespace
 
 extern "C" int minigpt_attention_fwd_cuda(MgAttnGeo g, const void* q, const void* k, const void* v,
@@ -1285,6 +1310,7 @@ extern "C" int minigpt_attention_fwd_cuda(MgAttnGeo g, const void* q, const void
                                           cudaStream_t stream) {
   if (bad_geo(g)) return (int)cudaErrorInvalidValue;
   if (g.B == 0 || g.Hq == 0 || g.T == 0) return 0;
+  if (too_many_blocks(g)) return (int)cudaErrorInvalidConfiguration;
   MINIGPT_DISPATCH_DTYPE(dtype, launch_fwd, g, q, k, v, out, lse, scale, stream);
   return (int)cudaGetLastError();
 }
@@ -1296,6 +1322,7 @@ extern "C" int minigpt_attention_bwd_cuda(MgAttnGeo g, const void* dout, int64_t
                                           cudaStream_t stream) {
   if (bad_geo(g)) return (int)cudaErrorInvalidValue;
   if (g.B == 0 || g.Hq == 0 || g.T == 0 || g.S == 0) return 0;
+  if (too_many_blocks(g)) return (int)cudaErrorInvalidConfiguration;
   MINIGPT_DISPATCH_DTYPE(dtype, launch_bwd, g, dout, db, dh, dt, q, k, v, out, lse, delta, dq, dk,
                          dv, scale, stream);
   return (int)cudaGetLastError();

@@ -261,6 +261,9 @@ bool run_block(int n, bool last_warp_first) {
 std::string misaligned;
 // Every launch since the last minigpt_emu_clear: grid x, y, z, threads a block, shared memory.
 std::vector<std::array<size_t, 5>> launches;
+// Grid y and z limit (65535 on every GPU). A test lowers it to reach a launcher's handling of
+// the limit with a few blocks instead of 65536 (minigpt_emu_set_max_grid_yz).
+unsigned max_grid_yz = 65535;
 
 }  // namespace
 
@@ -268,7 +271,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
                      void (*thunk)(void*), void* ctx) {
   const uint64_t n = (uint64_t)block.x * block.y * block.z;
   if (n == 0 || n > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-      grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+      grid.x > 2147483647u || grid.y > max_grid_yz || grid.z > max_grid_yz)
     return fail(cudaErrorInvalidConfiguration,
                 "invalid launch: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) +
                     "," + std::to_string(grid.z) + "), block (" + std::to_string(block.x) + "," +
@@ -407,6 +410,7 @@ extern "C" const char* minigpt_emu_message() { return emu::message.c_str(); }
 // The launches of the last call, one field at a time (see emu::launches).
 extern "C" int minigpt_emu_launch_count() { return (int)emu::launches.size(); }
 extern "C" size_t minigpt_emu_launch_field(int i, int field) { return emu::launches[i][field]; }
+extern "C" void minigpt_emu_set_max_grid_yz(unsigned n) { emu::max_grid_yz = n; }
 extern "C" void minigpt_emu_clear() {
   emu::launches.clear();
   emu::message.clear();
