@@ -41,7 +41,7 @@ def add_arguments(p):
                    help="micro-batches per optimizer step (gradients summed, then one "
                         "clipping and AdamW step), as real GPT-2 runs do (nanoGPT: 40)")
     t.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per step (default: per config, smaller on CPU)")
+                   help="sequences per micro-batch (default: per config, smaller on CPU)")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU")
     t.add_argument("--variants", default="auto",
@@ -80,7 +80,8 @@ def add_arguments(p):
     _threads(d)
     o = add("ops", "merge the per-op benchmark results into one table")
     o.add_argument("--run", action="store_true",
-                   help="first rerun each per-op script with --quick (else: read their latest "
+                   help="first rerun each per-op script with a short setting (--quick; bench_loss: "
+                        "--tokens 1024) (else: read their latest "
                         "CSVs); they write into --results, else --out, else "
                         "benchmarks/results/")
     o.add_argument("--sources", default=",".join(OP_SOURCES),
