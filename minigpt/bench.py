@@ -1,10 +1,12 @@
 """End-to-end speed: ``minigpt bench train | decode | ops`` (the library behind the command).
 
-train   trains the same model (same initial weights, same batches, same optimizer) four ways
-        in one process: ``minigpt`` (our kernels, the device's default backend), ``eager``
-        (the reference ops in plain PyTorch, backend ``torch``), ``compile`` (that same
-        reference under ``torch.compile``) and ``minigpt-compile`` (our kernels under
-        ``torch.compile``, as custom ops inside the graph). Steps are timed round-robin, one
+train   trains the same model (same initial weights, same batches, same optimizer) several
+        ways in one process (``--variants``; VARIANTS below): ``minigpt`` (our kernels, the
+        device's default backend), ``eager`` (the reference ops in plain PyTorch, backend
+        ``torch``), ``compile`` (that same reference under ``torch.compile``) and
+        ``minigpt-compile`` (our kernels under ``torch.compile``, as custom ops inside the
+        graph); on CUDA also each step captured as one CUDA graph (``minigpt-graph``,
+        ``minigpt-compile-graph``, ``compile-graph``). Steps are timed round-robin, one
         step of each variant per round, so load on a shared machine hits all of them alike; the
         median step is reported with tokens/s, peak memory, model FLOP utilization (MFU) and
         ratios to eager.

@@ -48,18 +48,26 @@ def _best_step(metrics_csv: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--setting", choices=sorted(NANOGPT), default="baby")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    p.add_argument("--setting", choices=sorted(NANOGPT), default="baby",
+                   help="nanoGPT's run to compare with (default baby)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"),
+                   help="nanoGPT's tinyshakespeare.txt (default: ../shared/data/ beside the "
+                   "checkout; not part of the project)")
     p.add_argument("--out", default=None, help="run directory (default out/quality-SETTING)")
     p.add_argument("--device", default=None, help="default: cpu for baby, cuda otherwise")
     p.add_argument("--max-iters", type=int, default=None, help="override (for a shorter check)")
-    p.add_argument("--final-eval-iters", type=int, default=200)
+    p.add_argument("--final-eval-iters", type=int, default=200,
+                   help="batches for the final validation estimate (default 200)")
     p.add_argument("--seed", type=int, default=1337, help="nanoGPT's seed by default")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--backend", default=None)
+    p.add_argument("--compile", action="store_true", help="train under torch.compile")
+    p.add_argument("--backend", default=None,
+                   help="ops backend (triton, cuda, cpu, torch; default: the device's best)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: see "
                    "minigpt.train.cpu_threads)")
     args = p.parse_args(argv)
+    if not os.path.isfile(args.data):
+        p.error(f"--data {args.data}: no such file (nanoGPT's tinyshakespeare.txt is not part "
+                "of the project; pass its path)")
 
     import torch
 

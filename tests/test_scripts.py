@@ -30,3 +30,15 @@ def test_gpu_session_stages(tmp_path):
     proc = subprocess.run(["bash", path, "nonsense"], capture_output=True, text=True, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 2 and "unknown stage 'nonsense'" in proc.stdout
+
+
+def test_quality_script_names_a_missing_corpus(tmp_path):
+    # It ended in a traceback from deep inside the training setup; tinyshakespeare.txt is not
+    # part of the project, so a checkout without ../shared/data/ is the common case.
+    import sys
+
+    missing = str(tmp_path / "tinyshakespeare.txt")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "quality.py"),
+                           "--data", missing], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"--data {missing}: no such file" in proc.stderr and "Traceback" not in proc.stderr
