@@ -584,26 +584,44 @@ def heads_inner(B, H, T, D, dtype, device):
     gradients here. A model's (B, T, H * D) activations are that storage, so
     ``y.transpose(1, 2).reshape(B, T, H * D)`` and the gradients' way back to (B, T, H * D)
     are views, where a contiguous (B, H, T, D) needed a copy each (four per layer a training
-    step). SDPA's flash backend returns the same layout."""
-    return torch.empty((B, T, H, D), dtype=dtype, device=device).transpose(1, 2)
+    step). SDPA's flash backend returns the same layout. Contiguous (B, H, T, D) instead when
+    that layout's positions would lie too far apart for the kernels' 32-bit offsets
+    (fit_int32)."""
+    t = torch.empty((B, T, H, D), dtype=dtype, device=device).transpose(1, 2)
+    if _span(t) < 2 ** 31:
+        return t
+    return _compact(torch.empty((B, H, T, D), dtype=dtype, device=device))
 
 
-def check_offsets_fit_int32(*tensors):
-    """The kernels add a position's offset (position x its stride) to a pointer in 32-bit
-    arithmetic (only the batch and head offsets are 64-bit): a tensor whose last position
-    lies 2**31 or more elements past its first, within one batch item and head, would wrap
-    and read or write elsewhere (a q of 262,144 positions at 8192 wide already does). Such
-    tensors are refused with a ValueError that names the way around it."""
-    for t in tensors:
-        if t is None or t.dim() != 4:
-            continue
-        span = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
-        if t.shape[2] and span >= 2 ** 31:
-            raise ValueError(
-                f"attention (triton): a tensor of shape {tuple(t.shape)} and strides "
-                f"{t.stride()} spans {span:,} elements within one batch item and head, past "
-                "the 2**31 the Triton kernels address; use backend='cuda' (64-bit offsets) or "
-                "split the sequence")
+def _span(t):
+    """How many elements past a batch item and head's first element its last one lies."""
+    if t.shape[2] == 0 or t.shape[3] == 0:
+        return 0
+    return (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+
+
+def _compact(t):
+    if _span(t) >= 2 ** 31:
+        raise ValueError(
+            f"attention (triton): a tensor of shape {tuple(t.shape)} holds {_span(t) + 1:,} "
+            "elements for one batch item and head, past the 2**31 the Triton kernels address; "
+            "use backend='cuda' (64-bit offsets) or split the sequence")
+    return t
+
+
+def fit_int32(t):
+    """t, or a contiguous copy of it when its positions lie too far apart for the kernels.
+
+    The kernels add a position's offset (position x its stride) to a pointer in 32-bit
+    arithmetic; only the batch and head offsets are 64-bit. A tensor whose last position lies
+    2**31 or more elements past its first, within one batch item and head, would wrap and read
+    elsewhere: a q of 262,145 positions at 8192 wide (a (B, T, H, D) layout), or a view into a
+    wide packed tensor. A contiguous (B, H, T, D) copy brings that span down to T x D. Taking
+    64-bit offsets in the kernels instead would cost every call registers and address math
+    for a case this rare, so the copy is paid only here."""
+    if t is None or _span(t) < 2 ** 31:
+        return t
+    return _compact(t.contiguous())
 
 
 def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
@@ -613,8 +631,8 @@ def attention_fwd(q, k, v, causal, scale, config=None, dropout_p=0.0, seed=0):
     (module doc)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    q, k, v = fit_int32(q), fit_int32(k), fit_int32(v)
     out = heads_inner(B, H, T, D, q.dtype, q.device)
-    check_offsets_fit_int32(q, k, v, out)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     BD = _block_d(D)
     seed, p, drop_scale, dropout = _dropout_args(dropout_p, seed)
@@ -642,20 +660,36 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
     dv's (e.g. the q | k | v views of one packed (B, T, (Hq + 2 Hkv) D) gradient)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    rep = H // Hkv
+    given = None
     if grads is not None:
         dq, dk, dv = grads
         if dk.stride() != dv.stride() or any(g.stride(-1) != 1 for g in grads):
             raise ValueError("attention_bwd: grads must have unit last strides and dk's "
                              "strides dv's")
-    else:
+        if any(_span(g) >= 2 ** 31 for g in grads):
+            given, grads = grads, None  # written in a layout that fits, copied there at the end
+    if grads is None:
         dq = heads_inner(B, H, T, D, q.dtype, q.device)
         dk = heads_inner(B, Hkv, S, D, k.dtype, q.device)
         dv = heads_inner(B, Hkv, S, D, v.dtype, q.device)
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.stride(-1) != 1:
         out = out.contiguous()
-    check_offsets_fit_int32(q, k, v, do, out, dq, dk, dv)
+    q, k, v, do, out = (fit_int32(t) for t in (q, k, v, do, out))
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    _attention_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, causal, scale, dkdv_config,
+                   dq_config, dropout_p, seed)
+    if given is not None:
+        for g, t in zip(given, (dq, dk, dv)):
+            g.copy_(t)
+        return given
+    return dq, dk, dv
+
+
+def _attention_bwd(do, q, k, v, out, lse, delta, dq, dk, dv, causal, scale, dkdv_config,
+                   dq_config, dropout_p, seed):
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = H // Hkv
     BD = _block_d(D)
     _bwd_preprocess_kernel[(cdiv(T, 64), B * H)](
         out, do, delta, H, T, D, out.stride(0), out.stride(1), out.stride(2), do.stride(0),
@@ -679,7 +713,7 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
         DROPOUT=drop[3], ATOMIC_DQ=atomic, num_warps=warps, num_stages=stages)
     if atomic:
         dq.copy_(dqa)
-        return dq, dk, dv
+        return
     bm, bn, warps, stages = dq_config or launch_tiles("dq", q.dtype, BD, causal, q.device,
                                                       drop[3], T, B * H)
     capped_launch(
@@ -689,7 +723,6 @@ def attention_bwd(do, q, k, v, out, lse, causal, scale, dkdv_config=None, dq_con
         H, T, S, D, rep, scale * LOG2E, scale,
         *drop[:3], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, DOT=dot,
         DROPOUT=drop[3], num_warps=warps, num_stages=stages)
-    return dq, dk, dv
 
 
 def decode_splits(B, Hkv, S_max, device):
@@ -733,7 +766,10 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale):
     """q (B, Hq, 1, D), caches (B, Hkv, S_max, D), cache_seqlens (B,) int32 -> out."""
     B, H, _, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
-    check_offsets_fit_int32(k_cache, v_cache)
+    # A cache too long for 32-bit offsets in its layout is copied whole at every call, which
+    # costs about as much as the decode step reads; still the right answer, where refusing
+    # would end the generation.
+    k_cache, v_cache = fit_int32(k_cache), fit_int32(v_cache)
     rep = H // Hkv
     split_len, nsplit = decode_splits(B, Hkv, S_max, q.device)
     BH, BN, BD = decode_blocks(D, rep, split_len, q.dtype, q.device)

@@ -605,23 +605,67 @@ def test_float64_takes_a_scale_beyond_float32(be):
                                    atol=1e-12)
 
 
+def _spread(shape, dtype, stride_t, device):
+    """A random (1, H, T, D) tensor whose positions lie ``stride_t`` elements apart, over a
+    storage reserved but never touched beyond them: on the CPU Linux commits only the pages
+    written, so a view spanning 2**31 elements costs a few pages, not gigabytes (a GPU
+    allocates them: 4 GiB a tensor here)."""
+    H, T, D = shape[1:]
+    base = torch.empty((T - 1) * stride_t + H * D, dtype=dtype, device=device)
+    t = base.as_strided(shape, ((T - 1) * stride_t + H * D, D, stride_t, 1))
+    t.copy_(torch.randn(shape))
+    return t
+
+
 @pytest.mark.skipif(not _backend.is_available("triton", "cpu") and not torch.cuda.is_available(),
                     reason="needs Triton (the interpreter or a GPU)")
-def test_triton_refuses_positions_past_int32_offsets():
-    # The Triton kernels take a position's offset (position x stride) in 32-bit arithmetic: a
-    # q whose rows lie 2**31 elements apart in all (a view into a wide packed tensor, or
-    # 262,144 positions at 8192 wide) segfaulted in the interpreter and would read elsewhere
-    # on a GPU. Meta tensors: the check needs only shapes and strides.
+def test_triton_positions_past_int32_offsets():
+    # The Triton kernels take a position's offset (position x stride) in 32-bit arithmetic:
+    # a q whose positions lie 2**31 elements apart in all (a view into a wide packed tensor,
+    # or 262,145 positions at 8192 wide) segfaulted in the interpreter and would read
+    # elsewhere on a GPU. Such tensors are now copied to a layout that fits; the answer is
+    # the reference's. Kernel-level calls, so no gradient of the huge storage is made.
     from minigpt.kernels import attention as kern
 
-    T, D = 64, 16
-    W = 2 ** 31 // (T - 1) + 64
-    q = torch.empty_strided((1, 1, T, D), (T * W, T * W, W, 1), device="meta")
-    k = torch.empty(1, 1, 8, D, device="meta")
-    with pytest.raises(ValueError, match=r"spans 2,147,\d{3},\d{3} elements .* backend='cuda'"):
-        kern.attention_fwd(q, k, k, False, 0.25)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, H, T, S, D, scale = torch.float16, 2, 3, 3, 16, 0.25
+    far = 2 ** 30 + 64  # the last position lies 2 * far > 2**31 elements past the first
+    q, do = (_spread((1, H, T, D), dtype, far, dev) for _ in range(2))
+    k, v = (_spread((1, 1, S, D), dtype, far, dev) for _ in range(2))
+    assert kern._span(q) >= 2 ** 31 and kern._span(k) >= 2 ** 31
+    qc, kc, vc = (t.detach().clone().float().requires_grad_() for t in (q, k, v))
+    want = _eager(qc, kc, vc, True, scale)
+    want.backward(do.float())
+    out, lse = kern.attention_fwd(q, k, v, True, scale)
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+    # The gradients into views as far apart (the q | k | v views of a packed gradient).
+    grads = (_spread((1, H, T, D), dtype, far, dev),
+             *(_spread((1, 1, S, D), dtype, far, dev) for _ in range(2)))
+    got = kern.attention_bwd(do, q, k, v, out, lse, True, scale, grads=grads)
+    for g, given, t in zip(got, grads, (qc, kc, vc)):
+        assert g is given
+        torch.testing.assert_close(g.float(), t.grad, rtol=1e-2, atol=1e-2)
+    L = torch.tensor([2], dtype=torch.int32, device=dev)
+    dec = kern.decode_attention_fwd(q[:, :, :1], k, v, L, scale)
+    torch.testing.assert_close(dec.float(), _eager_decode(qc[:, :, :1], kc, vc, L, scale),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_triton_layout_for_positions_past_int32_offsets():
+    # Outputs and gradients are made (B, T, H, D) underneath (heads_inner); where that puts
+    # positions 2**31 elements apart they are made contiguous (B, H, T, D) instead. Only a
+    # single head's sequence past 2**31 elements is refused. Meta tensors: shapes and strides.
+    from minigpt.kernels import attention as kern
+
+    small = kern.heads_inner(2, 64, 4096, 128, torch.bfloat16, "meta")
+    assert small.stride() == (4096 * 64 * 128, 128, 64 * 128, 1)
+    big = kern.heads_inner(1, 64, 262145, 128, torch.bfloat16, "meta")
+    assert big.is_contiguous() and kern._span(big) < 2 ** 31
+    assert kern.fit_int32(small) is small
+    wide = torch.empty(1, 262145, 64, 128, device="meta").transpose(1, 2)
+    fitted = kern.fit_int32(wide)
+    assert fitted.is_contiguous() and fitted.shape == wide.shape
+    with pytest.raises(ValueError, match=r"holds 2,147,483,776 elements .* backend='cuda'"):
+        kern.fit_int32(torch.empty(1, 1, 2 ** 24 + 1, 128, device="meta"))
     with pytest.raises(ValueError, match="past the 2\\*\\*31"):
-        kern.decode_attention_fwd(k[:, :, :1], q, q, torch.ones(1, dtype=torch.int32), 0.25)
-    ok = torch.empty_strided((1, 1, T, D), (T * (W - 128), 1, W - 128, 1), device="meta")
-    assert (T - 1) * ok.stride(2) + D - 1 < 2 ** 31
-    kern.check_offsets_fit_int32(ok, k)  # just inside: nothing to say
+        kern.heads_inner(1, 1, 2 ** 24 + 1, 128, torch.bfloat16, "meta")
