@@ -24,6 +24,7 @@ Timing rules (the same for every script, so numbers are comparable):
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -57,6 +58,31 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def device_arg(s: str) -> str:
+    """argparse type of the scripts' --device: cpu, cuda or cuda:N, checked against what
+    torch sees, so a wrong one is a usage error before anything runs."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose cpu, cuda or cuda:N")
+    if s.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{s}: torch sees no CUDA device here")
+        n = torch.cuda.device_count()
+        if ":" in s and int(s.split(":")[1]) >= n:
+            raise argparse.ArgumentTypeError(f"{s}: torch sees {n} CUDA device(s), cuda:0 to "
+                                             f"cuda:{n - 1}")
+    return s
+
+
+def use_device(s: str) -> torch.device:
+    """The scripts' device, made the process's current CUDA device: CUDA events, the timing's
+    synchronize(), side streams and graph captures follow the current device, so timing
+    cuda:1 with cuda:0 current would bracket none of its work."""
+    device = torch.device(s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def device_tag(device: torch.device) -> str:

@@ -284,8 +284,9 @@ def replot(csv_path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"],
-                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=H.device_arg,
+                    default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                     help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--quick", action="store_true")
@@ -295,9 +296,7 @@ def main():
     args = ap.parse_args()
     if args.replot:
         return replot(args.replot)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device here")
-    device = torch.device(args.device)
+    device = H.use_device(args.device)
     dt_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt_name]
     torch.manual_seed(0)

@@ -160,7 +160,8 @@ def hf_generate(model, idx, n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -190,6 +191,8 @@ def main():
         dtype = parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     except ValueError as e:
         ap.error(str(e))
+    if dev.type == "cuda":  # events, synchronize() and the graph capture use the current one
+        torch.cuda.set_device(dev)
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

@@ -62,7 +62,9 @@ def _child(a):
     from minigpt import ops
 
     torch.manual_seed(0)
-    dev = torch.device(a.device)
+    import _harness as H
+
+    dev = H.use_device(a.device)
     dt = getattr(torch, DTYPES[a.dtype])
     N, Hd, V = a.tokens, a.hidden, a.vocab
     t = torch.randint(0, V, (N,), device=dev)
@@ -144,14 +146,20 @@ def _run_variant(a, op, impl):
     return json.loads(lines[-1])
 
 
+def _device_arg(s):
+    import _harness as H  # torch with it: only once a --device is given
+
+    return H.device_arg(s)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="default: cuda where torch sees one, else cpu")
+    p.add_argument("--device", default=None, type=_device_arg,
+                   help="cpu, cuda or cuda:N (default: cuda where torch sees one, else cpu)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {', '.join(OPS)}")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="loss", help="results file stem")
@@ -170,11 +178,6 @@ def main(argv=None):
         import torch
 
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif a.device == "cuda" and not a.child:
-        import torch
-
-        if not torch.cuda.is_available():  # else every variant's process fails on its own
-            p.error("--device cuda: torch sees no CUDA device here")
     if a.child:
         return _child(a)
 
@@ -184,7 +187,7 @@ def main(argv=None):
     import minigpt  # noqa: F401
     from minigpt import _backend
 
-    dev = torch.device(a.device)
+    dev = H.use_device(a.device)
     kernels = [be for be in ("triton", "cuda", "cpu", "torch")
                if _backend.is_available(be, dev) and not (be == "triton" and dev.type == "cpu")]
     header = H.env_header(dev)  # device, date, versions (and the load average on CPU)

@@ -1,7 +1,7 @@
 """Time MiniGPT's LayerNorm, fused add + LayerNorm and softmax against eager PyTorch and
 torch.compile, forward and forward+backward.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--device cpu|cuda|cuda:N] [--quick] [--out benchmarks/results]
 
 Prints a markdown table (op, shape, dtype, backend, pass, ms, GB/s, x eager, % copy) and writes
 ``<out>/ops_<device>.csv``, ``.md`` and ``.png`` (GB/s against size). Baselines:
@@ -282,8 +282,9 @@ def check_goals(rows, device) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=H.device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
     p.add_argument("--quick", action="store_true", help="one or two shapes, for a smoke run")
     p.add_argument("--out", default=os.path.join(HERE, "results"),
                    help="folder for ops_<device>.csv/.md/.png ('' to write nothing)")
@@ -306,9 +307,7 @@ def main(argv=None):
     if args.budget is None:
         args.budget = 3.0 if args.device == "cpu" else 1.0
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device here")
-    device = torch.device(args.device)
+    device = H.use_device(args.device)
     if args.kernels:
         if device.type != "cpu":
             p.error("--kernels times the C++ CPU kernels; use it with --device cpu")

@@ -295,17 +295,16 @@ def _merge_earlier(rows, device, out_dir, header):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=H.device_arg,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {list(OPS)}")
     p.add_argument("--quick", action="store_true", help="one small size per op")
     p.add_argument("--budget", type=float, default=1.0,
                    help="seconds of round-robin timing per case and pass")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     a = p.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device here")
-    device = torch.device(a.device)
+    device = H.use_device(a.device)
     names = [n.strip() for n in a.ops.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPS]
     if unknown:

@@ -41,6 +41,7 @@ import copy
 import csv
 import ctypes
 import importlib.util
+import inspect
 import math
 import os
 import re
@@ -197,13 +198,30 @@ def step_peak_bytes(fn, device: torch.device) -> Optional[int]:
 # Common helpers
 
 def parse_device(device: Optional[str]) -> torch.device:
+    """auto, cpu, cuda or cuda:N -> the device, checked against what torch sees."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        n = torch.cuda.device_count()
+        if ":" in device and int(device.split(":")[1]) >= n:
+            raise ValueError(f"--device {device}: torch sees {n} CUDA device(s), cuda:0 to "
+                             f"cuda:{n - 1}")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def _on_device(fn, args, kwargs):
+    """The CUDA device of the call ``fn(*args, **kwargs)`` made current while it runs: CUDA
+    events, the timing's ``synchronize()``, side streams and graph captures follow the current
+    device, so a benchmark of cuda:1 with cuda:0 current would time none of its work. The
+    caller's current device comes back after."""
+    dev = parse_device(inspect.signature(fn).bind(*args, **kwargs).arguments.get("device"))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        yield
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -423,7 +441,7 @@ def estimate_train_seconds(config: str, batch: int, steps: int, n_variants: int,
 
 def bench_train(*args, threads: Optional[int] = None, **kwargs) -> dict:
     """Run the training benchmark (see ``_bench_train``) with ``threads`` CPU threads."""
-    with cpu_threads(threads):
+    with cpu_threads(threads), _on_device(_bench_train, args, kwargs):
         return _bench_train(*args, **kwargs)
 
 
@@ -962,7 +980,7 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> t
 
 def bench_decode(*args, threads: Optional[int] = None, **kwargs) -> dict:
     """Run the decode benchmark (see ``_bench_decode``) with ``threads`` CPU threads."""
-    with cpu_threads(threads):
+    with cpu_threads(threads), _on_device(_bench_decode, args, kwargs):
         return _bench_decode(*args, **kwargs)
 
 
@@ -1191,7 +1209,7 @@ def bench_ops(run: bool = False, device: Optional[str] = None, results: Optional
             if not script.is_file():
                 print(f"ops: {script} is missing, skipped", flush=True)
                 continue
-            cmd = [sys.executable, str(script), *QUICK_ARGS.get(s, []), "--device", dev.type,
+            cmd = [sys.executable, str(script), *QUICK_ARGS.get(s, []), "--device", str(dev),
                    "--out", str(results)]
             print("ops: running " + " ".join(cmd), flush=True)
             p = subprocess.run(cmd, timeout=timeout_s)

@@ -3,12 +3,15 @@ and PNG are written with the expected columns, that the numbers are positive and
 the variants train the same model (equal first-step losses), and that bad options fail with a
 clear message. (The torch.compile variant takes about a minute to compile on this CPU even
 for the tiny model, so it is exercised by the committed CPU results, not here.)"""
+import argparse
 import ast
 import csv
+import functools
 import glob
 import math
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -207,10 +210,15 @@ def test_generate_prompts_repeat_the_text():
     ("bench_attention", ["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
     ("bench_quant_matmul", ["--m", "abc"], "argument --m: comma-separated positive integers"),
     ("bench_quant_matmul", ["--rounds", "0"], "argument --rounds: a positive integer"),
-    ("bench_training_ops", ["--device", "tpu"], "argument --device: invalid choice"),
-    *[(s, ["--device", "cuda"], "--device cuda: torch sees no CUDA device here")
-      for s in ("bench_attention", "bench_training_ops", "bench_loss")
-      if not torch.cuda.is_available()],
+    ("bench_training_ops", ["--device", "tpu"],
+     "argument --device: 'tpu': choose cpu, cuda or cuda:N"),
+    *[(s, ["--device", dev], f"argument --device: {dev}: torch sees no CUDA device here")
+      for s in ("bench_attention", "bench_training_ops", "bench_loss", "bench_ops")
+      for dev in ("cuda", "cuda:1") if not torch.cuda.is_available()],
+    *[(s, ["--device", "cuda:99"], "argument --device: cuda:99: torch sees ")
+      for s in ("bench_attention", "bench_training_ops", "bench_loss", "bench_ops")
+      if torch.cuda.is_available()],
+    ("bench_generate", ["--device", "cuda:99"], "--device cuda:99: "),
 ])
 def test_bench_scripts_refuse_bad_options(script, argv, match, monkeypatch, capsys, tmp_path):
     """A bad option is a usage error before anything loads or runs, not a traceback after."""
@@ -654,3 +662,62 @@ def test_ops_bench_times_the_register_sums_beside_the_default(monkeypatch):
     assert set(stats) == {"eager", "cuda", bo.REGSUMS}
     assert ("cuda", None) in seen and ("cuda", "registers") in seen
     assert bo.REGSUMS_ENV not in os.environ
+
+
+def test_cuda_n_is_checked_and_made_current(monkeypatch):
+    """--device cuda:N: refused past the devices torch sees; taken otherwise, and made the
+    current device while a benchmark runs (CUDA events and synchronize() follow the current
+    device: timing cuda:1 with cuda:0 current timed none of its work). The scripts were
+    limited to cpu/cuda, and `minigpt bench ops --run --device cuda:1` ran them on cuda:0."""
+    H = bench.harness()
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made_current.append(str(d)))
+    assert H.device_arg("cuda:1") == "cuda:1" and H.device_arg("cuda") == "cuda"
+    with pytest.raises(argparse.ArgumentTypeError, match="torch sees 2 CUDA device"):
+        H.device_arg("cuda:2")
+    assert H.use_device("cuda:1") == torch.device("cuda:1") and made_current == ["cuda:1"]
+    assert bench.parse_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="torch sees 2 CUDA device"):
+        bench.parse_device("cuda:2")
+
+    class Current:  # torch.cuda.device(d) as a context: records what was current inside
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            made_current.append(f"enter {self.d}")
+
+        def __exit__(self, *exc):
+            made_current.append(f"exit {self.d}")
+
+    monkeypatch.setattr(torch.cuda, "device", Current)
+    seen = []
+    def stand_in(real):  # the real signature (inspect follows __wrapped__), no benchmark
+        return functools.wraps(real)(lambda *a, **k: seen.append(list(made_current)))
+
+    monkeypatch.setattr(bench, "_bench_decode", stand_in(bench._bench_decode))
+    made_current.clear()
+    bench.bench_decode("gpt", device="cuda:1")
+    assert seen == [["enter cuda:1"]] and made_current == ["enter cuda:1", "exit cuda:1"]
+    made_current.clear()
+    monkeypatch.setattr(bench, "_bench_train", stand_in(bench._bench_train))
+    bench.bench_train("seed", 5, None, "cuda:1")  # device given by position
+    assert seen[-1] == ["enter cuda:1"] and made_current == ["enter cuda:1", "exit cuda:1"]
+
+
+def test_ops_run_passes_the_device_index(monkeypatch, tmp_path):
+    """bench ops --run --device cuda:1 hands cuda:1 to the scripts, not its type."""
+    bench.harness()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(bench.subprocess, "run",
+                        lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(FileNotFoundError):  # the stand-in script wrote nothing to merge
+        bench.bench_ops(run=True, device="cuda:1", results=str(tmp_path), sources="bench_ops",
+                        plot=False)
+    (cmd,) = calls
+    assert cmd[cmd.index("--device") + 1] == "cuda:1"
