@@ -104,6 +104,7 @@ extern "C" int minigpt_cross_entropy_fwd_cuda(const void* logits, const int64_t*
                                               int64_t ignore_index, float label_smoothing,
                                               float grad_scale, int dtype, cudaStream_t stream) {
   if (M == 0) return 0;
+  if (M > kMaxGridX) return (int)cudaErrorInvalidConfiguration;
   MINIGPT_DISPATCH_DTYPE(dtype, launch_fwd, logits, target, grad, loss, M, V, ignore_index,
                          label_smoothing, grad_scale, stream);
   return (int)cudaGetLastError();

@@ -59,6 +59,11 @@ __device__ __forceinline__ float block_max(float v, float* shm) {
   return warp_max(v);
 }
 
+// Grid x's limit. The kernels with a block per row (or per position) refuse more rows than
+// this: launched as `<<<M, ...>>>`, M becomes an unsigned int, and 2^32 + 1 rows ran one block
+// and returned success.
+constexpr int64_t kMaxGridX = 2147483647;
+
 inline int row_threads(int64_t n) {
   int t = 32;
   while (t < n && t < 1024) t <<= 1;

@@ -356,6 +356,7 @@ extern "C" int minigpt_rms_norm_fwd_cuda(const void* x, const void* r, const voi
                                          void* h, float* rstd, int64_t M, int64_t N, float eps,
                                          int dtype, int wdtype, cudaStream_t stream) {
   if (M == 0) return 0;
+  if (M > kMaxGridX) return (int)cudaErrorInvalidConfiguration;
   MINIGPT_DISPATCH_DTYPE_RET(dtype, fwd_entry, wdtype, x, r, w, y, h, rstd, M, N, eps, stream);
 }
 

@@ -87,6 +87,7 @@ extern "C" int minigpt_rope_cuda(const void* q, const void* k, void* qo, void* k
                                  int64_t kst, int64_t cos_bstride, int64_t pos_bstride, int64_t L,
                                  int inverse, int dtype, cudaStream_t stream) {
   if (B * T == 0) return 0;
+  if (B * T > kMaxGridX) return (int)cudaErrorInvalidConfiguration;
   MINIGPT_DISPATCH_DTYPE(dtype, launch, q, k, qo, ko, cos, sin, pos, B, Hq, Hk, T, D, qsb, qsh,
                          qst, ksb, ksh, kst, cos_bstride, pos_bstride, L, inverse, stream);
   return (int)cudaGetLastError();

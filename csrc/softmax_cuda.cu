@@ -214,6 +214,7 @@ extern "C" int minigpt_softmax_fwd_cuda(const void* x, void* y, int64_t M, int64
                                         float scale, int causal, int64_t T, int dtype,
                                         cudaStream_t stream) {
   if (M == 0 || N == 0) return 0;
+  if (M > kMaxGridX) return (int)cudaErrorInvalidConfiguration;
   MINIGPT_DISPATCH_DTYPE(dtype, launch_fwd, x, y, M, N, scale, causal, T, stream);
   return (int)cudaGetLastError();
 }
@@ -221,6 +222,7 @@ extern "C" int minigpt_softmax_fwd_cuda(const void* x, void* y, int64_t M, int64
 extern "C" int minigpt_softmax_bwd_cuda(const void* dy, const void* y, void* dx, int64_t M,
                                         int64_t N, float scale, int dtype, cudaStream_t stream) {
   if (M == 0 || N == 0) return 0;
+  if (M > kMaxGridX) return (int)cudaErrorInvalidConfiguration;
   MINIGPT_DISPATCH_DTYPE(dtype, launch_bwd, dy, y, dx, M, N, scale, stream);
   return (int)cudaGetLastError();
 }

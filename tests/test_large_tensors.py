@@ -14,11 +14,69 @@ import math
 import pytest
 import torch
 
-from minigpt import reference
+from minigpt import ops, reference
 from tests._tol import assert_close
 from tests.test_cuda_emu_attention import _bwd, _check_lse, _f64, _fwd, _lse_ref, _qkv, _ref_grads
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+FAR = 2**31  # elements between a view's first item and its next one: past int32 offsets
+
+
+@pytest.fixture(scope="module")
+def far_storage_ok():
+    """Whether this machine reserves a > 2**31-element storage without committing it."""
+    try:
+        torch.empty(FAR + 4096, dtype=F32)
+    except RuntimeError as e:  # no overcommit: the test would need real memory
+        pytest.skip(f"cannot reserve a {FAR + 4096}-element storage: {e}")
+
+
+def far_view(shape, stride, dtype):
+    """A view with ``stride`` over an empty storage just large enough, only its elements set
+    (random normal): a few pages resident, however far apart they lie."""
+    n = sum((s - 1) * st for s, st in zip(shape, stride)) + 1
+    view = torch.empty(n, dtype=dtype).as_strided(shape, stride)
+    view.copy_(torch.randn(shape).to(dtype))
+    return view
+
+
+# ---- strided views whose elements lie past 2**31 elements ------------------------------------
+# rope and attention take their inputs through strides (the other ops take contiguous rows);
+# every index they form is 64-bit: these guard that.
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_rope_far_strided_views(far_storage_ok, backend):
+    B, Hq, T, D = 2, 2, 3, 8
+    q = far_view((B, Hq, T, D), (FAR, FAR // 2 + 64, D, 1), F16)  # batch 1 at 2**31
+    k = far_view((B, 1, T, D), (FAR + 8, T * D, D, 1), F16)
+    cos, sin = torch.randn(T, D), torch.randn(T, D)
+    want = reference.rope(q.double(), k.double(), cos.double(), sin.double())
+    lowp = reference.rope(q, k, cos, sin)
+    for got, w64, wl, name in zip(ops.rope(q, k, cos, sin, backend=backend), want, lowp,
+                                  ("q", "k")):
+        assert_close(got, w64, wl, F16, name=name)
+
+
+def test_cpu_attention_far_strided_views(far_storage_ok):
+    B, Hq, T, D = 2, 2, 5, 16
+    q = far_view((B, Hq, T, D), (FAR, FAR // 2 + 64, D, 1), F32).requires_grad_()
+    k = far_view((B, 1, T, D), (FAR + 16, T * D, D, 1), F32).requires_grad_()
+    v = far_view((B, 1, T, D), (FAR + 32, T * D, D, 1), F32).requires_grad_()
+    do = torch.randn(B, Hq, T, D)
+    out = ops.attention(q, k, v, causal=True, backend="cpu")
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves, True, 1 / math.sqrt(D))
+    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+    qd = far_view((B, Hq, 1, D), (FAR, FAR // 2 + 64, D, 1), F32)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    got = ops.decode_attention(qd, k.detach(), v.detach(), lens, backend="cpu")
+    want = reference.decode_attention(qd.double(), k.detach().double(), v.detach().double(),
+                                      lens, 1 / math.sqrt(D))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # ---- CUDA attention: sequence blocks past the grid's y limit ----------------------------------
@@ -62,3 +120,57 @@ def test_cuda_attention_sequence_blocks_past_grid_y_limit(emu_small_yz, dtype, T
                      scale)
     for name, g, g64, gl in zip(("dq", "dk", "dv"), grads, truth, lowp):
         assert_close(g, g64, gl, dtype, name=name)
+
+
+# ---- CUDA row kernels: more rows than grid x holds ---------------------------------------------
+def _row_launches(M, x, out, rows):
+    """(launcher, args) of every kernel with a block per row, for M rows (B * T positions for
+    rope) over buffers with one real row: a launcher that refuses M never touches them."""
+    w = torch.ones(x.shape[-1])
+    code = 0  # fp32
+    target = torch.zeros(1, dtype=torch.int64)
+    return [
+        ("minigpt_softmax_fwd_cuda", (x, out, M, 8, 1.0, 0, 1, code, None)),
+        ("minigpt_softmax_bwd_cuda", (x, x, out, M, 8, 1.0, code, None)),
+        ("minigpt_layer_norm_fwd_cuda", (x, None, w, None, out, None, rows, rows, M, 8, 1e-5,
+                                         code, code, None)),
+        ("minigpt_rms_norm_fwd_cuda", (x, None, w, out, None, rows, M, 8, 1e-5, code, code,
+                                       None)),
+        ("minigpt_cross_entropy_fwd_cuda", (x, target, None, rows, M, 8, -100, 0.0, 1.0, code,
+                                            None)),
+        # B = 1, T = M positions of one head of D = 8
+        ("minigpt_rope_cuda", (x, x, out, out, w, w, None, 1, 1, 1, M, 8, 8 * M, 8 * M, 8,
+                               8 * M, 8 * M, 8, 0, 0, M, 0, code, None)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(6), ids=["softmax_fwd", "softmax_bwd", "layer_norm_fwd",
+                                             "rms_norm_fwd", "cross_entropy_fwd", "rope"])
+def test_cuda_row_kernels_refuse_rows_past_grid_x(cuda_emu, i):
+    """A block per row: `<<<M, ...>>>` cast M to an unsigned int, so 2^32 + 1 rows launched one
+    block, computed row 0 and returned success with every other row unwritten. Now refused
+    (cudaErrorInvalidConfiguration, 9) before anything runs; 2^31 - 1 rows is the limit."""
+    x = torch.randn(1, 8)
+    out = torch.full((1, 8), float("nan"))
+    rows = torch.full((1,), float("nan"))
+    name, args = _row_launches(2**32 + 1, x, out, rows)[i]
+    with pytest.raises(RuntimeError, match="CUDA error 9"):
+        cuda_emu.call(name, *args)
+    assert cuda_emu.launches() == []
+    assert torch.isnan(out).all() and torch.isnan(rows).all()
+    # The same call for the row that exists runs and computes it.
+    name, args = _row_launches(1, x, out, rows)[i]
+    cuda_emu.call(name, *args)
+    w = torch.ones(8)
+    y = reference.softmax(x)
+    want = {"minigpt_softmax_fwd_cuda": (out, y),
+            "minigpt_softmax_bwd_cuda": (out, x * (x - (x * x).sum(-1, keepdim=True))),
+            "minigpt_layer_norm_fwd_cuda": (out, reference.layer_norm(x, w)),
+            "minigpt_rms_norm_fwd_cuda": (out, reference.rms_norm(x, w, eps=1e-5)),
+            "minigpt_cross_entropy_fwd_cuda": (rows, reference.cross_entropy(
+                x, torch.zeros(1, dtype=torch.int64), reduction="none")),
+            # cos = sin = 1: y1 = x1 - x2, y2 = x2 + x1
+            "minigpt_rope_cuda": (out, reference.rope(x.view(1, 1, 1, 8), x.view(1, 1, 1, 8),
+                                                      w.view(1, 8), w.view(1, 8))[0].view(1, 8)),
+            }[name]
+    torch.testing.assert_close(*want, rtol=1e-5, atol=1e-5)
