@@ -122,6 +122,48 @@ def test_cuda_attention_sequence_blocks_past_grid_y_limit(emu_small_yz, dtype, T
         assert_close(g, g64, gl, dtype, name=name)
 
 
+
+@pytest.mark.parametrize("entry", ["fwd", "bwd"])
+def test_cuda_attention_refuses_grid_past_x_limit(cuda_emu, entry):
+    """A geometry whose blocks pass grid x's 2^31 - 1 (2^32 + 1 sequence blocks of one head)
+    is refused before anything runs: cast to unsigned, the block count became 1 and the launch
+    computed one block and returned success. The buffers hold that one block only."""
+    from tests.test_cuda_emu_attention import _geo
+    q, k, v = _qkv(1, 1, 1, 16, 32, 32, F32, "contig")
+    g = _geo(q, k, v, False)
+    blocks = 2**32 + 1
+    if entry == "fwd":
+        g.T = 16 * blocks  # 16 queries a forward block
+        out, lse = torch.full_like(q, float("nan")), torch.full((1, 1, 16), float("nan"))
+        args = ("minigpt_attention_fwd_cuda", g, q, k, v, out, lse, 0.25, 0, None)
+        outs = (out, lse)
+    else:
+        g.S = 32 * blocks  # 32 keys a dK/dV block
+        do, lse = torch.randn_like(q), torch.zeros(1, 1, 16)
+        delta, dq = torch.full((1, 1, 16), float("nan")), torch.full_like(q, float("nan"))
+        dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+        args = ("minigpt_attention_bwd_cuda", g, do, *do.stride()[:3], q, k, v, q, lse, delta,
+                dq, dk, dv, 0.25, 0, None)
+        outs = (delta, dq, dk, dv)
+    with pytest.raises(RuntimeError, match="CUDA error 9"):
+        cuda_emu.call(*args)
+    assert cuda_emu.launches() == []
+    assert all(torch.isnan(t).all() for t in outs)
+    # The real geometry over the same buffers runs and matches the reference.
+    if entry == "fwd":
+        got, _ = _fwd(cuda_emu, q, k, v, False, 0.25)
+        assert_close(got, reference.attention(*_f64(q, k, v), False, 0.25),
+                     reference.attention(q, k, v, False, 0.25), F32)
+    else:
+        ref_out, lowp = _ref_grads(q, k, v, do, False, 0.25)
+        _, lse32 = _lse_ref(q, k, v, False, 0.25)
+        _, truth = _ref_grads(*_f64(q, k, v, do), False, 0.25)
+        _, *grads = _bwd(cuda_emu, do, q, k, v, ref_out.contiguous(), lse32.float().contiguous(),
+                         False, 0.25)
+        for name, got, g64, gl in zip(("dq", "dk", "dv"), grads, truth, lowp):
+            assert_close(got, g64, gl, F32, name=name)
+
+
 # ---- CUDA row kernels: more rows than grid x holds ---------------------------------------------
 def _row_launches(M, x, out, rows):
     """(launcher, args) of every kernel with a block per row, for M rows (B * T positions for
