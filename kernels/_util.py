@@ -4,6 +4,7 @@ import os
 import warnings
 
 import torch
+from triton import knobs as _knobs
 
 
 # Host-side integer helpers. Triton 3.6's triton.cdiv and triton.next_power_of_2 are
@@ -19,8 +20,11 @@ def next_pow2(n: int) -> int:
 
 
 def interpreting() -> bool:
-    """Triton runs in its CPU interpreter (TRITON_INTERPRET=1, settled by minigpt/__init__)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton runs in its CPU interpreter (TRITON_INTERPRET, settled by minigpt/__init__).
+    Triton's own reading, which @triton.jit used to make the kernels interpreted ones: it takes
+    "true", "on", "yes" and "y" too, and this reading only "1" had launched interpreted kernels
+    as compiled ones (TRITON_INTERPRET=true: attention failed in capped_launch)."""
+    return _knobs.runtime.interpret
 
 
 @functools.lru_cache(maxsize=None)

@@ -93,6 +93,15 @@ def _triton_status() -> str | None:
     return _TRITON
 
 
+def _triton_interprets() -> bool:
+    """Whether Triton runs its kernels in the interpreter: TRITON_INTERPRET read as Triton's
+    getenv_bool reads it (1, true, on, yes or y, any case, not stripped: " 1" is off). A reading
+    of our own had offered the backend where @triton.jit made compiled kernels (" 1"), or
+    refused it where they were interpreted ("y"). Not through triton.knobs: torch.compile
+    traces this, and cannot trace Triton's C++ getenv."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
 def _numpy_problem() -> str | None:
     """The Triton (<= 3.6) interpreter converts (1,)-shaped arrays with int(), which numpy
     2.4 made an error: attention and cross-entropy then failed inside the interpreter while
@@ -134,9 +143,7 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA device on this machine"
         if device.type == "cpu":
-            # Triton's own reading of the variable: 1, true, on or yes
-            if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in (
-                    "1", "true", "on", "yes"):
+            if not _triton_interprets():
                 return ("Triton runs on CPU tensors only in its interpreter: set "
                         "TRITON_INTERPRET=1 before importing triton/minigpt")
             np_problem = _numpy_problem()

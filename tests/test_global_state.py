@@ -1,0 +1,101 @@
+"""The library used as a server or a research script uses it: calls overlapping in threads,
+environment variables as Triton reads them, and a library call that leaves the caller's
+process (its environment, its random generators, a shared model's mode) as it found it."""
+import io
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from minigpt import _backend
+from minigpt import checkpoint as ckpt
+from minigpt.model import GPT, GPTConfig
+from minigpt.sampling import generate, sample_checkpoint
+from minigpt.tokenizer import CharTokenizer
+from tests.conftest import skip_if_triton_refused
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+WAIT = 60  # seconds a thread waits for the other before the test gives up on it
+
+
+def _wait(event, what):
+    assert event.wait(WAIT), f"timed out waiting for {what}"
+
+
+def _tiny_gpt(vocab, dropout=0.0):
+    torch.manual_seed(3)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=vocab,
+                      dropout=dropout))
+    with torch.no_grad():  # larger weights than the init: varied, non-uniform predictions
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    return m
+
+
+def _in_threads(a, b):
+    """Run a() and b() in two threads; re-raise the first error either raised."""
+    errors = []
+
+    def run(f):
+        try:
+            f()
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(f,), daemon=True) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * WAIT)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# TRITON_INTERPRET: what Triton takes for "on" is what the kernels and the dispatch take
+
+
+@skip_if_triton_refused
+def test_triton_interpret_true_runs_the_triton_kernels():
+    # Triton reads TRITON_INTERPRET=true as on and makes interpreted kernels; the launchers
+    # read only "1" and took them for compiled ones: attention failed in capped_launch
+    # ("'InterpretedFunction' object has no attribute 'params'"). A fresh process: Triton
+    # decides at import.
+    code = ("import torch, minigpt\n"
+            "from minigpt import ops\n"
+            "torch.manual_seed(0)\n"
+            "q, k, v = (torch.randn(1, 2, 16, 32) for _ in range(3))\n"
+            "o = ops.attention(q, k, v, causal=True, backend='triton')\n"
+            "r = ops.attention(q, k, v, causal=True, backend='torch')\n"
+            "torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)\n"
+            "x = torch.randn(8, 64, requires_grad=True)\n"
+            "w, b = torch.randn(64), torch.randn(64)\n"
+            "y = ops.layer_norm(x, w, b, backend='triton')\n"
+            "torch.testing.assert_close(y, ops.layer_norm(x, w, b, backend='torch'),\n"
+            "                           rtol=1e-4, atol=1e-5)\n"
+            "print('OK')\n")
+    env = dict(os.environ, TRITON_INTERPRET="true")
+    env.pop("MINIGPT_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@skip_if_triton_refused
+@pytest.mark.parametrize("value, on", [(" 1", False), ("1 ", False), ("y", True), ("Yes", True)])
+def test_triton_backend_offered_exactly_where_triton_interprets(monkeypatch, value, on):
+    # The dispatch stripped the value and Triton does not: with " 1" the backend was offered
+    # where @triton.jit made compiled kernels, which cannot take CPU tensors.
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert knobs.runtime.interpret is on  # Triton's own reading
+    why = _backend._unavailable_reason("triton", torch.device("cpu"))
+    assert (why is None) is on, why
+    if not on:
+        assert "interpreter" in why
