@@ -6,9 +6,12 @@ Decoding choices: ``temperature`` (0 = greedy), ``top_k`` (keep the k most likel
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -89,6 +92,33 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+# Models inside generate() now: model -> [calls, its training mode before the first]. Each call
+# saving and restoring model.training for itself went wrong with two at once (a server thread
+# per request): the first to finish put a training model back in training mode while the other
+# still decoded (dropout in its samples), and the last restored the "eval" it had found.
+_EVAL_LOCK = threading.Lock()
+_IN_GENERATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """model.eval() for the block; the mode it had comes back when the last block on it ends."""
+    with _EVAL_LOCK:
+        held = _IN_GENERATE.get(model)
+        if held is None:
+            held = _IN_GENERATE[model] = [0, model.training]
+        held[0] += 1
+        model.eval()
+    try:
+        yield
+    finally:
+        with _EVAL_LOCK:
+            held[0] -= 1
+            if held[0] == 0:
+                del _IN_GENERATE[model]
+                model.train(held[1])
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
@@ -111,9 +141,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if generator is None:
         generator = seeded_generator(seed, idx.device)
     block = model.config.block_size
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         # Room for the whole result (capped at the context) rather than always block_size:
         # a Llama with an 8k context would otherwise allocate its full cache for a short reply.
         cache = (model.new_cache(idx.shape[0], min(block, idx.shape[1] + max_new_tokens))
@@ -138,8 +166,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             if eos_id is not None and bool(done.all()):
                 break
         return idx
-    finally:
-        model.train(was_training)
 
 
 def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200,

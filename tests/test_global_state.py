@@ -99,3 +99,49 @@ def test_triton_backend_offered_exactly_where_triton_interprets(monkeypatch, val
     assert (why is None) is on, why
     if not on:
         assert "interpreter" in why
+
+
+# ----------------------------------------------------------------------------------------------
+# generate() on one model from two threads
+
+
+def test_overlapping_generate_calls_keep_the_model_in_eval_and_restore_it():
+    # Each call saved model.training and restored it at its end: with two at once, the first
+    # to finish put a model that was training back in training mode while the other still
+    # decoded (dropout in its samples), and the second then "restored" the eval mode it had
+    # found, leaving the model out of training for good.
+    m = _tiny_gpt(40, dropout=0.5)
+    prompt = torch.tensor([[1, 2, 3]])
+    m.eval()
+    want = generate(m, prompt, 12, temperature=1.0, seed=5)
+    m.train()
+
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    modes_b, out = [], {}
+
+    def stream_a(tok):
+        if not a_in.is_set():
+            a_in.set()
+            _wait(b_in, "B's first token")
+
+    def stream_b(tok):
+        if not b_in.is_set():
+            b_in.set()
+            _wait(a_done, "A to finish")
+        else:
+            modes_b.append(m.training)
+
+    def run_a():
+        try:
+            out["a"] = generate(m, prompt, 12, temperature=1.0, seed=5, stream=stream_a)
+        finally:
+            a_done.set()
+
+    def run_b():
+        _wait(a_in, "A's first token")
+        out["b"] = generate(m, prompt, 12, temperature=1.0, seed=5, stream=stream_b)
+
+    _in_threads(run_a, run_b)
+    assert modes_b and not any(modes_b), "B decoded in training mode after A ended"
+    assert m.training, "the model was left in eval mode"
+    assert torch.equal(out["a"], want) and torch.equal(out["b"], want)
