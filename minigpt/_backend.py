@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 
 import torch
 
@@ -244,27 +245,64 @@ def check_backend_name(backend, what: str = "backend") -> None:
                          "(or None: the best one for the device)")
 
 
+class Overlapping:
+    """A process-wide setting (an environment variable, torch's thread count) that library
+    calls change for their duration, where calls in several threads may overlap. Each call
+    restoring what it found left the process changed: A sets x, B finds x and sets y, A ends
+    and restores, B ends and "restores" x for good. Here the latest block still open decides
+    the value, and when the last one ends the value from before the first comes back. (While
+    they run, the setting is the process's: other threads see it too.)"""
+
+    def __init__(self, get, set_):
+        self._get, self._set = get, set_
+        self._lock = threading.Lock()
+        self._open: list = []   # [(token, value)] of the blocks running, oldest first
+        self._before = None
+
+    @contextlib.contextmanager
+    def hold(self, apply):
+        """Run ``apply()`` (which changes the setting, or not) and hold what it left for the
+        block."""
+        token = object()
+        with self._lock:
+            before = self._get()
+            apply()
+            if not self._open:
+                self._before = before
+            self._open.append((token, self._get()))
+        try:
+            yield
+        finally:
+            with self._lock:
+                i = next(i for i, (t, _) in enumerate(self._open) if t is token)
+                latest = i == len(self._open) - 1
+                del self._open[i]
+                if latest:
+                    self._set(self._open[-1][1] if self._open else self._before)
+
+
+def _set_env_backend(value):
+    if value is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = value
+
+
+_ENV_BACKEND = Overlapping(lambda: os.environ.get(ENV_VAR), _set_env_backend)
+
+
 @contextlib.contextmanager
 def backend_env(backend: str | None, none_unsets: bool = True):
     """MINIGPT_BACKEND=backend for the block, restored after it. ``backend`` None unsets it
     (the device's default), or with ``none_unsets=False`` leaves it as it is. The ops read it on
     every call (torch.compile at trace time), so every call that should use it must run
-    inside the block."""
+    inside the block. It is the process's environment: ops in other threads see it during the
+    block too, and blocks in several threads at once restore it as ``Overlapping`` does."""
     if backend is None and not none_unsets:
         yield
         return
-    old = os.environ.get(ENV_VAR)
-    if backend is None:
-        os.environ.pop(ENV_VAR, None)
-    else:
-        os.environ[ENV_VAR] = backend
-    try:
+    with _ENV_BACKEND.hold(lambda: _set_env_backend(backend)):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
 
 
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None,

@@ -190,19 +190,13 @@ def sample_checkpoint(checkpoint, prompt="\n", max_new_tokens=500, temperature=0
     # else torch's lazy CUDA init fails deep inside loading with an AssertionError
     device = pick_device(device)
     out = sys.stdout if out is None else out
-    before = torch.get_num_threads()
-    if str(device).startswith("cpu"):
-        from minigpt.train import cpu_threads
+    from minigpt.train import threads_for_call
 
-        cpu_threads(threads)
-    try:
-        # Only for this call: the ops read MINIGPT_BACKEND on every call, and a library call
-        # leaves the process as it found it.
-        with backend_env(backend, none_unsets=False):
-            return _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                           num_samples, device, stream, out)
-    finally:
-        torch.set_num_threads(before)
+    # Only for this call: the ops read MINIGPT_BACKEND on every call, and a library call
+    # leaves the process as it found it.
+    with threads_for_call(threads, device.type == "cpu"), backend_env(backend, none_unsets=False):
+        return _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                       num_samples, device, stream, out)
 
 
 def _sample(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples,

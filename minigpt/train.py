@@ -239,6 +239,15 @@ def cpu_threads(requested: Optional[int] = None) -> int:
     return torch.get_num_threads()
 
 
+_THREADS = _backend.Overlapping(torch.get_num_threads, torch.set_num_threads)
+
+
+def threads_for_call(requested: Optional[int], cpu: bool = True):
+    """A block run with ``cpu_threads(requested)`` (when ``cpu``), after which torch's thread
+    count is what it was, also when calls in other threads overlap it (_backend.Overlapping)."""
+    return _THREADS.hold(lambda: cpu_threads(requested) if cpu else None)
+
+
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     if cfg.dtype == "auto":
         if device.type == "cuda":
@@ -439,11 +448,10 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
     cfg.check()
 
     dist = _Dist(cfg.device)
-    threads = torch.get_num_threads()
-    if dist.device.type == "cpu":
-        cpu_threads(cfg.threads)
     try:
-        with _backend.backend_env(cfg.backend, none_unsets=False):
+        # A library call leaves the process as it found it (its thread count, the variable).
+        with threads_for_call(cfg.threads, dist.device.type == "cpu"), \
+                _backend.backend_env(cfg.backend, none_unsets=False):
             return _train(cfg, dist, out_dir, resumed, overwrite, _stop_after)
     except BaseException as e:
         if dist.ddp:
@@ -455,7 +463,6 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
             gc.collect()
         raise
     finally:
-        torch.set_num_threads(threads)  # a library call leaves the process as it found it
         dist.close()
 
 

@@ -145,3 +145,78 @@ def test_overlapping_generate_calls_keep_the_model_in_eval_and_restore_it():
     assert modes_b and not any(modes_b), "B decoded in training mode after A ended"
     assert m.training, "the model was left in eval mode"
     assert torch.equal(out["a"], want) and torch.equal(out["b"], want)
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_checkpoint(backend=...) from two threads: MINIGPT_BACKEND comes back as it was
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    ckpt.save_checkpoint(tmp_path / "run", _tiny_gpt(tok.vocab_size), tok, {"step": 0})
+    return tmp_path / "run"
+
+
+class _GateOut(io.StringIO):
+    """An ``out`` whose first write signals ``entered`` and waits for ``go``."""
+
+    def __init__(self, entered, go):
+        super().__init__()
+        self.entered, self.go = entered, go
+
+    def write(self, s):
+        if not self.entered.is_set():
+            self.entered.set()
+            _wait(self.go, "the other thread")
+        return super().write(s)
+
+
+@pytest.mark.parametrize("before", [None, "cpu"])
+def test_overlapping_sample_calls_restore_minigpt_backend(run_dir, monkeypatch, before):
+    # Each call restored what it had found: A set torch, B found torch and set cpu, A
+    # restored B's starting point... and B, ending last, left MINIGPT_BACKEND=torch in the
+    # process for every later op.
+    if before is None:
+        monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(_backend.ENV_VAR, before)
+    want = sample_checkpoint(run_dir, "First", 6, temperature=0, out=io.StringIO())
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen, got = {}, {}
+
+    def run_a():
+        try:
+            got["a"] = sample_checkpoint(run_dir, "First", 6, temperature=0, backend="torch",
+                                         out=_GateOut(a_in, b_in))
+        finally:
+            a_done.set()
+
+    class _SeeB(_GateOut):
+        def write(self, s):
+            if self.entered.is_set() and "after_a" not in seen:
+                seen["after_a"] = os.environ.get(_backend.ENV_VAR)
+            return super().write(s)
+
+    def run_b():
+        _wait(a_in, "A's first write")
+        got["b"] = sample_checkpoint(run_dir, "First", 6, temperature=0, backend="cpu",
+                                     out=_SeeB(b_in, a_done))
+
+    _in_threads(run_a, run_b)
+    assert got["a"] == got["b"] == want
+    assert seen["after_a"] == "cpu"  # B's block still open: B's choice holds
+    assert os.environ.get(_backend.ENV_VAR) == before
+
+
+def test_backend_env_nests_in_one_thread(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "cpu")
+    with _backend.backend_env("torch"):
+        with _backend.backend_env(None):
+            assert _backend.ENV_VAR not in os.environ
+        assert os.environ[_backend.ENV_VAR] == "torch"
+        with pytest.raises(RuntimeError):
+            with _backend.backend_env("triton"):
+                raise RuntimeError
+        assert os.environ[_backend.ENV_VAR] == "torch"
+    assert os.environ[_backend.ENV_VAR] == "cpu"
