@@ -449,9 +449,13 @@ def train(cfg: TrainConfig, resume: bool = False, explicit: Optional[set] = None
 
     dist = _Dist(cfg.device)
     try:
-        # A library call leaves the process as it found it (its thread count, the variable).
+        # A library call leaves the process as it found it: its thread count, the variable,
+        # and torch's global generators, which _train seeds for the weights and every step's
+        # dropout (a caller's seeded draws after train() had come from the run's last seed).
+        rng_devices = [dist.device] if dist.device.type == "cuda" else []
         with threads_for_call(cfg.threads, dist.device.type == "cpu"), \
-                _backend.backend_env(cfg.backend, none_unsets=False):
+                _backend.backend_env(cfg.backend, none_unsets=False), \
+                torch.random.fork_rng(devices=rng_devices):
             return _train(cfg, dist, out_dir, resumed, overwrite, _stop_after)
     except BaseException as e:
         if dist.ddp:

@@ -220,3 +220,29 @@ def test_backend_env_nests_in_one_thread(monkeypatch):
                 raise RuntimeError
         assert os.environ[_backend.ENV_VAR] == "torch"
     assert os.environ[_backend.ENV_VAR] == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# train() as a library function
+
+
+def test_train_leaves_the_callers_random_generator_as_it_was(tmp_path):
+    # train() seeds torch's global generator for the weights and every step's dropout: a
+    # caller's seeded draws after it came from the run's last step seed, not from its own.
+    from minigpt.train import make_config, train
+
+    (tmp_path / "c.txt").write_text(TEXT * 40, encoding="utf-8")
+    cfg = make_config("seed", data=str(tmp_path / "c.txt"), out_dir=str(tmp_path / "run"),
+                      n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.1, batch_size=2,
+                      max_iters=2, eval_interval=10, eval_iters=1, log_interval=1,
+                      ckpt_interval=10, sample_tokens=0, device="cpu", dtype="float32",
+                      progress=False, seed=7)
+    torch.manual_seed(1234)
+    torch.rand(3)
+    want = torch.rand(5)
+    torch.manual_seed(1234)
+    torch.rand(3)
+    threads = torch.get_num_threads()
+    train(cfg)
+    assert torch.equal(torch.rand(5), want)
+    assert torch.get_num_threads() == threads
