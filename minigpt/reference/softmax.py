@@ -23,6 +23,10 @@ def softmax(x, scale=1.0, causal=False):
 
 
 def masked_softmax_rows(z):
-    """torch.softmax over the last dim, with all -inf rows giving zeros (shared with attention)."""
-    y = torch.softmax(z, dim=-1)
-    return y.masked_fill(torch.isneginf(z).all(-1, keepdim=True), 0.0)
+    """torch.softmax over the last dim, with all -inf rows giving zeros (shared with attention).
+    Those rows are replaced by zeros before the softmax too, not only after: softmax's NaN
+    there would come back in the backward (its gradient reads the output), giving a NaN
+    gradient for a row whose output is the constant 0. Their gradient is 0, as the kernels'."""
+    empty = torch.isneginf(z).all(-1, keepdim=True)
+    y = torch.softmax(z.masked_fill(empty, 0.0), dim=-1)
+    return y.masked_fill(empty, 0.0)

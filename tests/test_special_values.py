@@ -1,0 +1,155 @@
+"""Special values (inf, NaN, all -inf rows, magnitudes near the format's limit) through the ops,
+forward and backward, against minigpt.reference: where the reference is finite a backend must
+give the same numbers; where it is NaN, NaN in the same places (a NaN input that comes out
+finite is a silent wrong answer). Tiny shapes: the triton backend runs in the interpreter."""
+import math
+
+import pytest
+import torch
+
+from minigpt import ops, reference
+from minigpt._backend import available_backends
+
+INF, NAN = float("inf"), float("nan")
+KERNELS = [pytest.param(b, id=b) for b in ("cpu", "triton")]
+
+
+def _need(backend):
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend} unavailable")
+
+
+def _same(got, want, tol=1e-5):
+    """NaN exactly where want has NaN, the rest equal within tol (inf included)."""
+    got, want = got.detach().double(), want.detach().double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (
+        f"NaN at {torch.isnan(got).nonzero().tolist()}, want {torch.isnan(want).nonzero().tolist()}")
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], rtol=tol, atol=tol)
+
+
+def _grads(fn, inputs, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return (out.detach(), *torch.autograd.grad(out, leaves, dout))
+
+
+# ---- softmax ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_softmax_all_neginf_row_has_zero_gradient(backend):
+    """The reference defines a row of all -inf as zeros; its gradient is 0 (it was NaN in the
+    torch backend: torch.softmax's NaN came back through the backward), as the kernels give."""
+    _need(backend)
+    x = torch.randn(3, 5)
+    x[1] = -INF
+    dy = torch.randn(3, 5)
+    y, dx = _grads(lambda t: ops.softmax(t, backend=backend), [x], dy)
+    assert torch.equal(y[1], torch.zeros(5))
+    assert torch.equal(dx[1], torch.zeros(5))
+    _, want = _grads(lambda t: torch.softmax(t, -1), [x[[0, 2]]], dy[[0, 2]])
+    torch.testing.assert_close(dx[[0, 2]], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_scale_zero_is_uniform_at_huge_values(dtype):
+    """scale 0: softmax(0 * x) is uniform for any finite x. The C++ kernel computed
+    (x - max) * 0, which is NaN where x - max overflows (|x| past 1.7e38)."""
+    _need("cpu")
+    x = torch.tensor([[3e38, -3e38, 1.0, 0.0], [1.0, 2.0, 3.0, 4.0]]).to(dtype)
+    y = ops.softmax(x, scale=0.0, backend="cpu")
+    torch.testing.assert_close(y, reference.softmax(x, scale=0.0))
+    assert torch.equal(y.float(), torch.full((2, 4), 0.25))
+
+
+# ---- swiglu -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_up_gradient_at_hugely_negative_gate(backend, dtype):
+    """d up = dy * silu(gate): silu(-3e38) is -0, so the gradient is 0. dy * gate first
+    overflows to inf and inf * sigmoid(-3e38) = inf * 0 was NaN (the C++ kernel)."""
+    _need(backend)
+    gate = torch.tensor([-3e38, -3e38, 3e38, 1.0]).to(dtype)
+    up = torch.tensor([1.0, -2.0, 0.5, 3.0]).to(dtype)
+    dy = torch.tensor([2.0, 4.0, 1.0, 1.0]).to(dtype)
+    _, dg, du = _grads(lambda g, u: ops.swiglu(g, u, backend=backend), [gate, up], dy)
+    _, dg_ref, du_ref = _grads(reference.swiglu, [gate, up], dy)
+    _same(du, du_ref)
+    assert torch.equal(du[:2].float(), torch.zeros(2))
+    _same(dg, dg_ref)
+
+
+# ---- attention --------------------------------------------------------------------------------
+def _attn_case(kind):
+    """(q, k, v, causal) of one special case, fp32, one batch item and two heads."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "k_nan":      # keys of head 0: one NaN, so every row of head 0 is NaN
+        q, k, v = (torch.randn(1, 2, 5, 16, generator=g) for _ in range(3))
+        k[0, 0, 1, 2] = NAN
+        return q, k, v, False
+    if kind == "q_nan":      # query 2 of head 0 NaN; under causal it does not see keys 3, 4
+        q, k, v = (torch.randn(1, 2, 5, 16, generator=g) for _ in range(3))
+        q[0, 0, 2, 0] = NAN
+        return q, k, v, True
+    if kind == "v_nan_unseen":  # T > S causal: queries 0..2 see no key; a NaN value in key 2
+        q = torch.randn(1, 2, 6, 16, generator=g)
+        k, v = (torch.randn(1, 2, 3, 16, generator=g) for _ in range(2))
+        v[0, 0, 2, 0] = NAN
+        return q, k, v, True
+    raise ValueError(kind)
+
+
+ATTN_CASES = ["k_nan", "q_nan", "v_nan_unseen"]
+# What each case compares. The reference's own artifacts are left out: softmax of a NaN row is
+# NaN on its masked pairs too, so its dV of keys the NaN query cannot see is NaN (q_nan); and
+# p @ v gives 0 * NaN = NaN for a query that sees no key when v holds a NaN (v_nan_unseen).
+CHECKED = {"k_nan": ("out", "dq", "dk", "dv"), "q_nan": ("out", "dq", "dk"),
+           "v_nan_unseen": ("dq", "dk", "dv")}
+
+
+@pytest.mark.parametrize("kind", ATTN_CASES)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_attention_nan_stays_where_the_reference_has_it(backend, kind):
+    """k_nan: a NaN row's lse was stored as +inf (the `l > 0` test is false for NaN), so the
+    backward's P was 0 and dV finite where the reference's is NaN. q_nan / v_nan_unseen:
+    dS = P * (dP - delta) with P = 0 on masked pairs is NaN when dP or delta is: the NaN
+    reached dK of keys the NaN query cannot see, and dQ of queries that see no key."""
+    _need(backend)
+    q, k, v, causal = _attn_case(kind)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    got = _grads(lambda *t: ops.attention(*t, causal=causal, backend=backend), [q, k, v], do)
+    want = _grads(lambda *t: reference.attention(*t, causal=causal), [q, k, v], do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        if name not in CHECKED[kind]:
+            continue
+        try:
+            _same(a, b, tol=1e-4)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+    # The NaN stays in head 0: head 1 is an ordinary, finite head.
+    assert all(torch.isfinite(t[:, 1]).all() for t in got)
+
+
+# ---- CUDA kernels through the emulator --------------------------------------------------------
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("kind", ATTN_CASES)
+def test_attention_cuda_emulated_nan_stays_where_the_reference_has_it(cuda_emu, kind, dtype):
+    """The same through csrc/attention_cuda.cu (fp32: the CUDA-core kernels; fp16 at D 16: the
+    tensor-core ones), the forward's own lse feeding the backward."""
+    from tests.test_cuda_emu_attention import _bwd, _fwd
+
+    q, k, v, causal = _attn_case(kind)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _fwd(cuda_emu, q, k, v, causal, scale)
+    _, dq, dk, dv = _bwd(cuda_emu, do, q, k, v, out.clone(), lse.clone(), causal, scale)
+    want = _grads(lambda *t: reference.attention(*t, causal=causal, scale=scale), [q, k, v], do)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):
+        if name not in CHECKED[kind]:
+            continue
+        try:
+            _same(a, b, tol=tol)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
