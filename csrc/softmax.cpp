@@ -90,6 +90,9 @@ void softmax_fwd_cpu(const at::Tensor& x, at::Tensor& y, double scale_d, bool ca
 #pragma omp simd reduction(max : m)
       for (int64_t j = j1; j < L; ++j) m = std::max(m, load(z, j) * sg_l);
       if (m == -std::numeric_limits<A>::infinity()) m = 0;  // all -inf: exp gives 0, not NaN
+      // scale 0: exp(x * 0), as the reference; (x - max) * 0 is NaN where x - max overflows
+      // (|x| past 1.7e38 in an fp32 or bf16 row).
+      if (as_l == A(0)) m = 0;
       A sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < L; ++j) {

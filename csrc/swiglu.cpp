@@ -65,7 +65,7 @@ void swiglu_bwd_cpu(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n
         for (int k = 0; k < kChunk; ++k) {
           const A sig = A(1) / (A(1) + exp_simd(-gs[k]));
           dgs[k] = ds[k] * us[k] * sig * (A(1) + gs[k] * (A(1) - sig));
-          dus[k] = ds[k] * gs[k] * sig;
+          dus[k] = ds[k] * (gs[k] * sig);  // silu(g) first, as below
         }
         store_chunk(dgs, dg + i0);
         store_chunk(dus, du + i0);
@@ -78,7 +78,9 @@ void swiglu_bwd_cpu(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n
       const A sig = A(1) / (A(1) + exp_simd(-gv));
       // d silu / d g = sig * (1 + g * (1 - sig))
       store(dg, i, d * uv * sig * (A(1) + gv * (A(1) - sig)));
-      store(du, i, d * gv * sig);
+      // d * silu(g), with silu(g) formed first as the reference's autograd does: d * g first
+      // overflows at |g| ~ 1e38 and a gate so negative that sig = 0 gave inf * 0 = NaN.
+      store(du, i, d * (gv * sig));
     }
   });
 }
