@@ -101,10 +101,14 @@ def _gguf_file(path):
 
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    if key not in _GGUF_CACHE:
+    got = _GGUF_CACHE.get(key)
+    if got is None:
+        got = GGUFFile(path)
+        # One file kept. One lookup, not a check then a read: another thread loading another
+        # file clears the cache in between (a KeyError here); at worst it is parsed twice.
         _GGUF_CACHE.clear()
-        _GGUF_CACHE[key] = GGUFFile(path)
-    return _GGUF_CACHE[key]
+        _GGUF_CACHE[key] = got
+    return got
 
 
 def load_tokenizer(checkpoint=None, model=None):

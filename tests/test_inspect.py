@@ -528,3 +528,24 @@ def test_smollm2_attention_and_next_token(tmp_path, capsys):
         assert im.size == look.figure_size(T, 9)
     steps = look.next_token_steps(model, tok, "The capital of France is", steps=2, temperature=0)
     assert steps[0].chosen_text == " Paris" and steps[0].chosen_prob > 0.3
+
+
+def test_gguf_cache_survives_another_thread_clearing_it(monkeypatch, tmp_path):
+    # _gguf_file checked `key in cache` and then read cache[key]: another thread loading
+    # another file clears the cache in between, a KeyError. The racy dict does that clear
+    # right after any membership check; the lookup must not depend on one.
+    from minigpt import loaders
+
+    class Racy(dict):
+        def __contains__(self, key):
+            found = super().__contains__(key)
+            self.clear()
+            return found
+
+    monkeypatch.setattr(loaders, "GGUFFile", lambda path: ("parsed", path))
+    monkeypatch.setattr(look, "_GGUF_CACHE", Racy())
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    first = look._gguf_file(str(f))
+    assert first == ("parsed", str(f))
+    assert look._gguf_file(str(f)) is first  # parsed once, then served from the cache
