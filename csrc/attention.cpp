@@ -363,9 +363,11 @@ void fwd_tile(FwdBuf<A>& w, const T* q, int64_t qrs, int64_t nq, const T* k, int
     T* dst = out + i * ors;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
-    // A row that saw no key: lse = +inf, so the backward's exp2(s - lse) is 0 there.
-    lse[i * lse_s] = l[i] > 0 ? (m[i] + std::log2(l[i])) * A(LN2)
-                              : std::numeric_limits<A>::infinity();
+    // A row that saw no key: lse = +inf, so the backward's exp2(s - lse) is 0 there. A NaN
+    // row (a NaN or inf in q or k) keeps lse = NaN: with +inf its P would come back as 0 and
+    // dV would be finite where the reference's is NaN.
+    lse[i * lse_s] = l[i] == A(0) ? std::numeric_limits<A>::infinity()
+                                  : (m[i] + std::log2(l[i])) * A(LN2);
   }
 }
 
@@ -479,10 +481,12 @@ void probs_and_ds(BwdBuf<A>& w, int64_t nq, int64_t nk, int64_t i0, int64_t j0, 
     const A l2 = w.lse2[i], dl = w.delta[i];
 #pragma omp simd
     for (int64_t j = 0; j < BK; ++j) {
-      // lse2 = +inf on rows that see no key, so exp2 gives 0 there too.
+      // lse2 = +inf on rows that see no key, so exp2 gives 0 there too. dS is set to 0, not
+      // computed as 0 * (dP - delta): a NaN in v (dP) or in the row (delta) must not reach
+      // dQ or dK through a pair the mask hides.
       const A p = j < lim ? exp2_neg(s[j] - l2) : A(0);
       s[j] = p;
-      dp[j] = p * (dp[j] - dl);
+      dp[j] = j < lim ? p * (dp[j] - dl) : A(0);
     }
   }
 }

@@ -101,7 +101,9 @@ attn_fwd_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
       for (int d = 0; d < D; ++d) s += qr[d] * kr[d];
       const bool ok = visible(i, j, g);
       s = ok ? s : -INFINITY;
-      const float m_new = fmaxf(m[rr], warp_max(s));
+      // NaN counts as +inf for the max: fmaxf drops NaN, so a row of NaN scores (a NaN in q)
+      // kept m = -inf, was skipped as one that has seen no key and came out 0, not NaN.
+      const float m_new = fmaxf(m[rr], warp_max(s != s ? INFINITY : s));
       if (m_new == -INFINITY) continue;  // warp-uniform: this row has seen no key yet
       const float p = ok ? exp2f(s - m_new) : 0.f;
       const float alpha = exp2f(m[rr] - m_new);
@@ -131,8 +133,9 @@ attn_fwd_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ k,
       const int d = lane + 32 * n;
       if (d < D) orow[d] = from_f<T>(o[rr][n] * inv);
     }
-    // A row that saw no key: lse = +inf, so the backward's exp2(s - lse) is 0 there.
-    if (lane == 0) lse[bh * g.T + i] = l[rr] > 0.f ? (m[rr] + log2f(l[rr])) * LN2F : INFINITY;
+    // A row that saw no key: lse = +inf, so the backward's exp2(s - lse) is 0 there. A NaN
+    // row (NaN or inf in q or k) keeps lse = NaN, so its P and dV stay NaN as the reference's.
+    if (lane == 0) lse[bh * g.T + i] = l[rr] == 0.f ? INFINITY : (m[rr] + log2f(l[rr])) * LN2F;
   }
 }
 
@@ -506,7 +509,7 @@ attn_fwd_mma_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restrict__ 
 #pragma unroll
   for (int r = 0; r < 2; ++r)  // as the other forward: a row that saw no key gets lse = +inf
     if (tc == 0 && rows[r] < g.T)
-      lse[bh * g.T + rows[r]] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2F : INFINITY;
+      lse[bh * g.T + rows[r]] = l[r] == 0.f ? INFINITY : (m[r] + log2f(l[r])) * LN2F;
 }
 
 // ---- tensor-core backward (16-bit, D <= 128): FlashAttention-2's, without atomics ------------
@@ -565,9 +568,10 @@ attn_dq_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t 
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float p = exp2f(s[nt][e] * qk_scale - lse2[e >> 1]);
-        if (!unmasked && !visible(rows[e >> 1], j0 + nt * 8 + 2 * tc + (e & 1), g)) p = 0.f;
-        s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);  // dS
+        const bool vis = unmasked || visible(rows[e >> 1], j0 + nt * 8 + 2 * tc + (e & 1), g);
+        const float p = vis ? exp2f(s[nt][e] * qk_scale - lse2[e >> 1]) : 0.f;
+        // dS = 0 where masked, not 0 * (dP - delta): no NaN of v or of a row through a hidden pair
+        s[nt][e] = vis ? p * (dp[nt][e] - dl[e >> 1]) : 0.f;  // dS
       }
     mma_acc_tile<T, LDS, NT, DT>(acc, s, Ks, lane);  // dQ += dS K
     cp_async_wait_all();
@@ -670,10 +674,10 @@ attn_dkdv_mma_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qc = nt * 8 + 2 * tc + (e & 1);
-        float p = exp2f(st[nt][e] * qk_scale - lse2s[qc]);
-        if (!unmasked && !visible(i0 + qc, keys[e >> 1], g)) p = 0.f;
-        st[nt][e] = p;                            // P^T
-        dpt[nt][e] = p * (dpt[nt][e] - dls[qc]);  // dS^T
+        const bool vis = unmasked || visible(i0 + qc, keys[e >> 1], g);
+        const float p = vis ? exp2f(st[nt][e] * qk_scale - lse2s[qc]) : 0.f;
+        st[nt][e] = p;                                        // P^T
+        dpt[nt][e] = vis ? p * (dpt[nt][e] - dls[qc]) : 0.f;  // dS^T, 0 where masked
       }
     mma_acc_tile<T, LDS, NT, DT>(adv, st, dOs, lane);  // dV += P^T dO
     mma_acc_tile<T, LDS, NT, DT>(adk, dpt, Qs, lane);  // dK += dS^T Q
@@ -760,8 +764,9 @@ attn_dq_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh, 
         s += qr[d] * kr[d];
         dp += dr[d] * vr[d];
       }
-      const float p = visible(i, j, g) ? exp2f(s - lse2[rr]) : 0.f;
-      const float ds = p * (dp - dl[rr]);
+      const bool vis = visible(i, j, g);
+      const float p = vis ? exp2f(s - lse2[rr]) : 0.f;
+      const float ds = vis ? p * (dp - dl[rr]) : 0.f;  // 0 where masked, as above
       for (int jj = 0; jj < 32; ++jj) {
         const float dsj = __shfl_sync(FULL, ds, jj);
         const float* krow = ks + jj * LD;
@@ -853,8 +858,9 @@ attn_dkdv_kernel(MgAttnGeo g, const T* __restrict__ dout, int64_t db, int64_t dh
           s += qr[d] * kr[d];
           dp += dr[d] * vr[d];
         }
-        const float p = visible(i, j, g) ? exp2f(s - lse2s[lane]) : 0.f;
-        const float ds = p * (dp - dls[lane]);
+        const bool vis = visible(i, j, g);
+        const float p = vis ? exp2f(s - lse2s[lane]) : 0.f;
+        const float ds = vis ? p * (dp - dls[lane]) : 0.f;  // 0 where masked, as above
         for (int ii = 0; ii < 32; ++ii) {
           const float pi = __shfl_sync(FULL, p, ii);
           const float dsi = __shfl_sync(FULL, ds, ii);

@@ -140,8 +140,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
         out = acc * (drop_scale / tl.where(seen, l_i, 1.0))[:, None]
     else:
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("inf"))
+    # A row that saw no key (l = 0) gets lse = +inf (P = 0 in the backward); a NaN row (a NaN
+    # or inf in q or k) keeps lse = NaN, so the backward's P and dV are NaN as the
+    # reference's, not 0 and finite.
+    lse = tl.where(l_i == 0.0, float("inf"),
+                   (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * 0.6931471805599453)
     O += b.to(tl.int64) * sob + h.to(tl.int64) * soh
     tl.store(O + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
@@ -198,7 +201,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, b, hk, REP, Hq, T, S, D, s
         qkT = _dot(k, tl.trans(q), DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (S - T), pT, 0.0)
+            seenT = offs_n[:, None] <= offs_m[None, :] + (S - T)
+            pT = tl.where(seenT, pT, 0.0)
         if ATOMIC_DQ:
             pT = tl.where(offs_n[:, None] < S, pT, 0.0)
         if DROPOUT:
@@ -209,6 +213,10 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, b, hk, REP, Hq, T, S, D, s
             dv += _dot(pT.to(do.dtype), do, DOT)
             dpT = _dot(v, tl.trans(do), DOT)
         dsT = pT * (dpT - delta[None, :])
+        if MASKED:
+            # 0, not 0 * (dP - delta): a NaN in v or in a query's row must not reach dK (or
+            # dQ) through a pair the mask hides.
+            dsT = tl.where(seenT, dsT, 0.0)
         dk += _dot(dsT.to(q.dtype), q, DOT)
         if ATOMIC_DQ:
             dq = _dot(tl.trans(dsT.to(k.dtype)), k, DOT) * scale  # (BLOCK_M, BLOCK_D)
@@ -284,15 +292,17 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, 
         qk = _dot(q, kt, DOT) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
-            keep = cols[None, :] < S
+            seen = cols[None, :] < S
             if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
-            p = tl.where(keep, p, 0.0)
+                seen = seen & (cols[None, :] <= offs_m[:, None] + (S - T))
+            p = tl.where(seen, p, 0.0)
         dp = _dot(do, vt, DOT)
         if DROPOUT:
             keep = tl.rand(seed, rng_rows[:, None] + cols[None, :]) >= dropout_p
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(seen, ds, 0.0)  # as in _dkdv_inner: no NaN through a hidden pair
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT)
     return dq
 
