@@ -927,7 +927,9 @@ __global__ void decode_split_kernel(MgAttnGeo g, const T* __restrict__ q,
       s = 0.f;
       for (int d = 0; d < D; ++d) s += qs[d] * to_f(kr[d]);
     }
-    const float m_new = fmaxf(m, warp_max(s));  // finite: lane 0's key is valid
+    // Finite (lane 0's key is valid) or +inf: a NaN score (a NaN in q or k) counts as +inf,
+    // as in attn_fwd_kernel, so the NaN reaches l and the output instead of being dropped.
+    const float m_new = fmaxf(m, warp_max(s != s ? INFINITY : s));
     const float p = ok ? exp2f(s - m_new) : 0.f;
     const float alpha = exp2f(m - m_new);
     l = l * alpha + warp_sum(p);
@@ -952,8 +954,9 @@ __global__ void decode_split_kernel(MgAttnGeo g, const T* __restrict__ q,
     const int d = lane + 32 * n;
     if (d < D) o_part[part * D + d] = o[n] * inv;
   }
-  // An empty split (past this sequence's length) gets weight exp2(-inf) = 0 in the combine.
-  if (lane == 0) lse_part[part] = l > 0.f ? m + log2f(l) : -INFINITY;
+  // An empty split (past this sequence's length) gets weight exp2(-inf) = 0 in the combine;
+  // a NaN one keeps its NaN (m + log2(NaN)) for the combine to pass on.
+  if (lane == 0) lse_part[part] = (l > 0.f || l != l) ? m + log2f(l) : -INFINITY;
 }
 
 // Flash-decoding's split kernel where rows are whole 16-byte packs (16-byte aligned): a block
@@ -1023,7 +1026,7 @@ decode_split_vec_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restric
       for (int i = 0; i < V; ++i) s += qv[r][i] * kv[i];
       for (int off = lpk >> 1; off > 0; off >>= 1) s += __shfl_xor_sync(FULL, s, off);
       if (j < hi) {  // the same for a slot's lanes
-        const float m_new = fmaxf(m[r], s);
+        const float m_new = fmaxf(m[r], s != s ? INFINITY : s);  // NaN: see decode_split_kernel
         const float alpha = exp2f(m[r] - m_new), p = exp2f(s - m_new);
         l[r] = l[r] * alpha + p;
         m[r] = m_new;
@@ -1060,9 +1063,10 @@ decode_split_vec_kernel(MgAttnGeo g, const T* __restrict__ q, const T* __restric
       }
     }
     const int64_t part = (b * g.Hq + h0 + r) * nsplit + split;
-    o_part[part * D + d] = den > 0.f ? acc / den : 0.f;
+    const bool seen = den > 0.f || den != den;  // a NaN split is passed on, not dropped
+    o_part[part * D + d] = seen ? acc / den : 0.f;
     // An empty split (past this sequence's length) gets weight exp2(-inf) = 0 in the combine.
-    if (d == 0) lse_part[part] = den > 0.f ? M + log2f(den) : -INFINITY;
+    if (d == 0) lse_part[part] = seen ? M + log2f(den) : -INFINITY;
   }
 }
 
@@ -1073,14 +1077,19 @@ __global__ void decode_combine_kernel(const float* __restrict__ o_part,
   const int64_t bh = blockIdx.x;
   const float* lp = lse_part + bh * nsplit;
   float mx = -INFINITY;
-  for (int64_t s = 0; s < nsplit; ++s) mx = fmaxf(mx, lp[s]);  // finite if seqlen >= 1
+  bool nan = false;
+  for (int64_t s = 0; s < nsplit; ++s) {  // finite if seqlen >= 1
+    mx = fmaxf(mx, lp[s]);                // (fmaxf drops a NaN split: it is kept apart)
+    nan |= lp[s] != lp[s];
+  }
+  if (nan) mx = NAN;
   if (mx == -INFINITY) mx = 0.f;  // no key at all (a length of 0 in a captured graph): zeros
   float den = 0.f;
   for (int64_t s = 0; s < nsplit; ++s) den += exp2f(lp[s] - mx);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
     for (int64_t s = 0; s < nsplit; ++s) acc += exp2f(lp[s] - mx) * o_part[(bh * nsplit + s) * D + d];
-    out[bh * D + d] = from_f<T>(den > 0.f ? acc / den : 0.f);
+    out[bh * D + d] = from_f<T>(den > 0.f || den != den ? acc / den : 0.f);
   }
 }
 

@@ -153,3 +153,25 @@ def test_attention_cuda_emulated_nan_stays_where_the_reference_has_it(cuda_emu, 
             _same(a, b, tol=tol)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
+
+
+@pytest.mark.parametrize("D", [16, 18], ids=["D16-vec", "D18-warp"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_decode_cuda_emulated_nan_stays_where_the_reference_has_it(cuda_emu, dtype, D):
+    """Flash-decoding on CUDA (csrc/attention_cuda.cu: the 16-byte-pack kernel at D 16, the
+    warp-per-head one at D 18, split over several blocks): a NaN in q or in a key within the
+    length made the whole row 0, not NaN. fmaxf drops NaN, so the running max stayed -inf,
+    the split's lse was stored as -inf and the combine weighted it 0. The other rows stay
+    the reference's numbers."""
+    from tests.test_cuda_emu_attention import _decode, _decode_inputs
+
+    q, kc, vc = (t.clone() for t in _decode_inputs(2, 4, 2, 40, D, dtype, "contig"))
+    q[0, 1, 0, 3] = NAN          # one query head of batch 0
+    kc[1, 0, 5, 2] = NAN         # a key inside batch 1's length: its kv head's 2 query heads
+    kc[0, 1, 35, 0] = NAN        # a key past batch 0's length: nothing
+    lens = torch.tensor([30, 20], dtype=torch.int32)
+    want = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, 0.25)
+    assert torch.isnan(want).any() and not torch.isnan(want).all()
+    out, _ = _decode(cuda_emu, q, kc, vc, lens, 2, 20, 0.25)
+    _same(out, want, tol=1e-5 if dtype == torch.float32 else 2e-3)
