@@ -116,10 +116,19 @@ def x_grad_buffer(h, x_dtype, split: bool):
     return two, (torch.empty_like(h, dtype=x_dtype or h.dtype) if two else h.new_empty(0))
 
 
+# Rows one backward program sums its dweight/dbias terms over, at most: it adds them one after
+# another in fp32, and a slice of 2^17 rows (the interpreter's 4 programs at 2^19 rows; an
+# H100's 264 to 1056 at 3.5e7 to 1.4e8) put dbias 1e-3 off. The C++ kernels' bound is
+# csrc/common.h kMaxBlockRows.
+MAX_PROGRAM_ROWS = 1024
+
+
 def bwd_programs(device: torch.device, M: int, rows: int, per_sm: int = 4):
     """(programs, rows per program) for the backward over M rows walked ``rows`` at a time: a
-    few programs per SM (num_programs), each with a multiple of ``rows`` rows."""
+    few programs per SM (num_programs), each with a multiple of ``rows`` rows, and more
+    programs where one would pass MAX_PROGRAM_ROWS rows."""
     per = cdiv(cdiv(M, num_programs(device, cdiv(M, rows), per_sm)), rows) * rows
+    per = min(per, max(rows, MAX_PROGRAM_ROWS // rows * rows))
     return cdiv(M, per), per
 
 
