@@ -201,8 +201,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, b, hk, REP, Hq, T, S, D, s
         qkT = _dot(k, tl.trans(q), DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
-            seenT = offs_n[:, None] <= offs_m[None, :] + (S - T)
-            pT = tl.where(seenT, pT, 0.0)
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + (S - T), pT, 0.0)
         if ATOMIC_DQ:
             pT = tl.where(offs_n[:, None] < S, pT, 0.0)
         if DROPOUT:
@@ -215,8 +214,10 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQA, b, hk, REP, Hq, T, S, D, s
         dsT = pT * (dpT - delta[None, :])
         if MASKED:
             # 0, not 0 * (dP - delta): a NaN in v or in a query's row must not reach dK (or
-            # dQ) through a pair the mask hides.
-            dsT = tl.where(seenT, dsT, 0.0)
+            # dQ) through a pair the mask hides. Keyed on P = 0, not on the mask: the mask
+            # kept alive across the two dots above cost 128 -> 180 registers and half the
+            # blocks an SM on sm_90 (tests/test_triton_compile.py).
+            dsT = tl.where(pT == 0.0, 0.0, dsT)
         dk += _dot(dsT.to(q.dtype), q, DOT)
         if ATOMIC_DQ:
             dq = _dot(tl.trans(dsT.to(k.dtype)), k, DOT) * scale  # (BLOCK_M, BLOCK_D)
@@ -292,17 +293,15 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, 
         qk = _dot(q, kt, DOT) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
-            seen = cols[None, :] < S
+            keep = cols[None, :] < S
             if CAUSAL:
-                seen = seen & (cols[None, :] <= offs_m[:, None] + (S - T))
-            p = tl.where(seen, p, 0.0)
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (S - T))
+            p = tl.where(keep, p, 0.0)
         dp = _dot(do, vt, DOT)
         if DROPOUT:
             keep = tl.rand(seed, rng_rows[:, None] + cols[None, :]) >= dropout_p
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        if MASKED:
-            ds = tl.where(seen, ds, 0.0)  # as in _dkdv_inner: no NaN through a hidden pair
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT)
     return dq
 
@@ -352,6 +351,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     dq = _dq_inner(dq, q, do, lse2, delta, K, V, sks, svs, offs_m, offs_d, dmask, S, T,
                    qk_scale, full, end, rng_rows, seed, dropout_p, drop_scale, True, CAUSAL,
                    BLOCK_N, DOT, DROPOUT)
+    if CAUSAL:
+        # A query that sees no key (lse = +inf; only under a causal mask with T > S) has
+        # dQ = 0, whatever 0 * (dP - delta) made of a NaN in v on its masked pairs (a hidden
+        # pair makes no NaN in any other row's dQ that the reference's delta does not). Per
+        # row, after the loop: masking dS inside it cost the dropout kernel 166 -> 255
+        # registers and a block an SM on sm_90.
+        dq = tl.where((lse2 == float("inf"))[:, None], 0.0, dq)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + offs_m[:, None] * sgt
              + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
