@@ -59,6 +59,11 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
         continue;
       }
       const A xt = static_cast<A>(x[t]);
+      // The smoothing term's sum of logits is taken as sum(x - x_t): sum(x) overflowed at
+      // logits near the format's max (and M - sum(x) / V cancelled away all precision at any
+      // large common offset), where the reference's sum(x - lse) gives log V. A masked target
+      // (x_t = -inf) would make x_t - x_t NaN; its loss is +inf either way.
+      const A shift = std::isfinite(xt) ? xt : A(0);
       A m = -std::numeric_limits<A>::infinity(), s = 0, sx = 0;
       for (int64_t c0 = 0; c0 < V; c0 += kCeBlock) {
         const int64_t n = std::min<int64_t>(kCeBlock, V - c0);
@@ -68,10 +73,13 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
           const A v = load(x, c0 + j);
           buf[j] = v;
           bm = std::max(bm, v);
-          bsx += v;
+          bsx += v - shift;
         }
         sx += bsx;
-        if (bm == -std::numeric_limits<A>::infinity()) continue;  // adds exp(-inf) = 0
+        // A block of only -inf adds exp(-inf) = 0. std::max drops NaN, so a block of only NaN
+        // (and -inf) has bm = -inf too: bsx is NaN then, and the block must not be skipped,
+        // or a row with a NaN logit got a finite loss.
+        if (bm == -std::numeric_limits<A>::infinity() && !std::isnan(bsx)) continue;
         if (bm > m) {
           s *= exp_nonpos(m - bm);  // exp(-inf) = 0 on the first block
           m = bm;
@@ -86,7 +94,7 @@ void ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, T* grad, at:
       // would make 0 * sx NaN).
       const A logd = std::log(s);
       lp[i] = (A(1) - eps) * ((m - xt) + logd) +
-              (eps > 0 ? eps * ((m - sx / static_cast<A>(V)) + logd) : A(0));
+              (eps > 0 ? eps * (((m - shift) - sx / static_cast<A>(V)) + logd) : A(0));
       if (g) {
 #pragma omp simd
         for (int64_t j = 0; j < V; ++j)

@@ -16,7 +16,11 @@ namespace {
 // (a vocabulary of 50257 is odd): a row is a scalar head up to the first 16-byte boundary, whole
 // packs, and a scalar tail; grad, when separate from the logits, has the same alignment phase
 // (the launcher checks), so one split serves both. Not packed: the whole row is "head".
-template <typename T>
+// SMOOTH (eps > 0): the row's sum of logits, for the smoothing term, is kept as sum(x - x_t):
+// sum(x) overflowed at logits near the fp32 max (and lost all precision to cancellation in
+// M - sum(x) / V at any large common offset, e.g. a row of 1e30s), where the reference's
+// sum(x - lse) gives log V. Without smoothing no sum is taken at all.
+template <typename T, bool SMOOTH>
 __global__ void ce_fwd_kernel(const T* x, const int64_t* __restrict__ target, T* grad,
                               float* __restrict__ loss, int64_t V, int64_t ignore_index,
                               float eps, float scale, bool packed) {
@@ -37,9 +41,11 @@ __global__ void ce_fwd_kernel(const T* x, const int64_t* __restrict__ target, T*
   const int64_t head = packed ? min(V, to_boundary) : V;
   const int64_t npacks = (V - head) / P, tail0 = head + npacks * P;
   const float xt = to_f(x[t]);
+  // x_t = -inf (a masked target) would make x_t - x_t NaN; its loss is +inf either way.
+  const float shift = isfinite(xt) ? xt : 0.f;
   float m = -INFINITY, s = 0.f, sx = 0.f;
   auto add = [&](float v) {
-    sx += v;
+    if constexpr (SMOOTH) sx += v - shift;
     if (v > m) {
       s = s * __expf(m - v) + 1.f;  // __expf(-inf) = 0 on the thread's first finite value
       m = v;
@@ -56,15 +62,21 @@ __global__ void ce_fwd_kernel(const T* x, const int64_t* __restrict__ target, T*
   }
   for (int64_t j = tail0 + threadIdx.x; j < V; j += blockDim.x) add(to_f(x[j]));
   const float M = block_max(m, shm);
-  const float mine = (m == -INFINITY) ? 0.f : s * __expf(m - M);
+  // m = -inf: the thread saw only -inf and NaN, and s is 0, or NaN if it saw a NaN. That NaN
+  // must reach the row (block_max's fmaxf drops it from M): taking s as 0 there gave a row with
+  // a NaN logit a finite loss and a finite gradient everywhere but the NaN's own column.
+  const float mine = (m == -INFINITY) ? s : s * __expf(m - M);
   const float S = block_sum(mine, shm);
-  const float SX = block_sum(sx, shm);
   // Everything relative to the max M: x - M is exact, where x - lse would lose the low bits of
-  // large logits. Without smoothing SX is unused (and -inf logits, i.e. masked classes, would
-  // make 0 * SX NaN).
+  // large logits.
   const float logd = logf(S);
-  if (threadIdx.x == 0)
-    loss[row] = (1.f - eps) * ((M - xt) + logd) + (eps > 0.f ? eps * ((M - SX / V) + logd) : 0.f);
+  if constexpr (SMOOTH) {
+    const float SX = block_sum(sx, shm);  // sum(x - shift)
+    if (threadIdx.x == 0)
+      loss[row] = (1.f - eps) * ((M - xt) + logd) + eps * (((M - shift) - SX / V) + logd);
+  } else {
+    if (threadIdx.x == 0) loss[row] = (M - xt) + logd;
+  }
   if (!grad) return;
   const float smooth = eps / V;
   auto g_of = [&](float v, int64_t j) {
@@ -93,8 +105,12 @@ void launch_fwd(const void* x, const int64_t* target, void* grad, float* loss, i
   const uintptr_t xa = reinterpret_cast<uintptr_t>(x), ga = reinterpret_cast<uintptr_t>(grad);
   // Packs pay once a row has a few per thread's worth; rows of a whole number of elements only.
   const bool vec = V >= 4 * P && xa % sizeof(T) == 0 && (!grad || (ga & 15) == (xa & 15));
-  ce_fwd_kernel<T><<<M, row_threads(vec ? V / P : V), 0, s>>>(
-      (const T*)x, target, (T*)grad, loss, V, ignore_index, eps, scale, vec);
+  if (eps > 0.f)
+    ce_fwd_kernel<T, true><<<M, row_threads(vec ? V / P : V), 0, s>>>(
+        (const T*)x, target, (T*)grad, loss, V, ignore_index, eps, scale, vec);
+  else
+    ce_fwd_kernel<T, false><<<M, row_threads(vec ? V / P : V), 0, s>>>(
+        (const T*)x, target, (T*)grad, loss, V, ignore_index, eps, scale, vec);
 }
 
 }  // namespace

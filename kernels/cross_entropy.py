@@ -48,6 +48,11 @@ def _ce_fwd_kernel(X, T, G, Loss, M, V, ignore_index, eps, grad_scale,
                              mask=cols < V)
         else:
             xt = tl.load(Xr + t).to(tl.float32)
+            # The smoothing term's sum of logits is taken as sum(x - x_t): sum(x) overflowed at
+            # logits near the fp32 max (and m - sum(x) / V cancelled away all precision at any
+            # large common offset), where the reference's sum(x - lse) gives log V. A masked
+            # target (x_t = -inf) would make x_t - x_t NaN; its loss is +inf either way.
+            shift = tl.where((xt == xt) & (tl.abs(xt) != float("inf")), xt, 0.0)
             m = float("-inf")
             d = 0.0
             sx = 0.0
@@ -60,12 +65,12 @@ def _ce_fwd_kernel(X, T, G, Loss, M, V, ignore_index, eps, grad_scale,
                 # exp(-inf).
                 d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
                 m = m_new
-                sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+                sx += tl.sum(tl.where(mask, x - shift, 0.0), axis=0)
             # Everything relative to the max m: x - m is exact, where x - lse would lose the low
             # bits of large logits. Without smoothing the sum of logits is unused (and -inf
             # logits, i.e. masked classes, would turn 0 * sx into NaN).
             logd = tl.log(d)
-            smooth_term = tl.where(eps > 0, eps * ((m - sx / V) + logd), 0.0)
+            smooth_term = tl.where(eps > 0, eps * (((m - shift) - sx / V) + logd), 0.0)
             tl.store(Loss + row, (1.0 - eps) * ((m - xt) + logd) + smooth_term)
             if HAS_GRAD:
                 smooth = eps / V

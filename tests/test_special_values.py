@@ -175,3 +175,92 @@ def test_decode_cuda_emulated_nan_stays_where_the_reference_has_it(cuda_emu, dty
     assert torch.isnan(want).any() and not torch.isnan(want).all()
     out, _ = _decode(cuda_emu, q, kc, vc, lens, 2, 20, 0.25)
     _same(out, want, tol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+# ---- cross-entropy ----------------------------------------------------------------------------
+def _ce_nan_case(V):
+    """Logits (3, V), targets 2: a lone NaN logit (row 0); NaN in every column from 4 on (row 1),
+    so whole threads (CUDA: a column or a pack a thread) and, at V 1024, a whole 512-column block
+    (C++) see only NaN; a finite row (row 2)."""
+    x = torch.randn(3, V, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, 5] = NAN
+    x[1, 4:] = NAN
+    return x, torch.full((3,), 2)
+
+
+def _ce_huge_case(dtype):
+    """Logits (4, V) of one value each, near the format's limit and at a large offset, targets 2
+    (the reference: log V, for any smoothing); a finite row (row 3)."""
+    big = 3e38 if dtype != torch.float16 else 6e4
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
+    x[0], x[1], x[2] = big, -big, 1e30 if dtype != torch.float16 else 3e4
+    return x.to(dtype), torch.full((4,), 2)
+
+
+def _ce_want(x, t, eps=0.0):
+    return _grads(lambda z: reference.cross_entropy(z, t, reduction="none", label_smoothing=eps),
+                  [x], torch.ones(t.shape))
+
+
+@pytest.mark.parametrize("V", [7, 1024])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_cross_entropy_nan_logit_makes_the_row_nan(backend, V):
+    """The C++ kernel skipped a 512-column block whose max was -inf; std::max drops NaN, so a
+    block of only NaN counted as empty and the row's loss came out finite (14.0, V 1024)."""
+    _need(backend)
+    x, t = _ce_nan_case(V)
+    got = _grads(lambda z: ops.cross_entropy(z, t, reduction="none", backend=backend), [x],
+                 torch.ones(3))
+    for name, a, b in zip(("loss", "grad"), got, _ce_want(x, t)):
+        try:
+            _same(a, b)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_cross_entropy_label_smoothing_at_huge_logits(backend, dtype):
+    """The smoothing term took the row's sum of logits: it overflowed at 3e38 (-inf or +inf
+    loss) and cancelled to garbage at a common offset of 1e30 (M - sum(x) / V off by ~1e23),
+    where the reference, summing x - lse, gives log V. It is sum(x - x_t) now."""
+    _need(backend)
+    x, t = _ce_huge_case(dtype)
+    got = _grads(lambda z: ops.cross_entropy(z, t, reduction="none", label_smoothing=0.1,
+                                             backend=backend), [x], torch.ones(4))
+    want = _ce_want(x, t, 0.1)
+    assert torch.allclose(want[0][:3], torch.full((3,), math.log(7)))
+    _same(got[0], want[0])
+    _same(got[1], want[1], tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("V", [7, 1024])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+def test_cross_entropy_cuda_emulated_nan_logit_makes_the_row_nan(cuda_emu, dtype, V):
+    """csrc/cross_entropy_cuda.cu: a thread that saw only NaN kept m = -inf, and its share of
+    the sum of exp was taken as 0 (block_max's fmaxf drops NaN from the row max too): a row
+    with a NaN logit other than the target's got a finite loss, and a finite gradient
+    everywhere but the NaN's own columns. V 7: one column a thread; 1024: one pack a thread."""
+    from tests.test_cuda_emu_training_ops import ce_call
+
+    x, t = _ce_nan_case(V)
+    x = x.to(dtype)
+    loss, grad = ce_call(cuda_emu, x, t, "buffer", -100, 0.0, 1.0)
+    want = _ce_want(x, t)
+    _same(loss, want[0])
+    _same(grad, want[1], tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_cross_entropy_cuda_emulated_label_smoothing_at_huge_logits(cuda_emu, dtype):
+    """The same as test_cross_entropy_label_smoothing_at_huge_logits, through the CUDA kernel."""
+    from tests.test_cuda_emu_training_ops import ce_call
+
+    x, t = _ce_huge_case(dtype)
+    loss, grad = ce_call(cuda_emu, x, t, "buffer", -100, 0.1, 1.0)
+    want = _ce_want(x, t, 0.1)
+    _same(loss, want[0])
+    _same(grad, want[1], tol=1e-5 if dtype == torch.float32 else 2e-2)
