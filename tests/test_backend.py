@@ -58,6 +58,32 @@ def test_old_triton_allowed_on_request(fresh):
     assert _backend._triton_status() is None
 
 
+def test_kernel_modules_import_on_a_triton_without_knobs():
+    """torch 2.5's Triton 3.1 has no triton.knobs: kernels/_util.py imported it unguarded, so
+    `import minigpt.kernels.attention` failed there (where the backend is refused anyway, but
+    the launch rules and the tests import it: three test files failed to collect on torch
+    2.5.1). Without knobs, TRITON_INTERPRET is read as such a Triton reads it: "1" only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, triton\n"
+        "del triton.knobs\n"
+        "sys.modules['triton.knobs'] = None\n"  # `from triton import knobs` raises ImportError
+        "import minigpt.kernels.attention\n"
+        "from minigpt.kernels import _util\n"
+        "assert _util._knobs is None\n"
+        "import os\n"
+        "print(_util.interpreting(), end=' ')\n"
+        "os.environ['TRITON_INTERPRET'] = 'true'\n"
+        "print(_util.interpreting())\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "False"]
+
+
 def test_newer_triton_accepted(fresh):
     fresh.setattr(triton, "__version__", "4.0.0")
     assert _backend._triton_status() is None
