@@ -1311,11 +1311,11 @@ bool bad_geo(const MgAttnGeo& g) {
 }
 
 // Whether a forward or backward grid (seq_grid; the smallest sequence blocks: 16 queries, 32
-// keys) would pass grid x's 2^31 - 1 blocks: refused as the GPU would refuse the launch, rather
+// keys) would pass grid x's kMaxGridX blocks: refused as the GPU would refuse the launch, rather
 // than cut short by the cast to unsigned.
 bool too_many_blocks(const MgAttnGeo& g) {
-  const int64_t lim = 2147483647;
-  return (g.T + BM - 1) / BM > lim / (g.B * g.Hq) || (g.S + 31) / 32 > lim / (g.B * g.Hkv);
+  return (g.T + BM - 1) / BM > kMaxGridX / (g.B * g.Hq) ||
+         (g.S + 31) / 32 > kMaxGridX / (g.B * g.Hkv);
 }
 
 }  // namespace
