@@ -68,7 +68,7 @@ def test_kernel_modules_import_on_a_triton_without_knobs():
 
     code = (
         "import sys, triton\n"
-        "del triton.knobs\n"
+        "vars(triton).pop('knobs', None)\n"  # Triton < 3.4 has none to remove
         "sys.modules['triton.knobs'] = None\n"  # `from triton import knobs` raises ImportError
         "import minigpt.kernels.attention\n"
         "from minigpt.kernels import _util\n"
@@ -296,6 +296,7 @@ def test_triton_interpreter_refused_with_numpy_2_4(fresh):
     assert _backend._unavailable_reason("triton", torch.device("cpu")) is None
 
 
+@skip_if_triton_refused  # an older Triton reads only "1"; the backend is refused there anyway
 @pytest.mark.parametrize("value", ["true", "On", "yes"])
 def test_triton_interpret_read_as_triton_reads_it(fresh, value):
     fresh.setenv("TRITON_INTERPRET", value)
@@ -327,6 +328,7 @@ def test_backend_names_checked_as_the_ops_take_them():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA on a machine without it")
+@skip_if_triton_refused  # an older Triton's refusal is the one named first
 def test_no_triton_on_cuda_without_cuda(fresh):
     assert "triton" not in _backend.available_backends("cuda")
     assert "no CUDA device" in _backend._unavailable_reason("triton", torch.device("cuda"))
