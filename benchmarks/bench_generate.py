@@ -191,8 +191,7 @@ def main():
         dtype = parse_dtype(args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     except ValueError as e:
         ap.error(str(e))
-    if dev.type == "cuda":  # events, synchronize() and the graph capture use the current one
-        torch.cuda.set_device(dev)
+    H.use_device(str(dev))  # current: events, synchronize() and the graph capture follow it
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
