@@ -17,6 +17,7 @@ import torch
 
 from minigpt import ops, reference
 from tests._tol import assert_close
+from tests.conftest import skip_if_triton_refused
 from tests.test_cuda_emu_attention import (_backward_case, _bwd, _check_lse, _f64, _fwd, _lse_ref,
                                            _qkv, _ref_grads)
 
@@ -45,7 +46,7 @@ def far_view(shape, stride, dtype):
 # ---- strided views whose elements lie past 2**31 elements ------------------------------------
 # rope and attention take their inputs through strides (the other ops take contiguous rows);
 # every index they form is 64-bit: these guard that.
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=skip_if_triton_refused)])
 def test_rope_far_strided_views(far_storage_ok, backend):
     B, Hq, T, D = 2, 2, 3, 8
     q = far_view((B, Hq, T, D), (FAR, FAR // 2 + 64, D, 1), F16)  # batch 1 at 2**31
