@@ -234,6 +234,10 @@ def pick_device(name: str | None = None) -> torch.device:
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()  # torch's own "invalid device ordinal" came much later
+        raise ValueError(f"--device {name}: torch sees {n} CUDA device(s), cuda:0 to "
+                         f"cuda:{n - 1}")
     return dev
 
 

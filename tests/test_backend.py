@@ -332,3 +332,15 @@ def test_backend_names_checked_as_the_ops_take_them():
 def test_no_triton_on_cuda_without_cuda(fresh):
     assert "triton" not in _backend.available_backends("cuda")
     assert "no CUDA device" in _backend._unavailable_reason("triton", torch.device("cuda"))
+
+
+def test_pick_device_refuses_an_index_past_the_gpus(monkeypatch):
+    # generate / sample / inspect --device cuda:9 on a one-GPU machine got torch's "invalid
+    # device ordinal" from deep inside the model load, not a usage error naming the option.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _backend.pick_device("cuda:0") == torch.device("cuda:0")
+    assert _backend.pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"--device cuda:9: torch sees 1 CUDA device\(s\), "
+                                         r"cuda:0 to cuda:0"):
+        _backend.pick_device("cuda:9")
