@@ -251,12 +251,10 @@ def cpu_threads(threads: Optional[int]):
         yield
         return
     _positive_int("--threads", threads)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    from minigpt.train import threads_for_call  # the count comes back as train()'s does
+
+    with threads_for_call(threads):
         yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def default_backend(device: torch.device, dtype: torch.dtype) -> str:
