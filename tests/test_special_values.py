@@ -1,7 +1,10 @@
 """Special values (inf, NaN, all -inf rows, magnitudes near the format's limit) through the ops,
 forward and backward, against minigpt.reference: where the reference is finite a backend must
 give the same numbers; where it is NaN, NaN in the same places (a NaN input that comes out
-finite is a silent wrong answer). Tiny shapes: the triton backend runs in the interpreter."""
+finite is a silent wrong answer). Tiny shapes: the triton backend runs in the interpreter. On a
+GPU the same cases run through the compiled Triton kernels and the CUDA backend on the cuda
+device (ids ``triton-cuda`` / ``cuda-cuda``): the emulator runs the CUDA sources' logic, not
+the hardware's fmaxf, fast-math exp or tensor cores."""
 import math
 
 import pytest
@@ -11,17 +14,26 @@ from minigpt import ops, reference
 from minigpt._backend import available_backends
 
 INF, NAN = float("inf"), float("nan")
-KERNELS = [pytest.param(b, id=b) for b in ("cpu", "triton")]
+# (backend, device): the kernel backends on the CPU (Triton in the interpreter) and on a GPU.
+KERNELS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("triton", "cpu", id="triton"),
+           pytest.param("triton", "cuda", id="triton-cuda"),
+           pytest.param("cuda", "cuda", id="cuda-cuda")]
 
 
-def _need(backend):
-    if backend not in available_backends("cpu"):
-        pytest.skip(f"backend {backend} unavailable")
+def _need(backend, device="cpu"):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend} unavailable on {device}")
+
+
+def _on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
 
 
 def _same(got, want, tol=1e-5):
     """NaN exactly where want has NaN, the rest equal within tol (inf included)."""
-    got, want = got.detach().double(), want.detach().double()
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
     assert torch.equal(torch.isnan(got), torch.isnan(want)), (
         f"NaN at {torch.isnan(got).nonzero().tolist()}, want {torch.isnan(want).nonzero().tolist()}")
     ok = ~torch.isnan(want)
@@ -31,19 +43,20 @@ def _same(got, want, tol=1e-5):
 def _grads(fn, inputs, dout):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
-    return (out.detach(), *torch.autograd.grad(out, leaves, dout))
+    return (out.detach(), *torch.autograd.grad(out, leaves, dout.to(out.device)))
 
 
 # ---- softmax ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
-def test_softmax_all_neginf_row_has_zero_gradient(backend):
+@pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch")] + KERNELS)
+def test_softmax_all_neginf_row_has_zero_gradient(backend, device):
     """The reference defines a row of all -inf as zeros; its gradient is 0 (it was NaN in the
     torch backend: torch.softmax's NaN came back through the backward), as the kernels give."""
-    _need(backend)
+    _need(backend, device)
     x = torch.randn(3, 5)
     x[1] = -INF
     dy = torch.randn(3, 5)
-    y, dx = _grads(lambda t: ops.softmax(t, backend=backend), [x], dy)
+    y, dx = _grads(lambda t: ops.softmax(t, backend=backend), _on(device, x), dy)
+    y, dx = y.cpu(), dx.cpu()
     assert torch.equal(y[1], torch.zeros(5))
     assert torch.equal(dx[1], torch.zeros(5))
     _, want = _grads(lambda t: torch.softmax(t, -1), [x[[0, 2]]], dy[[0, 2]])
@@ -62,19 +75,19 @@ def test_softmax_scale_zero_is_uniform_at_huge_values(dtype):
 
 
 # ---- swiglu -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_up_gradient_at_hugely_negative_gate(backend, dtype):
+def test_swiglu_up_gradient_at_hugely_negative_gate(backend, device, dtype):
     """d up = dy * silu(gate): silu(-3e38) is -0, so the gradient is 0. dy * gate first
     overflows to inf and inf * sigmoid(-3e38) = inf * 0 was NaN (the C++ kernel)."""
-    _need(backend)
+    _need(backend, device)
     gate = torch.tensor([-3e38, -3e38, 3e38, 1.0]).to(dtype)
     up = torch.tensor([1.0, -2.0, 0.5, 3.0]).to(dtype)
     dy = torch.tensor([2.0, 4.0, 1.0, 1.0]).to(dtype)
-    _, dg, du = _grads(lambda g, u: ops.swiglu(g, u, backend=backend), [gate, up], dy)
+    _, dg, du = _grads(lambda g, u: ops.swiglu(g, u, backend=backend), _on(device, gate, up), dy)
     _, dg_ref, du_ref = _grads(reference.swiglu, [gate, up], dy)
     _same(du, du_ref)
-    assert torch.equal(du[:2].float(), torch.zeros(2))
+    assert torch.equal(du[:2].cpu().float(), torch.zeros(2))
     _same(dg, dg_ref)
 
 
@@ -106,23 +119,29 @@ CHECKED = {"k_nan": ("out", "dq", "dk", "dv"), "q_nan": ("out", "dq", "dk"),
            "v_nan_unseen": ("dq", "dk", "dv")}
 
 
+# fp32 everywhere; fp16 on a GPU too, where the CUDA backend and Triton take the tensor cores.
+ATTN_KERNELS = [pytest.param(*p.values, torch.float32, id=f"{p.id}-fp32") for p in KERNELS] + [
+    pytest.param(*p.values, torch.float16, id=f"{p.id}-fp16") for p in KERNELS[2:]]
+
+
 @pytest.mark.parametrize("kind", ATTN_CASES)
-@pytest.mark.parametrize("backend", KERNELS)
-def test_attention_nan_stays_where_the_reference_has_it(backend, kind):
+@pytest.mark.parametrize("backend,device,dtype", ATTN_KERNELS)
+def test_attention_nan_stays_where_the_reference_has_it(backend, device, dtype, kind):
     """k_nan: a NaN row's lse was stored as +inf (the `l > 0` test is false for NaN), so the
     backward's P was 0 and dV finite where the reference's is NaN. q_nan / v_nan_unseen:
     dS = P * (dP - delta) with P = 0 on masked pairs is NaN when dP or delta is: the NaN
     reached dK of keys the NaN query cannot see, and dQ of queries that see no key."""
-    _need(backend)
-    q, k, v, causal = _attn_case(kind)
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    got = _grads(lambda *t: ops.attention(*t, causal=causal, backend=backend), [q, k, v], do)
+    _need(backend, device)
+    q, k, v, causal = (t.to(dtype) if torch.is_tensor(t) else t for t in _attn_case(kind))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = _grads(lambda *t: ops.attention(*t, causal=causal, backend=backend),
+                 _on(device, q, k, v), do)
     want = _grads(lambda *t: reference.attention(*t, causal=causal), [q, k, v], do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         if name not in CHECKED[kind]:
             continue
         try:
-            _same(a, b, tol=1e-4)
+            _same(a, b, tol=1e-4 if dtype == torch.float32 else 2e-2)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
     # The NaN stays in head 0: head 1 is an ordinary, finite head.
@@ -177,6 +196,24 @@ def test_decode_cuda_emulated_nan_stays_where_the_reference_has_it(cuda_emu, dty
     _same(out, want, tol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("D", [16, 18])
+@pytest.mark.parametrize("backend,device,dtype", ATTN_KERNELS)
+def test_decode_nan_stays_where_the_reference_has_it(backend, device, dtype, D):
+    """The flash-decoding case above through minigpt.ops on each kernel backend (on a GPU: the
+    compiled kernels, whose max is the hardware's fmaxf)."""
+    _need(backend, device)
+    from tests.test_cuda_emu_attention import _decode_inputs
+
+    q, kc, vc = (t.clone() for t in _decode_inputs(2, 4, 2, 40, D, dtype, "contig"))
+    q[0, 1, 0, 3] = NAN
+    kc[1, 0, 5, 2] = NAN
+    kc[0, 1, 35, 0] = NAN
+    lens = torch.tensor([30, 20], dtype=torch.int32)
+    want = reference.decode_attention(q.double(), kc.double(), vc.double(), lens, 0.25)
+    out = ops.decode_attention(*_on(device, q, kc, vc, lens), scale=0.25, backend=backend)
+    _same(out, want, tol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
 # ---- cross-entropy ----------------------------------------------------------------------------
 def _ce_nan_case(V):
     """Logits (3, V), targets 2: a lone NaN logit (row 0); NaN in every column from 4 on (row 1),
@@ -203,14 +240,14 @@ def _ce_want(x, t, eps=0.0):
 
 
 @pytest.mark.parametrize("V", [7, 1024])
-@pytest.mark.parametrize("backend", KERNELS)
-def test_cross_entropy_nan_logit_makes_the_row_nan(backend, V):
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_cross_entropy_nan_logit_makes_the_row_nan(backend, device, V):
     """The C++ kernel skipped a 512-column block whose max was -inf; std::max drops NaN, so a
     block of only NaN counted as empty and the row's loss came out finite (14.0, V 1024)."""
-    _need(backend)
+    _need(backend, device)
     x, t = _ce_nan_case(V)
-    got = _grads(lambda z: ops.cross_entropy(z, t, reduction="none", backend=backend), [x],
-                 torch.ones(3))
+    got = _grads(lambda z: ops.cross_entropy(z, t.to(device), reduction="none", backend=backend),
+                 _on(device, x), torch.ones(3))
     for name, a, b in zip(("loss", "grad"), got, _ce_want(x, t)):
         try:
             _same(a, b)
@@ -219,15 +256,16 @@ def test_cross_entropy_nan_logit_makes_the_row_nan(backend, V):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", KERNELS)
-def test_cross_entropy_label_smoothing_at_huge_logits(backend, dtype):
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_cross_entropy_label_smoothing_at_huge_logits(backend, device, dtype):
     """The smoothing term took the row's sum of logits: it overflowed at 3e38 (-inf or +inf
     loss) and cancelled to garbage at a common offset of 1e30 (M - sum(x) / V off by ~1e23),
     where the reference, summing x - lse, gives log V. It is sum(x - x_t) now."""
-    _need(backend)
+    _need(backend, device)
     x, t = _ce_huge_case(dtype)
-    got = _grads(lambda z: ops.cross_entropy(z, t, reduction="none", label_smoothing=0.1,
-                                             backend=backend), [x], torch.ones(4))
+    got = _grads(lambda z: ops.cross_entropy(z, t.to(device), reduction="none",
+                                             label_smoothing=0.1, backend=backend),
+                 _on(device, x), torch.ones(4))
     want = _ce_want(x, t, 0.1)
     assert torch.allclose(want[0][:3], torch.full((3,), math.log(7)))
     _same(got[0], want[0])
