@@ -81,6 +81,9 @@ def use_device(s: str) -> torch.device:
     cuda:1 with cuda:0 current would bracket none of its work."""
     device = torch.device(s)
     if device.type == "cuda":
+        # Plain "cuda" means the current device; set_device refuses a device without an index.
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 
