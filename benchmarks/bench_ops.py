@@ -113,31 +113,32 @@ def make_case(op: str, M: int, N: int, dtype, device, grad: bool):
 
 
 # The CUDA LayerNorm backward at fp32 rows of 4097 to 8192 keeps its dweight/dbias sums in
-# shared memory (two blocks an SM); with the environment variable below, in registers (one
-# block an SM), as before 2026-11-27. --cuda-ln-sums times that one too, as this backend.
-REGSUMS, REGSUMS_ENV = "cuda-regsums", "MINIGPT_CUDA_LN_BWD_SUMS"
+# registers (one block an SM); with the environment variable below, in shared memory (two
+# blocks an SM), the kernel that was the default for a day and lost to the register one on an
+# H100. --cuda-ln-sums times that one too, as this backend.
+SMEMSUMS, SMEMSUMS_ENV = "cuda-smemsums", "MINIGPT_CUDA_LN_BWD_SUMS"
 
 
-def _regsums_applies(op, N, dtype, backends) -> bool:
+def _smemsums_applies(op, N, dtype, backends) -> bool:
     return "cuda" in backends and op != "softmax" and dtype == torch.float32 and 4096 < N <= 8192
 
 
-def _with_registers_sums(call):
+def _with_shared_sums(call):
     def run():
-        old = os.environ.get(REGSUMS_ENV)
-        os.environ[REGSUMS_ENV] = "registers"  # read by the launcher at each launch
+        old = os.environ.get(SMEMSUMS_ENV)
+        os.environ[SMEMSUMS_ENV] = "shared"  # read by the launcher at each launch
         try:
             return call()
         finally:
             if old is None:
-                os.environ.pop(REGSUMS_ENV)
+                os.environ.pop(SMEMSUMS_ENV)
             else:
-                os.environ[REGSUMS_ENV] = old
+                os.environ[SMEMSUMS_ENV] = old
     return run
 
 
 def bench_case(op, M, N, dtype, device, pass_, backends, use_compile, budget_s,
-               regsums=False):
+               smemsums=False):
     grad = pass_ == "fwd+bwd"
     inputs, eager, ours, fwd_bytes, bwd_bytes = make_case(op, M, N, dtype, device, grad)
     fns = {"eager": eager}
@@ -146,16 +147,16 @@ def bench_case(op, M, N, dtype, device, pass_, backends, use_compile, budget_s,
         fns["compile"] = torch.compile(eager, dynamic=False)
     for be in backends:
         fns[be] = ours(be)
-    if regsums and grad and _regsums_applies(op, N, dtype, backends):
-        fns[REGSUMS] = ours("cuda")
+    if smemsums and grad and _smemsums_applies(op, N, dtype, backends):
+        fns[SMEMSUMS] = ours("cuda")
     calls = {}
     if grad:
         outs_shape = [o.shape for o in eager(*inputs)]
         gouts = [torch.randn(s, device=device, dtype=dtype) for s in outs_shape]
         for name, fn in fns.items():
             calls[name] = (lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, gouts))
-        if REGSUMS in calls:
-            calls[REGSUMS] = _with_registers_sums(calls[REGSUMS])
+        if SMEMSUMS in calls:
+            calls[SMEMSUMS] = _with_shared_sums(calls[SMEMSUMS])
         nbytes = fwd_bytes + bwd_bytes
     else:
         for name, fn in fns.items():
@@ -299,8 +300,8 @@ def main(argv=None):
                    help="CPU threads for every backend (torch.set_num_threads; default: torch's)")
     p.add_argument("--cuda-ln-sums", action="store_true",
                    help=f"also time the CUDA LayerNorm backward with its dweight/dbias sums in "
-                        f"registers ({REGSUMS_ENV}=registers) as backend {REGSUMS!r}, where it "
-                        "differs (fp32 rows of 4097 to 8192)")
+                        f"shared memory ({SMEMSUMS_ENV}=shared) as backend {SMEMSUMS!r}, where "
+                        "it differs (fp32 rows of 4097 to 8192)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -291,7 +291,7 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* shm) {
 // thread, one block an SM. Hands the row's dweight/dbias terms of pack k to acc(k, q, dy *
 // x-hat, dy).
 // kPrefetchDh (kPre): where the register kernel runs one block an SM (fp32 rows of 8 packs a
-// thread, 218 registers; MINIGPT_CUDA_LN_BWD_SUMS=registers), the residual's gradient is
+// thread, 218 registers; the default there), the residual's gradient is
 // loaded with the row, so that its latency falls in the row's reductions and not after them;
 // there the row's wait for dh came once per row with only 8 warps an SM to cover it (CUDA add
 // + LayerNorm fp32 fwd+bwd at 16384 x 8192: 1.75 ms against Triton's 1.55 on an H100).
@@ -382,7 +382,8 @@ __device__ __forceinline__ auto reg_sums(float (&dw)[VPT][V], float (&db)[VPT][V
 
 // Backward, vectorized: the thread's columns are the same packs in every row of the slice, a
 // block per row at a time. Two blocks an SM now (bf16 rows of 8192: 127 registers); fp32 rows
-// of 8 packs a thread keep one block (218 registers), and take ln_bwd_vec_smem_kernel instead.
+// of 8 packs a thread keep one block (218 registers), and are still the faster for it: see
+// ln_bwd_vec_smem_kernel.
 template <typename T, int VPT, typename W>
 __global__ void __launch_bounds__(256, (sizeof(T) == 2 || VPT <= 4) ? 2 : 1)
 ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ h,
@@ -425,6 +426,10 @@ ln_bwd_vec_kernel(const T* __restrict__ dy, const T* __restrict__ dh, const T* _
 // (N floats for dweight, N for dbias: 64 KiB at 8192), no other thread touches them and no
 // barrier guards them, and at most 128 registers: two blocks an SM, one block's loads in
 // flight while the other reduces. No dh prefetch: its 32 registers would not fit.
+// Measured on an H100 (2026-11-27, bench_ops.py --cuda-ln-sums, both in the same rounds) it
+// lost: add + LayerNorm fp32 fwd+bwd at 16384 x 8192 took 1.56 ms of kernel time against the
+// register kernel's 1.50, LayerNorm 0.984 against 0.964. So it runs only when asked for
+// (MINIGPT_CUDA_LN_BWD_SUMS=shared), for timing the two side by side.
 template <typename T, int VPT, bool BIAS, typename W>
 __global__ void __launch_bounds__(256, 2)
 ln_bwd_vec_smem_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
@@ -604,9 +609,9 @@ void bwd_vec(int threads, const void* dy, const void* dh, const void* h, const W
 }
 
 // ln_bwd_vec_smem_kernel where it applies (fp32 rows of 8 packs a thread: kPrefetchDh's rows,
-// where the register kernel runs one block an SM); false leaves the row to the register kernel,
-// also where the shared memory cannot be had. MINIGPT_CUDA_LN_BWD_SUMS=registers picks the
-// register kernel there too, for timing the two side by side.
+// where the register kernel runs one block an SM) and MINIGPT_CUDA_LN_BWD_SUMS=shared asks for
+// it; false leaves the row to the register kernel (the default: the faster on an H100), also
+// where the shared memory cannot be had.
 template <typename T, int VPT, typename W>
 bool bwd_vec_smem(int threads, const void* dy, const void* dh, const void* h, const W* w,
                   const float* mean, const float* rstd, void* dx, void* dx2, float* dw_part,
@@ -614,7 +619,7 @@ bool bwd_vec_smem(int threads, const void* dy, const void* dh, const void* h, co
                   cudaStream_t s) {
   if constexpr (kPrefetchDh<T, VPT> && VPT * Pack<T>::kN <= 32) {
     const char* pick = getenv("MINIGPT_CUDA_LN_BWD_SUMS");
-    if (pick && strcmp(pick, "registers") == 0) return false;
+    if (!pick || strcmp(pick, "shared") != 0) return false;
     const auto kernel = db_part ? ln_bwd_vec_smem_kernel<T, VPT, true, W>
                                 : ln_bwd_vec_smem_kernel<T, VPT, false, W>;
     const size_t smem = (db_part ? 2 : 1) * (size_t)N * sizeof(float);

@@ -233,11 +233,9 @@ if [ "${1:-}" = lease15 ]; then
     : "${QUICKTEST_FILES:=tests/test_special_values.py}"
     : "${QUICKTEST_K:=triton-cuda or cuda-cuda}"
     : "${CUDATEST_PARTS:=1 2}"
-    # #2: the row ops with and without _C's rows, every op. Since the last GPU run: the bench's
-    # torch.autograd.grad no longer makes the fused norms write x's gradient twice (only
-    # .backward() into two leaves does), and the CUDA LayerNorm backward at fp32 rows of
-    # 4097-8192 keeps its dweight/dbias sums in shared memory, timed beside the register
-    # kernel it replaces (backend cuda-regsums).
+    # #2 (met 2026-11-27, fourth H100 session): the row ops with and without _C's rows, every
+    # op; the CUDA LayerNorm backward's shared-memory sums (fp32 rows of 4097-8192, opt-in
+    # since it lost to the register kernel) timed beside the default (backend cuda-smemsums).
     : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --cuda-ln-sums --out benchmarks/results/quick}"
     # The norm backward's launch shapes at the widths without a tuned entry: 8192 (the #2
     # bench's large rows, 0.565 ms with the rule against 0.493 with the former one) and

@@ -633,9 +633,9 @@ def test_attention_plot_from_rows_and_from_csv(tmp_path):
     assert _png_ok(os.path.splitext(paths["csv"])[0] + ".png")
 
 
-def test_ops_bench_times_the_register_sums_beside_the_default(monkeypatch):
-    """bench_ops.py --cuda-ln-sums: the CUDA LayerNorm backward's register-sums kernel timed as
-    a backend of its own in the same rounds, with MINIGPT_CUDA_LN_BWD_SUMS=registers set only
+def test_ops_bench_times_the_shared_sums_beside_the_default(monkeypatch):
+    """bench_ops.py --cuda-ln-sums: the CUDA LayerNorm backward's shared-memory-sums kernel timed
+    as a backend of its own in the same rounds, with MINIGPT_CUDA_LN_BWD_SUMS=shared set only
     while it runs (the launcher reads it at each launch). On the CPU the C++ backend stands in
     for cuda; the variable is what is checked."""
     bo = bench._load_script("bench_ops")
@@ -647,21 +647,21 @@ def test_ops_bench_times_the_register_sums_beside_the_default(monkeypatch):
 
         def ours_cpu(be):
             fn = ours("cpu" if be == "cuda" else be)
-            return lambda *t: (seen.append((be, os.environ.get(bo.REGSUMS_ENV))), fn(*t))[1]
+            return lambda *t: (seen.append((be, os.environ.get(bo.SMEMSUMS_ENV))), fn(*t))[1]
         return inputs, eager, ours_cpu, fb, bb
 
     monkeypatch.setattr(bo, "make_case", spying_case)
-    monkeypatch.delenv(bo.REGSUMS_ENV, raising=False)
-    assert not bo._regsums_applies("add_layer_norm", 4096, torch.float32, ["cuda"])
-    assert not bo._regsums_applies("add_layer_norm", 8192, torch.bfloat16, ["cuda"])
-    assert not bo._regsums_applies("softmax", 8192, torch.float32, ["cuda"])
-    assert bo._regsums_applies("layer_norm", 4100, torch.float32, ["triton", "cuda"])
-    monkeypatch.setattr(bo, "_regsums_applies", lambda *a: True)
+    monkeypatch.delenv(bo.SMEMSUMS_ENV, raising=False)
+    assert not bo._smemsums_applies("add_layer_norm", 4096, torch.float32, ["cuda"])
+    assert not bo._smemsums_applies("add_layer_norm", 8192, torch.bfloat16, ["cuda"])
+    assert not bo._smemsums_applies("softmax", 8192, torch.float32, ["cuda"])
+    assert bo._smemsums_applies("layer_norm", 4100, torch.float32, ["triton", "cuda"])
+    monkeypatch.setattr(bo, "_smemsums_applies", lambda *a: True)
     stats, _, _ = bo.bench_case("add_layer_norm", 8, 4100, torch.float32, torch.device("cpu"),
-                                "fwd+bwd", ["cuda"], False, 0.01, regsums=True)
-    assert set(stats) == {"eager", "cuda", bo.REGSUMS}
-    assert ("cuda", None) in seen and ("cuda", "registers") in seen
-    assert bo.REGSUMS_ENV not in os.environ
+                                "fwd+bwd", ["cuda"], False, 0.01, smemsums=True)
+    assert set(stats) == {"eager", "cuda", bo.SMEMSUMS}
+    assert ("cuda", None) in seen and ("cuda", "shared") in seen
+    assert bo.SMEMSUMS_ENV not in os.environ
 
 
 def test_cuda_n_is_checked_and_made_current(monkeypatch):

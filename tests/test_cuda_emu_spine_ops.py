@@ -87,17 +87,17 @@ def test_layer_norm_cuda_emulated_warp_per_row(cuda_emu, dtype, M, N, P, residua
 
 
 # fp32 rows of 8 packs a thread (4097 to 8192 wide) take the backward that keeps its dweight and
-# dbias sums in shared memory (ln_bwd_vec_smem_kernel: two blocks an SM); with
-# MINIGPT_CUDA_LN_BWD_SUMS=registers, the register kernel, as before (for timing the two side
-# by side). 7 rows in 2 blocks: sums carried over 4 rows and 3. 4100 wide: the last pack
+# dbias sums in registers (the faster on an H100); with MINIGPT_CUDA_LN_BWD_SUMS=shared, the
+# one that keeps them in shared memory (ln_bwd_vec_smem_kernel: two blocks an SM), for timing
+# the two side by side. 7 rows in 2 blocks: sums carried over 4 rows and 3. 4100 wide: the last pack
 # column only partly used (1025 packs on 256 threads), sums under the 48 KiB default.
 @pytest.mark.parametrize("sums", ["shared", "registers"])
 @pytest.mark.parametrize("N", [4100, 8192])
 @pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (True, True)],
                          ids=["plain", "residual-nobias", "residual-bias"])
 def test_layer_norm_cuda_emulated_backward_sums(cuda_emu, monkeypatch, sums, N, residual, bias):
-    if sums == "registers":
-        monkeypatch.setenv("MINIGPT_CUDA_LN_BWD_SUMS", "registers")
+    if sums == "shared":
+        monkeypatch.setenv("MINIGPT_CUDA_LN_BWD_SUMS", "shared")
     else:
         monkeypatch.delenv("MINIGPT_CUDA_LN_BWD_SUMS", raising=False)
     _check_layer_norm(cuda_emu, torch.float32, 7, N, residual, bias, P=2)
