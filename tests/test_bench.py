@@ -673,11 +673,21 @@ def test_cuda_n_is_checked_and_made_current(monkeypatch):
     made_current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made_current.append(str(d)))
+
+    def set_device(d):  # as torch's: a device without an index is refused
+        if torch.device(d).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index, but got:{d}")
+        made_current.append(str(d))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert H.device_arg("cuda:1") == "cuda:1" and H.device_arg("cuda") == "cuda"
     with pytest.raises(argparse.ArgumentTypeError, match="torch sees 2 CUDA device"):
         H.device_arg("cuda:2")
     assert H.use_device("cuda:1") == torch.device("cuda:1") and made_current == ["cuda:1"]
+    # Plain "cuda" (every script's default on a GPU) is the current device: it reached
+    # set_device as it was and failed on the H100.
+    assert H.use_device("cuda") == torch.device("cuda:1") and made_current == ["cuda:1"] * 2
     assert bench.parse_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(ValueError, match="torch sees 2 CUDA device"):
         bench.parse_device("cuda:2")
