@@ -36,6 +36,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from minigpt._backend import pick_device
+
 COLUMNS = ["op", "shape", "dtype", "backend", "pass", "ms", "GB/s", "x eager", "% copy"]
 
 
@@ -61,29 +63,23 @@ def device_name(device: torch.device) -> str:
 
 
 def device_arg(s: str) -> str:
-    """argparse type of the scripts' --device: cpu, cuda or cuda:N, checked against what
-    torch sees, so a wrong one is a usage error before anything runs."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
-        raise argparse.ArgumentTypeError(f"{s!r}: choose cpu, cuda or cuda:N")
-    if s.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{s}: torch sees no CUDA device here")
-        n = torch.cuda.device_count()
-        if ":" in s and int(s.split(":")[1]) >= n:
-            raise argparse.ArgumentTypeError(f"{s}: torch sees {n} CUDA device(s), cuda:0 to "
-                                             f"cuda:{n - 1}")
+    """argparse type of the scripts' --device: auto, cpu, cuda or cuda:N, checked against
+    what torch sees (minigpt's one parser), so a wrong one is a usage error before anything
+    runs."""
+    try:
+        pick_device(s, option="")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return s
 
 
 def use_device(s: str) -> torch.device:
     """The scripts' device, made the process's current CUDA device: CUDA events, the timing's
     synchronize(), side streams and graph captures follow the current device, so timing
-    cuda:1 with cuda:0 current would bracket none of its work."""
-    device = torch.device(s)
+    cuda:1 with cuda:0 current would bracket none of its work. Plain "cuda" is the current
+    device (set_device refuses a device without an index)."""
+    device = pick_device(s, indexed=True)
     if device.type == "cuda":
-        # Plain "cuda" means the current device; set_device refuses a device without an index.
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

@@ -286,7 +286,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", type=H.device_arg,
                     default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
+                    help="auto, cpu, cuda or cuda:N (default: cuda where torch sees one)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                     help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--quick", action="store_true")

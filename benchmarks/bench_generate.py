@@ -161,7 +161,7 @@ def hf_generate(model, idx, n):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
+                    help="auto, cpu, cuda or cuda:N (default: cuda where torch sees one)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=32)

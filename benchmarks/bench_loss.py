@@ -159,7 +159,7 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default=None, type=_device_arg,
-                   help="cpu, cuda or cuda:N (default: cuda where torch sees one, else cpu)")
+                   help="auto, cpu, cuda or cuda:N (default: cuda where torch sees one, else cpu)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {', '.join(OPS)}")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="loss", help="results file stem")

@@ -285,7 +285,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", type=H.device_arg,
                    default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
+                   help="auto, cpu, cuda or cuda:N (default: cuda where torch sees one)")
     p.add_argument("--quick", action="store_true", help="one or two shapes, for a smoke run")
     p.add_argument("--out", default=os.path.join(HERE, "results"),
                    help="folder for ops_<device>.csv/.md/.png ('' to write nothing)")
@@ -305,10 +305,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.budget is None:
-        args.budget = 3.0 if args.device == "cpu" else 1.0
-
     device = H.use_device(args.device)
+    if args.budget is None:
+        args.budget = 3.0 if device.type == "cpu" else 1.0
     if args.kernels:
         if device.type != "cpu":
             p.error("--kernels times the C++ CPU kernels; use it with --device cpu")

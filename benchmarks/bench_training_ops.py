@@ -297,7 +297,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", type=H.device_arg,
                    default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda where torch sees one)")
+                   help="auto, cpu, cuda or cuda:N (default: cuda where torch sees one)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list from {list(OPS)}")
     p.add_argument("--quick", action="store_true", help="one small size per op")
     p.add_argument("--budget", type=float, default=1.0,

@@ -220,24 +220,34 @@ def _env_backend() -> str | None:
     return env.decodevalue(data[key]) if key in data else None
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """The device a command runs on: None or "auto" (CUDA when there is one), else "cpu",
-    "cuda" or "cuda:N"; a clear error for anything else (torch's own lists every device type
-    it knows) and for CUDA where there is none."""
+def pick_device(name: str | torch.device | None = None, *, indexed: bool = False,
+                option: str = "--device") -> torch.device:
+    """The device a command, a benchmark or training runs on: None or "auto" (CUDA when there
+    is one), else "cpu", "cuda" or "cuda:N", checked against what torch sees; a clear error
+    for anything else (torch's own lists every device type it knows), for CUDA where there is
+    none and for an index past the GPUs. The one parser of every --device (the commands, the
+    bench API, the benchmark scripts, training): four copies of it had drifted apart.
+
+    ``indexed``: plain "cuda" comes back as the current device (``cuda:N``), for calls that
+    refuse a device without an index (``torch.cuda.set_device``). ``option`` leads the error
+    messages (argparse types pass "" and let argparse name the option)."""
+    lead = f"{option} " if option else ""
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ValueError(f"{lead}must be auto, cpu, cuda or cuda:N, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here")
+        raise ValueError(f"{lead}{name}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()  # torch's own "invalid device ordinal" came much later
-        raise ValueError(f"--device {name}: torch sees {n} CUDA device(s), cuda:0 to "
+        raise ValueError(f"{lead}{name}: torch sees {n} CUDA device(s), cuda:0 to "
                          f"cuda:{n - 1}")
+    if indexed and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

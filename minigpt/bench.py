@@ -56,7 +56,7 @@ import torch
 
 import minigpt  # noqa: F401  (settles TRITON_INTERPRET before triton is imported)
 from minigpt import _backend
-from minigpt._backend import backend_env
+from minigpt._backend import backend_env, pick_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
@@ -199,18 +199,7 @@ def step_peak_bytes(fn, device: torch.device) -> Optional[int]:
 
 def parse_device(device: Optional[str]) -> torch.device:
     """auto, cpu, cuda or cuda:N -> the device, checked against what torch sees."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        n = torch.cuda.device_count()
-        if ":" in device and int(device.split(":")[1]) >= n:
-            raise ValueError(f"--device {device}: torch sees {n} CUDA device(s), cuda:0 to "
-                             f"cuda:{n - 1}")
-    return torch.device(device)
+    return pick_device(device)
 
 
 @contextlib.contextmanager

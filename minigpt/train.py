@@ -183,12 +183,7 @@ class _Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_arg == "auto":
-            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_arg.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device_arg}: CUDA is not available on this machine")
-        if device_arg not in ("cpu", "cuda") and not device_arg.startswith("cuda:"):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device_arg!r}")
+        device_arg = str(_backend.pick_device(device_arg))  # checked against what torch sees
         self.ddp = self.world > 1
         if self.ddp:
             import torch.distributed as dist

@@ -1,6 +1,7 @@
 """The dispatch's view of Triton's version: a release older than the one the kernels are tested
 with is refused with a message naming both versions (an op with no explicit backend then falls
 back to the next backend), unless MINIGPT_TRITON_ANY_VERSION=1."""
+import argparse
 import os
 
 import pytest
@@ -344,3 +345,29 @@ def test_pick_device_refuses_an_index_past_the_gpus(monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda:9: torch sees 1 CUDA device\(s\), "
                                          r"cuda:0 to cuda:0"):
         _backend.pick_device("cuda:9")
+
+
+def test_every_device_option_takes_the_one_parser(monkeypatch):
+    """The commands, the bench API, the benchmark scripts and training parsed --device with
+    four copies of the rules, which drifted: training took cuda:9 on a one-GPU machine, the
+    scripts refused auto, and use_device passed plain 'cuda' to torch.cuda.set_device (refused
+    on the H100). All of them now ask pick_device."""
+    from minigpt import bench, train
+
+    H = bench.harness()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _backend.pick_device("cuda", indexed=True) == torch.device("cuda:0")
+    assert _backend.pick_device("cpu", indexed=True) == torch.device("cpu")
+    for bad, msg in (("cuda:9", "torch sees 1 CUDA device"), ("tpu", "must be auto, cpu, cuda")):
+        with pytest.raises(ValueError, match=f"--device {msg}|--device {bad}: {msg}"):
+            _backend.pick_device(bad)
+        with pytest.raises(ValueError, match=msg):
+            bench.parse_device(bad)
+        with pytest.raises(ValueError, match=msg):
+            train._Dist(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^({bad}: )?{msg}"):
+            H.device_arg(bad)
+    assert H.device_arg("auto") == "auto"  # the scripts' --device takes auto too now
+    assert train._Dist("cpu").device == torch.device("cpu")

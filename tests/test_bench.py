@@ -211,8 +211,8 @@ def test_generate_prompts_repeat_the_text():
     ("bench_quant_matmul", ["--m", "abc"], "argument --m: comma-separated positive integers"),
     ("bench_quant_matmul", ["--rounds", "0"], "argument --rounds: a positive integer"),
     ("bench_training_ops", ["--device", "tpu"],
-     "argument --device: 'tpu': choose cpu, cuda or cuda:N"),
-    *[(s, ["--device", dev], f"argument --device: {dev}: torch sees no CUDA device here")
+     "argument --device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    *[(s, ["--device", dev], f"argument --device: {dev}: CUDA is not available on this machine")
       for s in ("bench_attention", "bench_training_ops", "bench_loss", "bench_ops")
       for dev in ("cuda", "cuda:1") if not torch.cuda.is_available()],
     *[(s, ["--device", "cuda:99"], "argument --device: cuda:99: torch sees ")
