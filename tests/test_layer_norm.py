@@ -84,6 +84,21 @@ def test_layer_norm_many_wide_rows(be, dev, dtype, residual):
     _check(be, dev, dtype, (2049,), 8192, residual, bias=True, noncontig=False)
 
 
+# fp32 rows of 4097-8192 on a GPU: the CUDA backward's two kernels for them (dweight/dbias
+# sums in registers with dh loaded with the row, the default; in shared memory with
+# MINIGPT_CUDA_LN_BWD_SUMS=shared), many rows a block. The emulator runs both at small sizes.
+@pytest.mark.parametrize("be,dev", backend_device_pairs(("cuda",)))
+@pytest.mark.parametrize("sums", ["registers", "shared"])
+@pytest.mark.parametrize("N", [4100, 8192])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_fp32_wide_rows_both_sums(be, dev, sums, N, residual, monkeypatch):
+    if sums == "shared":
+        monkeypatch.setenv("MINIGPT_CUDA_LN_BWD_SUMS", "shared")
+    else:
+        monkeypatch.delenv("MINIGPT_CUDA_LN_BWD_SUMS", raising=False)
+    _check(be, dev, torch.float32, (3001,), N, residual, bias=True, noncontig=False)
+
+
 @pytest.mark.parametrize("be,dev", backend_device_pairs())
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lead,N,residual", [((5,), 64, False), ((2, 3), 1025, True),
