@@ -212,37 +212,27 @@ pack() {
 
 # `+stage` runs in the background (for a stage whose timing does not matter, beside a CPU-bound
 # one); `wait` waits for every background stage.
-# `lease15`: the open goals' checklist as one call that fits a 15-minute lease (the machine
-# started in ~30 s; timeout_s 600). Stage seconds on an H100, 2026-11-27: install 11, build
-# 153 (in the background), train (six variants, profiled) 139, tune 53, attention 51, regcap
-# 14, train_graph 35, attention_cuda 24, ops (two ops) 38, quicktest over 105, cudatest part 1
-# (CUDA backend) ~37, part 2 (Triton) over 45. The goals met by then (#3's attention, #7's
-# MFU; #4, #6, #5 before) have stages of their own, out of lease15: tune, attention, regcap,
-# train_graph, training_ops, generate, decode, quality. Each variable below can be overridden.
+# `lease15`: a checklist as one call that fits a 15-minute lease (the machine started in
+# ~30 s; timeout_s 600). Stage seconds on an H100, 2026-11-27 (fourth session): install 8-10,
+# build 113-124 (in the background), sweep (two shapes) 24, ops (--quick) 38, attention_cuda
+# 45, quicktest (special values) 29, cudatest part 1 (CUDA backend) 31, part 2 (Triton) 65,
+# part 3 (the rest) 143, train (three variants) 71. Third session: train (six variants,
+# profiled) 139, tune 53, attention 51, regcap 14, train_graph 35. Each variable below can be
+# overridden, and any stage list given instead of lease15.
 if [ "${1:-}" = lease15 ]; then
     [ "$DEADLINE" -gt 0 ] || DEADLINE=570
     : "${MAX_JOBS:=12}" "${TEST_WORKERS:=12}"
-    : "${STAGE_LIMITS:=sweep=90 ops=80 quicktest=100 cudatest=230}"
-    # Since the last GPU run (2026-11-27, session 16) both kernel backends changed: the CUDA
-    # attention's 1-D grid and NaN-aware max, cross-entropy's label smoothing (a SMOOTH
-    # instantiation) and NaN-only threads, the norm backwards' rows a block, the Triton
-    # attention backward's NaN masking. quicktest: the special values through the compiled
-    # kernels (tests/test_special_values.py on the cuda device; the emulator runs the .cu
-    # logic only); then the CUDA backend's part of the suite (~40 s) and Triton's with the
-    # rest of the call.
-    : "${QUICKTEST_FILES:=tests/test_special_values.py}"
-    : "${QUICKTEST_K:=triton-cuda or cuda-cuda}"
+    : "${STAGE_LIMITS:=attention=100 training_ops=120 generate=90 decode=90 cudatest=200}"
+    # Every goal was met by the fourth H100 session (2026-11-27), whose whole suite passed on
+    # the GPU. The oldest GPU tables are the first session's (H200, then one H100): RMSNorm and
+    # the fused linear cross-entropy (#6), generate and decode (#5). So: the attention bench
+    # (Triton rows, while _C builds), then those three with the CUDA rows, then the CUDA and
+    # Triton parts of the suite with what is left. Since that session nothing in the kernels
+    # changed except the CUDA LayerNorm backward's default for fp32 rows of 4097-8192 (back to
+    # the register sums; its tests passed on the H100 in the same session).
     : "${CUDATEST_PARTS:=1 2}"
-    # #2 (met 2026-11-27, fourth H100 session): the row ops with and without _C's rows, every
-    # op; the CUDA LayerNorm backward's shared-memory sums (fp32 rows of 4097-8192, opt-in
-    # since it lost to the register kernel) timed beside the default (backend cuda-smemsums).
     : "${OPS_ARGS:=--quick --no-compile --budget 0.5 --cuda-ln-sums --out benchmarks/results/quick}"
-    # The norm backward's launch shapes at the widths without a tuned entry: 8192 (the #2
-    # bench's large rows, 0.565 ms with the rule against 0.493 with the former one) and
-    # SmolLM2's RMSNorm at 576. Triton only: runs while _C builds.
     : "${SWEEP_ARGS:=--shapes ln-16384x8192,smollm2-rms --budget 0.1 --write}"
-    # The plain variants' step without the three host syncs a micro-batch they paid until
-    # 2026-11-27 (minigpt 259 ms, eager, torch.compile 267 ms then): last, with what is left.
     : "${TRAIN_ARGS:=--config gpt2 --steps 10 --grad-accum 4 --no-profile --variants minigpt,eager,compile}"
     : "${ATTENTION_ARGS:=--quick --out benchmarks/results/quick}"
     : "${TUNE_ARGS:=--dtype bf16 --head-dims 128 --causal yes --kernels fwd --seqlen 512 --kernel-time --budget 0.3}"
@@ -253,11 +243,7 @@ if [ "${1:-}" = lease15 ]; then
         TRAIN_ARGS TUNE_ARGS SWEEP_ARGS ATTENTION_ARGS ATTENTION_CUDA_ARGS REGCAP_ARGS \
         CUDATEST_PARTS QUICKTEST_FILES QUICKTEST_K
     LIMITS="$LIMITS $STAGE_LIMITS"
-    # The sweep (Triton, GPU kernel time) while `build` compiles _C in the background (niced);
-    # then what #2, the one open goal, needs from _C: the row ops; then the tests of what
-    # changed since the last GPU run (quicktest) and the two kernel backends' parts of the
-    # suite. (GPT-2's train stage, #7 met, is left out of this call.)
-    set -- install +build sweep wait ops quicktest cudatest
+    set -- install +build attention wait training_ops generate decode cudatest
 fi
 set -- $(echo "$@" | sed 's/\bbench\b/ops attention training_ops generate/')
 for stage in "$@"; do  # refuse a misspelt stage before anything runs
