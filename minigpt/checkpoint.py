@@ -31,6 +31,9 @@ from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 
 FORMAT = "minigpt-checkpoint"
+# The layout of config.json and the tensor files. A reader refuses a newer one by name: a
+# future layout read as this one would fail somewhere deep, or load the wrong thing.
+VERSION = 1
 CKPT = "checkpoint"
 MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.safetensors"
 CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"
@@ -126,7 +129,7 @@ def save_checkpoint(run_dir, model: GPT, tokenizer: CharTokenizer, train_state: 
         _save_tensors(model_state(model), tmp / MODEL_FILE, meta)
         if _fail_after == "model":
             raise RuntimeError("simulated crash while saving")
-        cfg = {"format": FORMAT, "version": 1, "checkpoint_id": ckpt_id,
+        cfg = {"format": FORMAT, "version": VERSION, "checkpoint_id": ckpt_id,
                "model": model.config.to_dict(), "train": train_state or {}}
         if optimizer is not None:
             tensors, groups = optimizer_state(optimizer)
@@ -243,6 +246,13 @@ def read_config(path) -> dict:
     # The sections' own types, so that a damaged file is named here rather than failing as an
     # AttributeError wherever a section is first read ("train": null, a list for "model").
     where = d / CONFIG_FILE
+    version = cfg.get("version", VERSION)  # files from before the field have the first layout
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{where}: 'version' must be a positive integer, got {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{where}: checkpoint format version {version} was written by a "
+                              f"newer MiniGPT; this one reads version {VERSION}: upgrade "
+                              "minigpt to load it")
     if not isinstance(cfg["model"], dict):
         raise CheckpointError(f"{where}: 'model' must be an object, got {cfg['model']!r}")
     train = cfg.setdefault("train", {})

@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 FORMAT = "minigpt-char-tokenizer"
+VERSION = 1  # tokenizer.json's layout: a newer one is refused by name, not misread
 
 
 class CharTokenizer:
@@ -96,7 +97,7 @@ class CharTokenizer:
         return "".join(out)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": 1, "chars": self.chars}
+        return {"format": FORMAT, "version": VERSION, "chars": self.chars}
 
     def save(self, path) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -108,6 +109,13 @@ class CharTokenizer:
         if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("chars"), list):
             raise ValueError(f"not a MiniGPT character tokenizer (expected a JSON object with "
                              f"format={FORMAT!r} and a 'chars' list)")
+        version = d.get("version", VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"character tokenizer: 'version' must be a positive integer, got "
+                             f"{version!r}")
+        if version > VERSION:
+            raise ValueError(f"character tokenizer format version {version} was written by a "
+                             f"newer MiniGPT; this one reads version {VERSION}: upgrade minigpt")
         return cls(d["chars"])
 
     @classmethod

@@ -94,6 +94,13 @@ def test_bad_inputs(tmp_path):
     bad.write_text(json.dumps({"format": "something-else", "chars": ["a"]}))
     with pytest.raises(ValueError, match="not a MiniGPT character tokenizer"):
         CharTokenizer.load(bad)
+    good = CharTokenizer.from_text("ab").to_dict()
+    bad.write_text(json.dumps({**good, "version": 2}))
+    with pytest.raises(ValueError, match="format version 2 was written by a newer MiniGPT"):
+        CharTokenizer.load(bad)
+    bad.write_text(json.dumps({**good, "version": True}))
+    with pytest.raises(ValueError, match="'version' must be a positive integer"):
+        CharTokenizer.load(bad)
 
 
 # ---- BPETokenizer ------------------------------------------------------------------------------

@@ -361,6 +361,20 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a MiniGPT checkpoint config"):
         ckpt.load_checkpoint(d)
 
+    # a layout from a newer MiniGPT is refused by name, not read as this one's
+    d = fresh("newer")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["version"] == ckpt.VERSION
+    for version, match in ((ckpt.VERSION + 1, "format version 2 was written by a newer MiniGPT"),
+                           ("1", "'version' must be a positive integer"),
+                           (0, "'version' must be a positive integer")):
+        (d / "config.json").write_text(json.dumps({**cfg, "version": version}))
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            ckpt.load_checkpoint(d)
+    del cfg["version"]  # written before the field: the first layout
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert ckpt.load_checkpoint(d) is not None
+
     d = fresh("mismatch")
     cfg = json.loads((d / "config.json").read_text())
     cfg["model"]["n_embd"] = 16
